@@ -1,0 +1,44 @@
+"""Typed errors. Each message says what to do next; each class maps to a CLI exit code."""
+
+from __future__ import annotations
+
+
+class CkptplanError(Exception):
+    """Base class for every error ckptplan raises on purpose."""
+
+    exit_code = 1
+
+
+class BudgetError(CkptplanError, ValueError):
+    """A budget string or number that cannot be parsed."""
+
+    exit_code = 2
+
+
+class InputError(CkptplanError, ValueError):
+    """Bad user input other than a budget: a model spec, a plan file, an option."""
+
+    exit_code = 2
+
+
+class InfeasibleBudget(CkptplanError):
+    """The budget is below the lowest peak any plan can reach."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, budget_bytes: int, minimum_bytes: int) -> None:
+        super().__init__(message)
+        self.budget_bytes = budget_bytes
+        self.minimum_bytes = minimum_bytes
+
+
+class SolverTimeout(CkptplanError):
+    """The time limit ran out before the solver found any plan that fits."""
+
+    exit_code = 4
+
+
+class PlanMismatch(CkptplanError):
+    """A plan does not match the model or inputs it is applied to."""
+
+    exit_code = 5

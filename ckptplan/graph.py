@@ -1,0 +1,174 @@
+"""The traced activation graph: pure records, no torch import.
+
+A ``Graph`` is one training step of one model on one input spec, as the tracer saw it:
+
+* ``ops``: every aten op of the forward (and of the loss), in execution order. Op ``i`` is event ``i``.
+* ``num_events``: forward events followed by backward events (backward ops are events too, but only
+  their memory effect is kept: allocations and frees of storages).
+* ``storages``: every storage alive at some point of the step with its baseline lifetime
+  ``[alloc_event, free_event)`` (event indices; ``-1`` for storages that exist before the step,
+  ``free_event = num_events`` for storages still alive at the end) and the facts the planner needs
+  (who allocated it, which region's ops saved it for backward, when Python would drop it).
+* ``modules``: one record per module call, with the span of forward ops it ran.
+* ``unpacks``: the backward event at which autograd first unpacked a tensor saved inside each module
+  call, i.e. the moment checkpointing would recompute that call.
+
+Memory is counted the way ``torch.distributed._tools.mem_tracker.MemTracker`` counts it: the sum of the
+sizes of live storages, sampled after every op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class StorageKind(str, Enum):
+    PARAM = "param"
+    BUFFER = "buffer"
+    INPUT = "input"
+    ACTIVATION = "activation"  # allocated by a forward op
+    BACKWARD = "backward"  # allocated by a backward op (gradients, temporaries)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorInfo:
+    """One tensor output of an op."""
+
+    storage: int  # id of the storage it lives in
+    shape: tuple[int, ...]
+    dtype: str  # "float32", "bfloat16", ...
+    nbytes: int  # numel * element size (the logical size, not the storage size)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpNode:
+    """One forward aten op."""
+
+    index: int  # position in the forward; also its event index
+    name: str  # "aten.mm.default"
+    module: str  # path of the innermost module running it ("" for the root or the loss)
+    outputs: tuple[TensorInfo, ...]
+    inputs: tuple[int, ...]  # storage ids of the tensor inputs, in argument order, deduplicated
+    allocates: tuple[int, ...]  # storage ids this op created
+    mutates: tuple[int, ...]  # storage ids this op wrote in place
+    flops: int  # torch.utils.flop_counter formula, 0 when it has none
+    bytes_moved: int  # bytes read plus bytes written (logical sizes)
+    cost_ns: int  # estimated run time of the op (see costmodel.py)
+    random: bool  # consumes the RNG (nondeterministic_seeded)
+    view: bool  # every output aliases an input storage
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageInfo:
+    id: int
+    nbytes: int
+    kind: StorageKind
+    alloc_event: int  # -1 when it exists before the step
+    free_event: int  # first event at which it is no longer alive; num_events if it survives the step
+    producer: int | None  # forward op that allocated it
+    saved_by: tuple[str, ...]  # module paths of the ops that saved it for backward (sorted, unique)
+    python_free_op: int  # forward op after which Python drops it if autograd keeps no reference
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModuleCall:
+    path: str  # "transformer.h.3" ("" is the root)
+    type_name: str  # "Block"
+    call_index: int  # 0 for the first call of this module in the step
+    first_op: int  # first forward op inside the call
+    end_op: int  # one past the last forward op inside the call
+    input_storages: tuple[int, ...]  # storages of the tensor arguments
+    recompute_end_op: int  # early stop: recomputing the call reruns ops [first_op, recompute_end_op)
+    first_unpack_event: int | None  # backward event of the first unpack of a tensor saved inside
+    last_unpack_event: int | None  # backward event of the last such unpack
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Graph:
+    model_name: str
+    signature: str  # signature.model_signature of the traced model
+    num_parameters: int
+    inputs: tuple[str, ...]  # "float32[8, 1024]" per tensor argument, in order
+    device: str
+    ops: tuple[OpNode, ...]
+    storages: tuple[StorageInfo, ...]
+    modules: tuple[ModuleCall, ...]
+    num_events: int
+    module_tree: tuple[tuple[str, str], ...] = ()  # (path, type name) of every module, called or not
+    tensor_names: tuple[tuple[int, str], ...] = ()  # storage id -> parameter or buffer name
+    optimizer: str | None = None
+    optimizer_state_bytes: int = 0  # constant added to every event when an optimizer is named
+    torch_version: str = ""
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for i, op in enumerate(self.ops):
+            if op.index != i:
+                raise ValueError(f"ops[{i}].index is {op.index}; ops must be numbered in order")
+        if self.num_events < len(self.ops):
+            raise ValueError("num_events must count the forward ops and the backward events")
+
+    # ---- derived facts -----------------------------------------------------------------------
+    @property
+    def num_forward(self) -> int:
+        return len(self.ops)
+
+    def _memo(self, key: str, compute):  # noqa: ANN001, ANN202
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    @property
+    def param_bytes(self) -> int:
+        return self._memo("param_bytes", lambda: sum(
+            s.nbytes for s in self.storages if s.kind is StorageKind.PARAM))
+
+    @property
+    def forward_flops(self) -> int:
+        return self._memo("forward_flops", lambda: sum(op.flops for op in self.ops))
+
+    @property
+    def forward_cost_ns(self) -> int:
+        return self._memo("forward_cost_ns", lambda: sum(op.cost_ns for op in self.ops))
+
+    def memory_timeline(self) -> list[int]:
+        """Baseline (no checkpointing) live bytes after each event, optimizer state included."""
+        if "timeline" not in self._cache:
+            delta = [0] * (self.num_events + 1)
+            for s in self.storages:
+                lo = max(s.alloc_event, 0)  # storages that exist before the step are live from event 0
+                if s.free_event > lo:
+                    delta[lo] += s.nbytes
+                    delta[s.free_event] -= s.nbytes
+            out, cur = [], self.optimizer_state_bytes
+            for e in range(self.num_events):
+                cur += delta[e]
+                out.append(cur)
+            self._cache["timeline"] = out
+        return self._cache["timeline"]
+
+    @property
+    def baseline_peak_bytes(self) -> int:
+        return max(self.memory_timeline(), default=self.optimizer_state_bytes)
+
+    def module_call(self, path: str) -> ModuleCall:
+        for m in self.modules:
+            if m.path == path:
+                return m
+        raise KeyError(path)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what a plan depends on: the op sequence with modules, shapes and dtypes."""
+        return self._memo("fingerprint", self._fingerprint)
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([self.inputs, self.optimizer], sort_keys=True).encode())
+        for op in self.ops:
+            outs = [[list(t.shape), t.dtype] for t in op.outputs]
+            h.update(json.dumps([op.name, op.module, outs]).encode())
+        return h.hexdigest()[:16]

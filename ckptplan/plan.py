@@ -1,0 +1,286 @@
+"""The Plan record and its YAML file, written for human review.
+
+The file starts with what a reviewer reads first (fingerprint, budget, peaks, extra FLOPs, solver
+status), then one block per group of identical checkpointed regions ("layers folded"), one line per op:
+``[op, module, shape, dtype, bytes, decision, recompute FLOPs, forced-by]``. Writing is deterministic
+(same plan, byte-identical file) and atomic (a temporary file renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+from .units import format_bytes, format_flops
+
+SCHEMA_VERSION = 1
+
+
+class Decision(str, Enum):
+    SAVE = "save"  # outputs kept for backward (cached by selective checkpointing)
+    RECOMPUTE = "recompute"  # rerun in backward
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpDecision:
+    op: str  # "aten.addmm.default"
+    module: str  # path relative to the region ("" for the region itself)
+    shape: tuple[tuple[int, ...], ...]  # output shapes
+    dtype: str
+    nbytes: int  # bytes the op allocates
+    decision: Decision
+    recompute_flops: int  # FLOPs paid when it is rerun (0 when saved or past the early stop)
+    forced: str | None = None  # why it cannot be saved (random, view, inplace, ...)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegionPlan:
+    path: str  # module path of the checkpointed call
+    type_name: str
+    ops: tuple[OpDecision, ...]  # every op of the call, in order
+    mutated_buffers: tuple[str, ...] = ()  # relative names, restored after recomputation
+
+    @property
+    def extra_forward_flops(self) -> int:
+        return sum(o.recompute_flops for o in self.ops)
+
+    def pattern(self) -> str:
+        """Equal for identical layers: same ops, shapes and decisions."""
+        return json.dumps([self.type_name, list(self.mutated_buffers),
+                           [_op_row(o) for o in self.ops]])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    model: str
+    fingerprint: str  # Graph.fingerprint of the traced step
+    signature: str  # parameters, buffers and module types of the model (checked by apply)
+    num_parameters: int
+    inputs: tuple[str, ...]
+    device: str
+    optimizer: str | None
+    budget_bytes: int
+    budget_text: str
+    reserve: float  # fraction of the budget kept free as headroom
+    baseline_peak_bytes: int  # no checkpointing
+    full_peak_bytes: int  # every candidate region checkpointed, nothing saved
+    predicted_peak_bytes: int  # this plan, by the simulator
+    forward_flops: int
+    extra_forward_flops: int
+    extra_cost_ns: int  # estimated recompute time
+    status: str  # "optimal" | "feasible"
+    gap: float
+    solve_time_s: float
+    regions: tuple[RegionPlan, ...]
+    ckptplan_version: str = ""
+    torch_version: str = ""
+    schema: int = SCHEMA_VERSION
+    solver_stats: dict[str, int] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.status not in ("optimal", "feasible"):
+            raise InputError(f"plan status must be 'optimal' or 'feasible', not {self.status!r}")
+        for name in ("budget_bytes", "baseline_peak_bytes", "full_peak_bytes", "predicted_peak_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise InputError(f"plan field {name} must be a non-negative integer number of bytes")
+
+    @property
+    def extra_forward_fraction(self) -> float:
+        return self.extra_forward_flops / self.forward_flops if self.forward_flops else 0.0
+
+    def region(self, path: str) -> RegionPlan | None:
+        return next((r for r in self.regions if r.path == path), None)
+
+    def with_regions(self, regions: tuple[RegionPlan, ...]) -> "Plan":
+        return replace(self, regions=regions)
+
+    # ---- YAML -------------------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        return dump_yaml(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a reader never sees half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_yaml())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+# ---- writing --------------------------------------------------------------------------------------
+def _op_row(o: OpDecision) -> list[Any]:
+    shape = [list(s) for s in o.shape]
+    return [o.op, o.module, shape[0] if len(shape) == 1 else shape, o.dtype, o.nbytes, o.decision.value,
+            o.recompute_flops, o.forced]
+
+
+def fold_regions(regions: tuple[RegionPlan, ...]) -> list[tuple[list[str], RegionPlan]]:
+    """Group identical regions, keeping forward order of each group's first member."""
+    groups: dict[str, tuple[list[str], RegionPlan]] = {}
+    for r in regions:
+        groups.setdefault(r.pattern(), ([], r))[0].append(r.path)
+    return list(groups.values())
+
+
+def fold_paths(paths: list[str]) -> str:
+    """``['h.0', 'h.1', 'h.2', 'h.5']`` -> ``'h.{0-2,5}'``; other lists are joined with commas."""
+    m = [re.fullmatch(r"(.*\.)(\d+)", p) for p in paths]
+    if len(paths) > 1 and all(m) and len({x.group(1) for x in m}) == 1:
+        nums = sorted(int(x.group(2)) for x in m)
+        runs, start = [], nums[0]
+        for a, b in zip(nums, nums[1:] + [None]):
+            if b != a + 1:
+                runs.append(str(start) if start == a else f"{start}-{a}")
+                start = b
+        return f"{m[0].group(1)}{{{','.join(runs)}}}"
+    return ",".join(paths)
+
+
+def expand_paths(text: str) -> list[str]:
+    m = re.fullmatch(r"(.*\.)\{([\d,\-]+)\}", text)
+    if not m:
+        return [p for p in text.split(",") if p]
+    out = []
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{m.group(1)}{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def _q(v: Any) -> str:
+    return json.dumps(v)  # JSON scalars and flow lists are valid YAML
+
+
+def dump_yaml(plan: Plan) -> str:
+    pct = 100 * plan.extra_forward_fraction
+    lines = [
+        f"# ckptplan plan for {plan.model}: peak {format_bytes(plan.predicted_peak_bytes)} "
+        f"(budget {format_bytes(plan.budget_bytes)}), +{pct:.1f}% forward FLOPs",
+        f"schema: {plan.schema}",
+        f"ckptplan: {_q(plan.ckptplan_version)}",
+        f"torch: {_q(plan.torch_version)}",
+        f"model: {_q(plan.model)}",
+        f"fingerprint: {_q(plan.fingerprint)}",
+        f"signature: {_q(plan.signature)}",
+        f"parameters: {plan.num_parameters}",
+        f"inputs: {_q(list(plan.inputs))}",
+        f"device: {_q(plan.device)}",
+        f"optimizer: {_q(plan.optimizer)}",
+        "budget:",
+        f"  bytes: {plan.budget_bytes}",
+        f"  given: {_q(plan.budget_text)}",
+        f"  display: {_q(format_bytes(plan.budget_bytes))}",
+        f"  reserve: {plan.reserve}  # kept free for what the trace cannot see",
+        "peak:  # bytes; predicted by the simulator",
+        f"  no_checkpointing: {plan.baseline_peak_bytes}  # {format_bytes(plan.baseline_peak_bytes)}",
+        f"  full_checkpointing: {plan.full_peak_bytes}  # {format_bytes(plan.full_peak_bytes)}",
+        f"  plan: {plan.predicted_peak_bytes}  # {format_bytes(plan.predicted_peak_bytes)}",
+        "flops:  # torch.utils.flop_counter counts, 2 per FMA",
+        f"  forward: {plan.forward_flops}  # {format_flops(plan.forward_flops)}",
+        f"  extra_forward: {plan.extra_forward_flops}  # {format_flops(plan.extra_forward_flops)}",
+        f"  extra_forward_percent: {round(pct, 3)}",
+        f"  estimated_recompute_ms: {round(plan.extra_cost_ns / 1e6, 3)}",
+        "solver:",
+        f"  status: {plan.status}",
+        f"  gap: {round(plan.gap, 6)}",
+        f"  time_s: {round(plan.solve_time_s, 2)}",
+    ]
+    for k in sorted(plan.solver_stats):
+        lines.append(f"  {k}: {plan.solver_stats[k]}")
+    lines.append("# one block per group of identical checkpointed regions; op rows are")
+    lines.append("# [op, module, shape, dtype, bytes, decision, recompute_flops, forced_by]")
+    lines.append("regions:" if plan.regions else "regions: []")
+    for paths, r in fold_regions(plan.regions):
+        saved = sum(1 for o in r.ops if o.decision is Decision.SAVE)
+        lines.append(f"  - modules: {_q(fold_paths(paths))}")
+        lines.append(f"    type: {_q(r.type_name)}")
+        lines.append(f"    count: {len(paths)}")
+        lines.append(f"    extra_forward_flops_each: {r.extra_forward_flops}"
+                     f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved")
+        lines.append(f"    restores_buffers: {_q(list(r.mutated_buffers))}")
+        lines.append("    ops:")
+        for o in r.ops:
+            lines.append(f"      - {_q(_op_row(o))}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read a plan file. Every problem raises InputError naming the file and what to do."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"plan file {path} does not exist; create one with `ckptplan solve -o {path}`") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read plan file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"plan file {path} is not valid YAML ({str(e).splitlines()[0]}); "
+                         "regenerate it with `ckptplan solve`") from None
+    return plan_from_dict(data, source=str(path))
+
+
+def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
+    if not isinstance(data, dict):
+        raise InputError(f"{source} is not a ckptplan plan (expected a mapping at the top level)")
+    if data.get("schema") != SCHEMA_VERSION:
+        raise InputError(f"{source} has schema {data.get('schema')!r}; this ckptplan reads schema "
+                         f"{SCHEMA_VERSION}: regenerate the plan with `ckptplan solve`")
+    try:
+        regions = []
+        for block in data["regions"] or []:
+            ops = tuple(_op_from_row(row) for row in block["ops"])
+            for p in expand_paths(block["modules"]):
+                regions.append(RegionPlan(path=p, type_name=block["type"], ops=ops,
+                                          mutated_buffers=tuple(block.get("restores_buffers") or ())))
+        solver = data["solver"]
+        stats = {k: int(v) for k, v in solver.items() if k not in ("status", "gap", "time_s")}
+        return Plan(
+            model=str(data["model"]), fingerprint=str(data["fingerprint"]), signature=str(data["signature"]),
+            num_parameters=int(data["parameters"]),
+            inputs=tuple(data["inputs"]), device=str(data["device"]), optimizer=data["optimizer"],
+            budget_bytes=data["budget"]["bytes"], budget_text=str(data["budget"]["given"]),
+            reserve=float(data["budget"]["reserve"]),
+            baseline_peak_bytes=data["peak"]["no_checkpointing"], full_peak_bytes=data["peak"]["full_checkpointing"],
+            predicted_peak_bytes=data["peak"]["plan"], forward_flops=int(data["flops"]["forward"]),
+            extra_forward_flops=int(data["flops"]["extra_forward"]),
+            extra_cost_ns=int(round(float(data["flops"]["estimated_recompute_ms"]) * 1e6)),
+            status=str(solver["status"]), gap=float(solver["gap"]), solve_time_s=float(solver["time_s"]),
+            regions=tuple(sorted(regions, key=lambda r: _natural(r.path))),
+            ckptplan_version=str(data.get("ckptplan", "")), torch_version=str(data.get("torch", "")),
+            solver_stats=stats,
+        )
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise InputError(f"{source} is malformed ({type(e).__name__}: {e}); "
+                         "regenerate it with `ckptplan solve`") from None
+
+
+def _op_from_row(row: Any) -> OpDecision:
+    op, module, shape, dtype, nbytes, decision, flops, forced = row
+    shapes = shape if shape and isinstance(shape[0], list) else [shape]
+    return OpDecision(op=str(op), module=str(module), shape=tuple(tuple(int(d) for d in s) for s in shapes),
+                      dtype=str(dtype), nbytes=int(nbytes), decision=Decision(decision),
+                      recompute_flops=int(flops), forced=forced)
+
+
+def _natural(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]

@@ -1,0 +1,269 @@
+"""Apply a Plan to a live model: ``handle = apply(model, plan)``; ``handle.remove()`` undoes it.
+
+Each checkpointed region's ``forward`` runs under ``torch.utils.checkpoint(use_reentrant=False)`` with a
+selective-checkpoint policy that returns ``MUST_SAVE`` / ``MUST_RECOMPUTE`` (torch.compile may not
+override them) and preserves the RNG state, so dropout masks are identical when recomputed.
+
+Safety:
+* ``apply`` refuses a model whose parameters, buffers or module types differ from the traced one.
+* Every op the policy sees is compared with the plan (op, module, output shapes), keyed by its
+  position inside the region, which extra dispatch modes (FlopCounterMode, MemTracker, a profiler)
+  do not change. The first difference raises ``PlanMismatch`` during forward, before any gradient.
+* Buffers a region writes in forward (BatchNorm statistics) are restored after its recomputation,
+  so they are updated exactly once per step.
+
+Accounting: the recomputation's dispatch mode (the SAC "cached" mode, which only runs in backward)
+adds up the FLOPs of the ops it actually reruns, with ``torch.utils.flop_counter``'s formulas.
+``handle.stats`` is updated at the end of every backward, and one INFO line is logged per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import (
+    SAC_IGNORED_OPS,
+    CheckpointPolicy,
+    _CachedTorchDispatchMode,
+    _CachingTorchDispatchMode,
+    _sac_storage_key,
+    checkpoint,
+)
+from torch.utils.checkpoint import _RECOMPUTE  # type: ignore[attr-defined]
+
+from .errors import PlanMismatch
+from .flops import op_flops
+from .plan import Decision, Plan, RegionPlan
+from .signature import model_signature, num_parameters
+
+log = logging.getLogger("ckptplan")
+
+
+@dataclass
+class StepStats:
+    """What the last training step paid, updated at the end of each backward."""
+
+    forward_flops: int = 0  # the traced forward (FlopCounterMode formulas)
+    extra_forward_flops: int = 0  # FLOPs recomputed during the last backward
+    recomputed_regions: int = 0  # regions recomputed during the last backward
+    steps: int = 0  # backward passes seen
+    total_extra_forward_flops: int = 0
+
+    @property
+    def extra_forward_fraction(self) -> float:
+        return self.extra_forward_flops / self.forward_flops if self.forward_flops else 0.0
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.flops = 0
+        self.regions = 0
+
+
+class _CountingCachedMode(_CachedTorchDispatchMode):
+    """SAC's recomputation mode, counting the FLOPs of the ops it reruns (not those it takes cached)."""
+
+    def __init__(self, storage: dict, counter: _Counter) -> None:
+        super().__init__(None, storage)
+        self.counter = counter
+
+    def __enter__(self):  # noqa: ANN204
+        self.counter.regions += 1
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func in SAC_IGNORED_OPS:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        key = _sac_storage_key(func, args)
+        entry = self.storage.get(key, {}).get(self.func_counter[key])
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if entry is _RECOMPUTE:
+            self.counter.flops += op_flops(func, args, kwargs or {}, out)
+        return out
+
+
+class _RegionRuntime:
+    """One checkpointed module: its plan, its position in the op sequence, its wrapper."""
+
+    def __init__(self, module: nn.Module, plan: RegionPlan, counter: _Counter) -> None:
+        self.module, self.plan, self.counter = module, plan, counter
+        self.position = 0
+        self.in_forward = False
+        self.stack: list[str] = []
+        self.hooks: list[Any] = []
+        for name, sub in module.named_modules():
+            if name:
+                self.hooks.append(sub.register_forward_pre_hook(self._push(name)))
+                self.hooks.append(sub.register_forward_hook(self._pop, always_call=True))
+        self.buffers = [module.get_buffer(b) for b in plan.mutated_buffers]
+        self.original = module.forward
+        module.forward = self.forward  # instance attribute: removed by restore()
+
+    def _push(self, name: str):  # noqa: ANN202
+        def hook(_m: nn.Module, _a: Any) -> None:
+            self.stack.append(name)
+        return hook
+
+    def _pop(self, _m: nn.Module, _a: Any, _o: Any) -> None:
+        if self.stack:
+            self.stack.pop()
+
+    def restore(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        if self.module.__dict__.get("forward") == self.forward:
+            del self.module.forward
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.original(*args, **kwargs)  # evaluation: nothing is saved, nothing to plan
+        self.position, self.in_forward = 0, True
+        self.stack.clear()
+        try:
+            out = checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=True,
+                             context_fn=self._contexts, **kwargs)
+        finally:
+            self.in_forward = False
+        if self.position != len(self.plan.ops):
+            raise PlanMismatch(
+                f"{self.plan.path} ran {self.position} ops but the plan was traced with "
+                f"{len(self.plan.ops)}; the model takes another path than the traced step: "
+                "trace and solve again for these inputs")
+        return out
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        if self.in_forward:
+            return self.original(*args, **kwargs)
+        # Recomputation in backward: put back the buffers it updates again (BatchNorm statistics).
+        # The copies bypass the dispatch modes: SAC's recompute mode must see the model's ops only.
+        self.stack.clear()
+        with _disable_current_modes(), torch.no_grad():
+            saved = [b.clone() for b in self.buffers]
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            with _disable_current_modes(), torch.no_grad():
+                for b, v in zip(self.buffers, saved):
+                    b.copy_(v)
+
+    def _contexts(self) -> tuple[Any, Any]:
+        storage: dict = defaultdict(dict)
+        return _CachingTorchDispatchMode(self._policy, storage), _CountingCachedMode(storage, self.counter)
+
+    def _policy(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        pos = self.position
+        self.position += 1
+        module = self.stack[-1] if self.stack else ""
+        shapes = tuple(tuple(t.shape) for t in tree_flatten(ctx.op_output)[0] if isinstance(t, torch.Tensor))
+        where = f"{self.plan.path}.{module}" if module else self.plan.path
+        if pos >= len(self.plan.ops):
+            raise PlanMismatch(f"{where}: op #{pos} {func} is not in the plan, which has "
+                               f"{len(self.plan.ops)} ops for {self.plan.path}; trace and solve again")
+        want = self.plan.ops[pos]
+        if str(func) != want.op or module != want.module or (shapes or ((),)) != want.shape:
+            raise PlanMismatch(
+                f"{where}: op #{pos} is {func} with output shapes {list(map(list, shapes))}, but the plan "
+                f"expects {want.op} in '{want.module or self.plan.path}' with {[list(s) for s in want.shape]}. "
+                "The model now takes another path (input shape, a flag, data-dependent routing) than the "
+                "traced step: trace and solve again for these inputs")
+        return CheckpointPolicy.MUST_SAVE if want.decision is Decision.SAVE else CheckpointPolicy.MUST_RECOMPUTE
+
+
+class Handle:
+    """A plan applied to a model. ``stats`` is updated after each backward; ``remove()`` undoes it."""
+
+    def __init__(self, model: nn.Module, plan: Plan) -> None:
+        self.model, self.plan = model, plan
+        self.stats = StepStats(forward_flops=plan.forward_flops)
+        self._counter = _Counter()
+        self._regions = [_RegionRuntime(model.get_submodule(r.path), r, self._counter) for r in plan.regions]
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_step, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
+        ]
+        self._grad_hook: Any = None
+        self.removed = False
+        model._ckptplan_applied = True
+
+    def _before_step(self, _m: nn.Module, args: Any, kwargs: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        got = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+               for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if tuple(got) != tuple(self.plan.inputs):
+            raise PlanMismatch(f"input {got} is not the shape the plan was made for ({list(self.plan.inputs)}); "
+                               "solve a plan for this shape (or list every shape with --seq-len)")
+        self._counter.flops = self._counter.regions = 0
+
+    def _after_forward(self, _m: nn.Module, _a: Any, output: Any) -> None:
+        outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+            self._grad_hook = None
+        if outs:
+            self._grad_hook = torch.autograd.graph.register_multi_grad_hook(outs, self._on_backward, mode="any")
+
+    def _on_backward(self, _grad: Any) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_step)
+
+    def _end_step(self) -> None:
+        s = self.stats
+        s.steps += 1
+        s.extra_forward_flops = self._counter.flops
+        s.recomputed_regions = self._counter.regions
+        s.total_extra_forward_flops += self._counter.flops
+        log.info("ckptplan step %d: recomputed %d regions, %d extra forward FLOPs (+%.1f%% of forward)",
+                 s.steps, s.recomputed_regions, s.extra_forward_flops, 100 * s.extra_forward_fraction)
+
+    def remove(self) -> None:
+        """Put the model back to plain behaviour."""
+        if self.removed:
+            return
+        for r in self._regions:
+            r.restore()
+        for h in self._hooks:
+            h.remove()
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+        self.model.__dict__.pop("_ckptplan_applied", None)
+        self.removed = True
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def apply(model: nn.Module, plan: Plan) -> Handle:
+    """Apply ``plan`` to ``model`` in place. Raises PlanMismatch, saying what differs, for another model."""
+    check_model(model, plan)
+    return Handle(model, plan)
+
+
+def check_model(model: nn.Module, plan: Plan) -> None:
+    if getattr(model, "_ckptplan_applied", False):
+        raise PlanMismatch("a plan is already applied to this model; call handle.remove() first")
+    for r in plan.regions:
+        try:
+            sub = model.get_submodule(r.path)
+        except AttributeError:
+            raise PlanMismatch(f"the plan checkpoints module '{r.path}', which this model does not have; "
+                               f"the plan was made for {plan.model}") from None
+        if type(sub).__name__ != r.type_name:
+            raise PlanMismatch(f"module '{r.path}' is a {type(sub).__name__} but the plan expects a "
+                               f"{r.type_name}; the plan was made for another model")
+    sig = model_signature(model)
+    if sig != plan.signature:
+        raise PlanMismatch(
+            f"the model's parameters, buffers or module types differ from the traced {plan.model}: "
+            f"model has {num_parameters(model):,} parameters (signature {sig}), the plan was made for "
+            f"{plan.num_parameters:,} (signature {plan.signature}); trace and solve this model")

@@ -1,0 +1,331 @@
+"""The CP-SAT model: which regions to checkpoint and which of their ops to save, under a memory budget.
+
+Built in named phases:
+
+1. ``_timeline``: positions (one per traced event, one per op rerun of every candidate region just
+   before the backward event that triggers its recomputation) and the baseline live bytes at each.
+2. ``_terms``: every way a decision changes memory, as (bytes, literal expression, [lo, hi) positions).
+3. ``_Model``: variables, the gap aggregates, one memory constraint per distinct set of active terms,
+   and the objective (estimated recompute time).
+
+Memory is scaled to ``unit`` bytes (a power of two chosen so the budget is about 2^22 units) in one
+place, ``_Model.scale``: baseline memory and added bytes round up, saved bytes round down, so a
+solution of the scaled model never uses more memory than the model says. The independent simulator
+(simulate.py) then checks every solution in exact bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ortools.sat.python import cp_model
+
+from ..graph import Graph
+from .regions import Forced, Region, nested_pairs
+
+
+class Status(str, Enum):
+    OPTIMAL = "optimal"
+    FEASIBLE = "feasible"
+    INFEASIBLE = "infeasible"
+    UNKNOWN = "unknown"  # time limit with no solution
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Solution:
+    status: Status
+    saved: dict[str, frozenset[int]]  # checkpointed region -> ops it saves
+    objective_ns: int  # estimated recompute time, in the model's own terms
+    bound_ns: int  # best proven lower bound on the objective
+    wall_s: float
+    num_variables: int
+    num_constraints: int
+
+    @property
+    def gap(self) -> float:
+        if self.objective_ns <= 0:
+            return 0.0
+        return max(0.0, (self.objective_ns - self.bound_ns) / self.objective_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class _Term:
+    region: int  # index into regions
+    nbytes: int  # > 0 adds memory, < 0 frees it
+    kind: str  # "x": op p is recomputed; "k": op p is saved; "c": region is checkpointed; "z": x and c of other
+    op: int  # the op p (or -1 for kind "c")
+    other: int  # for kind "z": the region whose checkpoint holds the storage
+    lo: int
+    hi: int
+    gap: bool  # part of the region's steady contribution between its forward and its recomputation
+
+
+class _Timeline:
+    """Positions and baseline memory. Reruns of every candidate region are given positions."""
+
+    def __init__(self, graph: Graph, regions: tuple[Region, ...]) -> None:
+        at: dict[int, list[Region]] = {}
+        for r in sorted(regions, key=lambda r: -r.first_op):
+            at.setdefault(r.recompute_event, []).append(r)
+        self.first = [0] * (graph.num_events + 1)
+        self.sample = [0] * graph.num_events
+        self.rerun: dict[tuple[str, int], int] = {}
+        self.rerun_end: dict[str, int] = {}
+        base_at: list[int] = []  # the event whose baseline memory a position sees
+        n = 0
+        for e in range(graph.num_events):
+            self.first[e] = n
+            for r in at.get(e, ()):
+                for i in range(r.first_op, r.recompute_end):
+                    self.rerun[(r.path, i)] = n
+                    base_at.append(-(e + 1))  # between events e-1 and e: frees of e done, allocs not
+                    n += 1
+                self.rerun_end[r.path] = n
+            self.sample[e] = n
+            base_at.append(e)
+            n += 1
+        self.first[graph.num_events] = n
+        self.size = n
+        timeline = graph.memory_timeline()
+        freed_at = [0] * (graph.num_events + 1)
+        for s in graph.storages:
+            if 0 <= s.free_event < graph.num_events and s.free_event > max(s.alloc_event, 0):
+                freed_at[s.free_event] += s.nbytes
+        self.base = []
+        for b in base_at:
+            if b >= 0:
+                self.base.append(timeline[b])
+            else:
+                e = -b - 1
+                prev = timeline[e - 1] if e > 0 else timeline[0]
+                self.base.append(prev - freed_at[e])
+
+    def start(self, alloc: int) -> int:
+        return 0 if alloc < 0 else self.sample[alloc]
+
+
+def _terms(graph: Graph, regions: tuple[Region, ...], tl: _Timeline) -> list[_Term]:
+    """Every memory effect of every decision, with the positions where it applies."""
+    terms: list[_Term] = []
+    input_of: dict[int, list[int]] = {}
+    for j, r in enumerate(regions):
+        for sid in r.input_storages:
+            input_of.setdefault(sid, []).append(j)
+    for j, r in enumerate(regions):
+        inside = set(r.ops)
+        forced = dict(r.forced)
+        for p in r.ops:
+            op = graph.ops[p]
+            rerun = p < r.recompute_end
+            x = "c" if p in forced else "x"
+            for sid in op.allocates:
+                s = graph.storages[sid]
+                free = tl.first[s.free_event]
+                py_end = tl.first[s.python_free_op]
+                if s.saved_by and all(r.contains(m) for m in s.saved_by) and rerun:
+                    again = tl.rerun[(r.path, p)]
+                    # freed after its Python lifetime, rebuilt by the rerun
+                    terms.append(_Term(j, -s.nbytes, x, p, -1, py_end, again, True))
+                    for k in input_of.get(sid, ()):
+                        if k != j:  # ... unless the next region's checkpoint holds it as an input
+                            release = tl.first[min(regions[k].release_event + 1, graph.num_events)]
+                            terms.append(_Term(j, s.nbytes, "z" if x == "x" else "zc", p, k,
+                                               py_end, min(release, again), False))
+                elif not s.saved_by and rerun:
+                    at = tl.rerun[(r.path, p)]
+                    inner = (tl.rerun[(r.path, s.python_free_op)]
+                             if s.python_free_op in inside and s.python_free_op < r.recompute_end
+                             else tl.rerun_end[r.path])
+                    # alive inside the rerun while Python holds it (cached or not)
+                    terms.append(_Term(j, s.nbytes, "c", -1, -1, at, max(inner, at + 1), False))
+                    if x == "x":  # a saved op's output stays in the cache until the rerun takes it
+                        terms.append(_Term(j, s.nbytes, "k", p, -1, free, at, True))
+        release = tl.first[min(r.release_event + 1, graph.num_events)]
+        for sid in r.input_storages:
+            s = graph.storages[sid]
+            # the checkpoint holds its inputs until its last unpack
+            terms.append(_Term(j, s.nbytes, "c", -1, -1, tl.first[s.free_event], release, True))
+    return [t for t in terms if t.hi > t.lo]
+
+
+class _Model:
+    """CP-SAT variables and constraints for one graph; solved once per budget."""
+
+    def __init__(self, graph: Graph, regions: tuple[Region, ...], scale_to: int) -> None:
+        self.graph, self.regions = graph, regions
+        self.unit = 1
+        while scale_to // self.unit > (1 << 22):
+            self.unit <<= 1
+        self.m = cp_model.CpModel()
+        m = self.m
+        # c[j]: 1 iff region j is checkpointed
+        self.c = [m.new_bool_var(f"c[{r.path}]") for r in regions]
+        # k[j, p]: 1 iff region j is checkpointed and saves op p's outputs (selective checkpointing)
+        self.k: dict[tuple[int, int], cp_model.IntVar] = {}
+        for j, r in enumerate(regions):
+            for p in r.choices:
+                self.k[(j, p)] = m.new_bool_var(f"k[{r.path},{p}]")
+                # [Constraint] only a checkpointed region caches anything
+                m.add_implication(self.k[(j, p)], self.c[j])
+        # (x[j, p] = c[j] - k[j, p] is 1 iff op p is recomputed with region j; never a variable of its own)
+        for a, b in nested_pairs(regions):
+            # [Constraint] checkpointed regions never nest
+            m.add_bool_or([self.c[a].Not(), self.c[b].Not()])
+        self.tl = _Timeline(graph, regions)
+        self.terms = _terms(graph, regions, self.tl)
+        self.z: dict[tuple[int, int, int], cp_model.IntVar] = {}
+        self._build_gap_aggregates()
+        self._build_memory_rows()
+        self._build_objective()
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def scale(self, nbytes: int) -> int:
+        """Bytes to model units, rounded up: baseline memory is never underestimated."""
+        return -((-nbytes) // self.unit)
+
+    def expr(self, t: _Term) -> cp_model.LinearExprT:
+        if t.kind == "c":
+            return self.c[t.region]
+        if t.kind == "k":
+            return self.k[(t.region, t.op)]
+        if t.kind == "x":
+            return self.c[t.region] - self.k[(t.region, t.op)]
+        # z = (op p recomputed) AND (region `other` checkpointed), linearised from below
+        key = (t.region, t.op, t.other)
+        if key not in self.z:
+            z = self.m.new_bool_var(f"z[{t.op},{self.regions[t.other].path}]")
+            rec = self.c[t.region] if t.kind == "zc" else self.c[t.region] - self.k[(t.region, t.op)]
+            # [Constraint] z >= rec + c[other] - 1: the storage is held by the other region's checkpoint
+            self.m.add(z >= rec + self.c[t.other] - 1)
+            self.z[key] = z
+        return self.z[key]
+
+    def coef(self, t: _Term) -> int:
+        # [Scaling] added bytes round up, freed bytes round down (conservative either way)
+        return -((-t.nbytes) // self.unit) if t.nbytes > 0 else -((-t.nbytes) // self.unit)
+
+    # ---- phases --------------------------------------------------------------------------------------
+    def _build_gap_aggregates(self) -> None:
+        m = self.m
+        self.gap_terms: list[list[int]] = [[] for _ in self.regions]
+        for i, t in enumerate(self.terms):
+            if t.gap:
+                self.gap_terms[t.region].append(i)
+        # g[j]: region j's net effect on memory between its forward and its recomputation (units)
+        self.g = []
+        for j, idx in enumerate(self.gap_terms):
+            lo = sum(min(0, self.coef(self.terms[i])) for i in idx)
+            hi = sum(max(0, self.coef(self.terms[i])) for i in idx)
+            g = m.new_int_var(lo, hi, f"g[{self.regions[j].path}]")
+            # [Constraint] g[j] is the sum of region j's steady terms
+            m.add(g == sum(self.coef(self.terms[i]) * self.expr(self.terms[i]) for i in idx))
+            self.g.append(g)
+
+    def _build_memory_rows(self) -> None:
+        """One row per distinct set of active terms: base(max over its positions) + terms <= budget."""
+        n = self.tl.size
+        starts: list[list[int]] = [[] for _ in range(n + 1)]
+        ends: list[list[int]] = [[] for _ in range(n + 1)]
+        for i, t in enumerate(self.terms):
+            starts[t.lo].append(i)
+            ends[t.hi].append(i)
+        active: set[int] = set()
+        gap_active = [0] * len(self.regions)
+        rows: dict[tuple, int] = {}
+        for pos in range(n):
+            for i in ends[pos]:
+                active.discard(i)
+                if self.terms[i].gap:
+                    gap_active[self.terms[i].region] -= 1
+            for i in starts[pos]:
+                active.add(i)
+                if self.terms[i].gap:
+                    gap_active[self.terms[i].region] += 1
+            full = tuple(j for j, cnt in enumerate(gap_active)
+                         if cnt and cnt == len(self.gap_terms[j]))
+            full_set = set(full)
+            partial = tuple(sorted(i for i in active
+                                   if not (self.terms[i].gap and self.terms[i].region in full_set)))
+            key = (full, partial)
+            base = self.tl.base[pos]
+            if rows.get(key, -1) < base:
+                rows[key] = base
+        self.rows = rows
+        # [Constraint] per row: base (max over the row's positions) + active effects <= peak
+        self.row_exprs = []
+        for (full, partial), base in sorted(rows.items(), key=lambda kv: kv[0]):
+            e = sum(self.g[j] for j in full) + sum(
+                self.coef(self.terms[i]) * self.expr(self.terms[i]) for i in partial)
+            ub = self.scale(base) + sum(self._ub_g(j) for j in full) + sum(
+                max(0, self.coef(self.terms[i])) for i in partial)
+            self.row_exprs.append((self.scale(base), e, ub))
+        top = max((ub for _, _, ub in self.row_exprs), default=0)
+        # peak: the step's peak memory in units (an upper bound on every row)
+        self.peak = self.m.new_int_var(0, max(top, 1), "peak")
+
+    def _ub_g(self, j: int) -> int:
+        return sum(max(0, self.coef(self.terms[i])) for i in self.gap_terms[j])
+
+    def _build_objective(self) -> None:
+        # cost: estimated time of every op the recomputations rerun (early stop honoured)
+        parts = []
+        for j, r in enumerate(self.regions):
+            for p in range(r.first_op, r.recompute_end):
+                cost = self.graph.ops[p].cost_ns
+                if cost:
+                    k = self.k.get((j, p))
+                    parts.append(cost * (self.c[j] - k) if k is not None else cost * self.c[j])
+        self.cost = sum(parts) if parts else 0
+
+    # ---- solving -------------------------------------------------------------------------------------
+    def solve(self, *, budget_bytes: int | None, time_limit_s: float, hint: dict[str, frozenset[int]] | None,
+              workers: int = 2) -> Solution:
+        """Minimise recompute time under ``budget_bytes``; with ``None``, minimise the peak instead."""
+        m = self.m.clone()
+        peak = m.get_int_var_from_proto_index(self.peak.index)
+        rows = []
+        for base, e, ub in self.row_exprs:
+            if budget_bytes is not None and ub <= budget_bytes // self.unit:
+                continue  # can never bind at this budget
+            rows.append(m.add(base + e <= peak))
+        if budget_bytes is not None:
+            # [Constraint] the step's peak stays within the budget
+            m.add(peak <= budget_bytes // self.unit)
+            m.minimize(self.cost)
+        else:
+            m.minimize(peak)
+        if hint:
+            self._add_hint(m, hint)
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = time_limit_s
+        solver.parameters.num_workers = workers
+        solver.parameters.random_seed = 0
+        code = solver.solve(m)
+        status = {cp_model.OPTIMAL: Status.OPTIMAL, cp_model.FEASIBLE: Status.FEASIBLE,
+                  cp_model.INFEASIBLE: Status.INFEASIBLE}.get(code, Status.UNKNOWN)
+        saved: dict[str, frozenset[int]] = {}
+        objective = bound = 0
+        if status in (Status.OPTIMAL, Status.FEASIBLE):
+            for j, r in enumerate(self.regions):
+                if solver.boolean_value(self.c[j]):
+                    saved[r.path] = frozenset(p for p in r.choices if solver.boolean_value(self.k[(j, p)]))
+            objective = int(solver.value(self.cost)) if not isinstance(self.cost, int) else 0
+            bound = int(solver.best_objective_bound) if budget_bytes is not None else objective
+        return Solution(status=status, saved=saved, objective_ns=objective, bound_ns=min(bound, objective),
+                        wall_s=solver.wall_time, num_variables=len(m.proto.variables),
+                        num_constraints=len(m.proto.constraints))
+
+    def _add_hint(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]]) -> None:
+        for j, r in enumerate(self.regions):
+            on = r.path in hint
+            m.add_hint(self.c[j], on)
+            for p in r.choices:
+                m.add_hint(self.k[(j, p)], on and p in hint[r.path])
+
+
+def build(graph: Graph, regions: tuple[Region, ...], scale_to: int) -> _Model:
+    return _Model(graph, regions, scale_to)
+
+
+__all__ = ["Forced", "Solution", "Status", "build"]

@@ -1,0 +1,167 @@
+"""Candidate regions: the module calls a plan may checkpoint, and what each op inside may do.
+
+A region is one module call that ``torch.utils.checkpoint`` can wrap: called once in the step, with
+ops of its own and tensors saved for backward. A plan never checkpoints two nested regions, but the
+candidates come at three granularities so the solver can choose: the frontier, found by walking
+the module tree: the elements of every container (``ModuleList``, ``Sequential``, ``ModuleDict``) are
+regions (transformer blocks, ResNet blocks); modules beside containers are regions too (embeddings,
+final norm, head); a module with no container below it is one region. Then the frontier's ancestors
+(coarser: a whole ResNet stage, a U-Net level) and its children (finer: attention and MLP of a block).
+
+Inside a region, each op is either free to be saved (its outputs cached by selective checkpointing)
+or forced to be recomputed, with the reason recorded for the plan file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ..graph import Graph, StorageKind
+
+CONTAINERS = frozenset({"ModuleList", "Sequential", "ModuleDict"})
+
+
+class Forced(str, Enum):
+    """Why an op inside a checkpointed region cannot be saved."""
+
+    VIEW = "view"  # aliases an input: recomputing it is free, caching it would pin its base
+    RANDOM = "random"  # caching it would shift the RNG stream for the random ops recomputed after it
+    INPLACE = "inplace"  # writes or is later written in place: a cached tensor must never be mutated
+    NO_OUTPUT = "no-output"  # allocates nothing worth keeping
+    AFTER_LAST_SAVE = "not-recomputed"  # early stop ends the recomputation before this op
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Region:
+    path: str
+    type_name: str
+    first_op: int
+    end_op: int  # one past the last op
+    recompute_end: int  # recomputation reruns ops [first_op, recompute_end) (early stop)
+    recompute_event: int  # backward event at which the recomputation runs
+    release_event: int  # backward event of the last unpack: the checkpoint frame dies after it
+    input_storages: tuple[int, ...]
+    choices: tuple[int, ...]  # ops that may be saved
+    forced: tuple[tuple[int, Forced], ...]  # (op, reason) for every other op of the region
+    mutated_buffers: tuple[str, ...]  # buffers written in forward (BatchNorm statistics): restored on recompute
+
+    def __post_init__(self) -> None:
+        if not self.first_op <= self.recompute_end <= self.end_op:
+            raise ValueError(f"region {self.path}: recompute_end outside the region's ops")
+
+    @property
+    def ops(self) -> range:
+        return range(self.first_op, self.end_op)
+
+    def contains(self, module_path: str) -> bool:
+        return module_path == self.path or module_path.startswith(self.path + ".")
+
+
+def candidate_regions(graph: Graph) -> tuple[Region, ...]:
+    """The checkpointable module calls of ``graph``, in forward order (outer before inner)."""
+    types = dict(graph.module_tree)
+    multi = {m.path for m in graph.modules if m.call_index > 0}
+    children: dict[str, list[str]] = {}
+    for path in types:
+        if path:
+            children.setdefault(path.rsplit(".", 1)[0] if "." in path else "", []).append(path)
+    frontier: list[str] = []
+
+    def has_container(path: str) -> bool:
+        return any(types[c] in CONTAINERS or has_container(c) for c in children.get(path, ()))
+
+    def walk(path: str) -> None:
+        if types[path] in CONTAINERS or has_container(path) or path == "":
+            for c in children.get(path, ()):
+                if types[path] in CONTAINERS and types[c] not in CONTAINERS:
+                    frontier.append(c)
+                else:
+                    walk(c)
+        else:
+            frontier.append(path)
+
+    if "" in types:
+        walk("")
+    # Candidates at three granularities; the solver picks, never two nested ones (see cpsat.py).
+    paths = set(frontier)
+    for path in frontier:
+        paths.update(a for a in _ancestors(path))
+        paths.update(children.get(path, ()))
+    regions = []
+    for path in paths:
+        if path in multi or any(p in multi for p in _ancestors(path)):
+            continue  # a shared module runs twice: one checkpoint per call is not expressible
+        region = _make_region(graph, path)
+        if region is not None:
+            regions.append(region)
+    return tuple(sorted(regions, key=lambda r: (r.first_op, -r.end_op, r.path)))
+
+
+def outermost(regions: tuple[Region, ...]) -> tuple[Region, ...]:
+    """The candidates no other candidate contains: "full checkpointing" checkpoints these."""
+    return tuple(r for r in regions if not any(r.path.startswith(o.path + ".") for o in regions))
+
+
+def nested_pairs(regions: tuple[Region, ...]) -> list[tuple[int, int]]:
+    """(outer, inner) index pairs of candidates where one module contains the other."""
+    return [(a, b) for a, ra in enumerate(regions) for b, rb in enumerate(regions)
+            if a != b and rb.path.startswith(ra.path + ".")]
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _make_region(graph: Graph, path: str) -> Region | None:
+    call = next((m for m in graph.modules if m.path == path and m.call_index == 0), None)
+    if call is None or call.first_op >= call.end_op or call.first_unpack_event is None:
+        return None
+    names = dict(graph.tensor_names)
+    storages = graph.storages
+    inside = set(range(call.first_op, call.end_op))
+    mutated_by_later: dict[int, int] = {}  # storage -> first op writing it in place
+    for op in graph.ops:
+        for s in op.mutates:
+            mutated_by_later.setdefault(s, op.index)
+    mutated_buffers = []
+    for i in inside:
+        for s in graph.ops[i].mutates:
+            st = storages[s]
+            if st.kind is StorageKind.BUFFER:
+                mutated_buffers.append(names.get(s, f"storage{s}"))
+            elif st.producer is None or st.producer not in inside:
+                return None  # writes a tensor from outside: recomputing would write it twice
+    if not _saves_internal(graph, call.path, inside):
+        return None
+    end = call.recompute_end_op
+    choices, forced = [], []
+    for i in range(call.first_op, call.end_op):
+        op = graph.ops[i]
+        if i >= end:
+            forced.append((i, Forced.AFTER_LAST_SAVE))
+        elif op.view:
+            forced.append((i, Forced.VIEW))
+        elif op.random:
+            forced.append((i, Forced.RANDOM))
+        elif op.mutates or any(s in mutated_by_later for s in op.allocates):
+            forced.append((i, Forced.INPLACE))
+        elif not op.allocates or all(storages[s].nbytes == 0 for s in op.allocates):
+            forced.append((i, Forced.NO_OUTPUT))
+        else:
+            choices.append(i)
+    return Region(
+        path=call.path, type_name=call.type_name, first_op=call.first_op, end_op=call.end_op,
+        recompute_end=end, recompute_event=call.first_unpack_event,
+        release_event=call.last_unpack_event, input_storages=call.input_storages,
+        choices=tuple(choices), forced=tuple(forced), mutated_buffers=tuple(sorted(set(mutated_buffers))))
+
+
+def _saves_internal(graph: Graph, path: str, inside: set[int]) -> bool:
+    for i in inside:
+        for s in graph.ops[i].allocates:
+            st = graph.storages[s]
+            if st.saved_by and all(p == path or p.startswith(path + ".") for p in st.saved_by):
+                return True
+    return False

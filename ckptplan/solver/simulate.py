@@ -1,0 +1,141 @@
+"""Independent checker: replays a step with a plan and reports its peak memory and recompute cost.
+
+It shares no code with the CP-SAT model. Given concrete decisions it lays every storage's lifetime
+out on a timeline of *positions* (one per traced event, plus one per op rerun when a checkpointed
+region is recomputed just before the backward event that first needs it) and sweeps it.
+
+Lifetimes under a plan, for a storage allocated by op ``p`` of checkpointed region ``r``:
+
+* saved for backward only by ops of ``r``, ``p`` not saved by the plan: alive while Python holds it in
+  forward (the trace's lifetime pass), then again from ``p``'s rerun until its baseline release;
+* saved by the plan (cached by selective checkpointing): its baseline lifetime, at least until the
+  rerun consumes the cached value;
+* not saved for backward: its baseline lifetime, plus its Python lifetime inside the rerun;
+* the region's inputs: held by the checkpoint until the region's last unpack.
+
+Everything else keeps the lifetime the trace observed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..graph import Graph
+from .regions import Region
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimResult:
+    peak_bytes: int
+    peak_at: str  # where the peak happens, for humans
+    extra_forward_flops: int
+    extra_cost_ns: int
+    recomputed_ops: int
+
+
+def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, frozenset[int]]) -> SimResult:
+    """Peak memory and recompute cost of checkpointing ``saved``'s regions, caching the ops listed."""
+    by_path = {r.path: r for r in regions}
+    unknown = sorted(set(saved) - set(by_path))
+    if unknown:
+        raise ValueError(f"plan names regions that are not candidates: {unknown}")
+    active = sorted((by_path[p] for p in saved), key=lambda r: -r.first_op)
+    for a in active:
+        for b in active:
+            if b.path.startswith(a.path + "."):
+                raise ValueError(f"plan checkpoints {a.path} and {b.path} inside it; regions must not nest")
+
+    # ---- the timeline: reruns are inserted before the backward event that triggers them ----
+    reruns_at: dict[int, list[Region]] = {}
+    for r in active:
+        reruns_at.setdefault(r.recompute_event, []).append(r)
+    labels: list[str] = []
+    first_pos, sample_pos = [0] * (graph.num_events + 1), [0] * graph.num_events
+    rerun_pos: dict[tuple[str, int], int] = {}
+    rerun_end: dict[str, int] = {}
+    for e in range(graph.num_events):
+        first_pos[e] = len(labels)
+        for r in reruns_at.get(e, ()):
+            for i in range(r.first_op, r.recompute_end):
+                rerun_pos[(r.path, i)] = len(labels)
+                labels.append(f"recompute of {r.path} (op {i} {graph.ops[i].name})")
+            rerun_end[r.path] = len(labels)
+        sample_pos[e] = len(labels)
+        labels.append(_event_label(graph, e))
+    first_pos[graph.num_events] = len(labels)
+    n = len(labels)
+
+    def start(alloc: int) -> int:
+        return 0 if alloc < 0 else sample_pos[alloc]
+
+    intervals: dict[int, list[tuple[int, int]]] = {
+        s.id: [(start(s.alloc_event), first_pos[s.free_event])] for s in graph.storages}
+
+    extra_flops = extra_cost = recomputed = 0
+    for r in active:
+        keep = saved[r.path]
+        inside = set(r.ops)
+        done = rerun_end[r.path]
+        for p in r.ops:
+            op = graph.ops[p]
+            rerun = p < r.recompute_end
+            if rerun and p not in keep:
+                extra_flops += op.flops
+                extra_cost += op.cost_ns
+                recomputed += 1
+            for sid in op.allocates:
+                s = graph.storages[sid]
+                alloc, free = start(s.alloc_event), first_pos[s.free_event]
+                py_end = first_pos[s.python_free_op]
+                if s.saved_by and all(r.contains(m) for m in s.saved_by):
+                    if p in keep:
+                        intervals[sid] = [(alloc, max(free, rerun_pos[(r.path, p)] + 1))]
+                    else:
+                        again = rerun_pos[(r.path, p)] if rerun else free
+                        intervals[sid] = [(alloc, py_end), (again, free)]
+                elif not s.saved_by and rerun:
+                    inner_end = (rerun_pos[(r.path, s.python_free_op)]
+                                 if s.python_free_op in inside and s.python_free_op < r.recompute_end
+                                 else done)
+                    transient = (rerun_pos[(r.path, p)], max(inner_end, rerun_pos[(r.path, p)] + 1))
+                    if p in keep:  # the cache holds it until the rerun takes it back
+                        intervals[sid] = [(alloc, max(free, transient[1]))]
+                    else:
+                        intervals[sid] = [(alloc, free), transient]
+    # A checkpoint holds its region's inputs until its last unpack, whoever else holds them.
+    for r in active:
+        release = first_pos[min(r.release_event + 1, graph.num_events)]
+        for sid in r.input_storages:
+            intervals[sid].append((start(graph.storages[sid].alloc_event), release))
+
+    delta = [0] * (n + 1)
+    for s in graph.storages:
+        for lo, hi in _union(intervals[s.id]):
+            delta[lo] += s.nbytes
+            delta[hi] -= s.nbytes
+    live, peak, peak_pos = graph.optimizer_state_bytes, -1, 0
+    for pos in range(n):
+        live += delta[pos]
+        if live > peak:
+            peak, peak_pos = live, pos
+    return SimResult(peak_bytes=max(peak, graph.optimizer_state_bytes), peak_at=labels[peak_pos] if n else "",
+                     extra_forward_flops=extra_flops, extra_cost_ns=extra_cost, recomputed_ops=recomputed)
+
+
+def _event_label(graph: Graph, e: int) -> str:
+    if e < graph.num_forward:
+        op = graph.ops[e]
+        return f"forward op {e} {op.name} in {op.module or '<root>'}"
+    return f"backward event {e - graph.num_forward}"
+
+
+def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge overlapping [lo, hi) spans: a storage alive twice over is counted once."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(x for x in spans if x[1] > x[0]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out

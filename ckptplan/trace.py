@@ -1,0 +1,380 @@
+"""The only module that runs the model to observe it.
+
+``trace(model, *args, **kwargs)`` runs one training step twice under a recording dispatch mode:
+
+1. *lifetime pass*: forward + loss with a saved-tensor hook that keeps nothing. What Python alone keeps
+   alive is then visible, which is exactly what a checkpointed region keeps during its forward.
+2. *step pass*: forward + loss + backward, unchanged. Records every op, every storage's lifetime
+   (weak references with callbacks, as MemTracker does), which module saved which tensor for backward,
+   and when backward first unpacks each module call's saved tensors.
+
+It works on real tensors, on the meta device and under ``FakeTensorMode``. On real tensors it restores
+the model's buffers (BatchNorm statistics), its ``.grad`` fields and the RNG state afterwards.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import SAC_IGNORED_OPS
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import costmodel
+from .errors import InputError
+from .flops import cost_flops, op_flops
+from .signature import model_signature, num_parameters
+from .graph import Graph, ModuleCall, OpNode, StorageInfo, StorageKind, TensorInfo
+
+LossFn = Callable[[Any], torch.Tensor]
+
+aten = torch.ops.aten
+
+# Ops that write arguments their schema does not mark as written: {op: (positions, training flag position)}.
+HIDDEN_WRITES = {
+    aten.native_batch_norm.default: ((3, 4), 5),
+    aten.cudnn_batch_norm.default: ((3, 4), 5),
+    aten.miopen_batch_norm.default: ((3, 4), 5),
+}
+
+OPTIMIZER_STATE_FACTOR = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2, "adagrad": 1, "rmsprop": 1}
+
+
+def default_loss(out: Any) -> torch.Tensor:
+    """The scalar a training step backpropagates: ``out.loss``, a scalar output, or a sum of outputs."""
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(out, torch.Tensor):
+        return out if out.dim() == 0 else out.sum()
+    leaves, _ = tree_flatten(out.to_tuple() if hasattr(out, "to_tuple") else out)
+    parts = [t.sum() for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not parts:
+        raise InputError("the model output has no tensor that requires grad; pass loss_fn= to trace()")
+    return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
+
+
+def _storage_bytes(st: torch.UntypedStorage, device: torch.device) -> int:
+    n = st.nbytes()
+    if device.type == "cuda":  # the CUDA caching allocator rounds to 512 bytes, as MemTracker does
+        return -(-n // 512) * 512
+    return n
+
+
+@dataclass
+class _Storage:
+    nbytes: int
+    kind: StorageKind
+    alloc_event: int
+    producer: int | None
+    free_event: int | None = None
+    saved_by: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Call:
+    path: str
+    type_name: str
+    call_index: int
+    first_op: int
+    input_storages: tuple[int, ...]
+    end_op: int = -1
+    last_pack: int = -1  # forward ops completed when the last tensor saved inside was packed
+    unpacks: list[int] = field(default_factory=list)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records ops and storage lifetimes. Holds weak references only, so it changes no lifetime."""
+
+    def __init__(self, names: dict[int, str], profile: costmodel.DeviceProfile) -> None:
+        super().__init__()
+        self.names = names
+        self.profile = profile
+        self.ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.refs: list[weakref.ref] = []
+        self.storages: list[_Storage] = []
+        self.ops: list[OpNode] = []
+        self.event = 0
+        self.backward = False
+        self.stack: list[int] = []  # indices into calls of the module calls now running
+        self.calls: list[_Call] = []
+        self.call_counts: dict[str, int] = {}
+        self.packs: list[tuple[int, ...]] = []  # the call stack at each pack
+        self.pack_storage: list[int] = []
+
+    # ---- storages --------------------------------------------------------------------------------
+    def storage_id(self, t: torch.Tensor, kind: StorageKind, producer: int | None) -> tuple[int, bool]:
+        st = t.untyped_storage()
+        sid = self.ids.get(st)
+        if sid is not None:
+            return sid, False
+        sid = len(self.storages)
+        self.ids[st] = sid
+        alloc = -1 if kind in (StorageKind.PARAM, StorageKind.BUFFER, StorageKind.INPUT) else self.event
+        self.storages.append(_Storage(_storage_bytes(st, t.device), kind, alloc, producer))
+        self.refs.append(weakref.ref(st, self._freed_callback(sid)))
+        return sid, True
+
+    def _freed_callback(self, sid: int) -> Callable[[Any], None]:
+        def freed(_: Any) -> None:
+            self.storages[sid].free_event = self.event
+
+        return freed
+
+    # ---- module calls ------------------------------------------------------------------------------
+    def pre_hook(self, module: nn.Module, args: Any, kwargs: Any | None = None) -> None:
+        if self.backward:
+            return
+        path = self.names.get(id(module))
+        if path is None:
+            return
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = tuple(sorted({self.storage_id(t, StorageKind.INPUT, None)[0] for t in tensors}))
+        n = self.call_counts.get(path, 0)
+        self.call_counts[path] = n + 1
+        self.stack.append(len(self.calls))
+        self.calls.append(_Call(path, type(module).__name__, n, len(self.ops), inputs))
+
+    def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.backward or id(module) not in self.names or not self.stack:
+            return
+        call = self.calls[self.stack.pop()]
+        call.end_op = len(self.ops)
+
+    def current_module(self) -> str:
+        return self.calls[self.stack[-1]].path if self.stack else ""
+
+    # ---- saved tensors ---------------------------------------------------------------------------
+    def pack(self, t: torch.Tensor) -> tuple[int, torch.Tensor]:
+        sid, _ = self.storage_id(t, StorageKind.ACTIVATION, None)
+        self.storages[sid].saved_by.add(self.current_module())
+        self.packs.append(tuple(self.stack))
+        for c in self.stack:
+            self.calls[c].last_pack = self.event
+        self.pack_storage.append(sid)
+        # A detached alias keeps the storage alive exactly as autograd would, without a ref cycle.
+        return len(self.packs) - 1, t.detach()
+
+    def unpack(self, packed: tuple[int, torch.Tensor]) -> torch.Tensor:
+        pid, t = packed
+        for c in self.packs[pid]:
+            self.calls[c].unpacks.append(self.event)
+        return t
+
+    # ---- ops -----------------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in SAC_IGNORED_OPS:  # checkpoint ignores these too (detach); their outputs alias
+            return out
+        index = self.event
+        kind = StorageKind.BACKWARD if self.backward else StorageKind.ACTIVATION
+        producer = None if self.backward else index
+        in_tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        in_ids = [self.storage_id(t, StorageKind.INPUT, None)[0] for t in in_tensors]
+        out_tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outputs, allocates = [], []
+        for t in out_tensors:
+            sid, new = self.storage_id(t, kind, producer)
+            if new:
+                allocates.append(sid)
+            if not self.backward:
+                outputs.append(TensorInfo(storage=sid, shape=tuple(int(d) for d in t.shape),
+                                          dtype=str(t.dtype).removeprefix("torch."),
+                                          nbytes=t.numel() * t.element_size()))
+        if not self.backward:
+            self.ops.append(self._op_node(func, args, kwargs, out, index, in_tensors, in_ids,
+                                          tuple(outputs), tuple(allocates)))
+        self.event += 1
+        return out
+
+    def _op_node(self, func, args, kwargs, out, index, in_tensors, in_ids, outputs, allocates) -> OpNode:
+        mutated = []
+        flat_args = list(args) + [kwargs.get(a.name) for a in func._schema.arguments[len(args):]]
+        for a, v in zip(func._schema.arguments, flat_args):
+            if a.alias_info is not None and a.alias_info.is_write and isinstance(v, torch.Tensor):
+                mutated.append(self.ids[v.untyped_storage()])
+        positions, training = HIDDEN_WRITES.get(func, ((), None))
+        if training is not None and len(args) > training and args[training]:
+            for i in positions:
+                if isinstance(args[i], torch.Tensor):
+                    mutated.append(self.ids[args[i].untyped_storage()])
+        flops = op_flops(func, args, kwargs, out)
+        moved = sum(t.numel() * t.element_size() for t in in_tensors) + sum(o.nbytes for o in outputs)
+        is_view = bool(outputs) and not allocates and not mutated
+        return OpNode(
+            index=index, name=str(func), module=self.current_module(), outputs=outputs,
+            inputs=tuple(dict.fromkeys(in_ids)), allocates=allocates, mutates=tuple(mutated),
+            flops=flops, bytes_moved=moved,
+            cost_ns=self.profile.cost_ns(flops=cost_flops(func, args, kwargs, out, flops),
+                                         bytes_moved=moved, is_view=is_view),
+            random=torch.Tag.nondeterministic_seeded in func.tags, view=is_view,
+        )
+
+
+class _StepState:
+    """Saves and restores what a traced step would otherwise change on a real model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.grads = {p: p.grad for p in model.parameters()}
+        self.real = not any(t.device.type == "meta" or _is_fake(t)
+                            for t in list(model.parameters()) + list(model.buffers()))
+        self.buffers = {b: b.detach().clone() for b in model.buffers()} if self.real else {}
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def reset_rng(self) -> None:
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+    def clear_grads(self) -> None:
+        for p in self.grads:
+            p.grad = None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, v in self.buffers.items():
+                b.copy_(v)
+        for p, g in self.grads.items():
+            p.grad = g
+        self.reset_rng()
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), name)
+    return names
+
+
+def _run_pass(model, args, kwargs, loss_fn, names, profile, *, keep_saved: bool):
+    rec = _Recorder(names, profile)
+    for name, p in model.named_parameters(remove_duplicate=True):
+        rec.storage_id(p, StorageKind.PARAM, None)
+    for name, b in model.named_buffers(remove_duplicate=True):
+        rec.storage_id(b, StorageKind.BUFFER, None)
+    for t in tree_flatten((args, kwargs))[0]:
+        if isinstance(t, torch.Tensor):
+            rec.storage_id(t, StorageKind.INPUT, None)
+    pre = nn.modules.module.register_module_forward_pre_hook(rec.pre_hook)
+    post = nn.modules.module.register_module_forward_hook(rec.post_hook, always_call=True)
+    try:
+        if keep_saved:
+            hooks = torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack)
+        else:
+            hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: None, _no_unpack)
+        with hooks, rec:
+            loss = loss_fn(model(*args, **kwargs))
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise InputError("loss_fn must return a scalar tensor")
+            if not loss.requires_grad:
+                raise InputError("the loss does not require grad: is the model in no_grad mode or frozen?")
+            forward_events = rec.event
+            if keep_saved:
+                rec.backward = True
+                loss.backward()
+            del loss
+    finally:
+        pre.remove()
+        post.remove()
+    return rec, forward_events
+
+
+def _no_unpack(_: Any) -> torch.Tensor:
+    raise RuntimeError("ckptplan lifetime pass: backward must not run")
+
+
+def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer: str | None = None,
+          model_name: str | None = None, **kwargs: Any) -> Graph:
+    """Trace one training step of ``model(*args, **kwargs)`` and return its activation graph.
+
+    ``loss_fn`` maps the model output to the scalar to backpropagate (default: ``default_loss``).
+    ``optimizer`` ("adamw", "adam", "sgd", ...) adds its state to the fixed memory.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"trace() needs an nn.Module, got {type(model).__name__}")
+    if optimizer is not None and optimizer.lower() not in OPTIMIZER_STATE_FACTOR:
+        raise InputError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_STATE_FACTOR)}")
+    loss_fn = loss_fn or default_loss
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    device = next((t.device for t in tensors), None) or next(
+        (p.device for p in model.parameters()), torch.device("cpu"))
+    profile = costmodel.profile_for(device.type)
+    names = _module_names(model)
+    state = _StepState(model)
+    try:
+        state.clear_grads()
+        life, n_life = _run_pass(model, args, kwargs, loss_fn, names, profile, keep_saved=False)
+        python_free = _python_free_by_position(life, n_life)
+        del life
+        state.reset_rng()
+        rec, n_fwd = _run_pass(model, args, kwargs, loss_fn, names, profile, keep_saved=True)
+        state.clear_grads()  # drop the traced gradients so their storages die inside the trace
+    finally:
+        state.restore()
+    if n_fwd != n_life:
+        raise InputError("the model ran a different number of ops in two identical forwards; "
+                         "ckptplan needs a forward whose op sequence does not change between calls")
+    return _build_graph(model, rec, n_fwd, python_free, tensors, device, optimizer,
+                        model_name or type(model).__name__)
+
+
+def _python_free_by_position(rec: _Recorder, n_fwd: int) -> dict[tuple[int, int], int]:
+    """For the k-th storage allocated by forward op i: the event after which Python dropped it."""
+    out: dict[tuple[int, int], int] = {}
+    for op in rec.ops:
+        for k, sid in enumerate(op.allocates):
+            free = rec.storages[sid].free_event
+            out[(op.index, k)] = n_fwd if free is None else min(free, n_fwd)
+    return out
+
+
+def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, device, optimizer, name) -> Graph:
+    num_events = rec.event
+    position: dict[int, tuple[int, int]] = {}
+    for op in rec.ops:
+        for k, sid in enumerate(op.allocates):
+            position[sid] = (op.index, k)
+    storages = []
+    for sid, s in enumerate(rec.storages):
+        free = num_events if s.free_event is None else s.free_event
+        pyfree = python_free.get(position.get(sid), free if free <= n_fwd else n_fwd)
+        storages.append(StorageInfo(
+            id=sid, nbytes=s.nbytes, kind=s.kind, alloc_event=s.alloc_event, free_event=free,
+            producer=s.producer, saved_by=tuple(sorted(s.saved_by)), python_free_op=pyfree))
+    modules = tuple(
+        ModuleCall(path=c.path, type_name=c.type_name, call_index=c.call_index, first_op=c.first_op,
+                   end_op=c.end_op if c.end_op >= 0 else n_fwd, input_storages=c.input_storages,
+                   recompute_end_op=max(c.last_pack, c.first_op),
+                   first_unpack_event=min(c.unpacks) if c.unpacks else None,
+                   last_unpack_event=max(c.unpacks) if c.unpacks else None)
+        for c in rec.calls)
+    names = []
+    for name, p in model.named_parameters(remove_duplicate=True):
+        names.append((rec.ids[p.untyped_storage()], name))
+    for name, b in model.named_buffers(remove_duplicate=True):
+        names.append((rec.ids[b.untyped_storage()], name))
+    param_bytes = sum(s.nbytes for s in storages if s.kind is StorageKind.PARAM)
+    opt = optimizer.lower() if optimizer else None
+    return Graph(
+        model_name=name, signature=model_signature(model), num_parameters=num_parameters(model),
+        inputs=tuple(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors),
+        device=device.type, ops=tuple(rec.ops), storages=tuple(storages), modules=modules,
+        num_events=num_events, optimizer=opt, tensor_names=tuple(sorted(names)),
+        module_tree=tuple((path, type(m).__name__) for path, m in model.named_modules()),
+        optimizer_state_bytes=OPTIMIZER_STATE_FACTOR.get(opt, 0) * param_bytes if opt else 0,
+        torch_version=torch.__version__,
+    )
