@@ -262,9 +262,9 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 
 def _run_pass(model, args, kwargs, loss_fn, names, profile, *, keep_saved: bool):
     rec = _Recorder(names, profile)
-    for name, p in model.named_parameters(remove_duplicate=True):
+    for p in model.parameters():
         rec.storage_id(p, StorageKind.PARAM, None)
-    for name, b in model.named_buffers(remove_duplicate=True):
+    for b in model.buffers():
         rec.storage_id(b, StorageKind.BUFFER, None)
     for t in tree_flatten((args, kwargs))[0]:
         if isinstance(t, torch.Tensor):
@@ -363,10 +363,10 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, device
                    last_unpack_event=max(c.unpacks) if c.unpacks else None)
         for c in rec.calls)
     names = []
-    for name, p in model.named_parameters(remove_duplicate=True):
-        names.append((rec.ids[p.untyped_storage()], name))
-    for name, b in model.named_buffers(remove_duplicate=True):
-        names.append((rec.ids[b.untyped_storage()], name))
+    for pname, p in model.named_parameters(remove_duplicate=True):
+        names.append((rec.ids[p.untyped_storage()], pname))
+    for bname, b in model.named_buffers(remove_duplicate=True):
+        names.append((rec.ids[b.untyped_storage()], bname))
     param_bytes = sum(s.nbytes for s in storages if s.kind is StorageKind.PARAM)
     opt = optimizer.lower() if optimizer else None
     return Graph(

@@ -1,0 +1,223 @@
+"""``ckptplan``: a thin typer CLI over the library. Human output goes to stderr, ``--json`` to stdout.
+
+Exit codes: 0 ok, 2 usage or bad input, 3 infeasible budget, 4 time limit with no feasible plan,
+5 plan does not match the model, 6 `verify` measured a peak above the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from . import report
+from .errors import CkptplanError, InfeasibleBudget
+from .modelspec import BUNDLED_EXAMPLE, bundled_example, load_model, parse_factory_args
+from .plan import load_plan
+from .planner import DEFAULT_RESERVE
+from .units import format_bytes
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Plan activation checkpointing for PyTorch training under a memory budget.")
+err = Console(stderr=True)
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help=f"path/to/file.py:factory or package.module:factory (default: {BUNDLED_EXAMPLE}).")]
+ArgOpt = Annotated[Optional[list[str]], typer.Option(
+    "--arg", "-a", help="Keyword argument for the factory, name=value (repeatable), e.g. -a batch_size=4.")]
+OptimizerOpt = Annotated[Optional[str], typer.Option(
+    help="Add this optimizer's state to the fixed memory: adamw, adam, sgd, momentum, adagrad, rmsprop.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+
+
+def _fail(e: CkptplanError, as_json: bool) -> None:
+    if as_json:
+        payload: dict[str, Any] = {"error": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
+        if isinstance(e, InfeasibleBudget):
+            payload["minimum_bytes"] = e.minimum_bytes
+        print(json.dumps(payload, indent=2))
+    err.print(f"[red]error:[/red] {e}", highlight=False)
+    raise typer.Exit(e.exit_code)
+
+
+def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool):  # noqa: ANN202
+    from .trace import trace
+
+    loaded = load_model(model or bundled_example(), parse_factory_args(args or []))
+    with err.status("tracing one training step...", spinner="dots") if not quiet else _null():
+        graph = trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=loaded.name, **loaded.kwargs)
+    return loaded, graph
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+@app.command()
+def solve(
+    budget: Annotated[str, typer.Option(
+        "--budget", "-b", help="Peak memory of one training step: 8GB (10^9 B), 8GiB (2^30 B), bytes, "
+                               "or 70% of the no-checkpointing peak.")],
+    model: ModelOpt = None,
+    arg: ArgOpt = None,
+    optimizer: OptimizerOpt = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Where to write the plan (default: plans/FACTORY-BUDGET.yaml).")] = None,
+    time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 30.0,
+    reserve: Annotated[float, typer.Option(
+        help="Fraction of the budget kept free for allocator slack and what tracing cannot see.")
+    ] = DEFAULT_RESERVE,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Trace one training step and write the cheapest checkpointing plan that fits the budget."""
+    from .planner import solve as solve_plan
+
+    quiet = quiet or as_json
+    try:
+        loaded, graph = _trace(model, arg, optimizer, quiet)
+        with err.status("solving...", spinner="dots") if not quiet else _null():
+            plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve)
+        path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget)}.yaml"
+        plan.save(path)
+    except InfeasibleBudget as e:
+        if not as_json:
+            err.print(f"[red]error:[/red] {e}", highlight=False)
+            spec = f" --model {model}" if model else ""
+            gib = -(-e.minimum_bytes * 100 // 2**30) / 100
+            err.print(f"minimum feasible budget: {format_bytes(e.minimum_bytes)}; try: "
+                      f"ckptplan solve --budget {gib:.2f}GiB{spec}", highlight=False)
+            raise typer.Exit(e.exit_code)
+        _fail(e, as_json)
+        return
+    except CkptplanError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        print(json.dumps({**report.plan_summary(plan), "plan_file": str(path)}, indent=2))
+    elif not quiet:
+        err.print(report.summary_table(plan, str(path)))
+
+
+@app.command("trace")
+def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOpt = None,
+              as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Trace one training step and print its memory facts: peaks, FLOPs, candidate regions."""
+    from .solver.regions import candidate_regions, outermost
+    from .solver.simulate import simulate
+
+    try:
+        _, graph = _trace(model, arg, optimizer, quiet or as_json)
+    except CkptplanError as e:
+        _fail(e, as_json)
+        return
+    regions = candidate_regions(graph)
+    full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)})
+    info = report.graph_summary(graph, regions=len(regions), full_peak=full.peak_bytes)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    elif not quiet:
+        err.print(report.graph_table(info))
+
+
+@app.command()
+def show(
+    plan_file: Annotated[Path, typer.Argument(help="A plan written by `ckptplan solve`.")],
+    sort: Annotated[str, typer.Option(help="Row order inside a region: order, bytes or flops.")] = "order",
+    fold: Annotated[bool, typer.Option(help="Fold identical layers into one group.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a plan: its header, then its decisions grouped by module with identical layers folded."""
+    if sort not in ("order", "bytes", "flops"):
+        raise typer.BadParameter("choose order, bytes or flops", param_hint="--sort")
+    try:
+        plan = load_plan(plan_file)
+    except CkptplanError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        print(json.dumps(report.plan_summary(plan), indent=2))
+        return
+    out = _wide()
+    out.print(report.summary_table(plan, str(plan_file)))
+    out.print(report.decisions_table(plan, sort=sort, fold=fold))
+
+
+@app.command()
+def diff(a: Annotated[Path, typer.Argument(help="First plan.")],
+         b: Annotated[Path, typer.Argument(help="Second plan.")], as_json: JsonOpt = False) -> None:
+    """Show what changed between two plans: peaks, FLOPs, checkpointed regions, op decisions."""
+    try:
+        d = report.diff_plans(load_plan(a), load_plan(b))
+    except CkptplanError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        print(json.dumps(d, indent=2))
+    else:
+        _wide().print(report.diff_table(d))
+
+
+def _wide() -> Console:
+    """Tables of op rows need room: at least 160 columns, even when piped."""
+    return Console(width=max(Console().width, 160))
+
+
+@app.command()
+def verify(
+    plan_file: Annotated[Path, typer.Argument(help="A plan written by `ckptplan solve`.")],
+    model: ModelOpt = None,
+    arg: ArgOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run one real step with the plan applied; compare measured and predicted peak and extra FLOPs.
+
+    Exits 6 when the measured peak exceeds the plan's budget.
+    """
+    from .measure import measure_peak
+    from .runtime import apply
+
+    try:
+        plan = load_plan(plan_file)
+        loaded = load_model(model or bundled_example(), parse_factory_args(arg or []))
+        handle = apply(loaded.model, plan)
+        try:
+            peak = measure_peak(loaded.model, *loaded.args, **loaded.kwargs)
+            extra = handle.stats.extra_forward_flops
+        finally:
+            handle.remove()
+    except CkptplanError as e:
+        _fail(e, as_json)
+        return
+    fits = peak <= plan.budget_bytes
+    result = {"budget_bytes": plan.budget_bytes, "predicted_peak_bytes": plan.predicted_peak_bytes,
+              "measured_peak_bytes": peak, "fits": fits,
+              "measured_over_predicted": round(peak / plan.predicted_peak_bytes, 4) if plan.predicted_peak_bytes else None,
+              "predicted_extra_forward_flops": plan.extra_forward_flops, "measured_extra_forward_flops": extra}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        err.print(f"peak: predicted {format_bytes(plan.predicted_peak_bytes)}, measured {format_bytes(peak)} "
+                  f"(budget {format_bytes(plan.budget_bytes)}: {'fits' if fits else 'EXCEEDED'}); "
+                  f"extra forward FLOPs: predicted {plan.extra_forward_flops:,}, recomputed {extra:,}",
+                  highlight=False)
+    if not fits:
+        raise typer.Exit(6)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Rendering for humans (rich tables) and machines (JSON-ready dicts). No computation lives here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from .graph import Graph
+from .plan import Decision, Plan, fold_paths, fold_regions
+from .units import describe_budget, format_bytes, format_flops
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    return {
+        "model": plan.model,
+        "fingerprint": plan.fingerprint,
+        "budget_bytes": plan.budget_bytes,
+        "budget": plan.budget_text,
+        "reserve": plan.reserve,
+        "no_checkpointing_peak_bytes": plan.baseline_peak_bytes,
+        "full_checkpointing_peak_bytes": plan.full_peak_bytes,
+        "predicted_peak_bytes": plan.predicted_peak_bytes,
+        "forward_flops": plan.forward_flops,
+        "extra_forward_flops": plan.extra_forward_flops,
+        "extra_forward_percent": round(100 * plan.extra_forward_fraction, 3),
+        "estimated_recompute_ms": round(plan.extra_cost_ns / 1e6, 3),
+        "status": plan.status,
+        "gap": plan.gap,
+        "solve_time_s": round(plan.solve_time_s, 3),
+        "checkpointed_regions": [r.path for r in plan.regions],
+    }
+
+
+def summary_table(plan: Plan, path: str | None = None) -> Table:
+    t = Table(title=f"ckptplan: {plan.model}", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row("budget", f"{plan.budget_text} = {describe_budget(plan.budget_bytes)}"
+              + (f" ({plan.reserve:.0%} kept free)" if plan.reserve else ""))
+    t.add_row("peak, no checkpointing", format_bytes(plan.baseline_peak_bytes))
+    t.add_row("peak, full checkpointing", format_bytes(plan.full_peak_bytes))
+    t.add_row("peak, this plan", f"[green]{format_bytes(plan.predicted_peak_bytes)}[/green]")
+    t.add_row("extra forward FLOPs", f"{format_flops(plan.extra_forward_flops)} "
+              f"({100 * plan.extra_forward_fraction:.1f}% of {format_flops(plan.forward_flops)} forward)")
+    t.add_row("estimated recompute time", f"{plan.extra_cost_ns / 1e6:.2f} ms")
+    t.add_row("checkpointed regions", f"{len(plan.regions)}")
+    t.add_row("solver", f"{plan.status}, gap {100 * plan.gap:.2f}%, {plan.solve_time_s:.1f} s")
+    if path:
+        t.add_row("plan file", path)
+    return t
+
+
+def decisions_table(plan: Plan, *, sort: str = "order", fold: bool = True) -> Table:
+    t = Table(title="decisions (op rows of each group of identical regions)", title_justify="left")
+    for name, justify in [("regions", "left"), ("#", "right"), ("op", "left"), ("module", "left"),
+                          ("shape", "left"), ("dtype", "left"), ("bytes", "right"), ("decision", "left"),
+                          ("recompute FLOPs", "right"), ("forced by", "left")]:
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    groups = fold_regions(plan.regions) if fold else [([r.path], r) for r in plan.regions]
+    for paths, r in groups:
+        rows = list(enumerate(r.ops))
+        if sort == "bytes":
+            rows.sort(key=lambda x: -x[1].nbytes)
+        elif sort == "flops":
+            rows.sort(key=lambda x: -x[1].recompute_flops)
+        label = f"{fold_paths(paths)} ({r.type_name} x{len(paths)})"
+        for n, (i, o) in enumerate(rows):
+            color = "green" if o.decision is Decision.SAVE else "yellow"
+            t.add_row(label if n == 0 else "", str(i), o.op.removeprefix("aten."), o.module or ".",
+                      ", ".join("x".join(map(str, s)) for s in o.shape),
+                      o.dtype, format_bytes(o.nbytes), f"[{color}]{o.decision.value}[/{color}]",
+                      format_flops(o.recompute_flops) if o.recompute_flops else "", o.forced or "")
+        t.add_section()
+    return t
+
+
+def diff_plans(a: Plan, b: Plan) -> dict[str, Any]:
+    """What changed from plan ``a`` to plan ``b``: header numbers, regions, op decisions."""
+    sa, sb = plan_summary(a), plan_summary(b)
+    header = {k: [sa[k], sb[k]] for k in sa if k != "checkpointed_regions" and sa[k] != sb[k]}
+    ra, rb = {r.path: r for r in a.regions}, {r.path: r for r in b.regions}
+    ops = []
+    for path in sorted(set(ra) & set(rb)):
+        for i, (x, y) in enumerate(zip(ra[path].ops, rb[path].ops)):
+            if x.decision is not y.decision or x.op != y.op:
+                ops.append({"region": path, "index": i, "op": y.op, "module": y.module,
+                            "from": x.decision.value, "to": y.decision.value, "bytes": y.nbytes})
+    return {
+        "same_model": a.fingerprint == b.fingerprint,
+        "header": header,
+        "regions_added": sorted(set(rb) - set(ra)),
+        "regions_removed": sorted(set(ra) - set(rb)),
+        "ops_changed": ops,
+    }
+
+
+def diff_table(d: dict[str, Any]) -> Table:
+    t = Table(title="plan diff", title_justify="left")
+    t.add_column("what")
+    t.add_column("A")
+    t.add_column("B")
+    if not d["same_model"]:
+        t.add_row("[red]fingerprint[/red]", "differs", "plans are for different models or inputs")
+    for k, (x, y) in d["header"].items():
+        fmt = format_bytes if k.endswith("bytes") else str
+        t.add_row(k, fmt(x) if isinstance(x, int) else str(x), fmt(y) if isinstance(y, int) else str(y))
+    if d["regions_added"]:
+        t.add_row("checkpointed only in B", "", fold_paths(d["regions_added"]))
+    if d["regions_removed"]:
+        t.add_row("checkpointed only in A", fold_paths(d["regions_removed"]), "")
+    for o in d["ops_changed"]:
+        t.add_row(f"{o['region']} #{o['index']} {o['op'].removeprefix('aten.')} {o['module']}",
+                  o["from"], o["to"])
+    return t
+
+
+def graph_summary(graph: Graph, *, regions: int, full_peak: int) -> dict[str, Any]:
+    return {
+        "model": graph.model_name,
+        "fingerprint": graph.fingerprint,
+        "inputs": list(graph.inputs),
+        "device": graph.device,
+        "forward_ops": graph.num_forward,
+        "events": graph.num_events,
+        "parameters": graph.num_parameters,
+        "parameter_bytes": graph.param_bytes,
+        "optimizer_state_bytes": graph.optimizer_state_bytes,
+        "forward_flops": graph.forward_flops,
+        "no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
+        "full_checkpointing_peak_bytes": full_peak,
+        "candidate_regions": regions,
+    }
+
+
+def graph_table(info: dict[str, Any]) -> Table:
+    t = Table(title=f"ckptplan trace: {info['model']}", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    for k, v in info.items():
+        if k == "model":
+            continue
+        if k.endswith("bytes"):
+            v = format_bytes(v)
+        elif k.endswith("flops"):
+            v = format_flops(v)
+        elif isinstance(v, list):
+            v = ", ".join(map(str, v))
+        t.add_row(k.replace("_", " "), str(v))
+    return t
