@@ -79,7 +79,7 @@ class Plan:
     extra_cost_ns: int  # estimated recompute time
     status: str  # "optimal" | "feasible"
     gap: float
-    solve_time_s: float
+    solve_time_s: float  # not written to the file, which must not change between identical solves
     regions: tuple[RegionPlan, ...]
     ckptplan_version: str = ""
     torch_version: str = ""
@@ -198,7 +198,6 @@ def dump_yaml(plan: Plan) -> str:
         "solver:",
         f"  status: {plan.status}",
         f"  gap: {round(plan.gap, 6)}",
-        f"  time_s: {round(plan.solve_time_s, 2)}",
     ]
     for k in sorted(plan.solver_stats):
         lines.append(f"  {k}: {plan.solver_stats[k]}")
@@ -251,7 +250,7 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
                 regions.append(RegionPlan(path=p, type_name=block["type"], ops=ops,
                                           mutated_buffers=tuple(block.get("restores_buffers") or ())))
         solver = data["solver"]
-        stats = {k: int(v) for k, v in solver.items() if k not in ("status", "gap", "time_s")}
+        stats = {k: int(v) for k, v in solver.items() if k not in ("status", "gap")}
         return Plan(
             model=str(data["model"]), fingerprint=str(data["fingerprint"]), signature=str(data["signature"]),
             num_parameters=int(data["parameters"]),
@@ -262,7 +261,7 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             predicted_peak_bytes=data["peak"]["plan"], forward_flops=int(data["flops"]["forward"]),
             extra_forward_flops=int(data["flops"]["extra_forward"]),
             extra_cost_ns=int(round(float(data["flops"]["estimated_recompute_ms"]) * 1e6)),
-            status=str(solver["status"]), gap=float(solver["gap"]), solve_time_s=float(solver["time_s"]),
+            status=str(solver["status"]), gap=float(solver["gap"]), solve_time_s=0.0,
             regions=tuple(sorted(regions, key=lambda r: _natural(r.path))),
             ckptplan_version=str(data.get("ckptplan", "")), torch_version=str(data.get("torch", "")),
             solver_stats=stats,

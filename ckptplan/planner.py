@@ -73,23 +73,20 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
         candidates.append((simulate(graph, regions, low.saved).peak_bytes, low.saved))
     min_peak, min_saved = min(candidates, key=lambda c: c[0])
     minimum = -(-min_peak * 10**6 // int(round((1 - reserve) * 10**6)))  # smallest budget that works
-    if usable < min_peak:
-        if low.status is not cpsat.Status.OPTIMAL and time.monotonic() >= deadline:
-            raise SolverTimeout(
-                f"time limit {time_limit_s:g}s reached before any plan fit {format_bytes(budget_bytes)}; "
-                f"the best plan found peaks at {format_bytes(minimum)}. Try --time-limit "
-                f"{int(2 * time_limit_s)} or a budget of at least {format_bytes(minimum)}")
-        raise InfeasibleBudget(
-            f"budget {format_bytes(budget_bytes)} is below the minimum {format_bytes(minimum)} any plan "
-            f"reaches for this model and input (parameters, gradients and the largest working set stay"
-            f"{f', plus the {reserve:.0%} reserve' if reserve else ''}); "
-            f"try --budget {_suggest(minimum)} or a smaller batch",
-            budget_bytes=budget_bytes, minimum_bytes=minimum)
+    infeasible = InfeasibleBudget(
+        f"budget {format_bytes(budget_bytes)} is below the minimum {format_bytes(minimum)} any plan "
+        f"reaches for this model and input (parameters, gradients and the largest working set stay"
+        f"{f', plus the {reserve:.0%} reserve' if reserve else ''}); "
+        f"try --budget {_suggest(minimum)} or a smaller batch",
+        budget_bytes=budget_bytes, minimum_bytes=minimum)
+    if usable < min_peak and low.status is cpsat.Status.OPTIMAL:
+        raise infeasible
 
     # ---- phase 2: cheapest plan under the budget, checked by the simulator ------------------------
     best: tuple[dict[str, frozenset[int]], SimResult, cpsat.Solution | None] | None = None
     target, hint = usable, min_saved
     stats: dict[str, int] = {}
+    last = cpsat.Status.UNKNOWN
     for attempt in range(MAX_REPAIRS):
         left = deadline - time.monotonic()
         if left <= 0.2:
@@ -97,7 +94,8 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
         note("solve", {"attempt": attempt, "budget": target})
         sol = model.solve(budget_bytes=target, time_limit_s=left, hint=hint, workers=workers)
         stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt}
-        if sol.saved is None or sol.status not in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
+        last = sol.status
+        if sol.status not in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
             break
         sim = simulate(graph, regions, sol.saved)
         note("checked", {"objective_ns": sol.objective_ns, "gap": sol.gap, "peak": sim.peak_bytes})
@@ -107,9 +105,14 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
         target -= sim.peak_bytes - usable + model.unit
         hint = min_saved
     if best is None:
-        # The minimum-peak plan fits (checked above); it is a valid if costlier answer.
-        sim = simulate(graph, regions, min_saved)
-        return make(min_saved, sim, "feasible", 1.0, stats)
+        if usable >= min_peak:  # the minimum-peak plan fits; with no proven bound the gap is 100%
+            return make(min_saved, simulate(graph, regions, min_saved), "feasible", 1.0, stats)
+        if last is cpsat.Status.INFEASIBLE:
+            raise infeasible
+        raise SolverTimeout(
+            f"time limit {time_limit_s:g}s reached before any plan fit {format_bytes(budget_bytes)}; "
+            f"the best plan found peaks at {format_bytes(min_peak)}. Try --time-limit "
+            f"{int(2 * time_limit_s)} or a budget of at least {format_bytes(minimum)}")
     saved, sim, sol = best
     status = "optimal" if sol.status is cpsat.Status.OPTIMAL else "feasible"
     return make(saved, sim, status, sol.gap, stats)

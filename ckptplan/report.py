@@ -103,7 +103,7 @@ def diff_table(d: dict[str, Any]) -> Table:
     if not d["same_model"]:
         t.add_row("[red]fingerprint[/red]", "differs", "plans are for different models or inputs")
     for k, (x, y) in d["header"].items():
-        fmt = format_bytes if k.endswith("bytes") else str
+        fmt = format_bytes if k.endswith("bytes") else format_flops if k.endswith("flops") else str
         t.add_row(k, fmt(x) if isinstance(x, int) else str(x), fmt(y) if isinstance(y, int) else str(y))
     if d["regions_added"]:
         t.add_row("checkpointed only in B", "", fold_paths(d["regions_added"]))

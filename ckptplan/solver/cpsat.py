@@ -301,6 +301,7 @@ class _Model:
         solver.parameters.max_time_in_seconds = time_limit_s
         solver.parameters.num_workers = workers
         solver.parameters.random_seed = 0
+        solver.parameters.interleave_search = True  # deterministic for any number of workers
         code = solver.solve(m)
         status = {cp_model.OPTIMAL: Status.OPTIMAL, cp_model.FEASIBLE: Status.FEASIBLE,
                   cp_model.INFEASIBLE: Status.INFEASIBLE}.get(code, Status.UNKNOWN)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny models whose step is dominated by activations, traced once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+import gpt2  # noqa: E402
+import llama  # noqa: E402
+import resnet  # noqa: E402
+import unet  # noqa: E402
+
+torch.set_num_threads(1)  # stable timings and no oversubscription on 2-core CI machines
+
+# name -> factory of (model, args); each a different shape of model
+MODELS = {
+    "gpt2": lambda: gpt2.gpt2_tiny(batch_size=8, seq_len=128),  # dropout, SDPA, tied weights
+    "resnet": lambda: resnet.resnet_tiny(batch_size=32),  # BatchNorm, skips, in-place ReLU
+    "llama": lambda: llama.llama_tiny(batch_size=8, seq_len=128),  # RMSNorm, rotary, SwiGLU, GQA
+    "unet": lambda: unet.unet_tiny(batch_size=8, image_size=64),  # not a chain: skip concatenations
+}
+
+
+@pytest.fixture(scope="session")
+def traced():
+    """name -> (model, args, graph), built and traced once."""
+    import ckptplan
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model, args = MODELS[name]()
+            cache[name] = (model, args, ckptplan.trace(model, *args))
+        return cache[name]
+
+    return get

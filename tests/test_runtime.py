@@ -1,0 +1,189 @@
+"""A plan applied to a live model: memory, FLOPs and gradients measured against the plan's claims."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import ckptplan
+from ckptplan.measure import measure_flops, measure_peak
+
+BUDGETS = [0.8, 0.6, 0.45]
+
+
+def solve_at(graph, fraction: float):
+    """The plan at ``fraction`` of the no-checkpointing peak, or at the minimum when that is higher."""
+    try:
+        return ckptplan.solve(graph, int(fraction * graph.baseline_peak_bytes), time_limit_s=20)
+    except ckptplan.InfeasibleBudget as e:
+        return ckptplan.solve(graph, e.minimum_bytes, time_limit_s=20)
+
+
+class Runner:
+    """Runs steps from the same parameters, buffers and RNG seed, so runs can be compared bitwise."""
+
+    def __init__(self, model, args) -> None:
+        self.model, self.args = model, args
+        self.state = copy.deepcopy(model.state_dict())
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.state)
+        self.model.zero_grad(set_to_none=True)
+        torch.manual_seed(1234)
+
+    def grads_and_buffers(self):
+        self.reset()
+        self.model(*self.args).backward()
+        grads = {n: p.grad.clone() for n, p in self.model.named_parameters()}
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        self.reset()
+        return grads, buffers
+
+    def peak(self) -> int:
+        self.reset()
+        try:
+            return measure_peak(self.model, *self.args)
+        finally:
+            self.reset()
+
+    def flops(self) -> int:
+        self.reset()
+        try:
+            return measure_flops(self.model, *self.args)
+        finally:
+            self.reset()
+
+
+@pytest.fixture(scope="module")
+def reference(traced):
+    """Per model: the no-plan gradients, buffers and step FLOPs."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, args, graph = traced(name)
+            run = Runner(model, args)
+            cache[name] = (run, *run.grads_and_buffers(), run.flops())
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("fraction", BUDGETS)
+@pytest.mark.parametrize("name", ["gpt2", "resnet", "llama", "unet"])
+def test_plan_fits_measured_and_keeps_gradients(traced, reference, name, fraction):
+    model, args, graph = traced(name)
+    run, grads0, buffers0, flops0 = reference(name)
+    plan = solve_at(graph, fraction)
+    assert plan.predicted_peak_bytes <= plan.budget_bytes
+    assert plan.regions, "a budget below the no-checkpointing peak must checkpoint something"
+
+    handle = ckptplan.apply(model, plan)
+    try:
+        measured = run.peak()
+        grads, buffers = run.grads_and_buffers()
+        stats_extra = handle.stats.extra_forward_flops
+        flops = run.flops()
+    finally:
+        handle.remove()
+
+    # memory: under the budget, and the prediction within 10%
+    assert measured <= plan.budget_bytes, f"measured {measured} > budget {plan.budget_bytes}"
+    assert abs(measured - plan.predicted_peak_bytes) <= 0.10 * plan.predicted_peak_bytes
+    # gradients and BatchNorm statistics: bitwise equal (dropout masks replayed from the same RNG)
+    for k in grads0:
+        assert torch.equal(grads[k], grads0[k]), f"gradient of {k} differs"
+    for k in buffers0:
+        assert torch.equal(buffers[k], buffers0[k]), f"buffer {k} differs"
+    # FLOPs: what the runtime counted equals FlopCounterMode's difference, and the plan's prediction
+    # (zero is possible: a plan may recompute only memory-bound ops, which the cost model charges)
+    measured_extra = flops - flops0
+    assert plan.extra_cost_ns > 0
+    assert abs(stats_extra - measured_extra) <= 0.01 * measured_extra
+    assert abs(plan.extra_forward_flops - measured_extra) <= 0.01 * measured_extra
+
+
+def test_stats_log_one_line_per_step(traced, caplog):
+    model, args, graph = traced("llama")
+    plan = solve_at(graph, 0.6)
+    with ckptplan.apply(model, plan) as handle, caplog.at_level(logging.INFO, logger="ckptplan"):
+        for step in (1, 2):
+            model.zero_grad(set_to_none=True)
+            model(*args).backward()
+            assert handle.stats.steps == step
+            assert handle.stats.extra_forward_flops == plan.extra_forward_flops
+        assert handle.stats.total_extra_forward_flops == 2 * plan.extra_forward_flops
+        assert handle.stats.forward_flops == graph.forward_flops
+    lines = [r for r in caplog.records if r.name == "ckptplan" and "step" in r.getMessage()]
+    assert len(lines) == 2
+
+
+def test_remove_restores_plain_behaviour(traced):
+    model, args, graph = traced("gpt2")
+    plan = solve_at(graph, 0.6)
+    handle = ckptplan.apply(model, plan)
+    wrapped = model.get_submodule(plan.regions[0].path)
+    assert "forward" in wrapped.__dict__
+    handle.remove()
+    assert "forward" not in wrapped.__dict__
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    # a shape the plan was not made for runs again once the plan is removed
+    small = tuple(a[:2] for a in args)
+    model(*small).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def test_apply_refuses_another_model(traced):
+    _, _, graph = traced("gpt2")
+    other, _, _ = traced("llama")
+    plan = solve_at(graph, 0.6)
+    with pytest.raises(ckptplan.PlanMismatch, match="transformer"):
+        ckptplan.apply(other, plan)
+
+
+def test_apply_refuses_same_structure_other_width(traced):
+    import gpt2
+
+    _, _, graph = traced("gpt2")
+    plan = solve_at(graph, 0.6)
+    wider, _ = gpt2.build(gpt2.GPTConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=512, block_size=128))
+    with pytest.raises(ckptplan.PlanMismatch, match="parameters"):
+        ckptplan.apply(wider, plan)
+
+
+def test_runtime_refuses_another_shape(traced):
+    model, args, graph = traced("gpt2")
+    plan = solve_at(graph, 0.6)
+    with ckptplan.apply(model, plan):
+        with pytest.raises(ckptplan.PlanMismatch, match=r"int64\[2, 128\]"):
+            model(*(a[:2] for a in args))
+    model.zero_grad(set_to_none=True)
+
+
+def test_runtime_detects_another_path_before_backward(traced):
+    """Eval mode drops dropout: the op sequence changes inside a region and the plan says where."""
+    model, args, graph = traced("gpt2")
+    plan = solve_at(graph, 0.6)
+    with ckptplan.apply(model, plan):
+        model.eval()
+        try:
+            with pytest.raises(ckptplan.PlanMismatch, match=r"op #\d+"):
+                model(*args)
+        finally:
+            model.train()
+    model.zero_grad(set_to_none=True)
+
+
+def test_no_grad_forward_ignores_the_plan(traced):
+    model, args, graph = traced("resnet")
+    plan = solve_at(graph, 0.6)
+    with ckptplan.apply(model, plan), torch.no_grad():
+        model.eval()
+        try:
+            out = model(*args)
+        finally:
+            model.train()
+    assert out.dim() == 0

@@ -1,0 +1,140 @@
+"""The planner: CP-SAT decisions checked by the independent simulator, over budgets and models."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ckptplan
+from ckptplan.plan import Decision
+from ckptplan.solver import cpsat
+from ckptplan.solver.regions import candidate_regions, nested_pairs, outermost
+from ckptplan.solver.simulate import simulate
+
+
+def minimum_of(graph) -> int:
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(graph, 1)
+    return info.value.minimum_bytes
+
+
+def saved_sets(plan) -> dict[str, frozenset[int]]:
+    """A plan's decisions as the simulator takes them (op indices of the graph)."""
+    out = {}
+    for r in plan.regions:
+        first = next(m.first_op for m in GRAPH.modules if m.path == r.path)
+        out[r.path] = frozenset(first + i for i, o in enumerate(r.ops) if o.decision is Decision.SAVE)
+    return out
+
+
+GRAPH = None
+
+
+@pytest.mark.parametrize("name", ["gpt2", "resnet", "llama", "unet"])
+def test_budget_above_baseline_recomputes_nothing(traced, name):
+    _, _, g = traced(name)
+    plan = ckptplan.solve(g, 2 * g.baseline_peak_bytes)
+    assert plan.regions == () and plan.extra_forward_flops == 0 and plan.extra_cost_ns == 0
+    assert plan.predicted_peak_bytes == plan.baseline_peak_bytes == g.baseline_peak_bytes
+    assert plan.status == "optimal"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "resnet", "llama", "unet"])
+def test_cost_never_rises_with_budget_and_plans_fit(traced, name):
+    global GRAPH
+    _, _, g = traced(name)
+    GRAPH = g
+    regions = candidate_regions(g)
+    low = minimum_of(g)
+    previous = None
+    for budget in sorted({low, (low + g.baseline_peak_bytes) // 2, int(0.9 * g.baseline_peak_bytes)}):
+        plan = ckptplan.solve(g, budget, reserve=0.0)
+        sim = simulate(g, regions, saved_sets(plan))
+        # the plan's numbers are the simulator's, and they fit
+        assert sim.peak_bytes == plan.predicted_peak_bytes <= budget
+        assert sim.extra_forward_flops == plan.extra_forward_flops
+        assert plan.status == "optimal" and plan.gap <= 0.01
+        if previous is not None:
+            assert plan.extra_cost_ns <= previous
+        previous = plan.extra_cost_ns
+
+
+@pytest.mark.parametrize("name", ["gpt2", "unet"])
+def test_minimum_budget_is_solvable_and_anything_below_is_not(traced, name):
+    _, _, g = traced(name)
+    low = minimum_of(g)
+    plan = ckptplan.solve(g, low)
+    assert plan.predicted_peak_bytes <= low * (1 - plan.reserve)
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(g, low - 1024)
+    assert info.value.minimum_bytes == low
+    assert "try --budget" in str(info.value)
+
+
+def test_full_checkpointing_bounds(traced):
+    _, _, g = traced("gpt2")
+    regions = candidate_regions(g)
+    full = simulate(g, regions, {r.path: frozenset() for r in outermost(regions)})
+    none = simulate(g, regions, {})
+    assert none.peak_bytes == g.baseline_peak_bytes and none.extra_forward_flops == 0
+    assert full.peak_bytes < none.peak_bytes
+    # early stop: full per-block checkpointing reruns less than a whole forward
+    assert 0 < full.extra_forward_flops < g.forward_flops
+
+
+def test_simulator_rejects_nested_regions(traced):
+    _, _, g = traced("gpt2")
+    regions = candidate_regions(g)
+    outer, inner = nested_pairs(regions)[0]
+    with pytest.raises(ValueError, match="nest"):
+        simulate(g, regions, {regions[outer].path: frozenset(), regions[inner].path: frozenset()})
+
+
+def test_forced_reasons_in_plans(traced):
+    _, _, g = traced("gpt2")
+    plan = ckptplan.solve(g, "45%")
+    rows = [o for r in plan.regions for o in r.ops]
+    assert all(o.decision is Decision.RECOMPUTE for o in rows if o.forced)
+    dropout = [o for o in rows if "bernoulli" in o.op]  # dropout on CPU: empty_like, bernoulli_, div_
+    assert dropout and all(o.forced == "random" for o in dropout)
+    assert all(o.forced == "view" for o in rows if o.op in ("aten.view.default", "aten.t.default"))
+    _, _, r = traced("resnet")
+    rplan = ckptplan.solve(r, minimum_of(r))
+    relus = [o for reg in rplan.regions for o in reg.ops if o.op == "aten.relu_.default"]
+    assert relus and all(o.forced in ("inplace", "not-recomputed") for o in relus)
+
+
+def test_time_limit_without_any_plan_raises_solver_timeout(traced, monkeypatch):
+    _, _, g = traced("llama")
+    real_solve = cpsat._Model.solve
+
+    def no_answer(self, **kwargs):
+        sol = real_solve(self, **kwargs)
+        return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0,
+                              wall_s=sol.wall_s, num_variables=0, num_constraints=0)
+
+    monkeypatch.setattr(cpsat._Model, "solve", no_answer)
+    full = simulate(g, candidate_regions(g), {r.path: frozenset() for r in outermost(candidate_regions(g))})
+    with pytest.raises(ckptplan.SolverTimeout, match="time limit"):
+        ckptplan.solve(g, full.peak_bytes - 1, time_limit_s=0.5, reserve=0.0)
+
+
+def test_reserve_is_validated(traced):
+    _, _, g = traced("llama")
+    with pytest.raises(ckptplan.InputError, match="reserve"):
+        ckptplan.solve(g, "60%", reserve=0.7)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fraction=st.floats(min_value=0.3, max_value=1.0))
+def test_any_budget_gives_a_fitting_plan_or_the_minimum(traced, fraction):
+    _, _, g = traced("llama")
+    budget = int(fraction * g.baseline_peak_bytes)
+    try:
+        plan = ckptplan.solve(g, budget)
+    except ckptplan.InfeasibleBudget as e:
+        assert e.minimum_bytes > budget
+        assert ckptplan.solve(g, e.minimum_bytes).predicted_peak_bytes <= e.minimum_bytes
+        return
+    assert plan.predicted_peak_bytes <= budget * (1 - plan.reserve)
