@@ -20,7 +20,7 @@ from .errors import CkptplanError, InfeasibleBudget
 from .modelspec import BUNDLED_EXAMPLE, bundled_example, load_model, parse_factory_args
 from .plan import load_plan
 from .planner import DEFAULT_RESERVE
-from .units import format_bytes
+from .units import format_bytes, suggest_budget
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Plan activation checkpointing for PyTorch training under a memory budget.")
@@ -93,10 +93,11 @@ def solve(
     except InfeasibleBudget as e:
         if not as_json:
             err.print(f"[red]error:[/red] {e}", highlight=False)
-            spec = f" --model {model}" if model else ""
-            gib = -(-e.minimum_bytes * 100 // 2**30) / 100
+            again = [f"--budget {suggest_budget(e.minimum_bytes)}"] + ([f"--model {model}"] if model else [])
+            again += [f"-a {a}" for a in arg or []] + ([f"--optimizer {optimizer}"] if optimizer else [])
+            again += [f"--reserve {reserve}"] if reserve != DEFAULT_RESERVE else []
             err.print(f"minimum feasible budget: {format_bytes(e.minimum_bytes)}; try: "
-                      f"ckptplan solve --budget {gib:.2f}GiB{spec}", highlight=False)
+                      f"ckptplan solve {' '.join(again)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
         _fail(e, as_json)
         return
@@ -169,8 +170,8 @@ def diff(a: Annotated[Path, typer.Argument(help="First plan.")],
 
 
 def _wide() -> Console:
-    """Tables of op rows need room: at least 160 columns, even when piped."""
-    return Console(width=max(Console().width, 160))
+    """Tables of op rows need room: at least 160 columns, even when piped. Like all rich output, stderr."""
+    return Console(stderr=True, width=max(err.width, 160))
 
 
 @app.command()

@@ -79,7 +79,7 @@ class Plan:
     extra_cost_ns: int  # estimated recompute time
     status: str  # "optimal" | "feasible"
     gap: float
-    solve_time_s: float  # not written to the file, which must not change between identical solves
+    solve_time_s: float = field(default=0.0, compare=False)  # not in the file: identical solves, identical files
     regions: tuple[RegionPlan, ...]
     ckptplan_version: str = ""
     torch_version: str = ""
@@ -138,27 +138,34 @@ def fold_regions(regions: tuple[RegionPlan, ...]) -> list[tuple[list[str], Regio
 
 
 def fold_paths(paths: list[str]) -> str:
-    """``['h.0', 'h.1', 'h.2', 'h.5']`` -> ``'h.{0-2,5}'``; other lists are joined with commas."""
-    m = [re.fullmatch(r"(.*\.)(\d+)", p) for p in paths]
-    if len(paths) > 1 and all(m) and len({x.group(1) for x in m}) == 1:
-        nums = sorted(int(x.group(2)) for x in m)
-        runs, start = [], nums[0]
-        for a, b in zip(nums, nums[1:] + [None]):
-            if b != a + 1:
-                runs.append(str(start) if start == a else f"{start}-{a}")
-                start = b
-        return f"{m[0].group(1)}{{{','.join(runs)}}}"
+    """Fold paths that differ in one numeric component: ``h.0.attn, h.1.attn, h.3.attn`` -> ``h.{0-1,3}.attn``.
+
+    Anything else is joined with commas. ``expand_paths`` inverts it.
+    """
+    parts = [p.split(".") for p in paths]
+    if len(paths) > 1 and len({len(x) for x in parts}) == 1:
+        varying = [i for i in range(len(parts[0])) if len({x[i] for x in parts}) > 1]
+        if len(varying) == 1 and all(x[varying[0]].isdigit() for x in parts):
+            i = varying[0]
+            nums = [int(x[i]) for x in parts]
+            if nums == sorted(set(nums)) and all(str(n) == x[i] for n, x in zip(nums, parts)):
+                runs, start = [], nums[0]
+                for a, b in zip(nums, nums[1:] + [None]):
+                    if b != a + 1:
+                        runs.append(str(start) if start == a else f"{start}-{a}")
+                        start = b
+                return ".".join(parts[0][:i] + [f"{{{','.join(runs)}}}"] + parts[0][i + 1:])
     return ",".join(paths)
 
 
 def expand_paths(text: str) -> list[str]:
-    m = re.fullmatch(r"(.*\.)\{([\d,\-]+)\}", text)
+    m = re.fullmatch(r"(.*)\{([\d,\-]+)\}(.*)", text)
     if not m:
         return [p for p in text.split(",") if p]
     out = []
     for part in m.group(2).split(","):
         lo, _, hi = part.partition("-")
-        out += [f"{m.group(1)}{i}" for i in range(int(lo), int(hi or lo) + 1)]
+        out += [f"{m.group(1)}{i}{m.group(3)}" for i in range(int(lo), int(hi or lo) + 1)]
     return out
 
 
@@ -194,7 +201,7 @@ def dump_yaml(plan: Plan) -> str:
         f"  forward: {plan.forward_flops}  # {format_flops(plan.forward_flops)}",
         f"  extra_forward: {plan.extra_forward_flops}  # {format_flops(plan.extra_forward_flops)}",
         f"  extra_forward_percent: {round(pct, 3)}",
-        f"  estimated_recompute_ms: {round(plan.extra_cost_ns / 1e6, 3)}",
+        f"  estimated_recompute_ns: {plan.extra_cost_ns}  # {plan.extra_cost_ns / 1e6:.3f} ms",
         "solver:",
         f"  status: {plan.status}",
         f"  gap: {round(plan.gap, 6)}",
@@ -203,12 +210,16 @@ def dump_yaml(plan: Plan) -> str:
         lines.append(f"  {k}: {plan.solver_stats[k]}")
     lines.append("# one block per group of identical checkpointed regions; op rows are")
     lines.append("# [op, module, shape, dtype, bytes, decision, recompute_flops, forced_by]")
+    lines.append(f"checkpointed_regions: {len(plan.regions)}")
     lines.append("regions:" if plan.regions else "regions: []")
+    order = {r.path: i for i, r in enumerate(plan.regions)}
     for paths, r in fold_regions(plan.regions):
         saved = sum(1 for o in r.ops if o.decision is Decision.SAVE)
         lines.append(f"  - modules: {_q(fold_paths(paths))}")
         lines.append(f"    type: {_q(r.type_name)}")
         lines.append(f"    count: {len(paths)}")
+        lines.append(f"    at: {_q([order[p] for p in paths])}  # positions in forward order")
+        lines.append(f"    num_ops: {len(r.ops)}")
         lines.append(f"    extra_forward_flops_each: {r.extra_forward_flops}"
                      f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved")
         lines.append(f"    restores_buffers: {_q(list(r.mutated_buffers))}")
@@ -243,12 +254,25 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
         raise InputError(f"{source} has schema {data.get('schema')!r}; this ckptplan reads schema "
                          f"{SCHEMA_VERSION}: regenerate the plan with `ckptplan solve`")
     try:
-        regions = []
+        placed: list[tuple[int, RegionPlan]] = []
         for block in data["regions"] or []:
             ops = tuple(_op_from_row(row) for row in block["ops"])
-            for p in expand_paths(block["modules"]):
-                regions.append(RegionPlan(path=p, type_name=block["type"], ops=ops,
-                                          mutated_buffers=tuple(block.get("restores_buffers") or ())))
+            paths = expand_paths(block["modules"])
+            if len(paths) != block["count"] or len(block["at"]) != len(paths) or len(ops) != block["num_ops"]:
+                raise InputError(f"{source}: region block {block['modules']!r} has {len(paths)} modules and "
+                                 f"{len(ops)} op rows but says count {block['count']} and num_ops "
+                                 f"{block['num_ops']}: the file is truncated or was edited inconsistently")
+            for at, p in zip(block["at"], paths):
+                placed.append((int(at), RegionPlan(path=p, type_name=block["type"], ops=ops,
+                                                   mutated_buffers=tuple(block.get("restores_buffers") or ()))))
+        regions = tuple(r for _, r in sorted(placed, key=lambda x: x[0]))
+        if len(regions) != data["checkpointed_regions"] or sorted(a for a, _ in placed) != list(range(len(placed))):
+            raise InputError(f"{source}: it lists {len(regions)} checkpointed regions but says "
+                             f"{data['checkpointed_regions']}: the file is truncated or was edited inconsistently")
+        flops = data["flops"]
+        if sum(r.extra_forward_flops for r in regions) != int(flops["extra_forward"]):
+            raise InputError(f"{source}: its op rows add up to {sum(r.extra_forward_flops for r in regions)} extra "
+                             f"FLOPs but the header says {flops['extra_forward']}: the file was edited inconsistently")
         solver = data["solver"]
         stats = {k: int(v) for k, v in solver.items() if k not in ("status", "gap")}
         return Plan(
@@ -258,16 +282,15 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             budget_bytes=data["budget"]["bytes"], budget_text=str(data["budget"]["given"]),
             reserve=float(data["budget"]["reserve"]),
             baseline_peak_bytes=data["peak"]["no_checkpointing"], full_peak_bytes=data["peak"]["full_checkpointing"],
-            predicted_peak_bytes=data["peak"]["plan"], forward_flops=int(data["flops"]["forward"]),
-            extra_forward_flops=int(data["flops"]["extra_forward"]),
-            extra_cost_ns=int(round(float(data["flops"]["estimated_recompute_ms"]) * 1e6)),
-            status=str(solver["status"]), gap=float(solver["gap"]), solve_time_s=0.0,
-            regions=tuple(sorted(regions, key=lambda r: _natural(r.path))),
+            predicted_peak_bytes=data["peak"]["plan"], forward_flops=int(flops["forward"]),
+            extra_forward_flops=int(flops["extra_forward"]), extra_cost_ns=int(flops["estimated_recompute_ns"]),
+            status=str(solver["status"]), gap=float(solver["gap"]), regions=regions,
             ckptplan_version=str(data.get("ckptplan", "")), torch_version=str(data.get("torch", "")),
             solver_stats=stats,
         )
-    except InputError:
-        raise
+    except InputError as e:
+        msg = str(e)
+        raise InputError(msg if msg.startswith(source) else f"{source}: {msg}") from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise InputError(f"{source} is malformed ({type(e).__name__}: {e}); "
                          "regenerate it with `ckptplan solve`") from None
@@ -279,7 +302,3 @@ def _op_from_row(row: Any) -> OpDecision:
     return OpDecision(op=str(op), module=str(module), shape=tuple(tuple(int(d) for d in s) for s in shapes),
                       dtype=str(dtype), nbytes=int(nbytes), decision=Decision(decision),
                       recompute_flops=int(flops), forced=forced)
-
-
-def _natural(path: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]

@@ -21,7 +21,7 @@ from .plan import Decision, OpDecision, Plan, RegionPlan
 from .solver import cpsat
 from .solver.regions import Forced, Region, candidate_regions, outermost
 from .solver.simulate import SimResult, simulate
-from .units import format_bytes, parse_budget
+from .units import format_bytes, parse_budget, suggest_budget
 
 Progress = Callable[[str, dict], None]
 
@@ -29,6 +29,7 @@ MAX_REPAIRS = 6
 
 
 DEFAULT_RESERVE = 0.02
+RESERVE_SCALE = 10**6  # the reserve is applied in millionths
 
 
 def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserve: float = DEFAULT_RESERVE,
@@ -47,7 +48,8 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
     note("simulate", {"regions": len(regions)})
     baseline = simulate(graph, regions, {})
     budget_bytes = parse_budget(budget, reference_bytes=baseline.peak_bytes)
-    usable = int(budget_bytes * (1 - reserve))  # what the simulated peak must fit in
+    keep = round((1 - reserve) * RESERVE_SCALE)  # integer arithmetic: usable(minimum) >= peak, always
+    usable = budget_bytes * keep // RESERVE_SCALE  # what the simulated peak must fit in
     budget_text = budget if isinstance(budget, str) else str(budget)
     everything = {r.path: frozenset() for r in outermost(regions)}
     full = simulate(graph, regions, everything)
@@ -72,12 +74,12 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
     if low.saved is not None and low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
         candidates.append((simulate(graph, regions, low.saved).peak_bytes, low.saved))
     min_peak, min_saved = min(candidates, key=lambda c: c[0])
-    minimum = -(-min_peak * 10**6 // int(round((1 - reserve) * 10**6)))  # smallest budget that works
+    minimum = -(-min_peak * RESERVE_SCALE // keep)  # the smallest budget whose usable part fits min_peak
     infeasible = InfeasibleBudget(
         f"budget {format_bytes(budget_bytes)} is below the minimum {format_bytes(minimum)} any plan "
         f"reaches for this model and input (parameters, gradients and the largest working set stay"
         f"{f', plus the {reserve:.0%} reserve' if reserve else ''}); "
-        f"try --budget {_suggest(minimum)} or a smaller batch",
+        f"try --budget {suggest_budget(minimum)} or a smaller batch",
         budget_bytes=budget_bytes, minimum_bytes=minimum)
     if usable < min_peak and low.status is cpsat.Status.OPTIMAL:
         raise infeasible
@@ -116,12 +118,6 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
     saved, sim, sol = best
     status = "optimal" if sol.status is cpsat.Status.OPTIMAL else "feasible"
     return make(saved, sim, status, sol.gap, stats)
-
-
-def _suggest(minimum: int) -> str:
-    gib = minimum / 2**30
-    step = 0.01 if gib < 10 else 0.1
-    return f"{(int(gib / step) + 1) * step:.2f}GiB"
 
 
 def _plan(graph: Graph, regions: tuple[Region, ...], saved: dict[str, frozenset[int]], sim: SimResult, *,

@@ -24,7 +24,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "forward_flops": plan.forward_flops,
         "extra_forward_flops": plan.extra_forward_flops,
         "extra_forward_percent": round(100 * plan.extra_forward_fraction, 3),
-        "estimated_recompute_ms": round(plan.extra_cost_ns / 1e6, 3),
+        "estimated_recompute_ns": plan.extra_cost_ns,
         "status": plan.status,
         "gap": plan.gap,
         "solve_time_s": round(plan.solve_time_s, 3),

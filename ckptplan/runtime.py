@@ -200,7 +200,7 @@ class Handle:
                for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if tuple(got) != tuple(self.plan.inputs):
             raise PlanMismatch(f"input {got} is not the shape the plan was made for ({list(self.plan.inputs)}); "
-                               "solve a plan for this shape (or list every shape with --seq-len)")
+                               "trace and solve a plan for this input shape")
         self._counter.flops = self._counter.regions = 0
 
     def _after_forward(self, _m: nn.Module, _a: Any, output: Any) -> None:

@@ -174,3 +174,12 @@ def format_flops(n: int | float, *, precision: int = 2) -> str:
         return f"{n} FLOP"
     # Fraction(repr(x)) is the decimal the user sees, so 1e30 is not shown as 1000000000000000.02 PFLOP
     return _human(Fraction(repr(n)) if isinstance(n, float) else Fraction(n), _FLOP_UNITS, precision)
+
+
+def suggest_budget(minimum: int) -> str:
+    """A budget string at or just above ``minimum`` bytes, in GiB or MiB: "5.53GiB", "1.35MiB"."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if minimum >= size:
+            hundredths = -(-minimum * 100 // size)  # round up, so the suggestion always fits
+            return f"{hundredths // 100}.{hundredths % 100:02d}{unit}"
+    return str(minimum)

@@ -1,0 +1,320 @@
+"""The CLI through typer's CliRunner: exit codes, messages on stderr, JSON on stdout, files at -o.
+
+One small model (gpt2_tiny, batch 4, sequence 64) is solved a few times per module: plans near its
+minimum budget solve in well under a second, where mid-range budgets take CP-SAT several seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ckptplan.cli import app
+from ckptplan.plan import fold_paths, fold_regions, load_plan
+from ckptplan.units import format_bytes, parse_budget
+
+ROOT = Path(__file__).resolve().parent.parent
+GPT2 = f"{ROOT / 'examples' / 'gpt2.py'}:gpt2_tiny"
+LLAMA = f"{ROOT / 'examples' / 'llama.py'}:llama_tiny"
+ARGS = ["-a", "batch_size=4", "-a", "seq_len=64"]
+
+# Wide enough that rich never wraps a message or truncates a table cell under the runner.
+runner = CliRunner(env={"COLUMNS": "300"})
+
+
+def run(*args: str):
+    """Invoke the CLI; any exception other than a deliberate exit is a bug, and so is a traceback."""
+    result = runner.invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ---- fixtures: a few plans solved once per module -------------------------------------------------
+@pytest.fixture(scope="module")
+def plans_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("plans")
+
+
+@pytest.fixture(scope="module")
+def infeasible_json(plans_dir):
+    out = plans_dir / "never-json.yaml"
+    result = run("solve", "-m", GPT2, *ARGS, "-b", "1MB", "-o", str(out), "--json")
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def minimum_bytes(infeasible_json) -> int:
+    result, _ = infeasible_json
+    assert result.exit_code == 3, result.output
+    return json.loads(result.stdout)["minimum_bytes"]
+
+
+@pytest.fixture(scope="module")
+def infeasible_human(plans_dir):
+    out = plans_dir / "never.yaml"
+    return run("solve", "-m", GPT2, *ARGS, "-b", "1MB", "-o", str(out)), out
+
+
+def _solve(plans_dir: Path, name: str, budget: int):
+    out = plans_dir / f"{name}.yaml"
+    result = run("solve", "-m", GPT2, *ARGS, "-b", str(budget), "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def plan_min(plans_dir, minimum_bytes):
+    """A plan at exactly the minimum that exit 3 reported: it must be feasible."""
+    return _solve(plans_dir, "at-minimum", minimum_bytes)
+
+
+@pytest.fixture(scope="module")
+def plan_roomy(plans_dir, minimum_bytes):
+    return _solve(plans_dir, "roomy", minimum_bytes * 104 // 100)
+
+
+# ---- solve ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["plan_min", "plan_roomy"])
+def test_solve_writes_the_plan_and_prints_json(request, which):
+    path, payload = request.getfixturevalue(which)
+    assert path.is_file()
+    assert payload["plan_file"] == str(path)
+    assert payload["status"] in ("optimal", "feasible")
+    assert 0 < payload["predicted_peak_bytes"] <= payload["budget_bytes"]
+    assert payload["model"] == "gpt2_tiny"
+    plan = load_plan(path)  # the file holds the plan the JSON describes
+    assert plan.predicted_peak_bytes == payload["predicted_peak_bytes"]
+    assert sorted(r.path for r in plan.regions) == sorted(payload["checkpointed_regions"])
+
+
+def test_solve_human_output_goes_to_stderr(plans_dir, minimum_bytes):
+    out = plans_dir / "human.yaml"
+    result = run("solve", "-m", GPT2, *ARGS, "-b", str(minimum_bytes), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "gpt2_tiny" in result.stderr and str(out) in result.stderr
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("budget, hint", [
+    ("8Gb", "gigabits"),  # bits, not bytes
+    ("abc", "accepted forms"),
+    ("0.5", "ambiguous"),  # a bare decimal has no unit
+])
+def test_unparseable_budget_exits_2_with_a_hint(tmp_path, budget, hint):
+    out = tmp_path / "plan.yaml"
+    result = run("solve", "-m", GPT2, *ARGS, "-b", budget, "-o", str(out))
+    assert result.exit_code == 2
+    msg = flat(result.stderr)
+    assert repr(budget) in msg and hint in msg
+    assert not out.exists()
+
+
+def test_infeasible_budget_exits_3_naming_the_minimum_and_a_command(infeasible_human, minimum_bytes):
+    result, out = infeasible_human
+    assert result.exit_code == 3
+    msg = flat(result.stderr)
+    assert f"minimum feasible budget: {format_bytes(minimum_bytes)}" in msg
+    m = re.search(r"ckptplan solve --budget (\S+)", msg)
+    assert m, msg
+    assert parse_budget(m.group(1)) >= minimum_bytes  # the suggested budget is enough
+    assert f"--model {GPT2}" in msg
+    assert not out.exists()
+
+
+
+def test_infeasible_suggestion_keeps_the_factory_arguments(infeasible_human):
+    result, _ = infeasible_human
+    command = re.search(r"ckptplan solve --budget .*", flat(result.stderr)).group(0)
+    assert "batch_size=4" in command and "seq_len=64" in command
+
+
+def test_infeasible_budget_json_payload(infeasible_json, minimum_bytes):
+    result, out = infeasible_json
+    payload = json.loads(result.stdout)  # stdout holds the JSON object and nothing else
+    assert payload["exit_code"] == 3 and payload["error"] == "InfeasibleBudget"
+    assert isinstance(payload["minimum_bytes"], int) and payload["minimum_bytes"] > 10**6
+    assert format_bytes(minimum_bytes) in payload["message"]
+    assert not out.exists()
+
+
+# ---- model specs -----------------------------------------------------------------------------------
+def _solve_spec(tmp_path: Path, spec: str):
+    out = tmp_path / "plan.yaml"
+    result = run("solve", "-m", spec, "-b", "80%", "-o", str(out))
+    assert not out.exists()
+    return result.exit_code, flat(result.stderr)
+
+
+def test_missing_model_file_exits_2(tmp_path):
+    missing = tmp_path / "nope.py"
+    code, msg = _solve_spec(tmp_path, f"{missing}:factory")
+    assert code == 2
+    assert str(missing) in msg and "does not exist" in msg
+
+
+def test_missing_factory_exits_2_listing_callables(tmp_path):
+    code, msg = _solve_spec(tmp_path, f"{ROOT / 'examples' / 'gpt2.py'}:gpt3_tiny")
+    assert code == 2
+    assert "'gpt3_tiny'" in msg
+    assert "gpt2_tiny" in msg and "gpt2_small" in msg  # what the file does offer
+
+
+def test_factory_that_raises_exits_2_with_its_message(tmp_path):
+    (tmp_path / "bad.py").write_text("def boom(**kwargs):\n    raise ValueError('n_head must divide 7')\n")
+    code, msg = _solve_spec(tmp_path, f"{tmp_path / 'bad.py'}:boom")
+    assert code == 2
+    assert "boom" in msg and "ValueError" in msg and "n_head must divide 7" in msg
+
+
+def test_factory_returning_the_wrong_thing_exits_2(tmp_path):
+    (tmp_path / "answer.py").write_text("def answer(**kwargs):\n    return 42\n")
+    code, msg = _solve_spec(tmp_path, f"{tmp_path / 'answer.py'}:answer")
+    assert code == 2
+    assert "(model, args)" in msg and "int" in msg
+
+
+# ---- verify ----------------------------------------------------------------------------------------
+def test_verify_matching_model_fits_and_measures_the_predicted_flops(plan_min):
+    path, payload = plan_min
+    result = run("verify", str(path), "-m", GPT2, *ARGS, "--json")
+    assert result.exit_code == 0, result.output
+    v = json.loads(result.stdout)
+    assert v["fits"] is True
+    assert 0 < v["measured_peak_bytes"] <= v["budget_bytes"] == payload["budget_bytes"]
+    assert v["measured_extra_forward_flops"] == v["predicted_extra_forward_flops"] > 0
+
+
+def test_verify_against_another_model_exits_5(plan_min):
+    path, _ = plan_min
+    result = run("verify", str(path), "-m", LLAMA)
+    assert result.exit_code == 5
+    assert "gpt2_tiny" in flat(result.stderr)  # says which model the plan was made for
+
+
+def test_verify_with_another_batch_size_exits_5_naming_the_shape(plan_min):
+    path, _ = plan_min
+    result = run("verify", str(path), "-m", GPT2, "-a", "batch_size=2", "-a", "seq_len=64", "--json")
+    assert result.exit_code == 5
+    payload = json.loads(result.stdout)
+    assert payload["error"] == "PlanMismatch" and payload["exit_code"] == 5
+    assert "int64[2, 64]" in payload["message"] and "int64[4, 64]" in payload["message"]
+
+
+# ---- show ------------------------------------------------------------------------------------------
+def _first_row_index(output: str, label: str) -> int:
+    """The '#' cell of the row that carries a group's label (its first row)."""
+    line = next(ln for ln in output.splitlines() if label in ln)
+    return int(line.split("│")[2])
+
+
+def test_show_prints_header_and_folded_decisions(plan_min):
+    path, _ = plan_min
+    result = run("show", str(path))
+    assert result.exit_code == 0, result.output
+    out = result.stderr  # rich output goes to stderr; stdout is for --json
+    assert result.stdout == ""
+    assert "gpt2_tiny" in out and "recompute" in out and "save" in out
+    # identical layers share one group, labelled with all their paths and the count
+    groups = fold_regions(load_plan(path).regions)
+    folded = [(paths, r) for paths, r in groups if len(paths) > 1]
+    assert folded, "the plan at the minimum checkpoints identical layers"
+    for paths, r in folded:
+        assert f"{fold_paths(paths)} ({r.type_name} x{len(paths)})" in out
+    assert re.search(r"transformer\.h\.\S* \(\w+ x[2-9]\)", out)
+
+
+@pytest.mark.parametrize("sort, key", [("order", None), ("bytes", "nbytes"), ("flops", "recompute_flops")])
+def test_show_sorts_rows_inside_each_group(plan_min, sort, key):
+    path, _ = plan_min
+    result = run("show", str(path), "--sort", sort)
+    assert result.exit_code == 0, result.output
+    for paths, r in fold_regions(load_plan(path).regions):
+        label = f"{fold_paths(paths)} ({r.type_name} x{len(paths)})"
+        values = [getattr(o, key) for o in r.ops] if key else None
+        # stable sort, largest first: the first row is the first op with the largest value
+        want = values.index(max(values)) if key else 0
+        assert _first_row_index(result.stderr, label) == want
+
+
+def test_show_unknown_sort_exits_2(plan_min):
+    path, _ = plan_min
+    result = run("show", str(path), "--sort", "nonsense")
+    assert result.exit_code == 2
+    assert "order, bytes or flops" in result.output
+
+
+@pytest.mark.parametrize("content", [
+    None,  # missing file
+    "half",  # truncated in the middle of a line
+    "schema99",
+    "::: [",  # not YAML
+    "- just\n- a list\n",  # YAML, but not a mapping
+])
+def test_show_bad_plan_file_exits_2_naming_it(tmp_path, plan_min, content):
+    good, _ = plan_min
+    bad = tmp_path / "bad.yaml"
+    text = good.read_text()
+    if content == "half":
+        bad.write_text(text[: len(text) // 2])
+    elif content == "schema99":
+        bad.write_text(text.replace("\nschema: 1\n", "\nschema: 99\n"))
+    elif content is not None:
+        bad.write_text(content)
+    for extra in ([], ["--json"]):
+        result = run("show", str(bad), *extra)
+        assert result.exit_code == 2
+        assert str(bad) in flat(result.stderr)
+    assert json.loads(result.stdout)["error"] == "InputError"
+
+
+# ---- diff ------------------------------------------------------------------------------------------
+def test_diff_of_two_budgets(plan_min, plan_roomy):
+    (a, pa), (b, pb) = plan_roomy, plan_min
+    result = run("diff", str(a), str(b), "--json")
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["same_model"] is True
+    assert d["header"]["budget_bytes"] == [pa["budget_bytes"], pb["budget_bytes"]]
+    assert d["header"]["predicted_peak_bytes"] == [pa["predicted_peak_bytes"], pb["predicted_peak_bytes"]]
+    assert d["ops_changed"] or d["regions_added"] or d["regions_removed"]
+    assert set(d["regions_added"]) == set(pb["checkpointed_regions"]) - set(pa["checkpointed_regions"])
+    assert set(d["regions_removed"]) == set(pa["checkpointed_regions"]) - set(pb["checkpointed_regions"])
+
+    human = run("diff", str(a), str(b))
+    assert human.exit_code == 0
+    assert "predicted_peak_bytes" in human.stderr
+
+
+def test_diff_of_a_plan_with_itself_is_empty(plan_min):
+    path, _ = plan_min
+    d = json.loads(run("diff", str(path), str(path), "--json").stdout)
+    assert d == {"same_model": True, "header": {}, "regions_added": [], "regions_removed": [],
+                 "ops_changed": []}
+
+
+def test_diff_with_a_missing_plan_exits_2(tmp_path, plan_min):
+    path, _ = plan_min
+    result = run("diff", str(path), str(tmp_path / "gone.yaml"))
+    assert result.exit_code == 2
+    assert str(tmp_path / "gone.yaml") in flat(result.stderr)
+
+
+# ---- trace -----------------------------------------------------------------------------------------
+def test_trace_json():
+    result = run("trace", "-m", GPT2, *ARGS, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["model"] == "gpt2_tiny"
+    assert info["forward_ops"] > 0 and info["candidate_regions"] > 0
+    assert info["no_checkpointing_peak_bytes"] > info["full_checkpointing_peak_bytes"] > info["parameter_bytes"]
+    assert info["inputs"] == ["int64[4, 64]", "int64[4, 64]"]
