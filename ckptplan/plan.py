@@ -2,7 +2,7 @@
 
 The file starts with what a reviewer reads first (fingerprint, budget, peaks, extra FLOPs, solver
 status), then one block per group of identical checkpointed regions ("layers folded"), one line per op:
-``[op, module, shape, dtype, bytes, decision, recompute FLOPs, forced-by]``. Writing is deterministic
+``[op, module, shape, dtype, bytes, decision, recompute FLOPs, recompute ns, forced-by]``. Writing is deterministic
 (same plan, byte-identical file) and atomic (a temporary file renamed into place).
 """
 
@@ -39,6 +39,7 @@ class OpDecision:
     nbytes: int  # bytes the op allocates
     decision: Decision
     recompute_flops: int  # FLOPs paid when it is rerun (0 when saved or past the early stop)
+    recompute_ns: int  # estimated time paid when it is rerun (costmodel.py), 0 likewise
     forced: str | None = None  # why it cannot be saved (random, view, inplace, ...)
 
 
@@ -126,7 +127,7 @@ class Plan:
 def _op_row(o: OpDecision) -> list[Any]:
     shape = [list(s) for s in o.shape]
     return [o.op, o.module, shape[0] if len(shape) == 1 else shape, o.dtype, o.nbytes, o.decision.value,
-            o.recompute_flops, o.forced]
+            o.recompute_flops, o.recompute_ns, o.forced]
 
 
 def fold_regions(regions: tuple[RegionPlan, ...]) -> list[tuple[list[str], RegionPlan]]:
@@ -209,7 +210,7 @@ def dump_yaml(plan: Plan) -> str:
     for k in sorted(plan.solver_stats):
         lines.append(f"  {k}: {plan.solver_stats[k]}")
     lines.append("# one block per group of identical checkpointed regions; op rows are")
-    lines.append("# [op, module, shape, dtype, bytes, decision, recompute_flops, forced_by]")
+    lines.append("# [op, module, shape, dtype, bytes, decision, recompute_flops, recompute_ns, forced_by]")
     lines.append(f"checkpointed_regions: {len(plan.regions)}")
     lines.append("regions:" if plan.regions else "regions: []")
     order = {r.path: i for i, r in enumerate(plan.regions)}
@@ -297,8 +298,8 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
 
 
 def _op_from_row(row: Any) -> OpDecision:
-    op, module, shape, dtype, nbytes, decision, flops, forced = row
+    op, module, shape, dtype, nbytes, decision, flops, ns, forced = row
     shapes = shape if shape and isinstance(shape[0], list) else [shape]
     return OpDecision(op=str(op), module=str(module), shape=tuple(tuple(int(d) for d in s) for s in shapes),
                       dtype=str(dtype), nbytes=int(nbytes), decision=Decision(decision),
-                      recompute_flops=int(flops), forced=forced)
+                      recompute_flops=int(flops), recompute_ns=int(ns), forced=forced)

@@ -30,10 +30,14 @@ MAX_REPAIRS = 6
 
 DEFAULT_RESERVE = 0.02
 RESERVE_SCALE = 10**6  # the reserve is applied in millionths
+# The search is cut on CP-SAT's deterministic clock, this many units per second of the time limit
+# (measured: ~0.3 units per wall second on a 2-core CI machine), so a solve stopped by its limit still
+# gives a byte-identical plan on every run. The wall-clock limit stays as a hard backstop.
+DETERMINISTIC_PER_SECOND = 0.2
 
 
 def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserve: float = DEFAULT_RESERVE,
-          workers: int = 2, progress: Progress | None = None) -> Plan:
+          workers: int = 1, progress: Progress | None = None) -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
 
     ``reserve`` is headroom kept free below the budget (a fraction of it) for what a trace cannot see
@@ -65,11 +69,13 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
 
     model = cpsat.build(graph, regions, scale_to=usable)
     deadline = started + time_limit_s
+    work = DETERMINISTIC_PER_SECOND * time_limit_s  # deterministic seconds for all solves together
 
     # ---- phase 1: the lowest peak any plan reaches --------------------------------------------------
     note("minimum peak", {})
-    low = model.solve(budget_bytes=None, time_limit_s=max(1.0, 0.3 * (deadline - time.monotonic())),
-                      hint=everything, workers=workers)
+    low = model.solve(budget_bytes=None, time_limit_s=max(1.0, deadline - time.monotonic()),
+                      hint=everything, workers=workers, deterministic_limit=0.3 * work)
+    work -= low.deterministic_s
     candidates = [(full.peak_bytes, everything)]
     if low.saved is not None and low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
         candidates.append((simulate(graph, regions, low.saved).peak_bytes, low.saved))
@@ -91,10 +97,12 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
     last = cpsat.Status.UNKNOWN
     for attempt in range(MAX_REPAIRS):
         left = deadline - time.monotonic()
-        if left <= 0.2:
+        if left <= 0.2 or work <= 0:
             break
         note("solve", {"attempt": attempt, "budget": target})
-        sol = model.solve(budget_bytes=target, time_limit_s=left, hint=hint, workers=workers)
+        sol = model.solve(budget_bytes=target, time_limit_s=left, hint=hint, workers=workers,
+                          deterministic_limit=work)
+        work -= sol.deterministic_s
         stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt}
         last = sol.status
         if sol.status not in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
@@ -139,7 +147,7 @@ def _plan(graph: Graph, regions: tuple[Region, ...], saved: dict[str, frozenset[
                 dtype=op.outputs[0].dtype if op.outputs else "none",
                 nbytes=sum(graph.storages[s].nbytes for s in op.allocates),
                 decision=Decision.SAVE if i in keep else Decision.RECOMPUTE,
-                recompute_flops=op.flops if reruns else 0,
+                recompute_flops=op.flops if reruns else 0, recompute_ns=op.cost_ns if reruns else 0,
                 forced=reason.value if isinstance(reason, Forced) else None))
         prefix = r.path + "."
         out.append(RegionPlan(path=r.path, type_name=r.type_name, ops=tuple(ops),

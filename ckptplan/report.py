@@ -55,7 +55,7 @@ def decisions_table(plan: Plan, *, sort: str = "order", fold: bool = True) -> Ta
     t = Table(title="decisions (op rows of each group of identical regions)", title_justify="left")
     for name, justify in [("regions", "left"), ("#", "right"), ("op", "left"), ("module", "left"),
                           ("shape", "left"), ("dtype", "left"), ("bytes", "right"), ("decision", "left"),
-                          ("recompute FLOPs", "right"), ("forced by", "left")]:
+                          ("recompute FLOPs", "right"), ("recompute µs", "right"), ("forced by", "left")]:
         t.add_column(name, justify=justify)  # type: ignore[arg-type]
     groups = fold_regions(plan.regions) if fold else [([r.path], r) for r in plan.regions]
     for paths, r in groups:
@@ -70,7 +70,8 @@ def decisions_table(plan: Plan, *, sort: str = "order", fold: bool = True) -> Ta
             t.add_row(label if n == 0 else "", str(i), o.op.removeprefix("aten."), o.module or ".",
                       ", ".join("x".join(map(str, s)) for s in o.shape),
                       o.dtype, format_bytes(o.nbytes), f"[{color}]{o.decision.value}[/{color}]",
-                      format_flops(o.recompute_flops) if o.recompute_flops else "", o.forced or "")
+                      format_flops(o.recompute_flops) if o.recompute_flops else "",
+                      f"{o.recompute_ns / 1e3:.1f}" if o.recompute_ns else "", o.forced or "")
         t.add_section()
     return t
 

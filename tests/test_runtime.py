@@ -187,3 +187,22 @@ def test_no_grad_forward_ignores_the_plan(traced):
         finally:
             model.train()
     assert out.dim() == 0
+
+
+def test_extra_dispatch_modes_do_not_shift_decisions(traced, reference):
+    """A profiler and FlopCounterMode around the step change nothing: same ops seen, same gradients."""
+    from torch.profiler import profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, args, graph = traced("gpt2")
+    run, grads0, _, _ = reference("gpt2")
+    plan = solve_at(graph, 0.6)
+    with ckptplan.apply(model, plan) as handle:
+        run.reset()
+        with profile(), FlopCounterMode(display=False):
+            model(*args).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert handle.stats.extra_forward_flops == plan.extra_forward_flops
+    run.reset()
+    for k in grads0:
+        assert torch.equal(grads[k], grads0[k]), k

@@ -112,7 +112,8 @@ def test_time_limit_without_any_plan_raises_solver_timeout(traced, monkeypatch):
     def no_answer(self, **kwargs):
         sol = real_solve(self, **kwargs)
         return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0,
-                              wall_s=sol.wall_s, num_variables=0, num_constraints=0)
+                              wall_s=sol.wall_s, deterministic_s=sol.deterministic_s,
+                              num_variables=0, num_constraints=0)
 
     monkeypatch.setattr(cpsat._Model, "solve", no_answer)
     full = simulate(g, candidate_regions(g), {r.path: frozenset() for r in outermost(candidate_regions(g))})

@@ -39,6 +39,7 @@ class Solution:
     objective_ns: int  # estimated recompute time, in the model's own terms
     bound_ns: int  # best proven lower bound on the objective
     wall_s: float
+    deterministic_s: float  # CP-SAT's deterministic clock: the same model and limit stop at the same point
     num_variables: int
     num_constraints: int
 
@@ -280,8 +281,12 @@ class _Model:
 
     # ---- solving -------------------------------------------------------------------------------------
     def solve(self, *, budget_bytes: int | None, time_limit_s: float, hint: dict[str, frozenset[int]] | None,
-              workers: int = 2) -> Solution:
-        """Minimise recompute time under ``budget_bytes``; with ``None``, minimise the peak instead."""
+              workers: int = 1, deterministic_limit: float | None = None) -> Solution:
+        """Minimise recompute time under ``budget_bytes``; with ``None``, minimise the peak instead.
+
+        ``deterministic_limit`` stops the search on CP-SAT's deterministic clock, so that a solve cut short
+        returns the same plan on every run; ``time_limit_s`` is a wall-clock backstop.
+        """
         m = self.m.clone()
         peak = m.get_int_var_from_proto_index(self.peak.index)
         rows = []
@@ -299,9 +304,12 @@ class _Model:
             self._add_hint(m, hint)
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = time_limit_s
+        if deterministic_limit is not None:
+            solver.parameters.max_deterministic_time = deterministic_limit
         solver.parameters.num_workers = workers
         solver.parameters.random_seed = 0
-        solver.parameters.interleave_search = True  # deterministic for any number of workers
+        # one worker is deterministic (and fastest on small machines); more interleave to stay so
+        solver.parameters.interleave_search = workers > 1
         code = solver.solve(m)
         status = {cp_model.OPTIMAL: Status.OPTIMAL, cp_model.FEASIBLE: Status.FEASIBLE,
                   cp_model.INFEASIBLE: Status.INFEASIBLE}.get(code, Status.UNKNOWN)
@@ -314,7 +322,8 @@ class _Model:
             objective = int(solver.value(self.cost)) if not isinstance(self.cost, int) else 0
             bound = int(solver.best_objective_bound) if budget_bytes is not None else objective
         return Solution(status=status, saved=saved, objective_ns=objective, bound_ns=min(bound, objective),
-                        wall_s=solver.wall_time, num_variables=len(m.proto.variables),
+                        wall_s=solver.wall_time, deterministic_s=solver.response_proto.deterministic_time,
+                        num_variables=len(m.proto.variables),
                         num_constraints=len(m.proto.constraints))
 
     def _add_hint(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]]) -> None:
