@@ -18,13 +18,13 @@ from .errors import (  # noqa: E402
 )
 from .graph import Graph  # noqa: E402
 from .plan import Decision, Plan, load_plan  # noqa: E402
-from .planner import solve  # noqa: E402
+from .planner import check_plan, solve  # noqa: E402
 from .runtime import Handle, StepStats, apply  # noqa: E402
 from .trace import trace  # noqa: E402
 from .units import format_bytes, parse_budget  # noqa: E402
 
 __all__ = [
-    "BudgetError", "CkptplanError", "Decision", "Graph", "Handle", "InfeasibleBudget", "InputError",
+    "BudgetError", "CkptplanError", "check_plan", "Decision", "Graph", "Handle", "InfeasibleBudget", "InputError",
     "Plan", "PlanMismatch", "SolverTimeout", "StepStats", "apply", "format_bytes", "load_plan",
     "parse_budget", "solve", "trace",
 ]

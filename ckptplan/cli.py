@@ -186,11 +186,16 @@ def verify(
     Exits 6 when the measured peak exceeds the plan's budget.
     """
     from .measure import measure_peak
-    from .runtime import apply
+    from .planner import check_plan
+    from .runtime import apply, check_model
+    from .trace import trace
 
     try:
         plan = load_plan(plan_file)
         loaded = load_model(model or bundled_example(), parse_factory_args(arg or []))
+        check_model(loaded.model, plan)
+        check_plan(trace(loaded.model, *loaded.args, optimizer=plan.optimizer, model_name=loaded.name,
+                         **loaded.kwargs), plan)  # a hand-edited plan that no longer fits stops here
         handle = apply(loaded.model, plan)
         try:
             peak = measure_peak(loaded.model, *loaded.args, **loaded.kwargs)

@@ -15,7 +15,7 @@ import time
 from typing import Callable
 
 from . import __version__
-from .errors import InfeasibleBudget, InputError, SolverTimeout
+from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Graph
 from .plan import Decision, OpDecision, Plan, RegionPlan
 from .solver import cpsat
@@ -165,3 +165,44 @@ def _plan(graph: Graph, regions: tuple[Region, ...], saved: dict[str, frozenset[
         regions=tuple(out), ckptplan_version=__version__, torch_version=graph.torch_version,
         solver_stats=stats,
     )
+
+
+def check_plan(graph: Graph, plan: Plan) -> SimResult:
+    """Re-simulate ``plan``'s decisions on ``graph``; refuse a plan for another model or one that no
+    longer fits its budget (a hand edit), saying what differs or by how much it overshoots."""
+    if plan.fingerprint != graph.fingerprint:
+        raise PlanMismatch(f"the plan was traced from another model or input (fingerprint {plan.fingerprint}, "
+                           f"this step {graph.fingerprint}): {_first_difference(graph, plan)}")
+    by_path = {r.path: r for r in candidate_regions(graph)}
+    saved: dict[str, frozenset[int]] = {}
+    for rp in plan.regions:
+        region = by_path.get(rp.path)
+        if region is None or len(rp.ops) != len(region.ops):
+            raise InputError(f"the plan checkpoints {rp.path}, which is not a checkpointable region of this "
+                             "step (or has another number of ops); regenerate it with `ckptplan solve`")
+        forced = dict(region.forced)
+        keep = set()
+        for i, o in enumerate(rp.ops):
+            if o.decision is Decision.SAVE:
+                if region.first_op + i in forced:
+                    raise InputError(f"{rp.path} op #{i} {o.op} cannot be saved "
+                                     f"({forced[region.first_op + i].value}); set it back to recompute")
+                keep.add(region.first_op + i)
+        saved[rp.path] = frozenset(keep)
+    sim = simulate(graph, tuple(by_path.values()), saved)
+    usable = plan.budget_bytes * round((1 - plan.reserve) * RESERVE_SCALE) // RESERVE_SCALE
+    if sim.peak_bytes > usable:
+        raise InputError(
+            f"the plan's decisions no longer fit its budget: simulated peak {format_bytes(sim.peak_bytes)} "
+            f"exceeds {format_bytes(usable)} ({plan.budget_text} less the {plan.reserve:.0%} reserve) by "
+            f"{format_bytes(sim.peak_bytes - usable)} ({sim.peak_at}); was it edited by hand? "
+            "Regenerate it with `ckptplan solve`")
+    return sim
+
+
+def _first_difference(graph: Graph, plan: Plan) -> str:
+    if tuple(plan.inputs) != graph.inputs:
+        return f"inputs {list(plan.inputs)} vs {list(graph.inputs)}"
+    if plan.signature != graph.signature:
+        return f"parameters differ ({plan.num_parameters:,} vs {graph.num_parameters:,} parameters)"
+    return "the op sequence differs (another torch version, device type or code path)"

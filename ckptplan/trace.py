@@ -261,6 +261,8 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 
 
 def _run_pass(model, args, kwargs, loss_fn, names, profile, *, keep_saved: bool):
+    # Each pass sees what one step sees: autocast casts the weights again (its cache lives per context).
+    torch.clear_autocast_cache()
     rec = _Recorder(names, profile)
     for p in model.parameters():
         rec.storage_id(p, StorageKind.PARAM, None)

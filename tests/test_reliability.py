@@ -1,0 +1,229 @@
+"""A plan never lies and never corrupts training: real model features, other paths, compile, bad plans."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+import ckptplan
+from ckptplan.cli import app
+from ckptplan.solver import cpsat
+
+from .conftest import MODELS, ROOT
+
+
+# ---- a model with the awkward features ---------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc, self.proj, self.drop = nn.Linear(d, 2 * d), nn.Linear(d, d), nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor, *, gate: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc(x).chunk(2, dim=-1)  # split: two views of one output
+        h = a * torch.sigmoid(b)
+        h.relu_()  # in-place on a fresh tensor
+        h = self.proj(self.drop(h.view(x.shape)))
+        h = h * gate
+        h += x  # in-place on a fresh tensor
+        return h
+
+
+class Awkward(nn.Module):
+    """Keyword-only input, shared submodule called twice, unbind, a tied weight, dict/tuple outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.blocks = nn.ModuleList(Block(32) for _ in range(4))
+        self.shared = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor, *, gate: torch.Tensor) -> dict:
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = blk(h, gate=gate)
+        h = self.shared(torch.tanh(self.shared(h)))
+        rows = h.unbind(1)
+        logits = F.linear(torch.stack(rows, 1), self.inp.weight.t())  # the input weight, tied
+        return {"logits": logits, "aux": (h.mean(), rows[0].sum())}
+
+
+def awkward_loss(out: dict) -> torch.Tensor:
+    return out["logits"].pow(2).mean() + out["aux"][0] + 0.1 * out["aux"][1]
+
+
+def grads_after(model, step) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    step().backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_awkward_model_features_keep_gradients_bitwise():
+    torch.manual_seed(0)
+    model, x, gate = Awkward(), torch.randn(64, 8, 16), torch.rand(32)
+    graph = ckptplan.trace(model, x, gate=gate, loss_fn=awkward_loss)
+    try:
+        plan = ckptplan.solve(graph, "50%")
+    except ckptplan.InfeasibleBudget as e:
+        plan = ckptplan.solve(graph, e.minimum_bytes)
+    paths = [r.path for r in plan.regions]
+    assert paths and not any(p.startswith("shared") for p in paths)  # called twice: never a region
+    reference = grads_after(model, lambda: awkward_loss(model(x, gate=gate)))
+    with ckptplan.apply(model, plan) as handle:
+        got = grads_after(model, lambda: awkward_loss(model(x, gate=gate)))
+        assert handle.stats.extra_forward_flops == plan.extra_forward_flops
+    assert_same(reference, got)
+    forced = {o.forced for r in plan.regions for o in r.ops}
+    assert {"view", "inplace", "random"} <= forced
+
+
+def test_autocast_bf16_on_cpu():
+    """Each step in its own autocast context, as PyTorch recommends (its weight-cast cache is per context)."""
+    model, args = MODELS["llama"]()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(*args)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graph = ckptplan.trace(model, *args)
+    assert any(t.dtype == "bfloat16" for op in graph.ops for t in op.outputs)
+    plan = ckptplan.solve(graph, "60%")
+    reference = grads_after(model, step)
+    with ckptplan.apply(model, plan) as handle:
+        got = grads_after(model, step)
+        assert handle.stats.extra_forward_flops == plan.extra_forward_flops
+    assert_same(reference, got)
+
+
+class Routed(nn.Module):
+    """Data-dependent routing: which Linear runs depends on the sign of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return torch.relu(self.up(x)) + x
+        return torch.tanh(self.down(x)) + x
+
+
+def test_other_path_raises_before_any_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Routed() for _ in range(4)])
+    pos = torch.rand(256, 16) + 0.5
+    graph = ckptplan.trace(model, pos)
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(graph, 1)
+    plan = ckptplan.solve(graph, info.value.minimum_bytes)
+    assert plan.regions
+    with ckptplan.apply(model, plan):
+        model.zero_grad(set_to_none=True)
+        with pytest.raises(ckptplan.PlanMismatch) as err:
+            model(-pos).sum().backward()
+    msg = str(err.value)
+    assert re.search(r"op #\d+", msg) and "down" in msg and "up" in msg  # names what ran and what was planned
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "resnet"])
+def test_torch_compile_with_a_plan(name):
+    """Compiled with and without a plan: same gradients, same BatchNorm statistics."""
+    model, args = MODELS[name]()
+    graph = ckptplan.trace(model, *args)
+    plan = ckptplan.solve(graph, "70%")
+    state = copy.deepcopy(model.state_dict())
+
+    def step():
+        model.load_state_dict(state)
+        return torch.compile(model, backend="aot_eager")(*args)
+
+    torch._dynamo.reset()
+    reference = grads_after(model, step)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    torch._dynamo.reset()
+    with ckptplan.apply(model, plan) as handle:
+        got = grads_after(model, step)
+        assert handle.stats.extra_forward_flops == plan.extra_forward_flops
+    torch._dynamo.reset()
+    assert_same(reference, got)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    model.load_state_dict(state)
+
+
+# ---- bad plans and solver limits through the CLI ---------------------------------------------------------
+GPT2 = str(ROOT / "examples" / "gpt2.py") + ":gpt2_tiny"
+ARGS = ["-m", GPT2, "-a", "batch_size=8", "-a", "seq_len=128"]
+
+
+def run(*argv: str):
+    return CliRunner().invoke(app, list(argv), env={"COLUMNS": "300"})
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plans") / "p.yaml"
+    result = run("solve", "-b", "60%", *ARGS, "-o", str(path), "-q")
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def edit_rows(text: str, pick, new: str, limit: int) -> str:
+    out, n = [], 0
+    for line in text.splitlines():
+        if n < limit and pick(line):
+            line, n = line.replace('"recompute"', f'"{new}"'), n + 1
+        out.append(line)
+    assert n, "nothing to edit"
+    return "\n".join(out) + "\n"
+
+
+def test_hand_edit_that_no_longer_fits_is_caught_with_the_overshoot(plan_file, tmp_path):
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(edit_rows(plan_file.read_text(), lambda l: '"recompute"' in l and l.endswith("null]"),
+                                "save", 40))
+    result = run("verify", str(edited), *ARGS)
+    assert result.exit_code == 2, result.output
+    msg = " ".join(result.stderr.split())
+    assert "no longer fit" in msg and re.search(r"by [\d.]+ \w+B", msg)
+
+
+def test_hand_edit_saving_a_forced_op_is_refused(plan_file, tmp_path):
+    edited = tmp_path / "forced.yaml"
+    edited.write_text(edit_rows(plan_file.read_text(), lambda l: '"random"]' in l, "save", 1))
+    result = run("verify", str(edited), *ARGS)
+    assert result.exit_code == 2, result.output
+    assert "cannot be saved (random)" in " ".join(result.stderr.split())
+
+
+def test_time_limit_with_no_plan_exits_4(monkeypatch, tmp_path):
+    real = cpsat._Model.solve
+
+    def never(self, **kwargs):
+        sol = real(self, **kwargs)
+        return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0,
+                              wall_s=sol.wall_s, deterministic_s=sol.deterministic_s,
+                              num_variables=0, num_constraints=0)
+
+    monkeypatch.setattr(cpsat._Model, "solve", never)
+    out = tmp_path / "p.yaml"
+    result = run("solve", "-b", "30%", *ARGS, "--reserve", "0", "-o", str(out))  # below full checkpointing
+    assert result.exit_code == 4, result.output
+    assert "--time-limit" in " ".join(result.stderr.split())
+    assert not out.exists()
