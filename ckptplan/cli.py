@@ -20,11 +20,12 @@ from .errors import CkptplanError, InfeasibleBudget
 from .modelspec import BUNDLED_EXAMPLE, bundled_example, load_model, parse_factory_args
 from .plan import load_plan
 from .planner import DEFAULT_RESERVE
-from .units import format_bytes, suggest_budget
+from .units import format_bytes, parse_budget, suggest_budget
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Plan activation checkpointing for PyTorch training under a memory budget.")
 err = Console(stderr=True)
+SYNTAX_REFERENCE = 2**50  # stands in for the no-checkpointing peak when only the syntax is checked
 
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help=f"path/to/file.py:factory or package.module:factory (default: {BUNDLED_EXAMPLE}).")]
@@ -85,6 +86,7 @@ def solve(
 
     quiet = quiet or as_json
     try:
+        parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace, not after
         loaded, graph = _trace(model, arg, optimizer, quiet)
         with err.status("solving...", spinner="dots") if not quiet else _null():
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve)
@@ -104,6 +106,10 @@ def solve(
     except CkptplanError as e:
         _fail(e, as_json)
         return
+    except KeyboardInterrupt:
+        # Ctrl-C inside CP-SAT stops the search and keeps the best plan; elsewhere nothing is written.
+        err.print("interrupted: no plan written")
+        raise typer.Exit(130) from None
     if as_json:
         print(json.dumps({**report.plan_summary(plan), "plan_file": str(path)}, indent=2))
     elif not quiet:

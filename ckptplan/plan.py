@@ -114,6 +114,9 @@ class Plan:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise anyone sharing plans
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(self.to_yaml())
             os.replace(tmp, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 
 import pytest
 import torch
@@ -227,3 +228,50 @@ def test_time_limit_with_no_plan_exits_4(monkeypatch, tmp_path):
     assert result.exit_code == 4, result.output
     assert "--time-limit" in " ".join(result.stderr.split())
     assert not out.exists()
+
+
+# ---- budget strings through the CLI, and Ctrl-C -------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ckptplan.units import parse_budget  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.one_of(st.text(max_size=12),
+                      st.from_regex(r"[ -]?[0-9]{0,4}(\.[0-9]{0,3})?[ ]?(|[kKmMgGtT]i?[bB]?|%|bit|[eE][0-9])",
+                                    fullmatch=True)))
+def test_any_budget_string_gets_exit_2_and_a_message_never_a_traceback(text):
+    """Valid budgets go on to load the (missing) model; invalid ones stop at the budget. Both exit 2."""
+    result = run("solve", "-b", text, "-m", "no/such/model.py:factory", "-q")
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    msg = " ".join(result.stderr.split())
+    try:
+        parse_budget(text, reference_bytes=2**50)
+    except ckptplan.BudgetError as e:
+        assert " ".join(str(e).split()) in msg
+    else:
+        assert "no/such/model.py does not exist" in msg
+
+
+def test_ctrl_c_writes_the_best_plan_or_nothing(tmp_path):
+    """SIGINT mid-solve: CP-SAT stops and the best plan so far is written whole, or nothing is."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "plan.yaml"
+    proc = subprocess.Popen([sys.executable, "-m", "ckptplan.cli", "solve", "-b", "12GB", "--time-limit", "60",
+                             "-o", str(out), "-q"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    time.sleep(10)  # import, trace and the first solves take a few seconds; 12GB runs to the time limit
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert "Traceback" not in stderr
+    assert proc.returncode in (0, 130), stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name != "plan.yaml"] == []  # no temporary left
+    if proc.returncode == 0:
+        plan = ckptplan.load_plan(out)
+        assert plan.predicted_peak_bytes <= plan.budget_bytes
+    else:
+        assert not out.exists() and "interrupted" in stderr
