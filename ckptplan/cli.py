@@ -35,6 +35,10 @@ OptimizerOpt = Annotated[Optional[str], typer.Option(
     help="Add this optimizer's state to the fixed memory: adamw, adam, sgd, momentum, adagrad, rmsprop.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+ParallelOpt = Annotated[Optional[str], typer.Option(
+    help="Data parallelism the step runs under: ddp or fsdp (FSDP2 fully_shard per block). The model spec "
+         "gives one rank's batch; the budget is per rank.")]
+WorldOpt = Annotated[int, typer.Option(help="Number of data-parallel ranks (with --parallel).")]
 
 
 def _fail(e: CkptplanError, as_json: bool) -> None:
@@ -47,12 +51,20 @@ def _fail(e: CkptplanError, as_json: bool) -> None:
     raise typer.Exit(e.exit_code)
 
 
-def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool):  # noqa: ANN202
+def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool,  # noqa: ANN202
+           parallel: str | None = None, world_size: int = 1):
+    from .parallel import Parallel, for_ranks
     from .trace import trace
 
+    if parallel is not None and parallel not in {p.value for p in Parallel}:
+        raise typer.BadParameter("choose ddp or fsdp", param_hint="--parallel")
+    if world_size < 1 or (world_size > 1 and parallel is None):
+        raise typer.BadParameter("a world size above 1 needs --parallel ddp or fsdp", param_hint="--world-size")
     loaded = load_model(model or bundled_example(), parse_factory_args(args or []))
     with err.status("tracing one training step...", spinner="dots") if not quiet else _null():
         graph = trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=loaded.name, **loaded.kwargs)
+    if parallel is not None:
+        graph = for_ranks(graph, world_size=world_size, mode=parallel)
     return loaded, graph
 
 
@@ -72,6 +84,8 @@ def solve(
     model: ModelOpt = None,
     arg: ArgOpt = None,
     optimizer: OptimizerOpt = None,
+    parallel: ParallelOpt = None,
+    world_size: WorldOpt = 1,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Where to write the plan (default: plans/FACTORY-BUDGET.yaml).")] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 30.0,
@@ -87,7 +101,7 @@ def solve(
     quiet = quiet or as_json
     try:
         parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace, not after
-        loaded, graph = _trace(model, arg, optimizer, quiet)
+        loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size)
         with err.status("solving...", spinner="dots") if not quiet else _null():
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve)
         path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget)}.yaml"
@@ -98,6 +112,7 @@ def solve(
             again = [f"--budget {suggest_budget(e.minimum_bytes)}"] + ([f"--model {model}"] if model else [])
             again += [f"-a {a}" for a in arg or []] + ([f"--optimizer {optimizer}"] if optimizer else [])
             again += [f"--reserve {reserve}"] if reserve != DEFAULT_RESERVE else []
+            again += [f"--parallel {parallel} --world-size {world_size}"] if parallel else []
             err.print(f"minimum feasible budget: {format_bytes(e.minimum_bytes)}; try: "
                       f"ckptplan solve {' '.join(again)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
@@ -118,13 +133,14 @@ def solve(
 
 @app.command("trace")
 def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOpt = None,
+              parallel: ParallelOpt = None, world_size: WorldOpt = 1,
               as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Trace one training step and print its memory facts: peaks, FLOPs, candidate regions."""
     from .solver.regions import candidate_regions, outermost
     from .solver.simulate import simulate
 
     try:
-        _, graph = _trace(model, arg, optimizer, quiet or as_json)
+        _, graph = _trace(model, arg, optimizer, quiet or as_json, parallel, world_size)
     except CkptplanError as e:
         _fail(e, as_json)
         return

@@ -30,7 +30,8 @@ class StorageKind(str, Enum):
     BUFFER = "buffer"
     INPUT = "input"
     ACTIVATION = "activation"  # allocated by a forward op
-    BACKWARD = "backward"  # allocated by a backward op (gradients, temporaries)
+    BACKWARD = "backward"  # allocated by a backward op (temporaries)
+    GRAD = "grad"  # a parameter's .grad at the end of the step
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +102,8 @@ class Graph:
     tensor_names: tuple[tuple[int, str], ...] = ()  # storage id -> parameter or buffer name
     optimizer: str | None = None
     optimizer_state_bytes: int = 0  # constant added to every event when an optimizer is named
+    extra_fixed_bytes: int = 0  # constant the trace does not see (DDP buckets, FSDP all-gather buffers)
+    parallel: str = ""  # "" (one process), "ddp:N" or "fsdp:N" (see parallel.py)
     torch_version: str = ""
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -143,7 +146,7 @@ class Graph:
                 if s.free_event > lo:
                     delta[lo] += s.nbytes
                     delta[s.free_event] -= s.nbytes
-            out, cur = [], self.optimizer_state_bytes
+            out, cur = [], self.optimizer_state_bytes + self.extra_fixed_bytes
             for e in range(self.num_events):
                 cur += delta[e]
                 out.append(cur)
@@ -152,7 +155,7 @@ class Graph:
 
     @property
     def baseline_peak_bytes(self) -> int:
-        return max(self.memory_timeline(), default=self.optimizer_state_bytes)
+        return max(self.memory_timeline(), default=self.optimizer_state_bytes + self.extra_fixed_bytes)
 
     def module_call(self, path: str) -> ModuleCall:
         for m in self.modules:
@@ -167,7 +170,7 @@ class Graph:
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([self.inputs, self.optimizer], sort_keys=True).encode())
+        h.update(json.dumps([self.inputs, self.optimizer, self.parallel], sort_keys=True).encode())
         for op in self.ops:
             outs = [[list(t.shape), t.dtype] for t in op.outputs]
             h.update(json.dumps([op.name, op.module, outs]).encode())

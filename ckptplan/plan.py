@@ -69,6 +69,7 @@ class Plan:
     inputs: tuple[str, ...]
     device: str
     optimizer: str | None
+    parallel: str  # "" for one process, "ddp:N" or "fsdp:N": the budget is per rank
     budget_bytes: int
     budget_text: str
     reserve: float  # fraction of the budget kept free as headroom
@@ -192,6 +193,7 @@ def dump_yaml(plan: Plan) -> str:
         f"inputs: {_q(list(plan.inputs))}",
         f"device: {_q(plan.device)}",
         f"optimizer: {_q(plan.optimizer)}",
+        f"parallel: {_q(plan.parallel)}  # the budget is per rank",
         "budget:",
         f"  bytes: {plan.budget_bytes}",
         f"  given: {_q(plan.budget_text)}",
@@ -283,6 +285,7 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             model=str(data["model"]), fingerprint=str(data["fingerprint"]), signature=str(data["signature"]),
             num_parameters=int(data["parameters"]),
             inputs=tuple(data["inputs"]), device=str(data["device"]), optimizer=data["optimizer"],
+            parallel=str(data["parallel"]),
             budget_bytes=data["budget"]["bytes"], budget_text=str(data["budget"]["given"]),
             reserve=float(data["budget"]["reserve"]),
             baseline_peak_bytes=data["peak"]["no_checkpointing"], full_peak_bytes=data["peak"]["full_checkpointing"],

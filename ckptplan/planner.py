@@ -156,7 +156,7 @@ def _plan(graph: Graph, regions: tuple[Region, ...], saved: dict[str, frozenset[
     return Plan(
         model=graph.model_name, fingerprint=graph.fingerprint, signature=graph.signature,
         num_parameters=graph.num_parameters,
-        inputs=graph.inputs, device=graph.device, optimizer=graph.optimizer,
+        inputs=graph.inputs, device=graph.device, optimizer=graph.optimizer, parallel=graph.parallel,
         budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
         baseline_peak_bytes=baseline.peak_bytes,
         full_peak_bytes=full.peak_bytes, predicted_peak_bytes=sim.peak_bytes,

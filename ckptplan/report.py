@@ -127,6 +127,8 @@ def graph_summary(graph: Graph, *, regions: int, full_peak: int) -> dict[str, An
         "parameters": graph.num_parameters,
         "parameter_bytes": graph.param_bytes,
         "optimizer_state_bytes": graph.optimizer_state_bytes,
+        "parallel": graph.parallel or "none",
+        "extra_fixed_bytes": graph.extra_fixed_bytes,
         "forward_flops": graph.forward_flops,
         "no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
         "full_checkpointing_peak_bytes": full_peak,

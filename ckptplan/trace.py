@@ -105,6 +105,7 @@ class _Recorder(TorchDispatchMode):
         self.calls: list[_Call] = []
         self.call_counts: dict[str, int] = {}
         self.packs: list[tuple[int, ...]] = []  # the call stack at each pack
+        self.grads: set[int] = set()  # storages that ended up as parameters' .grad
         self.pack_storage: list[int] = []
 
     # ---- storages --------------------------------------------------------------------------------
@@ -288,6 +289,8 @@ def _run_pass(model, args, kwargs, loss_fn, names, profile, *, keep_saved: bool)
             if keep_saved:
                 rec.backward = True
                 loss.backward()
+                rec.grads = {rec.ids[p.grad.untyped_storage()] for p in model.parameters()
+                             if p.grad is not None and p.grad.untyped_storage() in rec.ids}
             del loss
     finally:
         pre.remove()
@@ -355,7 +358,7 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, device
         free = num_events if s.free_event is None else s.free_event
         pyfree = python_free.get(position.get(sid), free if free <= n_fwd else n_fwd)
         storages.append(StorageInfo(
-            id=sid, nbytes=s.nbytes, kind=s.kind, alloc_event=s.alloc_event, free_event=free,
+            id=sid, nbytes=s.nbytes, kind=StorageKind.GRAD if sid in rec.grads else s.kind, alloc_event=s.alloc_event, free_event=free,
             producer=s.producer, saved_by=tuple(sorted(s.saved_by)), python_free_op=pyfree))
     modules = tuple(
         ModuleCall(path=c.path, type_name=c.type_name, call_index=c.call_index, first_op=c.first_op,

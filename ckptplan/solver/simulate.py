@@ -114,12 +114,13 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
         for lo, hi in _union(intervals[s.id]):
             delta[lo] += s.nbytes
             delta[hi] -= s.nbytes
-    live, peak, peak_pos = graph.optimizer_state_bytes, -1, 0
+    fixed = graph.optimizer_state_bytes + graph.extra_fixed_bytes
+    live, peak, peak_pos = fixed, -1, 0
     for pos in range(n):
         live += delta[pos]
         if live > peak:
             peak, peak_pos = live, pos
-    return SimResult(peak_bytes=max(peak, graph.optimizer_state_bytes), peak_at=labels[peak_pos] if n else "",
+    return SimResult(peak_bytes=max(peak, fixed), peak_at=labels[peak_pos] if n else "",
                      extra_forward_flops=extra_flops, extra_cost_ns=extra_cost, recomputed_ops=recomputed)
 
 
