@@ -24,8 +24,10 @@ class Block(nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()
         self.fc, self.proj, self.drop = nn.Linear(d, 2 * d), nn.Linear(d, d), nn.Dropout(0.1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))  # mutated in forward
 
     def forward(self, x: torch.Tensor, *, gate: torch.Tensor) -> torch.Tensor:
+        self.calls += 1  # a recomputation must not count twice
         a, b = self.fc(x).chunk(2, dim=-1)  # split: two views of one output
         h = a * torch.sigmoid(b)
         h.relu_()  # in-place on a fresh tensor
@@ -83,11 +85,15 @@ def test_awkward_model_features_keep_gradients_bitwise():
         plan = ckptplan.solve(graph, e.minimum_bytes)
     paths = [r.path for r in plan.regions]
     assert paths and not any(p.startswith("shared") for p in paths)  # called twice: never a region
+    calls = [b.calls.item() for b in model.blocks]
     reference = grads_after(model, lambda: awkward_loss(model(x, gate=gate)))
+    assert [b.calls.item() for b in model.blocks] == [c + 1 for c in calls]
     with ckptplan.apply(model, plan) as handle:
         got = grads_after(model, lambda: awkward_loss(model(x, gate=gate)))
         assert handle.stats.extra_forward_flops == plan.extra_forward_flops
     assert_same(reference, got)
+    assert [b.calls.item() for b in model.blocks] == [c + 2 for c in calls]  # once per step, not per rerun
+    assert any("calls" in r.mutated_buffers for r in plan.regions)
     forced = {o.forced for r in plan.regions for o in r.ops}
     assert {"view", "inplace", "random"} <= forced
 
@@ -275,3 +281,28 @@ def test_ctrl_c_writes_the_best_plan_or_nothing(tmp_path):
         assert plan.predicted_peak_bytes <= plan.budget_bytes
     else:
         assert not out.exists() and "interrupted" in stderr
+
+
+@pytest.mark.parametrize("content", [None, "half", "schema99", "::: ["])
+def test_verify_on_a_bad_plan_file_exits_2_naming_it(plan_file, tmp_path, content):
+    bad = tmp_path / "bad.yaml"
+    text = plan_file.read_text()
+    if content == "half":
+        bad.write_text(text[: len(text) // 2])
+    elif content == "schema99":
+        bad.write_text(text.replace("\nschema: 1\n", "\nschema: 99\n"))
+    elif content is not None:
+        bad.write_text(content)
+    result = run("verify", str(bad), *ARGS)
+    assert result.exit_code == 2, result.output
+    assert str(bad) in " ".join(result.stderr.split())
+
+
+def test_time_limit_with_a_plan_reports_feasible_and_its_gap():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import gpt2
+
+    model, args = gpt2.gpt2_small()  # meta: 12GB takes CP-SAT well over a second to prove
+    plan = ckptplan.solve(ckptplan.trace(model, *args), "12GB", time_limit_s=2)
+    assert plan.status == "feasible" and 0 < plan.gap < 1
+    assert plan.predicted_peak_bytes <= plan.budget_bytes
