@@ -68,6 +68,25 @@ def _trace(model: str | None, args: list[str] | None, optimizer: str | None, qui
     return loaded, graph
 
 
+def _progress_line(status: Any):  # noqa: ANN202
+    """Turn the planner's progress notes into one live status line: phase, best objective, gap, time."""
+    import time
+
+    started = time.monotonic()
+
+    def note(phase: str, info: dict) -> None:
+        text = f"[bold]{phase}[/bold]"
+        if "objective_ns" in info:
+            obj, bound = info["objective_ns"], info.get("bound_ns", info["objective_ns"])
+            gap = (obj - bound) / obj if obj else 0.0
+            text += f"  best {obj / 1e6:.2f} ms recompute, gap {100 * gap:.1f}%"
+        if "regions" in info:
+            text += f"  {info['regions']} candidate regions"
+        status.update(f"{text}  ({time.monotonic() - started:.1f} s)")
+
+    return note
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -102,8 +121,9 @@ def solve(
     try:
         parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace, not after
         loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size)
-        with err.status("solving...", spinner="dots") if not quiet else _null():
-            plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve)
+        with err.status("solving...", spinner="dots") if not quiet else _null() as status:
+            plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve,
+                              progress=_progress_line(status) if status is not None else None)
         path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget)}.yaml"
         plan.save(path)
     except InfeasibleBudget as e:

@@ -101,7 +101,8 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
             break
         note("solve", {"attempt": attempt, "budget": target})
         sol = model.solve(budget_bytes=target, time_limit_s=left, hint=hint, workers=workers,
-                          deterministic_limit=work)
+                          deterministic_limit=work,
+                          on_solution=lambda obj, bound: note("improved", {"objective_ns": obj, "bound_ns": bound}))
         work -= sol.deterministic_s
         stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt}
         last = sol.status

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 from ortools.sat.python import cp_model
 
@@ -60,6 +61,17 @@ class _Term:
     lo: int
     hi: int
     gap: bool  # part of the region's steady contribution between its forward and its recomputation
+
+
+class _Progress(cp_model.CpSolverSolutionCallback):
+    """Reports each improving solution's objective and the best bound; it never steers the search."""
+
+    def __init__(self, report: Callable[[float, float], None]) -> None:
+        super().__init__()
+        self.report = report
+
+    def on_solution_callback(self) -> None:
+        self.report(self.objective_value, self.best_objective_bound)
 
 
 class _Timeline:
@@ -281,11 +293,13 @@ class _Model:
 
     # ---- solving -------------------------------------------------------------------------------------
     def solve(self, *, budget_bytes: int | None, time_limit_s: float, hint: dict[str, frozenset[int]] | None,
-              workers: int = 1, deterministic_limit: float | None = None) -> Solution:
+              workers: int = 1, deterministic_limit: float | None = None,
+              on_solution: Callable[[float, float], None] | None = None) -> Solution:
         """Minimise recompute time under ``budget_bytes``; with ``None``, minimise the peak instead.
 
         ``deterministic_limit`` stops the search on CP-SAT's deterministic clock, so that a solve cut short
-        returns the same plan on every run; ``time_limit_s`` is a wall-clock backstop.
+        returns the same plan on every run; ``time_limit_s`` is a wall-clock backstop. ``on_solution`` is
+        called with (objective, best bound) at every improving solution, for progress displays.
         """
         m = self.m.clone()
         peak = m.get_int_var_from_proto_index(self.peak.index)
@@ -310,7 +324,7 @@ class _Model:
         solver.parameters.random_seed = 0
         # one worker is deterministic (and fastest on small machines); more interleave to stay so
         solver.parameters.interleave_search = workers > 1
-        code = solver.solve(m)
+        code = solver.solve(m, _Progress(on_solution) if on_solution else None)
         status = {cp_model.OPTIMAL: Status.OPTIMAL, cp_model.FEASIBLE: Status.FEASIBLE,
                   cp_model.INFEASIBLE: Status.INFEASIBLE}.get(code, Status.UNKNOWN)
         saved: dict[str, frozenset[int]] = {}
