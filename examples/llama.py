@@ -176,7 +176,9 @@ def build(config: LlamaConfig, *, device="cpu", seed=0, batch_size=1, seq_len=No
     torch.manual_seed(seed)
     with torch.device(device):
         model = Llama(config)
-    model.to(dtype=dtype).train()
+    if dtype != torch.float32:  # a no-op cast still swaps tensors, which FakeTensorMode refuses
+        model.to(dtype=dtype)
+    model.train()
     return model, _token_batch(batch_size, seq_len, config.vocab_size, device, seed)
 
 

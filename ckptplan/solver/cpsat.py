@@ -322,6 +322,9 @@ class _Model:
             solver.parameters.max_deterministic_time = deterministic_limit
         solver.parameters.num_workers = workers
         solver.parameters.random_seed = 0
+        # more cuts in the LP relaxation: the memory rows are knapsacks, whose default LP bound is weak
+        # (7B shape, 32 layers, 60% budget: gap 57% -> 0.5% in the same time)
+        solver.parameters.linearization_level = 2
         # one worker is deterministic (and fastest on small machines); more interleave to stay so
         solver.parameters.interleave_search = workers > 1
         code = solver.solve(m, _Progress(on_solution) if on_solution else None)
