@@ -39,6 +39,9 @@ ParallelOpt = Annotated[Optional[str], typer.Option(
     help="Data parallelism the step runs under: ddp or fsdp (FSDP2 fully_shard per block). The model spec "
          "gives one rank's batch; the budget is per rank.")]
 WorldOpt = Annotated[int, typer.Option(help="Number of data-parallel ranks (with --parallel).")]
+SeqLenOpt = Annotated[Optional[str], typer.Option(
+    help="Comma-separated sequence lengths, passed to the factory as seq_len=...: one plan that holds for "
+         "each (its peak fits at the largest).")]
 
 
 def _fail(e: CkptplanError, as_json: bool) -> None:
@@ -52,7 +55,7 @@ def _fail(e: CkptplanError, as_json: bool) -> None:
 
 
 def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool,  # noqa: ANN202
-           parallel: str | None = None, world_size: int = 1):
+           parallel: str | None = None, world_size: int = 1, seq_lens: list[int] | None = None):
     from .parallel import Parallel, for_ranks
     from .trace import trace
 
@@ -60,12 +63,28 @@ def _trace(model: str | None, args: list[str] | None, optimizer: str | None, qui
         raise typer.BadParameter("choose ddp or fsdp", param_hint="--parallel")
     if world_size < 1 or (world_size > 1 and parallel is None):
         raise typer.BadParameter("a world size above 1 needs --parallel ddp or fsdp", param_hint="--world-size")
-    loaded = load_model(model or bundled_example(), parse_factory_args(args or []))
-    with err.status("tracing one training step...", spinner="dots") if not quiet else _null():
-        graph = trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=loaded.name, **loaded.kwargs)
-    if parallel is not None:
-        graph = for_ranks(graph, world_size=world_size, mode=parallel)
-    return loaded, graph
+    factory_kwargs = parse_factory_args(args or [])
+    graphs = []
+    for n in seq_lens or [None]:
+        loaded = load_model(model or bundled_example(), factory_kwargs if n is None else {**factory_kwargs, "seq_len": n})
+        with err.status(f"tracing one training step{f' (seq_len {n})' if n else ''}...",
+                        spinner="dots") if not quiet else _null():
+            graph = trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=loaded.name, **loaded.kwargs)
+        graphs.append(for_ranks(graph, world_size=world_size, mode=parallel) if parallel else graph)
+    return loaded, graphs[0] if seq_lens is None else graphs
+
+
+def _seq_lens(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise typer.BadParameter("give whole numbers separated by commas, e.g. 2048,4096,8192",
+                                 param_hint="--seq-len") from None
+    if not values or values[0] < 1:
+        raise typer.BadParameter("give positive lengths, e.g. 2048,4096,8192", param_hint="--seq-len")
+    return values
 
 
 def _progress_line(status: Any):  # noqa: ANN202
@@ -105,6 +124,7 @@ def solve(
     optimizer: OptimizerOpt = None,
     parallel: ParallelOpt = None,
     world_size: WorldOpt = 1,
+    seq_len: SeqLenOpt = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Where to write the plan (default: plans/FACTORY-BUDGET.yaml).")] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 30.0,
@@ -120,7 +140,7 @@ def solve(
     quiet = quiet or as_json
     try:
         parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace, not after
-        loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size)
+        loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len))
         with err.status("solving...", spinner="dots") if not quiet else _null() as status:
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve,
                               progress=_progress_line(status) if status is not None else None)
@@ -133,6 +153,7 @@ def solve(
             again += [f"-a {a}" for a in arg or []] + ([f"--optimizer {optimizer}"] if optimizer else [])
             again += [f"--reserve {reserve}"] if reserve != DEFAULT_RESERVE else []
             again += [f"--parallel {parallel} --world-size {world_size}"] if parallel else []
+            again += [f"--seq-len {seq_len}"] if seq_len else []
             err.print(f"minimum feasible budget: {format_bytes(e.minimum_bytes)}; try: "
                       f"ckptplan solve {' '.join(again)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)

@@ -66,7 +66,7 @@ class Plan:
     fingerprint: str  # Graph.fingerprint of the traced step
     signature: str  # parameters, buffers and module types of the model (checked by apply)
     num_parameters: int
-    inputs: tuple[str, ...]
+    inputs: tuple[str, ...]  # the largest shape, whose op rows the file shows
     device: str
     optimizer: str | None
     parallel: str  # "" for one process, "ddp:N" or "fsdp:N": the budget is per rank
@@ -87,8 +87,14 @@ class Plan:
     torch_version: str = ""
     schema: int = SCHEMA_VERSION
     solver_stats: dict[str, int] = field(default_factory=dict, compare=False)
+    shapes: tuple[tuple[str, ...], ...] = ()  # every input spec the plan holds for (``inputs`` first)
+    fingerprints: tuple[str, ...] = ()  # Graph.fingerprint of each shape, in the same order
 
     def __post_init__(self) -> None:
+        if not self.shapes:
+            object.__setattr__(self, "shapes", (tuple(self.inputs),))
+        if not self.fingerprints:
+            object.__setattr__(self, "fingerprints", (self.fingerprint,))
         if self.status not in ("optimal", "feasible"):
             raise InputError(f"plan status must be 'optimal' or 'feasible', not {self.status!r}")
         for name in ("budget_bytes", "baseline_peak_bytes", "full_peak_bytes", "predicted_peak_bytes"):
@@ -191,6 +197,8 @@ def dump_yaml(plan: Plan) -> str:
         f"signature: {_q(plan.signature)}",
         f"parameters: {plan.num_parameters}",
         f"inputs: {_q(list(plan.inputs))}",
+        f"shapes: {_q([list(x) for x in plan.shapes])}  # every input the plan holds for",
+        f"fingerprints: {_q(list(plan.fingerprints))}",
         f"device: {_q(plan.device)}",
         f"optimizer: {_q(plan.optimizer)}",
         f"parallel: {_q(plan.parallel)}  # the budget is per rank",
@@ -286,6 +294,7 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             num_parameters=int(data["parameters"]),
             inputs=tuple(data["inputs"]), device=str(data["device"]), optimizer=data["optimizer"],
             parallel=str(data["parallel"]),
+            shapes=tuple(tuple(x) for x in data["shapes"]), fingerprints=tuple(data["fingerprints"]),
             budget_bytes=data["budget"]["bytes"], budget_text=str(data["budget"]["given"]),
             reserve=float(data["budget"]["reserve"]),
             baseline_peak_bytes=data["peak"]["no_checkpointing"], full_peak_bytes=data["peak"]["full_checkpointing"],

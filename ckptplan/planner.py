@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from dataclasses import replace
+from typing import Callable, Sequence
 
 from . import __version__
 from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
@@ -36,9 +37,42 @@ RESERVE_SCALE = 10**6  # the reserve is applied in millionths
 DETERMINISTIC_PER_SECOND = 0.2
 
 
-def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserve: float = DEFAULT_RESERVE,
+class _Shapes:
+    """The same step traced at one or more input shapes; the largest (by peak) comes first."""
+
+    def __init__(self, graphs: Graph | Sequence[Graph]) -> None:
+        graphs = [graphs] if isinstance(graphs, Graph) else list(graphs)
+        if not graphs:
+            raise InputError("solve() needs at least one traced graph")
+        self.graphs = sorted(graphs, key=lambda g: -g.baseline_peak_bytes)
+        self.primary = self.graphs[0]
+        self.regions = [candidate_regions(g) for g in self.graphs]
+        ref = self.regions[0]
+        for g, regs in zip(self.graphs[1:], self.regions[1:]):
+            if g.signature != self.primary.signature:
+                raise InputError(f"the model traced for inputs {list(g.inputs)} is not the one traced for "
+                                 f"{list(self.primary.inputs)} (parameters or buffers differ: does the factory "
+                                 "size them from the sequence length? fix the maximum length instead)")
+            same_ops = [(o.name, o.module) for o in g.ops] == [(o.name, o.module) for o in self.primary.ops]
+            aligned = [(r.path, r.choices, r.forced, r.recompute_end) for r in regs] == [
+                (r.path, r.choices, r.forced, r.recompute_end) for r in ref]
+            if not (same_ops and aligned):
+                raise InputError(f"inputs {list(g.inputs)} and {list(self.primary.inputs)} run different ops; "
+                                 "one plan cannot serve both: solve a plan per shape")
+
+    def simulate(self, saved: dict[str, frozenset[int]]) -> SimResult:
+        """The worst peak over the shapes; FLOPs and time of the largest shape."""
+        sims = [simulate(g, regs, saved) for g, regs in zip(self.graphs, self.regions)]
+        worst = max(sims, key=lambda r: r.peak_bytes)
+        return replace(sims[0], peak_bytes=worst.peak_bytes, peak_at=worst.peak_at)
+
+
+def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0, reserve: float = DEFAULT_RESERVE,
           workers: int = 1, progress: Progress | None = None) -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
+
+    ``graph`` may be a list: the same step traced at several input shapes (sequence lengths). The plan
+    then holds for each of them, its peak fits at every shape, and recompute time is summed over them.
 
     ``reserve`` is headroom kept free below the budget (a fraction of it) for what a trace cannot see
     exactly: allocator rounding and fragmentation, and MemTracker's own accounting of inputs and
@@ -48,26 +82,27 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
         raise InputError(f"reserve must be a fraction in [0, 0.5), got {reserve}")
     started = time.monotonic()
     note = progress or (lambda phase, info: None)
-    regions = candidate_regions(graph)
+    shapes = _Shapes(graph)
+    graph, regions = shapes.primary, shapes.regions[0]
     note("simulate", {"regions": len(regions)})
-    baseline = simulate(graph, regions, {})
+    baseline = shapes.simulate({})
     budget_bytes = parse_budget(budget, reference_bytes=baseline.peak_bytes)
     keep = round((1 - reserve) * RESERVE_SCALE)  # integer arithmetic: usable(minimum) >= peak, always
     usable = budget_bytes * keep // RESERVE_SCALE  # what the simulated peak must fit in
     budget_text = budget if isinstance(budget, str) else str(budget)
     everything = {r.path: frozenset() for r in outermost(regions)}
-    full = simulate(graph, regions, everything)
+    full = shapes.simulate(everything)
 
     def make(saved: dict[str, frozenset[int]], sim: SimResult, status: str, gap: float,
              stats: dict[str, int]) -> Plan:
-        return _plan(graph, regions, saved, sim, budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
+        return _plan(shapes, saved, sim, budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
                      baseline=baseline, full=full, status=status, gap=gap,
                      solve_time_s=time.monotonic() - started, stats=stats)
 
     if usable >= baseline.peak_bytes:
         return make({}, baseline, "optimal", 0.0, {})
 
-    model = cpsat.build(graph, regions, scale_to=usable)
+    model = cpsat.build(shapes.graphs, shapes.regions, scale_to=usable)
     deadline = started + time_limit_s
     work = DETERMINISTIC_PER_SECOND * time_limit_s  # deterministic seconds for all solves together
 
@@ -78,7 +113,7 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
     work -= low.deterministic_s
     candidates = [(full.peak_bytes, everything)]
     if low.saved is not None and low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
-        candidates.append((simulate(graph, regions, low.saved).peak_bytes, low.saved))
+        candidates.append((shapes.simulate(low.saved).peak_bytes, low.saved))
     min_peak, min_saved = min(candidates, key=lambda c: c[0])
     minimum = -(-min_peak * RESERVE_SCALE // keep)  # the smallest budget whose usable part fits min_peak
     infeasible = InfeasibleBudget(
@@ -108,7 +143,7 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
         last = sol.status
         if sol.status not in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
             break
-        sim = simulate(graph, regions, sol.saved)
+        sim = shapes.simulate(sol.saved)
         note("checked", {"objective_ns": sol.objective_ns, "gap": sol.gap, "peak": sim.peak_bytes})
         if sim.peak_bytes <= usable:
             best = (sol.saved, sim, sol)
@@ -117,7 +152,7 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
         hint = min_saved
     if best is None:
         if usable >= min_peak:  # the minimum-peak plan fits; with no proven bound the gap is 100%
-            return make(min_saved, simulate(graph, regions, min_saved), "feasible", 1.0, stats)
+            return make(min_saved, shapes.simulate(min_saved), "feasible", 1.0, stats)
         if last is cpsat.Status.INFEASIBLE:
             raise infeasible
         raise SolverTimeout(
@@ -129,9 +164,10 @@ def solve(graph: Graph, budget: int | str, *, time_limit_s: float = 30.0, reserv
     return make(saved, sim, status, sol.gap, stats)
 
 
-def _plan(graph: Graph, regions: tuple[Region, ...], saved: dict[str, frozenset[int]], sim: SimResult, *,
+def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
           budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult, status: str, gap: float,
           solve_time_s: float, stats: dict[str, int]) -> Plan:
+    graph, regions = shapes.primary, shapes.regions[0]
     out = []
     for r in regions:
         if r.path not in saved:
@@ -157,7 +193,8 @@ def _plan(graph: Graph, regions: tuple[Region, ...], saved: dict[str, frozenset[
     return Plan(
         model=graph.model_name, fingerprint=graph.fingerprint, signature=graph.signature,
         num_parameters=graph.num_parameters,
-        inputs=graph.inputs, device=graph.device, optimizer=graph.optimizer, parallel=graph.parallel,
+        inputs=graph.inputs, shapes=tuple(g.inputs for g in shapes.graphs),
+        fingerprints=tuple(g.fingerprint for g in shapes.graphs), device=graph.device, optimizer=graph.optimizer, parallel=graph.parallel,
         budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
         baseline_peak_bytes=baseline.peak_bytes,
         full_peak_bytes=full.peak_bytes, predicted_peak_bytes=sim.peak_bytes,
@@ -171,7 +208,7 @@ def _plan(graph: Graph, regions: tuple[Region, ...], saved: dict[str, frozenset[
 def check_plan(graph: Graph, plan: Plan) -> SimResult:
     """Re-simulate ``plan``'s decisions on ``graph``; refuse a plan for another model or one that no
     longer fits its budget (a hand edit), saying what differs or by how much it overshoots."""
-    if plan.fingerprint != graph.fingerprint:
+    if graph.fingerprint not in plan.fingerprints:
         raise PlanMismatch(f"the plan was traced from another model or input (fingerprint {plan.fingerprint}, "
                            f"this step {graph.fingerprint}): {_first_difference(graph, plan)}")
     by_path = {r.path: r for r in candidate_regions(graph)}

@@ -163,9 +163,18 @@ def gpt2_small(device: str = "meta", seed: int = 0, batch_size: int = 8, seq_len
     return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len)
 
 
+def gpt2_xl(device: str = "meta", seed: int = 0, batch_size: int = 1, seq_len: int = 1024,
+            n_layer: int = 48):
+    """GPT-2 XL: 48 layers, 25 heads, 1600 wide, 1.56B parameters (tied embeddings)."""
+    config = GPTConfig(n_layer=n_layer, n_head=25, n_embd=1600, vocab_size=50257,
+                       block_size=1024, dropout=0.1, bias=True)
+    return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len)
+
+
 def gpt2_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 2, seq_len: int = 64,
-              n_layer: int = 4, dropout: float = 0.1):
-    """A GPT-2 shaped toy: 128 wide, 4 heads, vocab 512; one step takes milliseconds on CPU."""
+              n_layer: int = 4, dropout: float = 0.1, block_size: int | None = None):
+    """A GPT-2 shaped toy: 128 wide, 4 heads, vocab 512; one step takes milliseconds on CPU.
+    ``block_size`` (default: max(seq_len, 64)) fixes the model across several sequence lengths."""
     config = GPTConfig(n_layer=n_layer, n_head=4, n_embd=128, vocab_size=512,
-                       block_size=max(seq_len, 64), dropout=dropout, bias=True)
+                       block_size=block_size or max(seq_len, 64), dropout=dropout, bias=True)
     return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len)

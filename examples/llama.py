@@ -192,9 +192,10 @@ def llama_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 2, seq_len:
 
 
 def llama_7b(device: str = "meta", seed: int = 0, batch_size: int = 1, seq_len: int = 4096,
-             n_layer: int = 32, dtype: torch.dtype = torch.float32):
-    """Llama 7B shape: 4096 wide, 32 heads (no GQA), SwiGLU 11008, vocab 32000; 6.74B params."""
+             n_layer: int = 32, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None):
+    """Llama 7B shape: 4096 wide, 32 heads (no GQA), SwiGLU 11008, vocab 32000; 6.74B params.
+    ``max_seq_len`` (default: max(seq_len, 4096)) fixes the rotary tables across sequence lengths."""
     config = LlamaConfig(dim=4096, n_layer=n_layer, n_heads=32, n_kv_heads=32, vocab_size=32000,
-                         hidden_dim=11008, max_seq_len=max(seq_len, 4096))
+                         hidden_dim=11008, max_seq_len=max_seq_len or max(seq_len, 4096))
     return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len,
                  dtype=dtype)

@@ -165,8 +165,11 @@ def _terms(graph: Graph, regions: tuple[Region, ...], tl: _Timeline) -> list[_Te
 class _Model:
     """CP-SAT variables and constraints for one graph; solved once per budget."""
 
-    def __init__(self, graph: Graph, regions: tuple[Region, ...], scale_to: int) -> None:
-        self.graph, self.regions = graph, regions
+    def __init__(self, graphs: list[Graph], regions_per_graph: list[tuple[Region, ...]], scale_to: int) -> None:
+        """``graphs``: the same step at one or more input shapes; their candidate regions (aligned: same
+        paths, same op choices) share one set of decision variables."""
+        self.graphs, self.regions = graphs, regions_per_graph[0]
+        regions = self.regions
         self.unit = 1
         while scale_to // self.unit > (1 << 22):
             self.unit <<= 1
@@ -185,11 +188,16 @@ class _Model:
         for a, b in nested_pairs(regions):
             # [Constraint] checkpointed regions never nest
             m.add_bool_or([self.c[a].Not(), self.c[b].Not()])
-        self.tl = _Timeline(graph, regions)
-        self.terms = _terms(graph, regions, self.tl)
         self.z: dict[tuple[int, int, int], cp_model.IntVar] = {}
-        self._build_gap_aggregates()
-        self._build_memory_rows()
+        self.row_exprs: list[tuple[int, cp_model.LinearExprT, int]] = []
+        for gi, (graph, own) in enumerate(zip(graphs, regions_per_graph)):  # rows for every input shape
+            tl = _Timeline(graph, own)
+            terms = _terms(graph, own, tl)
+            gap_terms, g = self._build_gap_aggregates(gi, terms)
+            self._build_memory_rows(tl, terms, gap_terms, g)
+        top = max((ub for _, _, ub in self.row_exprs), default=0)
+        # peak: the step's peak memory in units (an upper bound on every row of every shape)
+        self.peak = self.m.new_int_var(0, max(top, 1), "peak")
         self._build_objective()
 
     # ---- helpers -----------------------------------------------------------------------------------
@@ -219,28 +227,29 @@ class _Model:
         return -((-t.nbytes) // self.unit) if t.nbytes > 0 else -((-t.nbytes) // self.unit)
 
     # ---- phases --------------------------------------------------------------------------------------
-    def _build_gap_aggregates(self) -> None:
-        m = self.m
-        self.gap_terms: list[list[int]] = [[] for _ in self.regions]
-        for i, t in enumerate(self.terms):
+    def _build_gap_aggregates(self, gi: int, terms: list[_Term]) -> tuple[list[list[int]], list[cp_model.IntVar]]:
+        gap_terms: list[list[int]] = [[] for _ in self.regions]
+        for i, t in enumerate(terms):
             if t.gap:
-                self.gap_terms[t.region].append(i)
+                gap_terms[t.region].append(i)
         # g[j]: region j's net effect on memory between its forward and its recomputation (units)
-        self.g = []
-        for j, idx in enumerate(self.gap_terms):
-            lo = sum(min(0, self.coef(self.terms[i])) for i in idx)
-            hi = sum(max(0, self.coef(self.terms[i])) for i in idx)
-            g = m.new_int_var(lo, hi, f"g[{self.regions[j].path}]")
+        g = []
+        for j, idx in enumerate(gap_terms):
+            lo = sum(min(0, self.coef(terms[i])) for i in idx)
+            hi = sum(max(0, self.coef(terms[i])) for i in idx)
+            var = self.m.new_int_var(lo, hi, f"g[{gi},{self.regions[j].path}]")
             # [Constraint] g[j] is the sum of region j's steady terms
-            m.add(g == sum(self.coef(self.terms[i]) * self.expr(self.terms[i]) for i in idx))
-            self.g.append(g)
+            self.m.add(var == sum(self.coef(terms[i]) * self.expr(terms[i]) for i in idx))
+            g.append(var)
+        return gap_terms, g
 
-    def _build_memory_rows(self) -> None:
-        """One row per distinct set of active terms: base(max over its positions) + terms <= budget."""
-        n = self.tl.size
+    def _build_memory_rows(self, tl: _Timeline, terms: list[_Term], gap_terms: list[list[int]],
+                           g: list[cp_model.IntVar]) -> None:
+        """One row per distinct set of active terms: base (max over its positions) + terms <= peak."""
+        n = tl.size
         starts: list[list[int]] = [[] for _ in range(n + 1)]
         ends: list[list[int]] = [[] for _ in range(n + 1)]
-        for i, t in enumerate(self.terms):
+        for i, t in enumerate(terms):
             starts[t.lo].append(i)
             ends[t.hi].append(i)
         active: set[int] = set()
@@ -249,43 +258,32 @@ class _Model:
         for pos in range(n):
             for i in ends[pos]:
                 active.discard(i)
-                if self.terms[i].gap:
-                    gap_active[self.terms[i].region] -= 1
+                if terms[i].gap:
+                    gap_active[terms[i].region] -= 1
             for i in starts[pos]:
                 active.add(i)
-                if self.terms[i].gap:
-                    gap_active[self.terms[i].region] += 1
-            full = tuple(j for j, cnt in enumerate(gap_active)
-                         if cnt and cnt == len(self.gap_terms[j]))
+                if terms[i].gap:
+                    gap_active[terms[i].region] += 1
+            full = tuple(j for j, cnt in enumerate(gap_active) if cnt and cnt == len(gap_terms[j]))
             full_set = set(full)
-            partial = tuple(sorted(i for i in active
-                                   if not (self.terms[i].gap and self.terms[i].region in full_set)))
+            partial = tuple(sorted(i for i in active if not (terms[i].gap and terms[i].region in full_set)))
             key = (full, partial)
-            base = self.tl.base[pos]
-            if rows.get(key, -1) < base:
-                rows[key] = base
-        self.rows = rows
+            if rows.get(key, -1) < tl.base[pos]:
+                rows[key] = tl.base[pos]
         # [Constraint] per row: base (max over the row's positions) + active effects <= peak
-        self.row_exprs = []
         for (full, partial), base in sorted(rows.items(), key=lambda kv: kv[0]):
-            e = sum(self.g[j] for j in full) + sum(
-                self.coef(self.terms[i]) * self.expr(self.terms[i]) for i in partial)
-            ub = self.scale(base) + sum(self._ub_g(j) for j in full) + sum(
-                max(0, self.coef(self.terms[i])) for i in partial)
+            e = sum(g[j] for j in full) + sum(self.coef(terms[i]) * self.expr(terms[i]) for i in partial)
+            ub = self.scale(base) + sum(max(0, self.coef(terms[i])) for j in full for i in gap_terms[j]) + sum(
+                max(0, self.coef(terms[i])) for i in partial)
             self.row_exprs.append((self.scale(base), e, ub))
-        top = max((ub for _, _, ub in self.row_exprs), default=0)
-        # peak: the step's peak memory in units (an upper bound on every row)
-        self.peak = self.m.new_int_var(0, max(top, 1), "peak")
-
-    def _ub_g(self, j: int) -> int:
-        return sum(max(0, self.coef(self.terms[i])) for i in self.gap_terms[j])
 
     def _build_objective(self) -> None:
-        # cost: estimated time of every op the recomputations rerun (early stop honoured)
+        # cost: estimated time of every op the recomputations rerun (early stop honoured), summed over
+        # the input shapes (each shape's step is equally likely)
         parts = []
         for j, r in enumerate(self.regions):
             for p in range(r.first_op, r.recompute_end):
-                cost = self.graph.ops[p].cost_ns
+                cost = sum(graph.ops[p].cost_ns for graph in self.graphs)
                 if cost:
                     k = self.k.get((j, p))
                     parts.append(cost * (self.c[j] - k) if k is not None else cost * self.c[j])
@@ -351,8 +349,12 @@ class _Model:
                 m.add_hint(self.k[(j, p)], on and p in hint[r.path])
 
 
-def build(graph: Graph, regions: tuple[Region, ...], scale_to: int) -> _Model:
-    return _Model(graph, regions, scale_to)
+def build(graph: Graph | list[Graph], regions: tuple[Region, ...] | list[tuple[Region, ...]],
+          scale_to: int) -> _Model:
+    """The model for one graph, or for the same step at several input shapes (one set of decisions)."""
+    if isinstance(graph, Graph):
+        return _Model([graph], [regions], scale_to)  # type: ignore[list-item]
+    return _Model(list(graph), list(regions), scale_to)  # type: ignore[arg-type]
 
 
 __all__ = ["Forced", "Solution", "Status", "build"]

@@ -1,0 +1,117 @@
+"""Scale: trace and solve 7B-class shapes on this CPU, without allocating their memory.
+
+Run by hand (about 10 minutes on 2 cores):
+    pip install -c constraints.txt -e ".[bench]"
+    python benchmarks/scale.py --out benchmarks/results/scale
+
+Each measurement runs in a fresh process so its peak RSS is its own. Writes scale.json (with the command
+and the machine) and scale_depth.png (depth sweep: trace time, solve time, CP-SAT variables, gap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def one(model: str, n_layer: int, time_limit: float, check_memory: bool) -> dict:
+    """Trace and solve one shape under FakeTensorMode (CPU kernels' shapes, no real memory)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import gpt2
+    import llama
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import ckptplan
+    from ckptplan.measure import measure_peak
+
+    factory = {"llama7b": llama.llama_7b, "gpt2xl": gpt2.gpt2_xl}[model]
+    from ckptplan.solver.regions import candidate_regions, outermost
+    from ckptplan.solver.simulate import simulate
+
+    row: dict = {"model": model, "n_layer": n_layer}
+    with FakeTensorMode():
+        m, args = factory(device="cpu", n_layer=n_layer)
+        t = time.monotonic()
+        graph = ckptplan.trace(m, *args)
+        row.update(trace_s=round(time.monotonic() - t, 2), forward_ops=graph.num_forward,
+                   events=graph.num_events, baseline_peak_bytes=graph.baseline_peak_bytes)
+        row["rss_after_trace_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        regions = candidate_regions(graph)
+        full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)}).peak_bytes
+        budget = (full + graph.baseline_peak_bytes) // 2  # halfway between full and no checkpointing
+        t = time.monotonic()
+        plan = ckptplan.solve(graph, budget, time_limit_s=time_limit)
+        row.update(solve_s=round(time.monotonic() - t, 2), status=plan.status, gap=plan.gap,
+                   variables=plan.solver_stats.get("variables"), constraints=plan.solver_stats.get("constraints"),
+                   budget_bytes=plan.budget_bytes, predicted_peak_bytes=plan.predicted_peak_bytes,
+                   full_peak_bytes=plan.full_peak_bytes, extra_forward_percent=round(100 * plan.extra_forward_fraction, 2))
+        if check_memory:
+            with ckptplan.apply(m, plan):
+                measured = measure_peak(m, *args)
+            row.update(memtracker_fake_peak_bytes=measured, measured_over_predicted=round(measured / plan.predicted_peak_bytes, 4))
+    row["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        model, n, limit, check = a.one.split(",")
+        print(json.dumps(one(model, int(n), float(limit), check == "1")))
+        return
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [("llama7b", 32, 60, 1), ("gpt2xl", 48, 60, 0)] + [("llama7b", n, 60, 0) for n in (4, 8, 16, 64)]
+    rows = []
+    for model, n, limit, check in runs:
+        res = subprocess.run([sys.executable, __file__, "--one", f"{model},{n},{limit},{check}"],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    result = {"command": "python benchmarks/scale.py --out benchmarks/results/scale",
+              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+              "note": "each row in a fresh process; times are wall clock; FakeTensorMode with CPU kernels' shapes",
+              "rows": rows}
+    (out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, out / "scale_depth.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = sorted((r for r in rows if r["model"] == "llama7b"), key=lambda r: r["n_layer"])
+    x = [r["n_layer"] for r in depth]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(x, [r["trace_s"] for r in depth], "o-", label="trace")
+    axes[0].plot(x, [r["solve_s"] for r in depth], "s-", label="solve (limit 60 s)")
+    axes[0].set(xlabel="layers", ylabel="seconds", title="time (Llama-7B shape, seq 4096)")
+    axes[0].legend()
+    axes[1].plot(x, [r["variables"] for r in depth], "o-", label="variables")
+    axes[1].plot(x, [r["constraints"] for r in depth], "s-", label="constraints")
+    axes[1].set(xlabel="layers", title="CP-SAT model size")
+    axes[1].legend()
+    axes[2].plot(x, [100 * r["gap"] for r in depth], "o-")
+    axes[2].set(xlabel="layers", ylabel="%", title="proven gap at the time limit")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
