@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from . import report
-from .errors import CkptplanError, InfeasibleBudget
+from .errors import CkptplanError, InfeasibleBudget, InputError
 from .modelspec import BUNDLED_EXAMPLE, bundled_example, load_model, parse_factory_args
 from .plan import load_plan
 from .planner import DEFAULT_RESERVE
@@ -199,6 +199,10 @@ def show(
     plan_file: Annotated[Path, typer.Argument(help="A plan written by `ckptplan solve`.")],
     sort: Annotated[str, typer.Option(help="Row order inside a region: order, bytes or flops.")] = "order",
     fold: Annotated[bool, typer.Option(help="Fold identical layers into one group.")] = True,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Also trace this model and re-simulate the plan's decisions on it "
+                              "(catches hand edits that no longer fit).")] = None,
+    arg: ArgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a plan: its header, then its decisions grouped by module with identical layers folded."""
@@ -206,6 +210,12 @@ def show(
         raise typer.BadParameter("choose order, bytes or flops", param_hint="--sort")
     try:
         plan = load_plan(plan_file)
+        if model is not None:
+            from .planner import check_plan
+
+            mode, _, world = plan.parallel.partition(":")
+            _, graph = _trace(model, arg, plan.optimizer, True, mode or None, int(world or 1))
+            check_plan(graph, plan)
     except CkptplanError as e:
         _fail(e, as_json)
         return
@@ -255,6 +265,9 @@ def verify(
 
     try:
         plan = load_plan(plan_file)
+        if plan.parallel:
+            raise InputError(f"verify runs one process, but this plan is per rank of {plan.parallel}: measure "
+                             "it inside the distributed job (FSDPMemTracker), as benchmarks/parallel_memory.py does")
         loaded = load_model(model or bundled_example(), parse_factory_args(arg or []))
         check_model(loaded.model, plan)
         check_plan(trace(loaded.model, *loaded.args, optimizer=plan.optimizer, model_name=loaded.name,

@@ -20,7 +20,7 @@ from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Graph
 from .plan import Decision, OpDecision, Plan, RegionPlan
 from .solver import cpsat
-from .solver.regions import Forced, Region, candidate_regions, outermost
+from .solver.regions import Forced, candidate_regions, outermost
 from .solver.simulate import SimResult, simulate
 from .units import format_bytes, parse_budget, suggest_budget
 
@@ -103,7 +103,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         return make({}, baseline, "optimal", 0.0, {})
 
     model = cpsat.build(shapes.graphs, shapes.regions, scale_to=usable)
-    deadline = started + time_limit_s
+    # the last simulation and the plan record come after the search: keep 2% of the limit for them
+    deadline = started + 0.98 * time_limit_s
     work = DETERMINISTIC_PER_SECOND * time_limit_s  # deterministic seconds for all solves together
 
     # ---- phase 1: the lowest peak any plan reaches --------------------------------------------------

@@ -205,10 +205,12 @@ def test_hand_edit_that_no_longer_fits_is_caught_with_the_overshoot(plan_file, t
     edited = tmp_path / "edited.yaml"
     edited.write_text(edit_rows(plan_file.read_text(), lambda l: '"recompute"' in l and l.endswith("null]"),
                                 "save", 40))
-    result = run("verify", str(edited), *ARGS)
-    assert result.exit_code == 2, result.output
-    msg = " ".join(result.stderr.split())
-    assert "no longer fit" in msg and re.search(r"by [\d.]+ \w+B", msg)
+    for command in ("verify", "show"):
+        result = run(command, str(edited), *ARGS)
+        assert result.exit_code == 2, result.output
+        msg = " ".join(result.stderr.split())
+        assert "no longer fit" in msg and re.search(r"by [\d.]+ \w+B", msg)
+    assert run("show", str(plan_file), *ARGS).exit_code == 0  # the unedited plan passes the same check
 
 
 def test_hand_edit_saving_a_forced_op_is_refused(plan_file, tmp_path):

@@ -2,10 +2,10 @@
 
 Built in named phases:
 
-1. ``_timeline``: positions (one per traced event, one per op rerun of every candidate region just
+1. ``_Timeline``: positions (one per traced event, one per op rerun of every candidate region just
    before the backward event that triggers its recomputation) and the baseline live bytes at each.
 2. ``_terms``: every way a decision changes memory, as (bytes, literal expression, [lo, hi) positions).
-3. ``_Model``: variables, the gap aggregates, one memory constraint per distinct set of active terms,
+3. ``_Model``: variables, the gap aggregates (per input shape when there are several), one memory constraint per distinct set of active terms,
    and the objective (estimated recompute time).
 
 Memory is scaled to ``unit`` bytes (a power of two chosen so the budget is about 2^22 units) in one
@@ -23,7 +23,7 @@ from typing import Callable
 from ortools.sat.python import cp_model
 
 from ..graph import Graph
-from .regions import Forced, Region, nested_pairs
+from .regions import Region, nested_pairs
 
 
 class Status(str, Enum):
@@ -55,7 +55,9 @@ class Solution:
 class _Term:
     region: int  # index into regions
     nbytes: int  # > 0 adds memory, < 0 frees it
-    kind: str  # "x": op p is recomputed; "k": op p is saved; "c": region is checkpointed; "z": x and c of other
+    # "x": op p is recomputed (c - k); "k": op p is saved; "c": the region is checkpointed;
+    # "z": op p is recomputed and region `other` is checkpointed; "zc": the same for a forced op (c and c')
+    kind: str
     op: int  # the op p (or -1 for kind "c")
     other: int  # for kind "z": the region whose checkpoint holds the storage
     lo: int
@@ -357,4 +359,4 @@ def build(graph: Graph | list[Graph], regions: tuple[Region, ...] | list[tuple[R
     return _Model(list(graph), list(regions), scale_to)  # type: ignore[arg-type]
 
 
-__all__ = ["Forced", "Solution", "Status", "build"]
+__all__ = ["Solution", "Status", "build"]
