@@ -31,9 +31,11 @@ class DeviceProfile:
         return self.op_overhead_ns + int(round(max(compute, traffic) * 1e9))
 
 
-# Measured order of magnitude on the 2-core CI machine (fp32 GEMM ~60 GFLOP/s, copies ~8 GB/s).
+# Assumed orders of magnitude, not yet calibrated against measured step times (the policy benchmark
+# should): a 2-core CPU doing fp32 GEMM at ~60 GFLOP/s and copies at ~8 GB/s, ~5 us per eager op.
 CPU = DeviceProfile(name="cpu", flops_per_s=60e9, bytes_per_s=8e9, op_overhead_ns=5_000)
-# An H100-class GPU in eager mode: bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s, ~8 us per launch.
+# An H100-class GPU in eager mode, from its datasheet orders of magnitude (also uncalibrated):
+# bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s, ~8 us per launch.
 GPU = DeviceProfile(name="cuda", flops_per_s=600e12, bytes_per_s=2.5e12, op_overhead_ns=8_000)
 
 
