@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,7 +21,7 @@ from .errors import CkptplanError, InfeasibleBudget, InputError
 from .modelspec import BUNDLED_EXAMPLE, bundled_example, load_model, parse_factory_args
 from .plan import load_plan
 from .planner import DEFAULT_RESERVE
-from .units import format_bytes, parse_budget, suggest_budget
+from .units import format_bytes, format_flops, parse_budget, suggest_budget
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Plan activation checkpointing for PyTorch training under a memory budget.")
@@ -39,6 +40,9 @@ ParallelOpt = Annotated[Optional[str], typer.Option(
     help="Data parallelism the step runs under: ddp or fsdp (FSDP2 fully_shard per block). The model spec "
          "gives one rank's batch; the budget is per rank.")]
 WorldOpt = Annotated[int, typer.Option(help="Number of data-parallel ranks (with --parallel).")]
+ObjectiveOpt = Annotated[str, typer.Option(
+    help="What to minimise: time (estimated recompute time, the default) or flops (recomputed FLOPs, then "
+         "time).")]
 SeqLenOpt = Annotated[Optional[str], typer.Option(
     help="Comma-separated sequence lengths, passed to the factory as seq_len=...: one plan that holds for "
          "each (its peak fits at the largest).")]
@@ -95,10 +99,12 @@ def _progress_line(status: Any):  # noqa: ANN202
 
     def note(phase: str, info: dict) -> None:
         text = f"[bold]{phase}[/bold]"
-        if "objective_ns" in info:
-            obj, bound = info["objective_ns"], info.get("bound_ns", info["objective_ns"])
-            gap = (obj - bound) / obj if obj else 0.0
-            text += f"  best {obj / 1e6:.2f} ms recompute, gap {100 * gap:.1f}%"
+        for unit, show in (("ns", lambda v: f"{v / 1e6:.2f} ms recompute"),
+                           ("flops", lambda v: f"{format_flops(int(v))} recomputed")):
+            if f"objective_{unit}" in info:
+                obj = info[f"objective_{unit}"]
+                bound = info.get(f"bound_{unit}", obj)
+                text += f"  best {show(obj)}, gap {100 * ((obj - bound) / obj if obj else 0.0):.1f}%"
         if "regions" in info:
             text += f"  {info['regions']} candidate regions"
         status.update(f"{text}  ({time.monotonic() - started:.1f} s)")
@@ -125,6 +131,7 @@ def solve(
     parallel: ParallelOpt = None,
     world_size: WorldOpt = 1,
     seq_len: SeqLenOpt = None,
+    objective: ObjectiveOpt = "time",
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Where to write the plan (default: plans/FACTORY-BUDGET.yaml).")] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 30.0,
@@ -142,7 +149,7 @@ def solve(
         parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace, not after
         loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len))
         with err.status("solving...", spinner="dots") if not quiet else _null() as status:
-            plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve,
+            plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve, objective=objective,
                               progress=_progress_line(status) if status is not None else None)
         path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget)}.yaml"
         plan.save(path)
@@ -154,6 +161,7 @@ def solve(
             again += [f"--reserve {reserve}"] if reserve != DEFAULT_RESERVE else []
             again += [f"--parallel {parallel} --world-size {world_size}"] if parallel else []
             again += [f"--seq-len {seq_len}"] if seq_len else []
+            again += [f"--objective {objective}"] if objective != "time" else []
             err.print(f"minimum feasible budget: {format_bytes(e.minimum_bytes)}; try: "
                       f"ckptplan solve {' '.join(again)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
@@ -170,6 +178,51 @@ def solve(
         print(json.dumps({**report.plan_summary(plan), "plan_file": str(path)}, indent=2))
     elif not quiet:
         err.print(report.summary_table(plan, str(path)))
+
+
+@app.command()
+def sweep(
+    budgets: Annotated[str, typer.Option(
+        "--budgets", help="Comma-separated budgets, e.g. 60%,50%,40% or 6GB,5GB (same syntax as --budget).")],
+    model: ModelOpt = None,
+    arg: ArgOpt = None,
+    optimizer: OptimizerOpt = None,
+    objective: ObjectiveOpt = "time",
+    time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds, per budget.")] = 30.0,
+    reserve: Annotated[float, typer.Option(
+        help="Fraction of each budget kept free (applied to every policy alike).")] = DEFAULT_RESERVE,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Also write a Pareto plot (peak vs extra FLOPs) to this PNG file (needs matplotlib).")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare ckptplan with full, every-k-th-block and torchtitan-style op checkpointing at several
+    budgets, all predicted by the simulator (`ckptplan verify` and benchmarks/run.py measure)."""
+    from .compare import pareto_plot, sweep as sweep_policies
+
+    quiet = quiet or as_json
+    items = [b.strip() for b in budgets.split(",") if b.strip()]
+    try:
+        if not items:
+            raise InputError("--budgets needs at least one budget, e.g. --budgets 60%,50%,40%")
+        for b in items:
+            parse_budget(b, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace
+        _, graph = _trace(model, arg, optimizer, quiet)
+        with err.status("solving each budget...", spinner="dots") if not quiet else _null():
+            rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective)
+        if plot is not None:
+            pareto_plot(rows, plot, title=f"{graph.model_name}: predicted", forward_flops=graph.forward_flops)
+    except CkptplanError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        print(json.dumps({"model": graph.model_name, "forward_flops": graph.forward_flops,
+                          "no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
+                          "rows": [asdict(r) for r in rows], "plot": str(plot) if plot else None}, indent=2))
+    elif not quiet:
+        _wide().print(report.sweep_table(rows, forward_flops=graph.forward_flops))
+        if plot is not None:
+            err.print(f"plot written to {plot}")
 
 
 @app.command("trace")

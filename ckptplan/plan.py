@@ -80,7 +80,8 @@ class Plan:
     extra_forward_flops: int
     extra_cost_ns: int  # estimated recompute time
     status: str  # "optimal" | "feasible"
-    gap: float
+    gap: float  # proven relative gap of the objective
+    objective: str = "time"  # what the solver minimised: "time" (estimated) or "flops"
     solve_time_s: float = field(default=0.0, compare=False)  # not in the file: identical solves, identical files
     regions: tuple[RegionPlan, ...]
     ckptplan_version: str = ""
@@ -95,6 +96,8 @@ class Plan:
             object.__setattr__(self, "shapes", (tuple(self.inputs),))
         if not self.fingerprints:
             object.__setattr__(self, "fingerprints", (self.fingerprint,))
+        if self.objective not in ("time", "flops"):
+            raise InputError(f"plan objective must be 'time' or 'flops', not {self.objective!r}")
         if self.status not in ("optimal", "feasible"):
             raise InputError(f"plan status must be 'optimal' or 'feasible', not {self.status!r}")
         for name in ("budget_bytes", "baseline_peak_bytes", "full_peak_bytes", "predicted_peak_bytes"):
@@ -217,6 +220,7 @@ def dump_yaml(plan: Plan) -> str:
         f"  extra_forward_percent: {round(pct, 3)}",
         f"  estimated_recompute_ns: {plan.extra_cost_ns}  # {plan.extra_cost_ns / 1e6:.3f} ms",
         "solver:",
+        f"  objective: {plan.objective}  # minimised: estimated recompute time, or FLOPs then time",
         f"  status: {plan.status}",
         f"  gap: {round(plan.gap, 6)}",
     ]
@@ -288,7 +292,7 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             raise InputError(f"{source}: its op rows add up to {sum(r.extra_forward_flops for r in regions)} extra "
                              f"FLOPs but the header says {flops['extra_forward']}: the file was edited inconsistently")
         solver = data["solver"]
-        stats = {k: int(v) for k, v in solver.items() if k not in ("status", "gap")}
+        stats = {k: int(v) for k, v in solver.items() if k not in ("objective", "status", "gap")}
         return Plan(
             model=str(data["model"]), fingerprint=str(data["fingerprint"]), signature=str(data["signature"]),
             num_parameters=int(data["parameters"]),
@@ -300,7 +304,8 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             baseline_peak_bytes=data["peak"]["no_checkpointing"], full_peak_bytes=data["peak"]["full_checkpointing"],
             predicted_peak_bytes=data["peak"]["plan"], forward_flops=int(flops["forward"]),
             extra_forward_flops=int(flops["extra_forward"]), extra_cost_ns=int(flops["estimated_recompute_ns"]),
-            status=str(solver["status"]), gap=float(solver["gap"]), regions=regions,
+            status=str(solver["status"]), gap=float(solver["gap"]), objective=str(solver.get("objective", "time")),
+            regions=regions,
             ckptplan_version=str(data.get("ckptplan", "")), torch_version=str(data.get("torch", "")),
             solver_stats=stats,
         )

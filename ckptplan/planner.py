@@ -68,8 +68,11 @@ class _Shapes:
 
 
 def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0, reserve: float = DEFAULT_RESERVE,
-          workers: int = 1, progress: Progress | None = None) -> Plan:
+          workers: int = 1, progress: Progress | None = None, objective: str = "time") -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
+
+    ``objective="flops"`` minimises the recomputed FLOPs instead, then the estimated time among the plans
+    with that many FLOPs (FLOPs call memory-bound ops free, so prefer "time" unless FLOPs are what you pay).
 
     ``graph`` may be a list: the same step traced at several input shapes (sequence lengths). The plan
     then holds for each of them, its peak fits at every shape, and recompute time is summed over them.
@@ -80,6 +83,10 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     """
     if not 0 <= reserve < 0.5:
         raise InputError(f"reserve must be a fraction in [0, 0.5), got {reserve}")
+    try:
+        goal = cpsat.Objective(objective)
+    except ValueError:
+        raise InputError(f"objective must be one of {[o.value for o in cpsat.Objective]}, not {objective!r}") from None
     started = time.monotonic()
     note = progress or (lambda phase, info: None)
     shapes = _Shapes(graph)
@@ -96,7 +103,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     def make(saved: dict[str, frozenset[int]], sim: SimResult, status: str, gap: float,
              stats: dict[str, int]) -> Plan:
         return _plan(shapes, saved, sim, budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
-                     baseline=baseline, full=full, status=status, gap=gap,
+                     baseline=baseline, full=full, status=status, gap=gap, objective=goal.value,
                      solve_time_s=time.monotonic() - started, stats=stats)
 
     if usable >= baseline.peak_bytes:
@@ -106,6 +113,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     # the last simulation and the plan record come after the search: keep 2% of the limit for them
     deadline = started + 0.98 * time_limit_s
     work = DETERMINISTIC_PER_SECOND * time_limit_s  # deterministic seconds for all solves together
+    unit = "flops" if goal is cpsat.Objective.FLOPS else "ns"  # of the objective the progress line shows
 
     # ---- phase 1: the lowest peak any plan reaches --------------------------------------------------
     note("minimum peak", {})
@@ -137,8 +145,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             break
         note("solve", {"attempt": attempt, "budget": target})
         sol = model.solve(budget_bytes=target, time_limit_s=left, hint=hint, workers=workers,
-                          deterministic_limit=work,
-                          on_solution=lambda obj, bound: note("improved", {"objective_ns": obj, "bound_ns": bound}))
+                          deterministic_limit=work, objective=goal,
+                          on_solution=lambda obj, bound: note("improved", {f"objective_{unit}": obj, f"bound_{unit}": bound}))
         work -= sol.deterministic_s
         stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt}
         last = sol.status
@@ -167,7 +175,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
 
 def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
           budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult, status: str, gap: float,
-          solve_time_s: float, stats: dict[str, int]) -> Plan:
+          objective: str, solve_time_s: float, stats: dict[str, int]) -> Plan:
     graph, regions = shapes.primary, shapes.regions[0]
     out = []
     for r in regions:
@@ -200,7 +208,8 @@ def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
         baseline_peak_bytes=baseline.peak_bytes,
         full_peak_bytes=full.peak_bytes, predicted_peak_bytes=sim.peak_bytes,
         forward_flops=graph.forward_flops, extra_forward_flops=sim.extra_forward_flops,
-        extra_cost_ns=sim.extra_cost_ns, status=status, gap=round(gap, 6), solve_time_s=solve_time_s,
+        extra_cost_ns=sim.extra_cost_ns, status=status, gap=round(gap, 6), objective=objective,
+        solve_time_s=solve_time_s,
         regions=tuple(out), ckptplan_version=__version__, torch_version=graph.torch_version,
         solver_stats=stats,
     )

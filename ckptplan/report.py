@@ -25,6 +25,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "extra_forward_flops": plan.extra_forward_flops,
         "extra_forward_percent": round(100 * plan.extra_forward_fraction, 3),
         "estimated_recompute_ns": plan.extra_cost_ns,
+        "objective": plan.objective,
         "status": plan.status,
         "gap": plan.gap,
         "solve_time_s": round(plan.solve_time_s, 3),
@@ -45,7 +46,8 @@ def summary_table(plan: Plan, path: str | None = None) -> Table:
               f"({100 * plan.extra_forward_fraction:.1f}% of {format_flops(plan.forward_flops)} forward)")
     t.add_row("estimated recompute time", f"{plan.extra_cost_ns / 1e6:.2f} ms")
     t.add_row("checkpointed regions", f"{len(plan.regions)}")
-    t.add_row("solver", f"{plan.status}, gap {100 * plan.gap:.2f}%, {plan.solve_time_s:.1f} s")
+    t.add_row("solver", f"{plan.status} (minimising {plan.objective}), gap {100 * plan.gap:.2f}%, "
+              f"{plan.solve_time_s:.1f} s")
     if path:
         t.add_row("plan file", path)
     return t
@@ -150,4 +152,29 @@ def graph_table(info: dict[str, Any]) -> Table:
         elif isinstance(v, list):
             v = ", ".join(map(str, v))
         t.add_row(k.replace("_", " "), str(v))
+    return t
+
+
+def sweep_table(rows: list, *, forward_flops: int) -> Table:
+    """``compare.sweep`` rows: one section per budget, ckptplan first."""
+    t = Table(title="predicted, per budget: ckptplan and the cheapest fitting knob of each policy "
+                    "(fits = peak under the budget less the reserve)", title_justify="left")
+    for name, justify in [("budget", "left"), ("policy", "left"), ("knob", "left"), ("peak", "right"),
+                          ("extra forward FLOPs", "right"), ("% of forward", "right"),
+                          ("est. recompute ms", "right"), ("note", "left")]:
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    last = None
+    for r in rows:
+        if last is not None and r.budget != last:
+            t.add_section()
+        first = r.budget != last
+        last = r.budget
+        label = f"{r.budget} = {format_bytes(r.budget_bytes)}" if first else ""
+        name = f"[bold]{r.policy}[/bold]" if r.policy == "ckptplan" else r.policy
+        if not r.fits:
+            t.add_row(label, name, r.knob, "[red]does not fit[/red]", "", "", "", r.note)
+            continue
+        t.add_row(label, name, r.knob, format_bytes(r.peak_bytes), format_flops(r.extra_forward_flops),
+                  f"{100 * r.extra_forward_flops / forward_flops:.1f}" if forward_flops else "",
+                  f"{r.extra_cost_ns / 1e6:.2f}", r.note)
     return t

@@ -71,19 +71,36 @@ class _Counter:
 
 
 class _CountingCachedMode(_CachedTorchDispatchMode):
-    """SAC's recomputation mode, counting the FLOPs of the ops it reruns (not those it takes cached)."""
+    """SAC's recomputation mode, counting the FLOPs of the ops it reruns (not those it takes cached).
 
-    def __init__(self, storage: dict, counter: _Counter) -> None:
+    It also checks that the recomputation replays the forward's op sequence. A region whose forward
+    reads state that the forward itself changed (a Hugging Face KV cache when ``use_cache=True``, a
+    global flag) reruns other ops; SAC would fail with an opaque "not found in storage" error or, worse,
+    hand back a cached tensor to the wrong op. This raises PlanMismatch naming the op instead.
+    """
+
+    def __init__(self, storage: dict, counter: _Counter, plan: RegionPlan) -> None:
         super().__init__(None, storage)
-        self.counter = counter
+        self.counter, self.plan = counter, plan
+        self.position = 0
 
     def __enter__(self):  # noqa: ANN204
         self.counter.regions += 1
+        self.position = 0
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if func in SAC_IGNORED_OPS:
             return super().__torch_dispatch__(func, types, args, kwargs)
+        pos = self.position
+        self.position += 1
+        want = self.plan.ops[pos].op if pos < len(self.plan.ops) else None
+        if str(func) != want:
+            raise PlanMismatch(
+                f"{self.plan.path}: recomputing it in backward ran {func} as op #{pos} where its forward ran "
+                f"{want or 'nothing'}. The region's forward depends on state that changed between forward "
+                "and backward: a Hugging Face model called with use_cache=True (pass use_cache=False for "
+                "training), a global flag, or a module that counts its calls; make its forward repeatable")
         key = _sac_storage_key(func, args)
         entry = self.storage.get(key, {}).get(self.func_counter[key])
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -159,7 +176,8 @@ class _RegionRuntime:
 
     def _contexts(self) -> tuple[Any, Any]:
         storage: dict = defaultdict(dict)
-        return _CachingTorchDispatchMode(self._policy, storage), _CountingCachedMode(storage, self.counter)
+        return (_CachingTorchDispatchMode(self._policy, storage),
+                _CountingCachedMode(storage, self.counter, self.plan))
 
     def _policy(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         pos = self.position

@@ -280,7 +280,13 @@ def _run_pass(model, args, kwargs, loss_fn, names, profile, *, keep_saved: bool)
         else:
             hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: None, _no_unpack)
         with hooks, rec:
-            loss = loss_fn(model(*args, **kwargs))
+            out = model(*args, **kwargs)
+            if getattr(out, "past_key_values", None) is not None:
+                raise InputError("the model returned a KV cache (Hugging Face use_cache=True): a recomputed layer "
+                                 "would append to it again and rerun other ops. Call it with use_cache=False "
+                                 "(or set model.config.use_cache = False) for training")
+            loss = loss_fn(out)
+            del out
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise InputError("loss_fn must return a scalar tensor")
             if not loss.requires_grad:

@@ -148,6 +148,62 @@ def test_other_path_raises_before_any_gradient():
     assert all(p.grad is None for p in model.parameters())
 
 
+class CachedBlock(nn.Module):
+    """Appends its input to a per-step cache and attends over the cache, as a KV cache does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, cache: list) -> torch.Tensor:
+        cache.append(x)
+        keys = torch.cat(cache) if len(cache) > 1 else cache[0]  # a recomputation sees the cache grown
+        return torch.tanh(self.fc(x)) * keys.mean() + x
+
+
+class CachedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(CachedBlock() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, [])  # a fresh cache per block and per step, mutated by the block's forward
+        return x.sum()
+
+
+def test_recomputation_that_runs_other_ops_raises_plan_mismatch():
+    """State the forward changed (a KV cache) makes the rerun differ: say so, never SAC's opaque error."""
+    torch.manual_seed(0)
+    model = CachedModel()
+    x = torch.randn(512, 16)
+    graph = ckptplan.trace(model, x)
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(graph, 1)
+    plan = ckptplan.solve(graph, info.value.minimum_bytes)
+    assert any(r.path.startswith("blocks.") for r in plan.regions)
+    with ckptplan.apply(model, plan):
+        with pytest.raises(ckptplan.PlanMismatch, match=r"recomputing it in backward ran aten\.cat"):
+            model(x).backward()
+
+
+def test_a_model_returning_a_kv_cache_is_refused_at_trace():
+    class Out(dict):
+        __getattr__ = dict.get
+
+    class WithCache(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return Out(loss=h.sum(), past_key_values=[h.detach()])
+
+    with pytest.raises(ckptplan.InputError, match="use_cache=False"):
+        ckptplan.trace(WithCache(), torch.randn(2, 4))
+
+
 @pytest.mark.parametrize("name", ["gpt2", "resnet"])
 def test_torch_compile_with_a_plan(name):
     """Compiled with and without a plan: same gradients, same BatchNorm statistics."""

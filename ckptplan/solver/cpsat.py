@@ -16,6 +16,7 @@ solution of the scaled model never uses more memory than the model says. The ind
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
@@ -24,6 +25,13 @@ from ortools.sat.python import cp_model
 
 from ..graph import Graph
 from .regions import Region, nested_pairs
+
+
+class Objective(str, Enum):
+    """What the plan minimises. Time is the default: FLOPs call a recomputed GELU or LayerNorm free."""
+
+    TIME = "time"  # estimated recompute time (costmodel.py)
+    FLOPS = "flops"  # recomputed FLOPs first, then estimated time among the plans with that many
 
 
 class Status(str, Enum):
@@ -38,7 +46,10 @@ class Solution:
     status: Status
     saved: dict[str, frozenset[int]]  # checkpointed region -> ops it saves
     objective_ns: int  # estimated recompute time, in the model's own terms
-    bound_ns: int  # best proven lower bound on the objective
+    bound_ns: int  # best proven lower bound on the estimated time
+    objective_flops: int = 0  # recomputed FLOPs (the primary objective under Objective.FLOPS)
+    bound_flops: int = 0  # best proven lower bound on them, under Objective.FLOPS
+    objective: Objective = Objective.TIME
     wall_s: float
     deterministic_s: float  # CP-SAT's deterministic clock: the same model and limit stop at the same point
     num_variables: int
@@ -46,9 +57,12 @@ class Solution:
 
     @property
     def gap(self) -> float:
-        if self.objective_ns <= 0:
+        """Proven relative gap of the primary objective."""
+        value, bound = ((self.objective_flops, self.bound_flops) if self.objective is Objective.FLOPS
+                        else (self.objective_ns, self.bound_ns))
+        if value <= 0:
             return 0.0
-        return max(0.0, (self.objective_ns - self.bound_ns) / self.objective_ns)
+        return max(0.0, (value - bound) / value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,39 +295,70 @@ class _Model:
 
     def _build_objective(self) -> None:
         # cost: estimated time of every op the recomputations rerun (early stop honoured), summed over
-        # the input shapes (each shape's step is equally likely)
+        # the input shapes (each shape's step is equally likely); flops: the same ops' FLOPs
+        self.cost = self._rerun_sum(lambda op: op.cost_ns)
+        self.flops = self._rerun_sum(lambda op: op.flops)
+
+    def _rerun_sum(self, value: Callable) -> cp_model.LinearExprT:
         parts = []
         for j, r in enumerate(self.regions):
             for p in range(r.first_op, r.recompute_end):
-                cost = sum(graph.ops[p].cost_ns for graph in self.graphs)
+                cost = sum(value(graph.ops[p]) for graph in self.graphs)
                 if cost:
                     k = self.k.get((j, p))
                     parts.append(cost * (self.c[j] - k) if k is not None else cost * self.c[j])
-        self.cost = sum(parts) if parts else 0
+        return sum(parts) if parts else 0
 
     # ---- solving -------------------------------------------------------------------------------------
     def solve(self, *, budget_bytes: int | None, time_limit_s: float, hint: dict[str, frozenset[int]] | None,
               workers: int = 1, deterministic_limit: float | None = None,
-              on_solution: Callable[[float, float], None] | None = None) -> Solution:
-        """Minimise recompute time under ``budget_bytes``; with ``None``, minimise the peak instead.
+              on_solution: Callable[[float, float], None] | None = None,
+              objective: Objective = Objective.TIME) -> Solution:
+        """Minimise ``objective`` under ``budget_bytes``; with ``None``, minimise the peak instead.
 
         ``deterministic_limit`` stops the search on CP-SAT's deterministic clock, so that a solve cut short
         returns the same plan on every run; ``time_limit_s`` is a wall-clock backstop. ``on_solution`` is
         called with (objective, best bound) at every improving solution, for progress displays.
+        Under ``Objective.FLOPS`` the FLOPs are minimised first (half the limits), then the estimated
+        time among plans with no more FLOPs than that.
         """
         m = self.m.clone()
         peak = m.get_int_var_from_proto_index(self.peak.index)
-        rows = []
         for base, e, ub in self.row_exprs:
             if budget_bytes is not None and ub <= budget_bytes // self.unit:
                 continue  # can never bind at this budget
-            rows.append(m.add(base + e <= peak))
-        if budget_bytes is not None:
-            # [Constraint] the step's peak stays within the budget
-            m.add(peak <= budget_bytes // self.unit)
-            m.minimize(self.cost)
-        else:
+            m.add(base + e <= peak)
+        if budget_bytes is None:
             m.minimize(peak)
+            solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers, on_solution)
+            return self._solution(m, solver, status, time_minimised=False)
+        # [Constraint] the step's peak stays within the budget
+        m.add(peak <= budget_bytes // self.unit)
+        first: tuple[int, int, float, float] | None = None  # FLOPs stage: value, bound, wall s, deterministic s
+        if objective is Objective.FLOPS and not isinstance(self.flops, int):
+            m.minimize(self.flops)
+            half = None if deterministic_limit is None else deterministic_limit / 2
+            solver, status = self._run(m, hint, time_limit_s / 2, half, workers, on_solution)
+            if status not in (Status.OPTIMAL, Status.FEASIBLE):
+                return self._solution(m, solver, status, time_minimised=False)
+            value = int(solver.value(self.flops))
+            first = (value, min(value, int(solver.best_objective_bound)), solver.wall_time,
+                     solver.response_proto.deterministic_time)
+            # [Constraint] no more recomputed FLOPs than the best plan found; now the fastest such plan
+            m.add(self.flops <= value)
+            hint = self._decisions(solver)
+            time_limit_s = max(0.1, time_limit_s - solver.wall_time)
+            if deterministic_limit is not None:
+                deterministic_limit = max(0.01, deterministic_limit - first[3])
+            m.clear_hints()
+        m.minimize(self.cost)
+        solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers,
+                                   None if first else on_solution)
+        return self._solution(m, solver, status, time_minimised=True, flops_stage=first)
+
+    def _run(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]] | None, time_limit_s: float,
+             deterministic_limit: float | None, workers: int,
+             on_solution: Callable[[float, float], None] | None) -> tuple[cp_model.CpSolver, Status]:
         if hint:
             self._add_hint(m, hint)
         solver = cp_model.CpSolver()
@@ -330,16 +375,32 @@ class _Model:
         code = solver.solve(m, _Progress(on_solution) if on_solution else None)
         status = {cp_model.OPTIMAL: Status.OPTIMAL, cp_model.FEASIBLE: Status.FEASIBLE,
                   cp_model.INFEASIBLE: Status.INFEASIBLE}.get(code, Status.UNKNOWN)
+        return solver, status
+
+    def _decisions(self, solver: cp_model.CpSolver) -> dict[str, frozenset[int]]:
+        return {r.path: frozenset(p for p in r.choices if solver.boolean_value(self.k[(j, p)]))
+                for j, r in enumerate(self.regions) if solver.boolean_value(self.c[j])}
+
+    def _solution(self, m: cp_model.CpModel, solver: cp_model.CpSolver, status: Status, *, time_minimised: bool,
+                  flops_stage: tuple[int, int, float, float] | None = None) -> Solution:
+        """The solution in the solver's hands, with the FLOPs stage's result when there was one."""
         saved: dict[str, frozenset[int]] = {}
-        objective = bound = 0
+        value = bound = 0
         if status in (Status.OPTIMAL, Status.FEASIBLE):
-            for j, r in enumerate(self.regions):
-                if solver.boolean_value(self.c[j]):
-                    saved[r.path] = frozenset(p for p in r.choices if solver.boolean_value(self.k[(j, p)]))
-            objective = int(solver.value(self.cost)) if not isinstance(self.cost, int) else 0
-            bound = int(solver.best_objective_bound) if budget_bytes is not None else objective
-        return Solution(status=status, saved=saved, objective_ns=objective, bound_ns=min(bound, objective),
-                        wall_s=solver.wall_time, deterministic_s=solver.response_proto.deterministic_time,
+            saved = self._decisions(solver)
+            value = int(solver.value(self.cost)) if not isinstance(self.cost, int) else 0
+            bound = int(solver.best_objective_bound) if time_minimised else value
+        flops, flops_bound, wall, det = flops_stage or (0, 0, 0.0, 0.0)
+        if flops_stage is not None:
+            if status is Status.INFEASIBLE:
+                status = Status.UNKNOWN  # cannot be: the FLOPs stage's plan satisfies the time stage
+            if status is Status.OPTIMAL and flops_bound < flops:
+                status = Status.FEASIBLE  # the time stage is optimal, the FLOPs stage was not proven
+        return Solution(status=status, saved=saved, objective_ns=value, bound_ns=min(bound, value),
+                        objective_flops=flops, bound_flops=flops_bound,
+                        objective=Objective.FLOPS if flops_stage else Objective.TIME,
+                        wall_s=solver.wall_time + wall,
+                        deterministic_s=solver.response_proto.deterministic_time + det,
                         num_variables=len(m.proto.variables),
                         num_constraints=len(m.proto.constraints))
 
@@ -359,4 +420,4 @@ def build(graph: Graph | list[Graph], regions: tuple[Region, ...] | list[tuple[R
     return _Model(list(graph), list(regions), scale_to)  # type: ignore[arg-type]
 
 
-__all__ = ["Solution", "Status", "build"]
+__all__ = ["Objective", "Solution", "Status", "build"]

@@ -1,0 +1,96 @@
+"""``sweep``: ckptplan against the policies people use instead, at several budgets, all predicted.
+
+For each budget, ckptplan's plan and the cheapest fitting knob of every baseline policy
+(``solver/baselines.py``), each judged by the same simulator against the same usable bytes (the
+budget less ckptplan's reserve). Nothing here runs the model: ``benchmarks/run.py`` measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .errors import InfeasibleBudget, InputError
+from .graph import Graph
+from .planner import DEFAULT_RESERVE, RESERVE_SCALE, solve
+from .solver import baselines
+from .solver.regions import candidate_regions
+from .units import format_bytes, parse_budget
+
+CKPTPLAN = "ckptplan"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepRow:
+    budget: str  # as given
+    budget_bytes: int
+    policy: str  # "ckptplan" or a baselines.Policy value
+    knob: str  # "k=2", "" ...
+    fits: bool  # a plan under the budget (less the reserve) exists for this policy
+    peak_bytes: int | None  # predicted; None when nothing fits
+    extra_forward_flops: int | None
+    extra_cost_ns: int | None
+    note: str = ""  # why nothing fits, or the solver's status
+
+
+def sweep(graph: Graph, budgets: Sequence[str | int], *, time_limit_s: float = 30.0,
+          reserve: float = DEFAULT_RESERVE, objective: str = "time") -> list[SweepRow]:
+    """One row per budget and policy, budgets in the order given, ckptplan first."""
+    if not budgets:
+        raise InputError("give at least one budget, e.g. --budgets 60%,50%,40%")
+    regions = candidate_regions(graph)
+    results = baselines.all_baselines(graph, regions)
+    keep = round((1 - reserve) * RESERVE_SCALE)
+    rows: list[SweepRow] = []
+    for budget in budgets:
+        text = str(budget)
+        nbytes = parse_budget(budget, reference_bytes=graph.baseline_peak_bytes)
+        try:
+            plan = solve(graph, budget, time_limit_s=time_limit_s, reserve=reserve, objective=objective)
+            rows.append(SweepRow(budget=text, budget_bytes=nbytes, policy=CKPTPLAN, knob=objective, fits=True,
+                                 peak_bytes=plan.predicted_peak_bytes, extra_forward_flops=plan.extra_forward_flops,
+                                 extra_cost_ns=plan.extra_cost_ns, note=f"{plan.status}, gap {100 * plan.gap:.2f}%"))
+        except InfeasibleBudget as e:
+            rows.append(SweepRow(budget=text, budget_bytes=nbytes, policy=CKPTPLAN, knob=objective, fits=False,
+                                 peak_bytes=None, extra_forward_flops=None, extra_cost_ns=None,
+                                 note=f"below the minimum {format_bytes(e.minimum_bytes)}"))
+        usable = nbytes * keep // RESERVE_SCALE
+        for policy, best in baselines.best_fitting(results, usable).items():
+            if best is None:
+                lowest = min((r.peak_bytes for r in results if r.policy is policy), default=None)
+                why = f"lowest peak {format_bytes(lowest)}" if lowest is not None else "no blocks to checkpoint"
+                rows.append(SweepRow(budget=text, budget_bytes=nbytes, policy=policy.value, knob="", fits=False,
+                                     peak_bytes=None, extra_forward_flops=None, extra_cost_ns=None, note=why))
+            else:
+                rows.append(SweepRow(budget=text, budget_bytes=nbytes, policy=policy.value, knob=best.knob,
+                                     fits=True, peak_bytes=best.peak_bytes,
+                                     extra_forward_flops=best.extra_forward_flops, extra_cost_ns=best.extra_cost_ns))
+    return rows
+
+
+def pareto_plot(rows: Sequence[SweepRow], path: str | Path, *, title: str, forward_flops: int) -> Path:
+    """Peak memory against extra forward FLOPs (% of forward), one line per policy. Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install matplotlib (or the [bench] extra)") from None
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for policy in dict.fromkeys(r.policy for r in rows):
+        pts = sorted({(r.peak_bytes / 2**30, 100 * r.extra_forward_flops / max(forward_flops, 1))
+                      for r in rows if r.policy == policy and r.fits and r.peak_bytes is not None})
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if policy == CKPTPLAN else "s--",
+                    label=policy, linewidth=2.2 if policy == CKPTPLAN else 1.2)
+    ax.set(xlabel="peak memory (GiB)", ylabel="extra forward FLOPs (% of forward)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

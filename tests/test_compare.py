@@ -1,0 +1,90 @@
+"""ckptplan against the baseline policies, predicted: it is never worse where a baseline fits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ckptplan
+from ckptplan.planner import RESERVE_SCALE
+from ckptplan.solver import baselines
+from ckptplan.solver.regions import candidate_regions
+from ckptplan.solver.simulate import simulate
+
+from .test_cli import ARGS, GPT2, run
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "resnet"])
+def test_baselines_are_what_they_say(traced, name):
+    _, _, graph = traced(name)
+    regions = candidate_regions(graph)
+    blocks = baselines.blocks(graph, regions)
+    assert blocks and all(b.path.rsplit(".", 1)[1].isdigit() for b in blocks)
+    full = baselines.evaluate(graph, regions, baselines.Policy.FULL)
+    assert set(full.saved) == {b.path for b in blocks} and not any(full.saved.values())
+    every2 = baselines.evaluate(graph, regions, baselines.Policy.EVERY_K, 2)
+    assert sorted(every2.saved) == sorted(b.path for b in blocks[::2])
+    # fewer checkpointed blocks: more memory, less recomputation
+    assert full.peak_bytes <= every2.peak_bytes <= graph.baseline_peak_bytes
+    assert every2.extra_forward_flops <= full.extra_forward_flops
+    op_sac = baselines.evaluate(graph, regions, baselines.Policy.OP_SAC)
+    for path, keep in op_sac.saved.items():
+        assert all(graph.ops[p].name in baselines.SAVED_BY_OP_SAC for p in keep)
+    assert op_sac.extra_forward_flops <= full.extra_forward_flops
+    assert simulate(graph, regions, {}).peak_bytes == graph.baseline_peak_bytes
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.6])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_ckptplan_beats_every_fitting_baseline(traced, name, fraction):
+    """Minimising time it has the lowest estimated time; minimising FLOPs, the fewest FLOPs."""
+    _, _, graph = traced(name)
+    budget = int(fraction * graph.baseline_peak_bytes)
+    by_time = ckptplan.solve(graph, budget, time_limit_s=20)
+    by_flops = ckptplan.solve(graph, budget, time_limit_s=20, objective="flops")
+    assert by_time.objective == "time" and by_flops.objective == "flops"
+    assert by_flops.extra_forward_flops <= by_time.extra_forward_flops
+    assert by_time.extra_cost_ns <= by_flops.extra_cost_ns
+    usable = budget * round((1 - by_time.reserve) * RESERVE_SCALE) // RESERVE_SCALE
+    results = baselines.all_baselines(graph, candidate_regions(graph))
+    fitting = [r for r in results if r.peak_bytes <= usable]
+    assert fitting  # every_k or full fits at these budgets: the comparison is not empty
+    for r in fitting:
+        assert by_time.extra_cost_ns <= r.extra_cost_ns, (r.policy, r.knob)
+        assert by_flops.extra_forward_flops <= r.extra_forward_flops, (r.policy, r.knob)
+
+
+def test_flops_objective_round_trips_through_yaml(traced, tmp_path):
+    _, _, graph = traced("gpt2")
+    plan = ckptplan.solve(graph, "70%", objective="flops")
+    again = ckptplan.load_plan(plan.save(tmp_path / "p.yaml"))
+    assert again.objective == "flops" and again == plan
+    with pytest.raises(ckptplan.InputError, match="objective"):
+        ckptplan.solve(graph, "70%", objective="speed")
+
+
+def test_sweep_cli_json_and_plot(tmp_path):
+    png = tmp_path / "pareto.png"
+    result = run("sweep", "-m", GPT2, *ARGS, "--budgets", "80%,65%,1MB", "--plot", str(png), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = data["rows"]
+    assert [r["budget"] for r in rows if r["policy"] == "ckptplan"] == ["80%", "65%", "1MB"]
+    assert {r["policy"] for r in rows} == {"ckptplan", "none", "full", "every_k", "op_sac"}
+    tiny = [r for r in rows if r["budget"] == "1MB"]
+    assert not any(r["fits"] for r in tiny) and "minimum" in tiny[0]["note"]
+    for budget in ("80%", "65%"):
+        mine = next(r for r in rows if r["budget"] == budget and r["policy"] == "ckptplan")
+        assert mine["fits"] and mine["peak_bytes"] <= mine["budget_bytes"]
+        for r in rows:
+            if r["budget"] == budget and r["fits"] and r["policy"] != "ckptplan":
+                assert mine["extra_cost_ns"] <= r["extra_cost_ns"]
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("budgets", ["", "80%,8Gb", "lots"])
+def test_sweep_bad_budgets_exit_2(budgets):
+    result = run("sweep", "-m", GPT2, *ARGS, "--budgets", budgets)
+    assert result.exit_code == 2, result.output
+    assert "budget" in result.output.lower()
