@@ -11,9 +11,42 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .trace import default_loss
+
+
+class _Tracker(MemTracker):
+    """MemTracker that lets a compiled step run compiled. Without this, dynamo refuses to compile under a
+    dispatch mode ("non-infra torch dispatch mode present") and silently runs the model eagerly,
+    reporting the eager peak (and keeps running that code eagerly until ``torch._dynamo.reset()``)."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+
+class _FlopCounter(TorchDispatchMode):
+    """FlopCounterMode's total with its own formulas (``flop_registry``), as a dispatch mode that lets a
+    compiled step run compiled and counts the compiled graph's aten ops. FlopCounterMode itself cannot:
+    its module tracker's global hooks break dynamo's tracing, and its mode makes dynamo run eagerly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
 
 
 def _step(model: nn.Module, args: tuple, kwargs: dict, loss_fn: Callable[[Any], torch.Tensor] | None) -> None:
@@ -31,7 +64,7 @@ def measure_peak(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> i
         _step(model, args, kwargs, loss_fn)
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated())
-    tracker = MemTracker()
+    tracker = _Tracker()
     tracker.track_external(model)
     with tracker:
         _step(model, args, kwargs, loss_fn)
@@ -40,7 +73,15 @@ def measure_peak(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> i
 
 
 def measure_flops(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> int:  # noqa: ANN001
-    """Total FLOPs of one step (forward, recomputation and backward) by FlopCounterMode."""
-    with FlopCounterMode(display=False) as counter:
+    """Total FLOPs of one step (forward, recomputation and backward) by FlopCounterMode.
+
+    A compiled model (``torch.compile``) is counted by the same formulas in a mode that keeps it compiled.
+    """
+    if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules()):
+        counter = _FlopCounter()
+        with counter:
+            _step(model, args, kwargs, loss_fn)
+        return counter.total
+    with FlopCounterMode(display=False) as flops:
         _step(model, args, kwargs, loss_fn)
-    return int(counter.get_total_flops())
+    return int(flops.get_total_flops())

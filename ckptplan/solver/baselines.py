@@ -8,11 +8,10 @@ so the independent simulator predicts their peak memory and recompute cost exact
   ``apply_activation_checkpointing`` on the blocks).
 * ``every_k``: blocks ``0, k, 2k, ...`` checkpointed (torchtitan's selective *layer* option).
 * ``op_sac``: every block checkpointed, the outputs of its matmuls and attention kernels saved except
-  every second ``mm`` (torchtitan's selective *op* option). torchtitan lists ``aten.mm`` because its
-  Llama has no biases; ``addmm`` is the same matmul with a bias, so it is saved too.
+  every second matmul (torchtitan's selective *op* option). torchtitan lists ``aten.mm`` because its
+  Llama has no biases; ``addmm`` is the same matmul with a bias, so it is saved and counted too.
 
-A block is a repeated element of a ``ModuleList`` / ``Sequential`` / ``ModuleDict`` (a transformer
-layer, a ResNet block). Chen et al.'s sqrt(n) segments checkpoint several consecutive blocks as one unit, which
+Blocks are what users checkpoint: see ``block_paths`` (shared with the policy benchmark's live anchors). Chen et al.'s sqrt(n) segments checkpoint several consecutive blocks as one unit, which
 is not a module call, so it has no prediction here; the policy benchmark measures it on live models.
 """
 
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Sequence
 
 from ..graph import Graph
 from .regions import CONTAINERS, Region
@@ -33,6 +33,8 @@ SAVED_BY_OP_SAC = frozenset({
     "aten._scaled_dot_product_cudnn_attention.default",
     "aten._scaled_dot_product_flash_attention_for_cpu.default",
 })
+# Matmuls for the every-second rule: a Linear with a bias runs addmm, without one mm.
+MATMULS = frozenset({"aten.mm.default", "aten.addmm.default", "aten.linear.default"})
 
 
 class Policy(str, Enum):
@@ -52,17 +54,46 @@ class BaselineResult:
     extra_cost_ns: int
 
 
+def block_paths(module_tree: Sequence[tuple[str, str]]) -> list[str]:
+    """The blocks of a module tree ``[(path, type name), ...]``, in registration order.
+
+    Elements of containers that have children of their own (GPT-2's ``transformer.h.*``, not the
+    ``wte``/``ln_f`` beside them in its ``ModuleDict``; ResNet's ``layer1.0``, not the stem's conv/BN/ReLU);
+    when containers hold single layers only, the containers below the root (a U-Net's ``enc1.net``,
+    whose in-place ReLU cannot be checkpointed alone); never a block inside another block.
+    """
+    types = dict(module_tree)
+
+    def parent(path: str) -> str:
+        return path.rsplit(".", 1)[0] if "." in path else ""
+
+    has_children = {parent(path) for path, _ in module_tree if path}
+    elements = [path for path, kind in module_tree if path and types.get(parent(path)) in CONTAINERS
+                and kind not in CONTAINERS]
+    found = [p for p in elements if p in has_children]
+    if not found:
+        holders = {parent(p) for p in elements} - {""}
+        found = [p for p, _ in module_tree if p in holders] or elements
+    return [p for p in found if not any(p.startswith(q + ".") for q in found)]
+
+
 def blocks(graph: Graph, regions: tuple[Region, ...]) -> tuple[Region, ...]:
-    """Candidate regions that are repeated elements of a container (a sibling of the same type), in
-    forward order: the layers of a ``ModuleList``, not the embedding beside them in a ``ModuleDict``."""
-    types = dict(graph.module_tree)
-    siblings: dict[tuple[str, str], int] = {}
-    for path, kind in graph.module_tree:
-        if "." in path:
-            siblings[(path.rsplit(".", 1)[0], kind)] = siblings.get((path.rsplit(".", 1)[0], kind), 0) + 1
-    return tuple(r for r in regions if "." in r.path
-                 and types.get(r.path.rsplit(".", 1)[0]) in CONTAINERS
-                 and siblings.get((r.path.rsplit(".", 1)[0], r.type_name), 0) > 1)
+    """The candidate regions that are blocks (``block_paths``), in forward order."""
+    chosen = set(block_paths(graph.module_tree))
+    return tuple(r for r in regions if r.path in chosen)
+
+
+def op_sac_keeps(op_names: Sequence[str]) -> list[bool]:
+    """torchtitan's op-level rule over one block's ops in forward order: which outputs it saves."""
+    keep, matmuls = [], 0
+    for name in op_names:
+        if name in MATMULS:
+            matmuls += 1
+            if matmuls % 2 == 0:
+                keep.append(False)  # every second matmul is recomputed
+                continue
+        keep.append(name in SAVED_BY_OP_SAC)
+    return keep
 
 
 def decisions(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int = 1) -> dict[str, frozenset[int]]:
@@ -79,16 +110,8 @@ def decisions(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int 
     out = {}
     for r in chosen:
         free = set(r.choices)
-        keep, mm = set(), 0
-        for p in r.ops:
-            name = graph.ops[p].name
-            if name == "aten.mm.default":
-                mm += 1
-                if mm % 2 == 0:
-                    continue  # torchtitan recomputes every second mm
-            if name in SAVED_BY_OP_SAC and p in free:
-                keep.add(p)
-        out[r.path] = frozenset(keep)
+        flags = op_sac_keeps([graph.ops[p].name for p in r.ops])
+        out[r.path] = frozenset(p for p, kept in zip(r.ops, flags) if kept and p in free)
     return out
 
 
