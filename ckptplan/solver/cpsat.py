@@ -16,7 +16,6 @@ solution of the scaled model never uses more memory than the model says. The ind
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
