@@ -397,13 +397,13 @@ def _restored(model: nn.Module, *, grads: bool = False) -> Iterator[None]:
 
 # ---- op-level selective checkpointing ---------------------------------------------------------------
 
-def _op_sac_policy(names: list[str], ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    names.append(str(func))  # the rule is ckptplan's baselines.op_sac_keeps, over this call's ops so far
-    return CheckpointPolicy.MUST_SAVE if baselines.op_sac_keeps(names)[-1] else CheckpointPolicy.PREFER_RECOMPUTE
+def _op_sac_policy(rule: baselines.OpSacRule, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    # the rule is the one ckptplan's predicted baseline uses (baselines.op_sac_keeps)
+    return CheckpointPolicy.MUST_SAVE if rule.keeps(str(func)) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _op_sac_contexts() -> tuple[Any, Any]:
-    return create_selective_checkpoint_contexts(functools.partial(_op_sac_policy, []))  # per call
+    return create_selective_checkpoint_contexts(functools.partial(_op_sac_policy, baselines.OpSacRule()))  # per call
 
 
 def _op_sac(model, args, kwargs, knob, patches, budget_bytes):  # noqa: ANN001, ANN202

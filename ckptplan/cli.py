@@ -20,7 +20,7 @@ from . import report
 from .errors import CkptplanError, InfeasibleBudget, InputError
 from .modelspec import BUNDLED_EXAMPLE, bundled_example, load_model, parse_factory_args
 from .plan import load_plan
-from .planner import DEFAULT_RESERVE
+from .planner import DEFAULT_GAP, DEFAULT_RESERVE
 from .units import format_bytes, format_flops, parse_budget, suggest_budget
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -138,6 +138,9 @@ def solve(
     reserve: Annotated[float, typer.Option(
         help="Fraction of the budget kept free for allocator slack and what tracing cannot see.")
     ] = DEFAULT_RESERVE,
+    gap: Annotated[float, typer.Option(
+        help="Stop once the plan is proven within this fraction of the cheapest (0: prove it optimal).")
+    ] = DEFAULT_GAP,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -150,7 +153,7 @@ def solve(
         loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len))
         with err.status("solving...", spinner="dots") if not quiet else _null() as status:
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve, objective=objective,
-                              progress=_progress_line(status) if status is not None else None)
+                              gap=gap, progress=_progress_line(status) if status is not None else None)
         path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget)}.yaml"
         plan.save(path)
     except InfeasibleBudget as e:
@@ -162,6 +165,7 @@ def solve(
             again += [f"--parallel {parallel} --world-size {world_size}"] if parallel else []
             again += [f"--seq-len {seq_len}"] if seq_len else []
             again += [f"--objective {objective}"] if objective != "time" else []
+            again += [f"--gap {gap}"] if gap != DEFAULT_GAP else []
             err.print(f"minimum feasible budget: {format_bytes(e.minimum_bytes)}; try: "
                       f"ckptplan solve {' '.join(again)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)

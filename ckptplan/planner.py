@@ -2,10 +2,11 @@
 
 1. The simulator gives the no-checkpointing and full-checkpointing peaks.
 2. A budget at or above the no-checkpointing peak needs no plan: nothing is recomputed.
-3. CP-SAT minimises the peak; the simulator checks that plan; a budget below it raises
-   ``InfeasibleBudget`` with the minimum. That plan is also the first solution (hint) of step 4.
-4. CP-SAT minimises recompute time under the budget; the simulator checks the answer. Should the two
-   ever disagree, the budget given to CP-SAT is lowered by the overshoot and it solves again; a plan
+3. When full checkpointing does not fit, CP-SAT minimises the peak; the simulator checks that plan; a
+   budget below it raises ``InfeasibleBudget`` with the minimum. Whichever of that plan and full
+   checkpointing peaks lower is the first solution (hint) of step 4.
+4. CP-SAT minimises recompute time under the budget (to within ``gap``); the simulator checks the
+   answer. Should the two ever disagree, the budget given to CP-SAT is lowered by the overshoot and it solves again; a plan
    is only returned once the simulator says it fits.
 """
 
@@ -35,6 +36,10 @@ RESERVE_SCALE = 10**6  # the reserve is applied in millionths
 # (measured: ~0.3 units per wall second on a 2-core CI machine), so a solve stopped by its limit still
 # gives a byte-identical plan on every run. The wall-clock limit stays as a hard backstop.
 DETERMINISTIC_PER_SECOND = 0.2
+# The search stops once the plan is proven within this fraction of the cheapest (estimated recompute
+# time). Closing the last half percent can take CP-SAT minutes on deep models (Llama-7B shape, 32 layers:
+# 0.5% in 3 s, optimal in 25 s), and the cost model's own error is larger than that.
+DEFAULT_GAP = 0.005
 
 
 class _Shapes:
@@ -68,7 +73,8 @@ class _Shapes:
 
 
 def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0, reserve: float = DEFAULT_RESERVE,
-          workers: int = 1, progress: Progress | None = None, objective: str = "time") -> Plan:
+          workers: int = 1, progress: Progress | None = None, objective: str = "time",
+          gap: float = DEFAULT_GAP) -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
 
     ``objective="flops"`` minimises the recomputed FLOPs instead, then the estimated time among the plans
@@ -80,9 +86,13 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     ``reserve`` is headroom kept free below the budget (a fraction of it) for what a trace cannot see
     exactly: allocator rounding and fragmentation, and MemTracker's own accounting of inputs and
     checkpoint internals (measured here at up to ~0.2% on small models). ``reserve=0`` plans to the byte.
+
+    ``gap`` ends the search once the plan is proven within that fraction of the cheapest (0: optimal).
     """
     if not 0 <= reserve < 0.5:
         raise InputError(f"reserve must be a fraction in [0, 0.5), got {reserve}")
+    if not 0 <= gap < 1:
+        raise InputError(f"gap must be a fraction in [0, 1), got {gap}")
     try:
         goal = cpsat.Objective(objective)
     except ValueError:
@@ -115,14 +125,17 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     work = DETERMINISTIC_PER_SECOND * time_limit_s  # deterministic seconds for all solves together
     unit = "flops" if goal is cpsat.Objective.FLOPS else "ns"  # of the objective the progress line shows
 
-    # ---- phase 1: the lowest peak any plan reaches --------------------------------------------------
-    note("minimum peak", {})
-    low = model.solve(budget_bytes=None, time_limit_s=max(1.0, deadline - time.monotonic()),
-                      hint=everything, workers=workers, deterministic_limit=0.3 * work)
-    work -= low.deterministic_s
+    # ---- phase 1: the lowest peak any plan reaches (only needed when full checkpointing does not fit:
+    # otherwise the budget is feasible and full checkpointing is the first solution) ----------------------
     candidates = [(full.peak_bytes, everything)]
-    if low.saved is not None and low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
-        candidates.append((shapes.simulate(low.saved).peak_bytes, low.saved))
+    low = None
+    if usable < full.peak_bytes:
+        note("minimum peak", {})
+        low = model.solve(budget_bytes=None, time_limit_s=max(1.0, deadline - time.monotonic()),
+                          hint=everything, workers=workers, deterministic_limit=0.3 * work)
+        work -= low.deterministic_s
+        if low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
+            candidates.append((shapes.simulate(low.saved).peak_bytes, low.saved))
     min_peak, min_saved = min(candidates, key=lambda c: c[0])
     minimum = -(-min_peak * RESERVE_SCALE // keep)  # the smallest budget whose usable part fits min_peak
     infeasible = InfeasibleBudget(
@@ -131,7 +144,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         f"{f', plus the {reserve:.0%} reserve' if reserve else ''}); "
         f"try --budget {suggest_budget(minimum)} or a smaller batch",
         budget_bytes=budget_bytes, minimum_bytes=minimum)
-    if usable < min_peak and low.status is cpsat.Status.OPTIMAL:
+    if usable < min_peak and low is not None and low.status is cpsat.Status.OPTIMAL:
         raise infeasible
 
     # ---- phase 2: cheapest plan under the budget, checked by the simulator ------------------------
@@ -145,7 +158,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             break
         note("solve", {"attempt": attempt, "budget": target})
         sol = model.solve(budget_bytes=target, time_limit_s=left, hint=hint, workers=workers,
-                          deterministic_limit=work, objective=goal,
+                          deterministic_limit=work, objective=goal, gap_limit=gap,
                           on_solution=lambda obj, bound: note("improved", {f"objective_{unit}": obj, f"bound_{unit}": bound}))
         work -= sol.deterministic_s
         stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt}

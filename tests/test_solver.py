@@ -49,12 +49,12 @@ def test_cost_never_rises_with_budget_and_plans_fit(traced, name):
     low = minimum_of(g)
     previous = None
     for budget in sorted({low, (low + g.baseline_peak_bytes) // 2, int(0.9 * g.baseline_peak_bytes)}):
-        plan = ckptplan.solve(g, budget, reserve=0.0)
+        plan = ckptplan.solve(g, budget, reserve=0.0, gap=0.0)  # proven optimal: cost is monotone
         sim = simulate(g, regions, saved_sets(plan))
         # the plan's numbers are the simulator's, and they fit
         assert sim.peak_bytes == plan.predicted_peak_bytes <= budget
         assert sim.extra_forward_flops == plan.extra_forward_flops
-        assert plan.status == "optimal" and plan.gap <= 0.01
+        assert plan.status == "optimal" and plan.gap == 0.0
         if previous is not None:
             assert plan.extra_cost_ns <= previous
         previous = plan.extra_cost_ns
@@ -121,10 +121,23 @@ def test_time_limit_without_any_plan_raises_solver_timeout(traced, monkeypatch):
         ckptplan.solve(g, full.peak_bytes - 1, time_limit_s=0.5, reserve=0.0)
 
 
-def test_reserve_is_validated(traced):
+def test_reserve_and_gap_are_validated(traced):
     _, _, g = traced("llama")
     with pytest.raises(ckptplan.InputError, match="reserve"):
         ckptplan.solve(g, "60%", reserve=0.7)
+    with pytest.raises(ckptplan.InputError, match="gap"):
+        ckptplan.solve(g, "60%", gap=1.5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "unet"])
+def test_gap_limit_keeps_the_plan_within_that_much_of_the_optimum(traced, name):
+    _, _, g = traced(name)
+    budget = (minimum_of(g) + g.baseline_peak_bytes) // 2
+    best = ckptplan.solve(g, budget, gap=0.0)
+    quick = ckptplan.solve(g, budget, gap=0.05)
+    assert best.status == "optimal" and best.gap == 0.0
+    assert quick.gap <= 0.05 and (quick.status == "optimal") == (quick.gap == 0.0)
+    assert best.extra_cost_ns <= quick.extra_cost_ns <= best.extra_cost_ns / (1 - 0.05)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -162,7 +163,8 @@ def test_hf_use_cache_true_in_a_recomputed_layer_raises():
     wrapped = LossOnly(model)
     graph = ckptplan.trace(wrapped, *args, **kwargs)
     plan = solve_at(graph, 0.5)
-    assert "inner.model.layers.0" in {r.path for r in plan.regions}, "the plan must checkpoint a decoder layer"
+    layers = [r.path for r in plan.regions if re.fullmatch(r"inner\.model\.layers\.\d+", r.path)]
+    assert layers, "the plan must checkpoint a whole decoder layer (its attention updates the cache)"
     with ckptplan.apply(wrapped, plan):
         loss = wrapped(*args, **kwargs)  # the forward runs the traced ops: the cache starts empty
         with pytest.raises(ckptplan.PlanMismatch, match="use_cache") as info:

@@ -83,17 +83,25 @@ def blocks(graph: Graph, regions: tuple[Region, ...]) -> tuple[Region, ...]:
     return tuple(r for r in regions if r.path in chosen)
 
 
+class OpSacRule:
+    """torchtitan's op-level rule, one op at a time in forward order (one instance per block call)."""
+
+    def __init__(self) -> None:
+        self.matmuls = 0
+
+    def keeps(self, name: str) -> bool:
+        """Whether the rule saves this op's output."""
+        if name in MATMULS:
+            self.matmuls += 1
+            if self.matmuls % 2 == 0:
+                return False  # every second matmul is recomputed
+        return name in SAVED_BY_OP_SAC
+
+
 def op_sac_keeps(op_names: Sequence[str]) -> list[bool]:
     """torchtitan's op-level rule over one block's ops in forward order: which outputs it saves."""
-    keep, matmuls = [], 0
-    for name in op_names:
-        if name in MATMULS:
-            matmuls += 1
-            if matmuls % 2 == 0:
-                keep.append(False)  # every second matmul is recomputed
-                continue
-        keep.append(name in SAVED_BY_OP_SAC)
-    return keep
+    rule = OpSacRule()
+    return [rule.keeps(name) for name in op_names]
 
 
 def decisions(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int = 1) -> dict[str, frozenset[int]]:
