@@ -145,14 +145,12 @@ def solve(
     quiet: QuietOpt = False,
 ) -> None:
     """Trace one training step and write the cheapest checkpointing plan that fits the budget."""
-    from .planner import solve as solve_plan
+    from .planner import check_options, solve as solve_plan
 
     quiet = quiet or as_json
     try:
         parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace, not after
-        if not (0 <= reserve < 0.5 and 0 <= gap < 1):
-            raise InputError(f"--reserve must be in [0, 0.5) and --gap in [0, 1) (fractions, e.g. 0.02 and "
-                             f"0.005); got --reserve {reserve} --gap {gap}")
+        check_options(reserve=reserve, gap=gap)  # before the trace, like the budget
         loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len))
         with err.status("solving...", spinner="dots") if not quiet else _null() as status:
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve, objective=objective,

@@ -73,6 +73,14 @@ class _Shapes:
         return replace(sims[0], peak_bytes=worst.peak_bytes, peak_at=worst.peak_at)
 
 
+def check_options(*, reserve: float, gap: float) -> None:
+    """Refuse a reserve or gap outside its range (the CLI calls this before tracing)."""
+    if not 0 <= reserve < 0.5:
+        raise InputError(f"reserve must be a fraction in [0, 0.5), got {reserve}")
+    if not 0 <= gap < 1:
+        raise InputError(f"gap must be a fraction in [0, 1), got {gap}")
+
+
 def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0, reserve: float = DEFAULT_RESERVE,
           workers: int = 1, progress: Progress | None = None, objective: str = "time",
           gap: float = DEFAULT_GAP) -> Plan:
@@ -90,10 +98,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
 
     ``gap`` ends the search once the plan is proven within that fraction of the cheapest (0: optimal).
     """
-    if not 0 <= reserve < 0.5:
-        raise InputError(f"reserve must be a fraction in [0, 0.5), got {reserve}")
-    if not 0 <= gap < 1:
-        raise InputError(f"gap must be a fraction in [0, 1), got {gap}")
+    check_options(reserve=reserve, gap=gap)
     try:
         goal = cpsat.Objective(objective)
     except ValueError:

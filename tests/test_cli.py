@@ -106,11 +106,12 @@ def test_solve_human_output_goes_to_stderr(plans_dir, minimum_bytes):
 
 
 def test_out_of_range_gap_or_reserve_exits_2_before_tracing(tmp_path):
-    for option in (["--gap", "1.5"], ["--reserve", "-0.1"]):
+    for option, message in ((["--gap", "1.5"], "gap must be a fraction in [0, 1)"),
+                            (["--reserve", "-0.1"], "reserve must be a fraction in [0, 0.5)")):
         out = tmp_path / "plan.yaml"
         result = run("solve", "-m", "no/such/file.py:factory", "-b", "8GB", *option, "-o", str(out))
         assert result.exit_code == 2  # the spec would fail to load: the range check came first
-        assert "--gap in [0, 1)" in flat(result.stderr) and option[1] in flat(result.stderr)
+        assert message in flat(result.stderr) and option[1] in flat(result.stderr)
         assert not out.exists()
 
 

@@ -282,9 +282,9 @@ class _Model:
         gap_active = [0] * len(self.regions)
         order: dict[int, int] = {}  # region -> rank by the position it first becomes steady
         rows: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-        key: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        key: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # nothing active before position 0
         for pos in range(n):
-            changed = bool(ends[pos] or starts[pos]) or key is None
+            changed = bool(ends[pos] or starts[pos])
             for i in ends[pos]:
                 t = terms[i]
                 if t.gap:
@@ -304,7 +304,6 @@ class _Model:
                         partial.difference_update(gap_terms[t.region])
             if changed:
                 key = (tuple(sorted(full)), tuple(sorted(partial)))
-            assert key is not None
             if rows.get(key, -1) < tl.base[pos]:
                 rows[key] = tl.base[pos]
         ranked = sorted(order, key=order.__getitem__)
