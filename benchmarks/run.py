@@ -143,10 +143,9 @@ def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s
 
 
 def predicted_cost(graph, regions, row: dict) -> int | None:
-    """The cost model's recompute time for an anchor that ckptplan's decisions can express."""
-    kind = {"none": baselines.Policy.NONE, "full": baselines.Policy.FULL, "every_k": baselines.Policy.EVERY_K,
-            "op_sac": baselines.Policy.OP_SAC}.get(row["policy"])
-    if kind is None:
+    """The cost model's recompute time for an anchor the simulator can predict (not compile, not sac_ilp)."""
+    kind = {p.value: p for p in baselines.Policy}.get(row["policy"])
+    if kind is None or (kind is baselines.Policy.SQRT_N and not baselines.sqrt_n_segments(graph, regions)[0]):
         return None
     k = int(row["knob"].removeprefix("k=")) if kind is baselines.Policy.EVERY_K else 1
     return baselines.evaluate(graph, regions, kind, k).extra_cost_ns

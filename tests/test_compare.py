@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 import ckptplan
+from ckptplan.measure import measure_flops, measure_peak
 from ckptplan.planner import RESERVE_SCALE
 from ckptplan.solver import baselines
 from ckptplan.solver.regions import candidate_regions
@@ -33,6 +37,57 @@ def test_baselines_are_what_they_say(traced, name):
         assert all(graph.ops[p].name in baselines.SAVED_BY_OP_SAC for p in keep)
     assert op_sac.extra_forward_flops <= full.extra_forward_flops
     assert simulate(graph, regions, {}).peak_bytes == graph.baseline_peak_bytes
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class _Chain(nn.Module):
+    """Blocks in a Sequential; ``segments`` > 0 runs them through ``checkpoint_sequential``."""
+
+    def __init__(self, n: int, dim: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[_Block(dim) for _ in range(n)])
+        self.segments = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.segments:
+            return checkpoint_sequential(self.blocks, self.segments, x, use_reentrant=False)
+        return self.blocks(x)
+
+
+def test_sqrt_n_prediction_matches_checkpoint_sequential():
+    """The predicted sqrt(n) baseline is what checkpoint_sequential measures: peak and extra FLOPs."""
+    torch.manual_seed(0)
+    model = _Chain(9, 64)
+    x = torch.randn(16, 128, 64)
+    graph = ckptplan.trace(model, x)
+    regions = candidate_regions(graph)
+    segments, count = baselines.sqrt_n_segments(graph, regions)
+    # checkpoint_sequential(model, 3, x): blocks 0-2 and 3-5 checkpointed, 6-8 plain
+    assert count == 3 and [s.members for s in segments] == [
+        ("blocks.0", "blocks.1", "blocks.2"), ("blocks.3", "blocks.4", "blocks.5")]
+    predicted = baselines.evaluate(graph, regions, baselines.Policy.SQRT_N)
+    assert predicted.knob == "segments=3x3" and set(predicted.saved) == {"blocks.0..blocks.2", "blocks.3..blocks.5"}
+    plain_peak, plain_flops = measure_peak(model, x), measure_flops(model, x)
+    model.segments = count
+    peak, flops = measure_peak(model, x), measure_flops(model, x)
+    assert peak < plain_peak
+    assert abs(predicted.peak_bytes - peak) <= 0.01 * peak, (predicted.peak_bytes, peak)  # equal here
+    assert predicted.extra_forward_flops == flops - plain_flops
+
+
+def test_sqrt_n_needs_a_chain(traced):
+    _, _, graph = traced("unet")  # skip concatenations: blocks are not back to back on one tensor
+    regions = candidate_regions(graph)
+    assert baselines.sqrt_n_segments(graph, regions) == ((), 0)
+    assert all(r.policy is not baselines.Policy.SQRT_N for r in baselines.all_baselines(graph, regions))
 
 
 @pytest.mark.parametrize("fraction", [0.8, 0.6])
@@ -71,7 +126,7 @@ def test_sweep_cli_json_and_plot(tmp_path):
     data = json.loads(result.stdout)
     rows = data["rows"]
     assert [r["budget"] for r in rows if r["policy"] == "ckptplan"] == ["80%", "65%", "1MB"]
-    assert {r["policy"] for r in rows} == {"ckptplan", "none", "full", "every_k", "op_sac"}
+    assert {r["policy"] for r in rows} == {"ckptplan", "none", "full", "every_k", "op_sac", "sqrt_n"}
     tiny = [r for r in rows if r["budget"] == "1MB"]
     assert not any(r["fits"] for r in tiny) and "minimum" in tiny[0]["note"]
     for budget in ("80%", "65%"):

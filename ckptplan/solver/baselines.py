@@ -10,19 +10,22 @@ so the independent simulator predicts their peak memory and recompute cost exact
 * ``op_sac``: every block checkpointed, the outputs of its matmuls and attention kernels saved except
   every second matmul (torchtitan's selective *op* option). torchtitan lists ``aten.mm`` because its
   Llama has no biases; ``addmm`` is the same matmul with a bias, so it is saved and counted too.
+* ``sqrt_n``: Chen et al.'s rule as ``torch.utils.checkpoint.checkpoint_sequential`` applies it to the
+  chain of blocks: ``ceil(sqrt(n))`` segments of ``n // segments`` consecutive blocks, each but the last
+  checkpointed as one unit (``regions.segment``; not a module call, so never one of ckptplan's decisions).
 
-Blocks are what users checkpoint: see ``block_paths`` (shared with the policy benchmark's live anchors). Chen et al.'s sqrt(n) segments checkpoint several consecutive blocks as one unit, which
-is not a module call, so it has no prediction here; the policy benchmark measures it on live models.
+Blocks are what users checkpoint: see ``block_paths`` (shared with the policy benchmark's live anchors).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
 
 from ..graph import Graph
-from .regions import CONTAINERS, Region
+from .regions import CONTAINERS, Region, segment
 from .simulate import simulate
 
 # Outputs torchtitan's op-level policy saves (its ``_save_list``, with the CPU attention kernel).
@@ -42,12 +45,13 @@ class Policy(str, Enum):
     FULL = "full"
     EVERY_K = "every_k"
     OP_SAC = "op_sac"
+    SQRT_N = "sqrt_n"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BaselineResult:
     policy: Policy
-    knob: str  # "k=2" for every_k, "" otherwise
+    knob: str  # "k=2" for every_k, "segments=3x2" for sqrt_n (as the policy benchmark writes it), "" otherwise
     saved: dict[str, frozenset[int]]  # checkpointed region -> ops it saves (the solver's own form)
     peak_bytes: int  # by the simulator
     extra_forward_flops: int
@@ -104,11 +108,33 @@ def op_sac_keeps(op_names: Sequence[str]) -> list[bool]:
     return [rule.keeps(name) for name in op_names]
 
 
+def sqrt_n_segments(graph: Graph, regions: tuple[Region, ...]) -> tuple[tuple[Region, ...], int]:
+    """``checkpoint_sequential``'s checkpointed segments and their count (the last one runs plain).
+
+    Empty when the blocks are not one back-to-back chain of at least two candidate regions.
+    """
+    chain = blocks(graph, regions)
+    n = len(chain)
+    if n < 2 or n != len(block_paths(graph.module_tree)):
+        return (), 0
+    count = math.ceil(math.sqrt(n))
+    size = n // count
+    out = []
+    for start in range(0, size * (count - 1), size):
+        seg = segment(graph, chain[start:start + size])
+        if seg is None:
+            return (), 0
+        out.append(seg)
+    return tuple(out), count
+
+
 def decisions(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int = 1) -> dict[str, frozenset[int]]:
-    """The regions ``policy`` checkpoints and the ops it saves in each."""
+    """The regions ``policy`` checkpoints and the ops it saves in each (sqrt_n: its segments' paths)."""
     chosen = blocks(graph, regions)
     if policy is Policy.NONE:
         return {}
+    if policy is Policy.SQRT_N:
+        return {seg.path: frozenset() for seg in sqrt_n_segments(graph, regions)[0]}
     if policy is Policy.FULL:
         return {r.path: frozenset() for r in chosen}
     if policy is Policy.EVERY_K:
@@ -125,19 +151,29 @@ def decisions(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int 
 
 def evaluate(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int = 1) -> BaselineResult:
     saved = decisions(graph, regions, policy, k)
+    knob = f"k={k}" if policy is Policy.EVERY_K else ""
+    if policy is Policy.SQRT_N:
+        segments, count = sqrt_n_segments(graph, regions)
+        if not segments:
+            raise ValueError("sqrt_n needs the blocks to be one back-to-back chain of at least two")
+        regions = regions + segments
+        knob = f"segments={count}x{len(segments[0].members)}"
     sim = simulate(graph, regions, saved)
-    return BaselineResult(policy=policy, knob=f"k={k}" if policy is Policy.EVERY_K else "", saved=saved,
+    return BaselineResult(policy=policy, knob=knob, saved=saved,
                           peak_bytes=sim.peak_bytes, extra_forward_flops=sim.extra_forward_flops,
                           extra_cost_ns=sim.extra_cost_ns)
 
 
 def all_baselines(graph: Graph, regions: tuple[Region, ...]) -> list[BaselineResult]:
-    """Every policy at every knob value: every_k for k = 2 .. number of blocks."""
+    """Every policy at every knob value: every_k for k = 2 .. number of blocks; sqrt_n where the blocks
+    form a chain."""
     n = len(blocks(graph, regions))
     out = [evaluate(graph, regions, Policy.NONE)]
     if n:
         out += [evaluate(graph, regions, Policy.FULL), evaluate(graph, regions, Policy.OP_SAC)]
         out += [evaluate(graph, regions, Policy.EVERY_K, k) for k in range(2, n + 1)]
+    if sqrt_n_segments(graph, regions)[0]:
+        out.append(evaluate(graph, regions, Policy.SQRT_N))
     return out
 
 

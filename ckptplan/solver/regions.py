@@ -45,6 +45,9 @@ class Region:
     choices: tuple[int, ...]  # ops that may be saved
     forced: tuple[tuple[int, Forced], ...]  # (op, reason) for every other op of the region
     mutated_buffers: tuple[str, ...]  # buffers written in forward (BatchNorm statistics): restored on recompute
+    # a segment of consecutive blocks checkpointed as one unit (``segment``): the module calls it runs;
+    # empty for a module call, which is its own path
+    members: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.first_op <= self.recompute_end <= self.end_op:
@@ -55,7 +58,9 @@ class Region:
         return range(self.first_op, self.end_op)
 
     def contains(self, module_path: str) -> bool:
-        return module_path == self.path or module_path.startswith(self.path + ".")
+        if not self.members:  # a module call (the hot path: the solver and simulator ask per storage)
+            return module_path == self.path or module_path.startswith(self.path + ".")
+        return any(module_path == p or module_path.startswith(p + ".") for p in self.members)
 
 
 def candidate_regions(graph: Graph) -> tuple[Region, ...]:
@@ -96,6 +101,35 @@ def candidate_regions(graph: Graph) -> tuple[Region, ...]:
         if region is not None:
             regions.append(region)
     return tuple(sorted(regions, key=lambda r: (r.first_op, -r.end_op, r.path)))
+
+
+def segment(graph: Graph, parts: tuple[Region, ...]) -> Region | None:
+    """Consecutive blocks checkpointed as one unit, as ``checkpoint_sequential`` does (Chen's sqrt(n)).
+
+    Not a module call, so never a plan's decision: the baselines use it to predict that policy. One
+    checkpoint holds the first block's inputs (and whatever later blocks take from outside), reruns
+    every block at the first unpack of any of them, and dies after the last. None unless the blocks are
+    one chain: back to back (no op of the parent between them, which the segment would not rerun), each
+    taking a tensor the previous one made.
+    """
+    if not parts:
+        return None
+    for a, b in zip(parts, parts[1:]):
+        made = (graph.storages[s].producer for s in b.input_storages)
+        if a.end_op != b.first_op or not any(p is not None and a.first_op <= p < a.end_op for p in made):
+            return None
+    first, last = parts[0], parts[-1]
+    inside = range(first.first_op, last.end_op)
+    made_inside = {s for i in inside for s in graph.ops[i].allocates}
+    inputs = dict.fromkeys(s for r in parts for s in r.input_storages if s not in made_inside)
+    return Region(
+        path=f"{first.path}..{last.path}", type_name="segment", first_op=first.first_op, end_op=last.end_op,
+        recompute_end=max(r.recompute_end for r in parts),
+        recompute_event=min(r.recompute_event for r in parts),
+        release_event=max(r.release_event for r in parts), input_storages=tuple(inputs),
+        choices=tuple(p for r in parts for p in r.choices), forced=tuple(x for r in parts for x in r.forced),
+        mutated_buffers=tuple(sorted({b for r in parts for b in r.mutated_buffers})),
+        members=tuple(r.path for r in parts))
 
 
 def outermost(regions: tuple[Region, ...]) -> tuple[Region, ...]:
