@@ -5,8 +5,8 @@
 3. When full checkpointing does not fit, CP-SAT minimises the peak; the simulator checks that plan; a
    budget below it raises ``InfeasibleBudget`` with the minimum. Whichever of that plan and full
    checkpointing peaks lower is the first solution (hint) of step 4.
-4. CP-SAT minimises recompute time under the budget (to within ``gap``); the simulator checks the
-   answer. Should the two ever disagree, the budget given to CP-SAT is lowered by the overshoot and it
+4. CP-SAT minimises recompute time under the budget (to within ``gap``, proven by its own bound or by
+   the knapsack bound of solver/bound.py); the simulator checks the answer. Should the two ever disagree, the budget given to CP-SAT is lowered by the overshoot and it
    solves again; a plan is only returned once the simulator says it fits.
 """
 
@@ -37,9 +37,8 @@ RESERVE_SCALE = 10**6  # the reserve is applied in millionths
 # gives a byte-identical plan on every run. The wall-clock limit stays as a hard backstop.
 DETERMINISTIC_PER_SECOND = 0.2
 # The search stops once the plan is proven within this fraction of the cheapest (estimated recompute
-# time). Closing the last half percent can take CP-SAT minutes on deep models (Llama-7B shape, 32 layers,
-# budget halfway between full and no checkpointing: 0.5% in 3 s, optimal in 25 s; 2% lower: 0.9% after
-# 50 s), and the cost model's own error is larger than that.
+# time), by CP-SAT's bound or by the knapsack bound (solver/bound.py). The cost model's own error is
+# larger than that, and proving the last fraction of a percent can still take CP-SAT minutes.
 DEFAULT_GAP = 0.005
 
 

@@ -7,6 +7,8 @@ Built in named phases:
 2. ``_terms``: every way a decision changes memory, as (bytes, literal expression, [lo, hi) positions).
 3. ``_Model``: variables, the gap aggregates (per input shape when there are several), one memory constraint per distinct set of active terms,
    and the objective (estimated recompute time).
+4. ``_Model._search_cost``: the search; at improving solutions, bound.py's knapsack bound on the rows
+   tightest under them proves the integrality gaps CP-SAT's LP bound leaves open (``_KnapsackCheck``).
 
 Memory is scaled to ``unit`` bytes (a power of two chosen so the budget is about 2^22 units) in one
 place, ``_Model.scale``: baseline memory and added bytes round up, saved bytes round down, so a
@@ -16,6 +18,8 @@ solution of the scaled model never uses more memory than the model says. The ind
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
@@ -23,7 +27,10 @@ from typing import Callable
 from ortools.sat.python import cp_model
 
 from ..graph import Graph
+from . import bound
 from .regions import Region, nested_pairs
+
+BOUND_ROWS = 3  # the memory rows tightest under a solution that bound.py solves exactly
 
 
 class Objective(str, Enum):
@@ -81,14 +88,58 @@ class _Term:
 
 
 class _Progress(cp_model.CpSolverSolutionCallback):
-    """Reports each improving solution's objective and the best bound; it never steers the search."""
+    """At each improving solution: asks ``check`` (when given) for a bound found outside CP-SAT and whether
+    it proves the solution within the gap, then stops the search; reports (objective, best bound). With
+    the same model and limits the same solutions arrive in the same order, so this stays deterministic."""
 
-    def __init__(self, report: Callable[[float, float], None]) -> None:
+    def __init__(self, report: Callable[[float, float], None] | None,
+                 check: Callable[[cp_model.CpSolverSolutionCallback], tuple[int, bool]] | None) -> None:
         super().__init__()
-        self.report = report
+        self.report, self.check = report, check
 
     def on_solution_callback(self) -> None:
-        self.report(self.objective_value, self.best_objective_bound)
+        lower, proven = self.check(self) if self.check is not None else (0, False)
+        if self.report is not None:
+            self.report(self.objective_value, max(self.best_objective_bound, lower))
+        if proven:
+            self.stop_search()
+
+
+class _KnapsackCheck:
+    """bound.py's knapsack bound on the ``BOUND_ROWS`` memory rows tightest under a solution (each row
+    solved once, a solution checked when it improves on the last one checked by half the gap). When they
+    fall short of the gap, the best of them once more at bound.py's finer resolution."""
+
+    def __init__(self, model: "_Model", capacity: int, gap_limit: float) -> None:
+        self.model, self.capacity, self.gap = model, capacity, gap_limit
+        self.cost = model._cost_form()
+        self.rows: dict[tuple[int, int], int] = {}  # (row, buckets) -> its bound
+        self.known = 0  # the best bound so far: valid for every solution
+        self.checked: int | None = None  # cost of the last solution checked
+
+    def __call__(self, solution: cp_model.CpSolverSolutionCallback | cp_model.CpSolver) -> tuple[int, bool]:
+        model = self.model
+        value = int(solution.value(model.cost))
+        if self.checked is None or value < self.checked * (1 - self.gap / 2):
+            self.checked = value
+            slack = sorted((self.capacity - base - (e if isinstance(e, int) else solution.value(e)), i)
+                           for i, (base, e, ub) in enumerate(model.row_exprs) if ub > self.capacity)
+            for _, i in slack[:BOUND_ROWS]:
+                self._bound(i, bound.BUCKETS, value)
+            solved = [i for _, i in slack[:BOUND_ROWS] if (i, bound.BUCKETS) in self.rows]
+            # the finer pass costs ~10x the first: only when the first nearly proves the gap
+            if solved and value - self.known <= max(4 * self.gap, 0.02) * value:
+                self._bound(max(solved, key=lambda i: self.rows[(i, bound.BUCKETS)]), bound.FINE_BUCKETS, value)
+        return self.known, value - self.known <= self.gap * value
+
+    def _bound(self, row: int, buckets: int, value: int) -> None:
+        if value - self.known <= self.gap * value:
+            return  # proven already
+        if (row, buckets) not in self.rows:
+            found = bound.lower_bound(self.model.regions, self.model._row_form(row), self.capacity, self.cost,
+                                      buckets=buckets)
+            self.rows[(row, buckets)] = found or 0
+        self.known = max(self.known, min(self.rows[(row, buckets)], value))  # never above a solution
 
 
 class _Timeline:
@@ -207,10 +258,14 @@ class _Model:
             m.add_bool_or([self.c[a].Not(), self.c[b].Not()])
         self.z: dict[tuple[int, int, int], cp_model.IntVar] = {}
         self.row_exprs: list[tuple[int, cp_model.LinearExprT, int]] = []
+        # per row: (input shape, regions counted as steady aggregates, other active terms), for bound.py
+        self.row_terms: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
+        self.terms: list[tuple[list[_Term], list[list[int]]]] = []  # per input shape: terms, steady terms per region
         for gi, (graph, own) in enumerate(zip(graphs, regions_per_graph)):  # rows for every input shape
             tl = _Timeline(graph, own)
             terms = _terms(graph, own, tl)
             gap_terms, g = self._build_gap_aggregates(gi, terms)
+            self.terms.append((terms, gap_terms))
             self._build_memory_rows(gi, tl, terms, gap_terms, g)
         top = max((ub for _, _, ub in self.row_exprs), default=0)
         # peak: the step's peak memory in units (an upper bound on every row of every shape)
@@ -325,6 +380,7 @@ class _Model:
             ub = self.scale(base) + sum(steady_hi[j] for j in steady) + sum(
                 max(0, self.coef(terms[i])) for i in others)
             self.row_exprs.append((self.scale(base), e, ub))
+            self.row_terms.append((gi, steady, others))
 
     def _build_objective(self) -> None:
         # cost: estimated time of every op the recomputations rerun (early stop honoured), summed over
@@ -384,17 +440,30 @@ class _Model:
             time_limit_s = max(0.1, time_limit_s - solver.wall_time)
             if deterministic_limit is not None:
                 deterministic_limit = max(0.01, deterministic_limit - first[3])
-            m.clear_hints()
         m.minimize(self.cost)
-        solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers,
-                                   None if first else on_solution, gap_limit)
-        return self._solution(m, solver, status, time_minimised=True, flops_stage=first)
+        return self._search_cost(m, hint, budget_bytes // self.unit, time_limit_s, deterministic_limit, workers,
+                                 None if first else on_solution, gap_limit, first)
+
+    def _search_cost(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]] | None, capacity: int,
+                     time_limit_s: float, deterministic_limit: float | None, workers: int,
+                     report: Callable[[float, float], None] | None, gap_limit: float,
+                     first: tuple[int, int, float, float] | None) -> Solution:
+        """Minimise the cost. CP-SAT's LP bound leaves integrality gaps open on deep models; the knapsack
+        check closes them at improving solutions and stops the search once one is proven within the gap."""
+        check = None if isinstance(self.cost, int) else _KnapsackCheck(self, capacity, gap_limit)
+        solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers, report, gap_limit, check)
+        known = 0
+        if check is not None and status in (Status.OPTIMAL, Status.FEASIBLE):
+            known = check(solver)[0]  # and the final solution's tight rows, if it was not checked
+        return self._solution(m, solver, status, time_minimised=True, flops_stage=first, known_bound=known)
 
     def _run(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]] | None, time_limit_s: float,
              deterministic_limit: float | None, workers: int,
-             on_solution: Callable[[float, float], None] | None,
-             gap_limit: float = 0.0) -> tuple[cp_model.CpSolver, Status]:
+             on_solution: Callable[[float, float], None] | None, gap_limit: float = 0.0,
+             check: Callable[[cp_model.CpSolverSolutionCallback], tuple[int, bool]] | None = None,
+             ) -> tuple[cp_model.CpSolver, Status]:
         if hint:
+            m.clear_hints()  # the FLOPs stage's plan replaces the first hint
             self._add_hint(m, hint)
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = time_limit_s
@@ -408,33 +477,75 @@ class _Model:
         solver.parameters.linearization_level = 2
         # one worker is deterministic (and fastest on small machines); more interleave to stay so
         solver.parameters.interleave_search = workers > 1
-        code = solver.solve(m, _Progress(on_solution) if on_solution else None)
+        main = threading.current_thread() is threading.main_thread()
+        handler = signal.getsignal(signal.SIGINT) if main else None
+        code = solver.solve(m, _Progress(on_solution, check) if on_solution or check else None)
+        if handler is not None:  # CP-SAT stops its search on Ctrl-C, then leaves SIGINT killing the process
+            signal.signal(signal.SIGINT, handler)
         status = {cp_model.OPTIMAL: Status.OPTIMAL, cp_model.FEASIBLE: Status.FEASIBLE,
                   cp_model.INFEASIBLE: Status.INFEASIBLE}.get(code, Status.UNKNOWN)
         return solver, status
+
+    def _row_form(self, index: int) -> bound.LinearForm:
+        """Row ``index`` as a linear form over c, k and z (steady aggregates expanded)."""
+        gi, steady, others = self.row_terms[index]
+        terms, gap_terms = self.terms[gi]
+        c: dict[int, int] = {}
+        k: dict[tuple[int, int], int] = {}
+        z: dict[tuple[int, int, int, bool], int] = {}
+        for i in [i for j in steady for i in gap_terms[j]] + list(others):
+            t = terms[i]
+            a = self.coef(t)
+            if t.kind in ("c", "x"):  # x = c - k
+                c[t.region] = c.get(t.region, 0) + a
+            if t.kind in ("k", "x"):
+                key = (t.region, t.op)
+                k[key] = k.get(key, 0) + (a if t.kind == "k" else -a)
+            if t.kind in ("z", "zc"):
+                zkey = (t.region, t.op, t.other, t.kind == "zc")
+                z[zkey] = z.get(zkey, 0) + a
+        return bound.LinearForm(c=c, k=k, z=z, constant=self.row_exprs[index][0])
+
+    def _cost_form(self) -> bound.LinearForm:
+        """``self.cost`` as a linear form: each rerun op's time on its region's c, less it on its k."""
+        c: dict[int, int] = {}
+        k: dict[tuple[int, int], int] = {}
+        for j, r in enumerate(self.regions):
+            for p in range(r.first_op, r.recompute_end):
+                cost = sum(graph.ops[p].cost_ns for graph in self.graphs)
+                if cost:
+                    c[j] = c.get(j, 0) + cost
+                    if (j, p) in self.k:
+                        k[(j, p)] = -cost
+        return bound.LinearForm(c=c, k=k, z={})
 
     def _decisions(self, solver: cp_model.CpSolver) -> dict[str, frozenset[int]]:
         return {r.path: frozenset(p for p in r.choices if solver.boolean_value(self.k[(j, p)]))
                 for j, r in enumerate(self.regions) if solver.boolean_value(self.c[j])}
 
     def _solution(self, m: cp_model.CpModel, solver: cp_model.CpSolver, status: Status, *, time_minimised: bool,
-                  flops_stage: tuple[int, int, float, float] | None = None) -> Solution:
-        """The solution in the solver's hands, with the FLOPs stage's result when there was one."""
+                  flops_stage: tuple[int, int, float, float] | None = None, known_bound: int = 0) -> Solution:
+        """The solution in the solver's hands, with the FLOPs stage's result when there was one.
+
+        ``known_bound``: a lower bound on the cost found outside CP-SAT (the knapsack bound).
+        """
         saved: dict[str, frozenset[int]] = {}
-        value = bound = 0
+        value = lower = 0
         if status in (Status.OPTIMAL, Status.FEASIBLE):
             saved = self._decisions(solver)
             value = int(solver.value(self.cost)) if not isinstance(self.cost, int) else 0
-            bound = int(solver.best_objective_bound) if time_minimised else value
-            if status is Status.OPTIMAL and time_minimised and bound < value:
+            lower = max(int(solver.best_objective_bound), known_bound) if time_minimised else value
+            if status is Status.OPTIMAL and time_minimised and lower < value:
                 status = Status.FEASIBLE  # stopped by the gap limit: CP-SAT calls that optimal
+            if status is Status.FEASIBLE and time_minimised and lower >= value:
+                status = Status.OPTIMAL  # the knapsack bound proves it
         flops, flops_bound, wall, det = flops_stage or (0, 0, 0.0, 0.0)
         if flops_stage is not None:
             if status is Status.INFEASIBLE:
                 status = Status.UNKNOWN  # cannot be: the FLOPs stage's plan satisfies the time stage
             if status is Status.OPTIMAL and flops_bound < flops:
                 status = Status.FEASIBLE  # the time stage is optimal, the FLOPs stage was not proven
-        return Solution(status=status, saved=saved, objective_ns=value, bound_ns=min(bound, value),
+        return Solution(status=status, saved=saved, objective_ns=value, bound_ns=min(lower, value),
                         objective_flops=flops, bound_flops=flops_bound,
                         objective=Objective.FLOPS if flops_stage else Objective.TIME,
                         wall_s=solver.wall_time + wall,
