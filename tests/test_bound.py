@@ -47,7 +47,7 @@ def test_bound_is_exact_on_one_row_of_a_small_chain():
     regions = candidate_regions(graph)
     model_ = cpsat.build(graph, regions, scale_to=graph.baseline_peak_bytes)
     assert model_.unit == 1 and len(outermost(regions)) == 1  # the Sequential holds both blocks
-    cost = model_._cost_form()
+    cost = model_.cost_form
     checked = 0
     for i, (_, _, ub) in enumerate(model_.row_exprs):
         row = model_._row_form(i)
@@ -75,7 +75,7 @@ def test_bound_never_exceeds_the_optimum(traced, name, strong):
     solution = model.solve(budget_bytes=budget, time_limit_s=60, hint=None)
     assert solution.status is cpsat.Status.OPTIMAL
     capacity = budget // model.unit
-    cost = model._cost_form()
+    cost = model.cost_form
     bounds = [bound.lower_bound(regions, model._row_form(i), capacity, cost)
               for i, (_, _, ub) in enumerate(model.row_exprs) if ub > capacity]
     assert bounds and all(b is None or b <= solution.objective_ns for b in bounds)

@@ -150,14 +150,16 @@ def decisions(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int 
 
 
 def evaluate(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int = 1) -> BaselineResult:
-    saved = decisions(graph, regions, policy, k)
     knob = f"k={k}" if policy is Policy.EVERY_K else ""
     if policy is Policy.SQRT_N:
         segments, count = sqrt_n_segments(graph, regions)
         if not segments:
             raise ValueError("sqrt_n needs the blocks to be one back-to-back chain of at least two")
+        saved = {seg.path: frozenset() for seg in segments}  # what decisions() gives, without a second split
         regions = regions + segments
         knob = f"segments={count}x{len(segments[0].members)}"
+    else:
+        saved = decisions(graph, regions, policy, k)
     sim = simulate(graph, regions, saved)
     return BaselineResult(policy=policy, knob=knob, saved=saved,
                           peak_bytes=sim.peak_bytes, extra_forward_flops=sim.extra_forward_flops,

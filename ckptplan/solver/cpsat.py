@@ -112,7 +112,7 @@ class _KnapsackCheck:
 
     def __init__(self, model: "_Model", capacity: int, gap_limit: float) -> None:
         self.model, self.capacity, self.gap = model, capacity, gap_limit
-        self.cost = model._cost_form()
+        self.cost = model.cost_form
         self.rows: dict[tuple[int, int], int] = {}  # (row, buckets) -> its bound
         self.known = 0  # the best bound so far: valid for every solution
         self.checked: int | None = None  # cost of the last solution checked
@@ -385,17 +385,25 @@ class _Model:
     def _build_objective(self) -> None:
         # cost: estimated time of every op the recomputations rerun (early stop honoured), summed over
         # the input shapes (each shape's step is equally likely); flops: the same ops' FLOPs
-        self.cost = self._rerun_sum(lambda op: op.cost_ns)
-        self.flops = self._rerun_sum(lambda op: op.flops)
+        self.cost_form = self._rerun_form(lambda op: op.cost_ns)  # also bound.py's objective
+        self.cost = self._linear(self.cost_form)
+        self.flops = self._linear(self._rerun_form(lambda op: op.flops))
 
-    def _rerun_sum(self, value: Callable) -> cp_model.LinearExprT:
-        parts = []
+    def _rerun_form(self, value: Callable) -> bound.LinearForm:
+        """``value`` summed over every op a checkpointed region reruns: on its region's c, less on its k."""
+        c: dict[int, int] = {}
+        k: dict[tuple[int, int], int] = {}
         for j, r in enumerate(self.regions):
             for p in range(r.first_op, r.recompute_end):
-                cost = sum(value(graph.ops[p]) for graph in self.graphs)
-                if cost:
-                    k = self.k.get((j, p))
-                    parts.append(cost * (self.c[j] - k) if k is not None else cost * self.c[j])
+                v = sum(value(graph.ops[p]) for graph in self.graphs)
+                if v:
+                    c[j] = c.get(j, 0) + v
+                    if (j, p) in self.k:
+                        k[(j, p)] = -v
+        return bound.LinearForm(c=c, k=k, z={})
+
+    def _linear(self, form: bound.LinearForm) -> cp_model.LinearExprT:
+        parts = [a * self.c[j] for j, a in form.c.items()] + [a * self.k[key] for key, a in form.k.items()]
         return sum(parts) if parts else 0
 
     # ---- solving -------------------------------------------------------------------------------------
@@ -505,19 +513,6 @@ class _Model:
                 zkey = (t.region, t.op, t.other, t.kind == "zc")
                 z[zkey] = z.get(zkey, 0) + a
         return bound.LinearForm(c=c, k=k, z=z, constant=self.row_exprs[index][0])
-
-    def _cost_form(self) -> bound.LinearForm:
-        """``self.cost`` as a linear form: each rerun op's time on its region's c, less it on its k."""
-        c: dict[int, int] = {}
-        k: dict[tuple[int, int], int] = {}
-        for j, r in enumerate(self.regions):
-            for p in range(r.first_op, r.recompute_end):
-                cost = sum(graph.ops[p].cost_ns for graph in self.graphs)
-                if cost:
-                    c[j] = c.get(j, 0) + cost
-                    if (j, p) in self.k:
-                        k[(j, p)] = -cost
-        return bound.LinearForm(c=c, k=k, z={})
 
     def _decisions(self, solver: cp_model.CpSolver) -> dict[str, frozenset[int]]:
         return {r.path: frozenset(p for p in r.choices if solver.boolean_value(self.k[(j, p)]))
