@@ -9,7 +9,8 @@ minimum, 6 points), each policy runs real CPU training steps and is measured in 
 
 * peak: MemTracker over one step (never with FlopCounterMode on: it keeps recomputed tensors alive);
 * extra forward FLOPs: FlopCounterMode over one whole step, minus the no-checkpointing step;
-* step time: median of several steps, as a ratio to no checkpointing measured in the same run;
+* step time: median of several steps, as a ratio to no checkpointing timed just before the policy was
+  applied (the machine's speed drifts over minutes: a ratio to one baseline at the start moved by 70%);
 * setup time: planning (ckptplan's trace + solve), compiling or wrapping.
 
 Policies whose result does not depend on the budget (none, full, every-k, sqrt(n), op-level SAC, the
@@ -86,19 +87,25 @@ class Bench:
         self.model.zero_grad(set_to_none=True)
         torch.manual_seed(1234)
 
-    def measure(self, step_model) -> dict[str, Any]:
+    def measure(self, step_model, plain_s: float) -> dict[str, Any]:
+        """Peak, FLOPs and step time of ``step_model``; ``plain_s``: the no-checkpointing step time measured
+        just before the policy was applied, so that slow drift of the machine cancels in the ratio."""
         self.reset()
         peak = measure_peak(step_model, *self.args, **self.kwargs)
         self.reset()
         flops = measure_flops(step_model, *self.args, **self.kwargs)
+        return {"peak_bytes": peak, "step_flops": flops, "step_s": self.step_time(step_model), "plain_step_s": plain_s}
+
+    def step_time(self, step_model) -> float:
+        """Median time of ``steps`` training steps, after one warm-up step."""
         times = []
-        for _ in range(self.steps + 1):  # the first is a warm-up
+        for _ in range(self.steps + 1):
             self.reset()
             t = time.perf_counter()
             _loss(step_model(*self.args, **self.kwargs)).backward()
             times.append(time.perf_counter() - t)
         self.reset()
-        return {"peak_bytes": peak, "step_flops": flops, "step_s": statistics.median(times[1:])}
+        return statistics.median(times[1:])
 
 
 def _loss(out):
@@ -109,6 +116,7 @@ def _loss(out):
 
 def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"policy": name, "knob": str(knob) if knob is not None else ""}
+    plain_s = bench.step_time(bench.model)  # no policy applied yet
     try:
         applied = policies.apply_policy(name, bench.model, bench.args, bench.kwargs, knob, budget_bytes=budget_bytes)
     except policies.NotApplicable as e:
@@ -117,7 +125,7 @@ def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None
         return {**row, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
     row.update(knob=applied.knob, setup_s=round(applied.setup_s, 3))
     try:
-        row.update(bench.measure(applied.step_model))
+        row.update(bench.measure(applied.step_model, plain_s))
     except Exception as e:  # noqa: BLE001
         row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         traceback.print_exc(limit=2)
@@ -128,6 +136,7 @@ def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None
 
 def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s: float) -> dict[str, Any]:
     row: dict[str, Any] = {"policy": "ckptplan" if objective == "time" else f"ckptplan-{objective}", "knob": ""}
+    plain_s = bench.step_time(bench.model)
     t = time.perf_counter()
     try:
         plan = ckptplan.solve(graph, budget_bytes, time_limit_s=30, objective=objective, gap=0.0)  # proven optimal
@@ -137,7 +146,7 @@ def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s
                predicted_extra_flops=plan.extra_forward_flops, predicted_cost_ns=plan.extra_cost_ns,
                status=plan.status, gap=plan.gap, regions=len(plan.regions))
     with ckptplan.apply(bench.model, plan) as handle:
-        row.update(bench.measure(bench.model))
+        row.update(bench.measure(bench.model, plain_s))
         row["runtime_extra_flops"] = handle.stats.extra_forward_flops
     return row
 
@@ -169,7 +178,7 @@ def bench_model(name: str, factory, steps: int, points: int) -> dict[str, Any]:
         if "step_flops" in row:
             row["extra_flops"] = row["step_flops"] - plain["step_flops"]
             row["extra_flops_percent"] = round(100 * row["extra_flops"] / graph.forward_flops, 2)
-            row["time_ratio"] = round(row["step_s"] / plain["step_s"], 3)
+            row["time_ratio"] = round(row["step_s"] / row["plain_step_s"], 3)
         return row
 
     # Budget-independent policies: each knob once.
@@ -219,13 +228,13 @@ def bench_model(name: str, factory, steps: int, points: int) -> dict[str, Any]:
 
 
 def rank_agreement(result: dict) -> dict[str, Any]:
-    """Spearman correlation between predicted recompute time and measured extra step time."""
+    """Spearman correlation between predicted recompute time and measured step time (ratio to no
+    checkpointing, timed just before)."""
     rows = [r for r in result["fixed"] if r.get("predicted_cost_ns") is not None and "step_s" in r]
     rows += [r for b in result["budgets"] for r in b["rows"]
              if r["policy"].startswith("ckptplan") and "step_s" in r and "best_of" not in r]
-    base = result["no_checkpointing"]["step_s"]
     pred = [r.get("predicted_cost_ns", 0) for r in rows]
-    meas = [r["step_s"] - base for r in rows]
+    meas = [r["step_s"] / r["plain_step_s"] for r in rows]
     return {"configs": len(rows), "spearman": round(_spearman(pred, meas), 3) if len(rows) > 2 else None}
 
 
@@ -291,7 +300,7 @@ def targets(res: dict) -> dict[str, Any]:
 def markdown(results: list[dict], command: str, machine: str) -> str:
     lines = [f"# Policy benchmark\n\n`{command}` on {machine}. Measured on real CPU steps: peak by MemTracker, "
              "extra forward FLOPs by FlopCounterMode (whole step minus the no-checkpointing step, separate "
-             "steps), step time as a ratio to no checkpointing (median). Per budget, each anchor's best knob "
+             "steps), step time as a ratio to no checkpointing timed just before each configuration (medians). Per budget, each anchor's best knob "
              "that fits (fewest extra FLOPs); `-` = nothing fits.\n"]
     for res in results:
         mib = 2**20

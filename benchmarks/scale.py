@@ -51,6 +51,7 @@ def one(model: str, n_layer: int, time_limit: float, check_memory: bool) -> dict
         plan = ckptplan.solve(graph, budget, time_limit_s=time_limit)
         row.update(solve_s=round(time.monotonic() - t, 2), status=plan.status, gap=plan.gap,
                    variables=plan.solver_stats.get("variables"), constraints=plan.solver_stats.get("constraints"),
+                   cp_sat_search=plan.solver_stats.get("cp_sat_search"), estimated_recompute_ns=plan.extra_cost_ns,
                    budget_bytes=plan.budget_bytes, predicted_peak_bytes=plan.predicted_peak_bytes,
                    full_peak_bytes=plan.full_peak_bytes, extra_forward_percent=round(100 * plan.extra_forward_fraction, 2))
         if check_memory:

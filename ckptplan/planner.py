@@ -5,8 +5,10 @@
 3. When full checkpointing does not fit, CP-SAT minimises the peak; the simulator checks that plan; a
    budget below it raises ``InfeasibleBudget`` with the minimum. Whichever of that plan and full
    checkpointing peaks lower is the first solution (hint) of step 4.
-4. CP-SAT minimises recompute time under the budget (to within ``gap``, proven by its own bound or by
-   the knapsack bound of solver/bound.py); the simulator checks the answer. Should the two ever disagree, the budget given to CP-SAT is lowered by the overshoot and it
+4. Recompute time is minimised under the budget, to within ``gap``: solver/primal.py's first plan (the
+   knapsack of solver/bound.py, checked on every memory row) when its own bound proves it, otherwise
+   CP-SAT's search from that plan (proven by CP-SAT's bound or the knapsack's); the simulator checks
+   the answer. Should the two ever disagree, the budget given to CP-SAT is lowered by the overshoot and it
    solves again; a plan is only returned once the simulator says it fits.
 """
 
@@ -166,7 +168,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
                           deterministic_limit=work, objective=goal, gap_limit=gap,
                           on_solution=lambda obj, bound: note("improved", {f"objective_{unit}": obj, f"bound_{unit}": bound}))
         work -= sol.deterministic_s
-        stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt}
+        stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt,
+                 "cp_sat_search": int(sol.searched)}  # 0: the knapsack's first plan was proven as it is
         last = sol.status
         if sol.status not in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
             break

@@ -72,7 +72,7 @@ def test_bound_never_exceeds_the_optimum(traced, name, strong):
     full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)}).peak_bytes
     budget = (full + graph.baseline_peak_bytes) // 2
     model = cpsat.build(graph, regions, scale_to=budget)
-    solution = model.solve(budget_bytes=budget, time_limit_s=60, hint=None)
+    solution = model.solve(budget_bytes=budget, time_limit_s=60, hint=None, first_plan=False)  # CP-SAT's proof
     assert solution.status is cpsat.Status.OPTIMAL
     capacity = budget // model.unit
     cost = model.cost_form

@@ -177,7 +177,7 @@ def test_hf_use_cache_true_against_a_plan_traced_without_it_raises_in_forward(zo
     other ops (the cache's own), so the plan says so before any gradient is computed."""
     t = zoo("hf_llama")
     plan = solve_at(t.graph, 0.5)
-    assert "model.layers.0" in {r.path for r in plan.regions}
+    assert any(r.path.startswith("model.layers.0") for r in plan.regions)
     t.run.reset()
     with ckptplan.apply(t.model, plan):
         with pytest.raises(ckptplan.PlanMismatch, match=r"op #\d+") as info:

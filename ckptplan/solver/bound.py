@@ -59,6 +59,18 @@ class _Mode:
     weight: int  # row units with no knapsack item taken
     cost: int
     items: tuple[tuple[int, int], ...]  # (row units > 0, cost < 0): save this op
+    on: frozenset[int] = frozenset()  # the regions this mode checkpoints
+    ops: tuple[tuple[int, int], ...] = ()  # (region, op) of each item, in ``items`` order
+    free: tuple[tuple[int, int], ...] = ()  # (region, op) saved at no cost in row bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RowSolution:
+    """The least cost under one row, and (when asked) decisions reaching it on the rounded row."""
+
+    bound: int  # a valid lower bound on the cost of the full model
+    saved: dict[int, frozenset[int]] | None  # checkpointed region -> ops it saves
+    work: int  # table cells computed: a deterministic measure of the time it took
 
 
 def lower_bound(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
@@ -66,6 +78,17 @@ def lower_bound(regions: tuple[Region, ...], row: LinearForm, capacity: int, cos
     """The least ``cost`` of any decisions whose ``row`` stays within ``capacity``, with the row's free range
     in ``buckets`` steps (more: tighter and slower); None when a family has too many modes or no
     decision fits (then the caller has a better source of truth)."""
+    found = solve_row(regions, row, capacity, cost, buckets=buckets)
+    return None if found is None else found.bound
+
+
+def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
+              buckets: int = BUCKETS, plan: bool = False) -> RowSolution | None:
+    """``lower_bound``, and with ``plan`` the decisions of one cheapest configuration of the rounded row.
+
+    Those decisions are a first plan, not a proven one: bytes rounded down, other rows and cross-family
+    z terms ignored, they may overshoot this row by a little and other rows by more (primal.py checks
+    and repairs them)."""
     families = _families(regions)
     family_of = {j: root for root, members in families for j in members}
     z_of: dict[int, list[tuple[tuple[int, int, int, bool], int]]] = {}  # family -> its z terms
@@ -86,13 +109,41 @@ def lower_bound(regions: tuple[Region, ...], row: LinearForm, capacity: int, cos
     n = span // step + 1
     # run[b]: least cost of the families so far with rounded weight <= b buckets above their minimum
     run = np.full(n, float(cost.constant))
+    runs = [run]  # after each family, for the backtrack
     seen: dict[tuple, np.ndarray] = {}  # identical families (layers) share one table
+    keys = []
+    work = 0
     for w_min, modes in tables:
         key = (w_min, tuple((m.weight, m.cost, m.items) for m in modes))
         if key not in seen:
             seen[key] = _family_table(w_min, modes, step, n)
-        run = _combine(run, seen[key])
-    return int(np.floor(run[-1])) if np.isfinite(run[-1]) else None
+            work += _fine(w_min, modes)[1] * sum(len(m.items) + 1 for m in modes)
+        keys.append(key)
+        run, steps = _combine(run, seen[key])
+        work += steps * n
+        if plan:
+            runs.append(run)
+    if not np.isfinite(run[-1]):
+        return None
+    saved: dict[int, frozenset[int]] | None = None
+    if plan:
+        saved = {}
+        b = n - 1
+        configs: dict[tuple, tuple[int, tuple[int, ...]]] = {}  # (family table, bucket) -> mode, items
+        for f in range(len(tables) - 1, -1, -1):
+            table, before = seen[keys[f]], runs[f]
+            cand = np.full(b + 1, np.inf)
+            width = min(len(table), b + 1)
+            cand[:width] = before[b - np.arange(width)] + table[:width]
+            beta = int(np.argmin(cand))  # the bucket this family took in the cheapest configuration
+            b -= beta
+            if (keys[f], beta) not in configs:  # identical families: the same mode and items, by position
+                configs[(keys[f], beta)] = _family_config(*tables[f], step, beta)
+            index, taken = configs[(keys[f], beta)]
+            mode = tables[f][1][index]
+            ops = [*mode.free, *(mode.ops[i] for i in taken)]
+            saved.update({j: frozenset(p for r, p in ops if r == j) for j in mode.on})
+    return RowSolution(bound=int(np.floor(run[-1])), saved=saved, work=work)
 
 
 def _families(regions: tuple[Region, ...]) -> list[tuple[int, list[int]]]:
@@ -146,14 +197,17 @@ def _mode(on: frozenset[int], regions: tuple[Region, ...], row: LinearForm,
             if not forced:
                 item_weight[(j, p)] -= a  # saving p clears it
         # else z = 0 is allowed (a region not checkpointed here, or the holder in another family)
-    items = []
+    items, free = [], []
     for key, w in item_weight.items():
         c = cost.k.get(key, 0)
         if w <= 0 and c <= 0:
             weight, value = weight + w, value + c  # saving it is free: no bytes, less time
+            free.append(key)
         elif c < 0:
-            items.append((w, c))
-    return _Mode(weight=weight, cost=value, items=tuple(sorted(items)))
+            items.append((w, c, key))
+    items.sort()
+    return _Mode(weight=weight, cost=value, items=tuple((w, c) for w, c, _ in items), on=on,
+                 ops=tuple(key for _, _, key in items), free=tuple(free))
 
 
 def _family_table(w_min: int, modes: list[_Mode], step: int, n: int) -> np.ndarray:
@@ -162,34 +216,71 @@ def _family_table(w_min: int, modes: list[_Mode], step: int, n: int) -> np.ndarr
     The knapsack inside the family runs at a finer resolution (``FINE`` buckets over the family's own
     range), so rounding each item down costs little; the result is then read at the row's buckets.
     """
-    top = max(m.weight - w_min + sum(w for w, _ in m.items) for m in modes)
-    fine = max(1, top // FINE)
-    size = top // fine + 1
+    fine, size, top = _fine(w_min, modes)
     best = np.full(size, np.inf)
     for m in modes:
-        table = np.full(size, np.inf)
-        table[(m.weight - w_min) // fine] = m.cost
-        for w, c in m.items:  # 0/1 knapsack, item weights rounded down to whole fine buckets
-            b = w // fine
-            if b == 0:
-                table += c
-            else:
-                shifted = table[:size - b] + c
-                np.minimum(table[b:], shifted, out=table[b:])
-        np.minimum(best, table, out=best)
+        np.minimum(best, _knapsack(m, w_min, fine, size)[-1], out=best)
     best = np.minimum.accumulate(best)
-    # a configuration counted in fine bucket f weighs at least f * fine: it goes to row bucket f * fine // step
-    ends = np.minimum(((np.arange(min(n, top // step + 1)) + 1) * step - 1) // fine, size - 1)
-    return best[ends]
+    return best[_row_ends(fine, size, step, min(n, top // step + 1))]
 
 
-def _combine(run: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Min-plus convolution of two non-increasing arrays: only the table's steps need trying."""
+def _fine(w_min: int, modes: list[_Mode]) -> tuple[int, int, int]:
+    """The family's own resolution: bytes per fine bucket, the number of fine buckets, and the family's
+    range (its heaviest configuration above ``w_min``)."""
+    top = max(m.weight - w_min + sum(w for w, _ in m.items) for m in modes)
+    fine = max(1, top // FINE)
+    return fine, top // fine + 1, top
+
+
+def _row_ends(fine: int, size: int, step: int, count: int) -> np.ndarray:
+    """The last fine bucket read for each of the first ``count`` row buckets: a configuration counted in
+    fine bucket f weighs at least f * fine, so it belongs to row bucket f * fine // step."""
+    return np.minimum(((np.arange(count) + 1) * step - 1) // fine, size - 1)
+
+
+def _knapsack(m: _Mode, w_min: int, fine: int, size: int) -> list[np.ndarray]:
+    """The 0/1 knapsack over one mode's items (weights rounded down to whole fine buckets): the table
+    before any item and after each one (least cost at exactly each fine weight)."""
+    table = np.full(size, np.inf)
+    table[(m.weight - w_min) // fine] = m.cost
+    out = [table]
+    for w, c in m.items:
+        b = w // fine
+        table = table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[:size - b] + c)))
+        out.append(table)
+    return out
+
+
+def _family_config(w_min: int, modes: list[_Mode], step: int, beta: int) -> tuple[int, tuple[int, ...]]:
+    """The mode (its index) and the items (their indices) of the cheapest configuration counted in row
+    bucket ``beta`` of ``_family_table``."""
+    fine, size, _ = _fine(w_min, modes)
+    end = int(_row_ends(fine, size, step, beta + 1)[-1])
+    best: tuple[float, int, int, list[np.ndarray]] | None = None
+    for index, m in enumerate(modes):
+        tables = _knapsack(m, w_min, fine, size)
+        f = int(np.argmin(tables[-1][:end + 1]))
+        if best is None or tables[-1][f] < best[0]:
+            best = (float(tables[-1][f]), index, f, tables)
+    assert best is not None
+    _, index, f, tables = best
+    taken = []
+    for i in range(len(modes[index].items), 0, -1):  # walk the items back: taken where the table moved
+        b = modes[index].items[i - 1][0] // fine
+        if b == 0 or tables[i][f] < tables[i - 1][f]:
+            taken.append(i - 1)
+            f -= b
+    return index, tuple(sorted(taken))
+
+
+def _combine(run: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, int]:
+    """Min-plus convolution of two non-increasing arrays: only the table's steps need trying (returned
+    with their number)."""
     out = np.full(len(run), np.inf)
     finite = np.isfinite(table)
     if not finite.any():
-        return out
+        return out, 0
     steps = np.flatnonzero(np.concatenate(([True], table[1:] != table[:-1])) & finite)
     for b in steps:
         np.minimum(out[b:], run[:len(run) - b] + table[b], out=out[b:])
-    return out
+    return out, len(steps)

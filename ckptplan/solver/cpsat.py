@@ -7,8 +7,12 @@ Built in named phases:
 2. ``_terms``: every way a decision changes memory, as (bytes, literal expression, [lo, hi) positions).
 3. ``_Model``: variables, the gap aggregates (per input shape when there are several), one memory constraint per distinct set of active terms,
    and the objective (estimated recompute time).
-4. ``_Model._search_cost``: the search; at improving solutions, bound.py's knapsack bound on the rows
-   tightest under them proves the integrality gaps CP-SAT's LP bound leaves open (``_KnapsackCheck``).
+4. ``_Model.solve``: under a budget, primal.py's first plan (bound.py's knapsack on the binding row,
+   checked on every row with ``_Model.evaluate``); when its own bound proves it within the gap, that
+   is the answer, with no search (deep chains: the search's root LP alone grows faster than depth).
+5. ``_Model._search_cost``: otherwise the search, from that plan; at improving solutions, bound.py's
+   knapsack bound on the rows tightest under them proves the integrality gaps CP-SAT's LP bound leaves
+   open (``_KnapsackCheck``).
 
 Memory is scaled to ``unit`` bytes (a power of two chosen so the budget is about 2^22 units) in one
 place, ``_Model.scale``: baseline memory and added bytes round up, saved bytes round down, so a
@@ -20,17 +24,21 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable
 
 from ortools.sat.python import cp_model
 
 from ..graph import Graph
-from . import bound
+from . import bound, primal
 from .regions import Region, nested_pairs
 
 BOUND_ROWS = 3  # the memory rows tightest under a solution that bound.py solves exactly
+# primal.py's table cells charged as one second of CP-SAT's deterministic clock: cells run at ~6e8 a
+# wall second here, CP-SAT's clock at ~0.3 units a wall second (2e9 cells a unit); charged double
+CELLS_PER_DET_S = 10**9
 
 
 class Objective(str, Enum):
@@ -60,6 +68,7 @@ class Solution:
     deterministic_s: float  # CP-SAT's deterministic clock: the same model and limit stop at the same point
     num_variables: int
     num_constraints: int
+    searched: bool = True  # False: primal.py's first plan, proven within the gap with no CP-SAT search
 
     @property
     def gap(self) -> float:
@@ -69,6 +78,15 @@ class Solution:
         if value <= 0:
             return 0.0
         return max(0.0, (value - bound) / value)
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """One plan in the model's terms."""
+
+    rows: list[int]  # every memory row's value (model units)
+    cost: int  # estimated recompute time (ns)
+    values: dict[int, int]  # every CP-SAT variable's value (by proto index): a complete hint
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +128,11 @@ class _KnapsackCheck:
     solved once, a solution checked when it improves on the last one checked by half the gap). When they
     fall short of the gap, the best of them once more at bound.py's finer resolution."""
 
-    def __init__(self, model: "_Model", capacity: int, gap_limit: float) -> None:
+    def __init__(self, model: "_Model", capacity: int, gap_limit: float, known: int = 0) -> None:
         self.model, self.capacity, self.gap = model, capacity, gap_limit
         self.cost = model.cost_form
         self.rows: dict[tuple[int, int], int] = {}  # (row, buckets) -> its bound
-        self.known = 0  # the best bound so far: valid for every solution
+        self.known = known  # the best bound so far: valid for every solution
         self.checked: int | None = None  # cost of the last solution checked
 
     def __call__(self, solution: cp_model.CpSolverSolutionCallback | cp_model.CpSolver) -> tuple[int, bool]:
@@ -261,11 +279,14 @@ class _Model:
         # per row: (input shape, regions counted as steady aggregates, other active terms), for bound.py
         self.row_terms: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
         self.terms: list[tuple[list[_Term], list[list[int]]]] = []  # per input shape: terms, steady terms per region
+        self.g: list[list[cp_model.IntVar]] = []  # per input shape: the steady aggregate of each region
+        self.prefix: list[list[tuple[cp_model.IntVar, int]]] = []  # per input shape: (s[i], the region it adds)
         for gi, (graph, own) in enumerate(zip(graphs, regions_per_graph)):  # rows for every input shape
             tl = _Timeline(graph, own)
             terms = _terms(graph, own, tl)
             gap_terms, g = self._build_gap_aggregates(gi, terms)
             self.terms.append((terms, gap_terms))
+            self.g.append(g)
             self._build_memory_rows(gi, tl, terms, gap_terms, g)
         top = max((ub for _, _, ub in self.row_exprs), default=0)
         # peak: the step's peak memory in units (an upper bound on every row of every shape)
@@ -365,6 +386,7 @@ class _Model:
         steady_hi = [sum(max(0, self.coef(terms[i])) for i in idx) for idx in gap_terms]
         # s[i]: the steady contribution of the first i regions to become steady (units); s[0] = 0
         prefix: list[cp_model.LinearExprT] = [0]
+        self.prefix.append([])
         lo = hi = 0
         for rank, j in enumerate(ranked):
             lo, hi = lo + g[j].proto.domain[0], hi + g[j].proto.domain[-1]
@@ -372,6 +394,7 @@ class _Model:
             # [Constraint] s[i + 1] = s[i] + g[order[i]]
             self.m.add(var == prefix[-1] + g[j])
             prefix.append(var)
+            self.prefix[gi].append((var, j))
         # [Constraint] per row: base (max over the row's positions) + steady regions + other active terms <= peak
         for (steady, others), base in sorted(rows.items(), key=lambda kv: kv[0]):
             runs = _runs(sorted(order[j] for j in steady))
@@ -406,11 +429,47 @@ class _Model:
         parts = [a * self.c[j] for j, a in form.c.items()] + [a * self.k[key] for key, a in form.k.items()]
         return sum(parts) if parts else 0
 
+    # ---- a plan's values, without a solver ----------------------------------------------------------------
+    def evaluate(self, saved: dict[int, frozenset[int]]) -> Evaluation:
+        """Every row's value (base included, model units) and the cost of checkpointing ``saved``'s regions
+        (by index) and caching the ops listed; ``values`` completes the hint CP-SAT is given."""
+        values: dict[int, int] = {}  # CP-SAT variable index -> value
+        for j, var in enumerate(self.c):
+            values[var.index] = int(j in saved)
+        for (j, p), var in self.k.items():
+            values[var.index] = int(j in saved and p in saved[j])
+        row_values = [base for base, _, _ in self.row_exprs]
+        for gi, (terms, gap_terms) in enumerate(self.terms):
+            term_value = [self.coef(t) * _literal(t, saved) for t in terms]
+            for t in terms:
+                if t.kind in ("z", "zc"):
+                    values[self.z[(t.region, t.op, t.other)].index] = _literal(t, saved)
+            g = [sum(term_value[i] for i in idx) for idx in gap_terms]
+            for j, var in enumerate(self.g[gi]):
+                values[var.index] = g[j]
+            total = 0
+            for var, j in self.prefix[gi]:
+                total += g[j]
+                values[var.index] = total
+            for row, (shape, steady, others) in enumerate(self.row_terms):
+                if shape == gi:
+                    row_values[row] += sum(g[j] for j in steady) + sum(term_value[i] for i in others)
+        cost = self.cost_form.constant + sum(a for j, a in self.cost_form.c.items() if j in saved) + sum(
+            a for (j, p), a in self.cost_form.k.items() if j in saved and p in saved[j])
+        values[self.peak.index] = max(row_values, default=0)
+        return Evaluation(rows=row_values, cost=cost, values=values)
+
+    def steady(self, saved: dict[int, frozenset[int]]) -> dict[int, int]:
+        """Each checkpointed region's steady aggregate g (model units, largest input shape): what it holds,
+        less what it frees, from its forward to its recomputation."""
+        terms, gap_terms = self.terms[0]
+        return {j: sum(self.coef(terms[i]) * _literal(terms[i], saved) for i in gap_terms[j]) for j in saved}
+
     # ---- solving -------------------------------------------------------------------------------------
     def solve(self, *, budget_bytes: int | None, time_limit_s: float, hint: dict[str, frozenset[int]] | None,
               workers: int = 1, deterministic_limit: float | None = None,
               on_solution: Callable[[float, float], None] | None = None,
-              objective: Objective = Objective.TIME, gap_limit: float = 0.0) -> Solution:
+              objective: Objective = Objective.TIME, gap_limit: float = 0.0, first_plan: bool = True) -> Solution:
         """Minimise ``objective`` under ``budget_bytes``; with ``None``, minimise the peak instead.
 
         ``deterministic_limit`` stops the search on CP-SAT's deterministic clock, so that a solve cut short
@@ -418,7 +477,8 @@ class _Model:
         called with (objective, best bound) at every improving solution, for progress displays.
         ``gap_limit`` stops the search once the proven relative gap is that small (0: prove optimality).
         Under ``Objective.FLOPS`` the FLOPs are minimised first (half the limits), then the estimated
-        time among plans with no more FLOPs than that.
+        time among plans with no more FLOPs than that. ``first_plan=False`` skips primal.py's plan (to
+        check it against CP-SAT's own search).
         """
         m = self.m.clone()
         peak = m.get_int_var_from_proto_index(self.peak.index)
@@ -449,16 +509,35 @@ class _Model:
             if deterministic_limit is not None:
                 deterministic_limit = max(0.01, deterministic_limit - first[3])
         m.minimize(self.cost)
-        return self._search_cost(m, hint, budget_bytes // self.unit, time_limit_s, deterministic_limit, workers,
-                                 None if first else on_solution, gap_limit, first)
+        known, spent, charged = 0, 0.0, 0.0
+        if first_plan and first is None and not isinstance(self.cost, int):
+            # a first plan from bound.py's knapsack (primal.py), on at most half the deterministic limit,
+            # charged to it: often proven within the gap as it is
+            started = time.monotonic()
+            start = primal.first_plan(self, budget_bytes // self.unit, gap=gap_limit, work_limit=None
+                                      if deterministic_limit is None else int(deterministic_limit * CELLS_PER_DET_S / 2))
+            spent, charged = time.monotonic() - started, start.work / CELLS_PER_DET_S
+            if deterministic_limit is not None:
+                deterministic_limit = max(0.01, deterministic_limit - charged)
+            if start.saved is not None:
+                if on_solution is not None:
+                    on_solution(start.cost, start.bound)
+                if start.cost - start.bound <= gap_limit * start.cost:
+                    return self._first_plan_solution(m, start, spent)
+                hint, known = self._paths(start.saved), start.bound
+            time_limit_s = max(0.1, time_limit_s - spent)
+        sol = self._search_cost(m, hint, budget_bytes // self.unit, time_limit_s, deterministic_limit, workers,
+                                None if first else on_solution, gap_limit, first, known)
+        return replace(sol, wall_s=sol.wall_s + spent, deterministic_s=sol.deterministic_s + charged)
 
     def _search_cost(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]] | None, capacity: int,
                      time_limit_s: float, deterministic_limit: float | None, workers: int,
                      report: Callable[[float, float], None] | None, gap_limit: float,
-                     first: tuple[int, int, float, float] | None) -> Solution:
+                     first: tuple[int, int, float, float] | None, known: int = 0) -> Solution:
         """Minimise the cost. CP-SAT's LP bound leaves integrality gaps open on deep models; the knapsack
-        check closes them at improving solutions and stops the search once one is proven within the gap."""
-        check = None if isinstance(self.cost, int) else _KnapsackCheck(self, capacity, gap_limit)
+        check closes them at improving solutions and stops the search once one is proven within the gap.
+        ``known``: a lower bound on the cost found before the search."""
+        check = None if isinstance(self.cost, int) else _KnapsackCheck(self, capacity, gap_limit, known)
         solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers, report, gap_limit, check)
         known = 0
         if check is not None and status in (Status.OPTIMAL, Status.FEASIBLE):
@@ -514,6 +593,18 @@ class _Model:
                 z[zkey] = z.get(zkey, 0) + a
         return bound.LinearForm(c=c, k=k, z=z, constant=self.row_exprs[index][0])
 
+    def _paths(self, saved: dict[int, frozenset[int]]) -> dict[str, frozenset[int]]:
+        return {self.regions[j].path: ops for j, ops in saved.items()}
+
+    def _first_plan_solution(self, m: cp_model.CpModel, start: primal.FirstPlan, wall_s: float) -> Solution:
+        """The knapsack's first plan, proven within the gap without a search: every row was checked in the
+        model's own terms (``evaluate``), and the bound is bound.py's."""
+        return Solution(status=Status.OPTIMAL if start.bound >= start.cost else Status.FEASIBLE,
+                        saved=self._paths(start.saved), objective_ns=start.cost, bound_ns=start.bound,
+                        wall_s=wall_s, deterministic_s=start.work / CELLS_PER_DET_S,
+                        num_variables=len(m.proto.variables),
+                        num_constraints=len(m.proto.constraints), searched=False)
+
     def _decisions(self, solver: cp_model.CpSolver) -> dict[str, frozenset[int]]:
         return {r.path: frozenset(p for p in r.choices if solver.boolean_value(self.k[(j, p)]))
                 for j, r in enumerate(self.regions) if solver.boolean_value(self.c[j])}
@@ -549,11 +640,23 @@ class _Model:
                         num_constraints=len(m.proto.constraints))
 
     def _add_hint(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]]) -> None:
-        for j, r in enumerate(self.regions):
-            on = r.path in hint
-            m.add_hint(self.c[j], on)
-            for p in r.choices:
-                m.add_hint(self.k[(j, p)], on and p in hint[r.path])
+        """Every variable's value under the plan ``hint``, not only its decisions: CP-SAT then starts from
+        it at once instead of completing it in its search (64 layers: 0.4 s instead of 3.7 s)."""
+        by_index = {j: frozenset(p for p in hint[r.path] if (j, p) in self.k)
+                    for j, r in enumerate(self.regions) if r.path in hint}
+        for index, value in sorted(self.evaluate(by_index).values.items()):
+            m.add_hint(m.get_int_var_from_proto_index(index), value)
+
+
+def _literal(t: _Term, saved: dict[int, frozenset[int]]) -> int:
+    """The value of term ``t``'s literal under ``saved`` (checkpointed region index -> ops it saves)."""
+    on = t.region in saved
+    if t.kind == "c":
+        return int(on)
+    if t.kind == "k":
+        return int(on and t.op in saved[t.region])
+    recomputed = on and (t.kind == "zc" or t.op not in saved[t.region])
+    return int(recomputed and (t.kind == "x" or t.other in saved))
 
 
 def _runs(ranks: list[int]) -> list[tuple[int, int]]:
