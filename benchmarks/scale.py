@@ -1,10 +1,11 @@
 """Scale: trace and solve 7B-class shapes on this CPU, without allocating their memory.
 
-Run by hand (about 6 minutes on 2 cores):
+Run by hand (about 4 minutes on 2 cores):
     pip install -c constraints.txt -e ".[bench]"
     python benchmarks/scale.py --out benchmarks/results/scale
 
-Each measurement runs in a fresh process so its peak RSS is its own. Writes scale.json (with the command
+Each measurement runs in a fresh process so its peak RSS is its own. Budgets are halfway between full
+checkpointing and none, plus a budget sweep on the 32-layer 7B shape. Writes scale.json (with the command
 and the machine) and scale_depth.png (depth sweep: trace time, solve time, CP-SAT variables, gap).
 """
 
@@ -22,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one(model: str, n_layer: int, time_limit: float, check_memory: bool) -> dict:
-    """Trace and solve one shape under FakeTensorMode (CPU kernels' shapes, no real memory)."""
+def one(model: str, n_layer: int, time_limit: float, check_memory: bool, at: float = 0.5) -> dict:
+    """Trace and solve one shape under FakeTensorMode (CPU kernels' shapes, no real memory), at a budget
+    ``at`` of the way from full checkpointing to none."""
     sys.path.insert(0, str(ROOT / "examples"))
     import gpt2
     import llama
@@ -36,7 +38,7 @@ def one(model: str, n_layer: int, time_limit: float, check_memory: bool) -> dict
     from ckptplan.solver.regions import candidate_regions, outermost
     from ckptplan.solver.simulate import simulate
 
-    row: dict = {"model": model, "n_layer": n_layer}
+    row: dict = {"model": model, "n_layer": n_layer, "budget_at": at}
     with FakeTensorMode():
         m, args = factory(device="cpu", n_layer=n_layer)
         t = time.monotonic()
@@ -46,7 +48,7 @@ def one(model: str, n_layer: int, time_limit: float, check_memory: bool) -> dict
         row["rss_after_trace_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         regions = candidate_regions(graph)
         full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)}).peak_bytes
-        budget = (full + graph.baseline_peak_bytes) // 2  # halfway between full and no checkpointing
+        budget = full + int(at * (graph.baseline_peak_bytes - full))
         t = time.monotonic()
         plan = ckptplan.solve(graph, budget, time_limit_s=time_limit)
         row.update(solve_s=round(time.monotonic() - t, 2), status=plan.status, gap=plan.gap,
@@ -69,8 +71,8 @@ def main() -> None:
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from OUT/scale.json")
     a = ap.parse_args()
     if a.one:
-        model, n, limit, check = a.one.split(",")
-        print(json.dumps(one(model, int(n), float(limit), check == "1")))
+        model, n, limit, check, at = a.one.split(",")
+        print(json.dumps(one(model, int(n), float(limit), check == "1", float(at))))
         return
     out = Path(a.out)
     if a.plot_only:
@@ -79,11 +81,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     # the solve limit is 50 s so that trace + solve stays under a minute; the depth sweep reaches 128
     # layers (about 24,000 forward and backward ops)
-    runs = [("llama7b", 32, 50, 1), ("gpt2xl", 48, 50, 0)] + [("llama7b", n, 50, 0) for n in (4, 8, 16, 64, 128)]
-    runs += [("gpt2xl", n, 50, 0) for n in (12, 24)]  # shallow GPT-2-XL: the largest integrality gaps
+    runs = [("llama7b", 32, 50, 1, 0.5), ("gpt2xl", 48, 50, 0, 0.5)]
+    runs += [("llama7b", n, 50, 0, 0.5) for n in (4, 8, 16, 64, 128)]
+    runs += [("gpt2xl", n, 50, 0, 0.5) for n in (12, 24)]  # shallow GPT-2-XL: the largest integrality gaps
+    # the budget sweep on the 7B shape, near full checkpointing included (two memory rows bind there)
+    runs += [("llama7b", 32, 50, 0, at) for at in (0.05, 0.25, 0.75, 0.95)]
     rows = []
-    for model, n, limit, check in runs:
-        res = subprocess.run([sys.executable, __file__, "--one", f"{model},{n},{limit},{check}"],
+    for model, n, limit, check, at in runs:
+        res = subprocess.run([sys.executable, __file__, "--one", f"{model},{n},{limit},{check},{at}"],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
@@ -103,7 +108,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for model, label in (("llama7b", "Llama-7B shape, seq 4096"), ("gpt2xl", "GPT-2-XL shape, seq 1024")):
-        depth = sorted((r for r in rows if r["model"] == model), key=lambda r: r["n_layer"])
+        depth = sorted((r for r in rows if r["model"] == model and r.get("budget_at", 0.5) == 0.5),
+                       key=lambda r: r["n_layer"])
         x = [r["n_layer"] for r in depth]
         axes[0].plot(x, [r["solve_s"] for r in depth], "s-", label=f"solve, {label}")
         axes[0].plot(x, [r["trace_s"] for r in depth], "o--", label=f"trace, {label}")

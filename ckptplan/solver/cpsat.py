@@ -519,12 +519,13 @@ class _Model:
             spent, charged = time.monotonic() - started, start.work / CELLS_PER_DET_S
             if deterministic_limit is not None:
                 deterministic_limit = max(0.01, deterministic_limit - charged)
+            known = start.bound  # valid with or without a plan
             if start.saved is not None:
                 if on_solution is not None:
                     on_solution(start.cost, start.bound)
                 if start.cost - start.bound <= gap_limit * start.cost:
                     return self._first_plan_solution(m, start, spent)
-                hint, known = self._paths(start.saved), start.bound
+                hint = self._paths(start.saved)
             time_limit_s = max(0.1, time_limit_s - spent)
         sol = self._search_cost(m, hint, budget_bytes // self.unit, time_limit_s, deterministic_limit, workers,
                                 None if first else on_solution, gap_limit, first, known)
