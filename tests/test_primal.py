@@ -65,6 +65,7 @@ def test_first_plan_fits_and_is_bounded_by_the_optimum(traced, name, fraction):
         assert start.saved is not None and start.cost <= 1.01 * optimum.objective_ns
     if start.saved is None:
         return
+    assert all(ops <= set(regions[j].choices) for j, ops in start.saved.items())  # only ops free to be saved
     assert max(model.evaluate(start.saved).rows) <= capacity
     sim = simulate(graph, regions, {regions[j].path: ops for j, ops in start.saved.items()})
     assert sim.peak_bytes <= budget and sim.extra_cost_ns == start.cost

@@ -221,13 +221,15 @@ def _repair(model: _Model, saved: dict[int, frozenset[int]], ev: Evaluation,
 
 def _classes(model: _Model) -> list[list[tuple[int, list[int]]]]:
     """Families (outermost region and the regions nested in it) that are the same layer: same ops, same
-    nested regions at the same offsets. A configuration moves between them by offset."""
+    nested regions at the same offsets with the same ops free to be saved (an op written in place by a
+    later layer is not). A configuration moves between them by offset."""
     graph, regions = model.graphs[0], model.regions
     out: dict[tuple, list[tuple[int, list[int]]]] = {}
     for root, members in bound._families(regions):
         r0 = regions[root]
         key = (tuple((regions[j].path[len(r0.path):], regions[j].first_op - r0.first_op,
-                      regions[j].end_op - r0.first_op) for j in members),
+                      regions[j].end_op - r0.first_op, regions[j].recompute_end - r0.first_op,
+                      tuple(p - r0.first_op for p in regions[j].choices)) for j in members),
                tuple(graph.ops[i].name for i in r0.ops))
         out.setdefault(key, []).append((root, members))
     return [fams for fams in out.values() if len(fams) > 1]
