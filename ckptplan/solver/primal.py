@@ -121,7 +121,7 @@ class _Search:
             result = self._solve(_weighted(form_a, MIX_WEIGHT - w, form_b, w), MIX_WEIGHT * self.capacity, buckets,
                                  bounds=True)
             if result is None or result[0]:
-                return bool(result)
+                return result is not None  # fitted, or out of work
             _, worst, over = result
             if worst == a:
                 hi = w
@@ -136,7 +136,7 @@ class _Search:
             cap -= lo * over_lo * 2**times
             result = self._solve(form, cap, buckets)
             if result is None or result[0]:
-                return bool(result)
+                return result is not None
             if result[1] == b:
                 over_lo = result[2]
         return False
