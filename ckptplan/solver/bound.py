@@ -132,10 +132,9 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
         configs: dict[tuple, tuple[int, tuple[int, ...]]] = {}  # (family table, bucket) -> mode, items
         for f in range(len(tables) - 1, -1, -1):
             table, before = seen[keys[f]], runs[f]
-            cand = np.full(b + 1, np.inf)
             width = min(len(table), b + 1)
-            cand[:width] = before[b - np.arange(width)] + table[:width]
-            beta = int(np.argmin(cand))  # the bucket this family took in the cheapest configuration
+            # the bucket this family took in the cheapest configuration
+            beta = int(np.argmin(before[b - np.arange(width)] + table[:width]))
             b -= beta
             if (keys[f], beta) not in configs:  # identical families: the same mode and items, by position
                 configs[(keys[f], beta)] = _family_config(*tables[f], step, beta)

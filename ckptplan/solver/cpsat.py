@@ -87,6 +87,14 @@ class Evaluation:
     rows: list[int]  # every memory row's value (model units)
     cost: int  # estimated recompute time (ns)
     values: dict[int, int]  # every CP-SAT variable's value (by proto index): a complete hint
+    # each region's steady aggregate g (largest input shape): what it holds, less what it frees, from its
+    # forward to its recomputation; 0 for a region not checkpointed
+    steady: list[int]
+
+    @property
+    def worst(self) -> int:
+        """The highest row (the first of them on a tie)."""
+        return max(range(len(self.rows)), key=lambda i: (self.rows[i], -i))
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,12 +447,15 @@ class _Model:
         for (j, p), var in self.k.items():
             values[var.index] = int(j in saved and p in saved[j])
         row_values = [base for base, _, _ in self.row_exprs]
+        largest: list[int] = []  # g of the largest input shape
         for gi, (terms, gap_terms) in enumerate(self.terms):
             term_value = [self.coef(t) * _literal(t, saved) for t in terms]
             for t in terms:
                 if t.kind in ("z", "zc"):
                     values[self.z[(t.region, t.op, t.other)].index] = _literal(t, saved)
             g = [sum(term_value[i] for i in idx) for idx in gap_terms]
+            if gi == 0:
+                largest = g
             for j, var in enumerate(self.g[gi]):
                 values[var.index] = g[j]
             total = 0
@@ -457,13 +468,7 @@ class _Model:
         cost = self.cost_form.constant + sum(a for j, a in self.cost_form.c.items() if j in saved) + sum(
             a for (j, p), a in self.cost_form.k.items() if j in saved and p in saved[j])
         values[self.peak.index] = max(row_values, default=0)
-        return Evaluation(rows=row_values, cost=cost, values=values)
-
-    def steady(self, saved: dict[int, frozenset[int]]) -> dict[int, int]:
-        """Each checkpointed region's steady aggregate g (model units, largest input shape): what it holds,
-        less what it frees, from its forward to its recomputation."""
-        terms, gap_terms = self.terms[0]
-        return {j: sum(self.coef(terms[i]) * _literal(terms[i], saved) for i in gap_terms[j]) for j in saved}
+        return Evaluation(rows=row_values, cost=cost, values=values, steady=largest)
 
     # ---- solving -------------------------------------------------------------------------------------
     def solve(self, *, budget_bytes: int | None, time_limit_s: float, hint: dict[str, frozenset[int]] | None,
@@ -540,10 +545,10 @@ class _Model:
         ``known``: a lower bound on the cost found before the search."""
         check = None if isinstance(self.cost, int) else _KnapsackCheck(self, capacity, gap_limit, known)
         solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers, report, gap_limit, check)
-        known = 0
+        lower = 0
         if check is not None and status in (Status.OPTIMAL, Status.FEASIBLE):
-            known = check(solver)[0]  # and the final solution's tight rows, if it was not checked
-        return self._solution(m, solver, status, time_minimised=True, flops_stage=first, known_bound=known)
+            lower = check(solver)[0]  # and the final solution's tight rows, if it was not checked
+        return self._solution(m, solver, status, time_minimised=True, flops_stage=first, known_bound=lower)
 
     def _run(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]] | None, time_limit_s: float,
              deterministic_limit: float | None, workers: int,

@@ -162,10 +162,11 @@ class _Search:
     def _try(self, saved: dict[int, frozenset[int]]) -> tuple[bool, int, int]:
         """Deal the knapsack's plan, and keep it when it fits every row; otherwise keep its repair when that
         fits. Returns whether it fitted as given, and the most overshooting row and by how much."""
+        given = self.model.evaluate(saved)
+        dealt = _deal(self.model, self.classes, saved, given.steady)
         tried = []
-        for plan in (_deal(self.model, self.classes, saved), saved):
-            ev = self.model.evaluate(plan)
-            over = max(v - self.capacity for v in ev.rows)
+        for plan, ev in ((dealt, self.model.evaluate(dealt)), (saved, given)):
+            over = ev.rows[ev.worst] - self.capacity
             if over <= 0:
                 self._keep(ev.cost, plan)
                 return True, -1, 0
@@ -174,7 +175,7 @@ class _Search:
         fixed, fixed_ev = _repair(self.model, plan, ev, self.capacity)
         if max(fixed_ev.rows) <= self.capacity:
             self._keep(fixed_ev.cost, fixed)
-        return False, max(range(len(ev.rows)), key=lambda i: (ev.rows[i], -i)), over
+        return False, ev.worst, over
 
     def _keep(self, cost: int, saved: dict[int, frozenset[int]]) -> None:
         if self.best is None or cost < self.best[0]:
@@ -196,7 +197,7 @@ def _repair(model: _Model, saved: dict[int, frozenset[int]], ev: Evaluation,
     the peak may move). Quick, but a cached activation can be far more than the overshoot: solving the
     row again with less room often does better."""
     for _ in range(REPAIRS):
-        worst = max(range(len(ev.rows)), key=lambda i: (ev.rows[i], -i))
+        worst = ev.worst
         over = ev.rows[worst] - capacity
         if over <= 0:
             break
@@ -235,12 +236,12 @@ def _classes(model: _Model) -> list[list[tuple[int, list[int]]]]:
     return [fams for fams in out.values() if len(fams) > 1]
 
 
-def _deal(model: _Model, classes: list[list[tuple[int, list[int]]]],
-          saved: dict[int, frozenset[int]]) -> dict[int, frozenset[int]]:
+def _deal(model: _Model, classes: list[list[tuple[int, list[int]]]], saved: dict[int, frozenset[int]],
+          steady: list[int]) -> dict[int, frozenset[int]]:
     """The same configurations, dealt to each class's layers in forward order by their steady bytes
-    (what they hold from their forward to their recomputation), the lightest first."""
+    (``Evaluation.steady`` of ``saved``: what they hold from their forward to their recomputation), the
+    lightest first."""
     regions = model.regions
-    steady = model.steady(saved)
     out = dict(saved)
     for fams in classes:
         configs = []
@@ -248,7 +249,7 @@ def _deal(model: _Model, classes: list[list[tuple[int, list[int]]]],
             base = regions[root].first_op
             config = tuple((regions[j].path[len(regions[root].path):], tuple(sorted(p - base for p in saved[j])))
                            for j in members if j in saved)
-            configs.append((sum(steady.get(j, 0) for j in members), config))
+            configs.append((sum(steady[j] for j in members), config))
             for j in members:
                 out.pop(j, None)
         configs.sort(key=lambda c: c[0])  # stable: ties keep their forward order
