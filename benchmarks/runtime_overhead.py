@@ -1,21 +1,29 @@
-"""Runtime overhead: what ckptplan's runtime costs beyond the recomputation the cost model charges.
+"""Runtime overhead: what ckptplan's runtime costs beyond the ops it reruns, and the cost model's constants.
 
-Run by hand (about 2 minutes on 2 cores):
+Run by hand (about 3 minutes on 2 cores):
     pip install -c constraints.txt -e ".[bench]"
     python benchmarks/runtime_overhead.py --out benchmarks/results/runtime_overhead
 
-ckptplan's runtime wraps every checkpointed region in ``torch.utils.checkpoint`` with PyTorch's
+ckptplan's runtime wraps a region that saves some ops in ``torch.utils.checkpoint`` with PyTorch's
 selective-checkpointing dispatch modes (its policy checks the op sequence against the plan; a second
-mode counts the FLOPs actually recomputed). The cost model (costmodel.py) charges the recomputed ops
-only. Per model, interleaved in rounds so that drift of the machine cancels, the median step time of:
+mode counts the FLOPs actually recomputed), and a region that saves nothing in plain
+``torch.utils.checkpoint`` once its first step has checked its ops. costmodel.py charges both.
 
-* ``plain``: no checkpointing;
-* ``torch_full``: ``torch.utils.checkpoint`` (non-reentrant) around every block, no dispatch modes;
-* ``ckptplan_full``: a ckptplan plan checkpointing the same blocks, saving nothing (same recomputation);
-* ``ckptplan_save_all``: the same blocks, every op that may be saved saved (almost nothing recomputed).
+1. Calibration (``calibrate``): a chain of blocks of tiny ops (``tanh``, 4x8), where the runtime's own
+   cost dominates, timed forward and backward separately without a plan, with every block checkpointed
+   saving nothing (plain), and saving every op (selective, nothing rerun). With B blocks of K ops:
+   plain - none = B * (call + K * (hooks + rerun op)), from (64 x 1) and (4 x 64) blocks;
+   selective - plain, per op: the dispatch modes in forward, and in backward the replay less the rerun
+   op. The constants of ``costmodel.CPU`` are these, rounded.
+2. Real models, interleaved in rounds so that drift of the machine cancels, the median step time of:
 
-``ckptplan_save_all - plain`` is the dispatch overhead with no recompute to speak of;
-``ckptplan_full - torch_full`` is the same overhead on top of the same recomputation.
+   * ``plain``: no checkpointing;
+   * ``torch_full``: ``torch.utils.checkpoint`` (non-reentrant) around every block, no dispatch modes;
+   * ``ckptplan_full``: a ckptplan plan checkpointing the same blocks, saving nothing (same recomputation);
+   * ``ckptplan_save_all``: the same blocks, every op that may be saved saved (almost nothing recomputed);
+
+   beside each, the cost model's estimate of what the plan adds to the step.
+
 Writes runtime_overhead.json (with the command and the machine) and runtime_overhead.md.
 """
 
@@ -33,6 +41,7 @@ from pathlib import Path
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # as the tests: the same kernels every run
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -42,7 +51,7 @@ import llama  # noqa: E402
 import policies  # noqa: E402  (benchmarks/, beside this file)
 
 import ckptplan  # noqa: E402
-from ckptplan import planner  # noqa: E402
+from ckptplan import costmodel, planner  # noqa: E402
 from ckptplan.solver import baselines  # noqa: E402
 from ckptplan.solver.regions import candidate_regions  # noqa: E402
 from ckptplan.trace import default_loss  # noqa: E402
@@ -60,6 +69,82 @@ def plan_for(graph, saved: dict[str, frozenset[int]]) -> ckptplan.Plan:
     return planner._plan(shapes, saved, sim, budget_bytes=sim.peak_bytes, budget_text=str(sim.peak_bytes),
                          reserve=0.0, baseline=base, full=sim, status="feasible", gap=1.0, objective="time",
                          solve_time_s=0.0, stats={})
+
+
+class _Tiny(nn.Module):
+    """K tanh ops on a 4x8 tensor: each allocates its output and saves it for backward."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.k):
+            x = torch.tanh(x)
+        return x
+
+
+class _TinyChain(nn.Module):
+    def __init__(self, blocks: int, k: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.blocks = nn.Sequential(*[_Tiny(k) for _ in range(blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.inp(x)).sum()
+
+
+def _split_times(model: nn.Module, x: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Median forward and backward seconds of ``steps`` steps, after two warm-ups (the first checks the
+    op sequence of regions that then run plain)."""
+    fwd, bwd = [], []
+    for _ in range(steps + 2):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss = model(x)
+        t1 = time.perf_counter()
+        loss.backward()
+        fwd.append(t1 - t0)
+        bwd.append(time.perf_counter() - t1)
+    return statistics.median(fwd[2:]), statistics.median(bwd[2:])
+
+
+def _chain_times(blocks: int, k: int, rounds: int, steps: int) -> dict[str, tuple[float, float]]:
+    torch.manual_seed(0)
+    model, x = _TinyChain(blocks, k), torch.randn(4, 8)
+    graph = ckptplan.trace(model, x)
+    chosen = [r for r in candidate_regions(graph) if r.path.startswith("blocks.")]
+    plans = {"plain": plan_for(graph, {r.path: frozenset() for r in chosen}),
+             "selective": plan_for(graph, {r.path: frozenset(r.choices) for r in chosen})}
+    runs: dict[str, list[tuple[float, float]]] = {"none": [], "plain": [], "selective": []}
+    for _ in range(rounds):
+        runs["none"].append(_split_times(model, x, steps))
+        for key, plan in plans.items():
+            with ckptplan.apply(model, plan):
+                runs[key].append(_split_times(model, x, steps))
+    return {key: (statistics.median(f for f, _ in v), statistics.median(b for _, b in v)) for key, v in runs.items()}
+
+
+def calibrate(rounds: int, steps: int) -> dict:
+    """The runtime's overheads on this machine, in ns (see the module docstring)."""
+    small, large = (64, 1), (4, 64)
+    t = {shape: _chain_times(*shape, rounds, 4 * steps) for shape in (small, large)}
+
+    def per_region(shape: tuple[int, int]) -> float:  # plain - none, per block
+        return (sum(t[shape]["plain"]) - sum(t[shape]["none"])) / shape[0]
+
+    slope = (per_region(large) - per_region(small)) / (large[1] - small[1])  # per op: hooks + rerun op
+    call = per_region(small) - small[1] * slope
+    n = large[0] * large[1]
+    op = t[large]["none"][0] / n  # one tiny op, forward
+    sac_forward = (t[large]["selective"][0] - t[large]["plain"][0]) / n
+    sac_replay = (t[large]["selective"][1] - t[large]["plain"][1]) / n + op  # the walk, less the rerun op
+    fitted = {"checkpoint_call_ns": call, "checkpoint_op_ns": slope - op, "sac_forward_ns": sac_forward,
+              "sac_replay_ns": sac_replay, "tiny_op_ns": op}
+    return {"chains": {f"{b}x{k}": {key: [round(1e6 * x, 1) for x in v] for key, v in t[(b, k)].items()}
+                       for b, k in (small, large)},
+            "fitted_ns": {key: round(1e9 * v) for key, v in fitted.items()},
+            "costmodel_cpu_ns": {key: getattr(costmodel.CPU, key) for key in fitted if key != "tiny_op_ns"}}
 
 
 def one(name: str, rounds: int, steps: int) -> dict:
@@ -107,7 +192,12 @@ def one(name: str, rounds: int, steps: int) -> dict:
             "median_step_ms": {k: round(1e3 * v, 1) for k, v in med.items()},
             "rounds_ms": {k: [round(1e3 * x, 1) for x in v] for k, v in times.items()},
             "dispatch_overhead_ms": round(1e3 * (med["ckptplan_save_all"] - med["plain"]), 1),
-            "overhead_over_torch_full_ms": round(1e3 * (med["ckptplan_full"] - med["torch_full"]), 1)}
+            "overhead_over_torch_full_ms": round(1e3 * (med["ckptplan_full"] - med["torch_full"]), 1),
+            # what the plans add to a step: measured, and the cost model's estimate (simulate.py)
+            "added_ms": {"full": round(1e3 * (med["ckptplan_full"] - med["plain"]), 1),
+                         "save_all": round(1e3 * (med["ckptplan_save_all"] - med["plain"]), 1)},
+            "estimated_ms": {"full": round(full.extra_cost_ns / 1e6, 1),
+                             "save_all": round(save_all.extra_cost_ns / 1e6, 1)}}
 
 
 def main() -> None:
@@ -116,22 +206,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=7)
     a = ap.parse_args()
+    calibration = calibrate(a.rounds, a.steps)
     rows = [one(name, a.rounds, a.steps) for name in MODELS]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python benchmarks/runtime_overhead.py --out benchmarks/results/runtime_overhead",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                          f"torch {torch.__version__}",
-              "rows": rows}
+              "calibration": calibration, "rows": rows}
     (out / "runtime_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# Runtime overhead\n", f"`{result['command']}` on {result['machine']}; median step time (ms) over "
-             f"{a.rounds} interleaved rounds of {a.steps} steps.\n",
-             "| model | ops in blocks | plain | torch full | ckptplan full | ckptplan save-all | dispatch overhead "
-             "(save-all - plain) | ckptplan full - torch full |", "|---|---|---|---|---|---|---|---|"]
+    fitted, used = calibration["fitted_ns"], calibration["costmodel_cpu_ns"]
+    lines = ["# Runtime overhead\n", f"`{result['command']}` on {result['machine']}.\n",
+             "## Calibration (chains of tiny ops; ns)\n", "| constant | fitted here | costmodel.CPU |", "|---|---|---|"]
+    lines += [f"| {key} | {fitted[key]} | {used[key]} |" for key in used]
+    lines += ["", f"(one tiny op, forward: {fitted['tiny_op_ns']} ns; chain medians, forward and backward in us: "
+              f"{json.dumps(calibration['chains'])})\n",
+              f"## Real models: median step time (ms) over {a.rounds} interleaved rounds of {a.steps} steps\n",
+              "| model | ops in blocks | plain | torch full | ckptplan full | ckptplan save-all | ckptplan full - torch full "
+              "| added by full: measured / estimated | added by save-all: measured / estimated |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        m = r["median_step_ms"]
+        m, added, est = r["median_step_ms"], r["added_ms"], r["estimated_ms"]
         lines.append(f"| {r['model']} | {r['ops_in_blocks']} | {m['plain']} | {m['torch_full']} | {m['ckptplan_full']} | "
-                     f"{m['ckptplan_save_all']} | {r['dispatch_overhead_ms']} | {r['overhead_over_torch_full_ms']} |")
+                     f"{m['ckptplan_save_all']} | {r['overhead_over_torch_full_ms']} | {added['full']} / {est['full']} | "
+                     f"{added['save_all']} / {est['save_all']} |")
     (out / "runtime_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -218,7 +218,8 @@ def dump_yaml(plan: Plan) -> str:
         f"  forward: {plan.forward_flops}  # {format_flops(plan.forward_flops)}",
         f"  extra_forward: {plan.extra_forward_flops}  # {format_flops(plan.extra_forward_flops)}",
         f"  extra_forward_percent: {round(pct, 3)}",
-        f"  estimated_recompute_ns: {plan.extra_cost_ns}  # {plan.extra_cost_ns / 1e6:.3f} ms",
+        f"  estimated_recompute_ns: {plan.extra_cost_ns}  # {plan.extra_cost_ns / 1e6:.3f} ms: reruns, checkpoint "
+        "calls, dispatch modes",
         "solver:",
         f"  objective: {plan.objective}  # minimised: estimated recompute time, or FLOPs then time",
         f"  status: {plan.status}",
@@ -238,8 +239,9 @@ def dump_yaml(plan: Plan) -> str:
         lines.append(f"    count: {len(paths)}")
         lines.append(f"    at: {_q([order[p] for p in paths])}  # positions in forward order")
         lines.append(f"    num_ops: {len(r.ops)}")
+        how = "selective checkpointing" if saved else "plain checkpoint"
         lines.append(f"    extra_forward_flops_each: {r.extra_forward_flops}"
-                     f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved")
+                     f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved ({how})")
         lines.append(f"    restores_buffers: {_q(list(r.mutated_buffers))}")
         lines.append("    ops:")
         for o in r.ops:

@@ -1,20 +1,29 @@
 """Apply a Plan to a live model: ``handle = apply(model, plan)``; ``handle.remove()`` undoes it.
 
-Each checkpointed region's ``forward`` runs under ``torch.utils.checkpoint(use_reentrant=False)`` with a
-selective-checkpoint policy that returns ``MUST_SAVE`` / ``MUST_RECOMPUTE`` (torch.compile may not
-override them) and preserves the RNG state, so dropout masks are identical when recomputed.
+Each checkpointed region's ``forward`` runs under ``torch.utils.checkpoint(use_reentrant=False)``,
+preserving the RNG state so that dropout masks are identical when recomputed. A region that saves some
+of its ops adds a selective-checkpoint policy returning ``MUST_SAVE`` / ``MUST_RECOMPUTE`` (torch.compile
+may not override them). A region that saves nothing runs as plain ``torch.utils.checkpoint``, with no
+dispatch mode: selective checkpointing's modes call Python for every op in forward and again in the
+recomputation, which on small ops costs more than the recomputation itself (costmodel.py charges it).
 
 Safety:
 * ``apply`` refuses a model whose parameters, buffers or module types differ from the traced one.
 * Every op the policy sees is compared with the plan (op, module, output shapes), keyed by its
   position inside the region, which extra dispatch modes (FlopCounterMode, MemTracker, a profiler)
   do not change. The first difference raises ``PlanMismatch`` during forward, before any gradient.
+  Regions that save ops are checked at every step; a region that saves nothing is checked at its first
+  step and then runs plain (``apply(..., strict=True)`` checks it at every step). A later change of path
+  in such a region cannot change gradients (it recomputes everything, and torch's checkpoint refuses a
+  recomputation whose saved tensors differ); it can only move the memory away from the prediction.
 * Buffers a region writes in forward (BatchNorm statistics) are restored after its recomputation,
   so they are updated exactly once per step.
 
-Accounting: the recomputation's dispatch mode (the SAC "cached" mode, which only runs in backward)
-adds up the FLOPs of the ops it actually reruns, with ``torch.utils.flop_counter``'s formulas.
-``handle.stats`` is updated at the end of every backward, and one INFO line is logged per step.
+Accounting: in a selective region, the recomputation's dispatch mode (the SAC "cached" mode, which only
+runs in backward) adds up the FLOPs of the ops it actually reruns, with ``torch.utils.flop_counter``'s
+formulas. A plain region's recomputation adds the plan's FLOPs for it (the ops up to the early stop),
+counted when the recomputation runs. ``handle.stats`` is updated at the end of every backward, and one
+INFO line is logged per step.
 """
 
 from __future__ import annotations
@@ -112,11 +121,16 @@ class _CountingCachedMode(_CachedTorchDispatchMode):
 class _RegionRuntime:
     """One checkpointed module: its plan, its position in the op sequence, its wrapper."""
 
-    def __init__(self, module: nn.Module, plan: RegionPlan, counter: _Counter) -> None:
+    def __init__(self, module: nn.Module, plan: RegionPlan, counter: _Counter, *, strict: bool) -> None:
         self.module, self.plan, self.counter = module, plan, counter
         self.position = 0
         self.in_forward = False
-        self.stack: list[str] = []
+        # saves some ops: selective checkpointing at every step; otherwise plain checkpoint once checked
+        self.selective = any(o.decision is Decision.SAVE for o in plan.ops)
+        self.check_every_step = self.selective or strict
+        self.flops = plan.extra_forward_flops  # what one recomputation of a plain region reruns
+        self.plain = False  # True once a region that saves nothing has had its ops checked
+        self.stack: list[str] = []  # the submodules running, for the op check
         self.hooks: list[Any] = []
         for name, sub in module.named_modules():
             if name:
@@ -135,9 +149,13 @@ class _RegionRuntime:
         if self.stack:
             self.stack.pop()
 
-    def restore(self) -> None:
+    def _drop_hooks(self) -> None:
         for h in self.hooks:
             h.remove()
+        self.hooks.clear()
+
+    def restore(self) -> None:
+        self._drop_hooks()
         if self.module.__dict__.get("forward") == self.forward:
             del self.module.forward
 
@@ -145,6 +163,12 @@ class _RegionRuntime:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return self.original(*args, **kwargs)  # evaluation: nothing is saved, nothing to plan
+        if self.plain:  # saves nothing, its ops checked at its first step: no dispatch mode
+            self.in_forward = True
+            try:
+                return checkpoint(self._run_plain, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+            finally:
+                self.in_forward = False
         self.position, self.in_forward = 0, True
         self.stack.clear()
         try:
@@ -157,14 +181,29 @@ class _RegionRuntime:
                 f"{self.plan.path} ran {self.position} ops but the plan was traced with "
                 f"{len(self.plan.ops)}; the model takes another path than the traced step: "
                 "trace and solve again for these inputs")
+        if not self.check_every_step:  # checked: from the next step on, plain checkpoint
+            self._drop_hooks()
+            self.plain = True
         return out
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
+        """The region's forward under selective checkpointing (its recomputation counts its own FLOPs)."""
         if self.in_forward:
             return self.original(*args, **kwargs)
+        self.stack.clear()
+        return self._recompute(*args, **kwargs)
+
+    def _run_plain(self, *args: Any, **kwargs: Any) -> Any:
+        """The region's forward under plain checkpointing: its recomputation pays the plan's FLOPs."""
+        if self.in_forward:
+            return self.original(*args, **kwargs)
+        self.counter.flops += self.flops
+        self.counter.regions += 1
+        return self._recompute(*args, **kwargs)
+
+    def _recompute(self, *args: Any, **kwargs: Any) -> Any:
         # Recomputation in backward: put back the buffers it updates again (BatchNorm statistics).
         # The copies bypass the dispatch modes: SAC's recompute mode must see the model's ops only.
-        self.stack.clear()
         with _disable_current_modes(), torch.no_grad():
             saved = [b.clone() for b in self.buffers]
         try:
@@ -202,11 +241,12 @@ class _RegionRuntime:
 class Handle:
     """A plan applied to a model. ``stats`` is updated after each backward; ``remove()`` undoes it."""
 
-    def __init__(self, model: nn.Module, plan: Plan) -> None:
+    def __init__(self, model: nn.Module, plan: Plan, *, strict: bool = False) -> None:
         self.model, self.plan = model, plan
         self.stats = StepStats(forward_flops=plan.forward_flops)
         self._counter = _Counter()
-        self._regions = [_RegionRuntime(model.get_submodule(r.path), r, self._counter) for r in plan.regions]
+        self._regions = [_RegionRuntime(model.get_submodule(r.path), r, self._counter, strict=strict)
+                         for r in plan.regions]
         self._hooks = [
             model.register_forward_pre_hook(self._before_step, with_kwargs=True),
             model.register_forward_hook(self._after_forward),
@@ -268,10 +308,13 @@ class Handle:
         self.remove()
 
 
-def apply(model: nn.Module, plan: Plan) -> Handle:
-    """Apply ``plan`` to ``model`` in place. Raises PlanMismatch, saying what differs, for another model."""
+def apply(model: nn.Module, plan: Plan, *, strict: bool = False) -> Handle:
+    """Apply ``plan`` to ``model`` in place. Raises PlanMismatch, saying what differs, for another model.
+
+    ``strict``: check the op sequence of every region at every step, including regions that save nothing
+    (which are otherwise checked at their first step, then run as plain checkpoint)."""
     check_model(model, plan)
-    return Handle(model, plan)
+    return Handle(model, plan, strict=strict)
 
 
 def check_model(model: nn.Module, plan: Plan) -> None:

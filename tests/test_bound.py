@@ -34,7 +34,8 @@ def _brute_force(regions, row: bound.LinearForm, capacity: int, cost: bound.Line
                     weight += a * (at_least if a > 0 else 1)
                 if weight > capacity:
                     continue
-                value = sum(cost.c.get(j, 0) for j in on) + sum(cost.k.get(op, 0) for op in k)
+                value = (sum(cost.c.get(j, 0) for j in on) + sum(cost.k.get(op, 0) for op in k)
+                         + sum(a for j, a in cost.s.items() if any(op[0] == j for op in k)))
                 best = value if best is None else min(best, value)
     return best
 

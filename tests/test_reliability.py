@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import ckptplan
 from ckptplan.cli import app
+from ckptplan.plan import Decision
 from ckptplan.solver import cpsat
 
 from .conftest import MODELS, ROOT
@@ -146,6 +147,37 @@ def test_other_path_raises_before_any_gradient():
     msg = str(err.value)
     assert re.search(r"op #\d+", msg) and "down" in msg and "up" in msg  # names what ran and what was planned
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_region_saving_nothing_is_checked_at_its_first_step_then_runs_plain():
+    """A region that saves nothing runs as plain torch.utils.checkpoint once its first step has checked its
+    ops: another path later cannot change its gradients (it recomputes everything), only its memory.
+    ``strict=True`` checks it at every step, before any gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Routed() for _ in range(4)])
+    pos = torch.rand(256, 16) + 0.5
+    graph = ckptplan.trace(model, pos)
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(graph, 1)
+    plan = ckptplan.solve(graph, info.value.minimum_bytes)
+    assert plan.regions and all(o.decision is Decision.RECOMPUTE for r in plan.regions for o in r.ops)
+
+    def grads(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    other = grads(-pos)  # no plan: the other branch's gradients
+    with ckptplan.apply(model, plan, strict=True):
+        grads(pos)
+        model.zero_grad(set_to_none=True)
+        with pytest.raises(ckptplan.PlanMismatch, match="down"):
+            model(-pos).sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+    with ckptplan.apply(model, plan) as handle:
+        grads(pos)
+        assert handle.stats.extra_forward_flops == plan.extra_forward_flops
+        assert_same(other, grads(-pos))  # checked at the first step only: plain checkpoint, same gradients
 
 
 class CachedBlock(nn.Module):

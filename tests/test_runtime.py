@@ -83,16 +83,18 @@ def test_plan_fits_measured_and_keeps_gradients(traced, reference, name, fractio
 
     handle = ckptplan.apply(model, plan)
     try:
-        measured = run.peak()
-        grads, buffers = run.grads_and_buffers()
+        first = run.peak()  # the first step checks every region's ops under selective checkpointing
+        grads, buffers = run.grads_and_buffers()  # later steps: regions that save nothing run plain
         stats_extra = handle.stats.extra_forward_flops
         flops = run.flops()
+        later = run.peak()
     finally:
         handle.remove()
 
-    # memory: under the budget, and the prediction within 10%
-    assert measured <= plan.budget_bytes, f"measured {measured} > budget {plan.budget_bytes}"
-    assert abs(measured - plan.predicted_peak_bytes) <= 0.10 * plan.predicted_peak_bytes
+    # memory: under the budget, and the prediction within 10%, at the first step and later
+    for measured in (first, later):
+        assert measured <= plan.budget_bytes, f"measured {measured} > budget {plan.budget_bytes}"
+        assert abs(measured - plan.predicted_peak_bytes) <= 0.10 * plan.predicted_peak_bytes
     # gradients and BatchNorm statistics: bitwise equal (dropout masks replayed from the same RNG)
     for k in grads0:
         assert torch.equal(grads[k], grads0[k]), f"gradient of {k} differs"

@@ -12,7 +12,9 @@ family's configuration:
 
 * its *mode*: which of its regions are checkpointed (never two nested ones);
 * which ops of those regions are saved: a 0/1 knapsack item each, costing row bytes and saving recompute
-  time.
+  time. A region may save ops only under selective checkpointing, whose dispatch modes cost a fixed
+  time (``LinearForm.s``): each mode comes in variants, each region of it selective (paying that time,
+  its ops items) or plain (no items).
 
 For each family, a dynamic program over the row's bytes gives the least cost at every weight. Identical
 layers give identical tables, so the layers are folded and their swaps cost nothing. A second dynamic
@@ -23,6 +25,8 @@ is a valid lower bound on the full model):
 * a "z" term (a storage that one region's checkpoint holds as its input while another region recomputes
   it) links two families; it is dropped when its two regions are in different families, since a term
   that adds bytes can only make the row harder;
+* past ``MAX_SELECTIVE`` charged regions in one mode, the variants are replaced by one that may cache in
+  every region and pays no dispatch time (a cheaper, so still valid, relaxation);
 * bytes are rounded down: each saved op to 1/``FINE`` of its family's range, each family to
   1/``BUCKETS`` of the row's free range. That costs less than one saved activation, but a tight row can
   need the finer ``FINE_BUCKETS`` (Llama-7B shape, 32 layers, 98% of the halfway budget: 0.94% gap at
@@ -31,7 +35,7 @@ is a valid lower bound on the full model):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 
 import numpy as np
@@ -42,6 +46,7 @@ BUCKETS = 40_000  # resolution of the row's free range (rounding down: a valid b
 FINE_BUCKETS = 160_000  # the same, for a second look at the best row when the first does not prove the gap
 FINE = 1 << 16  # resolution of one family's own range, for the knapsack over its saved ops
 MAX_MODES = 4_096  # a family with more checkpoint sets than this (deep nesting) gives no bound
+MAX_SELECTIVE = 4  # a mode with more regions whose dispatch modes cost time drops that cost (2^4 variants)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,16 @@ class LinearForm:
     k: dict[tuple[int, int], int]  # (region, op) -> coefficient of k[region, op]
     z: dict[tuple[int, int, int, bool], int]  # (region, op, holder region, op is forced) -> coefficient of z
     constant: int = 0
+    # region -> coefficient of sel[region]: 1 iff it caches any op (selective checkpointing's dispatch
+    # modes); costs only, never a memory row
+    s: dict[int, int] = field(default_factory=dict)
+
+    def value(self, saved: dict[int, frozenset[int]]) -> int:
+        """The form's value for a plan without z terms (a cost): ``saved`` maps each checkpointed region to
+        the ops it caches."""
+        return (self.constant + sum(a for j, a in self.c.items() if j in saved)
+                + sum(a for (j, p), a in self.k.items() if j in saved and p in saved[j])
+                + sum(a for j, a in self.s.items() if saved.get(j)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +114,8 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
         sets = _modes(root, members, regions)
         if sets is None:
             return None
-        modes = [_mode(on, regions, row, z_of.get(root, []), cost) for on in sets]
+        modes = [_mode(on, may, paid, regions, row, z_of.get(root, []), cost)
+                 for on in sets for may, paid in _variants(on, regions, cost)]
         tables.append((min(m.weight for m in modes), modes))
     low = sum(w for w, _ in tables) + row.constant
     span = capacity - low
@@ -181,19 +197,36 @@ def _modes(root: int, members: list[int], regions: tuple[Region, ...]) -> list[f
     return of(root)
 
 
-def _mode(on: frozenset[int], regions: tuple[Region, ...], row: LinearForm,
-          z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm) -> _Mode:
-    """The row weight and cost of checkpointing ``on`` with nothing saved, and the knapsack items.
+def _variants(on: frozenset[int], regions: tuple[Region, ...],
+              cost: LinearForm) -> list[tuple[frozenset[int], frozenset[int]]]:
+    """(regions that may cache ops, regions paying selective checkpointing's time) for each variant of
+    checkpointing ``on``: a region whose dispatch modes cost time is selective or plain; the others may
+    always cache."""
+    free = frozenset(j for j in on if regions[j].choices and not cost.s.get(j))
+    charged = sorted(j for j in on if regions[j].choices and cost.s.get(j))
+    if len(charged) > MAX_SELECTIVE:
+        return [(free | frozenset(charged), frozenset())]  # relaxed: every region may cache, for free
+    out = []
+    for flags in product((False, True), repeat=len(charged)):
+        paid = frozenset(j for j, f in zip(charged, flags) if f)
+        out.append((free | paid, paid))
+    return out
+
+
+def _mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], regions: tuple[Region, ...],
+          row: LinearForm, z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm) -> _Mode:
+    """The row weight and cost of checkpointing ``on`` with nothing saved, and the knapsack items: the ops
+    of the regions in ``may``; ``paid``: the regions charged selective checkpointing's time.
     ``z_terms``: the row's z terms whose recomputed op belongs to this family."""
     weight = sum(row.c.get(j, 0) for j in on)
-    value = sum(cost.c.get(j, 0) for j in on)
-    item_weight = {(j, p): row.k.get((j, p), 0) for j in on for p in regions[j].choices}
+    value = sum(cost.c.get(j, 0) for j in on) + sum(cost.s[j] for j in paid)
+    item_weight = {(j, p): row.k.get((j, p), 0) for j in may for p in regions[j].choices}
     for (j, p, holder, forced), a in z_terms:
         if a < 0:
             weight += a  # nothing forces z to 0: at 1 it frees the most
         elif j in on and holder in on:  # z >= recomputed(p) + c[holder] - 1 = recomputed(p)
             weight += a
-            if not forced:
+            if not forced and (j, p) in item_weight:
                 item_weight[(j, p)] -= a  # saving p clears it
         # else z = 0 is allowed (a region not checkpointed here, or the holder in another family)
     items, free = [], []

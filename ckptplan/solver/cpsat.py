@@ -263,6 +263,7 @@ class _Model:
         """``graphs``: the same step at one or more input shapes; their candidate regions (aligned: same
         paths, same op choices) share one set of decision variables."""
         self.graphs, self.regions = graphs, regions_per_graph[0]
+        self.regions_per_graph = regions_per_graph
         regions = self.regions
         self.unit = 1
         while scale_to // self.unit > (1 << 22):
@@ -278,6 +279,16 @@ class _Model:
                 self.k[(j, p)] = m.new_bool_var(f"k[{r.path},{p}]")
                 # [Constraint] only a checkpointed region caches anything
                 m.add_implication(self.k[(j, p)], self.c[j])
+        # sel[j]: 1 iff region j runs under selective checkpointing, which it must to cache any op (a
+        # region that caches nothing runs as plain checkpoint); only where its dispatch modes cost time
+        self.sel: dict[int, cp_model.IntVar] = {}
+        for j, r in enumerate(regions):
+            if r.choices and any(own[j].selective_ns for own in regions_per_graph):
+                self.sel[j] = m.new_bool_var(f"sel[{r.path}]")
+                # [Constraint] caching an op needs selective checkpointing, which needs a checkpoint
+                for p in r.choices:
+                    m.add_implication(self.k[(j, p)], self.sel[j])
+                m.add_implication(self.sel[j], self.c[j])
         # (x[j, p] = c[j] - k[j, p] is 1 iff op p is recomputed with region j; never a variable of its own)
         for a, b in nested_pairs(regions):
             # [Constraint] checkpointed regions never nest
@@ -414,27 +425,35 @@ class _Model:
             self.row_terms.append((gi, steady, others))
 
     def _build_objective(self) -> None:
-        # cost: estimated time of every op the recomputations rerun (early stop honoured), summed over
-        # the input shapes (each shape's step is equally likely); flops: the same ops' FLOPs
-        self.cost_form = self._rerun_form(lambda op: op.cost_ns)  # also bound.py's objective
+        # cost: estimated time of every op the recomputations rerun (early stop honoured), of each
+        # checkpoint call and of selective checkpointing's dispatch modes, summed over the input shapes
+        # (each shape's step is equally likely); flops: the rerun ops' FLOPs
+        self.cost_form = self._rerun_form(lambda op: op.cost_ns, overheads=True)  # also bound.py's objective
         self.cost = self._linear(self.cost_form)
-        self.flops = self._linear(self._rerun_form(lambda op: op.flops))
+        self.flops = self._linear(self._rerun_form(lambda op: op.flops, overheads=False))
 
-    def _rerun_form(self, value: Callable) -> bound.LinearForm:
-        """``value`` summed over every op a checkpointed region reruns: on its region's c, less on its k."""
+    def _rerun_form(self, value: Callable, *, overheads: bool) -> bound.LinearForm:
+        """``value`` summed over every op a checkpointed region reruns: on its region's c, less on its k;
+        with ``overheads``, each region's checkpoint cost on its c and its dispatch modes' on its sel."""
         c: dict[int, int] = {}
         k: dict[tuple[int, int], int] = {}
+        s: dict[int, int] = {}
         for j, r in enumerate(self.regions):
+            if overheads:
+                c[j] = sum(own[j].checkpoint_ns for own in self.regions_per_graph)
+                if j in self.sel:
+                    s[j] = sum(own[j].selective_ns for own in self.regions_per_graph)
             for p in range(r.first_op, r.recompute_end):
                 v = sum(value(graph.ops[p]) for graph in self.graphs)
                 if v:
                     c[j] = c.get(j, 0) + v
                     if (j, p) in self.k:
                         k[(j, p)] = -v
-        return bound.LinearForm(c=c, k=k, z={})
+        return bound.LinearForm(c={j: a for j, a in c.items() if a}, k=k, z={}, s=s)
 
     def _linear(self, form: bound.LinearForm) -> cp_model.LinearExprT:
-        parts = [a * self.c[j] for j, a in form.c.items()] + [a * self.k[key] for key, a in form.k.items()]
+        parts = ([a * self.c[j] for j, a in form.c.items()] + [a * self.k[key] for key, a in form.k.items()]
+                 + [a * self.sel[j] for j, a in form.s.items()])
         return sum(parts) if parts else 0
 
     # ---- a plan's values, without a solver ----------------------------------------------------------------
@@ -446,6 +465,8 @@ class _Model:
             values[var.index] = int(j in saved)
         for (j, p), var in self.k.items():
             values[var.index] = int(j in saved and p in saved[j])
+        for j, var in self.sel.items():
+            values[var.index] = int(bool(saved.get(j)))
         row_values = [base for base, _, _ in self.row_exprs]
         largest: list[int] = []  # g of the largest input shape
         for gi, (terms, gap_terms) in enumerate(self.terms):
@@ -465,8 +486,7 @@ class _Model:
             for row, (shape, steady, others) in enumerate(self.row_terms):
                 if shape == gi:
                     row_values[row] += sum(g[j] for j in steady) + sum(term_value[i] for i in others)
-        cost = self.cost_form.constant + sum(a for j, a in self.cost_form.c.items() if j in saved) + sum(
-            a for (j, p), a in self.cost_form.k.items() if j in saved and p in saved[j])
+        cost = self.cost_form.value(saved)
         values[self.peak.index] = max(row_values, default=0)
         return Evaluation(rows=row_values, cost=cost, values=values, steady=largest)
 

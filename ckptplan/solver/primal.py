@@ -186,7 +186,7 @@ def _weighted(a: bound.LinearForm, wa: int, b: bound.LinearForm, wb: int) -> bou
     """wa * a + wb * b."""
     def add(x: dict, y: dict) -> dict:
         return {key: wa * x.get(key, 0) + wb * y.get(key, 0) for key in sorted({*x, *y})}
-    return bound.LinearForm(c=add(a.c, b.c), k=add(a.k, b.k), z=add(a.z, b.z),
+    return bound.LinearForm(c=add(a.c, b.c), k=add(a.k, b.k), z=add(a.z, b.z), s=add(a.s, b.s),
                             constant=wa * a.constant + wb * b.constant)
 
 

@@ -10,6 +10,9 @@ final norm, head); a module with no container below it is one region. Then the f
 
 Inside a region, each op is either free to be saved (its outputs cached by selective checkpointing)
 or forced to be recomputed, with the reason recorded for the plan file.
+
+Each region also carries what checkpointing it costs beyond the ops it reruns (costmodel.py): the
+checkpoint call itself, and the dispatch modes of selective checkpointing when it saves any op.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from ..costmodel import profile_for
 from ..graph import Graph, StorageKind
 
 CONTAINERS = frozenset({"ModuleList", "Sequential", "ModuleDict"})
@@ -48,6 +52,8 @@ class Region:
     # a segment of consecutive blocks checkpointed as one unit (``segment``): the module calls it runs;
     # empty for a module call, which is its own path
     members: tuple[str, ...] = ()
+    checkpoint_ns: int = 0  # estimated time of checkpointing it at all, beyond the ops it reruns
+    selective_ns: int = 0  # estimated time selective checkpointing adds when it saves any op
 
     def __post_init__(self) -> None:
         if not self.first_op <= self.recompute_end <= self.end_op:
@@ -129,7 +135,8 @@ def segment(graph: Graph, parts: tuple[Region, ...]) -> Region | None:
         release_event=max(r.release_event for r in parts), input_storages=tuple(inputs),
         choices=tuple(p for r in parts for p in r.choices), forced=tuple(x for r in parts for x in r.forced),
         mutated_buffers=tuple(sorted({b for r in parts for b in r.mutated_buffers})),
-        members=tuple(r.path for r in parts))
+        members=tuple(r.path for r in parts),
+        checkpoint_ns=profile_for(graph.device).checkpoint_ns(num_ops=last.end_op - first.first_op))
 
 
 def outermost(regions: tuple[Region, ...]) -> tuple[Region, ...]:
@@ -185,11 +192,15 @@ def _make_region(graph: Graph, path: str) -> Region | None:
             forced.append((i, Forced.NO_OUTPUT))
         else:
             choices.append(i)
+    profile = profile_for(graph.device)
+    num_ops = call.end_op - call.first_op
     return Region(
         path=call.path, type_name=call.type_name, first_op=call.first_op, end_op=call.end_op,
         recompute_end=end, recompute_event=call.first_unpack_event,
         release_event=call.last_unpack_event, input_storages=call.input_storages,
-        choices=tuple(choices), forced=tuple(forced), mutated_buffers=tuple(sorted(set(mutated_buffers))))
+        choices=tuple(choices), forced=tuple(forced), mutated_buffers=tuple(sorted(set(mutated_buffers))),
+        checkpoint_ns=profile.checkpoint_ns(num_ops=num_ops),
+        selective_ns=profile.selective_ns(num_ops=num_ops, num_rerun=end - call.first_op) if choices else 0)
 
 
 def _saves_internal(graph: Graph, path: str, inside: set[int]) -> bool:

@@ -14,6 +14,9 @@ Lifetimes under a plan, for a storage allocated by op ``p`` of checkpointed regi
 * the region's inputs: held by the checkpoint until the region's last unpack.
 
 Everything else keeps the lifetime the trace observed.
+
+The cost is the estimated time of every op rerun, plus each checkpointed region's own overhead: the
+checkpoint call, and selective checkpointing's dispatch modes where the region saves any op.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class SimResult:
     peak_bytes: int
     peak_at: str  # where the peak happens, for humans
     extra_forward_flops: int
-    extra_cost_ns: int
+    extra_cost_ns: int  # ops rerun, checkpoint calls and dispatch modes (costmodel.py)
     recomputed_ops: int
 
 
@@ -75,6 +78,7 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
     extra_flops = extra_cost = recomputed = 0
     for r in active:
         keep = saved[r.path]
+        extra_cost += r.checkpoint_ns + (r.selective_ns if keep else 0)
         inside = set(r.ops)
         done = rerun_end[r.path]
         for p in r.ops:
