@@ -1,6 +1,6 @@
 """Runtime overhead: what ckptplan's runtime costs beyond the ops it reruns, and the cost model's constants.
 
-Run by hand (about 3 minutes on 2 cores):
+Run by hand (about 2 minutes on 2 cores):
     pip install -c constraints.txt -e ".[bench]"
     python benchmarks/runtime_overhead.py --out benchmarks/results/runtime_overhead
 
@@ -9,20 +9,28 @@ selective-checkpointing dispatch modes (its policy checks the op sequence agains
 mode counts the FLOPs actually recomputed), and a region that saves nothing in plain
 ``torch.utils.checkpoint`` once its first step has checked its ops. costmodel.py charges both.
 
-1. Calibration (``calibrate``): a chain of blocks of tiny ops (``tanh``, 4x8), where the runtime's own
+1. Rates (``calibrate_rates``): every forward op of the policy benchmark's zoo, timed inside a dispatch
+   mode (the kernel and C++ dispatch, not the mode's Python; median of several passes) and classed as the
+   cost model classes it: views give the fixed part, ops with FLOPs the FLOP rate, random ops the rate
+   of random bytes drawn, the others the memory bandwidth (attention on CPU, whose FLOPs torch does not
+   count, is left out). Each rate is the total of its class's work over its total time less the fixed part.
+2. Runtime overheads (``calibrate``): a chain of blocks of tiny ops (``tanh``, 4x8), where the runtime's own
    cost dominates, timed forward and backward separately without a plan, with every block checkpointed
    saving nothing (plain), and saving every op (selective, nothing rerun). With B blocks of K ops:
    plain - none = B * (call + K * (hooks + rerun op)), from (64 x 1) and (4 x 64) blocks;
    selective - plain, per op: the dispatch modes in forward, and in backward the replay less the rerun
-   op. The constants of ``costmodel.CPU`` are these, rounded.
-2. Real models, interleaved in rounds so that drift of the machine cancels, the median step time of:
+   op. ``checkpoint_call_ns`` and ``checkpoint_op_ns`` of ``costmodel.CPU`` are these, rounded; tanh's
+   one-tensor ops understate selective checkpointing's cost on real ops (tuples, more arguments to walk),
+   so its constants come from the real models below (``sac_ns_per_op_visit``).
+3. Real models, interleaved in rounds so that drift of the machine cancels, the median step time of:
 
    * ``plain``: no checkpointing;
    * ``torch_full``: ``torch.utils.checkpoint`` (non-reentrant) around every block, no dispatch modes;
    * ``ckptplan_full``: a ckptplan plan checkpointing the same blocks, saving nothing (same recomputation);
    * ``ckptplan_save_all``: the same blocks, every op that may be saved saved (almost nothing recomputed);
 
-   beside each, the cost model's estimate of what the plan adds to the step.
+   beside each, the cost model's estimate of what the plan adds to the step, and selective
+   checkpointing's measured cost per op visited (``_sac_per_visit``).
 
 Writes runtime_overhead.json (with the command and the machine) and runtime_overhead.md.
 """
@@ -37,11 +45,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # as the tests: the same kernels every run
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import SAC_IGNORED_OPS
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -147,6 +158,66 @@ def calibrate(rounds: int, steps: int) -> dict:
             "costmodel_cpu_ns": {key: getattr(costmodel.CPU, key) for key in fitted if key != "tiny_op_ns"}}
 
 
+class _OpTimer(TorchDispatchMode):
+    """The wall time of each op below this mode: its kernel and the dispatch under Python."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        t = time.perf_counter_ns()
+        out = func(*args, **(kwargs or {}))
+        if func not in SAC_IGNORED_OPS:  # the trace leaves them out too (detach)
+            self.ops.append((str(func), time.perf_counter_ns() - t))
+        return out
+
+
+def calibrate_rates(passes: int) -> dict:
+    """The cost model's rates on this machine, from the zoo's forward ops (see the module docstring)."""
+    import run as policy_benchmark  # benchmarks/run.py: the zoo
+
+    classes: dict[str, list[tuple[int, float]]] = {"view": [], "flops": [], "bytes": [], "random": []}  # (work, ns)
+    per_model: dict[str, Any] = {}
+    for name, factory in policy_benchmark.zoo().items():
+        torch.manual_seed(0)
+        model, args, kwargs = factory()
+        graph = ckptplan.trace(model, *args, **kwargs)
+        runs = []
+        for _ in range(passes + 1):  # the first warms up
+            with _OpTimer() as timer:
+                default_loss(model(*args, **kwargs))
+            runs.append(timer.ops)
+        names = [op.name for op in graph.ops]
+        if any([n for n, _ in r] != names for r in runs):
+            per_model[name] = "skipped: the timed pass ran other ops than the trace"
+            continue
+        ns = [statistics.median(r[i][1] for r in runs[1:]) for i in range(len(names))]
+        per_model[name] = {"forward_ops": len(names), "timed_ms": round(sum(ns) / 1e6, 2)}
+        for op, t in zip(graph.ops, ns):
+            if op.view:
+                classes["view"].append((0, t))
+            elif "scaled_dot_product" in op.name:
+                continue  # its FLOPs are not counted on CPU (flops.cost_flops adds them)
+            elif op.random:
+                classes["random"].append((max((o.nbytes for o in op.outputs), default=0), t))
+            elif op.flops:
+                classes["flops"].append((op.flops, t))
+            else:
+                classes["bytes"].append((op.bytes_moved, t))
+    fixed = statistics.median(t for _, t in classes["view"])
+
+    def rate(key: str) -> float:
+        amount = sum(w for w, _ in classes[key])
+        return amount / max(1.0, sum(t - fixed for _, t in classes[key])) * 1e9
+
+    return {"models": per_model, "ops_per_class": {k: len(v) for k, v in classes.items()},
+            "view_op_ns": round(fixed), "flops_per_s": rate("flops"), "bytes_per_s": rate("bytes"),
+            "random_bytes_per_s": rate("random"),
+            "costmodel_cpu": {"flops_per_s": costmodel.CPU.flops_per_s, "bytes_per_s": costmodel.CPU.bytes_per_s,
+                              "random_bytes_per_s": costmodel.CPU.random_bytes_per_s}}
+
+
 def one(name: str, rounds: int, steps: int) -> dict:
     torch.manual_seed(0)
     model, args = MODELS[name]()
@@ -197,15 +268,29 @@ def one(name: str, rounds: int, steps: int) -> dict:
             "added_ms": {"full": round(1e3 * (med["ckptplan_full"] - med["plain"]), 1),
                          "save_all": round(1e3 * (med["ckptplan_save_all"] - med["plain"]), 1)},
             "estimated_ms": {"full": round(full.extra_cost_ns / 1e6, 1),
-                             "save_all": round(save_all.extra_cost_ns / 1e6, 1)}}
+                             "save_all": round(save_all.extra_cost_ns / 1e6, 1)},
+            "sac_ns_per_op_visit": round(_sac_per_visit(blocks, full, save_all, med))}
+
+
+def _sac_per_visit(blocks, full: ckptplan.Plan, save_all: ckptplan.Plan, med: dict[str, float]) -> float:
+    """Selective checkpointing's cost per op it visits (in forward, and again in the recomputation),
+    measured on a real model: save-all pays it and the forced reruns, full pays every rerun, so
+    dispatch = (save-all - full) + the reruns save-all avoids; those are the model's estimate, scaled
+    by what it gets wrong on the full plan's reruns."""
+    dispatch_est = sum(r.selective_ns for r in blocks)
+    visits = sum(len(r.ops) + (r.recompute_end - r.first_op) for r in blocks)
+    full_measured = 1e9 * (med["ckptplan_full"] - med["plain"])
+    avoided = (full.extra_cost_ns - (save_all.extra_cost_ns - dispatch_est)) * full_measured / full.extra_cost_ns
+    return (1e9 * (med["ckptplan_save_all"] - med["ckptplan_full"]) + avoided) / visits
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime_overhead"))
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=7)
     a = ap.parse_args()
+    rates = calibrate_rates(a.rounds)
     calibration = calibrate(a.rounds, a.steps)
     rows = [one(name, a.rounds, a.steps) for name in MODELS]
     out = Path(a.out)
@@ -213,23 +298,33 @@ def main() -> None:
     result = {"command": "python benchmarks/runtime_overhead.py --out benchmarks/results/runtime_overhead",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                          f"torch {torch.__version__}",
-              "calibration": calibration, "rows": rows}
+              "rates": rates, "calibration": calibration, "rows": rows}
     (out / "runtime_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     fitted, used = calibration["fitted_ns"], calibration["costmodel_cpu_ns"]
     lines = ["# Runtime overhead\n", f"`{result['command']}` on {result['machine']}.\n",
-             "## Calibration (chains of tiny ops; ns)\n", "| constant | fitted here | costmodel.CPU |", "|---|---|---|"]
+             "## Rates (the zoo's forward ops, timed one by one)\n", "| rate | fitted here | costmodel.CPU |",
+             "|---|---|---|"]
+    lines += [f"| {key} | {rates[key]:.3g} | {rates['costmodel_cpu'][key]:.3g} |" for key in rates["costmodel_cpu"]]
+    lines += ["", f"(ops per class: {json.dumps(rates['ops_per_class'])}; a view op: {rates['view_op_ns']} ns under "
+              "the timing mode)\n",
+              "## Runtime overheads (chains of tiny ops; ns)\n", "| constant | fitted here | costmodel.CPU |", "|---|---|---|"]
     lines += [f"| {key} | {fitted[key]} | {used[key]} |" for key in used]
+    per_visit = ", ".join(f"{r['model']} {r['sac_ns_per_op_visit']}" for r in rows)
+    lines += ["", f"Selective checkpointing per op visited on the real models (last column below): {per_visit} ns; "
+              f"costmodel.CPU charges {used['sac_forward_ns']} in forward and {used['sac_replay_ns']} in the "
+              "recomputation (tanh's one-tensor ops, above, cost it half).\n"]
     lines += ["", f"(one tiny op, forward: {fitted['tiny_op_ns']} ns; chain medians, forward and backward in us: "
               f"{json.dumps(calibration['chains'])})\n",
               f"## Real models: median step time (ms) over {a.rounds} interleaved rounds of {a.steps} steps\n",
               "| model | ops in blocks | plain | torch full | ckptplan full | ckptplan save-all | ckptplan full - torch full "
-              "| added by full: measured / estimated | added by save-all: measured / estimated |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| added by full: measured / estimated | added by save-all: measured / estimated "
+              "| selective checkpointing per op visit (ns) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, added, est = r["median_step_ms"], r["added_ms"], r["estimated_ms"]
         lines.append(f"| {r['model']} | {r['ops_in_blocks']} | {m['plain']} | {m['torch_full']} | {m['ckptplan_full']} | "
                      f"{m['ckptplan_save_all']} | {r['overhead_over_torch_full_ms']} | {added['full']} / {est['full']} | "
-                     f"{added['save_all']} / {est['save_all']} |")
+                     f"{added['save_all']} / {est['save_all']} | {r['sac_ns_per_op_visit']} |")
     (out / "runtime_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -14,6 +14,11 @@ The runtime (runtime.py) adds its own cost, which is charged too:
   Python policy for every op in forward (``sac_forward_ns``) and walk every op again in the
   recomputation, cached or rerun (``sac_replay_ns``). A region that saves nothing runs as plain
   ``torch.utils.checkpoint`` and pays neither.
+
+Those overheads are Python on the host. On the CPU they add to the step. On a GPU (``asynchronous``),
+kernels run behind the host, so host time costs only where it is longer than the kernels it launches:
+a region is charged the host time it exposes beyond the device time of its ops (forward and rerun), so
+selective checkpointing is nearly free around large kernels and costly around small ones.
 """
 
 from __future__ import annotations
@@ -26,49 +31,70 @@ class DeviceProfile:
     name: str
     flops_per_s: float  # sustained matmul throughput
     bytes_per_s: float  # sustained memory bandwidth
+    random_bytes_per_s: float  # random numbers generated (dropout's mask, randn), in bytes of output
     op_overhead_ns: int  # launch / dispatch cost paid by every op, views included
     checkpoint_call_ns: int  # one checkpointed region call: RNG state, recomputation frame
     checkpoint_op_ns: int  # per op of a checkpointed region: saved-tensor hooks (pack, unpack, repack)
     sac_forward_ns: int  # per op of a selectively checkpointed region, in forward (policy + caching mode)
     sac_replay_ns: int  # per op its recomputation walks (cached or rerun), on top of the rerun itself
+    asynchronous: bool = False  # kernels run behind the host (a GPU): host time hides behind device time
 
     def __post_init__(self) -> None:
-        if self.flops_per_s <= 0 or self.bytes_per_s <= 0 or min(
+        if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s) <= 0 or min(
                 self.op_overhead_ns, self.checkpoint_call_ns, self.checkpoint_op_ns, self.sac_forward_ns,
                 self.sac_replay_ns) < 0:
             raise ValueError(f"device profile {self.name!r} needs positive rates and overheads >= 0")
 
-    def cost_ns(self, *, flops: int, bytes_moved: int, is_view: bool) -> int:
-        """Estimated time of one op: max(compute, memory traffic) + overhead. Views move no data."""
+    def cost_ns(self, *, flops: int, bytes_moved: int, is_view: bool, random_bytes: int = 0) -> int:
+        """Estimated time of one op: max(compute, memory traffic, random numbers) + overhead. Views move
+        no data. ``random_bytes``: the output a random op draws (0 for the others)."""
         if is_view:
             return self.op_overhead_ns
         compute = flops / self.flops_per_s
         traffic = bytes_moved / self.bytes_per_s
-        return self.op_overhead_ns + int(round(max(compute, traffic) * 1e9))
+        drawn = random_bytes / self.random_bytes_per_s
+        return self.op_overhead_ns + int(round(max(compute, traffic, drawn) * 1e9))
 
-    def checkpoint_ns(self, *, num_ops: int) -> int:
-        """What checkpointing a region of ``num_ops`` forward ops adds beyond the ops it reruns."""
-        return self.checkpoint_call_ns + num_ops * self.checkpoint_op_ns
+    def device_ns(self, cost_ns: int) -> int:
+        """The part of an op's estimate that runs on the device (its estimate less the launch overhead)."""
+        return max(0, cost_ns - self.op_overhead_ns)
 
-    def selective_ns(self, *, num_ops: int, num_rerun: int) -> int:
-        """What selective checkpointing's dispatch modes add to a region of ``num_ops`` forward ops whose
-        recomputation walks ``num_rerun`` of them (early stop), beyond the ops it actually reruns."""
-        return num_ops * self.sac_forward_ns + num_rerun * self.sac_replay_ns
+    def region_ns(self, *, num_ops: int, num_rerun: int, device_ns: int) -> tuple[int, int]:
+        """(checkpointing a region at all, selective checkpointing on top) beyond the ops it reruns, for
+        a region of ``num_ops`` forward ops whose recomputation walks ``num_rerun`` of them (early stop)
+        and whose ops run ``device_ns`` on the device in forward and rerun together."""
+        eager = (num_ops + num_rerun) * self.op_overhead_ns
+        plain = self.checkpoint_call_ns + num_ops * self.checkpoint_op_ns
+        selective = num_ops * self.sac_forward_ns + num_rerun * self.sac_replay_ns
+        if not self.asynchronous:
+            return plain, selective
+
+        def exposed(host: int) -> int:  # host time the device does not hide
+            return max(0, host - device_ns)
+
+        return (exposed(eager + plain) - exposed(eager),
+                exposed(eager + plain + selective) - exposed(eager + plain))
 
 
-# Rates: assumed orders of magnitude for a 2-core CPU (fp32 GEMM ~60 GFLOP/s, copies ~8 GB/s, ~5 us an
-# eager op). Runtime overheads: measured on that CPU with ckptplan's own runtime
-# (benchmarks/runtime_overhead.py, "per-op" rows: regions of many tiny ops, timed against the same model
-# without a plan).
-CPU = DeviceProfile(name="cpu", flops_per_s=60e9, bytes_per_s=8e9, op_overhead_ns=5_000,
-                    checkpoint_call_ns=170_000, checkpoint_op_ns=8_000, sac_forward_ns=22_000,
-                    sac_replay_ns=22_000)
-# An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated): bf16 dense
-# ~600 TFLOP/s sustained, ~2.5 TB/s, ~8 us a launch. The runtime's overheads are Python on the host, as
-# on the CPU: taken from the CPU's, an upper bound where the GPU's queue hides them.
-GPU = DeviceProfile(name="cuda", flops_per_s=600e12, bytes_per_s=2.5e12, op_overhead_ns=8_000,
-                    checkpoint_call_ns=CPU.checkpoint_call_ns, checkpoint_op_ns=CPU.checkpoint_op_ns,
-                    sac_forward_ns=CPU.sac_forward_ns, sac_replay_ns=CPU.sac_replay_ns)
+# Measured on the 2-core x86_64 CPU the benchmarks run on (benchmarks/runtime_overhead.py, results in
+# benchmarks/results/runtime_overhead/), rounded:
+# * rates: the zoo's forward ops timed one by one, per class (ops with FLOPs, random ops, the others);
+# * op_overhead_ns: between a bare eager op with autograd (~1.5 us) and what an op costs the zoo's
+#   forward above its kernel (modules, autograd: ~10 us on most models);
+# * checkpoint_*: plain torch.utils.checkpoint on chains of tiny ops (calls and per-op hooks);
+# * sac_*: selective checkpointing on the zoo's GPT-2 and Llama blocks (save every op against save none),
+#   ~30 us per op visited; tiny one-tensor ops cost it half that.
+CPU = DeviceProfile(name="cpu", flops_per_s=180e9, bytes_per_s=30e9, random_bytes_per_s=0.85e9,
+                    op_overhead_ns=5_000, checkpoint_call_ns=90_000, checkpoint_op_ns=10_000,
+                    sac_forward_ns=30_000, sac_replay_ns=30_000)
+# An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated: no GPU was lent
+# to measure it): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers at that rate too), ~8 us a
+# launch. The runtime's overheads are Python on the host: the CPU's (a server's host is faster), charged
+# where they are longer than the kernels they launch.
+GPU = DeviceProfile(name="cuda", flops_per_s=600e12, bytes_per_s=2.5e12, random_bytes_per_s=2.5e12,
+                    op_overhead_ns=8_000, checkpoint_call_ns=CPU.checkpoint_call_ns,
+                    checkpoint_op_ns=CPU.checkpoint_op_ns, sac_forward_ns=CPU.sac_forward_ns,
+                    sac_replay_ns=CPU.sac_replay_ns, asynchronous=True)
 
 
 def profile_for(device_type: str) -> DeviceProfile:

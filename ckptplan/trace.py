@@ -208,13 +208,15 @@ class _Recorder(TorchDispatchMode):
         flops = op_flops(func, args, kwargs, out)
         moved = sum(t.numel() * t.element_size() for t in in_tensors) + sum(o.nbytes for o in outputs)
         is_view = bool(outputs) and not allocates and not mutated
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        drawn = max((o.nbytes for o in outputs), default=0) if random else 0  # dropout: its output, not its mask
         return OpNode(
             index=index, name=str(func), module=self.current_module(), outputs=outputs,
             inputs=tuple(dict.fromkeys(in_ids)), allocates=allocates, mutates=tuple(mutated),
             flops=flops, bytes_moved=moved,
             cost_ns=self.profile.cost_ns(flops=cost_flops(func, args, kwargs, out, flops),
-                                         bytes_moved=moved, is_view=is_view),
-            random=torch.Tag.nondeterministic_seeded in func.tags, view=is_view,
+                                         bytes_moved=moved, is_view=is_view, random_bytes=drawn),
+            random=random, view=is_view,
         )
 
 

@@ -64,9 +64,9 @@ def infeasible_human(plans_dir):
     return run("solve", "-m", GPT2, *ARGS, "-b", "1MB", "-o", str(out)), out
 
 
-def _solve(plans_dir: Path, name: str, budget: int):
+def _solve(plans_dir: Path, name: str, budget: int, *extra: str):
     out = plans_dir / f"{name}.yaml"
-    result = run("solve", "-m", GPT2, *ARGS, "-b", str(budget), "-o", str(out), "--json")
+    result = run("solve", "-m", GPT2, *ARGS, "-b", str(budget), "-o", str(out), "--json", *extra)
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 
@@ -75,6 +75,13 @@ def _solve(plans_dir: Path, name: str, budget: int):
 def plan_min(plans_dir, minimum_bytes):
     """A plan at exactly the minimum that exit 3 reported: it must be feasible."""
     return _solve(plans_dir, "at-minimum", minimum_bytes)
+
+
+@pytest.fixture(scope="module")
+def plan_min_flops(plans_dir, minimum_bytes):
+    """At the minimum, by FLOPs: it caches the ops that cost no memory (the time objective does not, as
+    each block would pay selective checkpointing's dispatch modes), so it has both decisions."""
+    return _solve(plans_dir, "at-minimum-flops", minimum_bytes, "--objective", "flops")
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +234,8 @@ def _first_row_index(output: str, label: str) -> int:
     return int(line.split("│")[2])
 
 
-def test_show_prints_header_and_folded_decisions(plan_min):
-    path, _ = plan_min
+def test_show_prints_header_and_folded_decisions(plan_min_flops):
+    path, _ = plan_min_flops
     result = run("show", str(path))
     assert result.exit_code == 0, result.output
     out = result.stderr  # rich output goes to stderr; stdout is for --json

@@ -93,7 +93,10 @@ def test_sqrt_n_needs_a_chain(traced):
 @pytest.mark.parametrize("fraction", [0.8, 0.6])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_ckptplan_beats_every_fitting_baseline(traced, name, fraction):
-    """Minimising time it has the lowest estimated time; minimising FLOPs, the fewest FLOPs."""
+    """Minimising time it has the lowest estimated time; minimising FLOPs, the fewest FLOPs. The one
+    exception is sqrt(n) on time, where its segments are what fits: a segment is one checkpoint over
+    several blocks, holding one input where the blocks checkpointed one by one hold one each, which a
+    plan of module calls cannot express (gpt2 at 0.6: those blocks one by one peak above the budget)."""
     _, _, graph = traced(name)
     budget = int(fraction * graph.baseline_peak_bytes)
     by_time = ckptplan.solve(graph, budget, time_limit_s=20)
@@ -102,12 +105,18 @@ def test_ckptplan_beats_every_fitting_baseline(traced, name, fraction):
     assert by_flops.extra_forward_flops <= by_time.extra_forward_flops
     assert by_time.extra_cost_ns <= by_flops.extra_cost_ns
     usable = budget * round((1 - by_time.reserve) * RESERVE_SCALE) // RESERVE_SCALE
-    results = baselines.all_baselines(graph, candidate_regions(graph))
+    regions = candidate_regions(graph)
+    results = baselines.all_baselines(graph, regions)
     fitting = [r for r in results if r.peak_bytes <= usable]
     assert fitting  # every_k or full fits at these budgets: the comparison is not empty
     for r in fitting:
-        assert by_time.extra_cost_ns <= r.extra_cost_ns, (r.policy, r.knob)
         assert by_flops.extra_forward_flops <= r.extra_forward_flops, (r.policy, r.knob)
+        if by_time.extra_cost_ns <= r.extra_cost_ns:
+            continue
+        assert r.policy is baselines.Policy.SQRT_N, (r.policy, r.knob)
+        segments = {x.path: x for x in baselines.sqrt_n_segments(graph, regions)[0]}
+        blocks = {m: frozenset() for path in r.saved for m in segments[path].members}
+        assert simulate(graph, regions, blocks).peak_bytes > usable, "the same blocks, one by one, fit"
 
 
 def test_flops_objective_round_trips_through_yaml(traced, tmp_path):

@@ -136,7 +136,7 @@ def segment(graph: Graph, parts: tuple[Region, ...]) -> Region | None:
         choices=tuple(p for r in parts for p in r.choices), forced=tuple(x for r in parts for x in r.forced),
         mutated_buffers=tuple(sorted({b for r in parts for b in r.mutated_buffers})),
         members=tuple(r.path for r in parts),
-        checkpoint_ns=profile_for(graph.device).checkpoint_ns(num_ops=last.end_op - first.first_op))
+        checkpoint_ns=_overheads(graph, first.first_op, last.end_op, max(r.recompute_end for r in parts))[0])
 
 
 def outermost(regions: tuple[Region, ...]) -> tuple[Region, ...]:
@@ -192,15 +192,21 @@ def _make_region(graph: Graph, path: str) -> Region | None:
             forced.append((i, Forced.NO_OUTPUT))
         else:
             choices.append(i)
-    profile = profile_for(graph.device)
-    num_ops = call.end_op - call.first_op
+    checkpoint_ns, selective_ns = _overheads(graph, call.first_op, call.end_op, end)
     return Region(
         path=call.path, type_name=call.type_name, first_op=call.first_op, end_op=call.end_op,
         recompute_end=end, recompute_event=call.first_unpack_event,
         release_event=call.last_unpack_event, input_storages=call.input_storages,
         choices=tuple(choices), forced=tuple(forced), mutated_buffers=tuple(sorted(set(mutated_buffers))),
-        checkpoint_ns=profile.checkpoint_ns(num_ops=num_ops),
-        selective_ns=profile.selective_ns(num_ops=num_ops, num_rerun=end - call.first_op) if choices else 0)
+        checkpoint_ns=checkpoint_ns, selective_ns=selective_ns if choices else 0)
+
+
+def _overheads(graph: Graph, first: int, end: int, recompute_end: int) -> tuple[int, int]:
+    """(checkpointing ops [first, end) at all, selective checkpointing on top): costmodel.region_ns."""
+    profile = profile_for(graph.device)
+    device = sum(profile.device_ns(graph.ops[i].cost_ns) for i in range(first, end)) + sum(
+        profile.device_ns(graph.ops[i].cost_ns) for i in range(first, recompute_end))
+    return profile.region_ns(num_ops=end - first, num_rerun=recompute_end - first, device_ns=device)
 
 
 def _saves_internal(graph: Graph, path: str, inside: set[int]) -> bool:

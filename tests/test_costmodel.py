@@ -1,0 +1,79 @@
+"""The cost model charges what the runtime pays: reruns, each checkpoint call, and selective
+checkpointing's dispatch modes only where a region saves an op; the solver and the simulator agree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import ckptplan
+from ckptplan import costmodel
+from ckptplan.solver import cpsat
+from ckptplan.solver.regions import candidate_regions
+from ckptplan.solver.simulate import simulate
+
+from .test_compare import _Chain
+
+
+@pytest.mark.parametrize(("ops", "rerun"), [(1, 1), (68, 60), (300, 0)])
+def test_on_the_cpu_the_runtime_overheads_add_up(ops, rerun):
+    cpu = costmodel.CPU
+    plain, selective = cpu.region_ns(num_ops=ops, num_rerun=rerun, device_ns=10**9)  # device time: ignored
+    assert plain == cpu.checkpoint_call_ns + ops * cpu.checkpoint_op_ns
+    assert selective == ops * cpu.sac_forward_ns + rerun * cpu.sac_replay_ns
+
+
+def test_on_a_gpu_host_time_hides_behind_long_kernels():
+    gpu = costmodel.GPU
+    assert gpu.asynchronous and not costmodel.CPU.asynchronous
+    sync = dataclasses.replace(gpu, asynchronous=False).region_ns(num_ops=68, num_rerun=60, device_ns=0)
+    assert gpu.region_ns(num_ops=68, num_rerun=60, device_ns=0) == sync  # tiny kernels: all exposed
+    assert gpu.region_ns(num_ops=68, num_rerun=60, device_ns=10**9) == (0, 0)  # long kernels: all hidden
+    # in between, the dispatch modes cost what they make the host exceed the kernels by
+    eager = 128 * gpu.op_overhead_ns
+    device = eager + sync[0] + sync[1] // 2
+    assert gpu.region_ns(num_ops=68, num_rerun=60, device_ns=device) == (0, sync[1] - sync[1] // 2)
+
+
+def test_a_region_saving_nothing_pays_no_dispatch_modes():
+    """Simulator and CP-SAT's evaluate charge the same: reruns and the checkpoint call, plus the dispatch
+    modes once the region saves an op."""
+    torch.manual_seed(0)
+    graph = ckptplan.trace(_Chain(2, 16), torch.randn(4, 32, 16))
+    regions = candidate_regions(graph)
+    j, r = next((j, r) for j, r in enumerate(regions) if r.path == "blocks.0")
+    assert r.choices and r.checkpoint_ns > 0 and r.selective_ns > 0
+    reruns = sum(graph.ops[i].cost_ns for i in range(r.first_op, r.recompute_end))
+    model = cpsat.build(graph, regions, scale_to=graph.baseline_peak_bytes)
+
+    plain = simulate(graph, regions, {r.path: frozenset()})
+    assert plain.extra_cost_ns == reruns + r.checkpoint_ns == model.evaluate({j: frozenset()}).cost
+    p = r.choices[0]
+    one = simulate(graph, regions, {r.path: frozenset({p})})
+    expected = reruns - graph.ops[p].cost_ns + r.checkpoint_ns + r.selective_ns
+    assert one.extra_cost_ns == expected == model.evaluate({j: frozenset({p})}).cost
+
+
+def test_the_solver_caches_nothing_when_dispatch_costs_more_than_it_saves(monkeypatch):
+    """With dispatch modes far dearer than any rerun, every plan checkpoints plainly; with them free, the
+    same budget's plan caches ops (a tight budget, where recomputing everything is the alternative)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 16)
+
+    def plan_with(profile: costmodel.DeviceProfile) -> ckptplan.Plan:
+        monkeypatch.setattr(costmodel, "CPU", profile)
+        graph = ckptplan.trace(_Chain(4, 16), x)
+        with pytest.raises(ckptplan.InfeasibleBudget) as info:
+            ckptplan.solve(graph, 1)
+        budget = (info.value.minimum_bytes + graph.baseline_peak_bytes) // 2
+        return ckptplan.solve(graph, budget, gap=0.0)
+
+    def saved(plan: ckptplan.Plan) -> int:
+        return sum(o.decision.value == "save" for r in plan.regions for o in r.ops)
+
+    free = plan_with(dataclasses.replace(costmodel.CPU, sac_forward_ns=0, sac_replay_ns=0))
+    dear = plan_with(dataclasses.replace(costmodel.CPU, sac_forward_ns=10**9, sac_replay_ns=10**9))
+    assert saved(free) > 0 and saved(dear) == 0
+    assert dear.regions
