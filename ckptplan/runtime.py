@@ -22,8 +22,9 @@ Safety:
 Accounting: in a selective region, the recomputation's dispatch mode (the SAC "cached" mode, which only
 runs in backward) adds up the FLOPs of the ops it actually reruns, with ``torch.utils.flop_counter``'s
 formulas. A plain region's recomputation adds the plan's FLOPs for it (the ops up to the early stop),
-counted when the recomputation runs. ``handle.stats`` is updated at the end of every backward, and one
-INFO line is logged per step.
+counted when the recomputation runs; at another of a multi-shape plan's input shapes (its op rows are the
+largest shape's) such a region keeps the dispatch modes, which count them. ``handle.stats`` is updated
+at the end of every backward, and one INFO line is logged per step.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ class _CountingCachedMode(_CachedTorchDispatchMode):
 class _RegionRuntime:
     """One checkpointed module: its plan, its position in the op sequence, its wrapper."""
 
-    def __init__(self, module: nn.Module, plan: RegionPlan, counter: _Counter, *, strict: bool) -> None:
+    def __init__(self, module: nn.Module, plan: RegionPlan, counter: _Counter, *, strict: bool,
+                 one_shape: bool) -> None:
         self.module, self.plan, self.counter = module, plan, counter
         self.position = 0
         self.in_forward = False
@@ -130,6 +132,7 @@ class _RegionRuntime:
         self.check_every_step = self.selective or strict
         self.flops = plan.extra_forward_flops  # what one recomputation of a plain region reruns
         self.plain = False  # True once a region that saves nothing has had its ops checked
+        self.one_shape = one_shape  # False: other input shapes run the op check again, which needs the hooks
         self.stack: list[str] = []  # the submodules running, for the op check
         self.hooks: list[Any] = []
         for name, sub in module.named_modules():
@@ -163,7 +166,9 @@ class _RegionRuntime:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return self.original(*args, **kwargs)  # evaluation: nothing is saved, nothing to plan
-        if self.plain:  # saves nothing, its ops checked at its first step: no dispatch mode
+        # saves nothing, its ops checked at its first step: no dispatch mode. At another of the plan's
+        # input shapes the plan does not list the FLOPs, so the dispatch modes count them there.
+        if self.plain and self.counter.check_shapes:
             self.in_forward = True
             try:
                 return checkpoint(self._run_plain, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
@@ -182,8 +187,9 @@ class _RegionRuntime:
                 f"{len(self.plan.ops)}; the model takes another path than the traced step: "
                 "trace and solve again for these inputs")
         if not self.check_every_step:  # checked: from the next step on, plain checkpoint
-            self._drop_hooks()
             self.plain = True
+            if self.one_shape:
+                self._drop_hooks()
         return out
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
@@ -245,8 +251,8 @@ class Handle:
         self.model, self.plan = model, plan
         self.stats = StepStats(forward_flops=plan.forward_flops)
         self._counter = _Counter()
-        self._regions = [_RegionRuntime(model.get_submodule(r.path), r, self._counter, strict=strict)
-                         for r in plan.regions]
+        self._regions = [_RegionRuntime(model.get_submodule(r.path), r, self._counter, strict=strict,
+                                        one_shape=len(plan.shapes) == 1) for r in plan.regions]
         self._hooks = [
             model.register_forward_pre_hook(self._before_step, with_kwargs=True),
             model.register_forward_hook(self._after_forward),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ckptplan
-from ckptplan.measure import measure_peak
+from ckptplan.measure import measure_flops, measure_peak
 
 
 def build(seq_len: int):
@@ -47,6 +47,11 @@ def test_plan_holds_for_every_listed_shape(multi):
             assert handle.stats.extra_forward_flops > 0
             model.zero_grad(set_to_none=True)
             assert measure_peak(model, *args) <= plan.budget_bytes
+            model.zero_grad(set_to_none=True)
+            with_plan = measure_flops(model, *args)  # a later step: regions that save nothing may run plain
+            paid = handle.stats.extra_forward_flops
+        model.zero_grad(set_to_none=True)
+        assert paid == with_plan - measure_flops(model, *args), n  # the FLOPs paid at this shape
         model.zero_grad(set_to_none=True)
 
 
