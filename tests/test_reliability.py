@@ -131,14 +131,22 @@ class Routed(nn.Module):
         return torch.tanh(self.down(x)) + x
 
 
-def test_other_path_raises_before_any_gradient():
+def solve_at_minimum(graph) -> ckptplan.Plan:
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(graph, 1)
+    return ckptplan.solve(graph, info.value.minimum_bytes)
+
+
+def routed_at_minimum() -> tuple[nn.Module, torch.Tensor, ckptplan.Plan]:
+    """Four routed blocks traced on a positive input, and their plan at the minimum budget."""
     torch.manual_seed(0)
     model = nn.Sequential(*[Routed() for _ in range(4)])
     pos = torch.rand(256, 16) + 0.5
-    graph = ckptplan.trace(model, pos)
-    with pytest.raises(ckptplan.InfeasibleBudget) as info:
-        ckptplan.solve(graph, 1)
-    plan = ckptplan.solve(graph, info.value.minimum_bytes)
+    return model, pos, solve_at_minimum(ckptplan.trace(model, pos))
+
+
+def test_other_path_raises_before_any_gradient():
+    model, pos, plan = routed_at_minimum()
     assert plan.regions
     with ckptplan.apply(model, plan):
         model.zero_grad(set_to_none=True)
@@ -153,13 +161,7 @@ def test_a_region_saving_nothing_is_checked_at_its_first_step_then_runs_plain():
     """A region that saves nothing runs as plain torch.utils.checkpoint once its first step has checked its
     ops: another path later cannot change its gradients (it recomputes everything), only its memory.
     ``strict=True`` checks it at every step, before any gradient."""
-    torch.manual_seed(0)
-    model = nn.Sequential(*[Routed() for _ in range(4)])
-    pos = torch.rand(256, 16) + 0.5
-    graph = ckptplan.trace(model, pos)
-    with pytest.raises(ckptplan.InfeasibleBudget) as info:
-        ckptplan.solve(graph, 1)
-    plan = ckptplan.solve(graph, info.value.minimum_bytes)
+    model, pos, plan = routed_at_minimum()
     assert plan.regions and all(o.decision is Decision.RECOMPUTE for r in plan.regions for o in r.ops)
 
     def grads(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -209,10 +211,7 @@ def test_recomputation_that_runs_other_ops_raises_plan_mismatch():
     torch.manual_seed(0)
     model = CachedModel()
     x = torch.randn(512, 16)
-    graph = ckptplan.trace(model, x)
-    with pytest.raises(ckptplan.InfeasibleBudget) as info:
-        ckptplan.solve(graph, 1)
-    plan = ckptplan.solve(graph, info.value.minimum_bytes)
+    plan = solve_at_minimum(ckptplan.trace(model, x))
     assert any(r.path.startswith("blocks.") for r in plan.regions)
     with ckptplan.apply(model, plan):
         with pytest.raises(ckptplan.PlanMismatch, match=r"recomputing it in backward ran aten\.cat"):
