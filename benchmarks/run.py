@@ -1,8 +1,8 @@
 """Policy benchmark: ckptplan against the checkpointing policies people use, measured on real steps.
 
-Run by hand (about 20 minutes on 2 cores):
+Run by hand (about 6 minutes on 2 cores):
     pip install -c constraints.txt -e ".[bench]"
-    python benchmarks/run.py --out benchmarks/results/policies
+    python benchmarks/run.py --out benchmarks/results/policies --steps 9
 
 For every model of the zoo and every budget of a sweep (the no-checkpointing peak down to ckptplan's
 minimum, 6 points), each policy runs real CPU training steps and is measured in separate steps:
@@ -227,12 +227,22 @@ def bench_model(name: str, factory, steps: int, points: int) -> dict[str, Any]:
     return out
 
 
+def timed_configs(result: dict) -> dict[tuple, dict]:
+    """The configurations with a predicted time and a measured step: each anchor knob the simulator can
+    predict, and ckptplan's plans (by budget index and objective)."""
+    out: dict[tuple, dict] = {("anchor", r["policy"], r["knob"]): r for r in result["fixed"]
+                              if r.get("predicted_cost_ns") is not None and "step_s" in r}
+    for i, b in enumerate(result["budgets"]):
+        for r in b["rows"]:
+            if r["policy"].startswith("ckptplan") and "step_s" in r and "best_of" not in r:
+                out[("plan", i, r["policy"])] = r
+    return out
+
+
 def rank_agreement(result: dict) -> dict[str, Any]:
     """Spearman correlation between predicted recompute time and measured step time (ratio to no
     checkpointing, timed just before)."""
-    rows = [r for r in result["fixed"] if r.get("predicted_cost_ns") is not None and "step_s" in r]
-    rows += [r for b in result["budgets"] for r in b["rows"]
-             if r["policy"].startswith("ckptplan") and "step_s" in r and "best_of" not in r]
+    rows = list(timed_configs(result).values())
     pred = [r.get("predicted_cost_ns", 0) for r in rows]
     meas = [r["step_s"] / r["plain_step_s"] for r in rows]
     return {"configs": len(rows), "spearman": round(_spearman(pred, meas), 3) if len(rows) > 2 else None}

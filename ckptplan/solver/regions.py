@@ -53,7 +53,7 @@ class Region:
     # empty for a module call, which is its own path
     members: tuple[str, ...] = ()
     checkpoint_ns: int = 0  # estimated time of checkpointing it at all, beyond the ops it reruns
-    selective_ns: int = 0  # estimated time selective checkpointing adds when it saves any op
+    selective_ns: int = 0  # estimated time selective checkpointing's dispatch modes add, when they run
 
     def __post_init__(self) -> None:
         if not self.first_op <= self.recompute_end <= self.end_op:
@@ -198,7 +198,7 @@ def _make_region(graph: Graph, path: str) -> Region | None:
         recompute_end=end, recompute_event=call.first_unpack_event,
         release_event=call.last_unpack_event, input_storages=call.input_storages,
         choices=tuple(choices), forced=tuple(forced), mutated_buffers=tuple(sorted(set(mutated_buffers))),
-        checkpoint_ns=checkpoint_ns, selective_ns=selective_ns if choices else 0)
+        checkpoint_ns=checkpoint_ns, selective_ns=selective_ns)
 
 
 def _overheads(graph: Graph, first: int, end: int, recompute_end: int) -> tuple[int, int]:

@@ -1,0 +1,79 @@
+"""How well measured step time follows the cost model, against how well the measurement follows itself.
+
+Run by hand after two or more runs of the policy benchmark with the same code (seconds):
+    python benchmarks/rank_agreement.py benchmarks/results/policies/results.json \
+        benchmarks/results/policies/repeat/results.json --out benchmarks/results/policies/rank_agreement.md
+
+On tiny CPU models one configuration's step-time ratio moves by ~10% from run to run, as much as many
+configurations differ. Per model, over the configurations every run measured (run.py's
+``timed_configs``), Spearman rank correlations between:
+
+* the runs' measured step-time ratios, pairwise: how well a measurement predicts the next one;
+* the cost model's predicted time (the first run's) and each run's measured ratios;
+* the prediction and the mean of the runs' ratios (noise averages out).
+
+The prediction can only agree with one run as well as the runs agree with each other, plus the noise
+it does not share; the mean of several runs is the fairer target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from itertools import combinations
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import _spearman, timed_configs  # noqa: E402
+
+
+def ratio(row: dict) -> float:
+    return row["step_s"] / row["plain_step_s"]
+
+
+def compare(runs: list[list[dict]]) -> list[dict]:
+    out = []
+    for results in zip(*runs):
+        configs = [timed_configs(res) for res in results]
+        keys = sorted(set.intersection(*(set(c) for c in configs)), key=str)
+        measured = [[ratio(c[k]) for k in keys] for c in configs]
+        predicted = [configs[0][k]["predicted_cost_ns"] for k in keys]
+        mean = [statistics.mean(m[i] for m in measured) for i in range(len(keys))]
+        out.append({"model": results[0]["model"], "configs": len(keys),
+                    "run_vs_run": [round(_spearman(a, b), 3) for a, b in combinations(measured, 2)],
+                    "predicted_vs_run": [round(_spearman(predicted, m), 3) for m in measured],
+                    "predicted_vs_mean": round(_spearman(predicted, mean), 3)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="results.json of runs with the same code, the first one's predictions used")
+    ap.add_argument("--out", required=True, help="Markdown file to write (a .json beside it)")
+    a = ap.parse_args()
+    if len(a.runs) < 2:
+        ap.error("give at least two runs")
+    data = [json.loads(Path(p).read_text()) for p in a.runs]
+    if len({d["command"] for d in data}) != 1:
+        print("warning: the runs were made with different commands", file=sys.stderr)
+    rows = compare([d["results"] for d in data])
+    out = Path(a.out)
+    command = "python benchmarks/rank_agreement.py " + " ".join(a.runs) + f" --out {a.out}"
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": a.runs, "rows": rows}, indent=1) + "\n")
+    lines = ["# Rank agreement: cost model against measured step time\n", f"`{command}`\n",
+             f"Runs: {', '.join(f'`{p}`' for p in a.runs)} ({data[0]['command']}; {data[0]['machine']}). "
+             "Spearman rank correlation over the configurations every run measured.\n",
+             "| model | configs | measured run vs run | predicted vs each run | predicted vs mean of runs |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['configs']} | {', '.join(map(str, r['run_vs_run']))} | "
+                     f"{', '.join(map(str, r['predicted_vs_run']))} | {r['predicted_vs_mean']} |")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
