@@ -27,11 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import _spearman, timed_configs  # noqa: E402
-
-
-def ratio(row: dict) -> float:
-    return row["step_s"] / row["plain_step_s"]
+from run import _spearman, step_ratio, timed_configs  # noqa: E402
 
 
 def compare(runs: list[list[dict]]) -> list[dict]:
@@ -39,7 +35,7 @@ def compare(runs: list[list[dict]]) -> list[dict]:
     for results in zip(*runs):
         configs = [timed_configs(res) for res in results]
         keys = sorted(set.intersection(*(set(c) for c in configs)), key=str)
-        measured = [[ratio(c[k]) for k in keys] for c in configs]
+        measured = [[step_ratio(c[k]) for k in keys] for c in configs]
         predicted = [configs[0][k]["predicted_cost_ns"] for k in keys]
         mean = [statistics.mean(m[i] for m in measured) for i in range(len(keys))]
         out.append({"model": results[0]["model"], "configs": len(keys),

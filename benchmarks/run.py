@@ -239,12 +239,17 @@ def timed_configs(result: dict) -> dict[tuple, dict]:
     return out
 
 
+def step_ratio(row: dict) -> float:
+    """A configuration's measured step time over the no-checkpointing step timed just before it."""
+    return row["step_s"] / row["plain_step_s"]
+
+
 def rank_agreement(result: dict) -> dict[str, Any]:
     """Spearman correlation between predicted recompute time and measured step time (ratio to no
     checkpointing, timed just before)."""
     rows = list(timed_configs(result).values())
     pred = [r.get("predicted_cost_ns", 0) for r in rows]
-    meas = [r["step_s"] / r["plain_step_s"] for r in rows]
+    meas = [step_ratio(r) for r in rows]
     return {"configs": len(rows), "spearman": round(_spearman(pred, meas), 3) if len(rows) > 2 else None}
 
 

@@ -128,8 +128,7 @@ class _RegionRuntime:
         self.position = 0
         self.in_forward = False
         # saves some ops: selective checkpointing at every step; otherwise plain checkpoint once checked
-        self.selective = any(o.decision is Decision.SAVE for o in plan.ops)
-        self.check_every_step = self.selective or strict
+        self.check_every_step = strict or any(o.decision is Decision.SAVE for o in plan.ops)
         self.flops = plan.extra_forward_flops  # what one recomputation of a plain region reruns
         self.plain = False  # True once a region that saves nothing has had its ops checked
         self.one_shape = one_shape  # False: other input shapes run the op check again, which needs the hooks
