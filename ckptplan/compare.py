@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .errors import InfeasibleBudget, InputError
 from .graph import Graph
-from .planner import DEFAULT_RESERVE, RESERVE_SCALE, solve
+from .planner import RESERVE_SCALE, default_reserve, solve
 from .solver import baselines
 from .solver.regions import candidate_regions
 from .units import format_bytes, parse_budget
@@ -35,10 +35,11 @@ class SweepRow:
 
 
 def sweep(graph: Graph, budgets: Sequence[str | int], *, time_limit_s: float = 30.0,
-          reserve: float = DEFAULT_RESERVE, objective: str = "time") -> list[SweepRow]:
+          reserve: float | None = None, objective: str = "time") -> list[SweepRow]:
     """One row per budget and policy, budgets in the order given, ckptplan first."""
     if not budgets:
         raise InputError("give at least one budget, e.g. --budgets 60%,50%,40%")
+    reserve = default_reserve(graph.device) if reserve is None else reserve
     regions = candidate_regions(graph)
     results = baselines.all_baselines(graph, regions)
     keep = round((1 - reserve) * RESERVE_SCALE)

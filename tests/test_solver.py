@@ -129,6 +129,22 @@ def test_reserve_and_gap_are_validated(traced):
         ckptplan.solve(g, "60%", gap=1.5)
 
 
+def test_default_reserve_follows_the_traced_device(traced):
+    """CPU plans to the byte (the simulator counts what MemTracker counts); meta plans for a GPU keep 2%."""
+    import llama
+
+    _, _, g = traced("llama")
+    budget = (minimum_of(g) + g.baseline_peak_bytes) // 2
+    on_cpu = ckptplan.solve(g, budget)
+    assert on_cpu.reserve == 0.0 and on_cpu.predicted_peak_bytes <= budget
+    assert ckptplan.solve(g, budget, reserve=0.05).reserve == 0.05  # an explicit reserve wins
+    model, args = llama.llama_tiny(device="meta")
+    meta = ckptplan.trace(model, *args)
+    budget = (minimum_of(meta) + meta.baseline_peak_bytes) // 2
+    plan = ckptplan.solve(meta, budget)
+    assert plan.reserve == 0.02 and plan.predicted_peak_bytes <= budget * 0.98
+
+
 @pytest.mark.parametrize("name", ["gpt2", "unet"])
 def test_gap_limit_keeps_the_plan_within_that_much_of_the_optimum(traced, name):
     _, _, g = traced(name)
