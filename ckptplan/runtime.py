@@ -2,14 +2,16 @@
 
 Each checkpointed region's ``forward`` runs under ``torch.utils.checkpoint(use_reentrant=False)``,
 preserving the RNG state so that dropout masks are identical when recomputed. A region that saves some
-of its ops adds a selective-checkpoint policy returning ``MUST_SAVE`` / ``MUST_RECOMPUTE`` (torch.compile
-may not override them). A region that saves nothing runs as plain ``torch.utils.checkpoint``, with no
-dispatch mode: selective checkpointing's modes call Python for every op in forward and again in the
-recomputation, which on small ops costs more than the recomputation itself (costmodel.py charges it).
+of its ops runs it under a pair of dispatch modes (selective checkpointing, as
+``create_selective_checkpoint_contexts`` does it, but keyed by op position): the forward caches the
+outputs the plan saves, the recomputation hands them back and reruns the rest. A region that saves
+nothing runs as plain ``torch.utils.checkpoint``, with no dispatch mode: the modes call Python for every
+op in forward and again in the recomputation, which on small ops costs more than the recomputation itself
+(costmodel.py charges it).
 
 Safety:
 * ``apply`` refuses a model whose parameters, buffers or module types differ from the traced one.
-* Every op the policy sees is compared with the plan (op, module, output shapes), keyed by its
+* Every op the forward mode sees is compared with the plan (op, module, output shapes), keyed by its
   position inside the region, which extra dispatch modes (FlopCounterMode, MemTracker, a profiler)
   do not change. The first difference raises ``PlanMismatch`` during forward, before any gradient.
   Regions that save ops are checked at every step; a region that saves nothing is checked at its first
@@ -19,8 +21,8 @@ Safety:
 * Buffers a region writes in forward (BatchNorm statistics) are restored after its recomputation,
   so they are updated exactly once per step.
 
-Accounting: in a selective region, the recomputation's dispatch mode (the SAC "cached" mode, which only
-runs in backward) adds up the FLOPs of the ops it actually reruns, with ``torch.utils.flop_counter``'s
+Accounting: in a selective region, the recomputation's dispatch mode (which only runs in backward) adds
+up the FLOPs of the ops it actually reruns, with ``torch.utils.flop_counter``'s
 formulas. A plain region's recomputation adds the plan's FLOPs for it (the ops up to the early stop),
 counted when the recomputation runs; at another of a multi-shape plan's input shapes (its op rows are the
 largest shape's) such a region keeps the dispatch modes, which count them. ``handle.stats`` is updated
@@ -36,17 +38,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils._pytree import tree_flatten
-from torch.utils.checkpoint import (
-    SAC_IGNORED_OPS,
-    CheckpointPolicy,
-    _CachedTorchDispatchMode,
-    _CachingTorchDispatchMode,
-    _sac_storage_key,
-    checkpoint,
-)
-from torch.utils.checkpoint import _RECOMPUTE  # type: ignore[attr-defined]
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrapper, checkpoint
 
 from .errors import PlanMismatch
 from .flops import op_flops
@@ -80,42 +74,79 @@ class _Counter:
         self.check_shapes = True
 
 
-class _CountingCachedMode(_CachedTorchDispatchMode):
-    """SAC's recomputation mode, counting the FLOPs of the ops it reruns (not those it takes cached).
+_MISSING = object()
+
+
+class _SelectiveForward(TorchDispatchMode):
+    """Selective checkpointing's forward: runs each op, checks it against the plan, caches what it saves.
+
+    PyTorch's own pair of modes (``create_selective_checkpoint_contexts``) calls a policy with a fresh
+    context object for every op, keys its cache by op and call count and asks whether it is compiling on
+    every op. A plan knows each op's position in its region, so these cache by position: the same cached
+    values (detached, their version checked when taken back), less Python per op
+    (benchmarks/results/runtime_overhead measures it; costmodel.py charges it).
+    """
+
+    def __init__(self, region: "_RegionRuntime", cache: dict[int, Any]) -> None:
+        super().__init__()
+        self.region, self.cache = region, cache
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if func in SAC_IGNORED_OPS:
+            return out
+        pos = self.region.check(func, out)
+        if self.region.saves[pos]:
+            self.cache[pos] = tree_map(lambda x: _VersionWrapper(_detach_helper(x)), out)
+        return out
+
+
+class _SelectiveRecompute(TorchDispatchMode):
+    """The recomputation in backward: hands back the cached outputs, reruns the others and counts their FLOPs.
 
     It also checks that the recomputation replays the forward's op sequence. A region whose forward
     reads state that the forward itself changed (a Hugging Face KV cache when ``use_cache=True``, a
-    global flag) reruns other ops; SAC would fail with an opaque "not found in storage" error or, worse,
-    hand back a cached tensor to the wrong op. This raises PlanMismatch naming the op instead.
+    global flag) reruns other ops; handing a cached tensor to the wrong op would be silently wrong. This
+    raises PlanMismatch naming the op instead.
     """
 
-    def __init__(self, storage: dict, counter: _Counter, plan: RegionPlan) -> None:
-        super().__init__(None, storage)
-        self.counter, self.plan = counter, plan
+    def __init__(self, region: "_RegionRuntime", cache: dict[int, Any]) -> None:
+        super().__init__()
+        self.region, self.cache = region, cache
         self.position = 0
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
     def __enter__(self):  # noqa: ANN204
-        self.counter.regions += 1
+        self.region.counter.regions += 1
         self.position = 0
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
         if func in SAC_IGNORED_OPS:
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            return func(*args, **kwargs)
         pos = self.position
         self.position += 1
-        want = self.plan.ops[pos].op if pos < len(self.plan.ops) else None
-        if str(func) != want:
+        region = self.region
+        if pos >= len(region.funcs) or func is not region.funcs[pos]:
+            want = region.plan.ops[pos].op if pos < len(region.plan.ops) else None
             raise PlanMismatch(
-                f"{self.plan.path}: recomputing it in backward ran {func} as op #{pos} where its forward ran "
+                f"{region.plan.path}: recomputing it in backward ran {func} as op #{pos} where its forward ran "
                 f"{want or 'nothing'}. The region's forward depends on state that changed between forward "
                 "and backward: a Hugging Face model called with use_cache=True (pass use_cache=False for "
                 "training), a global flag, or a module that counts its calls; make its forward repeatable")
-        key = _sac_storage_key(func, args)
-        entry = self.storage.get(key, {}).get(self.func_counter[key])
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        if entry is _RECOMPUTE:
-            self.counter.flops += op_flops(func, args, kwargs or {}, out)
+        cached = self.cache.pop(pos, _MISSING)
+        if cached is not _MISSING:
+            return tree_map(lambda x: x.get_val(False), cached)  # raises if it was mutated since
+        out = func(*args, **kwargs)
+        region.counter.flops += op_flops(func, args, kwargs, out)
         return out
 
 
@@ -130,6 +161,8 @@ class _RegionRuntime:
         # saves some ops: selective checkpointing at every step; otherwise plain checkpoint once checked
         self.check_every_step = strict or any(o.decision is Decision.SAVE for o in plan.ops)
         self.flops = plan.extra_forward_flops  # what one recomputation of a plain region reruns
+        self.saves = [o.decision is Decision.SAVE for o in plan.ops]  # by op position
+        self.funcs: list[Any] = [None] * len(plan.ops)  # the op objects seen there, once checked by name
         self.plain = False  # True once a region that saves nothing has had its ops checked
         self.one_shape = one_shape  # False: other input shapes run the op check again, which needs the hooks
         self.stack: list[str] = []  # the submodules running, for the op check
@@ -219,28 +252,40 @@ class _RegionRuntime:
                     b.copy_(v)
 
     def _contexts(self) -> tuple[Any, Any]:
-        storage: dict = defaultdict(dict)
-        return (_CachingTorchDispatchMode(self._policy, storage),
-                _CountingCachedMode(storage, self.counter, self.plan))
+        cache: dict[int, Any] = {}  # op position -> its cached outputs, taken back by the recomputation
+        return _SelectiveForward(self, cache), _SelectiveRecompute(self, cache)
 
-    def _policy(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    def check(self, func: Any, out: Any) -> int:
+        """The position of the forward op ``func`` that returned ``out``; PlanMismatch unless it is the
+        plan's op there, in the same submodule, with the same output shapes (at the plan's own shape)."""
         pos = self.position
         self.position += 1
         module = self.stack[-1] if self.stack else ""
-        shapes = tuple(tuple(t.shape) for t in tree_flatten(ctx.op_output)[0] if isinstance(t, torch.Tensor))
+        if pos < len(self.funcs):
+            want = self.plan.ops[pos]
+            if func is self.funcs[pos] or (self.funcs[pos] is None and str(func) == want.op):
+                if module == want.module and (not self.counter.check_shapes or _shapes_equal(out, want.shape)):
+                    self.funcs[pos] = func  # the op object: later steps compare identity, not names
+                    return pos
+        shapes = [list(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         where = f"{self.plan.path}.{module}" if module else self.plan.path
         if pos >= len(self.plan.ops):
             raise PlanMismatch(f"{where}: op #{pos} {func} is not in the plan, which has "
                                f"{len(self.plan.ops)} ops for {self.plan.path}; trace and solve again")
         want = self.plan.ops[pos]
-        shape_differs = self.counter.check_shapes and (shapes or ((),)) != want.shape
-        if str(func) != want.op or module != want.module or shape_differs:
-            raise PlanMismatch(
-                f"{where}: op #{pos} is {func} with output shapes {list(map(list, shapes))}, but the plan "
-                f"expects {want.op} in '{want.module or self.plan.path}' with {[list(s) for s in want.shape]}. "
-                "The model now takes another path (input shape, a flag, data-dependent routing) than the "
-                "traced step: trace and solve again for these inputs")
-        return CheckpointPolicy.MUST_SAVE if want.decision is Decision.SAVE else CheckpointPolicy.MUST_RECOMPUTE
+        raise PlanMismatch(
+            f"{where}: op #{pos} is {func} with output shapes {shapes}, but the plan "
+            f"expects {want.op} in '{want.module or self.plan.path}' with {[list(s) for s in want.shape]}. "
+            "The model now takes another path (input shape, a flag, data-dependent routing) than the "
+            "traced step: trace and solve again for these inputs")
+
+
+def _shapes_equal(out: Any, want: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether an op's tensor outputs have the plan's shapes (``((),)`` for an op that returns none)."""
+    if isinstance(out, torch.Tensor):  # most ops: no flattening
+        return len(want) == 1 and out.shape == want[0]
+    shapes = tuple(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    return (shapes or ((),)) == want
 
 
 class Handle:

@@ -135,9 +135,9 @@ def test_plan_fits_measured_and_keeps_gradients(zoo, name, fraction):
 # With use_cache=True a forward appends each layer's keys and values to a DynamicCache, so a recomputed
 # decoder layer sees a longer cache than its forward did and runs other ops. Unchecked, torch's selective
 # checkpointing then fails in backward with "aten.slice.Tensor invocation index 4 encountered during
-# backward but not found in storage" (what the committed ckptplan/runtime.py does). The runtime is being
-# changed to raise ckptplan.PlanMismatch naming use_cache there instead (_CountingCachedMode compares each
-# recomputed op with the plan), and trace refuses a model that returns a cache; these tests pin that.
+# backward but not found in storage". The runtime raises ckptplan.PlanMismatch naming use_cache there
+# instead (_SelectiveRecompute compares each recomputed op with the plan's forward), and trace refuses a
+# model that returns a cache; these tests pin that.
 
 class LossOnly(nn.Module):
     """A training wrapper that calls the model with use_cache=True but returns only the loss, so the
