@@ -1,6 +1,6 @@
 """Policy benchmark: ckptplan against the checkpointing policies people use, measured on real steps.
 
-Run by hand (about 6 minutes on 2 cores):
+Run by hand (about 8 minutes on 2 cores):
     pip install -c constraints.txt -e ".[bench]"
     python benchmarks/run.py --out benchmarks/results/policies --steps 9
 
@@ -9,8 +9,12 @@ minimum, 6 points), each policy runs real CPU training steps and is measured in 
 
 * peak: MemTracker over one step (never with FlopCounterMode on: it keeps recomputed tensors alive);
 * extra forward FLOPs: FlopCounterMode over one whole step, minus the no-checkpointing step;
-* step time: median of several steps, as a ratio to no checkpointing timed just before the policy was
-  applied (the machine's speed drifts over minutes: a ratio to one baseline at the start moved by 70%);
+* step time: median of several steps, as a ratio to no checkpointing timed just before each of them
+  (the machine's speed drifts over minutes: a ratio to one baseline at the start moved by 70%). The
+  steps are spread over rounds (``--rounds``): once every configuration is measured, each round applies
+  each one afresh and times a few steps of it, the order reversed every other round, so that a burst of
+  noise or drift falls on all configurations rather than on whichever ran then. The compiled policy is
+  timed at once (compiling it again each round would dominate the run);
 * setup time: planning (ckptplan's trace + solve), compiling or wrapping.
 
 Policies whose result does not depend on the budget (none, full, every-k, sqrt(n), op-level SAC, the
@@ -87,25 +91,55 @@ class Bench:
         self.model.zero_grad(set_to_none=True)
         torch.manual_seed(1234)
 
-    def measure(self, step_model, plain_s: float) -> dict[str, Any]:
-        """Peak, FLOPs and step time of ``step_model``; ``plain_s``: the no-checkpointing step time measured
-        just before the policy was applied, so that slow drift of the machine cancels in the ratio."""
+    def measure(self, step_model, plain_s: float | None = None) -> dict[str, Any]:
+        """Peak and FLOPs of ``step_model``, and its step time when ``plain_s`` is given: the
+        no-checkpointing step time measured just before the policy was applied, so that slow drift of the
+        machine cancels in the ratio. Without it the step is timed later, in rounds (``interleaved``)."""
         self.reset()
         peak = measure_peak(step_model, *self.args, **self.kwargs)
         self.reset()
         flops = measure_flops(step_model, *self.args, **self.kwargs)
-        return {"peak_bytes": peak, "step_flops": flops, "step_s": self.step_time(step_model), "plain_step_s": plain_s}
+        out: dict[str, Any] = {"peak_bytes": peak, "step_flops": flops}
+        if plain_s is not None:
+            out.update(step_s=self.step_time(step_model), plain_step_s=plain_s)
+        return out
 
-    def step_time(self, step_model) -> float:
+    def step_time(self, step_model, steps: int | None = None) -> float:
         """Median time of ``steps`` training steps, after one warm-up step."""
+        return statistics.median(self.step_times(step_model, self.steps if steps is None else steps))
+
+    def step_times(self, step_model, steps: int) -> list[float]:
+        """``steps`` training step times, after one warm-up step."""
         times = []
-        for _ in range(self.steps + 1):
+        for _ in range(steps + 1):
             self.reset()
             t = time.perf_counter()
             _loss(step_model(*self.args, **self.kwargs)).backward()
             times.append(time.perf_counter() - t)
         self.reset()
-        return statistics.median(times[1:])
+        return times[1:]
+
+    def interleaved(self, configs: list[tuple[dict, Callable[[], tuple[Any, Callable[[], None]]]]],
+                    rounds: int) -> None:
+        """Time each configuration in ``rounds`` rounds (the order reversed every other round, so that a
+        steady drift of the machine's speed falls alike on all), applying it afresh each time: ``apply()``
+        returns (step model, undo), and no checkpointing is timed just before it. Each row gets the median
+        of its steps (``steps // rounds`` per round, at least 2) as ``step_s``, and the median of the
+        no-checkpointing steps timed beside them as ``plain_step_s``."""
+        per_round = max(2, self.steps // rounds)
+        plain: list[list[float]] = [[] for _ in configs]
+        times: list[list[float]] = [[] for _ in configs]
+        for k in range(rounds):
+            order = list(range(len(configs)))
+            for i in (order if k % 2 == 0 else order[::-1]):
+                plain[i] += self.step_times(self.model, per_round)
+                step_model, undo = configs[i][1]()
+                try:
+                    times[i] += self.step_times(step_model, per_round)
+                finally:
+                    undo()
+        for (row, _), t, p in zip(configs, times, plain):
+            row.update(step_s=statistics.median(t), plain_step_s=statistics.median(p), timed_steps=len(t))
 
 
 def _loss(out):
@@ -114,11 +148,18 @@ def _loss(out):
     return default_loss(out)
 
 
-def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None) -> dict[str, Any]:
+def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None,
+               later: list | None = None) -> dict[str, Any]:
+    """One anchor: measured now; its step timed now, or in ``bench.interleaved`` when ``later`` is a list
+    (the row and how to apply the policy again are appended to it)."""
     row: dict[str, Any] = {"policy": name, "knob": str(knob) if knob is not None else ""}
-    plain_s = bench.step_time(bench.model)  # no policy applied yet
+    plain_s = bench.step_time(bench.model) if later is None else None  # no policy applied yet
+
+    def apply() -> policies.Applied:
+        return policies.apply_policy(name, bench.model, bench.args, bench.kwargs, knob, budget_bytes=budget_bytes)
+
     try:
-        applied = policies.apply_policy(name, bench.model, bench.args, bench.kwargs, knob, budget_bytes=budget_bytes)
+        applied = apply()
     except policies.NotApplicable as e:
         return {**row, "error": f"not applicable: {e}"}
     except Exception as e:  # noqa: BLE001 - recorded, not hidden
@@ -131,12 +172,15 @@ def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None
         traceback.print_exc(limit=2)
     finally:
         applied.undo()
+    if later is not None and "error" not in row:
+        later.append((row, lambda: (lambda a: (a.step_model, a.undo))(apply())))
     return row
 
 
-def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s: float) -> dict[str, Any]:
+def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s: float,
+                 later: list) -> dict[str, Any]:
+    """ckptplan solved at ``budget_bytes`` and measured; its step is timed in ``bench.interleaved``."""
     row: dict[str, Any] = {"policy": "ckptplan" if objective == "time" else f"ckptplan-{objective}", "knob": ""}
-    plain_s = bench.step_time(bench.model)
     t = time.perf_counter()
     try:
         plan = ckptplan.solve(graph, budget_bytes, time_limit_s=30, objective=objective, gap=0.0)  # proven optimal
@@ -146,8 +190,14 @@ def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s
                predicted_extra_flops=plan.extra_forward_flops, predicted_cost_ns=plan.extra_cost_ns,
                status=plan.status, gap=plan.gap, regions=len(plan.regions))
     with ckptplan.apply(bench.model, plan) as handle:
-        row.update(bench.measure(bench.model, plain_s))
+        row.update(bench.measure(bench.model))
         row["runtime_extra_flops"] = handle.stats.extra_forward_flops
+
+    def apply() -> tuple[Any, Callable[[], None]]:
+        handle = ckptplan.apply(bench.model, plan)
+        return bench.model, handle.remove
+
+    later.append((row, apply))
     return row
 
 
@@ -160,7 +210,7 @@ def predicted_cost(graph, regions, row: dict) -> int | None:
     return baselines.evaluate(graph, regions, kind, k).extra_cost_ns
 
 
-def bench_model(name: str, factory, steps: int, points: int) -> dict[str, Any]:
+def bench_model(name: str, factory, steps: int, points: int, rounds: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model, args, kwargs = factory()
     bench = Bench(name, model, args, kwargs, steps)
@@ -173,24 +223,26 @@ def bench_model(name: str, factory, steps: int, points: int) -> dict[str, Any]:
                            "predicted_no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
                            "no_checkpointing": plain, "fixed": [], "budgets": []}
     print(f"[{name}] no checkpointing: {plain}", flush=True)
+    later: list = []  # (row, apply) timed in interleaved rounds once everything is measured
 
     def finish(row: dict) -> dict:
         if "step_flops" in row:
             row["extra_flops"] = row["step_flops"] - plain["step_flops"]
             row["extra_flops_percent"] = round(100 * row["extra_flops"] / graph.forward_flops, 2)
+        if "step_s" in row:
             row["time_ratio"] = round(row["step_s"] / row["plain_step_s"], 3)
         return row
 
-    # Budget-independent policies: each knob once.
+    # Budget-independent policies: each knob once. The compiled ones are timed at once (compiling again
+    # each round would dominate), the others in rounds.
     for policy, knobs in policies.KNOBS.items():
         if policy in ("none", "sac_ilp"):
             continue
         for knob in knobs:
-            row = finish(run_policy(bench, policy, knob))
+            row = run_policy(bench, policy, knob, later=None if policy == "compile_budget" else later)
             if "error" not in row:
                 row["predicted_cost_ns"] = predicted_cost(graph, regions, row)
             out["fixed"].append(row)
-            print(f"[{name}] {row}", flush=True)
 
     # The budget sweep: no-checkpointing peak down to ckptplan's minimum.
     try:
@@ -203,12 +255,18 @@ def bench_model(name: str, factory, steps: int, points: int) -> dict[str, Any]:
     for budget in budgets:
         entry: dict[str, Any] = {"budget_bytes": budget, "rows": []}
         for objective in ("time", "flops"):
-            row = finish(run_ckptplan(bench, graph, budget, objective, trace_s))
-            entry["rows"].append(row)
-            print(f"[{name}] budget {budget}: {row}", flush=True)
+            entry["rows"].append(run_ckptplan(bench, graph, budget, objective, trace_s, later))
         if "sac_ilp" in policies.KNOBS:
-            row = finish(run_policy(bench, "sac_ilp", "budget", budget_bytes=budget))
-            entry["rows"].append(row)
+            entry["rows"].append(run_policy(bench, "sac_ilp", "budget", budget_bytes=budget))
+        out["budgets"].append(entry)
+
+    bench.interleaved(later, rounds)
+    for row in out["fixed"]:
+        print(f"[{name}] {finish(row)}", flush=True)
+    for entry in out["budgets"]:
+        budget = entry["budget_bytes"]
+        for row in entry["rows"]:
+            print(f"[{name}] budget {budget}: {finish(row)}", flush=True)
         for policy in dict.fromkeys(r["policy"] for r in out["fixed"]):
             fitting = [r for r in out["fixed"] if r["policy"] == policy and "error" not in r
                        and r["peak_bytes"] <= budget]
@@ -222,7 +280,6 @@ def bench_model(name: str, factory, steps: int, points: int) -> dict[str, Any]:
         for r in entry["rows"]:
             if "peak_bytes" in r:
                 r["fits"] = r["peak_bytes"] <= budget
-        out["budgets"].append(entry)
     out["rank_agreement"] = rank_agreement(out)
     return out
 
@@ -315,7 +372,8 @@ def targets(res: dict) -> dict[str, Any]:
 def markdown(results: list[dict], command: str, machine: str) -> str:
     lines = [f"# Policy benchmark\n\n`{command}` on {machine}. Measured on real CPU steps: peak by MemTracker, "
              "extra forward FLOPs by FlopCounterMode (whole step minus the no-checkpointing step, separate "
-             "steps), step time as a ratio to no checkpointing timed just before each configuration (medians). Per budget, each anchor's best knob "
+             "steps), step time as a ratio to no checkpointing timed just before each configuration (medians; "
+             "spread over interleaved rounds, except the compiled policy's). Per budget, each anchor's best knob "
              "that fits (fewest extra FLOPs); `-` = nothing fits.\n"]
     for res in results:
         mib = 2**20
@@ -385,7 +443,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "policies"))
     ap.add_argument("--models", default=",".join(zoo()), help="comma-separated subset of the zoo")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
+    ap.add_argument("--steps", type=int, default=9, help="timed steps per configuration (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds the timed steps are spread over")
     ap.add_argument("--points", type=int, default=POINTS, help="budgets per model")
     ap.add_argument("--render", action="store_true", help="only rewrite results.md and pareto.png from results.json")
     a = ap.parse_args()
@@ -397,7 +456,7 @@ def main() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2)))
         out.mkdir(parents=True, exist_ok=True)
         models = zoo()
-        results = [bench_model(name, models[name], a.steps, a.points) for name in a.models.split(",")]
+        results = [bench_model(name, models[name], a.steps, a.points, a.rounds) for name in a.models.split(",")]
         for res in results:
             res["targets"] = targets(res)
         command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
