@@ -137,7 +137,7 @@ def solve(
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 30.0,
     reserve: Annotated[Optional[float], typer.Option(
         help="Fraction of the budget kept free for allocator slack and what tracing cannot see "
-             "(default: 0 for a step traced on CPU, 0.02 on a GPU, meta or fake tensors).",
+             "(default: 0 for one process traced on CPU; 0.02 on a GPU, meta or fake tensors, DDP or FSDP).",
         show_default=False)] = None,
     gap: Annotated[float, typer.Option(
         help="Stop once the plan is proven within this fraction of the cheapest (0: prove it optimal).")

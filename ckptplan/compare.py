@@ -39,7 +39,7 @@ def sweep(graph: Graph, budgets: Sequence[str | int], *, time_limit_s: float = 3
     """One row per budget and policy, budgets in the order given, ckptplan first."""
     if not budgets:
         raise InputError("give at least one budget, e.g. --budgets 60%,50%,40%")
-    reserve = default_reserve(graph.device) if reserve is None else reserve
+    reserve = default_reserve(graph) if reserve is None else reserve
     regions = candidate_regions(graph)
     results = baselines.all_baselines(graph, regions)
     keep = round((1 - reserve) * RESERVE_SCALE)

@@ -83,7 +83,10 @@ class DeviceProfile:
 #   forward above its kernel (modules, autograd: ~10 us on most models);
 # * checkpoint_*: plain torch.utils.checkpoint on chains of tiny ops (calls and per-op hooks);
 # * sac_*: selective checkpointing on the zoo's GPT-2 and Llama blocks (save every op against save none),
-#   ~30 us per op visited; tiny one-tensor ops cost it half that.
+#   ~30 us per op visited; tiny one-tensor ops cost it a third of that. With the runtime's own
+#   position-keyed modes (runtime.py) the tiny ops went from 14 to 9-11 us; on the blocks the figure,
+#   derived from four step times, read 24-34 us over three runs (30-35 with torch's modes): within its
+#   noise, so the constants stay.
 CPU = DeviceProfile(name="cpu", flops_per_s=180e9, bytes_per_s=30e9, random_bytes_per_s=0.85e9,
                     op_overhead_ns=5_000, checkpoint_call_ns=90_000, checkpoint_op_ns=10_000,
                     sac_forward_ns=30_000, sac_replay_ns=30_000)

@@ -32,14 +32,15 @@ Progress = Callable[[str, dict], None]
 MAX_REPAIRS = 6
 
 
-# Headroom kept free below the budget when none is given, by the device the step was traced on. On CPU
-# the simulator counts what MemTracker counts, tensor storages: in every plan of the policy benchmark
-# (benchmarks/results/policies) its peak was 4 KiB to 0.6 MiB above MemTracker's, never below, so a reserve
-# would only throw memory away (tests/test_zoo.py holds the measured peak to the budget at none). A GPU's
-# caching allocator rounds blocks up and fragments, and its kernels take workspaces the trace cannot see;
-# meta and fake tensors are planned for a GPU.
+# Headroom kept free below the budget when none is given. For one process traced on CPU the simulator
+# counts what MemTracker counts, tensor storages: in every plan of the policy benchmark
+# (benchmarks/results/policies) its peak was 4 KiB to 0.63 MiB above MemTracker's, never below, so a
+# reserve would only throw memory away (tests/test_zoo.py holds the measured peak to the budget at none).
+# A GPU's caching allocator rounds blocks up and fragments, and its kernels take workspaces the trace
+# cannot see; meta and fake tensors are planned for a GPU. Under DDP/FSDP the per-rank peak is modelled
+# (parallel.py), not traced: FSDP2 measured 1.25% above the prediction (benchmarks/results/parallel_memory).
 CPU_RESERVE = 0.0
-GPU_RESERVE = 0.02
+DEFAULT_RESERVE = 0.02
 RESERVE_SCALE = 10**6  # the reserve is applied in millionths
 # The search is cut on CP-SAT's deterministic clock, this many units per second of the time limit
 # (measured: ~0.3 units per wall second on a 2-core CI machine), so a solve stopped by its limit still
@@ -81,9 +82,9 @@ class _Shapes:
         return replace(sims[0], peak_bytes=worst.peak_bytes, peak_at=worst.peak_at)
 
 
-def default_reserve(device_type: str) -> float:
-    """The reserve ``solve`` keeps when none is given, for a step traced on ``device_type``."""
-    return CPU_RESERVE if device_type == "cpu" else GPU_RESERVE
+def default_reserve(graph: Graph) -> float:
+    """The reserve ``solve`` keeps when none is given: none for one process on CPU, else 2%."""
+    return CPU_RESERVE if graph.device == "cpu" and not graph.parallel else DEFAULT_RESERVE
 
 
 def check_options(*, reserve: float | None, gap: float) -> None:
@@ -107,8 +108,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
 
     ``reserve`` is headroom kept free below the budget (a fraction of it) for what a trace cannot see
     exactly: a GPU allocator's rounding and fragmentation, kernel workspaces. ``None`` takes the traced
-    device's default (``default_reserve``: 0 on CPU, whose peaks the simulator predicts to the storage;
-    2% for a GPU, meta or fake tensors). ``reserve=0`` plans to the byte.
+    device's default (``default_reserve``: 0 for one process on CPU, whose peaks the simulator predicts to
+    the storage; 2% for a GPU, meta or fake tensors, DDP and FSDP). ``reserve=0`` plans to the byte.
 
     ``gap`` ends the search once the plan is proven within that fraction of the cheapest (0: optimal).
     """
@@ -121,7 +122,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     note = progress or (lambda phase, info: None)
     shapes = _Shapes(graph)
     graph, regions = shapes.primary, shapes.regions[0]
-    reserve = default_reserve(graph.device) if reserve is None else reserve
+    reserve = default_reserve(graph) if reserve is None else reserve
     note("simulate", {"regions": len(regions)})
     baseline = shapes.simulate({})
     budget_bytes = parse_budget(budget, reference_bytes=baseline.peak_bytes)

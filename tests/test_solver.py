@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptplan
 from ckptplan.plan import Decision
+from ckptplan.planner import default_reserve
 from ckptplan.solver import cpsat
 from ckptplan.solver.regions import candidate_regions, nested_pairs, outermost
 from ckptplan.solver.simulate import simulate
@@ -130,7 +133,8 @@ def test_reserve_and_gap_are_validated(traced):
 
 
 def test_default_reserve_follows_the_traced_device(traced):
-    """CPU plans to the byte (the simulator counts what MemTracker counts); meta plans for a GPU keep 2%."""
+    """One process on CPU plans to the byte (the simulator counts what MemTracker counts); a meta trace
+    (planned for a GPU) and DDP/FSDP keep 2%."""
     import llama
 
     _, _, g = traced("llama")
@@ -138,6 +142,7 @@ def test_default_reserve_follows_the_traced_device(traced):
     on_cpu = ckptplan.solve(g, budget)
     assert on_cpu.reserve == 0.0 and on_cpu.predicted_peak_bytes <= budget
     assert ckptplan.solve(g, budget, reserve=0.05).reserve == 0.05  # an explicit reserve wins
+    assert default_reserve(dataclasses.replace(g, parallel="fsdp:2")) == 0.02  # per-rank peaks are modelled
     model, args = llama.llama_tiny(device="meta")
     meta = ckptplan.trace(model, *args)
     budget = (minimum_of(meta) + meta.baseline_peak_bytes) // 2
