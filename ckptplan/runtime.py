@@ -32,7 +32,6 @@ at the end of every backward, and one INFO line is logged per step.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
