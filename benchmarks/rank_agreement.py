@@ -14,12 +14,18 @@ configurations differ. Per model, over the configurations every run measured (ru
 
 The prediction can only agree with one run as well as the runs agree with each other, plus the noise
 it does not share; the mean of several runs is the fairer target.
+
+Pairwise, the order itself: a pair of configurations is *settled* when every run orders it the same way
+(measured step-time ratios), and the cost model agrees on it when it predicts that order (it may also
+price the pair alike: a tie, counted apart). The pairs the runs disagree on are ones the measurement
+cannot order.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from itertools import combinations
@@ -41,8 +47,24 @@ def compare(runs: list[list[dict]]) -> list[dict]:
         out.append({"model": results[0]["model"], "configs": len(keys),
                     "run_vs_run": [round(_spearman(a, b), 3) for a, b in combinations(measured, 2)],
                     "predicted_vs_run": [round(_spearman(predicted, m), 3) for m in measured],
-                    "predicted_vs_mean": round(_spearman(predicted, mean), 3)})
+                    "predicted_vs_mean": round(_spearman(predicted, mean), 3),
+                    **settled_pairs(predicted, measured)})
     return out
+
+
+def settled_pairs(predicted: list[int], measured: list[list[float]]) -> dict[str, int]:
+    """Pairs every run orders the same way; of those, how many the prediction orders so too, or ties."""
+    pairs = settled = agreed = tied = 0
+    for i, j in combinations(range(len(predicted)), 2):
+        pairs += 1
+        signs = {(m[i] > m[j]) - (m[i] < m[j]) for m in measured}
+        if len(signs) != 1 or 0 in signs:
+            continue
+        settled += 1
+        order = (predicted[i] > predicted[j]) - (predicted[i] < predicted[j])
+        agreed += order == signs.pop()
+        tied += order == 0
+    return {"pairs": pairs, "settled_pairs": settled, "predicted_agrees": agreed, "predicted_ties": tied}
 
 
 def main() -> None:
@@ -53,20 +75,25 @@ def main() -> None:
     if len(a.runs) < 2:
         ap.error("give at least two runs")
     data = [json.loads(Path(p).read_text()) for p in a.runs]
-    if len({d["command"] for d in data}) != 1:
-        print("warning: the runs were made with different commands", file=sys.stderr)
+    if len({re.sub(r"--out \S+", "", d["command"]) for d in data}) != 1:
+        print("warning: the runs were made with different options", file=sys.stderr)
     rows = compare([d["results"] for d in data])
     out = Path(a.out)
     command = "python benchmarks/rank_agreement.py " + " ".join(a.runs) + f" --out {a.out}"
     out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": a.runs, "rows": rows}, indent=1) + "\n")
     lines = ["# Rank agreement: cost model against measured step time\n", f"`{command}`\n",
              f"Runs: {', '.join(f'`{p}`' for p in a.runs)} ({data[0]['command']}; {data[0]['machine']}). "
-             "Spearman rank correlation over the configurations every run measured.\n",
-             "| model | configs | measured run vs run | predicted vs each run | predicted vs mean of runs |",
-             "|---|---|---|---|---|"]
+             "Spearman rank correlation over the configurations every run measured; then the pairs of "
+             "configurations every run orders the same way (settled), and how many of those the cost model "
+             "orders the same way (a tie: it prices the pair alike).\n",
+             "| model | configs | measured run vs run | predicted vs each run | predicted vs mean of runs "
+             "| settled pairs / pairs | prediction agrees | prediction ties |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        share = f"{r['predicted_agrees']} ({100 * r['predicted_agrees'] / max(1, r['settled_pairs']):.0f}%)"
         lines.append(f"| {r['model']} | {r['configs']} | {', '.join(map(str, r['run_vs_run']))} | "
-                     f"{', '.join(map(str, r['predicted_vs_run']))} | {r['predicted_vs_mean']} |")
+                     f"{', '.join(map(str, r['predicted_vs_run']))} | {r['predicted_vs_mean']} | "
+                     f"{r['settled_pairs']} / {r['pairs']} | {share} | {r['predicted_ties']} |")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
