@@ -104,9 +104,9 @@ class Bench:
             out.update(step_s=self.step_time(step_model), plain_step_s=plain_s)
         return out
 
-    def step_time(self, step_model, steps: int | None = None) -> float:
+    def step_time(self, step_model) -> float:
         """Median time of ``steps`` training steps, after one warm-up step."""
-        return statistics.median(self.step_times(step_model, self.steps if steps is None else steps))
+        return statistics.median(self.step_times(step_model, self.steps))
 
     def step_times(self, step_model, steps: int) -> list[float]:
         """``steps`` training step times, after one warm-up step."""
@@ -172,8 +172,12 @@ def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None
         traceback.print_exc(limit=2)
     finally:
         applied.undo()
+    def reapply() -> tuple[Any, Callable[[], None]]:
+        again = apply()
+        return again.step_model, again.undo
+
     if later is not None and "error" not in row:
-        later.append((row, lambda: (lambda a: (a.step_model, a.undo))(apply())))
+        later.append((row, reapply))
     return row
 
 

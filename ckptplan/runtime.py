@@ -157,10 +157,10 @@ class _RegionRuntime:
         self.module, self.plan, self.counter = module, plan, counter
         self.position = 0
         self.in_forward = False
-        # saves some ops: selective checkpointing at every step; otherwise plain checkpoint once checked
-        self.check_every_step = strict or any(o.decision is Decision.SAVE for o in plan.ops)
-        self.flops = plan.extra_forward_flops  # what one recomputation of a plain region reruns
         self.saves = [o.decision is Decision.SAVE for o in plan.ops]  # by op position
+        # saves some ops: selective checkpointing at every step; otherwise plain checkpoint once checked
+        self.check_every_step = strict or any(self.saves)
+        self.flops = plan.extra_forward_flops  # what one recomputation of a plain region reruns
         self.funcs: list[Any] = [None] * len(plan.ops)  # the op objects seen there, once checked by name
         self.plain = False  # True once a region that saves nothing has had its ops checked
         self.one_shape = one_shape  # False: other input shapes run the op check again, which needs the hooks
