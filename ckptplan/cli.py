@@ -46,6 +46,10 @@ ObjectiveOpt = Annotated[str, typer.Option(
 SeqLenOpt = Annotated[Optional[str], typer.Option(
     help="Comma-separated sequence lengths, passed to the factory as seq_len=...: one plan that holds for "
          "each (its peak fits at the largest).")]
+RematOpt = Annotated[bool, typer.Option(
+    "--remat/--no-remat", help="Let the plan also rematerialize: drop tensors backward would hold (a BatchNorm + "
+                               "ReLU output the next convolution saves) and rebuild them from what backward keeps "
+                               "anyway. --no-remat plans checkpoints only (needed under torch.compile).")]
 
 
 def _fail(e: CkptplanError, as_json: bool) -> None:
@@ -142,6 +146,7 @@ def solve(
     gap: Annotated[float, typer.Option(
         help="Stop once the plan is proven within this fraction of the cheapest (0: prove it optimal).")
     ] = DEFAULT_GAP,
+    remat: RematOpt = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -155,7 +160,8 @@ def solve(
         loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len))
         with err.status("solving...", spinner="dots") if not quiet else _null() as status:
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve, objective=objective,
-                              gap=gap, progress=_progress_line(status) if status is not None else None)
+                              gap=gap, rematerialize=remat,
+                              progress=_progress_line(status) if status is not None else None)
         path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget)}.yaml"
         plan.save(path)
     except InfeasibleBudget as e:
@@ -168,6 +174,7 @@ def solve(
             again += [f"--seq-len {seq_len}"] if seq_len else []
             again += [f"--objective {objective}"] if objective != "time" else []
             again += [f"--gap {gap}"] if gap != DEFAULT_GAP else []
+            again += ["--no-remat"] if not remat else []
             err.print(f"minimum feasible budget: {format_bytes(e.minimum_bytes)}; try: "
                       f"ckptplan solve {' '.join(again)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
@@ -200,6 +207,7 @@ def sweep(
         show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(
         help="Also write a Pareto plot (peak vs extra FLOPs) to this PNG file (needs matplotlib).")] = None,
+    remat: RematOpt = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -216,7 +224,8 @@ def sweep(
             parse_budget(b, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace
         _, graph = _trace(model, arg, optimizer, quiet)
         with err.status("solving each budget...", spinner="dots") if not quiet else _null():
-            rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective)
+            rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective,
+                                  rematerialize=remat)
         if plot is not None:
             pareto_plot(rows, plot, title=f"{graph.model_name}: predicted", forward_flops=graph.forward_flops)
     except CkptplanError as e:

@@ -35,7 +35,7 @@ class SweepRow:
 
 
 def sweep(graph: Graph, budgets: Sequence[str | int], *, time_limit_s: float = 30.0,
-          reserve: float | None = None, objective: str = "time") -> list[SweepRow]:
+          reserve: float | None = None, objective: str = "time", rematerialize: bool = True) -> list[SweepRow]:
     """One row per budget and policy, budgets in the order given, ckptplan first."""
     if not budgets:
         raise InputError("give at least one budget, e.g. --budgets 60%,50%,40%")
@@ -48,7 +48,8 @@ def sweep(graph: Graph, budgets: Sequence[str | int], *, time_limit_s: float = 3
         text = str(budget)
         nbytes = parse_budget(budget, reference_bytes=graph.baseline_peak_bytes)
         try:
-            plan = solve(graph, budget, time_limit_s=time_limit_s, reserve=reserve, objective=objective)
+            plan = solve(graph, budget, time_limit_s=time_limit_s, reserve=reserve, objective=objective,
+                         rematerialize=rematerialize)
             rows.append(SweepRow(budget=text, budget_bytes=nbytes, policy=CKPTPLAN, knob=objective, fits=True,
                                  peak_bytes=plan.predicted_peak_bytes, extra_forward_flops=plan.extra_forward_flops,
                                  extra_cost_ns=plan.extra_cost_ns, note=f"{plan.status}, gap {100 * plan.gap:.2f}%"))

@@ -72,6 +72,9 @@ class StorageInfo:
     producer: int | None  # forward op that allocated it
     saved_by: tuple[str, ...]  # module paths of the ops that saved it for backward (sorted, unique)
     python_free_op: int  # forward op after which Python drops it if autograd keeps no reference
+    first_pack_event: int | None = None  # forward ops completed when autograd first saved it (None: never)
+    last_pack_event: int | None = None  # the same, when it last saved it
+    first_unpack_event: int | None = None  # backward event of the first unpack of it (None: never unpacked)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

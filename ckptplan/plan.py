@@ -1,7 +1,8 @@
 """The Plan record and its YAML file, written for human review.
 
 The file starts with what a reviewer reads first (fingerprint, budget, peaks, extra FLOPs, solver
-status), then one block per group of identical checkpointed regions ("layers folded"), one line per op:
+status), then one block per group of identical checkpointed regions ("layers folded") or
+rematerializations (a tensor rebuilt at its first unpack by the ops listed), one line per op:
 ``[op, module, shape, dtype, bytes, decision, recompute FLOPs, recompute ns, forced-by]``. Writing is deterministic
 (same plan, byte-identical file) and atomic (a temporary file renamed into place).
 """
@@ -49,6 +50,12 @@ class RegionPlan:
     type_name: str
     ops: tuple[OpDecision, ...]  # every op of the call, in order
     mutated_buffers: tuple[str, ...] = ()  # relative names, restored after recomputation
+    # a rematerialization (type "rematerialize"): (op row, tensor output) of the tensor its recipe rebuilds
+    target: tuple[int, int] | None = None
+
+    @property
+    def remat(self) -> bool:
+        return self.target is not None
 
     @property
     def extra_forward_flops(self) -> int:
@@ -56,7 +63,7 @@ class RegionPlan:
 
     def pattern(self) -> str:
         """Equal for identical layers: same ops, shapes and decisions."""
-        return json.dumps([self.type_name, list(self.mutated_buffers),
+        return json.dumps([self.type_name, list(self.mutated_buffers), self.target and list(self.target),
                            [_op_row(o) for o in self.ops]])
 
 
@@ -227,7 +234,7 @@ def dump_yaml(plan: Plan) -> str:
     ]
     for k in sorted(plan.solver_stats):
         lines.append(f"  {k}: {plan.solver_stats[k]}")
-    lines.append("# one block per group of identical checkpointed regions; op rows are")
+    lines.append("# one block per group of identical checkpointed regions (or rematerializations); op rows are")
     lines.append("# [op, module, shape, dtype, bytes, decision, recompute_flops, recompute_ns, forced_by]")
     lines.append(f"checkpointed_regions: {len(plan.regions)}")
     lines.append("regions:" if plan.regions else "regions: []")
@@ -239,10 +246,13 @@ def dump_yaml(plan: Plan) -> str:
         lines.append(f"    count: {len(paths)}")
         lines.append(f"    at: {_q([order[p] for p in paths])}  # positions in forward order")
         lines.append(f"    num_ops: {len(r.ops)}")
-        how = "selective checkpointing" if saved else "plain checkpoint"
+        how = ("rematerialized: the tensor is rebuilt from its recipe at its first unpack" if r.remat
+               else "selective checkpointing" if saved else "plain checkpoint")
         lines.append(f"    extra_forward_flops_each: {r.extra_forward_flops}"
                      f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved ({how})")
         lines.append(f"    restores_buffers: {_q(list(r.mutated_buffers))}")
+        if r.remat:
+            lines.append(f"    target: {_q(list(r.target))}  # [op row, tensor output] the recipe rebuilds")
         lines.append("    ops:")
         for o in r.ops:
             lines.append(f"      - {_q(_op_row(o))}")
@@ -283,8 +293,13 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
                                  f"{len(ops)} op rows but says count {block['count']} and num_ops "
                                  f"{block['num_ops']}: the file is truncated or was edited inconsistently")
             for at, p in zip(block["at"], paths):
+                target = block.get("target")
+                if target is not None and (len(target) != 2 or not 0 <= int(target[0]) < len(ops)):
+                    raise InputError(f"{source}: block {block['modules']!r} has target {target!r}, which is not "
+                                     "[op row, tensor output] of its rows: the file was edited inconsistently")
                 placed.append((int(at), RegionPlan(path=p, type_name=block["type"], ops=ops,
-                                                   mutated_buffers=tuple(block.get("restores_buffers") or ()))))
+                                                   mutated_buffers=tuple(block.get("restores_buffers") or ()),
+                                                   target=None if target is None else (int(target[0]), int(target[1])))))
         regions = tuple(r for _, r in sorted(placed, key=lambda x: x[0]))
         if len(regions) != data["checkpointed_regions"] or sorted(a for a, _ in placed) != list(range(len(placed))):
             raise InputError(f"{source}: it lists {len(regions)} checkpointed regions but says "

@@ -23,7 +23,8 @@ from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Graph
 from .plan import Decision, OpDecision, Plan, RegionPlan
 from .solver import cpsat
-from .solver.regions import Forced, candidate_regions, outermost
+from .solver.regions import Forced, Region, candidate_regions, outermost
+from .solver.remat import TYPE_NAME as REMAT_TYPE, parse_path, remat_candidates
 from .solver.simulate import SimResult, simulate
 from .units import format_bytes, parse_budget, suggest_budget
 
@@ -55,13 +56,18 @@ DEFAULT_GAP = 0.005
 class _Shapes:
     """The same step traced at one or more input shapes; the largest (by peak) comes first."""
 
-    def __init__(self, graphs: Graph | Sequence[Graph]) -> None:
+    def __init__(self, graphs: Graph | Sequence[Graph], *, rematerialize: bool = True) -> None:
         graphs = [graphs] if isinstance(graphs, Graph) else list(graphs)
         if not graphs:
             raise InputError("solve() needs at least one traced graph")
         self.graphs = sorted(graphs, key=lambda g: -g.baseline_peak_bytes)
         self.primary = self.graphs[0]
-        self.regions = [candidate_regions(g) for g in self.graphs]
+        self.regions = [candidates(g, rematerialize=rematerialize) for g in self.graphs]
+        if len(self.graphs) > 1:  # rematerializations the shapes share (each shape sizes its own)
+            shared = set.intersection(*({(r.path, r.first_op, r.end_op) for r in regs if r.remat}
+                                        for regs in self.regions))
+            self.regions = [tuple(r for r in regs if not r.remat or (r.path, r.first_op, r.end_op) in shared)
+                            for regs in self.regions]
         ref = self.regions[0]
         for g, regs in zip(self.graphs[1:], self.regions[1:]):
             if g.signature != self.primary.signature:
@@ -82,6 +88,15 @@ class _Shapes:
         return replace(sims[0], peak_bytes=worst.peak_bytes, peak_at=worst.peak_at)
 
 
+def candidates(graph: Graph, *, rematerialize: bool = True) -> tuple[Region, ...]:
+    """What a plan may decide: the checkpoint candidates and (unless ``rematerialize`` is False) the
+    rematerializations, in forward order."""
+    regions = candidate_regions(graph)
+    if not rematerialize:
+        return regions
+    return tuple(sorted(regions + remat_candidates(graph, regions), key=lambda r: (r.first_op, -r.end_op, r.path)))
+
+
 def default_reserve(graph: Graph) -> float:
     """The reserve ``solve`` keeps when none is given: none for one process on CPU, else 2%."""
     return CPU_RESERVE if graph.device == "cpu" and not graph.parallel else DEFAULT_RESERVE
@@ -97,7 +112,7 @@ def check_options(*, reserve: float | None, gap: float) -> None:
 
 def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0, reserve: float | None = None,
           workers: int = 1, progress: Progress | None = None, objective: str = "time",
-          gap: float = DEFAULT_GAP) -> Plan:
+          gap: float = DEFAULT_GAP, rematerialize: bool = True) -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
 
     ``objective="flops"`` minimises the recomputed FLOPs instead, then the estimated time among the plans
@@ -112,6 +127,10 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     the storage; 2% for a GPU, meta or fake tensors, DDP and FSDP). ``reserve=0`` plans to the byte.
 
     ``gap`` ends the search once the plan is proven within that fraction of the cheapest (0: optimal).
+
+    ``rematerialize``: besides checkpointing module calls, the plan may drop tensors that backward would
+    hold (a BatchNorm + ReLU output the next convolution saves) and rebuild them at their first unpack
+    from what backward keeps anyway (solver/remat.py). False plans checkpoints only.
     """
     check_options(reserve=reserve, gap=gap)
     try:
@@ -120,7 +139,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         raise InputError(f"objective must be one of {[o.value for o in cpsat.Objective]}, not {objective!r}") from None
     started = time.monotonic()
     note = progress or (lambda phase, info: None)
-    shapes = _Shapes(graph)
+    shapes = _Shapes(graph, rematerialize=rematerialize)
     graph, regions = shapes.primary, shapes.regions[0]
     reserve = default_reserve(graph) if reserve is None else reserve
     note("simulate", {"regions": len(regions)})
@@ -222,7 +241,9 @@ def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
         for i in r.ops:
             op = graph.ops[i]
             reruns = i < r.recompute_end and i not in keep
-            rel = op.module[len(r.path) + 1:] if op.module.startswith(r.path + ".") else ""
+            base = parse_path(r.path)[0] if r.remat else r.path
+            rel = op.module[len(base) + 1:] if base and op.module.startswith(base + ".") else (
+                op.module if not base else "")
             reason = forced.get(i)
             ops.append(OpDecision(
                 op=op.name, module=rel, shape=tuple(t.shape for t in op.outputs) or ((),),
@@ -232,7 +253,8 @@ def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
                 recompute_flops=op.flops if reruns else 0, recompute_ns=op.cost_ns if reruns else 0,
                 forced=reason.value if isinstance(reason, Forced) else None))
         prefix = r.path + "."
-        out.append(RegionPlan(path=r.path, type_name=r.type_name, ops=tuple(ops),
+        target = _target(graph, r) if r.remat else None
+        out.append(RegionPlan(path=r.path, type_name=r.type_name, ops=tuple(ops), target=target,
                               mutated_buffers=tuple(b[len(prefix):] if b.startswith(prefix) else b
                                                     for b in r.mutated_buffers)))
     return Plan(
@@ -257,13 +279,33 @@ def check_plan(graph: Graph, plan: Plan) -> SimResult:
     if graph.fingerprint not in plan.fingerprints:
         raise PlanMismatch(f"the plan was traced from another model or input (fingerprint {plan.fingerprint}, "
                            f"this step {graph.fingerprint}): {_first_difference(graph, plan)}")
-    by_path = {r.path: r for r in candidate_regions(graph)}
+    regions, saved = plan_decisions(graph, plan)
+    sim = simulate(graph, regions, saved)
+    usable = plan.budget_bytes * round((1 - plan.reserve) * RESERVE_SCALE) // RESERVE_SCALE
+    if sim.peak_bytes > usable:
+        raise InputError(
+            f"the plan's decisions no longer fit its budget: simulated peak {format_bytes(sim.peak_bytes)} "
+            f"exceeds {format_bytes(usable)} ({plan.budget_text} less the {plan.reserve:.0%} reserve) by "
+            f"{format_bytes(sim.peak_bytes - usable)} ({sim.peak_at}); was it edited by hand? "
+            "Regenerate it with `ckptplan solve`")
+    return sim
+
+
+def plan_decisions(graph: Graph, plan: Plan) -> tuple[tuple[Region, ...], dict[str, frozenset[int]]]:
+    """Every candidate of ``graph`` and ``plan``'s decisions on them as the simulator takes them (region
+    path -> the graph's op indices it saves); InputError for a decision that is not a candidate's."""
+    regions = candidates(graph)
+    by_path = {r.path: r for r in regions}
     saved: dict[str, frozenset[int]] = {}
     for rp in plan.regions:
         region = by_path.get(rp.path)
-        if region is None or len(rp.ops) != len(region.ops):
-            raise InputError(f"the plan checkpoints {rp.path}, which is not a checkpointable region of this "
-                             "step (or has another number of ops); regenerate it with `ckptplan solve`")
+        if region is None or len(rp.ops) != len(region.ops) or rp.remat != region.remat:
+            what = "rematerialization" if rp.remat else "checkpointable region"
+            raise InputError(f"the plan names {rp.path}, which is not a {what} of this step (or has another "
+                             "number of ops); regenerate it with `ckptplan solve`")
+        if rp.remat and rp.target != _target(graph, region):
+            raise InputError(f"the plan's {rp.path} rebuilds output {list(rp.target)} of its recipe, but this step's "
+                             f"candidate rebuilds {list(_target(graph, region))}; regenerate it with `ckptplan solve`")
         forced = dict(region.forced)
         keep = set()
         for i, o in enumerate(rp.ops):
@@ -273,15 +315,14 @@ def check_plan(graph: Graph, plan: Plan) -> SimResult:
                                      f"({forced[region.first_op + i].value}); set it back to recompute")
                 keep.add(region.first_op + i)
         saved[rp.path] = frozenset(keep)
-    sim = simulate(graph, tuple(by_path.values()), saved)
-    usable = plan.budget_bytes * round((1 - plan.reserve) * RESERVE_SCALE) // RESERVE_SCALE
-    if sim.peak_bytes > usable:
-        raise InputError(
-            f"the plan's decisions no longer fit its budget: simulated peak {format_bytes(sim.peak_bytes)} "
-            f"exceeds {format_bytes(usable)} ({plan.budget_text} less the {plan.reserve:.0%} reserve) by "
-            f"{format_bytes(sim.peak_bytes - usable)} ({sim.peak_at}); was it edited by hand? "
-            "Regenerate it with `ckptplan solve`")
-    return sim
+    return regions, saved
+
+
+def _target(graph: Graph, region: Region) -> tuple[int, int]:
+    """(recipe op, tensor output) a rematerialization rebuilds, as the plan file names it."""
+    producer = graph.ops[graph.storages[region.target].producer]
+    return producer.index - region.first_op, next(k for k, t in enumerate(producer.outputs)
+                                                   if t.storage == region.target)
 
 
 def _first_difference(graph: Graph, plan: Plan) -> str:

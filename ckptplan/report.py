@@ -29,7 +29,8 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "status": plan.status,
         "gap": plan.gap,
         "solve_time_s": round(plan.solve_time_s, 3),
-        "checkpointed_regions": [r.path for r in plan.regions],
+        "checkpointed_regions": [r.path for r in plan.regions if not r.remat],
+        "rematerialized": [r.path for r in plan.regions if r.remat],
     }
 
 
@@ -45,7 +46,8 @@ def summary_table(plan: Plan, path: str | None = None) -> Table:
     t.add_row("extra forward FLOPs", f"{format_flops(plan.extra_forward_flops)} "
               f"({100 * plan.extra_forward_fraction:.1f}% of {format_flops(plan.forward_flops)} forward)")
     t.add_row("estimated recompute time", f"{plan.extra_cost_ns / 1e6:.2f} ms")
-    t.add_row("checkpointed regions", f"{len(plan.regions)}")
+    t.add_row("checkpointed regions", f"{sum(not r.remat for r in plan.regions)}")
+    t.add_row("rematerialized tensors", f"{sum(r.remat for r in plan.regions)}")
     t.add_row("solver", f"{plan.status} (minimising {plan.objective}), gap {100 * plan.gap:.2f}%, "
               f"{plan.solve_time_s:.1f} s")
     if path:
@@ -81,7 +83,7 @@ def decisions_table(plan: Plan, *, sort: str = "order", fold: bool = True) -> Ta
 def diff_plans(a: Plan, b: Plan) -> dict[str, Any]:
     """What changed from plan ``a`` to plan ``b``: header numbers, regions, op decisions."""
     sa, sb = plan_summary(a), plan_summary(b)
-    header = {k: [sa[k], sb[k]] for k in sa if k != "checkpointed_regions" and sa[k] != sb[k]}
+    header = {k: [sa[k], sb[k]] for k in sa if k not in ("checkpointed_regions", "rematerialized") and sa[k] != sb[k]}
     ra, rb = {r.path: r for r in a.regions}, {r.path: r for r in b.regions}
     ops = []
     for path in sorted(set(ra) & set(rb)):

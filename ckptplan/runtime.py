@@ -44,7 +44,9 @@ from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrap
 from .errors import PlanMismatch
 from .flops import op_flops
 from .plan import Decision, Plan, RegionPlan
+from .rematerialize import Rematerializer, shapes_equal
 from .signature import model_signature, num_parameters
+from .solver.remat import parse_path
 
 log = logging.getLogger("ckptplan")
 
@@ -71,6 +73,7 @@ class _Counter:
         self.flops = 0
         self.regions = 0
         self.check_shapes = True
+        self.suspended = 0  # > 0 while torch's checkpoint starts or ends a region: rematerialize.py waits
 
 
 _MISSING = object()
@@ -199,19 +202,25 @@ class _RegionRuntime:
             return self.original(*args, **kwargs)  # evaluation: nothing is saved, nothing to plan
         # saves nothing, its ops checked at its first step: no dispatch mode. At another of the plan's
         # input shapes the plan does not list the FLOPs, so the dispatch modes count them there.
+        # While torch's checkpoint starts and ends, its ops are not the model's and it saves the region's
+        # inputs itself: rematerializations wait (``suspended``); the region's own forward resumes them.
         if self.plain and self.counter.check_shapes:
             self.in_forward = True
+            self.counter.suspended += 1
             try:
                 return checkpoint(self._run_plain, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
             finally:
                 self.in_forward = False
+                self.counter.suspended -= 1
         self.position, self.in_forward = 0, True
         self.stack.clear()
+        self.counter.suspended += 1
         try:
             out = checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=True,
                              context_fn=self._contexts, **kwargs)
         finally:
             self.in_forward = False
+            self.counter.suspended -= 1
         if self.position != len(self.plan.ops):
             raise PlanMismatch(
                 f"{self.plan.path} ran {self.position} ops but the plan was traced with "
@@ -226,14 +235,21 @@ class _RegionRuntime:
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         """The region's forward under selective checkpointing (its recomputation counts its own FLOPs)."""
         if self.in_forward:
-            return self.original(*args, **kwargs)
+            return self._forward_inside(*args, **kwargs)
         self.stack.clear()
         return self._recompute(*args, **kwargs)
+
+    def _forward_inside(self, *args: Any, **kwargs: Any) -> Any:
+        self.counter.suspended -= 1
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.counter.suspended += 1
 
     def _run_plain(self, *args: Any, **kwargs: Any) -> Any:
         """The region's forward under plain checkpointing: its recomputation pays the plan's FLOPs."""
         if self.in_forward:
-            return self.original(*args, **kwargs)
+            return self._forward_inside(*args, **kwargs)
         self.counter.flops += self.flops
         self.counter.regions += 1
         return self._recompute(*args, **kwargs)
@@ -263,7 +279,7 @@ class _RegionRuntime:
         if pos < len(self.funcs):
             want = self.plan.ops[pos]
             if func is self.funcs[pos] or (self.funcs[pos] is None and str(func) == want.op):
-                if module == want.module and (not self.counter.check_shapes or _shapes_equal(out, want.shape)):
+                if module == want.module and (not self.counter.check_shapes or shapes_equal(out, want.shape)):
                     self.funcs[pos] = func  # the op object: later steps compare identity, not names
                     return pos
         shapes = [list(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -279,14 +295,6 @@ class _RegionRuntime:
             "traced step: trace and solve again for these inputs")
 
 
-def _shapes_equal(out: Any, want: tuple[tuple[int, ...], ...]) -> bool:
-    """Whether an op's tensor outputs have the plan's shapes (``((),)`` for an op that returns none)."""
-    if isinstance(out, torch.Tensor):  # most ops: no flattening
-        return len(want) == 1 and out.shape == want[0]
-    shapes = tuple(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-    return (shapes or ((),)) == want
-
-
 class Handle:
     """A plan applied to a model. ``stats`` is updated after each backward; ``remove()`` undoes it."""
 
@@ -295,11 +303,14 @@ class Handle:
         self.stats = StepStats(forward_flops=plan.forward_flops)
         self._counter = _Counter()
         self._regions = [_RegionRuntime(model.get_submodule(r.path), r, self._counter, strict=strict,
-                                        one_shape=len(plan.shapes) == 1) for r in plan.regions]
+                                        one_shape=len(plan.shapes) == 1) for r in plan.regions if not r.remat]
+        remats = [r for r in plan.regions if r.remat]
+        self._remat = Rematerializer(model, remats, self._counter) if remats else None
         self._hooks = [
             model.register_forward_pre_hook(self._before_step, with_kwargs=True),
             model.register_forward_hook(self._after_forward),
         ]
+
         self._grad_hook: Any = None
         self.removed = False
         model._ckptplan_applied = True
@@ -343,6 +354,8 @@ class Handle:
             return
         for r in self._regions:
             r.restore()
+        if self._remat is not None:
+            self._remat.remove()
         for h in self._hooks:
             h.remove()
         if self._grad_hook is not None:
@@ -370,12 +383,13 @@ def check_model(model: nn.Module, plan: Plan) -> None:
     if getattr(model, "_ckptplan_applied", False):
         raise PlanMismatch("a plan is already applied to this model; call handle.remove() first")
     for r in plan.regions:
+        path = parse_path(r.path)[0] if r.remat else r.path
         try:
-            sub = model.get_submodule(r.path)
+            sub = model.get_submodule(path)
         except AttributeError:
-            raise PlanMismatch(f"the plan checkpoints module '{r.path}', which this model does not have; "
-                               f"the plan was made for {plan.model}") from None
-        if type(sub).__name__ != r.type_name:
+            raise PlanMismatch(f"the plan {'rematerializes inside' if r.remat else 'checkpoints'} module '{path}', "
+                               f"which this model does not have; the plan was made for {plan.model}") from None
+        if not r.remat and type(sub).__name__ != r.type_name:
             raise PlanMismatch(f"module '{r.path}' is a {type(sub).__name__} but the plan expects a "
                                f"{r.type_name}; the plan was made for another model")
     sig = model_signature(model)

@@ -74,6 +74,9 @@ class _Storage:
     producer: int | None
     free_event: int | None = None
     saved_by: set[str] = field(default_factory=set)
+    first_pack: int | None = None
+    last_pack: int | None = None
+    first_unpack: int | None = None
 
 
 @dataclass
@@ -153,7 +156,11 @@ class _Recorder(TorchDispatchMode):
     # ---- saved tensors ---------------------------------------------------------------------------
     def pack(self, t: torch.Tensor) -> tuple[int, torch.Tensor]:
         sid, _ = self.storage_id(t, StorageKind.ACTIVATION, None)
-        self.storages[sid].saved_by.add(self.current_module())
+        st = self.storages[sid]
+        st.saved_by.add(self.current_module())
+        if st.first_pack is None:
+            st.first_pack = self.event
+        st.last_pack = self.event
         self.packs.append(tuple(self.stack))
         for c in self.stack:
             self.calls[c].last_pack = self.event
@@ -165,6 +172,9 @@ class _Recorder(TorchDispatchMode):
         pid, t = packed
         for c in self.packs[pid]:
             self.calls[c].unpacks.append(self.event)
+        st = self.storages[self.pack_storage[pid]]
+        if st.first_unpack is None:
+            st.first_unpack = self.event
         return t
 
     # ---- ops -----------------------------------------------------------------------------------------
@@ -367,7 +377,8 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, device
         pyfree = python_free.get(position.get(sid), free if free <= n_fwd else n_fwd)
         storages.append(StorageInfo(
             id=sid, nbytes=s.nbytes, kind=StorageKind.GRAD if sid in rec.grads else s.kind, alloc_event=s.alloc_event, free_event=free,
-            producer=s.producer, saved_by=tuple(sorted(s.saved_by)), python_free_op=pyfree))
+            producer=s.producer, saved_by=tuple(sorted(s.saved_by)), python_free_op=pyfree,
+            first_pack_event=s.first_pack, last_pack_event=s.last_pack, first_unpack_event=s.first_unpack))
     modules = tuple(
         ModuleCall(path=c.path, type_name=c.type_name, call_index=c.call_index, first_op=c.first_op,
                    end_op=c.end_op if c.end_op >= 0 else n_fwd, input_storages=c.input_storages,

@@ -100,7 +100,8 @@ def test_solve_writes_the_plan_and_prints_json(request, which):
     assert payload["model"] == "gpt2_tiny"
     plan = load_plan(path)  # the file holds the plan the JSON describes
     assert plan.predicted_peak_bytes == payload["predicted_peak_bytes"]
-    assert sorted(r.path for r in plan.regions) == sorted(payload["checkpointed_regions"])
+    assert sorted(r.path for r in plan.regions) == sorted(payload["checkpointed_regions"] + payload["rematerialized"])
+    assert all(not r.remat for r in plan.regions if r.path in payload["checkpointed_regions"])
 
 
 def test_solve_human_output_goes_to_stderr(plans_dir, minimum_bytes):
@@ -304,8 +305,9 @@ def test_diff_of_two_budgets(plan_min, plan_roomy):
     assert d["header"]["budget_bytes"] == [pa["budget_bytes"], pb["budget_bytes"]]
     assert d["header"]["predicted_peak_bytes"] == [pa["predicted_peak_bytes"], pb["predicted_peak_bytes"]]
     assert d["ops_changed"] or d["regions_added"] or d["regions_removed"]
-    assert set(d["regions_added"]) == set(pb["checkpointed_regions"]) - set(pa["checkpointed_regions"])
-    assert set(d["regions_removed"]) == set(pa["checkpointed_regions"]) - set(pb["checkpointed_regions"])
+    decided = {k: set(p["checkpointed_regions"] + p["rematerialized"]) for k, p in (("a", pa), ("b", pb))}
+    assert set(d["regions_added"]) == decided["b"] - decided["a"]
+    assert set(d["regions_removed"]) == decided["a"] - decided["b"]
 
     human = run("diff", str(a), str(b))
     assert human.exit_code == 0

@@ -58,7 +58,8 @@ def test_a_region_saving_nothing_pays_no_dispatch_modes():
 
 def test_the_solver_caches_nothing_when_dispatch_costs_more_than_it_saves(monkeypatch):
     """With dispatch modes far dearer than any rerun, every plan checkpoints plainly; with them free, the
-    same budget's plan caches ops (a tight budget, where recomputing everything is the alternative)."""
+    same budget's plan caches ops (a tight budget, where recomputing everything is the alternative).
+    Checkpoints only: a rematerialization would take the place of a cached op."""
     torch.manual_seed(0)
     x = torch.randn(4, 32, 16)
 
@@ -66,9 +67,9 @@ def test_the_solver_caches_nothing_when_dispatch_costs_more_than_it_saves(monkey
         monkeypatch.setattr(costmodel, "CPU", profile)
         graph = ckptplan.trace(_Chain(4, 16), x)
         with pytest.raises(ckptplan.InfeasibleBudget) as info:
-            ckptplan.solve(graph, 1)
+            ckptplan.solve(graph, 1, rematerialize=False)
         budget = (info.value.minimum_bytes + graph.baseline_peak_bytes) // 2
-        return ckptplan.solve(graph, budget, gap=0.0)
+        return ckptplan.solve(graph, budget, gap=0.0, rematerialize=False)
 
     def saved(plan: ckptplan.Plan) -> int:
         return sum(o.decision.value == "save" for r in plan.regions for o in r.ops)

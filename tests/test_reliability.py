@@ -131,18 +131,18 @@ class Routed(nn.Module):
         return torch.tanh(self.down(x)) + x
 
 
-def solve_at_minimum(graph) -> ckptplan.Plan:
+def solve_at_minimum(graph, *, rematerialize: bool = True) -> ckptplan.Plan:
     with pytest.raises(ckptplan.InfeasibleBudget) as info:
-        ckptplan.solve(graph, 1)
-    return ckptplan.solve(graph, info.value.minimum_bytes)
+        ckptplan.solve(graph, 1, rematerialize=rematerialize)
+    return ckptplan.solve(graph, info.value.minimum_bytes, rematerialize=rematerialize)
 
 
-def routed_at_minimum() -> tuple[nn.Module, torch.Tensor, ckptplan.Plan]:
+def routed_at_minimum(*, rematerialize: bool = True) -> tuple[nn.Module, torch.Tensor, ckptplan.Plan]:
     """Four routed blocks traced on a positive input, and their plan at the minimum budget."""
     torch.manual_seed(0)
     model = nn.Sequential(*[Routed() for _ in range(4)])
     pos = torch.rand(256, 16) + 0.5
-    return model, pos, solve_at_minimum(ckptplan.trace(model, pos))
+    return model, pos, solve_at_minimum(ckptplan.trace(model, pos), rematerialize=rematerialize)
 
 
 def test_other_path_raises_before_any_gradient():
@@ -160,8 +160,9 @@ def test_other_path_raises_before_any_gradient():
 def test_a_region_saving_nothing_is_checked_at_its_first_step_then_runs_plain():
     """A region that saves nothing runs as plain torch.utils.checkpoint once its first step has checked its
     ops: another path later cannot change its gradients (it recomputes everything), only its memory.
-    ``strict=True`` checks it at every step, before any gradient."""
-    model, pos, plan = routed_at_minimum()
+    ``strict=True`` checks it at every step, before any gradient. (Checkpoints only: a rematerialization
+    records its recipe, so it is checked at every step.)"""
+    model, pos, plan = routed_at_minimum(rematerialize=False)
     assert plan.regions and all(o.decision is Decision.RECOMPUTE for r in plan.regions for o in r.ops)
 
     def grads(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -237,10 +238,19 @@ def test_a_model_returning_a_kv_cache_is_refused_at_trace():
 
 @pytest.mark.parametrize("name", ["gpt2", "resnet"])
 def test_torch_compile_with_a_plan(name):
-    """Compiled with and without a plan: same gradients, same BatchNorm statistics."""
+    """Compiled with and without a plan of checkpoints: same gradients, same BatchNorm statistics. A plan
+    that rematerializes refuses to run compiled (the compiled graph's ops are not the traced step's),
+    before any gradient, and says how to solve for a compiled model."""
     model, args = MODELS[name]()
     graph = ckptplan.trace(model, *args)
-    plan = ckptplan.solve(graph, "70%")
+    remat = ckptplan.solve(graph, "70%")
+    assert any(r.remat for r in remat.regions)
+    torch._dynamo.reset()
+    with ckptplan.apply(model, remat), pytest.raises(ckptplan.PlanMismatch, match="--no-remat"):
+        model.zero_grad(set_to_none=True)
+        torch.compile(model, backend="aot_eager")(*args)
+    assert all(p.grad is None for p in model.parameters())
+    plan = ckptplan.solve(graph, "70%", rematerialize=False)
     state = copy.deepcopy(model.state_dict())
 
     def step():

@@ -10,28 +10,24 @@ from hypothesis import strategies as st
 
 import ckptplan
 from ckptplan.plan import Decision
-from ckptplan.planner import default_reserve
+from ckptplan.planner import candidates, default_reserve, plan_decisions
 from ckptplan.solver import cpsat
 from ckptplan.solver.regions import candidate_regions, nested_pairs, outermost
 from ckptplan.solver.simulate import simulate
 
 
-def minimum_of(graph) -> int:
+def minimum_of(graph, **options) -> int:
     with pytest.raises(ckptplan.InfeasibleBudget) as info:
-        ckptplan.solve(graph, 1)
+        ckptplan.solve(graph, 1, **options)
     return info.value.minimum_bytes
+
+
+GRAPH = None
 
 
 def saved_sets(plan) -> dict[str, frozenset[int]]:
     """A plan's decisions as the simulator takes them (op indices of the graph)."""
-    out = {}
-    for r in plan.regions:
-        first = next(m.first_op for m in GRAPH.modules if m.path == r.path)
-        out[r.path] = frozenset(first + i for i, o in enumerate(r.ops) if o.decision is Decision.SAVE)
-    return out
-
-
-GRAPH = None
+    return plan_decisions(GRAPH, plan)[1]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "resnet", "llama", "unet"])
@@ -48,7 +44,7 @@ def test_cost_never_rises_with_budget_and_plans_fit(traced, name):
     global GRAPH
     _, _, g = traced(name)
     GRAPH = g
-    regions = candidate_regions(g)
+    regions = candidates(g)
     low = minimum_of(g)
     previous = None
     for budget in sorted({low, (low + g.baseline_peak_bytes) // 2, int(0.9 * g.baseline_peak_bytes)}):
@@ -103,8 +99,8 @@ def test_forced_reasons_in_plans(traced):
     assert dropout and all(o.forced == "random" for o in dropout)
     assert all(o.forced == "view" for o in rows if o.op in ("aten.view.default", "aten.t.default"))
     _, _, r = traced("resnet")
-    rplan = ckptplan.solve(r, minimum_of(r))
-    relus = [o for reg in rplan.regions for o in reg.ops if o.op == "aten.relu_.default"]
+    rplan = ckptplan.solve(r, minimum_of(r, rematerialize=False), rematerialize=False)  # the ReLUs inside checkpointed blocks
+    relus = [o for reg in rplan.regions if not reg.remat for o in reg.ops if o.op == "aten.relu_.default"]
     assert relus and all(o.forced in ("inplace", "not-recomputed") for o in relus)
 
 

@@ -47,6 +47,7 @@ FINE_BUCKETS = 160_000  # the same, for a second look at the best row when the f
 FINE = 1 << 16  # resolution of one family's own range, for the knapsack over its saved ops
 MAX_MODES = 4_096  # a family with more checkpoint sets than this (deep nesting) gives no bound
 MAX_SELECTIVE = 4  # a mode with more regions whose dispatch modes cost time drops that cost (2^4 variants)
+MAX_GROUP = 6  # rematerializations linked by z terms solved together (every subset: 2^6 options) up to this
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +76,14 @@ class _Mode:
     cost: int
     items: tuple[tuple[int, int], ...]  # (row units > 0, cost < 0): save this op
     on: frozenset[int] = frozenset()  # the regions this mode checkpoints
-    ops: tuple[tuple[int, int], ...] = ()  # (region, op) of each item, in ``items`` order
+    ops: tuple[tuple[int, int], ...] = ()  # (region, op) of each item, in ``items`` order; (j, -1): remat j off
     free: tuple[tuple[int, int], ...] = ()  # (region, op) saved at no cost in row bytes
+    remats: tuple[int, ...] = ()  # rematerializations on with no item taken (each item (j, -1) turns j off)
+    # rematerializations whose z terms link them (one recipe holds what another drops): one group each,
+    # whose options replace the group's base set of rematerializations on; at most one option is taken
+    groups: tuple[tuple[tuple[int, int], ...], ...] = ()  # per group: (row units >= 0, cost) of each option
+    group_sets: tuple[tuple[frozenset[int], ...], ...] = ()  # per group: the set on with each option
+    own: int = 0  # items[:own] save ops; items[own:] turn rematerializations off (shared by many modes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +118,13 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
         z_of.setdefault(family_of[key[0]], []).append((key, a))
     tables: list[tuple[int, list[_Mode]]] = []
     for root, members in families:
-        sets = _modes(root, members, regions)
+        # rematerializations are knapsack items (or groups) of each mode around them, never a mode
+        leaves = [j for j in members if regions[j].remat]
+        sets = [frozenset()] if root in leaves else _modes(root, [j for j in members if j not in leaves], regions)
         if sets is None:
             return None
-        modes = [_mode(on, may, paid, regions, row, z_of.get(root, []), cost)
+        memo: dict = {}  # the rematerialization items of each checkpoint set, shared by its variants
+        modes = [_mode(on, may, paid, regions, row, z_of.get(root, []), cost, leaves, memo)
                  for on in sets for may, paid in _variants(on, regions, cost)]
         tables.append((min(m.weight for m in modes), modes))
     low = sum(w for w, _ in tables) + row.constant
@@ -130,10 +140,10 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
     keys = []
     work = 0
     for w_min, modes in tables:
-        key = (w_min, tuple((m.weight, m.cost, m.items) for m in modes))
+        key = (w_min, tuple((m.weight, m.cost, m.items, m.groups) for m in modes))
         if key not in seen:
             seen[key] = _family_table(w_min, modes, step, n)
-            work += _fine(w_min, modes)[1] * sum(len(m.items) + 1 for m in modes)
+            work += _fine(w_min, modes)[1] * sum(len(m.items) + sum(map(len, m.groups)) + 1 for m in modes)
         keys.append(key)
         run, steps = _combine(run, seen[key])
         work += steps * n
@@ -145,7 +155,7 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
     if plan:
         saved = {}
         b = n - 1
-        configs: dict[tuple, tuple[int, tuple[int, ...]]] = {}  # (family table, bucket) -> mode, items
+        configs: dict[tuple, tuple[int, tuple[int, ...], tuple[int, ...]]] = {}  # -> mode, items, options
         for f in range(len(tables) - 1, -1, -1):
             table, before = seen[keys[f]], runs[f]
             width = min(len(table), b + 1)
@@ -154,23 +164,27 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
             b -= beta
             if (keys[f], beta) not in configs:  # identical families: the same mode and items, by position
                 configs[(keys[f], beta)] = _family_config(*tables[f], step, beta)
-            index, taken = configs[(keys[f], beta)]
+            index, taken, options = configs[(keys[f], beta)]
             mode = tables[f][1][index]
             ops = [*mode.free, *(mode.ops[i] for i in taken)]
             saved.update({j: frozenset(p for r, p in ops if r == j) for j in mode.on})
+            off = {r for r, p in ops if p < 0}
+            saved.update({j: frozenset() for j in mode.remats if j not in off})
+            for sets, o in zip(mode.group_sets, options):
+                saved.update({j: frozenset() for j in sets[o]})
     return RowSolution(bound=int(np.floor(run[-1])), saved=saved, work=work)
 
 
 def _families(regions: tuple[Region, ...]) -> list[tuple[int, list[int]]]:
-    """(outermost region, every region nested in it), in forward order."""
-    out: list[tuple[int, list[int]]] = []
+    """(outermost region, every region nested in it), in forward order of the outermost. Nesting is by
+    path: a longer recipe (remat.py) nests under its shorter one though its ops may start before it."""
+    paths = {r.path: j for j, r in enumerate(regions)}
+    members: dict[int, list[int]] = {}
     for j, r in enumerate(regions):
-        root = next((i for i, _ in out if r.path.startswith(regions[i].path + ".")), None)
-        if root is None:
-            out.append((j, [j]))
-        else:
-            next(m for i, m in out if i == root).append(j)
-    return out
+        parts = r.path.split(".")
+        root = next((paths[p] for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in paths), j)
+        members.setdefault(root, []).append(j)
+    return sorted(members.items())
 
 
 def _modes(root: int, members: list[int], regions: tuple[Region, ...]) -> list[frozenset[int]] | None:
@@ -214,10 +228,16 @@ def _variants(on: frozenset[int], regions: tuple[Region, ...],
 
 
 def _mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], regions: tuple[Region, ...],
-          row: LinearForm, z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm) -> _Mode:
+          row: LinearForm, z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm,
+          remats: list[int] = (), memo: dict | None = None) -> _Mode:
     """The row weight and cost of checkpointing ``on`` with nothing saved, and the knapsack items: the ops
     of the regions in ``may``; ``paid``: the regions charged selective checkpointing's time.
-    ``z_terms``: the row's z terms whose recomputed op belongs to this family."""
+    ``z_terms``: the row's z terms whose recomputed op belongs to this family.
+
+    ``remats``: the family's rematerializations that are items. Each one no region of ``on`` contains and
+    that frees bytes in this row starts on (its bytes and time in the mode's), with an item that turns it
+    off (bytes back, time saved): the same form as an op saved. Its z terms are dropped: they only add
+    bytes, so the row stays a relaxation."""
     weight = sum(row.c.get(j, 0) for j in on)
     value = sum(cost.c.get(j, 0) for j in on) + sum(cost.s[j] for j in paid)
     item_weight = {(j, p): row.k.get((j, p), 0) for j in may for p in regions[j].choices}
@@ -238,8 +258,92 @@ def _mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], regions
         elif c < 0:
             items.append((w, c, key))
     items.sort()
-    return _Mode(weight=weight, cost=value, items=tuple((w, c) for w, c, _ in items), on=on,
-                 ops=tuple(key for _, _, key in items), free=tuple(free))
+    own = len(items)
+    if memo is None or on not in memo:
+        off: list = []
+        found = _remat_items(on, regions, row, z_terms, cost, remats, off)
+        if memo is not None:
+            memo[on] = (found, sorted(off))
+    else:
+        found, off = memo[on]
+    started, groups, group_sets = found
+    items += sorted(off)
+    return _Mode(weight=weight + sum(w for w, _ in started.values()), cost=value + sum(c for _, c in started.values()),
+                 items=tuple((w, c) for w, c, _ in items), on=on, ops=tuple(key for _, _, key in items),
+                 free=tuple(free), remats=tuple(sorted(j for j in started if j >= 0)),
+                 groups=groups, group_sets=group_sets, own=own)
+
+
+def _remat_items(on: frozenset[int], regions: tuple[Region, ...], row: LinearForm,
+                 z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm, remats: list[int],
+                 items: list) -> tuple[dict[int, tuple[int, int]], tuple, tuple]:
+    """The rematerializations of a mode: (base weight and cost of each one on at the start, keyed by
+    region; -1 - g for group g's base), appending an item that turns off each lone one, and the groups.
+
+    A rematerialization no region of ``on`` contains is eligible; its weight is its row coefficient plus
+    its z terms with a holder in ``on`` (exact). Eligible ones linked by z terms (one holds what the
+    other drops) or by nesting (a longer recipe and the shorter one: one at most) form groups of at most
+    ``MAX_GROUP``, every allowed subset an option with its exact weight; past that size their links are
+    dropped (a relaxation: they only add bytes) and their exclusions kept."""
+    eligible = [j for j in remats if not any(regions[j].path.startswith(regions[i].path + ".") for i in on)]
+    weight = {j: row.c.get(j, 0) for j in eligible}
+    links: dict[tuple[int, int], int] = {}
+    for (j, _p, holder, _forced), a in z_terms:
+        if j in weight and holder in on:
+            weight[j] += a
+        elif j in weight and holder in weight and a > 0:
+            links[(j, holder)] = links.get((j, holder), 0) + a
+    nested = {(a, b) for a in eligible for b in eligible if regions[b].path.startswith(regions[a].path + ".")}
+    started: dict[int, tuple[int, int]] = {}
+    groups: list[tuple[tuple[int, int], ...]] = []
+    group_sets: list[tuple[frozenset[int], ...]] = []
+
+    def add(group: list[int], linked: dict[tuple[int, int], int]) -> None:
+        if len(group) == 1:  # alone: on when it frees bytes, with an item that turns it off
+            j = group[0]
+            w, c = weight[j], cost.c.get(j, 0)
+            if w < 0:
+                started[j] = (w, c)
+                if c > 0:
+                    items.append((-w, -c, (j, -1)))
+            return
+        subsets = []
+        for mask in range(1 << len(group)):
+            chosen = frozenset(j for i, j in enumerate(group) if mask >> i & 1)
+            if any(x in chosen and y in chosen for x, y in nested):
+                continue  # a longer recipe and the shorter one it nests under: one at most
+            w = sum(weight[j] for j in chosen) + sum(a for (x, y), a in linked.items() if x in chosen and y in chosen)
+            subsets.append((w, sum(cost.c.get(j, 0) for j in chosen), sorted(chosen), chosen))
+        base = min(subsets)
+        started[-1 - len(groups)] = (base[0], base[1])
+        options = [(w - base[0], c - base[1], chosen) for w, c, _, chosen in subsets if chosen != base[3] and c < base[1]]
+        group_sets.append((base[3], *(chosen for _, _, chosen in options)))
+        groups.append(tuple((w, c) for w, c, _ in options))
+
+    for group in _components(eligible, [*links, *nested]):
+        if len(group) <= MAX_GROUP:
+            add(group, links)
+        else:  # too many to enumerate: their z links dropped (a relaxation), their exclusions kept
+            for part in _components(group, [p for p in nested if p[0] in group]):
+                add(part, {})
+    return started, tuple(groups), tuple(group_sets)
+
+
+def _components(nodes: list[int], edges: list[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of ``nodes`` under ``edges``, each sorted, in order of their first node."""
+    parent = {j: j for j in nodes}
+
+    def find(j: int) -> int:
+        while parent[j] != j:
+            j = parent[j]
+        return j
+
+    for a, b in edges:
+        parent[find(a)] = find(b)
+    out: dict[int, list[int]] = {}
+    for j in nodes:
+        out.setdefault(find(j), []).append(j)
+    return sorted(out.values())
 
 
 def _family_table(w_min: int, modes: list[_Mode], step: int, n: int) -> np.ndarray:
@@ -250,8 +354,9 @@ def _family_table(w_min: int, modes: list[_Mode], step: int, n: int) -> np.ndarr
     """
     fine, size, top = _fine(w_min, modes)
     best = np.full(size, np.inf)
+    shared: dict[tuple, np.ndarray] = {}
     for m in modes:
-        np.minimum(best, _knapsack(m, w_min, fine, size)[-1], out=best)
+        np.minimum(best, _knapsack_last(m, w_min, fine, size, shared), out=best)
     best = np.minimum.accumulate(best)
     return best[_row_ends(fine, size, step, min(n, top // step + 1))]
 
@@ -259,7 +364,8 @@ def _family_table(w_min: int, modes: list[_Mode], step: int, n: int) -> np.ndarr
 def _fine(w_min: int, modes: list[_Mode]) -> tuple[int, int, int]:
     """The family's own resolution: bytes per fine bucket, the number of fine buckets, and the family's
     range (its heaviest configuration above ``w_min``)."""
-    top = max(m.weight - w_min + sum(w for w, _ in m.items) for m in modes)
+    top = max(m.weight - w_min + sum(w for w, _ in m.items) + sum(max((w for w, _ in g), default=0) for g in m.groups)
+              for m in modes)
     fine = max(1, top // FINE)
     return fine, top // fine + 1, top
 
@@ -280,12 +386,36 @@ def _knapsack(m: _Mode, w_min: int, fine: int, size: int) -> list[np.ndarray]:
         b = w // fine
         table = table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[:size - b] + c)))
         out.append(table)
+    for options in m.groups:  # at most one option of each group
+        new = table.copy()
+        for w, c in options:
+            b = w // fine
+            np.minimum(new[b:], table[:size - b] + c, out=new[b:])
+        table = new
+        out.append(table)
     return out
 
 
-def _family_config(w_min: int, modes: list[_Mode], step: int, beta: int) -> tuple[int, tuple[int, ...]]:
-    """The mode (its index) and the items (their indices) of the cheapest configuration counted in row
-    bucket ``beta`` of ``_family_table``."""
+def _knapsack_last(m: _Mode, w_min: int, fine: int, size: int, shared: dict[tuple, np.ndarray]) -> np.ndarray:
+    """``_knapsack``'s last table. The rematerialization items and groups are the same in most of a
+    family's modes: their knapsack, from weight and cost 0, is computed once (``shared``), then shifted to
+    the mode's own weight and cost and given its op items (the knapsack does not depend on item order)."""
+    key = (m.items[m.own:], m.groups)
+    if key not in shared:
+        shared[key] = _knapsack(_Mode(weight=w_min, cost=0, items=key[0], groups=m.groups), w_min, fine, size)[-1]
+    start = (m.weight - w_min) // fine
+    table = np.full(size, np.inf)
+    table[start:] = shared[key][:size - start] + m.cost
+    for w, c in m.items[:m.own]:
+        b = w // fine
+        table = table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[:size - b] + c)))
+    return table
+
+
+def _family_config(w_min: int, modes: list[_Mode], step: int,
+                   beta: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """The mode (its index), the items (their indices) and each group's set (index into ``group_sets``,
+    0 for its base) of the cheapest configuration counted in row bucket ``beta`` of ``_family_table``."""
     fine, size, _ = _fine(w_min, modes)
     end = int(_row_ends(fine, size, step, beta + 1)[-1])
     best: tuple[float, int, int, list[np.ndarray]] | None = None
@@ -296,13 +426,23 @@ def _family_config(w_min: int, modes: list[_Mode], step: int, beta: int) -> tupl
             best = (float(tables[-1][f]), index, f, tables)
     assert best is not None
     _, index, f, tables = best
+    mode = modes[index]
+    chosen = []
+    for g in range(len(mode.groups), 0, -1):  # the groups were added last: walk them back first
+        after, before = tables[len(mode.items) + g], tables[len(mode.items) + g - 1]
+        pick = 0
+        if after[f] < before[f]:
+            pick = next(o + 1 for o, (w, c) in enumerate(mode.groups[g - 1])
+                        if f >= w // fine and before[f - w // fine] + c == after[f])
+            f -= mode.groups[g - 1][pick - 1][0] // fine
+        chosen.append(pick)
     taken = []
     for i in range(len(modes[index].items), 0, -1):  # walk the items back: taken where the table moved
         b = modes[index].items[i - 1][0] // fine
         if b == 0 or tables[i][f] < tables[i - 1][f]:
             taken.append(i - 1)
             f -= b
-    return index, tuple(sorted(taken))
+    return index, tuple(sorted(taken)), tuple(reversed(chosen))
 
 
 def _combine(run: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, int]:

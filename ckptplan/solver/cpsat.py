@@ -222,7 +222,9 @@ def _terms(graph: Graph, regions: tuple[Region, ...], tl: _Timeline) -> list[_Te
     for j, r in enumerate(regions):
         inside = set(r.ops)
         forced = dict(r.forced)
-        for p in r.ops:
+        if r.remat:
+            terms.extend(_remat_terms(graph, j, r, regions, tl, input_of))
+        for p in (() if r.remat else r.ops):
             op = graph.ops[p]
             rerun = p < r.recompute_end
             x = "c" if p in forced else "x"
@@ -254,6 +256,26 @@ def _terms(graph: Graph, regions: tuple[Region, ...], tl: _Timeline) -> list[_Te
             # the checkpoint holds its inputs until its last unpack
             terms.append(_Term(j, s.nbytes, "c", -1, -1, tl.first[s.free_event], release, True))
     return [t for t in terms if t.hi > t.lo]
+
+
+def _remat_terms(graph: Graph, j: int, r: Region, regions: tuple[Region, ...], tl: _Timeline,
+                 input_of: dict[int, list[int]]) -> list[_Term]:
+    """A rematerialization's memory effects (remat.py): its target dropped from Python's last use to the
+    rerun of its producer, unless another region holds it as an input; the rerun's other outputs alive
+    until the rerun ends."""
+    s = graph.storages[r.target]
+    py_end, again = tl.first[s.python_free_op], tl.rerun[(r.path, s.producer)]
+    terms = [_Term(j, -s.nbytes, "c", -1, -1, py_end, again, True)]
+    for k in input_of.get(s.id, ()):
+        if k != j:  # a checkpoint (or another recipe) that holds it as an input keeps it alive
+            release = tl.first[min(regions[k].release_event + 1, graph.num_events)]
+            terms.append(_Term(j, s.nbytes, "zc", s.producer, k, py_end, min(release, again), True))
+    for p in r.ops:
+        for sid in graph.ops[p].allocates:
+            if sid != s.id:  # the rerun's copies of the other outputs (BatchNorm's batch statistics)
+                terms.append(_Term(j, graph.storages[sid].nbytes, "c", -1, -1, tl.rerun[(r.path, p)],
+                                   tl.rerun_end[r.path], False))
+    return terms
 
 
 class _Model:

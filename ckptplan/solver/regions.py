@@ -34,6 +34,7 @@ class Forced(str, Enum):
     INPLACE = "inplace"  # writes or is later written in place: a cached tensor must never be mutated
     NO_OUTPUT = "no-output"  # allocates nothing worth keeping
     AFTER_LAST_SAVE = "not-recomputed"  # early stop ends the recomputation before this op
+    RECIPE = "recipe"  # an op of a rematerialization's recipe (remat.py): rerun to rebuild its target
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +55,13 @@ class Region:
     members: tuple[str, ...] = ()
     checkpoint_ns: int = 0  # estimated time of checkpointing it at all, beyond the ops it reruns
     selective_ns: int = 0  # estimated time selective checkpointing's dispatch modes add, when they run
+    # a rematerialization (``remat_candidates``): the storage it drops after forward and rebuilds at its
+    # first unpack by rerunning ops [first_op, end_op); -1 for a checkpointed module call
+    target: int = -1
+
+    @property
+    def remat(self) -> bool:
+        return self.target >= 0
 
     def __post_init__(self) -> None:
         if not self.first_op <= self.recompute_end <= self.end_op:
@@ -140,8 +148,8 @@ def segment(graph: Graph, parts: tuple[Region, ...]) -> Region | None:
 
 
 def outermost(regions: tuple[Region, ...]) -> tuple[Region, ...]:
-    """The candidates no other candidate contains: "full checkpointing" checkpoints these."""
-    return tuple(r for r in regions if not any(r.path.startswith(o.path + ".") for o in regions))
+    """The checkpoint candidates no other candidate contains: "full checkpointing" checkpoints these."""
+    return tuple(r for r in regions if not r.remat and not any(r.path.startswith(o.path + ".") for o in regions))
 
 
 def nested_pairs(regions: tuple[Region, ...]) -> list[tuple[int, int]]:

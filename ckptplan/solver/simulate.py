@@ -13,6 +13,10 @@ Lifetimes under a plan, for a storage allocated by op ``p`` of checkpointed regi
 * not saved for backward: its baseline lifetime, plus its Python lifetime inside the rerun;
 * the region's inputs: held by the checkpoint until the region's last unpack.
 
+A rematerialization (remat.py) drops its target from Python's last use in forward to the rerun of its
+recipe, just before the target's first unpack; the rerun's other outputs live until the rerun ends, and
+its inputs are held until the target's last unpack, like a checkpoint's.
+
 Everything else keeps the lifetime the trace observed.
 
 The cost is the estimated time of every op rerun, plus each checkpointed region's own overhead: the
@@ -76,7 +80,28 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
         s.id: [(start(s.alloc_event), first_pos[s.free_event])] for s in graph.storages}
 
     extra_flops = extra_cost = recomputed = 0
+    dropped: dict[int, str] = {}  # storage -> the region whose plan drops it (never two)
+
+    def drop(sid: int, path: str) -> None:
+        if sid in dropped:
+            raise ValueError(f"plan drops storage {sid} twice: with {dropped[sid]} and with {path}")
+        dropped[sid] = path
+
     for r in active:
+        if r.remat:  # a recipe rerun once before the first unpack of its target (remat.py)
+            s = graph.storages[r.target]
+            drop(s.id, r.path)
+            extra_cost += r.checkpoint_ns
+            for p in r.ops:
+                extra_flops += graph.ops[p].flops
+                extra_cost += graph.ops[p].cost_ns
+                recomputed += 1
+                for sid in graph.ops[p].allocates:
+                    if sid != s.id:  # the rerun's own copies, alive until it ends
+                        intervals[sid].append((rerun_pos[(r.path, p)], rerun_end[r.path]))
+            intervals[s.id] = [(start(s.alloc_event), first_pos[s.python_free_op]),
+                               (rerun_pos[(r.path, s.producer)], first_pos[s.free_event])]
+            continue
         keep = saved[r.path]
         extra_cost += r.checkpoint_ns + (r.selective_ns if keep else 0)
         inside = set(r.ops)
@@ -93,6 +118,8 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
                 alloc, free = start(s.alloc_event), first_pos[s.free_event]
                 py_end = first_pos[s.python_free_op]
                 if s.saved_by and all(r.contains(m) for m in s.saved_by):
+                    if p not in keep:
+                        drop(sid, r.path)
                     if p in keep:
                         intervals[sid] = [(alloc, max(free, rerun_pos[(r.path, p)] + 1))]
                     else:

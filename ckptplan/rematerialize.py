@@ -1,0 +1,312 @@
+"""A plan's rematerializations at run time (solver/remat.py): saved tensors packed as the ops that made them.
+
+For the length of the forward of each module call that runs a recipe, a dispatch mode counts the call's
+ops by position, as the trace did, and records each recipe op with its arguments: tensors the recipe
+made become references to its own outputs, the others (the recipe's inputs, which backward keeps
+anyway) are kept as detached aliases. After the recipe's last op the target's storage is registered.
+A saved-tensor hook, pushed for the model's forward, then packs every tensor of that storage as a
+handle to the recipe instead of the tensor, so the storage dies when Python drops it. The first unpack
+reruns the recipe (no grad, buffers it writes given as copies: BatchNorm statistics are updated once
+per step), counts its FLOPs, and keeps the rebuilt tensor until every handle has been unpacked or freed,
+as autograd's saved tensor would have been.
+
+Ops are compared with the plan at each recipe position (name, then identity); a difference raises
+``PlanMismatch`` in forward, before any gradient. While a checkpointed region starts or ends (torch's
+checkpoint runs ops of its own, and saves the region's inputs), nothing is counted or rematerialized:
+the checkpoint holds its inputs, as the plan predicts.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import SAC_IGNORED_OPS
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .errors import PlanMismatch
+from .flops import op_flops
+from .plan import RegionPlan
+from .solver.remat import parse_path
+from .trace import HIDDEN_WRITES
+
+
+_COMPILED = ("Under torch.compile a plan cannot rematerialize: the compiled graph runs other ops than the traced "
+             "step. For a compiled model solve with `ckptplan solve --no-remat` (solve(..., rematerialize=False)); "
+             "torch.compile's memory budget recomputes such tensors itself")
+
+
+class _Ref:
+    """An argument the recipe made itself: tensor output ``k`` of its op ``i``."""
+
+    __slots__ = ("i", "k")
+
+    def __init__(self, i: int, k: int) -> None:
+        self.i, self.k = i, k
+
+
+class _Copy:
+    """A buffer the op writes (BatchNorm's running statistics): the rerun writes a copy of it instead."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class _Recipe:
+    """One target tensor's recipe, shared by every handle that packs it."""
+
+    def __init__(self, plan: RegionPlan, ops: list[tuple[Any, list[Any], Any]], counter: Any) -> None:
+        self.plan, self.ops, self.counter = plan, ops, counter
+        self.value: torch.Tensor | None = None  # the rebuilt target, while some handle may still unpack it
+        self.pending = 0  # handles neither unpacked nor freed
+
+    def rebuild(self) -> torch.Tensor:
+        if self.value is None:
+            outs: list[list[torch.Tensor]] = []
+            with torch.no_grad():
+                for func, flat, spec in self.ops:
+                    leaves = [outs[a.i][a.k] if isinstance(a, _Ref) else a.t.clone() if isinstance(a, _Copy) else a
+                              for a in flat]
+                    args, kwargs = tree_unflatten(leaves, spec)
+                    out = func(*args, **kwargs)
+                    self.counter.flops += op_flops(func, args, kwargs, out)
+                    outs.append([t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+            i, k = self.plan.target
+            self.value = outs[i][k]
+            self.counter.regions += 1
+        return self.value
+
+    def done(self) -> None:
+        self.pending -= 1
+        if self.pending <= 0:
+            self.value = None
+
+
+class _Packed:
+    """What autograd saves instead of a rematerialized tensor: its recipe and its view of the storage."""
+
+    __slots__ = ("recipe", "geometry", "open", "__weakref__")
+
+    def __init__(self, recipe: _Recipe, t: torch.Tensor) -> None:
+        self.recipe, self.open = recipe, True
+        self.geometry = (tuple(t.shape), t.stride(), t.storage_offset())
+        recipe.pending += 1
+
+    def unpack(self) -> torch.Tensor:
+        value = self.recipe.rebuild()
+        if self.open:
+            self.open = False
+            self.recipe.done()  # the caller holds the value while backward's node uses it
+        shape, stride, offset = self.geometry
+        if (tuple(value.shape), value.stride(), value.storage_offset()) == self.geometry:
+            return value
+        return value.as_strided(shape, stride, offset)
+
+    def __del__(self) -> None:
+        if getattr(self, "open", False):  # freed without an unpack (a node backward never ran)
+            self.open = False
+            self.recipe.done()
+
+
+class _Recording:
+    """A recipe being recorded: its ops so far, and which tensors they made."""
+
+    def __init__(self, start: int, plan: RegionPlan) -> None:
+        self.start, self.plan = start, plan
+        self.ops: list[tuple[Any, list[Any], Any]] = []
+        self.made: dict[int, tuple[int, int]] = {}  # id of a tensor an op made -> (op, output)
+        self.outs: list[list[torch.Tensor]] = []  # keeps those ids valid while the recipe is recorded
+
+
+class _RecipeMode(TorchDispatchMode):
+    """One call of a module that runs recipes: counts its ops, records the recipes' ops, registers targets."""
+
+    def __init__(self, owner: "Rematerializer", plans: list[tuple[int, RegionPlan]]) -> None:
+        super().__init__()
+        self.owner = owner
+        self.starts: dict[int, list[RegionPlan]] = {}  # recipes by the position of their first op in the call
+        for offset, plan in plans:
+            self.starts.setdefault(offset, []).append(plan)
+        self.expected = len(plans)
+        self.position = 0
+        self.active: list[_Recording] = []
+        self.registered = 0
+        self.stack: list[str] = []  # the anchor's submodules now running (relative paths), for the op check
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        owner = self.owner
+        if func in SAC_IGNORED_OPS or owner.counter.suspended:
+            return func(*args, **kwargs)
+        pos = self.position
+        self.position += 1
+        for plan in self.starts.get(pos, ()):
+            self.active.append(_Recording(pos, plan))
+        if not self.active:
+            return func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        writes = _written(func, args, kwargs)
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        module = self.stack[-1] if self.stack else ""
+        for rec in list(self.active):
+            i = pos - rec.start
+            want = rec.plan.ops[i]
+            if str(func) != want.op or module != want.module or (
+                    owner.counter.check_shapes and not shapes_equal(out, want.shape)):
+                shapes = [list(t.shape) for t in outs]
+                raise PlanMismatch(
+                    f"{rec.plan.path}: op #{i} of the recipe is {func} in '{module}' with output shapes {shapes}, "
+                    f"but the plan expects {want.op} in '{want.module}' with {[list(x) for x in want.shape]}. "
+                    f"The model now takes another path than the traced step: trace and solve again for these inputs. "
+                    f"{_COMPILED}")
+            recorded: list[Any] = []
+            for a in flat:
+                if isinstance(a, torch.Tensor):
+                    a = (_Ref(*rec.made[id(a)]) if id(a) in rec.made
+                         else _Copy(a.detach()) if id(a) in writes else a.detach())
+                recorded.append(a)
+            rec.ops.append((func, recorded, spec))
+            for k, t in enumerate(outs):
+                rec.made.setdefault(id(t), (i, k))
+            rec.outs.append(outs)
+            if i + 1 == len(rec.plan.ops):
+                ti, tk = rec.plan.target
+                owner.register(rec.outs[ti][tk], _Recipe(rec.plan, rec.ops, owner.counter))
+                self.active.remove(rec)
+                self.registered += 1
+        return out
+
+
+def shapes_equal(out: Any, want: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether an op's tensor outputs have the plan's shapes (``((),)`` for an op that returns none)."""
+    if isinstance(out, torch.Tensor):  # most ops: no flattening
+        return len(want) == 1 and out.shape == want[0]
+    shapes = tuple(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    return (shapes or ((),)) == want
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> set[int]:
+    """Ids of the buffers ``func`` writes in place (its schema's writes, BatchNorm's hidden ones)."""
+    schema = func._schema.arguments
+    values = list(args) + [kwargs.get(a.name) for a in schema[len(args):]]
+    written = {n for n, a in enumerate(schema) if a.alias_info is not None and a.alias_info.is_write}
+    positions, training = HIDDEN_WRITES.get(func, ((), None))
+    if training is not None and len(args) > training and args[training]:
+        written.update(positions)
+    return {id(values[n]) for n in written if n < len(values) and isinstance(values[n], torch.Tensor)}
+
+
+class Rematerializer:
+    """Every rematerialization of a plan, on a live model."""
+
+    def __init__(self, model: nn.Module, plans: list[RegionPlan], counter: Any) -> None:
+        self.counter = counter
+        self.targets: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> its recipe
+        self.modes: list[_RecipeMode | None] = []
+        self.running: dict[str, _RecipeMode] = {}  # anchor module -> its mode, while its call runs
+        by_module: dict[str, list[tuple[int, RegionPlan]]] = {}
+        for p in plans:
+            module, offset = parse_path(p.path)
+            by_module.setdefault(module, []).append((offset, p))
+        # the saved-tensor hooks last the model's forward (whatever it raises); registered first, so they
+        # are in place when the root module's own recipe mode starts
+        self.hooks = [model.register_forward_pre_hook(self._begin)]
+        for path, own in sorted(by_module.items()):
+            module = model.get_submodule(path)
+            self.hooks.append(module.register_forward_pre_hook(self._enter(own)))
+            self.hooks.append(module.register_forward_hook(self._exit, always_call=True))
+            for name, sub in module.named_modules():
+                if name:  # the op check compares the submodule each recipe op runs in
+                    self.hooks.append(sub.register_forward_pre_hook(self._push(path, name)))
+                    self.hooks.append(sub.register_forward_hook(self._pop(path), always_call=True))
+        self.hooks.append(model.register_forward_hook(self._end, always_call=True))
+        self.saved_hooks: Any = None
+
+    # ---- the model's forward: the saved-tensor hooks ------------------------------------------------------
+    def _begin(self, _m: nn.Module, _a: Any) -> None:
+        if torch.compiler.is_compiling():  # fullgraph=True traces this hook; otherwise dynamo runs it eagerly
+            raise PlanMismatch(f"the plan rematerializes tensors. {_COMPILED}")
+        if torch.is_grad_enabled() and self.saved_hooks is None:
+            self.saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self.saved_hooks.__enter__()
+
+    def _end(self, _m: nn.Module, _a: Any, _o: Any) -> None:
+        self.end()
+
+    def end(self) -> None:
+        if self.saved_hooks is not None:
+            self.saved_hooks.__exit__(None, None, None)
+            self.saved_hooks = None
+
+    def register(self, target: torch.Tensor, recipe: _Recipe) -> None:
+        self.targets[target.untyped_storage()] = (recipe, target.dtype)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if self.counter.suspended:
+            return t
+        entry = self.targets.get(t.untyped_storage())
+        if entry is None or entry[1] != t.dtype:
+            return t
+        return _Packed(entry[0], t)
+
+    @staticmethod
+    def _unpack(packed: Any) -> torch.Tensor:
+        return packed.unpack() if isinstance(packed, _Packed) else packed
+
+    # ---- the module calls that run recipes -------------------------------------------------------------------
+    def _enter(self, plans: list[tuple[int, RegionPlan]]):  # noqa: ANN202
+        def hook(_m: nn.Module, _a: Any) -> None:
+            if self.saved_hooks is None or not torch.is_grad_enabled():
+                self.modes.append(None)  # evaluation, or a call outside the model's forward
+                return
+            mode = _RecipeMode(self, plans)
+            mode.__enter__()
+            self.modes.append(mode)
+            self.running[parse_path(plans[0][1].path)[0]] = mode
+        return hook
+
+    def _push(self, anchor: str, name: str):  # noqa: ANN202
+        def hook(_m: nn.Module, _a: Any) -> None:
+            mode = self.running.get(anchor)
+            if mode is not None:
+                mode.stack.append(name)
+        return hook
+
+    def _pop(self, anchor: str):  # noqa: ANN202
+        def hook(_m: nn.Module, _a: Any, _o: Any) -> None:
+            mode = self.running.get(anchor)
+            if mode is not None and mode.stack:
+                mode.stack.pop()
+        return hook
+
+    def _exit(self, _m: nn.Module, _a: Any, _o: Any) -> None:
+        if not self.modes:
+            return
+        mode = self.modes.pop()
+        if mode is None:
+            return
+        mode.__exit__(None, None, None)
+        self.running = {k: v for k, v in self.running.items() if v is not mode}
+        if mode.registered != mode.expected and sys.exc_info()[0] is None:  # not while forward raises already
+            first = next(iter(mode.active), None)
+            path = first.plan.path if first else mode.starts[max(mode.starts)][0].path
+            raise PlanMismatch(f"{path}: the module ran {mode.position} ops, fewer than the plan's recipe needs; the "
+                               "model takes another path than the traced step: trace and solve again for these "
+                               f"inputs. {_COMPILED}")
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        self.end()

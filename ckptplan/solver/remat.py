@@ -1,0 +1,203 @@
+"""Rematerialization candidates: tensors dropped after forward and rebuilt from what backward keeps anyway.
+
+Checkpointing drops what a module saves inside itself. Eager autograd still keeps every tensor that an
+op outside saves: the BatchNorm + ReLU output that the next convolution saves for its weight gradient
+is held from forward to backward, whatever the plan checkpoints, unless one checkpoint spans both
+modules (and that checkpoint then keeps its own input). torch.compile's partitioner instead recomputes
+such cheap tensors just before backward uses them. A rematerialization does the same in eager mode: a
+saved-tensor hook packs the tensor as the few ops that made it (its recipe) over inputs that backward
+keeps anyway (the convolution output BatchNorm saves, the parameters), and its first unpack reruns them.
+
+A candidate is one storage S such that:
+
+* its producer and every op writing S in place lie within ``MAX_OPS`` consecutive ops
+  ``[first_op, end_op)`` ending at the last write; the range grows backwards over the producers of
+  inputs nobody saves (the BatchNorm output that a ReLU reads out of place), never over a random op;
+* autograd saved S only after its last write (its final value is what backward reads), and only
+  inside the model's forward (a loss computed outside it would keep its own reference);
+* no op of the range writes a storage from outside it, except buffers (BatchNorm statistics: the rerun
+  writes copies), and no input from outside is written later in the step (the rerun would read
+  another value);
+* one call of the innermost module that runs the range. The candidate's path nests under that module
+  (``<module>.@<offset of its first op in the call>``, ``:<k>`` for the k-th output of an op that makes
+  several), so a plan never checkpoints the module, or any around it, and rematerializes inside it
+  at once. A longer recipe that also rebuilds an input another candidate rematerializes (``_chained``)
+  nests under the shorter recipe of the same tensor instead (``<its path>.~<levels up>@<offset>``): a
+  plan takes one of them at most.
+
+In the solver it is a region whose decision drops S from Python's last use in forward to its first
+unpack, reruns the recipe once just before that unpack (the rebuilt value is then held until the last
+unpack, as the saved tensor was), holds the recipe's inputs until then, and costs the recipe's ops.
+"""
+
+from __future__ import annotations
+
+from ..costmodel import profile_for
+from ..graph import Graph, StorageKind
+from .regions import Forced, Region, _overheads
+
+MAX_OPS = 6  # longest recipe: a convolution, BatchNorm (with its counter and buffer ops) and a ReLU fit
+MIN_FRACTION = 0.001  # storages below this fraction of the no-checkpointing peak are not worth a variable
+TYPE_NAME = "rematerialize"  # Region.type_name (and the plan file's block type) of a rematerialization
+
+
+def remat_candidates(graph: Graph, regions: tuple[Region, ...] = ()) -> tuple[Region, ...]:
+    """The storages of ``graph`` that a rematerialization may drop, as regions (``Region.target``).
+
+    ``regions``: the checkpoint candidates; a storage that one of them inside the module drops by itself
+    (made and saved only inside it) is left to it."""
+    storages = graph.storages
+    writers: dict[int, list[int]] = {}
+    for op in graph.ops:
+        for s in op.mutates:
+            writers.setdefault(s, []).append(op.index)
+    smallest = MIN_FRACTION * graph.baseline_peak_bytes
+    root = [m for m in graph.modules if m.path == ""]
+    forward_end = root[0].end_op if len(root) == 1 else -1  # the run hooks the model's forward only
+    out: list[Region] = []
+    for s in storages:
+        if (s.kind is not StorageKind.ACTIVATION or s.producer is None or not s.saved_by or s.nbytes < smallest
+                or s.first_unpack_event is None or s.first_pack_event is None
+                or s.last_pack_event is None or s.last_pack_event > forward_end
+                or s.python_free_op >= s.first_unpack_event):
+            continue
+        producer = graph.ops[s.producer]
+        if producer.random or producer.view:
+            continue
+        end = max([s.producer] + writers.get(s.id, [])) + 1
+        if end - s.producer > MAX_OPS or s.first_pack_event < end:
+            continue
+        first = _extend(graph, s.producer, end)
+        if first is None:
+            continue
+        region = _candidate(graph, s.id, first, end, writers, None)
+        # a checkpoint around the module is excluded by nesting; any other that drops it by itself wins
+        if region is not None and not any(_drops(graph, r, s.id) for r in regions
+                                          if not region.path.startswith(r.path + ".")):
+            out.append(region)
+    return tuple(sorted(out + list(_chained(graph, out, writers)), key=lambda r: (r.first_op, -r.end_op, r.path)))
+
+
+def _chained(graph: Graph, short: list[Region], writers: dict[int, list[int]]) -> tuple[Region, ...]:
+    """Longer recipes that also rebuild an input another candidate rematerializes, right before them.
+
+    A max-pool's recipe reads the ReLU output it pools; when that output is rematerialized too, holding it
+    for the max-pool would undo its own drop. The longer recipe reruns BatchNorm, ReLU and max-pool from
+    the convolution output instead. It nests under the short one: a plan takes one of them at most."""
+    by_target = {r.target: r for r in short}
+    out = []
+    for r in short:
+        # one longer recipe per tensor (two would both nest under it, and could both drop it): from the
+        # earliest such input's recipe, which the range then covers with every one after it
+        starts = [by_target[x].first_op for x in r.input_storages if x in by_target
+                  and by_target[x].end_op <= r.first_op and r.end_op - by_target[x].first_op <= MAX_OPS]
+        if starts:
+            ext = _candidate(graph, r.target, min(starts), r.end_op, writers, r.path)
+            if ext is not None:
+                out.append(ext)
+    return tuple(out)
+
+
+def _extend(graph: Graph, first: int, end: int) -> int | None:
+    """The range's first op once it covers the producers of inputs nobody saves; None past MAX_OPS."""
+    storages = graph.storages
+    changed = True
+    while changed:
+        changed = False
+        made = {s for i in range(first, end) for s in graph.ops[i].allocates}
+        for i in range(first, end):
+            for x in graph.ops[i].inputs:
+                st = storages[x]
+                if x in made or st.kind is not StorageKind.ACTIVATION or st.saved_by or st.producer is None:
+                    continue
+                if end - st.producer > MAX_OPS:
+                    return None
+                first, changed = min(first, st.producer), True
+    if any(graph.ops[i].random for i in range(first, end)):
+        return None
+    return first
+
+
+def _candidate(graph: Graph, target: int, first: int, end: int, writers: dict[int, list[int]],
+               under: str | None) -> Region | None:
+    """The rematerialization of ``target`` by ops [first, end); ``under``: the path of the shorter
+    recipe this one extends (its path nests under it)."""
+    storages = graph.storages
+    made = {s for i in range(first, end) for s in graph.ops[i].allocates}
+    inputs: dict[int, None] = {}
+    for i in range(first, end):
+        op = graph.ops[i]
+        for w in op.mutates:
+            if w not in made and storages[w].kind is not StorageKind.BUFFER:
+                return None  # writes a tensor from outside: the rerun would write it again
+        for x in op.inputs:
+            if x in made:
+                continue
+            later = [w for w in writers.get(x, []) if w >= first]
+            if later and (storages[x].kind is not StorageKind.BUFFER or any(w != i for w in later)):
+                return None  # read from outside, written later: the rerun would read another value
+            inputs[x] = None
+    where = anchor(graph, first, end)
+    if where is None:
+        return None  # a module called more than once, or ops outside every module call (the loss)
+    module, offset = where
+    call = next(m for m in graph.modules if m.path == module)
+    visits = profile_for(graph.device).remat_visit_ns * (call.end_op - call.first_op)  # its recipe mode
+    s = storages[target]
+    # the op's offset in the module call, and which of its outputs when it makes several (max-pool's indices)
+    at = f"@{offset}" + (f":{k}" if (k := graph.ops[s.producer].allocates.index(target)) else "")
+    if under:  # the module as levels above the shorter recipe's: identical layers fold in the plan file
+        levels = len(_parts(parse_path(under)[0])) - len(_parts(module))
+        path = f"{under}.~{levels}{at}"
+    else:
+        path = f"{module}.{at}" if module else at
+    return Region(
+        path=path, type_name=TYPE_NAME,
+        first_op=first, end_op=end, recompute_end=end, recompute_event=s.first_unpack_event,
+        release_event=s.free_event - 1, input_storages=tuple(inputs), choices=(),
+        forced=tuple((i, Forced.RECIPE) for i in range(first, end)),
+        mutated_buffers=(), checkpoint_ns=_overheads(graph, first, end, end)[0] + visits, target=target)
+
+
+def parse_path(path: str) -> tuple[str, int]:
+    """(module, offset) of a rematerialization's path: ``<module>.@<offset>[:k]``, or for a longer recipe
+    ``<shorter recipe's path>.~<n>@<offset>[:k]``, its module ``n`` levels above the shorter one's (the
+    module the run counts its ops in)."""
+    head, _, tail = path.rpartition("@")
+    offset = int(tail.split(":")[0])
+    if ".~" in head:
+        under, levels = head.rsplit(".~", 1)
+        parts = _parts(parse_path(under)[0])
+        return ".".join(parts[:len(parts) - int(levels)]), offset
+    return (head[:-1] if head.endswith(".") else head), offset
+
+
+def _parts(module: str) -> list[str]:
+    return module.split(".") if module else []
+
+
+def anchor(graph: Graph, first: int, end: int) -> tuple[str, int] | None:
+    """(module, offset): the one call of the innermost module that runs ops [first, end), and the first
+    op's position in it; what the run counts a recipe's ops by. None when there is no such single call."""
+    module = _common_module([graph.ops[i].module for i in range(first, end)])
+    own = [m for m in graph.modules if m.path == module]
+    if len(own) != 1 or not own[0].first_op <= first < end <= own[0].end_op:
+        return None
+    return module, first - own[0].first_op
+
+
+def _drops(graph: Graph, region: Region, storage: int) -> bool:
+    """Whether checkpointing ``region`` drops ``storage`` by itself (made and saved only inside it)."""
+    s = graph.storages[storage]
+    return (s.producer is not None and region.first_op <= s.producer < region.end_op
+            and all(region.contains(m) for m in s.saved_by))
+
+
+def _common_module(paths: list[str]) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    common: list[str] = []
+    for names in zip(*parts):
+        if any(n != names[0] for n in names):
+            break
+        common.append(names[0])
+    return ".".join(common)

@@ -1,0 +1,140 @@
+"""Rematerialization: tensors dropped after forward and rebuilt at their first unpack (solver/remat.py,
+rematerialize.py), checked against real steps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ckptplan
+from ckptplan.measure import measure_peak
+from ckptplan.planner import candidates, plan_decisions
+from ckptplan.plan import load_plan
+from ckptplan.solver.remat import parse_path, remat_candidates
+from ckptplan.solver.regions import candidate_regions
+from ckptplan.solver.simulate import simulate
+
+from .conftest import MODELS
+
+
+def grads_and_buffers(model: nn.Module, args: tuple) -> tuple[dict, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(*args)
+    (out if out.dim() == 0 else out.sum()).backward()
+    return ({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+class ConvBlock(nn.Module):
+    """conv -> BatchNorm -> in-place ReLU, then a conv on a transposed view of that output, BatchNorm and an
+    out-of-place ReLU: the tensors eager autograd keeps between modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.b(self.a(x).transpose(2, 3))  # the conv saves a view of the ReLU's output
+        return torch.relu(self.bn(z)).pow(2).mean()
+
+
+@pytest.fixture()
+def conv_block():
+    torch.manual_seed(0)
+    return ConvBlock(), (torch.randn(4, 3, 16, 16),)
+
+
+def test_candidates_are_batchnorm_relu_outputs_rebuilt_from_the_convolution(conv_block):
+    model, args = conv_block
+    graph = ckptplan.trace(model, *args)
+    found = {r.path: r for r in remat_candidates(graph, candidate_regions(graph))}
+    ops = {p: [graph.ops[i].name for i in r.ops] for p, r in found.items()}
+    # in place: BatchNorm's output is the ReLU's, one storage; the recipe reads the conv output BatchNorm saves
+    assert ops["a.@3"] == ["aten.native_batch_norm.default", "aten.relu_.default"]
+    conv_out = graph.ops[found["a.@3"].first_op].inputs[0]
+    assert graph.ops[graph.storages[conv_out].producer].name == "aten.convolution.default"
+    assert conv_out in found["a.@3"].input_storages
+    # out of place: the ReLU's recipe grows back over BatchNorm, whose output nobody saves
+    assert any(o[-2:] == ["aten.native_batch_norm.default", "aten.relu.default"] for o in ops.values())
+    assert parse_path("a.@3") == ("a", 3) and parse_path("a.@0.~1@4:1") == ("", 4)
+    assert parse_path("a.1.@0.~1@3") == ("a", 3) and parse_path("a.1.@0.~0@3") == ("a.1", 3)
+    assert parse_path("@7") == ("", 7) and parse_path("@7:1") == ("", 7)
+
+
+def test_plan_with_remats_gives_bitwise_gradients_and_fits_measured(conv_block):
+    model, args = conv_block
+    state = copy.deepcopy(model.state_dict())
+    graph = ckptplan.trace(model, *args)
+    plan = ckptplan.solve(graph, "90%", objective="flops")
+    assert "a.@3" in {r.path for r in plan.regions} and plan.extra_forward_flops == 0
+    reference = grads_and_buffers(model, args)
+    model.load_state_dict(state)
+    with ckptplan.apply(model, plan) as handle:
+        got = grads_and_buffers(model, args)
+        assert handle.stats.recomputed_regions >= sum(r.remat for r in plan.regions)
+        model.load_state_dict(state)
+        peak = measure_peak(model, *args)
+    for a, b in zip(reference, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # grads, BatchNorm statistics
+    assert peak <= plan.budget_bytes
+    without = measure_peak(model, *args)
+    assert peak < without
+
+
+@pytest.mark.parametrize("name", ["resnet", "unet"])
+def test_zoo_remat_plans_fit_and_match(name):
+    model, args = MODELS[name]()
+    state = copy.deepcopy(model.state_dict())
+    graph = ckptplan.trace(model, *args)
+    plan = ckptplan.solve(graph, "70%", objective="flops")
+    checkpoints_only = ckptplan.solve(graph, "70%", objective="flops", rematerialize=False)
+    assert any(r.remat for r in plan.regions)
+    assert plan.extra_forward_flops < checkpoints_only.extra_forward_flops  # what rematerializing buys
+    reference = grads_and_buffers(model, args)
+    model.load_state_dict(state)
+    with ckptplan.apply(model, plan) as handle:
+        got = grads_and_buffers(model, args)
+        assert handle.stats.extra_forward_flops == plan.extra_forward_flops
+        model.load_state_dict(state)
+        peak = measure_peak(model, *args)
+    model.load_state_dict(state)
+    for a, b in zip(reference, got):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert peak <= plan.predicted_peak_bytes <= plan.budget_bytes
+
+
+def test_no_recipe_draws_random_numbers(traced):
+    _, _, graph = traced("gpt2")  # dropout everywhere
+    remats = [r for r in candidates(graph) if r.remat]
+    assert remats and not any(graph.ops[i].random for r in remats for i in r.ops)
+
+
+def test_a_longer_recipe_and_the_shorter_one_never_both(traced):
+    _, _, graph = traced("unet")
+    regions = candidates(graph)
+    chained = [r for r in regions if r.remat and ".~" in r.path]
+    assert chained
+    short = max((r for r in regions if chained[0].path.startswith(r.path + ".")), key=lambda r: len(r.path))
+    assert short.remat and short.target == chained[0].target
+    with pytest.raises(ValueError, match="nest"):
+        simulate(graph, regions, {short.path: frozenset(), chained[0].path: frozenset()})
+
+
+def test_plan_file_round_trip_and_a_wrong_target_is_refused(conv_block, tmp_path):
+    model, args = conv_block
+    graph = ckptplan.trace(model, *args)
+    plan = ckptplan.solve(graph, "90%", objective="flops")
+    path = plan.save(tmp_path / "p.yaml")
+    again = load_plan(path)
+    assert again == plan and "type: \"rematerialize\"" in path.read_text()
+    assert plan_decisions(graph, again)[1] == plan_decisions(graph, plan)[1]
+    text = path.read_text().replace("target: [0, 0]", "target: [0, 1]", 1)
+    assert text != path.read_text()
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ckptplan.InputError, match="rebuilds output"):
+        ckptplan.check_plan(graph, load_plan(tmp_path / "bad.yaml"))
