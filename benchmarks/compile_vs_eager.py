@@ -11,7 +11,8 @@ ckptplan on FLOPs there:
    tensor saved for backward) under ``torch.compile(backend="aot_eager")`` with
    ``torch._functorch.config.activation_memory_budget``, in bytes per op that made them;
 2. the eager floor: the lowest budget at which ckptplan (``objective="flops"``, no reserve) still
-   recomputes 0 FLOPs, by bisection, and the simulated peak of its plan there;
+   recomputes 0 FLOPs, by bisection, and the simulated peak of its plan there: with checkpoints only
+   (``rematerialize=False``) and with rematerializations (the default);
 3. an experiment outside the product: checkpointing runs of consecutive ``Sequential`` elements, from
    each BatchNorm through the next convolution (or the end), nothing saved inside, each run one
    checkpoint, simulated with ckptplan's simulator. Such runs are not candidate regions of ckptplan
@@ -75,11 +76,12 @@ def compiled_saves(name: str, knob: float) -> dict[str, int]:
     return dict(kept.most_common())
 
 
-def zero_flop_floor(graph) -> dict:
+def zero_flop_floor(graph, *, rematerialize: bool) -> dict:
     """The lowest budget (to 16 KiB) at which ckptplan's FLOPs-optimal plan recomputes nothing."""
     def zero_at(budget: int):
         try:
-            plan = ckptplan.solve(graph, budget, reserve=0.0, objective="flops", gap=0.0)
+            plan = ckptplan.solve(graph, budget, reserve=0.0, objective="flops", gap=0.0,
+                                  rematerialize=rematerialize)
         except ckptplan.InfeasibleBudget:
             return None
         return plan if plan.extra_forward_flops == 0 else None
@@ -90,7 +92,8 @@ def zero_flop_floor(graph) -> dict:
         lo, hi = (lo, mid) if zero_at(mid) is not None else (mid, hi)
     plan = zero_at(hi)
     return {"budget_bytes": hi, "predicted_peak_bytes": plan.predicted_peak_bytes,
-            "regions": [r.path for r in plan.regions]}
+            "regions": [r.path for r in plan.regions if not r.remat],
+            "rematerialized": [r.path for r in plan.regions if r.remat]}
 
 
 def sequential_runs(graph) -> dict:
@@ -142,7 +145,9 @@ def main() -> None:
         graph = ckptplan.trace(model, *args, **kwargs)
         rows.append({"model": name, "compile_knob": knob, "compiled_forward_keeps": compiled_saves(name, knob),
                      "eager_no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
-                     "eager_zero_flop_floor": zero_flop_floor(graph), "sequential_runs": sequential_runs(graph)})
+                     "eager_zero_flop_floor": zero_flop_floor(graph, rematerialize=False),
+                     "eager_zero_flop_floor_rematerializing": zero_flop_floor(graph, rematerialize=True),
+                     "sequential_runs": sequential_runs(graph)})
         print(rows[-1], flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,18 +159,23 @@ def main() -> None:
              f"`{command}` on {machine}. Predicted peaks are ckptplan's simulator's (MiB); the compiled "
              "forward's outputs are the loss and every tensor it saves for backward.\n",
              "| model | compile knob | compiled forward keeps (MiB, by op) | eager, no checkpointing | "
-             "eager 0-FLOP floor: budget / predicted peak | its regions | Sequential runs (experiment): peak, extra FLOPs |",
-             "|---|---|---|---|---|---|---|"]
+             "eager 0-FLOP floor, checkpoints only (`--no-remat`): budget / predicted peak | its regions | "
+             "eager 0-FLOP floor, rematerializing (the default): budget / predicted peak | its regions, "
+             "rematerializations | Sequential runs (experiment): peak, extra FLOPs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         keeps = ", ".join(f"{op.removeprefix('aten.').removesuffix('.default')} {b / MiB:.2f}"
                           for op, b in r["compiled_forward_keeps"].items() if b >= MiB // 100)
         total = sum(r["compiled_forward_keeps"].values()) / MiB
         floor, runs = r["eager_zero_flop_floor"], r["sequential_runs"]
+        remat = r["eager_zero_flop_floor_rematerializing"]
         seq = (f"{runs['runs']} runs: {runs['peak_bytes'] / MiB:.2f}, {runs['extra_forward_flops']}"
                if runs.get("runs") else "none")
         lines.append(f"| {r['model']} | {r['compile_knob']} | {total:.2f}: {keeps} | "
                      f"{r['eager_no_checkpointing_peak_bytes'] / MiB:.2f} | {floor['budget_bytes'] / MiB:.2f} / "
-                     f"{floor['predicted_peak_bytes'] / MiB:.2f} | {', '.join(floor['regions'])} | {seq} |")
+                     f"{floor['predicted_peak_bytes'] / MiB:.2f} | {', '.join(floor['regions'])} | "
+                     f"{remat['budget_bytes'] / MiB:.2f} / {remat['predicted_peak_bytes'] / MiB:.2f} | "
+                     f"{', '.join(remat['regions']) or 'none'}; {len(remat['rematerialized'])} | {seq} |")
     (out / "compile_vs_eager.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

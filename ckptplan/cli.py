@@ -245,8 +245,10 @@ def sweep(
 def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOpt = None,
               parallel: ParallelOpt = None, world_size: WorldOpt = 1,
               as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    """Trace one training step and print its memory facts: peaks, FLOPs, candidate regions."""
+    """Trace one training step and print its memory facts: peaks, FLOPs, candidate regions and
+    rematerializations."""
     from .solver.regions import candidate_regions, outermost
+    from .solver.remat import remat_candidates
     from .solver.simulate import simulate
 
     try:
@@ -256,7 +258,8 @@ def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOp
         return
     regions = candidate_regions(graph)
     full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)})
-    info = report.graph_summary(graph, regions=len(regions), full_peak=full.peak_bytes)
+    info = report.graph_summary(graph, regions=len(regions), full_peak=full.peak_bytes,
+                                remats=len(remat_candidates(graph, regions)))
     if as_json:
         print(json.dumps(info, indent=2))
     elif not quiet:

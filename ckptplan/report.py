@@ -120,7 +120,7 @@ def diff_table(d: dict[str, Any]) -> Table:
     return t
 
 
-def graph_summary(graph: Graph, *, regions: int, full_peak: int) -> dict[str, Any]:
+def graph_summary(graph: Graph, *, regions: int, full_peak: int, remats: int = 0) -> dict[str, Any]:
     return {
         "model": graph.model_name,
         "fingerprint": graph.fingerprint,
@@ -137,6 +137,7 @@ def graph_summary(graph: Graph, *, regions: int, full_peak: int) -> dict[str, An
         "no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
         "full_checkpointing_peak_bytes": full_peak,
         "candidate_regions": regions,
+        "rematerialization_candidates": remats,
     }
 
 

@@ -284,8 +284,12 @@ def _run_pass(model, args, kwargs, loss_fn, names, profile, *, keep_saved: bool)
     for t in tree_flatten((args, kwargs))[0]:
         if isinstance(t, torch.Tensor):
             rec.storage_id(t, StorageKind.INPUT, None)
-    pre = nn.modules.module.register_module_forward_pre_hook(rec.pre_hook)
-    post = nn.modules.module.register_module_forward_hook(rec.post_hook, always_call=True)
+    # per-module hooks, with keyword arguments: a checkpoint holds those inputs too (a Hugging Face layer
+    # takes hidden_states=...), which a global pre-hook would not see
+    hooks_on = []
+    for m in model.modules():
+        hooks_on.append(m.register_forward_pre_hook(rec.pre_hook, with_kwargs=True))
+        hooks_on.append(m.register_forward_hook(rec.post_hook, always_call=True))
     try:
         if keep_saved:
             hooks = torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack)
@@ -311,8 +315,8 @@ def _run_pass(model, args, kwargs, loss_fn, names, profile, *, keep_saved: bool)
                              if p.grad is not None and p.grad.untyped_storage() in rec.ids}
             del loss
     finally:
-        pre.remove()
-        post.remove()
+        for h in hooks_on:
+            h.remove()
     return rec, forward_events
 
 
