@@ -24,7 +24,7 @@ from .graph import Graph
 from .plan import Decision, OpDecision, Plan, RegionPlan
 from .solver import cpsat
 from .solver.regions import Forced, Region, candidate_regions, outermost
-from .solver.remat import TYPE_NAME as REMAT_TYPE, parse_path, remat_candidates
+from .solver.remat import parse_path, remat_candidates
 from .solver.simulate import SimResult, simulate
 from .units import format_bytes, parse_budget, suggest_budget
 

@@ -10,7 +10,7 @@ reruns the recipe (no grad, buffers it writes given as copies: BatchNorm statist
 per step), counts its FLOPs, and keeps the rebuilt tensor until every handle has been unpacked or freed,
 as autograd's saved tensor would have been.
 
-Ops are compared with the plan at each recipe position (name, then identity); a difference raises
+Each recipe op is compared with the plan (op, submodule, output shapes); a difference raises
 ``PlanMismatch`` in forward, before any gradient. While a checkpointed region starts or ends (torch's
 checkpoint runs ops of its own, and saves the region's inputs), nothing is counted or rematerialized:
 the checkpoint holds its inputs, as the plan predicts.
@@ -95,18 +95,25 @@ class _Packed:
 
     def __init__(self, recipe: _Recipe, t: torch.Tensor) -> None:
         self.recipe, self.open = recipe, True
-        self.geometry = (tuple(t.shape), t.stride(), t.storage_offset())
+        self.geometry = (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype)
         recipe.pending += 1
 
     def unpack(self) -> torch.Tensor:
+        if torch.is_grad_enabled():  # backward(create_graph=True): the rebuilt tensor would have no history
+            raise PlanMismatch(f"{self.recipe.plan.path}: a rematerialized tensor cannot take part in a "
+                               "higher-order gradient (backward with create_graph=True, torch.autograd.grad of "
+                               "a gradient); solve the plan with `ckptplan solve --no-remat` for that training")
         value = self.recipe.rebuild()
         if self.open:
             self.open = False
             self.recipe.done()  # the caller holds the value while backward's node uses it
-        shape, stride, offset = self.geometry
-        if (tuple(value.shape), value.stride(), value.storage_offset()) == self.geometry:
+        shape, stride, offset, dtype = self.geometry
+        if (tuple(value.shape), value.stride(), value.storage_offset(), value.dtype) == self.geometry:
             return value
-        return value.as_strided(shape, stride, offset)
+        if dtype == value.dtype:
+            return value.as_strided(shape, stride, offset)  # a view of the target: the same view of the rebuilt one
+        with torch.no_grad():  # a view as another dtype: the same bytes, read as that dtype
+            return torch.empty(0, dtype=dtype, device=value.device).set_(value.untyped_storage(), offset, shape, stride)
 
     def __del__(self) -> None:
         if getattr(self, "open", False):  # freed without an unpack (a node backward never ran)
@@ -250,15 +257,13 @@ class Rematerializer:
             self.saved_hooks = None
 
     def register(self, target: torch.Tensor, recipe: _Recipe) -> None:
-        self.targets[target.untyped_storage()] = (recipe, target.dtype)
+        self.targets[target.untyped_storage()] = recipe
 
     def _pack(self, t: torch.Tensor) -> Any:
         if self.counter.suspended:
             return t
-        entry = self.targets.get(t.untyped_storage())
-        if entry is None or entry[1] != t.dtype:
-            return t
-        return _Packed(entry[0], t)
+        recipe = self.targets.get(t.untyped_storage())
+        return t if recipe is None else _Packed(recipe, t)
 
     @staticmethod
     def _unpack(packed: Any) -> torch.Tensor:

@@ -25,8 +25,12 @@ Accounting: in a selective region, the recomputation's dispatch mode (which only
 up the FLOPs of the ops it actually reruns, with ``torch.utils.flop_counter``'s
 formulas. A plain region's recomputation adds the plan's FLOPs for it (the ops up to the early stop),
 counted when the recomputation runs; at another of a multi-shape plan's input shapes (its op rows are the
-largest shape's) such a region keeps the dispatch modes, which count them. ``handle.stats`` is updated
-at the end of every backward, and one INFO line is logged per step.
+largest shape's) such a region keeps the dispatch modes, which count them. A rematerialization's rerun
+counts its recipe's FLOPs (rematerialize.py). ``handle.stats`` is updated at the end of every backward, and
+one INFO line is logged per step.
+
+A plan's rematerializations (regions of type "rematerialize") run in ``rematerialize.py``; while torch's
+checkpoint starts or ends a region here, they wait (``_Counter.suspended``).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class StepStats:
 
     forward_flops: int = 0  # the traced forward (FlopCounterMode formulas)
     extra_forward_flops: int = 0  # FLOPs recomputed during the last backward
-    recomputed_regions: int = 0  # regions recomputed during the last backward
+    recomputed_regions: int = 0  # regions recomputed (and tensors rematerialized) during the last backward
     steps: int = 0  # backward passes seen
     total_extra_forward_flops: int = 0
 

@@ -4,6 +4,7 @@ rematerialize.py), checked against real steps."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -138,3 +139,50 @@ def test_plan_file_round_trip_and_a_wrong_target_is_refused(conv_block, tmp_path
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(ckptplan.InputError, match="rebuilds output"):
         ckptplan.check_plan(graph, load_plan(tmp_path / "bad.yaml"))
+
+
+class KeywordBlocks(nn.Module):
+    """Blocks called with their input by keyword, as Hugging Face layers take hidden_states=."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(32) for _ in range(2))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, block in zip(self.norms, self.blocks):
+            x = x + block(input=norm(x))
+        return x.pow(2).mean()
+
+
+def test_a_keyword_input_is_held_by_the_checkpoint_of_its_module():
+    """torch's checkpoint keeps its keyword tensor arguments alive: the trace records them as the call's
+    inputs, so a plan that checkpoints the block and rematerializes its input fits as measured."""
+    torch.manual_seed(0)
+    model, x = KeywordBlocks(), torch.randn(64, 16, 32)
+    graph = ckptplan.trace(model, x)
+    norm = graph.module_call("norms.0")
+    norm_out = graph.ops[norm.end_op - 1].allocates[0]
+    assert norm_out in graph.module_call("blocks.0").input_storages
+    assert any(r.remat and r.target == norm_out for r in candidates(graph))
+    # the block checkpointed and its keyword input rematerialized: the checkpoint keeps the input anyway
+    remat = next(r for r in ckptplan.solve(graph, "85%").regions if r.remat and r.path.startswith("norms.1"))
+    block = next(r for b in ("80%", "70%", "60%") for r in ckptplan.solve(graph, b, rematerialize=False).regions
+                 if r.path == "blocks.1")
+    plan = dataclasses.replace(ckptplan.solve(graph, "85%"), regions=(remat, block))
+    regions, saved = plan_decisions(graph, plan)
+    predicted = simulate(graph, regions, saved).peak_bytes
+    with ckptplan.apply(model, plan):
+        peak = measure_peak(model, x)
+    assert peak <= predicted
+
+
+def test_higher_order_gradients_are_refused(conv_block):
+    model, args = conv_block
+    graph = ckptplan.trace(model, *args)
+    plan = ckptplan.solve(graph, "90%", objective="flops")
+    assert any(r.remat for r in plan.regions)
+    with ckptplan.apply(model, plan):
+        loss = model(*args)
+        with pytest.raises(ckptplan.PlanMismatch, match="create_graph"):
+            torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
