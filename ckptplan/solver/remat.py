@@ -108,11 +108,12 @@ def _extend(graph: Graph, first: int, end: int) -> int | None:
         for i in range(first, end):
             for x in graph.ops[i].inputs:
                 st = storages[x]
-                if x in made or st.kind is not StorageKind.ACTIVATION or st.saved_by or st.producer is None:
+                if (x in made or st.kind is not StorageKind.ACTIVATION or st.saved_by or st.producer is None
+                        or st.producer >= first):
                     continue
                 if end - st.producer > MAX_OPS:
                     return None
-                first, changed = min(first, st.producer), True
+                first, changed = st.producer, True
     if any(graph.ops[i].random for i in range(first, end)):
         return None
     return first
