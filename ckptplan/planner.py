@@ -23,7 +23,7 @@ from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Graph
 from .plan import Decision, OpDecision, Plan, RegionPlan
 from .solver import cpsat
-from .solver.regions import Forced, Region, candidate_regions, outermost
+from .solver.regions import Forced, Region, candidate_regions, forward_order, outermost
 from .solver.remat import parse_path, remat_candidates
 from .solver.simulate import SimResult, simulate
 from .units import format_bytes, parse_budget, suggest_budget
@@ -94,7 +94,7 @@ def candidates(graph: Graph, *, rematerialize: bool = True) -> tuple[Region, ...
     regions = candidate_regions(graph)
     if not rematerialize:
         return regions
-    return tuple(sorted(regions + remat_candidates(graph, regions), key=lambda r: (r.first_op, -r.end_op, r.path)))
+    return tuple(sorted(regions + remat_candidates(graph, regions), key=forward_order))
 
 
 def default_reserve(graph: Graph) -> float:

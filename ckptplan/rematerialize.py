@@ -134,9 +134,9 @@ class _Recording:
 class _RecipeMode(TorchDispatchMode):
     """One call of a module that runs recipes: counts its ops, records the recipes' ops, registers targets."""
 
-    def __init__(self, owner: "Rematerializer", plans: list[tuple[int, RegionPlan]]) -> None:
+    def __init__(self, owner: "Rematerializer", anchor: str, plans: list[tuple[int, RegionPlan]]) -> None:
         super().__init__()
-        self.owner = owner
+        self.owner, self.anchor = owner, anchor
         self.starts: dict[int, list[RegionPlan]] = {}  # recipes by the position of their first op in the call
         for offset, plan in plans:
             self.starts.setdefault(offset, []).append(plan)
@@ -231,7 +231,7 @@ class Rematerializer:
         self.hooks = [model.register_forward_pre_hook(self._begin)]
         for path, own in sorted(by_module.items()):
             module = model.get_submodule(path)
-            self.hooks.append(module.register_forward_pre_hook(self._enter(own)))
+            self.hooks.append(module.register_forward_pre_hook(self._enter(path, own)))
             self.hooks.append(module.register_forward_hook(self._exit, always_call=True))
             for name, sub in module.named_modules():
                 if name:  # the op check compares the submodule each recipe op runs in
@@ -270,15 +270,15 @@ class Rematerializer:
         return packed.unpack() if isinstance(packed, _Packed) else packed
 
     # ---- the module calls that run recipes -------------------------------------------------------------------
-    def _enter(self, plans: list[tuple[int, RegionPlan]]):  # noqa: ANN202
+    def _enter(self, anchor: str, plans: list[tuple[int, RegionPlan]]):  # noqa: ANN202
         def hook(_m: nn.Module, _a: Any) -> None:
             if self.saved_hooks is None or not torch.is_grad_enabled():
                 self.modes.append(None)  # evaluation, or a call outside the model's forward
                 return
-            mode = _RecipeMode(self, plans)
+            mode = _RecipeMode(self, anchor, plans)
             mode.__enter__()
             self.modes.append(mode)
-            self.running[parse_path(plans[0][1].path)[0]] = mode
+            self.running[anchor] = mode
         return hook
 
     def _push(self, anchor: str, name: str):  # noqa: ANN202
@@ -302,7 +302,7 @@ class Rematerializer:
         if mode is None:
             return
         mode.__exit__(None, None, None)
-        self.running = {k: v for k, v in self.running.items() if v is not mode}
+        self.running.pop(mode.anchor, None)
         if mode.registered != mode.expected and sys.exc_info()[0] is None:  # not while forward raises already
             first = next(iter(mode.active), None)
             path = first.plan.path if first else mode.starts[max(mode.starts)][0].path

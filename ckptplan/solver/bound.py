@@ -234,10 +234,8 @@ def _mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], regions
     of the regions in ``may``; ``paid``: the regions charged selective checkpointing's time.
     ``z_terms``: the row's z terms whose recomputed op belongs to this family.
 
-    ``remats``: the family's rematerializations that are items. Each one no region of ``on`` contains and
-    that frees bytes in this row starts on (its bytes and time in the mode's), with an item that turns it
-    off (bytes back, time saved): the same form as an op saved. Its z terms are dropped: they only add
-    bytes, so the row stays a relaxation."""
+    ``remats``: the family's rematerializations, items or groups of every mode (``_remat_items``);
+    ``memo`` keeps them per checkpoint set, which its variants share."""
     weight = sum(row.c.get(j, 0) for j in on)
     value = sum(cost.c.get(j, 0) for j in on) + sum(cost.s[j] for j in paid)
     item_weight = {(j, p): row.k.get((j, p), 0) for j in may for p in regions[j].choices}
@@ -259,15 +257,12 @@ def _mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], regions
             items.append((w, c, key))
     items.sort()
     own = len(items)
-    if memo is None or on not in memo:
+    memo = {} if memo is None else memo
+    if on not in memo:
         off: list = []
-        found = _remat_items(on, regions, row, z_terms, cost, remats, off)
-        if memo is not None:
-            memo[on] = (found, sorted(off))
-    else:
-        found, off = memo[on]
-    started, groups, group_sets = found
-    items += sorted(off)
+        memo[on] = (_remat_items(on, regions, row, z_terms, cost, remats, off), sorted(off))
+    (started, groups, group_sets), off = memo[on]
+    items += off
     return _Mode(weight=weight + sum(w for w, _ in started.values()), cost=value + sum(c for _, c in started.values()),
                  items=tuple((w, c) for w, c, _ in items), on=on, ops=tuple(key for _, _, key in items),
                  free=tuple(free), remats=tuple(sorted(j for j in started if j >= 0)),
@@ -383,8 +378,7 @@ def _knapsack(m: _Mode, w_min: int, fine: int, size: int) -> list[np.ndarray]:
     table[(m.weight - w_min) // fine] = m.cost
     out = [table]
     for w, c in m.items:
-        b = w // fine
-        table = table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[:size - b] + c)))
+        table = _take(table, w // fine, c, size)
         out.append(table)
     for options in m.groups:  # at most one option of each group
         new = table.copy()
@@ -407,9 +401,13 @@ def _knapsack_last(m: _Mode, w_min: int, fine: int, size: int, shared: dict[tupl
     table = np.full(size, np.inf)
     table[start:] = shared[key][:size - start] + m.cost
     for w, c in m.items[:m.own]:
-        b = w // fine
-        table = table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[:size - b] + c)))
+        table = _take(table, w // fine, c, size)
     return table
+
+
+def _take(table: np.ndarray, b: int, c: int, size: int) -> np.ndarray:
+    """One 0/1 item of ``b`` fine buckets and cost ``c`` added to a knapsack table."""
+    return table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[:size - b] + c)))
 
 
 def _family_config(w_min: int, modes: list[_Mode], step: int,

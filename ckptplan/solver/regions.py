@@ -114,7 +114,12 @@ def candidate_regions(graph: Graph) -> tuple[Region, ...]:
         region = _make_region(graph, path)
         if region is not None:
             regions.append(region)
-    return tuple(sorted(regions, key=lambda r: (r.first_op, -r.end_op, r.path)))
+    return tuple(sorted(regions, key=forward_order))
+
+
+def forward_order(r: Region) -> tuple[int, int, str]:
+    """Sort key of candidates: forward order, outer before inner."""
+    return r.first_op, -r.end_op, r.path
 
 
 def segment(graph: Graph, parts: tuple[Region, ...]) -> Region | None:

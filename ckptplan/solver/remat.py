@@ -33,8 +33,8 @@ unpack, as the saved tensor was), holds the recipe's inputs until then, and cost
 from __future__ import annotations
 
 from ..costmodel import profile_for
-from ..graph import Graph, StorageKind
-from .regions import Forced, Region, _overheads
+from ..graph import Graph, ModuleCall, StorageKind
+from .regions import Forced, Region, _overheads, forward_order
 
 MAX_OPS = 6  # longest recipe: a convolution, BatchNorm (with its counter and buffer ops) and a ReLU fit
 MIN_FRACTION = 0.001  # storages below this fraction of the no-checkpointing peak are not worth a variable
@@ -75,7 +75,7 @@ def remat_candidates(graph: Graph, regions: tuple[Region, ...] = ()) -> tuple[Re
         if region is not None and not any(_drops(graph, r, s.id) for r in regions
                                           if not region.path.startswith(r.path + ".")):
             out.append(region)
-    return tuple(sorted(out + list(_chained(graph, out, writers)), key=lambda r: (r.first_op, -r.end_op, r.path)))
+    return tuple(sorted(out + list(_chained(graph, out, writers)), key=forward_order))
 
 
 def _chained(graph: Graph, short: list[Region], writers: dict[int, list[int]]) -> tuple[Region, ...]:
@@ -138,11 +138,10 @@ def _candidate(graph: Graph, target: int, first: int, end: int, writers: dict[in
             if later and (storages[x].kind is not StorageKind.BUFFER or any(w != i for w in later)):
                 return None  # read from outside, written later: the rerun would read another value
             inputs[x] = None
-    where = anchor(graph, first, end)
-    if where is None:
+    call = anchor(graph, first, end)
+    if call is None:
         return None  # a module called more than once, or ops outside every module call (the loss)
-    module, offset = where
-    call = next(m for m in graph.modules if m.path == module)
+    module, offset = call.path, first - call.first_op
     visits = profile_for(graph.device).remat_visit_ns * (call.end_op - call.first_op)  # its recipe mode
     s = storages[target]
     # the op's offset in the module call, and which of its outputs when it makes several (max-pool's indices)
@@ -177,14 +176,14 @@ def _parts(module: str) -> list[str]:
     return module.split(".") if module else []
 
 
-def anchor(graph: Graph, first: int, end: int) -> tuple[str, int] | None:
-    """(module, offset): the one call of the innermost module that runs ops [first, end), and the first
-    op's position in it; what the run counts a recipe's ops by. None when there is no such single call."""
+def anchor(graph: Graph, first: int, end: int) -> ModuleCall | None:
+    """The one call of the innermost module that runs ops [first, end): what the run counts a recipe's
+    ops in. None when there is no such single call."""
     module = _common_module([graph.ops[i].module for i in range(first, end)])
     own = [m for m in graph.modules if m.path == module]
     if len(own) != 1 or not own[0].first_op <= first < end <= own[0].end_op:
         return None
-    return module, first - own[0].first_op
+    return own[0]
 
 
 def _drops(graph: Graph, region: Region, storage: int) -> bool:

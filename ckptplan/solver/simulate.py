@@ -118,11 +118,10 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
                 alloc, free = start(s.alloc_event), first_pos[s.free_event]
                 py_end = first_pos[s.python_free_op]
                 if s.saved_by and all(r.contains(m) for m in s.saved_by):
-                    if p not in keep:
-                        drop(sid, r.path)
                     if p in keep:
                         intervals[sid] = [(alloc, max(free, rerun_pos[(r.path, p)] + 1))]
                     else:
+                        drop(sid, r.path)
                         again = rerun_pos[(r.path, p)] if rerun else free
                         intervals[sid] = [(alloc, py_end), (again, free)]
                 elif not s.saved_by and rerun:
