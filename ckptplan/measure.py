@@ -55,6 +55,10 @@ def _step(model: nn.Module, args: tuple, kwargs: dict, loss_fn: Callable[[Any], 
     loss.backward()
 
 
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
 def measure_peak(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> int:  # noqa: ANN001
     """Peak bytes of one step as MemTracker sees it (CPU, meta and fake tensors) or CUDA's allocator."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -65,7 +69,10 @@ def measure_peak(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> i
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated())
     tracker = _Tracker()
-    tracker.track_external(model)
+    # MemTracker counts only storages it sees created, and those registered here: without the step's
+    # tensor arguments it would miss the inputs (the images of a vision model), which a GPU's allocator
+    # counts like any other memory and the trace counts too.
+    tracker.track_external(model, *_tensors((args, kwargs)))
     with tracker:
         _step(model, args, kwargs, loss_fn)
     peak = tracker.get_tracker_snapshot("peak")

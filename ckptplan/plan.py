@@ -2,7 +2,8 @@
 
 The file starts with what a reviewer reads first (fingerprint, budget, peaks, extra FLOPs, solver
 status), then one block per group of identical checkpointed regions ("layers folded") or
-rematerializations (a tensor rebuilt at its first unpack by the ops listed), one line per op:
+rematerializations (a tensor rebuilt at its first unpack by the ops listed as recompute; those listed as
+save are kept: the recipe reads their outputs), one line per op:
 ``[op, module, shape, dtype, bytes, decision, recompute FLOPs, recompute ns, forced-by]``. Writing is deterministic
 (same plan, byte-identical file) and atomic (a temporary file renamed into place).
 """
@@ -246,7 +247,8 @@ def dump_yaml(plan: Plan) -> str:
         lines.append(f"    count: {len(paths)}")
         lines.append(f"    at: {_q([order[p] for p in paths])}  # positions in forward order")
         lines.append(f"    num_ops: {len(r.ops)}")
-        how = ("rematerialized: the tensor is rebuilt from its recipe at its first unpack" if r.remat
+        kept = ", reading the outputs of the saved ones" if saved else ""
+        how = (f"rematerialized: the tensor is rebuilt from its recipe at its first unpack{kept}" if r.remat
                else "selective checkpointing" if saved else "plain checkpoint")
         lines.append(f"    extra_forward_flops_each: {r.extra_forward_flops}"
                      f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved ({how})")

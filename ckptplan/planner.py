@@ -236,7 +236,7 @@ def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
     for r in regions:
         if r.path not in saved:
             continue
-        keep, forced = saved[r.path], dict(r.forced)
+        keep, forced = saved[r.path] | frozenset(r.kept), dict(r.forced)
         ops = []
         for i in r.ops:
             op = graph.ops[i]
@@ -309,10 +309,15 @@ def plan_decisions(graph: Graph, plan: Plan) -> tuple[tuple[Region, ...], dict[s
         forced = dict(region.forced)
         keep = set()
         for i, o in enumerate(rp.ops):
-            if o.decision is Decision.SAVE:
-                if region.first_op + i in forced:
+            reason = forced.get(region.first_op + i)
+            if reason is Forced.KEPT:  # the recipe reads its outputs: never rerun (nor a decision to save)
+                if o.decision is not Decision.SAVE:
+                    raise InputError(f"{rp.path} op #{i} {o.op} is kept: the recipe reads its outputs, which "
+                                     "backward keeps anyway, instead of rerunning it; set it back to save")
+            elif o.decision is Decision.SAVE:
+                if reason is not None:
                     raise InputError(f"{rp.path} op #{i} {o.op} cannot be saved "
-                                     f"({forced[region.first_op + i].value}); set it back to recompute")
+                                     f"({reason.value}); set it back to recompute")
                 keep.add(region.first_op + i)
         saved[rp.path] = frozenset(keep)
     return regions, saved

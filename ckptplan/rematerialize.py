@@ -3,7 +3,8 @@
 For the length of the forward of each module call that runs a recipe, a dispatch mode counts the call's
 ops by position, as the trace did, and records each recipe op with its arguments: tensors the recipe
 made become references to its own outputs, the others (the recipe's inputs, which backward keeps
-anyway) are kept as detached aliases. After the recipe's last op the target's storage is registered.
+anyway) are kept as detached aliases. An op the plan keeps (decision save) is not rerun: its outputs,
+which backward keeps anyway, are held as inputs. After the recipe's last op the target's storage is registered.
 A saved-tensor hook, pushed for the model's forward, then packs every tensor of that storage as a
 handle to the recipe instead of the tensor, so the storage dies when Python drops it. The first unpack
 reruns the recipe (no grad, buffers it writes given as copies: BatchNorm statistics are updated once
@@ -30,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import PlanMismatch
 from .flops import op_flops
-from .plan import RegionPlan
+from .plan import Decision, RegionPlan
 from .solver.remat import parse_path
 from .trace import HIDDEN_WRITES
 
@@ -71,6 +72,9 @@ class _Recipe:
             outs: list[list[torch.Tensor]] = []
             with torch.no_grad():
                 for func, flat, spec in self.ops:
+                    if func is None:  # a kept op: its outputs, held since forward
+                        outs.append(flat)
+                        continue
                     leaves = [outs[a.i][a.k] if isinstance(a, _Ref) else a.t.clone() if isinstance(a, _Copy) else a
                               for a in flat]
                     args, kwargs = tree_unflatten(leaves, spec)
@@ -177,13 +181,16 @@ class _RecipeMode(TorchDispatchMode):
                     f"but the plan expects {want.op} in '{want.module}' with {[list(x) for x in want.shape]}. "
                     f"The model now takes another path than the traced step: trace and solve again for these inputs. "
                     f"{_COMPILED}")
-            recorded: list[Any] = []
-            for a in flat:
-                if isinstance(a, torch.Tensor):
-                    a = (_Ref(*rec.made[id(a)]) if id(a) in rec.made
-                         else _Copy(a.detach()) if id(a) in writes else a.detach())
-                recorded.append(a)
-            rec.ops.append((func, recorded, spec))
+            if want.decision is Decision.SAVE:  # kept: the rerun reads its outputs instead of running it
+                rec.ops.append((None, [t.detach() for t in outs], None))
+            else:
+                recorded: list[Any] = []
+                for a in flat:
+                    if isinstance(a, torch.Tensor):
+                        a = (_Ref(*rec.made[id(a)]) if id(a) in rec.made
+                             else _Copy(a.detach()) if id(a) in writes else a.detach())
+                    recorded.append(a)
+                rec.ops.append((func, recorded, spec))
             for k, t in enumerate(outs):
                 rec.made.setdefault(id(t), (i, k))
             rec.outs.append(outs)

@@ -15,7 +15,7 @@ from ckptplan.measure import measure_peak
 from ckptplan.planner import candidates, plan_decisions
 from ckptplan.plan import load_plan
 from ckptplan.solver.remat import parse_path, remat_candidates
-from ckptplan.solver.regions import candidate_regions
+from ckptplan.solver.regions import Forced, candidate_regions
 from ckptplan.solver.simulate import simulate
 
 from .conftest import MODELS
@@ -112,7 +112,7 @@ def test_zoo_remat_plans_fit_and_match(name):
 def test_no_recipe_draws_random_numbers(traced):
     _, _, graph = traced("gpt2")  # dropout everywhere
     remats = [r for r in candidates(graph) if r.remat]
-    assert remats and not any(graph.ops[i].random for r in remats for i in r.ops)
+    assert remats and not any(graph.ops[i].random for r in remats for i in r.recipe)
 
 
 def test_a_longer_recipe_and_the_shorter_one_never_both(traced):
@@ -186,3 +186,114 @@ def test_higher_order_gradients_are_refused(conv_block):
         loss = model(*args)
         with pytest.raises(ckptplan.PlanMismatch, match="create_graph"):
             torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+
+
+class Downsample(nn.Module):
+    """A ResNet block that changes width: its output is ReLU(BN(conv2) + BN(shortcut conv)). The shortcut
+    convolution runs between the two BatchNorms, and its output is kept anyway (its BatchNorm saves it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.shortcut = nn.Sequential(nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu_(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return self.head(torch.relu_(out)).pow(2).mean()
+
+
+def test_a_recipe_reads_a_kept_convolution_instead_of_rerunning_it(tmp_path):
+    torch.manual_seed(0)
+    model, x = Downsample(), torch.randn(8, 4, 16, 16)
+    state = copy.deepcopy(model.state_dict())
+    graph = ckptplan.trace(model, x)
+    out = next(r for r in candidates(graph) if r.remat and graph.ops[graph.storages[r.target].producer].name
+               == "aten.add.Tensor")
+    kept = [graph.ops[i].name for i in out.kept]
+    assert kept == ["aten.convolution.default"]  # the shortcut conv: read, not rerun
+    assert graph.ops[out.kept[0]].module == "shortcut.0" and out.first_op < out.kept[0]
+    assert not any(graph.ops[i].flops for i in out.recipe)
+    assert dict(out.forced)[out.kept[0]] is Forced.KEPT
+    conv_out = graph.ops[out.kept[0]].allocates[0]
+    assert conv_out in out.input_storages
+    # a plan that rematerializes it: the file lists the kept op as saved, and reads back the same
+    plans = (ckptplan.solve(graph, budget, objective="flops") for budget in ("90%", "85%", "80%", "75%", "70%"))
+    found = next(plan for plan in plans if out.path in {r.path for r in plan.regions})
+    plan = dataclasses.replace(found, regions=tuple(r for r in found.regions if r.path == out.path))
+    row = plan.regions[0].ops[out.kept[0] - out.first_op]
+    assert row.decision is ckptplan.Decision.SAVE and row.forced == "kept" and row.recompute_flops == 0
+    again = load_plan(plan.save(tmp_path / "p.yaml"))
+    assert plan_decisions(graph, again)[1] == plan_decisions(graph, plan)[1] == {out.path: frozenset()}
+    regions, saved = plan_decisions(graph, plan)
+    predicted = simulate(graph, regions, saved)
+    reference = grads_and_buffers(model, (x,))
+    model.load_state_dict(state)
+    with ckptplan.apply(model, plan) as handle:
+        got = grads_and_buffers(model, (x,))
+        assert handle.stats.recomputed_regions == 1 and handle.stats.extra_forward_flops == 0
+        model.load_state_dict(state)
+        peak = measure_peak(model, x)
+    for a, b in zip(reference, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # grads, BatchNorm statistics
+    assert peak <= predicted.peak_bytes
+    # setting the kept op to recompute is refused: the recipe never reruns it
+    text = (tmp_path / "p.yaml").read_text()
+    bad = text.replace('"save", 0, 0, "kept"', '"recompute", 0, 0, "kept"', 1)
+    assert bad != text
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(ckptplan.InputError, match="is kept"):
+        ckptplan.check_plan(graph, load_plan(tmp_path / "bad.yaml"))
+
+
+class UpCat(nn.Module):
+    """A U-Net level: a transposed conv, concatenated with the skip tensor, then a conv. Nobody saves the
+    transposed conv's output (its backward needs its input), so rebuilding the concatenation would rerun
+    it; the holding recipe keeps that half instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.down(x)
+        low = nn.functional.max_pool2d(skip, 2)
+        return self.conv(torch.cat([skip, self.up(low)], dim=1)).pow(2).mean()
+
+
+def test_a_holding_recipe_keeps_the_costly_half_of_a_concatenation():
+    torch.manual_seed(0)
+    model, x = UpCat(), torch.randn(8, 3, 32, 32)
+    state = copy.deepcopy(model.state_dict())
+    graph = ckptplan.trace(model, x)
+    cats = [r for r in candidates(graph) if r.remat and graph.ops[graph.storages[r.target].producer].name
+            == "aten.cat.default"]
+    held = next(r for r in cats if [graph.ops[i].name for i in r.recipe] == ["aten.cat.default"])
+    others = [r for r in cats if r is not held]
+    assert others and all(any(graph.ops[i].flops for i in r.recipe) for r in others)  # rerun the transposed conv
+    assert all(held.path.startswith(r.path + ".") and held.target == r.target for r in others)  # one at most
+    up_out = next(s for s in graph.ops[held.first_op].inputs if graph.storages[s].producer is not None
+                  and graph.ops[graph.storages[s].producer].name == "aten.convolution.default")
+    assert not graph.storages[up_out].saved_by and up_out in held.input_storages
+    regions = candidates(graph)
+    saved = {held.path: frozenset()}
+    predicted = simulate(graph, regions, saved)
+    without = simulate(graph, regions, {})
+    assert predicted.extra_forward_flops == 0 and predicted.peak_bytes < without.peak_bytes
+    plans = (ckptplan.solve(graph, b, objective="flops") for b in ("95%", "90%", "85%", "80%"))
+    plan = next(p for p in plans if held.path in {r.path for r in p.regions})
+    plan = dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.path == held.path))
+    reference = grads_and_buffers(model, (x,))
+    model.load_state_dict(state)
+    with ckptplan.apply(model, plan) as handle:
+        got = grads_and_buffers(model, (x,))
+        assert handle.stats.recomputed_regions == 1 and handle.stats.extra_forward_flops == 0
+        model.load_state_dict(state)
+        peak = measure_peak(model, x)
+    for a, b in zip(reference, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert peak <= predicted.peak_bytes

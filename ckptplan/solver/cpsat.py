@@ -31,7 +31,7 @@ from typing import Callable
 
 from ortools.sat.python import cp_model
 
-from ..graph import Graph
+from ..graph import Graph, StorageKind
 from . import bound, primal
 from .regions import Region, nested_pairs
 
@@ -270,11 +270,14 @@ def _remat_terms(graph: Graph, j: int, r: Region, regions: tuple[Region, ...], t
         if k != j:  # a checkpoint (or another recipe) that holds it as an input keeps it alive
             release = tl.first[min(regions[k].release_event + 1, graph.num_events)]
             terms.append(_Term(j, s.nbytes, "zc", s.producer, k, py_end, min(release, again), True))
-    for p in r.ops:
-        for sid in graph.ops[p].allocates:
-            if sid != s.id:  # the rerun's copies of the other outputs (BatchNorm's batch statistics)
-                terms.append(_Term(j, graph.storages[sid].nbytes, "c", -1, -1, tl.rerun[(r.path, p)],
-                                   tl.rerun_end[r.path], False))
+    for p in r.recipe:
+        op = graph.ops[p]
+        copies = [x for x in op.mutates if graph.storages[x].kind is StorageKind.BUFFER]
+        for sid in [x for x in op.allocates if x != s.id] + copies:
+            # the rerun's copies of the other outputs (BatchNorm's batch statistics) and of the buffers it
+            # writes (the running statistics), alive until the rerun ends
+            terms.append(_Term(j, graph.storages[sid].nbytes, "c", -1, -1, tl.rerun[(r.path, p)],
+                               tl.rerun_end[r.path], False))
     return terms
 
 
@@ -465,7 +468,7 @@ class _Model:
                 c[j] = sum(own[j].checkpoint_ns for own in self.regions_per_graph)
                 if j in self.sel:
                     s[j] = sum(own[j].selective_ns for own in self.regions_per_graph)
-            for p in range(r.first_op, r.recompute_end):
+            for p in (r.recipe if r.remat else range(r.first_op, r.recompute_end)):
                 v = sum(value(graph.ops[p]) for graph in self.graphs)
                 if v:
                     c[j] = c.get(j, 0) + v

@@ -230,7 +230,8 @@ def _classes(model: _Model) -> list[list[tuple[int, list[int]]]]:
         r0 = regions[root]
         key = (tuple((regions[j].path[len(r0.path):], regions[j].first_op - r0.first_op,
                       regions[j].end_op - r0.first_op, regions[j].recompute_end - r0.first_op,
-                      tuple(p - r0.first_op for p in regions[j].choices)) for j in members),
+                      tuple(p - r0.first_op for p in regions[j].choices),
+                      tuple(p - r0.first_op for p in regions[j].kept)) for j in members),
                tuple(graph.ops[i].name for i in r0.ops))
         out.setdefault(key, []).append((root, members))
     return [fams for fams in out.values() if len(fams) > 1]

@@ -27,7 +27,7 @@ CONTAINERS = frozenset({"ModuleList", "Sequential", "ModuleDict"})
 
 
 class Forced(str, Enum):
-    """Why an op inside a checkpointed region cannot be saved."""
+    """Why an op's decision is fixed: every reason but ``KEPT`` is why it cannot be saved."""
 
     VIEW = "view"  # aliases an input: recomputing it is free, caching it would pin its base
     RANDOM = "random"  # caching it would shift the RNG stream for the random ops recomputed after it
@@ -35,6 +35,9 @@ class Forced(str, Enum):
     NO_OUTPUT = "no-output"  # allocates nothing worth keeping
     AFTER_LAST_SAVE = "not-recomputed"  # early stop ends the recomputation before this op
     RECIPE = "recipe"  # an op of a rematerialization's recipe (remat.py): rerun to rebuild its target
+    # an op amid a recipe that the recipe does not rerun: its outputs, which backward keeps anyway (the
+    # shortcut convolution of a ResNet block), are read as inputs; its decision is save
+    KEPT = "kept"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,8 +59,9 @@ class Region:
     checkpoint_ns: int = 0  # estimated time of checkpointing it at all, beyond the ops it reruns
     selective_ns: int = 0  # estimated time selective checkpointing's dispatch modes add, when they run
     # a rematerialization (``remat_candidates``): the storage it drops after forward and rebuilds at its
-    # first unpack by rerunning ops [first_op, end_op); -1 for a checkpointed module call
+    # first unpack by rerunning ops [first_op, end_op) but ``kept``; -1 for a checkpointed module call
     target: int = -1
+    kept: tuple[int, ...] = ()  # a rematerialization's ops it does not rerun (Forced.KEPT)
 
     @property
     def remat(self) -> bool:
@@ -70,6 +74,11 @@ class Region:
     @property
     def ops(self) -> range:
         return range(self.first_op, self.end_op)
+
+    @property
+    def recipe(self) -> tuple[int, ...]:
+        """The ops a rematerialization reruns: its ops but the kept ones."""
+        return tuple(i for i in self.ops if i not in self.kept)
 
     def contains(self, module_path: str) -> bool:
         if not self.members:  # a module call (the hot path: the solver and simulator ask per storage)
@@ -214,12 +223,15 @@ def _make_region(graph: Graph, path: str) -> Region | None:
         checkpoint_ns=checkpoint_ns, selective_ns=selective_ns)
 
 
-def _overheads(graph: Graph, first: int, end: int, recompute_end: int) -> tuple[int, int]:
-    """(checkpointing ops [first, end) at all, selective checkpointing on top): costmodel.region_ns."""
+def _overheads(graph: Graph, first: int, end: int, recompute_end: int,
+               rerun: tuple[int, ...] | None = None) -> tuple[int, int]:
+    """(checkpointing ops [first, end) at all, selective checkpointing on top): costmodel.region_ns.
+    ``rerun``: the ops the recomputation runs, when not all of [first, recompute_end)."""
     profile = profile_for(graph.device)
+    rerun = tuple(range(first, recompute_end)) if rerun is None else rerun
     device = sum(profile.device_ns(graph.ops[i].cost_ns) for i in range(first, end)) + sum(
-        profile.device_ns(graph.ops[i].cost_ns) for i in range(first, recompute_end))
-    return profile.region_ns(num_ops=end - first, num_rerun=recompute_end - first, device_ns=device)
+        profile.device_ns(graph.ops[i].cost_ns) for i in rerun)
+    return profile.region_ns(num_ops=end - first, num_rerun=len(rerun), device_ns=device)
 
 
 def _saves_internal(graph: Graph, path: str, inside: set[int]) -> bool:

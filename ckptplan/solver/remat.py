@@ -10,9 +10,13 @@ keeps anyway (the convolution output BatchNorm saves, the parameters), and its f
 
 A candidate is one storage S such that:
 
-* its producer and every op writing S in place lie within ``MAX_OPS`` consecutive ops
+* its producer and every op writing S in place lie within ``MAX_SPAN`` consecutive ops
   ``[first_op, end_op)`` ending at the last write; the range grows backwards over the producers of
-  inputs nobody saves (the BatchNorm output that a ReLU reads out of place), never over a random op;
+  inputs nobody saves (the BatchNorm output that a ReLU reads out of place). The recipe reruns every op
+  of the range (at most ``MAX_OPS``, never a random one) but those it can keep: an op whose outputs
+  backward keeps anyway (saved by some op) and that makes neither S nor a tensor the recipe rebuilds,
+  such as the shortcut convolution between a ResNet block's second BatchNorm and its add. Their
+  outputs are inputs of the recipe;
 * autograd saved S only after its last write (its final value is what backward reads), and only
   inside the model's forward (a loss computed outside it would keep its own reference);
 * no op of the range writes a storage from outside it, except buffers (BatchNorm statistics: the rerun
@@ -36,7 +40,8 @@ from ..costmodel import profile_for
 from ..graph import Graph, ModuleCall, StorageKind
 from .regions import Forced, Region, _overheads, forward_order
 
-MAX_OPS = 6  # longest recipe: a convolution, BatchNorm (with its counter and buffer ops) and a ReLU fit
+MAX_OPS = 6  # most ops a recipe reruns: BatchNorm (with its counter and buffer ops), an add and a ReLU fit
+MAX_SPAN = 12  # most forward ops from a recipe's first op to its last, kept ones included
 MIN_FRACTION = 0.001  # storages below this fraction of the no-checkpointing peak are not worth a variable
 TYPE_NAME = "rematerialize"  # Region.type_name (and the plan file's block type) of a rematerialization
 
@@ -65,17 +70,18 @@ def remat_candidates(graph: Graph, regions: tuple[Region, ...] = ()) -> tuple[Re
         if producer.random or producer.view:
             continue
         end = max([s.producer] + writers.get(s.id, [])) + 1
-        if end - s.producer > MAX_OPS or s.first_pack_event < end:
+        if end - s.producer > MAX_SPAN or s.first_pack_event < end:
             continue
-        first = _extend(graph, s.producer, end)
-        if first is None:
+        found = _range(graph, s.id, s.producer, end, frozenset())
+        if found is None:
             continue
-        region = _candidate(graph, s.id, first, end, writers, None)
+        region = _candidate(graph, s.id, *found, end, writers, None)
         # a checkpoint around the module is excluded by nesting; any other that drops it by itself wins
         if region is not None and not any(_drops(graph, r, s.id) for r in regions
                                           if not region.path.startswith(r.path + ".")):
             out.append(region)
-    return tuple(sorted(out + list(_chained(graph, out, writers)), key=forward_order))
+    chained = _chained(graph, out, writers)
+    return tuple(sorted(out + list(chained) + list(_holding(graph, out, chained, writers)), key=forward_order))
 
 
 def _chained(graph: Graph, short: list[Region], writers: dict[int, list[int]]) -> tuple[Region, ...]:
@@ -87,46 +93,85 @@ def _chained(graph: Graph, short: list[Region], writers: dict[int, list[int]]) -
     by_target = {r.target: r for r in short}
     out = []
     for r in short:
-        # one longer recipe per tensor (two would both nest under it, and could both drop it): from the
-        # earliest such input's recipe, which the range then covers with every one after it
-        starts = [by_target[x].first_op for x in r.input_storages if x in by_target
-                  and by_target[x].end_op <= r.first_op and r.end_op - by_target[x].first_op <= MAX_OPS]
-        if starts:
-            ext = _candidate(graph, r.target, min(starts), r.end_op, writers, r.path)
+        # one longer recipe per tensor (two would both nest under it, and could both drop it), rebuilding
+        # every such input made before it
+        rebuild = frozenset(x for x in r.input_storages if x in by_target and by_target[x].end_op <= r.first_op)
+        found = _range(graph, r.target, r.first_op, r.end_op, rebuild) if rebuild else None
+        if found is not None and found[0] < r.first_op:
+            ext = _candidate(graph, r.target, *found, r.end_op, writers, r.path)
             if ext is not None:
                 out.append(ext)
     return tuple(out)
 
 
-def _extend(graph: Graph, first: int, end: int) -> int | None:
-    """The range's first op once it covers the producers of inputs nobody saves; None past MAX_OPS."""
+def _holding(graph: Graph, short: list[Region], chained: tuple[Region, ...],
+             writers: dict[int, list[int]]) -> tuple[Region, ...]:
+    """Recipes that hold an input nobody saves instead of rerunning the op that made it, where that op
+    costs FLOPs: a U-Net's concatenation of the skip tensor and the transposed convolution's output
+    (which nobody saves: the convolution's backward needs its input) drops the concatenation and holds
+    the half that the convolution made. Each nests under the tensor's deepest other recipe."""
+    deepest = {r.target: r for r in short}
+    for r in chained:
+        deepest[r.target] = r
+    out = []
+    for r in short:
+        if not any(graph.ops[i].flops for i in r.recipe):
+            continue
+        found = _range(graph, r.target, graph.storages[r.target].producer, r.end_op, frozenset(), hold=True)
+        if found is not None and not any(graph.ops[i].flops for i in range(found[0], r.end_op) if i not in found[1]):
+            held = _candidate(graph, r.target, *found, r.end_op, writers, deepest[r.target].path)
+            if held is not None:
+                out.append(held)
+    return tuple(out)
+
+
+def _range(graph: Graph, target: int, first: int, end: int, rebuild: frozenset[int],
+           hold: bool = False) -> tuple[int, tuple[int, ...]] | None:
+    """(first op, kept ops) of the recipe of ``target`` ending at ``end``: from ``first`` back over the
+    producers of inputs nobody saves, and of those in ``rebuild``; None past MAX_SPAN or MAX_OPS, or
+    where it would rerun a random op. ``hold``: an input nobody saves whose maker costs FLOPs is held
+    (an input of the recipe) instead."""
     storages = graph.storages
-    changed = True
-    while changed:
-        changed = False
-        made = {s for i in range(first, end) for s in graph.ops[i].allocates}
-        for i in range(first, end):
+    while True:
+        kept = _kept(graph, first, end, target, rebuild)
+        rerun = [i for i in range(first, end) if i not in kept]
+        made = {x for i in rerun for x in graph.ops[i].allocates}
+        earliest = first
+        for i in rerun:
             for x in graph.ops[i].inputs:
                 st = storages[x]
-                if (x in made or st.kind is not StorageKind.ACTIVATION or st.saved_by or st.producer is None
-                        or st.producer >= first):
-                    continue
-                if end - st.producer > MAX_OPS:
-                    return None
-                first, changed = st.producer, True
-    if any(graph.ops[i].random for i in range(first, end)):
+                if (x in made or st.kind is not StorageKind.ACTIVATION or st.producer is None
+                        or (st.saved_by and x not in rebuild) or (hold and graph.ops[st.producer].flops)):
+                    continue  # its own, kept anyway (saved by some op), held, or not an activation
+                earliest = min(earliest, st.producer)
+        if earliest == first:
+            break
+        if end - earliest > MAX_SPAN:
+            return None
+        first = earliest
+    if len(rerun) > MAX_OPS or any(graph.ops[i].random for i in rerun):
         return None
-    return first
+    return first, kept
 
 
-def _candidate(graph: Graph, target: int, first: int, end: int, writers: dict[int, list[int]],
-               under: str | None) -> Region | None:
-    """The rematerialization of ``target`` by ops [first, end); ``under``: the path of the shorter
-    recipe this one extends (its path nests under it)."""
+def _kept(graph: Graph, first: int, end: int, target: int, rebuild: frozenset[int]) -> tuple[int, ...]:
+    """The ops of [first, end) a recipe of ``target`` need not rerun: each makes storages that backward
+    keeps anyway (saved by some op), none of them the target or one to rebuild."""
     storages = graph.storages
-    made = {s for i in range(first, end) for s in graph.ops[i].allocates}
+    return tuple(i for i in range(first, end) if graph.ops[i].allocates and all(
+        x != target and x not in rebuild and storages[x].kind is StorageKind.ACTIVATION and storages[x].saved_by
+        for x in graph.ops[i].allocates))
+
+
+def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end: int,
+               writers: dict[int, list[int]], under: str | None) -> Region | None:
+    """The rematerialization of ``target`` by ops [first, end) but ``kept``; ``under``: the path of the
+    shorter recipe this one extends (its path nests under it)."""
+    storages = graph.storages
+    rerun = tuple(i for i in range(first, end) if i not in kept)
+    made = {s for i in rerun for s in graph.ops[i].allocates}
     inputs: dict[int, None] = {}
-    for i in range(first, end):
+    for i in rerun:
         op = graph.ops[i]
         for w in op.mutates:
             if w not in made and storages[w].kind is not StorageKind.BUFFER:
@@ -155,8 +200,9 @@ def _candidate(graph: Graph, target: int, first: int, end: int, writers: dict[in
         path=path, type_name=TYPE_NAME,
         first_op=first, end_op=end, recompute_end=end, recompute_event=s.first_unpack_event,
         release_event=s.free_event - 1, input_storages=tuple(inputs), choices=(),
-        forced=tuple((i, Forced.RECIPE) for i in range(first, end)),
-        mutated_buffers=(), checkpoint_ns=_overheads(graph, first, end, end)[0] + visits, target=target)
+        forced=tuple((i, Forced.KEPT if i in kept else Forced.RECIPE) for i in range(first, end)),
+        mutated_buffers=(), checkpoint_ns=_overheads(graph, first, end, end, rerun)[0] + visits, target=target,
+        kept=kept)
 
 
 def parse_path(path: str) -> tuple[str, int]:

@@ -14,8 +14,9 @@ Lifetimes under a plan, for a storage allocated by op ``p`` of checkpointed regi
 * the region's inputs: held by the checkpoint until the region's last unpack.
 
 A rematerialization (remat.py) drops its target from Python's last use in forward to the rerun of its
-recipe, just before the target's first unpack; the rerun's other outputs live until the rerun ends, and
-its inputs are held until the target's last unpack, like a checkpoint's.
+recipe (its ops but the kept ones), just before the target's first unpack; the rerun's other outputs, and
+the copies of the buffers it writes, live until the rerun ends, and its inputs are held until the
+target's last unpack, like a checkpoint's.
 
 Everything else keeps the lifetime the trace observed.
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..graph import Graph
+from ..graph import Graph, StorageKind
 from .regions import Region
 
 
@@ -80,6 +81,7 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
         s.id: [(start(s.alloc_event), first_pos[s.free_event])] for s in graph.storages}
 
     extra_flops = extra_cost = recomputed = 0
+    copies: list[tuple[int, int, int]] = []  # (from, to, bytes) of buffer copies a recipe's rerun writes
     dropped: dict[int, str] = {}  # storage -> the region whose plan drops it (never two)
 
     def drop(sid: int, path: str) -> None:
@@ -92,13 +94,16 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
             s = graph.storages[r.target]
             drop(s.id, r.path)
             extra_cost += r.checkpoint_ns
-            for p in r.ops:
+            for p in r.recipe:
                 extra_flops += graph.ops[p].flops
                 extra_cost += graph.ops[p].cost_ns
                 recomputed += 1
                 for sid in graph.ops[p].allocates:
                     if sid != s.id:  # the rerun's own copies, alive until it ends
                         intervals[sid].append((rerun_pos[(r.path, p)], rerun_end[r.path]))
+                for sid in graph.ops[p].mutates:
+                    if graph.storages[sid].kind is StorageKind.BUFFER:  # written to a copy (the statistics)
+                        copies.append((rerun_pos[(r.path, p)], rerun_end[r.path], graph.storages[sid].nbytes))
             intervals[s.id] = [(start(s.alloc_event), first_pos[s.python_free_op]),
                                (rerun_pos[(r.path, s.producer)], first_pos[s.free_event])]
             continue
@@ -144,6 +149,9 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
         for lo, hi in _union(intervals[s.id]):
             delta[lo] += s.nbytes
             delta[hi] -= s.nbytes
+    for lo, hi, nbytes in copies:
+        delta[lo] += nbytes
+        delta[hi] -= nbytes
     fixed = graph.optimizer_state_bytes + graph.extra_fixed_bytes
     live, peak, peak_pos = fixed, -1, 0
     for pos in range(n):
