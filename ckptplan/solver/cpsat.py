@@ -546,18 +546,37 @@ class _Model:
         if objective is Objective.FLOPS and not isinstance(self.flops, int):
             m.minimize(self.flops)
             half = None if deterministic_limit is None else deterministic_limit / 2
+            remats = [j for j, r in enumerate(self.regions) if r.remat]
+            before = (0.0, 0.0)  # wall and deterministic seconds of that first search
+            if remats:
+                # the same FLOPs search with every rematerialization off first, on a quarter of the limits:
+                # its plans are plans of the whole model, and CP-SAT finds them far sooner in the smaller
+                # space (HF Llama at 69%: a 0-FLOP plan in 1 s, against none with 41% in 15 s)
+                plain = m.clone()
+                for j in remats:
+                    # [Constraint] this first search rematerializes nothing
+                    plain.add(self.c[j] == 0)
+                quarter = None if half is None else half / 2
+                solver, status = self._run(plain, hint, time_limit_s / 4, quarter, workers, on_solution, gap_limit)
+                if status in (Status.OPTIMAL, Status.FEASIBLE):
+                    hint = self._decisions(solver)
+                before = (solver.wall_time, solver.response_proto.deterministic_time)
+                time_limit_s = max(0.1, time_limit_s - before[0])
+                if half is not None:
+                    deterministic_limit = max(0.02, deterministic_limit - before[1])
+                    half = deterministic_limit / 2
             solver, status = self._run(m, hint, time_limit_s / 2, half, workers, on_solution, gap_limit)
             if status not in (Status.OPTIMAL, Status.FEASIBLE):
                 return self._solution(m, solver, status, time_minimised=False)
             value = int(solver.value(self.flops))
-            first = (value, min(value, int(solver.best_objective_bound)), solver.wall_time,
-                     solver.response_proto.deterministic_time)
+            first = (value, min(value, int(solver.best_objective_bound)), solver.wall_time + before[0],
+                     solver.response_proto.deterministic_time + before[1])
             # [Constraint] no more recomputed FLOPs than the best plan found; now the fastest such plan
             m.add(self.flops <= value)
             hint = self._decisions(solver)
             time_limit_s = max(0.1, time_limit_s - solver.wall_time)
             if deterministic_limit is not None:
-                deterministic_limit = max(0.01, deterministic_limit - first[3])
+                deterministic_limit = max(0.01, deterministic_limit - first[3] + before[1])
         m.minimize(self.cost)
         known, spent, charged = 0, 0.0, 0.0
         if first_plan and first is None and not isinstance(self.cost, int):
