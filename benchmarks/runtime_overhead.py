@@ -177,7 +177,8 @@ def calibrate_rates(passes: int) -> dict:
     """The cost model's rates on this machine, from the zoo's forward ops (see the module docstring)."""
     import run as policy_benchmark  # benchmarks/run.py: the zoo
 
-    classes: dict[str, list[tuple[int, float]]] = {"view": [], "flops": [], "bytes": [], "random": []}  # (work, ns)
+    classes: dict[str, list[tuple[int, float]]] = {"view": [], "flops": [], "bytes": [], "slow_bytes": [],
+                                                   "random": []}  # (work, ns)
     per_model: dict[str, Any] = {}
     for name, factory in policy_benchmark.zoo().items():
         torch.manual_seed(0)
@@ -204,7 +205,8 @@ def calibrate_rates(passes: int) -> dict:
             elif op.flops:
                 classes["flops"].append((op.flops, t))
             else:
-                classes["bytes"].append((op.bytes_moved, t))
+                slow = op.name.split(".")[1] in costmodel.SLOW_OPS
+                classes["slow_bytes" if slow else "bytes"].append((op.bytes_moved, t))
     fixed = statistics.median(t for _, t in classes["view"])
 
     def rate(key: str) -> float:
@@ -213,8 +215,9 @@ def calibrate_rates(passes: int) -> dict:
 
     return {"models": per_model, "ops_per_class": {k: len(v) for k, v in classes.items()},
             "view_op_ns": round(fixed), "flops_per_s": rate("flops"), "bytes_per_s": rate("bytes"),
-            "random_bytes_per_s": rate("random"),
+            "slow_bytes_per_s": rate("slow_bytes"), "random_bytes_per_s": rate("random"),
             "costmodel_cpu": {"flops_per_s": costmodel.CPU.flops_per_s, "bytes_per_s": costmodel.CPU.bytes_per_s,
+                              "slow_bytes_per_s": costmodel.CPU.slow_bytes_per_s,
                               "random_bytes_per_s": costmodel.CPU.random_bytes_per_s}}
 
 

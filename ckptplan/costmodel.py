@@ -29,6 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Memory-bound ops that reduce, normalise or evaluate a transcendental per element: on a CPU they run well
+# below the rate of an add (measured on the zoo's forward ops: BatchNorm in training 9.6 GB/s of inputs and
+# outputs, softmax 5.5, GELU 11, LayerNorm 15, max-pool 2.8, a mean 8.5, against an add 38, a mul 44 and an
+# in-place ReLU 179). Aten op names, without namespace and overload.
+SLOW_OPS = frozenset({
+    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    "native_layer_norm", "native_group_norm", "_softmax", "_safe_softmax", "_log_softmax", "gelu",
+    "max_pool2d_with_indices", "avg_pool2d", "mean", "embedding",
+})
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceProfile:
@@ -43,20 +53,23 @@ class DeviceProfile:
     sac_replay_ns: int  # per op its recomputation walks (cached or rerun), on top of the rerun itself
     remat_visit_ns: int = 7_500  # per forward op of the module call a rematerialization's recipe is counted in
     asynchronous: bool = False  # kernels run behind the host (a GPU): host time hides behind device time
+    slow_bytes_per_s: float | None = None  # memory traffic of SLOW_OPS; None: bytes_per_s
 
     def __post_init__(self) -> None:
-        if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s) <= 0 or min(
+        if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s, self.slow_bytes_per_s or 1) <= 0 or min(
                 self.op_overhead_ns, self.checkpoint_call_ns, self.checkpoint_op_ns, self.sac_forward_ns,
                 self.sac_replay_ns) < 0:
             raise ValueError(f"device profile {self.name!r} needs positive rates and overheads >= 0")
 
-    def cost_ns(self, *, flops: int, bytes_moved: int, is_view: bool, random_bytes: int = 0) -> int:
+    def cost_ns(self, *, flops: int, bytes_moved: int, is_view: bool, random_bytes: int = 0,
+                slow: bool = False) -> int:
         """Estimated time of one op: max(compute, memory traffic, random numbers) + overhead. Views move
-        no data. ``random_bytes``: the output a random op draws (0 for the others)."""
+        no data. ``random_bytes``: the output a random op draws (0 for the others). ``slow``: one of
+        SLOW_OPS, whose traffic moves at ``slow_bytes_per_s``."""
         if is_view:
             return self.op_overhead_ns
         compute = flops / self.flops_per_s
-        traffic = bytes_moved / self.bytes_per_s
+        traffic = bytes_moved / (self.slow_bytes_per_s or self.bytes_per_s if slow else self.bytes_per_s)
         drawn = random_bytes / self.random_bytes_per_s
         return self.op_overhead_ns + int(round(max(compute, traffic, drawn) * 1e9))
 
@@ -83,7 +96,10 @@ class DeviceProfile:
 
 # Measured on the 2-core x86_64 CPU the benchmarks run on (benchmarks/runtime_overhead.py, results in
 # benchmarks/results/runtime_overhead/), rounded:
-# * rates: the zoo's forward ops timed one by one, per class (ops with FLOPs, random ops, the others);
+# * rates: the zoo's forward ops timed one by one, per class (ops with FLOPs, random ops, SLOW_OPS, the
+#   others; two fits: 50-70 GB/s for the others, 9.5-12.4 GB/s for SLOW_OPS; before SLOW_OPS had a
+#   class of their own, one rate for all memory-bound ops read 25 GB/s, pricing BatchNorm 3x too cheap
+#   and an add 2x too dear);
 # * op_overhead_ns: between a bare eager op with autograd (~1.5 us) and what an op costs the zoo's
 #   forward above its kernel (modules, autograd: ~10 us on most models);
 # * checkpoint_*: plain torch.utils.checkpoint on chains of tiny ops (calls and per-op hooks);
@@ -92,9 +108,9 @@ class DeviceProfile:
 #   position-keyed modes (runtime.py) the tiny ops went from 14 to 9-11 us; on the blocks the figure,
 #   derived from four step times, read 24-34 us over three runs (30-35 with torch's modes): within its
 #   noise, so the constants stay.
-CPU = DeviceProfile(name="cpu", flops_per_s=180e9, bytes_per_s=30e9, random_bytes_per_s=0.85e9,
+CPU = DeviceProfile(name="cpu", flops_per_s=180e9, bytes_per_s=60e9, random_bytes_per_s=0.85e9,
                     op_overhead_ns=5_000, checkpoint_call_ns=90_000, checkpoint_op_ns=10_000,
-                    sac_forward_ns=30_000, sac_replay_ns=30_000)
+                    sac_forward_ns=30_000, sac_replay_ns=30_000, slow_bytes_per_s=11e9)
 # An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated: no GPU was lent
 # to measure it): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers at that rate too), ~8 us a
 # launch. The runtime's overheads are Python on the host: the CPU's (a server's host is faster), charged

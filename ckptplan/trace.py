@@ -225,7 +225,8 @@ class _Recorder(TorchDispatchMode):
             inputs=tuple(dict.fromkeys(in_ids)), allocates=allocates, mutates=tuple(mutated),
             flops=flops, bytes_moved=moved,
             cost_ns=self.profile.cost_ns(flops=cost_flops(func, args, kwargs, out, flops),
-                                         bytes_moved=moved, is_view=is_view, random_bytes=drawn),
+                                         bytes_moved=moved, is_view=is_view, random_bytes=drawn,
+                                         slow=func._opname in costmodel.SLOW_OPS),
             random=random, view=is_view,
         )
 
