@@ -189,6 +189,28 @@ def test_higher_order_gradients_are_refused(conv_block):
             torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
 
 
+def only(graph, path: str, budgets: tuple[str, ...]) -> ckptplan.Plan:
+    """The first FLOPs-optimal plan at ``budgets`` that rematerializes ``path``, with only that decision."""
+    plan = next(p for p in (ckptplan.solve(graph, b, objective="flops") for b in budgets)
+                if path in {r.path for r in p.regions})
+    return dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.path == path))
+
+
+def rebuilt_once_bitwise(model: nn.Module, state: dict, x: torch.Tensor, plan: ckptplan.Plan) -> int:
+    """Applies ``plan`` (one rematerialization of 0 FLOPs): gradients and BatchNorm statistics bitwise
+    those of the plain step, one rebuild counted; returns the measured peak."""
+    reference = grads_and_buffers(model, (x,))
+    model.load_state_dict(state)
+    with ckptplan.apply(model, plan) as handle:
+        got = grads_and_buffers(model, (x,))
+        assert handle.stats.recomputed_regions == 1 and handle.stats.extra_forward_flops == 0
+        model.load_state_dict(state)
+        peak = measure_peak(model, x)
+    for a, b in zip(reference, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return peak
+
+
 class Downsample(nn.Module):
     """A ResNet block that changes width: its output is ReLU(BN(conv2) + BN(shortcut conv)). The shortcut
     convolution runs between the two BatchNorms, and its output is kept anyway (its BatchNorm saves it)."""
@@ -221,25 +243,14 @@ def test_a_recipe_reads_a_kept_convolution_instead_of_rerunning_it(tmp_path):
     conv_out = graph.ops[out.kept[0]].allocates[0]
     assert conv_out in out.input_storages
     # a plan that rematerializes it: the file lists the kept op as saved, and reads back the same
-    plans = (ckptplan.solve(graph, budget, objective="flops") for budget in ("90%", "85%", "80%", "75%", "70%"))
-    found = next(plan for plan in plans if out.path in {r.path for r in plan.regions})
-    plan = dataclasses.replace(found, regions=tuple(r for r in found.regions if r.path == out.path))
+    plan = only(graph, out.path, ("90%", "85%", "80%", "75%", "70%"))
     row = plan.regions[0].ops[out.kept[0] - out.first_op]
     assert row.decision is ckptplan.Decision.SAVE and row.forced == "kept" and row.recompute_flops == 0
     again = load_plan(plan.save(tmp_path / "p.yaml"))
     assert plan_decisions(graph, again)[1] == plan_decisions(graph, plan)[1] == {out.path: frozenset()}
     regions, saved = plan_decisions(graph, plan)
     predicted = simulate(graph, regions, saved)
-    reference = grads_and_buffers(model, (x,))
-    model.load_state_dict(state)
-    with ckptplan.apply(model, plan) as handle:
-        got = grads_and_buffers(model, (x,))
-        assert handle.stats.recomputed_regions == 1 and handle.stats.extra_forward_flops == 0
-        model.load_state_dict(state)
-        peak = measure_peak(model, x)
-    for a, b in zip(reference, got):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # grads, BatchNorm statistics
-    assert peak <= predicted.peak_bytes
+    assert rebuilt_once_bitwise(model, state, x, plan) <= predicted.peak_bytes
     # setting the kept op to recompute is refused: the recipe never reruns it
     text = (tmp_path / "p.yaml").read_text()
     bad = text.replace('"save", 0, 0, "kept"', '"recompute", 0, 0, "kept"', 1)
@@ -285,16 +296,5 @@ def test_a_holding_recipe_keeps_the_costly_half_of_a_concatenation():
     predicted = simulate(graph, regions, saved)
     without = simulate(graph, regions, {})
     assert predicted.extra_forward_flops == 0 and predicted.peak_bytes < without.peak_bytes
-    plans = (ckptplan.solve(graph, b, objective="flops") for b in ("95%", "90%", "85%", "80%"))
-    plan = next(p for p in plans if held.path in {r.path for r in p.regions})
-    plan = dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.path == held.path))
-    reference = grads_and_buffers(model, (x,))
-    model.load_state_dict(state)
-    with ckptplan.apply(model, plan) as handle:
-        got = grads_and_buffers(model, (x,))
-        assert handle.stats.recomputed_regions == 1 and handle.stats.extra_forward_flops == 0
-        model.load_state_dict(state)
-        peak = measure_peak(model, x)
-    for a, b in zip(reference, got):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert peak <= predicted.peak_bytes
+    plan = only(graph, held.path, ("95%", "90%", "85%", "80%"))
+    assert rebuilt_once_bitwise(model, state, x, plan) <= predicted.peak_bytes
