@@ -29,13 +29,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import SAC_IGNORED_OPS
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import PlanMismatch
+from .errors import InputError, PlanMismatch
 from .flops import op_flops
 from .plan import Decision, RegionPlan
+from .solver.regions import Forced
 from .solver.remat import parse_path
 from .trace import HIDDEN_WRITES
 
 
+KEPT = Forced.KEPT.value  # an op of a recipe that the rerun reads instead of running (solver/remat.py)
 _COMPILED = ("Under torch.compile a plan cannot rematerialize: the compiled graph runs other ops than the traced "
              "step. For a compiled model solve with `ckptplan solve --no-remat` (solve(..., rematerialize=False)); "
              "torch.compile's memory budget recomputes such tensors itself")
@@ -231,6 +233,12 @@ class Rematerializer:
         self.running: dict[str, _RecipeMode] = {}  # anchor module -> its mode, while its call runs
         by_module: dict[str, list[tuple[int, RegionPlan]]] = {}
         for p in plans:
+            for i, o in enumerate(p.ops):
+                # a recipe keeps exactly its kept ops (their outputs read as inputs) and reruns the others
+                if (o.decision is Decision.SAVE) != (o.forced == KEPT):
+                    raise InputError(f"{p.path} op #{i} {o.op}: a rematerialization saves exactly its ops marked "
+                                     f"{KEPT!r} and reruns the others; set it back to "
+                                     f"{'save' if o.forced == KEPT else 'recompute'}, or regenerate the plan")
             module, offset = parse_path(p.path)
             by_module.setdefault(module, []).append((offset, p))
         # the saved-tensor hooks last the model's forward (whatever it raises); registered first, so they

@@ -309,7 +309,12 @@ class Handle:
         self._regions = [_RegionRuntime(model.get_submodule(r.path), r, self._counter, strict=strict,
                                         one_shape=len(plan.shapes) == 1) for r in plan.regions if not r.remat]
         remats = [r for r in plan.regions if r.remat]
-        self._remat = Rematerializer(model, remats, self._counter) if remats else None
+        try:
+            self._remat = Rematerializer(model, remats, self._counter) if remats else None
+        except BaseException:  # a recipe the plan file got wrong: leave the model as it was
+            for r in self._regions:
+                r.restore()
+            raise
         self._hooks = [
             model.register_forward_pre_hook(self._before_step, with_kwargs=True),
             model.register_forward_hook(self._after_forward),

@@ -258,6 +258,8 @@ def test_a_recipe_reads_a_kept_convolution_instead_of_rerunning_it(tmp_path):
     (tmp_path / "bad.yaml").write_text(bad)
     with pytest.raises(ckptplan.InputError, match="is kept"):
         ckptplan.check_plan(graph, load_plan(tmp_path / "bad.yaml"))
+    with pytest.raises(ckptplan.InputError, match="saves exactly its ops marked 'kept'"):
+        ckptplan.apply(model, load_plan(tmp_path / "bad.yaml"))  # refused before any step, without a trace
 
 
 class UpCat(nn.Module):
