@@ -69,7 +69,7 @@ class DeviceProfile:
         if is_view:
             return self.op_overhead_ns
         compute = flops / self.flops_per_s
-        traffic = bytes_moved / (self.slow_bytes_per_s or self.bytes_per_s if slow else self.bytes_per_s)
+        traffic = bytes_moved / ((self.slow_bytes_per_s or self.bytes_per_s) if slow else self.bytes_per_s)
         drawn = random_bytes / self.random_bytes_per_s
         return self.op_overhead_ns + int(round(max(compute, traffic, drawn) * 1e9))
 

@@ -569,14 +569,15 @@ class _Model:
             if status not in (Status.OPTIMAL, Status.FEASIBLE):
                 return self._solution(m, solver, status, time_minimised=False)
             value = int(solver.value(self.flops))
+            spent_det = solver.response_proto.deterministic_time
             first = (value, min(value, int(solver.best_objective_bound)), solver.wall_time + before[0],
-                     solver.response_proto.deterministic_time + before[1])
+                     spent_det + before[1])
             # [Constraint] no more recomputed FLOPs than the best plan found; now the fastest such plan
             m.add(self.flops <= value)
             hint = self._decisions(solver)
             time_limit_s = max(0.1, time_limit_s - solver.wall_time)
-            if deterministic_limit is not None:
-                deterministic_limit = max(0.01, deterministic_limit - first[3] + before[1])
+            if deterministic_limit is not None:  # the first search's share is already taken off
+                deterministic_limit = max(0.01, deterministic_limit - spent_det)
         m.minimize(self.cost)
         known, spent, charged = 0, 0.0, 0.0
         if first_plan and first is None and not isinstance(self.cost, int):

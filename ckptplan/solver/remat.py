@@ -118,10 +118,9 @@ def _holding(graph: Graph, short: list[Region], chained: tuple[Region, ...],
         if not any(graph.ops[i].flops for i in r.recipe):
             continue
         found = _range(graph, r.target, graph.storages[r.target].producer, r.end_op, frozenset(), hold=True)
-        if found is not None and not any(graph.ops[i].flops for i in range(found[0], r.end_op) if i not in found[1]):
-            held = _candidate(graph, r.target, *found, r.end_op, writers, deepest[r.target].path)
-            if held is not None:
-                out.append(held)
+        held = None if found is None else _candidate(graph, r.target, *found, r.end_op, writers, deepest[r.target].path)
+        if held is not None and not any(graph.ops[i].flops for i in held.recipe):
+            out.append(held)
     return tuple(out)
 
 
