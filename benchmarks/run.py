@@ -2,19 +2,21 @@
 
 Run by hand (about 8 minutes on 2 cores):
     pip install -c constraints.txt -e ".[bench]"
-    python benchmarks/run.py --out benchmarks/results/policies --steps 9
+    python benchmarks/run.py --out benchmarks/results/policies
 
 For every model of the zoo and every budget of a sweep (the no-checkpointing peak down to ckptplan's
 minimum, 6 points), each policy runs real CPU training steps and is measured in separate steps:
 
 * peak: MemTracker over one step (never with FlopCounterMode on: it keeps recomputed tensors alive);
 * extra forward FLOPs: FlopCounterMode over one whole step, minus the no-checkpointing step;
-* step time: median of several steps, as a ratio to no checkpointing timed just before each of them
-  (the machine's speed drifts over minutes: a ratio to one baseline at the start moved by 70%). The
-  steps are spread over rounds (``--rounds``): once every configuration is measured, each round applies
-  each one afresh and times a few steps of it, the order reversed every other round, so that a burst of
-  noise or drift falls on all configurations rather than on whichever ran then. The compiled policy is
-  timed at once (compiling it again each round would dominate the run);
+* step time: median of several steps, as a ratio to no checkpointing timed between them (the machine's
+  speed drifts over minutes: a ratio to one baseline at the start moved by 70%). The steps are spread
+  over rounds (``--rounds``): once every configuration is measured, each round applies each one afresh
+  and times a few steps of it, each between two steps of an unmodified copy of the model, the order of
+  configurations reversed every other round, so that a burst of noise or drift falls on all
+  configurations rather than on whichever ran then. The compiled policy is timed at once (compiling it
+  again each round would dominate the run). glibc keeps freed memory in the process
+  (``allocator.py``): otherwise each step page-faults its activations in again, by a varying amount;
 * setup time: planning (ckptplan's trace + solve), compiling or wrapping.
 
 Policies whose result does not depend on the budget (none, full, every-k, sqrt(n), op-level SAC, the
@@ -29,6 +31,7 @@ and pareto.png (measured peak against extra forward FLOPs, one panel per model).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -53,6 +56,7 @@ from ckptplan.solver import baselines  # noqa: E402
 from ckptplan.solver.regions import candidate_regions  # noqa: E402
 
 import policies  # noqa: E402
+from allocator import steady_allocator  # noqa: E402
 
 POINTS = 6
 
@@ -85,10 +89,12 @@ class Bench:
     def __init__(self, name: str, model, args: tuple, kwargs: dict, steps: int) -> None:
         self.name, self.model, self.args, self.kwargs, self.steps = name, model, args, kwargs, steps
         self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.twin = copy.deepcopy(model)  # no checkpointing, timed step by step beside a configuration
 
-    def reset(self) -> None:
-        self.model.load_state_dict(self.state)
-        self.model.zero_grad(set_to_none=True)
+    def reset(self, model=None) -> None:
+        model = self.model if model is None else model
+        model.load_state_dict(self.state)
+        model.zero_grad(set_to_none=True)
         torch.manual_seed(1234)
 
     def measure(self, step_model, plain_s: float | None = None) -> dict[str, Any]:
@@ -110,33 +116,42 @@ class Bench:
 
     def step_times(self, step_model, steps: int) -> list[float]:
         """``steps`` training step times, after one warm-up step."""
-        times = []
-        for _ in range(steps + 1):
-            self.reset()
-            t = time.perf_counter()
-            _loss(step_model(*self.args, **self.kwargs)).backward()
-            times.append(time.perf_counter() - t)
+        times = [self.one_step(step_model) for _ in range(steps + 1)]
         self.reset()
         return times[1:]
+
+    def one_step(self, step_model, model=None) -> float:
+        """One training step of ``step_model`` from the saved state and seed (loaded into ``model``, by
+        default the bench's), in seconds."""
+        self.reset(model)
+        t = time.perf_counter()
+        _loss(step_model(*self.args, **self.kwargs)).backward()
+        return time.perf_counter() - t
 
     def interleaved(self, configs: list[tuple[dict, Callable[[], tuple[Any, Callable[[], None]]]]],
                     rounds: int) -> None:
         """Time each configuration in ``rounds`` rounds (the order reversed every other round, so that a
         steady drift of the machine's speed falls alike on all), applying it afresh each time: ``apply()``
-        returns (step model, undo), and no checkpointing is timed just before it. Each row gets the median
-        of its steps (``steps // rounds`` per round, at least 2) as ``step_s``, and the median of the
-        no-checkpointing steps timed beside them as ``plain_step_s``."""
+        returns (step model, undo). After a warm-up step, its steps alternate one by one with steps of an
+        unmodified copy of the model (``twin``), so that each configuration and no checkpointing see the
+        same moments of the machine. Each row gets the median of its steps (``steps // rounds`` per round,
+        at least 2) as ``step_s``, and the median of the no-checkpointing steps between them as
+        ``plain_step_s``."""
         per_round = max(2, self.steps // rounds)
         plain: list[list[float]] = [[] for _ in configs]
         times: list[list[float]] = [[] for _ in configs]
         for k in range(rounds):
             order = list(range(len(configs)))
             for i in (order if k % 2 == 0 else order[::-1]):
-                plain[i] += self.step_times(self.model, per_round)
                 step_model, undo = configs[i][1]()
                 try:
-                    times[i] += self.step_times(step_model, per_round)
+                    self.one_step(step_model)  # warm-up: ckptplan's first step checks the plan's ops
+                    for _ in range(per_round):
+                        plain[i].append(self.one_step(self.twin, self.twin))
+                        times[i].append(self.one_step(step_model))
+                    plain[i].append(self.one_step(self.twin, self.twin))
                 finally:
+                    self.reset()
                     undo()
         for (row, _), t, p in zip(configs, times, plain):
             row.update(step_s=statistics.median(t), plain_step_s=statistics.median(p), timed_steps=len(t))
@@ -301,13 +316,13 @@ def timed_configs(result: dict) -> dict[tuple, dict]:
 
 
 def step_ratio(row: dict) -> float:
-    """A configuration's measured step time over the no-checkpointing step timed just before it."""
+    """A configuration's measured step time over the no-checkpointing step timed between its steps."""
     return row["step_s"] / row["plain_step_s"]
 
 
 def rank_agreement(result: dict) -> dict[str, Any]:
     """Spearman correlation between predicted recompute time and measured step time (ratio to no
-    checkpointing, timed just before)."""
+    checkpointing, timed between its steps)."""
     rows = list(timed_configs(result).values())
     pred = [r.get("predicted_cost_ns", 0) for r in rows]
     meas = [step_ratio(r) for r in rows]
@@ -376,7 +391,7 @@ def targets(res: dict) -> dict[str, Any]:
 def markdown(results: list[dict], command: str, machine: str) -> str:
     lines = [f"# Policy benchmark\n\n`{command}` on {machine}. Measured on real CPU steps: peak by MemTracker, "
              "extra forward FLOPs by FlopCounterMode (whole step minus the no-checkpointing step, separate "
-             "steps), step time as a ratio to no checkpointing timed just before each configuration (medians; "
+             "steps), step time as a ratio to no checkpointing timed step by step between its steps (medians; "
              "spread over interleaved rounds, except the compiled policy's). Per budget, each anchor's best knob "
              "that fits (fewest extra FLOPs); `-` = nothing fits.\n"]
     for res in results:
@@ -447,8 +462,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "policies"))
     ap.add_argument("--models", default=",".join(zoo()), help="comma-separated subset of the zoo")
-    ap.add_argument("--steps", type=int, default=9, help="timed steps per configuration (median)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds the timed steps are spread over")
+    ap.add_argument("--steps", type=int, default=24, help="timed steps per configuration (median)")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds the timed steps are spread over")
     ap.add_argument("--points", type=int, default=POINTS, help="budgets per model")
     ap.add_argument("--render", action="store_true", help="only rewrite results.md and pareto.png from results.json")
     a = ap.parse_args()
@@ -457,6 +472,7 @@ def main() -> None:
         data = json.loads((out / "results.json").read_text())
         results, command, machine = data["results"], data["command"], data["machine"]
     else:
+        allocator = steady_allocator()
         torch.set_num_threads(max(1, (os.cpu_count() or 2)))
         out.mkdir(parents=True, exist_ok=True)
         models = zoo()
@@ -465,7 +481,7 @@ def main() -> None:
             res["targets"] = targets(res)
         command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
         machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-                   f"torch {torch.__version__}")
+                   f"torch {torch.__version__}, {allocator}")
         (out / "results.json").write_text(json.dumps({"command": command, "machine": machine,
                                                      "results": results}, indent=1) + "\n")
     (out / "results.md").write_text(markdown(results, command, machine))

@@ -19,9 +19,14 @@ mode counts the FLOPs actually recomputed), and a region that saves nothing in p
    saving nothing (plain), and saving every op (selective, nothing rerun). With B blocks of K ops:
    plain - none = B * (call + K * (hooks + rerun op)), from (64 x 1) and (4 x 64) blocks;
    selective - plain, per op: the dispatch modes in forward, and in backward the replay less the rerun
-   op. ``checkpoint_call_ns`` and ``checkpoint_op_ns`` of ``costmodel.CPU`` are these, rounded; tanh's
+   op. These are tight-loop figures (the GPU profile's host overheads are these, rounded); tanh's
    one-tensor ops understate selective checkpointing's cost on real ops (tuples, more arguments to walk),
-   so its constants come from the real models below (``sac_ns_per_op_visit``).
+   hence the real models below (``sac_ns_per_op_visit``).
+
+These are the forward-pass rates and tight-loop overheads. ``costmodel.CPU`` takes them scaled as
+benchmarks/region_costs.py measures them paid in real steps (a recomputation reads cold inputs; the
+runtime's Python runs between large kernels): the table's costmodel.CPU column differs from the fit by
+those factors.
 3. Real models, interleaved in rounds so that drift of the machine cancels, the median step time of:
 
    * ``plain``: no checkpointing;

@@ -204,6 +204,22 @@ class _RecipeMode(TorchDispatchMode):
         return out
 
 
+def _in_compiled_module(depth: int = 64) -> bool:
+    """Whether this call runs inside a ``torch.compile``d module's ``__call__`` (up to ``depth`` frames)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None:  # nothing was compiled in this process (and importing dynamo takes a second)
+        return False
+    compiled_call = eval_frame.OptimizedModule.__call__.__code__
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is compiled_call:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def shapes_equal(out: Any, want: tuple[tuple[int, ...], ...]) -> bool:
     """Whether an op's tensor outputs have the plan's shapes (``((),)`` for an op that returns none)."""
     if isinstance(out, torch.Tensor):  # most ops: no flattening
@@ -257,7 +273,8 @@ class Rematerializer:
 
     # ---- the model's forward: the saved-tensor hooks ------------------------------------------------------
     def _begin(self, _m: nn.Module, _a: Any) -> None:
-        if torch.compiler.is_compiling():  # fullgraph=True traces this hook; otherwise dynamo runs it eagerly
+        # fullgraph=True traces this hook; otherwise dynamo runs it eagerly, inside the compiled module's call
+        if torch.compiler.is_compiling() or _in_compiled_module():
             raise PlanMismatch(f"the plan rematerializes tensors. {_COMPILED}")
         if torch.is_grad_enabled() and self.saved_hooks is None:
             self.saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
