@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from allocator import steady_allocator  # noqa: E402
-from run import Bench, _loss, zoo  # noqa: E402
+from run import Bench, zoo  # noqa: E402
 from runtime_overhead import plan_for  # noqa: E402
 
 import ckptplan  # noqa: E402
@@ -71,11 +71,8 @@ def sample(regions: tuple, per_model: int) -> list:
 
 
 def _step_s(bench: Bench) -> float:
-    """One training step from the bench's state and seed, in seconds."""
-    bench.reset()
-    t = time.perf_counter()
-    _loss(bench.model(*bench.args, **bench.kwargs)).backward()
-    return time.perf_counter() - t
+    """One training step of the bench's model from its state and seed, in seconds."""
+    return bench.one_step(bench.model)
 
 
 class Paired:
