@@ -80,7 +80,6 @@ class Paired:
 
     def __init__(self, name: str, model, args: tuple, kwargs: dict) -> None:
         self.plain = Bench(name, model, args, kwargs, 1)
-        self.name, self.model, self.args, self.kwargs = name, model, args, kwargs
 
     def plain_s(self, steps: int) -> float:
         """Median plain step, after a warm-up."""
@@ -89,15 +88,16 @@ class Paired:
 
     def extra_s(self, plan: ckptplan.Plan, pairs: int) -> tuple[float, float]:
         """(median, standard error of the mean) of the step time the plan adds, in seconds."""
-        twin = copy.deepcopy(self.model)
-        bench = Bench(self.name, twin, self.args, self.kwargs, 1)
+        plain = self.plain
+        twin = copy.deepcopy(plain.model)
+        bench = Bench(plain.name, twin, plain.args, plain.kwargs, 1)
         with ckptplan.apply(twin, plan):
             _step_s(bench)  # the first step checks the plan's ops
             diffs = []
-            before = _step_s(self.plain)
+            before = _step_s(plain)
             for _ in range(pairs):
                 with_plan = _step_s(bench)
-                after = _step_s(self.plain)
+                after = _step_s(plain)
                 diffs.append(with_plan - (before + after) / 2)
                 before = after
         return statistics.median(diffs), statistics.pstdev(diffs) / len(diffs) ** 0.5
@@ -109,8 +109,7 @@ def rerun_by_class(plan: ckptplan.Plan) -> dict[str, int]:
     for r in plan.regions:
         for o in r.ops:
             if o.recompute_ns:
-                slow = o.op.split(".")[1] in costmodel.SLOW_OPS
-                out["slow" if slow else "flops" if o.recompute_flops else "memory"] += o.recompute_ns
+                out["slow" if costmodel.is_slow(o.op) else "flops" if o.recompute_flops else "memory"] += o.recompute_ns
     return out
 
 

@@ -210,8 +210,7 @@ def calibrate_rates(passes: int) -> dict:
             elif op.flops:
                 classes["flops"].append((op.flops, t))
             else:
-                slow = op.name.split(".")[1] in costmodel.SLOW_OPS
-                classes["slow_bytes" if slow else "bytes"].append((op.bytes_moved, t))
+                classes["slow_bytes" if costmodel.is_slow(op.name) else "bytes"].append((op.bytes_moved, t))
     fixed = statistics.median(t for _, t in classes["view"])
 
     def rate(key: str) -> float:

@@ -40,6 +40,13 @@ SLOW_OPS = frozenset({
 })
 
 
+def is_slow(op_name: str) -> bool:
+    """Whether a traced op (``aten.native_batch_norm.default``, as ``OpRecord.name`` and the plan file
+    write it) is one of SLOW_OPS."""
+    parts = op_name.split(".")
+    return len(parts) > 1 and parts[1] in SLOW_OPS
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceProfile:
     name: str

@@ -78,3 +78,11 @@ def test_the_solver_caches_nothing_when_dispatch_costs_more_than_it_saves(monkey
     dear = plan_with(dataclasses.replace(costmodel.CPU, sac_forward_ns=10**9, sac_replay_ns=10**9))
     assert saved(free) > 0 and saved(dear) == 0
     assert dear.regions
+
+
+def test_slow_ops_are_recognised_by_their_traced_names():
+    """The traced name of a SLOW_OPS op (namespace, op, overload) is slow; an add and a bare word are not."""
+    assert costmodel.is_slow("aten.native_batch_norm.default")
+    assert costmodel.is_slow("aten._softmax.default")
+    assert not costmodel.is_slow("aten.add.Tensor")
+    assert not costmodel.is_slow("native_batch_norm")
