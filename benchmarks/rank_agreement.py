@@ -18,7 +18,9 @@ it does not share; the mean of several runs is the fairer target.
 Pairwise, the order itself: a pair of configurations is *settled* when every run orders it the same way
 (measured step-time ratios), and the cost model agrees on it when it predicts that order (it may also
 price the pair alike: a tie, counted apart). The pairs the runs disagree on are ones the measurement
-cannot order.
+cannot order. Two runs also agree by chance on half the pairs whose configurations cost the same; a
+pair is *distinct* when, in every run, the step times the two add (``extra_step_s``) differ in the same
+direction by more than ``Z`` standard errors of their difference (runs that recorded them).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import _spearman, step_ratio, timed_configs  # noqa: E402
 
+Z = 2.0  # standard errors apart, in every run: a distinct pair
+
 
 def compare(runs: list[list[dict]]) -> list[dict]:
     out = []
@@ -48,8 +52,30 @@ def compare(runs: list[list[dict]]) -> list[dict]:
                     "run_vs_run": [round(_spearman(a, b), 3) for a, b in combinations(measured, 2)],
                     "predicted_vs_run": [round(_spearman(predicted, m), 3) for m in measured],
                     "predicted_vs_mean": round(_spearman(predicted, mean), 3),
-                    **settled_pairs(predicted, measured)})
+                    **settled_pairs(predicted, measured),
+                    **distinct_pairs(predicted, [[c[k] for k in keys] for c in configs])})
     return out
+
+
+def distinct_pairs(predicted: list[int], rows: list[list[dict]]) -> dict[str, int | None]:
+    """Pairs whose extra step times differ by more than Z standard errors, the same way in every run
+    (``rows``: per run, each configuration's row); of those, how many the prediction orders so too.
+    None when a run did not record the standard errors."""
+    if any("extra_step_se_s" not in row for run in rows for row in run):
+        return {"distinct_pairs": None, "predicted_agrees_distinct": None}
+    distinct = agreed = 0
+    for i, j in combinations(range(len(predicted)), 2):
+        signs = set()
+        for run in rows:
+            a, b = run[i], run[j]
+            gap = a["extra_step_s"] - b["extra_step_s"]
+            spread = (a["extra_step_se_s"] ** 2 + b["extra_step_se_s"] ** 2) ** 0.5
+            signs.add((gap > Z * spread) - (gap < -Z * spread))
+        if len(signs) != 1 or 0 in signs:
+            continue
+        distinct += 1
+        agreed += ((predicted[i] > predicted[j]) - (predicted[i] < predicted[j])) == signs.pop()
+    return {"distinct_pairs": distinct, "predicted_agrees_distinct": agreed}
 
 
 def settled_pairs(predicted: list[int], measured: list[list[float]]) -> dict[str, int]:
@@ -65,6 +91,12 @@ def settled_pairs(predicted: list[int], measured: list[list[float]]) -> dict[str
         agreed += order == signs.pop()
         tied += order == 0
     return {"pairs": pairs, "settled_pairs": settled, "predicted_agrees": agreed, "predicted_ties": tied}
+
+
+def _share(pairs: int | None, agreed: int | None) -> str:
+    if pairs is None or agreed is None:
+        return "not recorded | |"
+    return f"{pairs} | {agreed} ({100 * agreed / max(1, pairs):.0f}%) |"
 
 
 def main() -> None:
@@ -85,15 +117,18 @@ def main() -> None:
              f"Runs: {', '.join(f'`{p}`' for p in a.runs)} ({data[0]['command']}; {data[0]['machine']}). "
              "Spearman rank correlation over the configurations every run measured; then the pairs of "
              "configurations every run orders the same way (settled), and how many of those the cost model "
-             "orders the same way (a tie: it prices the pair alike).\n",
+             "orders the same way (a tie: it prices the pair alike); then the pairs whose extra step times "
+             f"differ by more than {Z:g} standard errors the same way in every run (distinct), and how many of "
+             "those the cost model orders the same way.\n",
              "| model | configs | measured run vs run | predicted vs each run | predicted vs mean of runs "
-             "| settled pairs / pairs | prediction agrees | prediction ties |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| settled pairs / pairs | prediction agrees | prediction ties | distinct pairs | prediction agrees |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         share = f"{r['predicted_agrees']} ({100 * r['predicted_agrees'] / max(1, r['settled_pairs']):.0f}%)"
         lines.append(f"| {r['model']} | {r['configs']} | {', '.join(map(str, r['run_vs_run']))} | "
                      f"{', '.join(map(str, r['predicted_vs_run']))} | {r['predicted_vs_mean']} | "
-                     f"{r['settled_pairs']} / {r['pairs']} | {share} | {r['predicted_ties']} |")
+                     f"{r['settled_pairs']} / {r['pairs']} | {share} | {r['predicted_ties']} | "
+                     f"{_share(r['distinct_pairs'], r['predicted_agrees_distinct'])}")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

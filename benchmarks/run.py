@@ -135,26 +135,33 @@ class Bench:
         returns (step model, undo). After a warm-up step, its steps alternate one by one with steps of an
         unmodified copy of the model (``twin``), so that each configuration and no checkpointing see the
         same moments of the machine. Each row gets the median of its steps (``steps // rounds`` per round,
-        at least 2) as ``step_s``, and the median of the no-checkpointing steps between them as
-        ``plain_step_s``."""
+        at least 2) as ``step_s``, the median of the no-checkpointing steps between them as
+        ``plain_step_s``, and what a step adds to the no-checkpointing steps either side of it: the median
+        as ``extra_step_s``, its standard error as ``extra_step_se_s`` (a median's, for normal noise: 1.25
+        times the mean's; rank_agreement.py's test of whether two configurations differ)."""
         per_round = max(2, self.steps // rounds)
         plain: list[list[float]] = [[] for _ in configs]
         times: list[list[float]] = [[] for _ in configs]
+        diffs: list[list[float]] = [[] for _ in configs]  # each step less the plain steps either side of it
         for k in range(rounds):
             order = list(range(len(configs)))
             for i in (order if k % 2 == 0 else order[::-1]):
                 step_model, undo = configs[i][1]()
                 try:
                     self.one_step(step_model)  # warm-up: ckptplan's first step checks the plan's ops
+                    before = self.one_step(self.twin, self.twin)
+                    plain[i].append(before)
                     for _ in range(per_round):
-                        plain[i].append(self.one_step(self.twin, self.twin))
                         times[i].append(self.one_step(step_model))
-                    plain[i].append(self.one_step(self.twin, self.twin))
+                        plain[i].append(self.one_step(self.twin, self.twin))
+                        diffs[i].append(times[i][-1] - (before + plain[i][-1]) / 2)
+                        before = plain[i][-1]
                 finally:
                     self.reset()
                     undo()
-        for (row, _), t, p in zip(configs, times, plain):
-            row.update(step_s=statistics.median(t), plain_step_s=statistics.median(p), timed_steps=len(t))
+        for (row, _), t, p, d in zip(configs, times, plain, diffs):
+            row.update(step_s=statistics.median(t), plain_step_s=statistics.median(p), timed_steps=len(t),
+                       extra_step_s=statistics.median(d), extra_step_se_s=1.2533 * statistics.stdev(d) / len(d) ** 0.5)
 
 
 def _loss(out):

@@ -14,10 +14,10 @@ The runtime (runtime.py) adds its own cost, which is charged too:
   Python policy for every op in forward (``sac_forward_ns``) and walk every op again in the
   recomputation, cached or rerun (``sac_replay_ns``). A region that saves nothing runs as plain
   ``torch.utils.checkpoint`` and pays neither;
-* a rematerialization (solver/remat.py) pays what a checkpoint call and its ops' hooks pay (its
-  saved-tensor handles, its recipe recorded and replayed from Python), and a pass-through dispatch mode on
-  every forward op of the module call it counts its recipe in, ``remat_visit_ns`` (measured: 10.6 us an op
-  under a mode that only calls the op, against 3.2 us without).
+* a rematerialization (solver/remat.py) pays ``remat_ns`` (its recipe recorded and replayed from Python,
+  its saved-tensor handles packed and unpacked) and its ops' hooks, and a pass-through dispatch mode on
+  every forward op of the module call it counts its recipe in, ``remat_visit_ns`` (measured in a tight
+  loop: 10.6 us an op under a mode that only calls the op, against 3.2 us without).
 
 Those overheads are Python on the host. On the CPU they add to the step. On a GPU (``asynchronous``),
 kernels run behind the host, so host time costs only where it is longer than the kernels it launches:
@@ -61,12 +61,20 @@ class DeviceProfile:
     remat_visit_ns: int = 7_500  # per forward op of the module call a rematerialization's recipe is counted in
     asynchronous: bool = False  # kernels run behind the host (a GPU): host time hides behind device time
     slow_bytes_per_s: float | None = None  # memory traffic of SLOW_OPS; None: bytes_per_s
+    # per rematerialization, beside its ops' hooks and its recipe mode's visits: the recipe recorded, its
+    # storage registered, the saved tensors' handles packed and unpacked, the rerun; None: checkpoint_call_ns
+    remat_call_ns: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s, self.slow_bytes_per_s or 1) <= 0 or min(
                 self.op_overhead_ns, self.checkpoint_call_ns, self.checkpoint_op_ns, self.sac_forward_ns,
                 self.sac_replay_ns) < 0:
             raise ValueError(f"device profile {self.name!r} needs positive rates and overheads >= 0")
+
+    @property
+    def remat_ns(self) -> int:
+        """What one rematerialization costs beside its ops' hooks and its recipe mode's visits."""
+        return self.checkpoint_call_ns if self.remat_call_ns is None else self.remat_call_ns
 
     def cost_ns(self, *, flops: int, bytes_moved: int, is_view: bool, random_bytes: int = 0,
                 slow: bool = False) -> int:
@@ -84,12 +92,13 @@ class DeviceProfile:
         """The part of an op's estimate that runs on the device (its estimate less the launch overhead)."""
         return max(0, cost_ns - self.op_overhead_ns)
 
-    def region_ns(self, *, num_ops: int, num_rerun: int, device_ns: int) -> tuple[int, int]:
+    def region_ns(self, *, num_ops: int, num_rerun: int, device_ns: int, remat: bool = False) -> tuple[int, int]:
         """(checkpointing a region at all, selective checkpointing on top) beyond the ops it reruns, for
         a region of ``num_ops`` forward ops whose recomputation walks ``num_rerun`` of them (early stop)
-        and whose ops run ``device_ns`` on the device in forward and rerun together."""
+        and whose ops run ``device_ns`` on the device in forward and rerun together. ``remat``: a
+        rematerialization's recipe, which pays ``remat_ns`` instead of a checkpoint call."""
         eager = (num_ops + num_rerun) * self.op_overhead_ns
-        plain = self.checkpoint_call_ns + num_ops * self.checkpoint_op_ns
+        plain = (self.remat_ns if remat else self.checkpoint_call_ns) + num_ops * self.checkpoint_op_ns
         selective = num_ops * self.sac_forward_ns + num_rerun * self.sac_replay_ns
         if not self.asynchronous:
             return plain, selective
@@ -104,24 +113,30 @@ class DeviceProfile:
 # Calibrated where the costs are paid: on the 2-core x86_64 CPU the benchmarks run on, decisions applied to
 # the zoo's real training steps, alone and in random mixes (benchmarks/region_costs.py, results in
 # benchmarks/results/region_costs/):
-# * one checkpoint call (a region, or a recipe's handles), from module calls checkpointed whole against
-#   their children one by one: 0.43 ms, median of 18 (-0.4 to 1.5 ms); the tight loops of
+# * one checkpoint call, from module calls checkpointed whole against their children one by one: 0.43 ms,
+#   median of 18 (-0.4 to 1.5 ms; 0.46 ms in a second run); the tight loops of
 #   benchmarks/runtime_overhead.py read 80 us. Between a real model's kernels its Python runs with cold
 #   caches, and each recomputation reads its inputs back from memory;
-# * then a weighted fit over 214 decisions and mixes of the step time they add: ops with FLOPs rerun at
+# * a first weighted fit over 214 decisions and mixes of the step time they add: ops with FLOPs rerun at
 #   1.47x their forward-pass time, other memory-bound ops at 0.85x, SLOW_OPS at 4.6x (their forward
 #   passes, timed one by one by runtime_overhead.py: 180e9 FLOP/s, 60e9 and 11e9 B/s; the rates below are
-#   those divided by the factors), and the other modelled overheads (hooks per op, dispatch modes, recipe
-#   modes) at 0.81x the tight-loop figures, which are scaled so here;
-# * any plan at all adds 1.3 ms more, not charged: every plan that checkpoints anything pays it alike.
-# (The committed run measured against the earlier constants; run again, it checks these: scales near 1.)
-# With these the fit's rms error over those decisions is 2.1 ms, against 4.4 ms with the forward-pass and
-# tight-loop figures. The fixed part of an op, op_overhead_ns, lies between a bare eager op with autograd
-# (~1.5 us) and what an op costs the zoo's forward above its kernel (~10 us); random_bytes_per_s is
-# dropout's masks in a forward pass.
+#   those divided by the factors), the ops under a checkpoint's hooks at 8 us;
+# * then, those charged, a fit of what the runtime adds beyond them, over a second run of those rows
+#   (its counts recorded): 16.5 us an op under selective checkpointing's modes (forward, and again in the
+#   recomputation's walk), 0.67 ms a rematerialization (its recipe recorded, its saved tensors packed as
+#   handles by the forward's saved-tensor hooks, the rebuild) and 7.1 us a forward op its recipe mode
+#   visits; the splits of that run read 0.46 ms a call. The first run's rows, counted again, read 23 us,
+#   0.95 ms and 9.2 us: these figures move by a third from run to run.
+# * every plan pays 0.34 ms more on average (what the fit leaves), not charged: it is alike for all.
+# rms error over the second run's rows, as the simulator charges them: 1.66 ms; 1.67 ms with a recipe
+# charged as a checkpoint call and 6 us a visit (the constants before), 1.95 ms with the first run's
+# figures. The fixed part of an op, op_overhead_ns, lies between a bare eager op with autograd (~1.5 us)
+# and what an op costs the zoo's forward above its kernel (~10 us); random_bytes_per_s is dropout's masks
+# in a forward pass.
 CPU = DeviceProfile(name="cpu", flops_per_s=123e9, bytes_per_s=70e9, random_bytes_per_s=0.85e9,
-                    op_overhead_ns=5_000, checkpoint_call_ns=430_000, checkpoint_op_ns=8_000,
-                    sac_forward_ns=24_000, sac_replay_ns=24_000, remat_visit_ns=6_000, slow_bytes_per_s=2.4e9)
+                    op_overhead_ns=5_000, checkpoint_call_ns=460_000, checkpoint_op_ns=8_000,
+                    sac_forward_ns=16_500, sac_replay_ns=16_500, remat_call_ns=670_000, remat_visit_ns=7_100,
+                    slow_bytes_per_s=2.4e9)
 # An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated: no GPU was lent
 # to measure it): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers at that rate too), ~8 us a
 # launch. The runtime's overheads are Python on the host, charged where they are longer than the kernels

@@ -10,7 +10,7 @@ import torch
 
 import ckptplan
 from ckptplan import costmodel
-from ckptplan.solver import cpsat
+from ckptplan.solver import cpsat, remat
 from ckptplan.solver.regions import candidate_regions
 from ckptplan.solver.simulate import simulate
 
@@ -23,6 +23,23 @@ def test_on_the_cpu_the_runtime_overheads_add_up(ops, rerun):
     plain, selective = cpu.region_ns(num_ops=ops, num_rerun=rerun, device_ns=10**9)  # device time: ignored
     assert plain == cpu.checkpoint_call_ns + ops * cpu.checkpoint_op_ns
     assert selective == ops * cpu.sac_forward_ns + rerun * cpu.sac_replay_ns
+
+
+def test_a_rematerialization_pays_its_own_call_its_hooks_and_its_recipe_modes_visits():
+    """A recipe's fixed cost is remat_ns, not a checkpoint call's; each forward op of the module call
+    its recipe mode counts in costs remat_visit_ns. Without remat_call_ns it is a checkpoint call."""
+    cpu = costmodel.CPU
+    assert cpu.remat_ns == cpu.remat_call_ns != cpu.checkpoint_call_ns
+    assert cpu.region_ns(num_ops=3, num_rerun=2, device_ns=0, remat=True)[0] == cpu.remat_ns + 3 * cpu.checkpoint_op_ns
+    assert dataclasses.replace(cpu, remat_call_ns=None).remat_ns == cpu.checkpoint_call_ns
+    torch.manual_seed(0)
+    graph = ckptplan.trace(_Chain(2, 16), torch.randn(4, 32, 16))
+    remats = [r for r in ckptplan.planner.candidates(graph) if r.remat]
+    assert remats
+    for r in remats:
+        call = remat.anchor(graph, r.first_op, r.end_op)
+        assert r.checkpoint_ns == (cpu.remat_ns + (r.end_op - r.first_op) * cpu.checkpoint_op_ns
+                                   + (call.end_op - call.first_op) * cpu.remat_visit_ns)
 
 
 def test_on_a_gpu_host_time_hides_behind_long_kernels():

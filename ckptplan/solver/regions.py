@@ -224,14 +224,15 @@ def _make_region(graph: Graph, path: str) -> Region | None:
 
 
 def _overheads(graph: Graph, first: int, end: int, recompute_end: int,
-               rerun: tuple[int, ...] | None = None) -> tuple[int, int]:
+               rerun: tuple[int, ...] | None = None, *, remat: bool = False) -> tuple[int, int]:
     """(checkpointing ops [first, end) at all, selective checkpointing on top): costmodel.region_ns.
-    ``rerun``: the ops the recomputation runs, when not all of [first, recompute_end)."""
+    ``rerun``: the ops the recomputation runs, when not all of [first, recompute_end); ``remat``: the
+    ops are a rematerialization's recipe."""
     profile = profile_for(graph.device)
     rerun = tuple(range(first, recompute_end)) if rerun is None else rerun
     device = sum(profile.device_ns(graph.ops[i].cost_ns) for i in range(first, end)) + sum(
         profile.device_ns(graph.ops[i].cost_ns) for i in rerun)
-    return profile.region_ns(num_ops=end - first, num_rerun=len(rerun), device_ns=device)
+    return profile.region_ns(num_ops=end - first, num_rerun=len(rerun), device_ns=device, remat=remat)
 
 
 def _saves_internal(graph: Graph, path: str, inside: set[int]) -> bool:

@@ -200,7 +200,7 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
         first_op=first, end_op=end, recompute_end=end, recompute_event=s.first_unpack_event,
         release_event=s.free_event - 1, input_storages=tuple(inputs), choices=(),
         forced=tuple((i, Forced.KEPT if i in kept else Forced.RECIPE) for i in range(first, end)),
-        mutated_buffers=(), checkpoint_ns=_overheads(graph, first, end, end, rerun)[0] + visits, target=target,
+        mutated_buffers=(), checkpoint_ns=_overheads(graph, first, end, end, rerun, remat=True)[0] + visits, target=target,
         kept=kept)
 
 
