@@ -187,7 +187,7 @@ def one_model(name: str, factory, per_model: int, mixes: int, pairs: int) -> dic
     rows = []
     for decisions in sets:
         plan = plan_for(graph, {r.path: saved for r, _, saved in decisions})
-        rerun = rerun_by_class(plan)
+        predicted = prediction(graph, plan, [(r, kind) for r, kind, _ in decisions])
         median, se = paired.extra_s(plan, pairs)
         label = " + ".join(f"{r.path} {kind}" for r, kind, _ in decisions)
         rows.append({"decisions": label, "kind": decisions[0][1] if len(decisions) == 1 else "mix",
@@ -195,21 +195,17 @@ def one_model(name: str, factory, per_model: int, mixes: int, pairs: int) -> dic
                      "selective": sum(k == "save-all" for _, k, _ in decisions),
                      "remats": sum(k == "remat" for _, k, _ in decisions),
                      "ops": sum(len(r.ops) for r, _, _ in decisions),
-                     "rerun_ops": sum(o.recompute_ns > 0 for r in plan.regions for o in r.ops),
-                     **{f"predicted_rerun_{c}_ns": v for c, v in rerun.items()},
-                     "predicted_rerun_ns": sum(rerun.values()),
-                     "predicted_overhead_ns": plan.extra_cost_ns - sum(rerun.values()),
-                     "predicted_ns": plan.extra_cost_ns, "measured_ns": round(median * 1e9),
-                     "measured_se_ns": round(se * 1e9),
-                     "counts": counts(graph, plan, [(r, kind) for r, kind, _ in decisions])})
+                     "rerun_ops": sum(o.recompute_ns > 0 for r in plan.regions for o in r.ops), **predicted,
+                     "measured_ns": round(median * 1e9), "measured_se_ns": round(se * 1e9)})
         print(f"[{name}] {label}: predicted {plan.extra_cost_ns / 1e6:.2f} ms "
-              f"(rerun {sum(rerun.values()) / 1e6:.2f}), measured {median * 1e3:.2f} +- {se * 1e3:.2f} ms", flush=True)
+              f"(rerun {predicted['predicted_rerun_ns'] / 1e6:.2f}), measured {median * 1e3:.2f} +- {se * 1e3:.2f} ms",
+              flush=True)
     splits = []
     for parent, children in split_candidates(regions):
         whole = plan_for(graph, {parent.path: frozenset()})
         parts = plan_for(graph, {c.path: frozenset() for c in children})
         (mw, sw), (mp, sp) = paired.extra_s(whole, 2 * pairs), paired.extra_s(parts, 2 * pairs)
-        split = split_call(graph, parent, children, mw, mp)
+        split = split_call(whole, parts, len(children), mw, mp)
         splits.append({"parent": parent.path, "children": len(children), "whole_ns": round(mw * 1e9),
                        "parts_ns": round(mp * 1e9), "se_ns": round(1e9 * (sw * sw + sp * sp) ** 0.5), **split})
         print(f"[{name}] {parent.path} whole {mw * 1e3:.2f} ms, its {len(children)} children one by one "
@@ -219,13 +215,22 @@ def one_model(name: str, factory, per_model: int, mixes: int, pairs: int) -> dic
             "summary": summarise(rows)}
 
 
-def split_call(graph, parent, children: list, whole_s: float, parts_s: float) -> dict[str, int]:
-    """What one more checkpoint call costs: ``children`` checkpointed one by one (``parts_s`` added to a
-    step) against ``parent`` whole (``whole_s``), less the gap the cost model predicts in what they rerun."""
-    whole = plan_for(graph, {parent.path: frozenset()})
-    parts = plan_for(graph, {c.path: frozenset() for c in children})
+def prediction(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict[str, Any]:
+    """A row's predictions: the simulator's recompute time for ``plan`` (these (candidate, kind)
+    decisions), split into the ops rerun by class and the rest, and the row's ``counts``."""
+    rerun = rerun_by_class(plan)
+    return {**{f"predicted_rerun_{c}_ns": v for c, v in rerun.items()}, "predicted_rerun_ns": sum(rerun.values()),
+            "predicted_overhead_ns": plan.extra_cost_ns - sum(rerun.values()), "predicted_ns": plan.extra_cost_ns,
+            "counts": counts(graph, plan, decisions)}
+
+
+def split_call(whole: ckptplan.Plan, parts: ckptplan.Plan, children: int, whole_s: float,
+               parts_s: float) -> dict[str, int]:
+    """What one more checkpoint call costs: a module call's ``children`` checkpointed one by one
+    (``parts``, ``parts_s`` added to a step) against the call whole (``whole``, ``whole_s``), less the gap
+    the cost model predicts in what they rerun."""
     rerun_gap = sum(rerun_by_class(parts).values()) - sum(rerun_by_class(whole).values())
-    call = ((parts_s - whole_s) * 1e9 - rerun_gap) / (len(children) - 1)
+    call = ((parts_s - whole_s) * 1e9 - rerun_gap) / (children - 1)
     return {"predicted_rerun_gap_ns": rerun_gap, "call_ns": round(call)}
 
 
@@ -318,16 +323,14 @@ def recount(results: list[dict]) -> None:
         for row in res["rows"]:
             decisions = [(by_path[p], kind) for p, kind in (d.rsplit(" ", 1) for d in row["decisions"].split(" + "))]
             saved = {r.path: frozenset(r.choices) if kind == "save-all" else frozenset() for r, kind in decisions}
-            plan = plan_for(graph, saved)
-            rerun = rerun_by_class(plan)
-            row.update({f"predicted_rerun_{c}_ns": v for c, v in rerun.items()}, predicted_rerun_ns=sum(rerun.values()),
-                       predicted_overhead_ns=plan.extra_cost_ns - sum(rerun.values()), predicted_ns=plan.extra_cost_ns,
-                       counts=counts(graph, plan, decisions))
+            row.update(prediction(graph, plan_for(graph, saved), decisions))
         res["summary"] = summarise(res["rows"])
-        children = dict((p.path, c) for p, c in split_candidates(tuple(by_path.values())))
+        children = {p.path: c for p, c in split_candidates(tuple(by_path.values()))}
         for sp in res["splits"]:
-            sp.update(split_call(graph, by_path[sp["parent"]], children[sp["parent"]], sp["whole_ns"] / 1e9,
-                                 sp["parts_ns"] / 1e9))
+            kids = children[sp["parent"]]
+            whole = plan_for(graph, {sp["parent"]: frozenset()})
+            parts = plan_for(graph, {c.path: frozenset() for c in kids})
+            sp.update(split_call(whole, parts, len(kids), sp["whole_ns"] / 1e9, sp["parts_ns"] / 1e9))
 
 
 def markdown(results: list[dict], fitted: dict[str, Any], command: str, machine: str) -> str:
