@@ -56,7 +56,7 @@ from ckptplan.solver.regions import Forced  # noqa: E402
 from ckptplan.solver.simulate import simulate  # noqa: E402
 
 CLASSES = ("flops", "memory", "slow", "random")  # ops with FLOPs, other memory-bound ops, costmodel.SLOW_OPS, random ops
-COUNTS = ("rerun_ops", "calls", "hook_ops", "sac_ops", "remats", "visit_ops")
+COUNTS = ("rerun_ops", "calls", "hook_ops", "sac_ops", "remats", "visit_ops", "packs")
 
 
 def kinds(region) -> list[tuple[str, frozenset[int]]]:
@@ -131,8 +131,11 @@ def counts(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict
     """What the fit (``calibrate``) prices, for these (candidate, kind) decisions and their plan: the reruns
     by class of op without the fixed part of each op (costmodel.CPU's rates), the ops rerun, checkpoint
     calls, ops under a checkpoint's saved-tensor hooks, ops under selective checkpointing's dispatch modes
-    (forward and recomputation's walk), rematerializations and the forward ops their recipe modes visit."""
+    (forward and recomputation's walk), rematerializations, the forward ops their recipe modes visit (each
+    module call once, however many recipes it holds) and the tensors the model's forward saves through the
+    saved-tensor hook (once, when any decision rematerializes)."""
     out = {f"rerun_{c}_ns": 0 for c in CLASSES} | dict.fromkeys(COUNTS, 0)
+    anchors: dict[str, int] = {}
     fixed = costmodel.CPU.op_overhead_ns
     for r in plan.regions:
         for o in r.ops:
@@ -144,11 +147,13 @@ def counts(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict
         if kind == "remat":
             call = remat.anchor(graph, region.first_op, region.end_op)
             out["remats"] += 1
-            out["visit_ops"] += call.end_op - call.first_op
+            anchors[call.path] = call.end_op - call.first_op
         else:
             out["calls"] += 1
         if kind == "save-all":
             out["sac_ops"] += (region.end_op - region.first_op) + (region.recompute_end - region.first_op)
+    out["visit_ops"] = sum(anchors.values())
+    out["packs"] = graph.saved_tensors if anchors else 0
     return out
 
 
@@ -265,8 +270,8 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, Any]]:
 # fixed part per op, and the ops under a checkpoint's hooks. A free fit of those too is not identifiable
 # here: the ops rerun are nearly the ops under hooks, and memory-bound ops other than random ones cost
 # little (free, it reads a scale of 11 on them against -15 us an op under hooks).
-TERMS = ("sac_op_ns", "remat_ns", "visit_ns")
-COLUMNS = ("sac_ops", "remats", "visit_ops")
+TERMS = ("sac_op_ns", "remat_ns", "visit_ns", "pack_ns")
+COLUMNS = ("sac_ops", "remats", "visit_ops", "packs")
 
 
 def predicted_ns(c: dict[str, int], profile: costmodel.DeviceProfile = costmodel.CPU) -> int:
@@ -274,7 +279,7 @@ def predicted_ns(c: dict[str, int], profile: costmodel.DeviceProfile = costmodel
     return (sum(c[f"rerun_{k}_ns"] for k in CLASSES) + c["rerun_ops"] * profile.op_overhead_ns
             + c["calls"] * profile.checkpoint_call_ns + c["hook_ops"] * profile.checkpoint_op_ns
             + c["sac_ops"] * profile.sac_forward_ns + c["remats"] * profile.remat_ns
-            + c["visit_ops"] * profile.remat_visit_ns)
+            + c["visit_ops"] * profile.remat_visit_ns + c["packs"] * profile.remat_pack_ns)
 
 
 def calibrate(results: list[dict]) -> dict[str, Any]:
@@ -292,7 +297,7 @@ def calibrate(results: list[dict]) -> dict[str, Any]:
     x = numpy.array([[float(r["counts"][c]) for c in COLUMNS] for r in rows])
     measured = numpy.array([float(r["measured_ns"]) for r in rows])
     free = dataclasses.replace(cpu, checkpoint_call_ns=round(call), sac_forward_ns=0, sac_replay_ns=0, remat_call_ns=0,
-                               remat_visit_ns=0)
+                               remat_visit_ns=0, remat_pack_ns=0)
     y = measured - numpy.array([float(predicted_ns(r["counts"], free)) for r in rows])
     w = 1 / numpy.maximum(numpy.array([float(r["measured_se_ns"]) for r in rows]), 1e5)
     coef, *_ = numpy.linalg.lstsq(x * w[:, None], y * w, rcond=None)

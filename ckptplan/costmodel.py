@@ -15,9 +15,12 @@ The runtime (runtime.py) adds its own cost, which is charged too:
   recomputation, cached or rerun (``sac_replay_ns``). A region that saves nothing runs as plain
   ``torch.utils.checkpoint`` and pays neither;
 * a rematerialization (solver/remat.py) pays ``remat_ns`` (its recipe recorded and replayed from Python,
-  its saved-tensor handles packed and unpacked) and its ops' hooks, and a pass-through dispatch mode on
-  every forward op of the module call it counts its recipe in, ``remat_visit_ns`` (measured in a tight
-  loop: 10.6 us an op under a mode that only calls the op, against 3.2 us without).
+  its saved-tensor handles packed and unpacked) and its ops' hooks. Two costs are shared: the module
+  call it counts its recipe in runs one pass-through dispatch mode, however many recipes it holds,
+  ``remat_visit_ns`` on each of the call's forward ops (measured in a tight loop: 10.6 us an op under a
+  mode that only calls the op, against 3.2 us without); and a plan that rematerializes anything looks
+  up every tensor autograd saves in the model's forward in one saved-tensor hook, ``remat_pack_ns``
+  each (``Region.shared``: paid once however many regions carry it).
 
 Those overheads are Python on the host. On the CPU they add to the step. On a GPU (``asynchronous``),
 kernels run behind the host, so host time costs only where it is longer than the kernels it launches:
@@ -64,11 +67,17 @@ class DeviceProfile:
     # per rematerialization, beside its ops' hooks and its recipe mode's visits: the recipe recorded, its
     # storage registered, the saved tensors' handles packed and unpacked, the rerun; None: checkpoint_call_ns
     remat_call_ns: int | None = None
+    # per tensor autograd saves in the model's forward (Graph.saved_tensors), once a plan rematerializes
+    # anything: the saved-tensor hook that looks each one up, packed and unpacked
+    remat_pack_ns: int = 0
+    # (aten op name, bytes/s): ops whose reruns were measured apart from their class, at their own rate
+    op_bytes_per_s: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s, self.slow_bytes_per_s or 1) <= 0 or min(
+        if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s, self.slow_bytes_per_s or 1,
+               *(rate for _, rate in self.op_bytes_per_s)) <= 0 or min(
                 self.op_overhead_ns, self.checkpoint_call_ns, self.checkpoint_op_ns, self.sac_forward_ns,
-                self.sac_replay_ns) < 0:
+                self.sac_replay_ns, self.remat_visit_ns, self.remat_pack_ns) < 0:
             raise ValueError(f"device profile {self.name!r} needs positive rates and overheads >= 0")
 
     @property
@@ -76,17 +85,24 @@ class DeviceProfile:
         """What one rematerialization costs beside its ops' hooks and its recipe mode's visits."""
         return self.checkpoint_call_ns if self.remat_call_ns is None else self.remat_call_ns
 
-    def cost_ns(self, *, flops: int, bytes_moved: int, is_view: bool, random_bytes: int = 0,
-                slow: bool = False) -> int:
+    def cost_ns(self, *, flops: int, bytes_moved: int, is_view: bool, random_bytes: int = 0, op: str = "") -> int:
         """Estimated time of one op: max(compute, memory traffic, random numbers) + overhead. Views move
-        no data. ``random_bytes``: the output a random op draws (0 for the others). ``slow``: one of
-        SLOW_OPS, whose traffic moves at ``slow_bytes_per_s``."""
+        no data. ``random_bytes``: the output a random op draws (0 for the others). ``op``: its aten name
+        without namespace and overload (``gelu``): its traffic moves at its own rate in ``op_bytes_per_s``,
+        else at ``slow_bytes_per_s`` for SLOW_OPS, else at ``bytes_per_s``."""
         if is_view:
             return self.op_overhead_ns
         compute = flops / self.flops_per_s
-        traffic = bytes_moved / ((self.slow_bytes_per_s or self.bytes_per_s) if slow else self.bytes_per_s)
+        traffic = bytes_moved / self.traffic_rate(op)
         drawn = random_bytes / self.random_bytes_per_s
         return self.op_overhead_ns + int(round(max(compute, traffic, drawn) * 1e9))
+
+    def traffic_rate(self, op: str) -> float:
+        """Bytes per second an op named ``op`` (aten, without namespace and overload) moves."""
+        own = dict(self.op_bytes_per_s).get(op)
+        if own is not None:
+            return own
+        return (self.slow_bytes_per_s or self.bytes_per_s) if op in SLOW_OPS else self.bytes_per_s
 
     def device_ns(self, cost_ns: int) -> int:
         """The part of an op's estimate that runs on the device (its estimate less the launch overhead)."""
@@ -121,22 +137,28 @@ class DeviceProfile:
 #   1.47x their forward-pass time, other memory-bound ops at 0.85x, SLOW_OPS at 4.6x (their forward
 #   passes, timed one by one by runtime_overhead.py: 180e9 FLOP/s, 60e9 and 11e9 B/s; the rates below are
 #   those divided by the factors), the ops under a checkpoint's hooks at 8 us;
+# * GELU apart from the other SLOW_OPS: over both runs' rows (31 each) its reruns cost 0.27x and 0.36x its
+#   class's rate, where LayerNorm's read 1.5x and 3.7x and BatchNorm's 1.0x and 1.5x: 8 GB/s, about its
+#   forward rate (11 GB/s) over the factor of ops with FLOPs;
 # * then, those charged, a fit of what the runtime adds beyond them, over a second run of those rows
-#   (its counts recorded): 16.5 us an op under selective checkpointing's modes (forward, and again in the
-#   recomputation's walk), 0.67 ms a rematerialization (its recipe recorded, its saved tensors packed as
-#   handles by the forward's saved-tensor hooks, the rebuild) and 7.1 us a forward op its recipe mode
-#   visits; the splits of that run read 0.46 ms a call. The first run's rows, counted again, read 23 us,
-#   0.95 ms and 9.2 us: these figures move by a third from run to run.
-# * every plan pays 0.34 ms more on average (what the fit leaves), not charged: it is alike for all.
-# rms error over the second run's rows, as the simulator charges them: 1.66 ms; 1.67 ms with a recipe
-# charged as a checkpoint call and 6 us a visit (the constants before), 1.95 ms with the first run's
-# figures. The fixed part of an op, op_overhead_ns, lies between a bare eager op with autograd (~1.5 us)
+#   (its counts recorded): 16.3 us an op under selective checkpointing's modes (forward, and again in the
+#   recomputation's walk), 0.39 ms a rematerialization (its recipe recorded, its handles, the rebuild),
+#   9.0 us a forward op of each module call a recipe mode visits (once however many recipes it holds) and
+#   6.1 us a tensor the forward saves, once a plan rematerializes anything (the saved-tensor hook; timed
+#   alone, without a recipe, it adds 0.7-2.3 ms to five of the zoo's steps, 6-14 us a tensor, and 0 +- 1
+#   ms to GPT-2's); the splits of that run read 0.46 ms a call. The first run's rows, counted again, read
+#   22 us, 0.47 ms, 12.5 us and 8.5 us (with GELU in its class): these move by a third from run to run.
+# * every plan pays 0.1 ms more on average (what the fit leaves), not charged: it is alike for all.
+# rms error over the second run's rows, as the simulator charges them: 1.47 ms; 1.66 ms with every
+# recipe charged its own mode and hook and GELU in its class (0.67 ms a recipe and 7.1 us a visit, the
+# constants before).
+# The fixed part of an op, op_overhead_ns, lies between a bare eager op with autograd (~1.5 us)
 # and what an op costs the zoo's forward above its kernel (~10 us); random_bytes_per_s is dropout's masks
 # in a forward pass.
 CPU = DeviceProfile(name="cpu", flops_per_s=123e9, bytes_per_s=70e9, random_bytes_per_s=0.85e9,
                     op_overhead_ns=5_000, checkpoint_call_ns=460_000, checkpoint_op_ns=8_000,
-                    sac_forward_ns=16_500, sac_replay_ns=16_500, remat_call_ns=670_000, remat_visit_ns=7_100,
-                    slow_bytes_per_s=2.4e9)
+                    sac_forward_ns=16_300, sac_replay_ns=16_300, remat_call_ns=390_000, remat_visit_ns=9_000,
+                    remat_pack_ns=6_100, slow_bytes_per_s=2.4e9, op_bytes_per_s=(("gelu", 8e9),))
 # An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated: no GPU was lent
 # to measure it): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers at that rate too), ~8 us a
 # launch. The runtime's overheads are Python on the host, charged where they are longer than the kernels

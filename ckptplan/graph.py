@@ -108,6 +108,9 @@ class Graph:
     extra_fixed_bytes: int = 0  # constant the trace does not see (DDP buckets, FSDP all-gather buffers)
     parallel: str = ""  # "" (one process), "ddp:N" or "fsdp:N" (see parallel.py)
     torch_version: str = ""
+    # tensors autograd saved during the model's forward (each pack; the loss's, outside it, not counted):
+    # what a rematerialization's saved-tensor hook looks up (costmodel.remat_pack_ns); 0 when unknown
+    saved_tensors: int = 0
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

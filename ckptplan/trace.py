@@ -226,7 +226,7 @@ class _Recorder(TorchDispatchMode):
             flops=flops, bytes_moved=moved,
             cost_ns=self.profile.cost_ns(flops=cost_flops(func, args, kwargs, out, flops),
                                          bytes_moved=moved, is_view=is_view, random_bytes=drawn,
-                                         slow=func._opname in costmodel.SLOW_OPS),
+                                         op=func._opname),
             random=random, view=is_view,
         )
 
@@ -405,5 +405,5 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, device
         num_events=num_events, optimizer=opt, tensor_names=tuple(sorted(names)),
         module_tree=tuple((path, type(m).__name__) for path, m in model.named_modules()),
         optimizer_state_bytes=OPTIMIZER_STATE_FACTOR.get(opt, 0) * param_bytes if opt else 0,
-        torch_version=torch.__version__,
+        torch_version=torch.__version__, saved_tensors=sum(1 for stack in rec.packs if stack),
     )

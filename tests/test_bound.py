@@ -81,3 +81,31 @@ def test_bound_never_exceeds_the_optimum(traced, name, strong):
               for i, (_, _, ub) in enumerate(model.row_exprs) if ub > capacity]
     assert bounds and all(b is None or b <= solution.objective_ns for b in bounds)
     assert max(b or 0 for b in bounds) > (0.9 if strong else 0.5) * solution.objective_ns
+
+
+def test_with_costs_shared_by_rematerializations_the_bound_never_exceeds_the_optimum():
+    """Rematerializations share their module call's recipe mode and the saved-tensor hook: the bound
+    branches on the hook and spreads the rest, and stays at most the proven optimum. The branched search's
+    plan costs what the simulator charges it, and no more than the best plan without rematerializations."""
+    torch.manual_seed(0)
+    graph = ckptplan.trace(_Chain(2, 16), torch.randn(4, 32, 16))
+    regions = ckptplan.planner.candidates(graph)
+    assert any(r.remat for r in regions)
+    full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)}).peak_bytes
+    checked = 0
+    for budget in (full, (full + graph.baseline_peak_bytes) // 2, graph.baseline_peak_bytes - 1):
+        model = cpsat.build(graph, regions, scale_to=budget)
+        assert model.cost_form.shared and model.hook is not None
+        solution = model.solve(budget_bytes=budget, time_limit_s=60, hint=None, first_plan=False)
+        assert solution.status is cpsat.Status.OPTIMAL
+        assert simulate(graph, regions, solution.saved).extra_cost_ns == solution.objective_ns
+        plain = candidate_regions(graph)
+        without = cpsat.build(graph, plain, scale_to=budget).solve(budget_bytes=budget, time_limit_s=60, hint=None)
+        assert without.status is cpsat.Status.OPTIMAL and solution.objective_ns <= without.objective_ns
+        capacity = budget // model.unit
+        for i, (_, _, ub) in enumerate(model.row_exprs):
+            if ub > capacity:
+                b = bound.lower_bound(regions, model._row_form(i), capacity, model.cost_form)
+                assert b is None or b <= solution.objective_ns
+                checked += b is not None
+    assert checked

@@ -25,21 +25,56 @@ def test_on_the_cpu_the_runtime_overheads_add_up(ops, rerun):
     assert selective == ops * cpu.sac_forward_ns + rerun * cpu.sac_replay_ns
 
 
-def test_a_rematerialization_pays_its_own_call_its_hooks_and_its_recipe_modes_visits():
-    """A recipe's fixed cost is remat_ns, not a checkpoint call's; each forward op of the module call
-    its recipe mode counts in costs remat_visit_ns. Without remat_call_ns it is a checkpoint call."""
+def test_a_rematerialization_pays_its_own_call_and_its_hooks_and_shares_its_mode_and_the_saved_tensor_hook():
+    """A recipe's fixed cost is remat_ns, not a checkpoint call's, and its ops' hooks. The recipe mode
+    over its module call (remat_visit_ns a forward op of the call) and the saved-tensor hook over every
+    tensor the model's forward saves (remat_pack_ns each) are shared costs, keyed so that a plan pays
+    each once. Without remat_call_ns a recipe costs a checkpoint call."""
     cpu = costmodel.CPU
     assert cpu.remat_ns == cpu.remat_call_ns != cpu.checkpoint_call_ns
     assert cpu.region_ns(num_ops=3, num_rerun=2, device_ns=0, remat=True)[0] == cpu.remat_ns + 3 * cpu.checkpoint_op_ns
     assert dataclasses.replace(cpu, remat_call_ns=None).remat_ns == cpu.checkpoint_call_ns
     torch.manual_seed(0)
-    graph = ckptplan.trace(_Chain(2, 16), torch.randn(4, 32, 16))
+    model, x = _Chain(2, 16), torch.randn(4, 32, 16)
+    graph = ckptplan.trace(model, x)
+    packs = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packs.append(1) or t, lambda t: t):
+        model(x)  # the forward alone: the loss's saved tensors are outside the hook's reach
+    assert graph.saved_tensors == len(packs) > 0
     remats = [r for r in ckptplan.planner.candidates(graph) if r.remat]
     assert remats
     for r in remats:
         call = remat.anchor(graph, r.first_op, r.end_op)
-        assert r.checkpoint_ns == (cpu.remat_ns + (r.end_op - r.first_op) * cpu.checkpoint_op_ns
-                                   + (call.end_op - call.first_op) * cpu.remat_visit_ns)
+        assert r.checkpoint_ns == cpu.remat_ns + (r.end_op - r.first_op) * cpu.checkpoint_op_ns
+        assert dict(r.shared) == {f"{remat.SHARED_MODE}{call.path}": (call.end_op - call.first_op) * cpu.remat_visit_ns,
+                                  remat.SHARED_HOOK: len(packs) * cpu.remat_pack_ns}
+
+
+def test_rematerializations_in_one_module_call_pay_its_mode_and_the_hook_once():
+    """Two recipes counted in one module call: the simulator, CP-SAT's evaluation and its objective all
+    charge the call's recipe mode and the saved-tensor hook once; a recipe in another call pays its own
+    mode, not the hook again."""
+    torch.manual_seed(0)
+    graph = ckptplan.trace(_Chain(2, 16), torch.randn(4, 32, 16))
+    regions = ckptplan.planner.candidates(graph)
+    index = {r.path: j for j, r in enumerate(regions)}
+    a, b, other = (regions[index[p]] for p in ("blocks.0.@4", "blocks.0.@7", "blocks.1.@4"))
+    mode, hook = dict(a.shared)[f"{remat.SHARED_MODE}blocks.0"], dict(a.shared)[remat.SHARED_HOOK]
+    assert mode > 0 and hook > 0 and dict(b.shared)[f"{remat.SHARED_MODE}blocks.0"] == mode
+    own = {r.path: r.checkpoint_ns + sum(graph.ops[p].cost_ns for p in r.recipe) for r in (a, b, other)}
+    model = cpsat.build(graph, regions, scale_to=graph.baseline_peak_bytes)
+    for chosen, shared in ([a], mode + hook), ([a, b], mode + hook), ([a, b, other], 2 * mode + hook):
+        expected = sum(own[r.path] for r in chosen) + shared
+        assert simulate(graph, regions, {r.path: frozenset() for r in chosen}).extra_cost_ns == expected
+        assert model.evaluate({index[r.path]: frozenset() for r in chosen}).cost == expected
+    # the objective CP-SAT minimises is the same sum, its shared terms set by the plan
+    model.m.add(model.c[index[a.path]] == 1)
+    model.m.add(model.c[index[b.path]] == 1)
+    model.m.add(sum(model.c) == 2)
+    model.m.minimize(model.cost)
+    solver = cpsat.cp_model.CpSolver()
+    assert solver.solve(model.m) == cpsat.cp_model.OPTIMAL
+    assert solver.value(model.cost) == own[a.path] + own[b.path] + mode + hook
 
 
 def test_on_a_gpu_host_time_hides_behind_long_kernels():

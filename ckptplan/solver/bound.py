@@ -35,7 +35,7 @@ is a valid lower bound on the full model):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 
 import numpy as np
@@ -47,6 +47,9 @@ FINE_BUCKETS = 160_000  # the same, for a second look at the best row when the f
 FINE = 1 << 16  # resolution of one family's own range, for the knapsack over its saved ops
 MAX_MODES = 4_096  # a family with more checkpoint sets than this (deep nesting) gives no bound
 MAX_SELECTIVE = 4  # a mode with more regions whose dispatch modes cost time drops that cost (2^4 variants)
+# what each region of a shared cost branched off costs more (ns): above any plan's cost, and exact in the
+# tables' float64 even summed over a few hundred regions
+OFF = 1 << 44
 MAX_GROUP = 6  # rematerializations linked by z terms solved together (every subset: 2^6 options) up to this
 
 
@@ -61,13 +64,29 @@ class LinearForm:
     # region -> coefficient of sel[region]: 1 iff it caches any op (selective checkpointing's dispatch
     # modes); costs only, never a memory row
     s: dict[int, int] = field(default_factory=dict)
+    # (coefficient, regions): paid once when any of the regions is checkpointed (Region.shared); costs
+    # only. The row bounds here do not see them: ``spread`` charges each region its share instead
+    shared: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     def value(self, saved: dict[int, frozenset[int]]) -> int:
         """The form's value for a plan without z terms (a cost): ``saved`` maps each checkpointed region to
         the ops it caches."""
         return (self.constant + sum(a for j, a in self.c.items() if j in saved)
                 + sum(a for (j, p), a in self.k.items() if j in saved and p in saved[j])
-                + sum(a for j, a in self.s.items() if saved.get(j)))
+                + sum(a for j, a in self.s.items() if saved.get(j))
+                + sum(a for a, members in self.shared if any(j in saved for j in members)))
+
+    def spread(self) -> "LinearForm":
+        """The form with each shared cost split evenly over its regions' c (rounded down), never above
+        the form on any plan (all of a group's regions on pay the whole cost, fewer pay less): what the
+        row bounds, which see regions one by one, minimise for a valid lower bound."""
+        if not self.shared:
+            return self
+        c = dict(self.c)
+        for a, members in self.shared:
+            for j in members:
+                c[j] = c.get(j, 0) + a // len(members)
+        return LinearForm(c=c, k=self.k, z=self.z, constant=self.constant, s=self.s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +129,31 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
 
     Those decisions are a first plan, not a proven one: bytes rounded down, other rows and cross-family
     z terms ignored, they may overshoot this row by a little and other rows by more (primal.py checks
-    and repairs them)."""
+    and repairs them).
+
+    Costs shared by several regions (``LinearForm.shared``) are charged spread over them
+    (``LinearForm.spread``), but for the one with the most regions (the saved-tensor hook every
+    rematerialization shares), spread too thin to count: it is branched on. Once with its regions off
+    (each priced ``OFF`` more: no plan with one is cheaper than a plan without), once with its cost paid
+    whatever the plan. Every plan is in one branch at its true cost or more, so the lesser bound holds;
+    the plan is the lesser branch's."""
+    group = max(((a, members) for a, members in cost.shared if len(members) > 1), key=lambda g: len(g[1]), default=None)
+    if group is None:
+        return _solve_row(regions, row, capacity, cost.spread(), buckets=buckets, plan=plan)
+    rest = tuple(g for g in cost.shared if g != group)
+    a, members = group
+    off = replace(cost, c={**cost.c, **{j: cost.c.get(j, 0) + OFF for j in members}}, shared=rest)
+    paid = replace(cost, constant=cost.constant + a, shared=rest)
+    found = [_solve_row(regions, row, capacity, form.spread(), buckets=buckets, plan=plan) for form in (off, paid)]
+    if None in found:
+        return None
+    best = min(found, key=lambda f: f.bound)
+    return replace(best, work=sum(f.work for f in found))
+
+
+def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
+               buckets: int, plan: bool) -> RowSolution | None:
+    """``solve_row`` for a cost without shared terms."""
     families = _families(regions)
     family_of = {j: root for root, members in families for j in members}
     z_of: dict[int, list[tuple[tuple[int, int, int, bool], int]]] = {}  # family -> its z terms

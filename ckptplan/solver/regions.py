@@ -62,6 +62,9 @@ class Region:
     # first unpack by rerunning ops [first_op, end_op) but ``kept``; -1 for a checkpointed module call
     target: int = -1
     kept: tuple[int, ...] = ()  # a rematerialization's ops it does not rerun (Forced.KEPT)
+    # (key, ns): costs a plan pays once for each key, however many of its regions carry it (a recipe mode
+    # over a module call, the saved-tensor hook of every rematerialization); sorted by key
+    shared: tuple[tuple[str, int], ...] = ()
 
     @property
     def remat(self) -> bool:

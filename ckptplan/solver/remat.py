@@ -31,7 +31,9 @@ A candidate is one storage S such that:
 
 In the solver it is a region whose decision drops S from Python's last use in forward to its first
 unpack, reruns the recipe once just before that unpack (the rebuilt value is then held until the last
-unpack, as the saved tensor was), holds the recipe's inputs until then, and costs the recipe's ops.
+unpack, as the saved tensor was), holds the recipe's inputs until then, and costs the recipe's ops and
+its own overhead; the recipe mode over its module call and the saved-tensor hook are ``Region.shared``,
+paid once however many recipes use them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ MAX_OPS = 6  # most ops a recipe reruns: BatchNorm (with its counter and buffer 
 MAX_SPAN = 12  # most forward ops from a recipe's first op to its last, kept ones included
 MIN_FRACTION = 0.001  # storages below this fraction of the no-checkpointing peak are not worth a variable
 TYPE_NAME = "rematerialize"  # Region.type_name (and the plan file's block type) of a rematerialization
+SHARED_MODE = "recipe mode of "  # Region.shared key of the recipe mode over a module call ('' is the root)
+SHARED_HOOK = "saved-tensor hook"  # Region.shared key of the hook every rematerialization packs through
 
 
 def remat_candidates(graph: Graph, regions: tuple[Region, ...] = ()) -> tuple[Region, ...]:
@@ -186,7 +190,10 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
     if call is None:
         return None  # a module called more than once, or ops outside every module call (the loss)
     module, offset = call.path, first - call.first_op
-    visits = profile_for(graph.device).remat_visit_ns * (call.end_op - call.first_op)  # its recipe mode
+    profile = profile_for(graph.device)
+    shared = {  # the call's recipe mode, the model's saved-tensor hook: paid once for every recipe using them
+        f"{SHARED_MODE}{module}": profile.remat_visit_ns * (call.end_op - call.first_op),
+        SHARED_HOOK: profile.remat_pack_ns * graph.saved_tensors}
     s = storages[target]
     # the op's offset in the module call, and which of its outputs when it makes several (max-pool's indices)
     at = f"@{offset}" + (f":{k}" if (k := graph.ops[s.producer].allocates.index(target)) else "")
@@ -200,8 +207,8 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
         first_op=first, end_op=end, recompute_end=end, recompute_event=s.first_unpack_event,
         release_event=s.free_event - 1, input_storages=tuple(inputs), choices=(),
         forced=tuple((i, Forced.KEPT if i in kept else Forced.RECIPE) for i in range(first, end)),
-        mutated_buffers=(), checkpoint_ns=_overheads(graph, first, end, end, rerun, remat=True)[0] + visits, target=target,
-        kept=kept)
+        mutated_buffers=(), checkpoint_ns=_overheads(graph, first, end, end, rerun, remat=True)[0], target=target,
+        kept=kept, shared=tuple(sorted((k, ns) for k, ns in shared.items() if ns)))
 
 
 def parse_path(path: str) -> tuple[str, int]:

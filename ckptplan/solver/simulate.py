@@ -21,7 +21,8 @@ target's last unpack, like a checkpoint's.
 Everything else keeps the lifetime the trace observed.
 
 The cost is the estimated time of every op rerun, plus each checkpointed region's own overhead: the
-checkpoint call, and selective checkpointing's dispatch modes where the region saves any op.
+checkpoint call, and selective checkpointing's dispatch modes where the region saves any op; plus, once
+each, the costs regions share (``Region.shared``: a recipe mode, the saved-tensor hook).
 """
 
 from __future__ import annotations
@@ -138,6 +139,12 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
                         intervals[sid] = [(alloc, max(free, transient[1]))]
                     else:
                         intervals[sid] = [(alloc, free), transient]
+    # Costs the regions share (a recipe mode over a module call, the saved-tensor hook): paid once each.
+    shared: dict[str, int] = {}
+    for r in active:
+        for key, ns in r.shared:
+            shared[key] = max(ns, shared.get(key, 0))
+    extra_cost += sum(shared.values())
     # A checkpoint holds its region's inputs until its last unpack, whoever else holds them.
     for r in active:
         release = first_pos[min(r.release_event + 1, graph.num_events)]
