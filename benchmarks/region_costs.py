@@ -16,7 +16,8 @@ recipes).
 The calibration (``calibrate``): one checkpoint call from "splits" (a module call checkpointed whole
 against its children one by one); then, over every row of every model, what the runtime adds beyond the
 reruns and the hooks: per op under selective checkpointing's modes, per rematerialization, per op a
-recipe mode visits, and what is left for every plan. Those are the figures ``costmodel.CPU`` takes; they
+recipe mode visits (each module call once), per tensor the saved-tensor hook looks up (once, when any
+decision rematerializes), and what is left for every plan. Those are the figures ``costmodel.CPU`` takes; they
 are measured where they are paid, between the real model's kernels, where the runtime's Python runs with
 cold caches and reruns read inputs saved long before (the tight loops of runtime_overhead.py read
 several times less). Writes region_costs.json and region_costs.md.
@@ -265,8 +266,8 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, Any]]:
 
 
 # The fit's unknowns, in nanoseconds: per op under selective checkpointing's modes (forward, and again in
-# the recomputation's walk), per rematerialization, and per forward op a recipe mode visits; ``counts``
-# gives their columns. The rest is charged at costmodel.CPU's figures: the reruns at its rates, with their
+# the recomputation's walk), per rematerialization, per forward op a recipe mode visits and per tensor the
+# forward saves through the saved-tensor hook; ``counts`` gives their columns. The rest is charged at costmodel.CPU's figures: the reruns at its rates, with their
 # fixed part per op, and the ops under a checkpoint's hooks. A free fit of those too is not identifiable
 # here: the ops rerun are nearly the ops under hooks, and memory-bound ops other than random ones cost
 # little (free, it reads a scale of 11 on them against -15 us an op under hooks).
@@ -346,11 +347,13 @@ def markdown(results: list[dict], fitted: dict[str, Any], command: str, machine:
              "## Calibration (every row of every model)\n",
              "One checkpoint call: the median over the splits below. Then, that and the reruns and hooks charged "
              "as costmodel.CPU does, weighted least squares of what remains against the ops under selective "
-             "checkpointing's modes, the rematerializations and the ops their recipe modes visit; what it "
-             "leaves, on average, every plan pays. Right: the figures costmodel.CPU holds "
+             "checkpointing's modes, the rematerializations, the ops their recipe modes visit and the tensors "
+             "the saved-tensor hook looks up; what it leaves, on average, every plan pays. Right: the figures "
+             "costmodel.CPU holds "
              f"({_ms(costmodel.CPU.checkpoint_call_ns)} ms a call, {costmodel.CPU.sac_forward_ns / 1e3:.1f} us "
              f"an op under the modes, {_ms(costmodel.CPU.remat_ns)} ms a rematerialization, "
-             f"{costmodel.CPU.remat_visit_ns / 1e3:.1f} us a visit).\n",
+             f"{costmodel.CPU.remat_visit_ns / 1e3:.1f} us a visit, {costmodel.CPU.remat_pack_ns / 1e3:.1f} us a "
+             "tensor the hook looks up).\n",
              "| rows | splits | call | " + " | ".join(TERMS) + " | left per plan | rms error as is (ms) "
              "| rms error fitted (ms) |",
              "|---" * (len(TERMS) + 6) + "|",

@@ -1,6 +1,6 @@
 """Policy benchmark: ckptplan against the checkpointing policies people use, measured on real steps.
 
-Run by hand (about 13 minutes on 2 cores):
+Run by hand (about 25 minutes on 2 cores):
     pip install -c constraints.txt -e ".[bench]"
     python benchmarks/run.py --out benchmarks/results/policies
 

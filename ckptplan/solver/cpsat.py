@@ -629,11 +629,10 @@ class _Model:
                          first: tuple[int, int, float, float] | None, known: int) -> Solution:
         """``_search_cost``, split on the saved-tensor hook when the plan may rematerialize: once with no
         rematerialization (a smaller model), once with the hook paid whatever the plan (a constant: the LP
-        prices it exactly); the branch of the hint first, on half the limits. Alone, the relaxation charges the hook
-        only as much as its largest fractional rematerialization, and the search cannot prove a plan
-        without one (HF Llama at 66%: 10% gap after 30 s). The better plan wins; the lesser of the two
-        bounds holds for both. The second branch searches only below the first one's plan: proven
-        infeasible, it proves that plan."""
+        prices it exactly); the hint's branch first, on half the limits, the other only below its plan
+        (proven infeasible, it proves that plan). Unsplit, the relaxation charges the hook only as much as
+        its largest fractional rematerialization, and the search cannot prove a plan without one (HF
+        Llama at 66%: 10% gap after 30 s). The better plan wins; the lesser bound holds for both."""
         if self.hook is None:
             return self._search_cost(m, hint, capacity, time_limit_s, deterministic_limit, workers, report,
                                      gap_limit, first, known)
