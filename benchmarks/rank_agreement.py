@@ -65,17 +65,24 @@ def distinct_pairs(predicted: list[int], rows: list[list[dict]]) -> dict[str, in
         return {"distinct_pairs": None, "predicted_agrees_distinct": None}
     distinct = agreed = 0
     for i, j in combinations(range(len(predicted)), 2):
-        signs = set()
-        for run in rows:
-            a, b = run[i], run[j]
-            gap = a["extra_step_s"] - b["extra_step_s"]
-            spread = (a["extra_step_se_s"] ** 2 + b["extra_step_se_s"] ** 2) ** 0.5
-            signs.add((gap > Z * spread) - (gap < -Z * spread))
-        if len(signs) != 1 or 0 in signs:
-            continue
-        distinct += 1
-        agreed += ((predicted[i] > predicted[j]) - (predicted[i] < predicted[j])) == signs.pop()
+        sign = distinct_sign(rows, i, j)
+        if sign:
+            distinct += 1
+            agreed += ((predicted[i] > predicted[j]) - (predicted[i] < predicted[j])) == sign
     return {"distinct_pairs": distinct, "predicted_agrees_distinct": agreed}
+
+
+def distinct_sign(rows: list[list[dict]], i: int, j: int) -> int:
+    """1 (or -1) when configuration ``i`` adds more (or less) step time than ``j`` by more than ``Z``
+    standard errors of their difference in every run of ``rows``; 0 when some run does not tell them apart
+    or the runs disagree."""
+    signs = set()
+    for run in rows:
+        a, b = run[i], run[j]
+        gap = a["extra_step_s"] - b["extra_step_s"]
+        spread = (a["extra_step_se_s"] ** 2 + b["extra_step_se_s"] ** 2) ** 0.5
+        signs.add((gap > Z * spread) - (gap < -Z * spread))
+    return signs.pop() if len(signs) == 1 else 0
 
 
 def settled_pairs(predicted: list[int], measured: list[list[float]]) -> dict[str, int]:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rank_agreement import Z, distinct_pairs, settled_pairs  # noqa: E402
+from rank_agreement import distinct_pairs, distinct_sign, settled_pairs  # noqa: E402
 from run import predicted_cost, step_ratio, timed_configs, zoo  # noqa: E402
 
 import ckptplan  # noqa: E402
@@ -98,14 +98,8 @@ def misses(keys: list[tuple], predicted: list[int], rows: list[list[dict]]) -> l
     """The distinct pairs (rank_agreement.distinct_pairs) the prediction orders the other way."""
     out = []
     for i, j in combinations(range(len(keys)), 2):
-        signs = set()
-        for run in rows:
-            gap = run[i]["extra_step_s"] - run[j]["extra_step_s"]
-            spread = (run[i]["extra_step_se_s"] ** 2 + run[j]["extra_step_se_s"] ** 2) ** 0.5
-            signs.add((gap > Z * spread) - (gap < -Z * spread))
-        if len(signs) != 1 or 0 in signs:
-            continue
-        if ((predicted[i] > predicted[j]) - (predicted[i] < predicted[j])) != signs.pop():
+        sign = distinct_sign(rows, i, j)
+        if sign and ((predicted[i] > predicted[j]) - (predicted[i] < predicted[j])) != sign:
             out.append(" against ".join(f"{'/'.join(map(str, keys[x]))} (predicted {predicted[x] / 1e6:.1f} ms, "
                                         f"measured {_ms(run[x] for run in rows)} ms)" for x in (i, j)))
     return out

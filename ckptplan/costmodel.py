@@ -99,9 +99,9 @@ class DeviceProfile:
 
     def traffic_rate(self, op: str) -> float:
         """Bytes per second an op named ``op`` (aten, without namespace and overload) moves."""
-        own = dict(self.op_bytes_per_s).get(op)
-        if own is not None:
-            return own
+        for name, rate in self.op_bytes_per_s:
+            if name == op:
+                return rate
         return (self.slow_bytes_per_s or self.bytes_per_s) if op in SLOW_OPS else self.bytes_per_s
 
     def device_ns(self, cost_ns: int) -> int:

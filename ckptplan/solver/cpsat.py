@@ -454,6 +454,8 @@ class _Model:
         # cost: estimated time of every op the recomputations rerun (early stop honoured), of each
         # checkpoint call and of selective checkpointing's dispatch modes, summed over the input shapes
         # (each shape's step is equally likely); flops: the rerun ops' FLOPs
+        # (key, ns summed over the input shapes, regions) of each cost regions share (Region.shared)
+        self.shared = self._shared_costs()
         self.cost_form = self._rerun_form(lambda op: op.cost_ns, overheads=True)  # also bound.py's objective
         # u[g]: 1 iff some region of shared cost g is checkpointed (a recipe mode, the saved-tensor hook)
         self.u = [self.m.new_bool_var(f"u[{g}]") for g in range(len(self.cost_form.shared))]
@@ -463,7 +465,7 @@ class _Model:
                 self.m.add_implication(self.c[j], var)
         # the u of the saved-tensor hook, which every rematerialization shares: the search branches on it
         # (``_search_branches``); the LP relaxation alone prices it at its largest fractional c
-        hooks = [var for var, key in zip(self.u, self.shared_keys) if key == SHARED_HOOK]
+        hooks = [var for var, (key, _, _) in zip(self.u, self.shared) if key == SHARED_HOOK]
         self.hook = hooks[0] if hooks else None
         self.remat_paths = frozenset(r.path for r in self.regions if r.remat)
         self.cost = self._linear(self.cost_form) + sum(a * var for var, (a, _) in zip(self.u, self.cost_form.shared))
@@ -475,26 +477,29 @@ class _Model:
         c: dict[int, int] = {}
         k: dict[tuple[int, int], int] = {}
         s: dict[int, int] = {}
-        shared: dict[str, tuple[int, list[int]]] = {}  # key -> (ns summed over the shapes, regions)
         for j, r in enumerate(self.regions):
             if overheads:
                 c[j] = sum(own[j].checkpoint_ns for own in self.regions_per_graph)
                 if j in self.sel:
                     s[j] = sum(own[j].selective_ns for own in self.regions_per_graph)
-                for key in dict(r.shared):
-                    ns = sum(dict(own[j].shared).get(key, 0) for own in self.regions_per_graph)
-                    shared[key] = (max(ns, shared.get(key, (0, []))[0]), shared.get(key, (0, []))[1] + [j])
             for p in (r.recipe if r.remat else range(r.first_op, r.recompute_end)):
                 v = sum(value(graph.ops[p]) for graph in self.graphs)
                 if v:
                     c[j] = c.get(j, 0) + v
                     if (j, p) in self.k:
                         k[(j, p)] = -v
-        kept = [(key, a, js) for key, (a, js) in sorted(shared.items()) if a]
-        if overheads:
-            self.shared_keys = [key for key, _, _ in kept]
         return bound.LinearForm(c={j: a for j, a in c.items() if a}, k=k, z={}, s=s,
-                                shared=tuple((a, tuple(js)) for _, a, js in kept))
+                                shared=tuple((a, js) for _, a, js in self.shared) if overheads else ())
+
+    def _shared_costs(self) -> list[tuple[str, int, tuple[int, ...]]]:
+        """(key, ns summed over the input shapes, regions carrying it) of each cost regions share, by key."""
+        ns: dict[str, int] = {}
+        members: dict[str, list[int]] = {}
+        for j in range(len(self.regions)):
+            for key in dict(self.regions[j].shared):
+                ns[key] = max(ns.get(key, 0), sum(dict(own[j].shared).get(key, 0) for own in self.regions_per_graph))
+                members.setdefault(key, []).append(j)
+        return [(key, ns[key], tuple(members[key])) for key in sorted(ns) if ns[key]]
 
     def _linear(self, form: bound.LinearForm) -> cp_model.LinearExprT:
         parts = ([a * self.c[j] for j, a in form.c.items()] + [a * self.k[key] for key, a in form.k.items()]
