@@ -403,10 +403,14 @@ def main() -> None:
     command = "python benchmarks/region_costs.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     if a.refit:
-        run = json.loads(Path(a.refit).read_text())
-        results, machine, elapsed = run["results"], run["machine"], run["elapsed_s"]
-        measured_by = run.get("measured_by", run["command"].split(", counted and fitted again by ")[0])
-        recount(results)
+        try:
+            run = json.loads(Path(a.refit).read_text())
+            results, machine, elapsed = run["results"], run["machine"], run["elapsed_s"]
+            measured_by = run.get("measured_by", run["command"].split(", counted and fitted again by ")[0])
+            recount(results)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"--refit {a.refit}: not a region_costs.json this code can count again ({type(e).__name__}: "
+                             f"{e}); give the region_costs.json a run of region_costs.py wrote") from None
         command = f"{measured_by}, counted and fitted again by {command}"
     else:
         allocator = steady_allocator()

@@ -2,13 +2,17 @@
 
 A change to the cost model changes ckptplan's plans, so judging it by a new pair of policy runs (about
 1.5 hours on 2 cores) also measures other plans. This instead keeps what was measured and asks the new
-model to price it. Two steps, run by hand (seconds to a few minutes):
+model to price it, run by hand (seconds to a few minutes), with the changed code: every configuration
+priced again, the pairs counted as rank_agreement.py does:
 
-    # with the code that made the runs: each ckptplan plan of the runs, solved again (solves are
-    # deterministic: the costs must equal the recorded predictions), as decisions
+    python benchmarks/reprice.py price RUN.json RUN2.json --out reprice.md
+
+run.py records each plan's decisions. For runs made before it did, first dump them with the code that
+made the runs: each ckptplan plan of the runs solved again (solves are deterministic: the costs must
+equal the recorded predictions), then pass the dump:
+
     python benchmarks/reprice.py dump benchmarks/results/policies/results.json --out plans.json
-    # with the changed code: every configuration priced again, the pairs counted as rank_agreement.py does
-    python benchmarks/reprice.py price plans.json RUN.json RUN2.json --out reprice.md
+    python benchmarks/reprice.py price RUN.json RUN2.json --plans plans.json --out reprice.md
 
 Anchors are priced by the simulator as run.py prices them; ckptplan's plans by simulating the dumped
 decisions. A dump whose solve does not reproduce the recorded prediction is refused.
@@ -27,11 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rank_agreement import distinct_pairs, distinct_sign, settled_pairs  # noqa: E402
-from run import predicted_cost, step_ratio, timed_configs, zoo  # noqa: E402
+from run import plan_decisions, predicted_cost, step_ratio, timed_configs, zoo  # noqa: E402
 
 import ckptplan  # noqa: E402
 from ckptplan import planner  # noqa: E402
-from ckptplan.plan import Decision  # noqa: E402
 from ckptplan.solver.regions import candidate_regions  # noqa: E402
 from ckptplan.solver.simulate import simulate  # noqa: E402
 
@@ -57,14 +60,12 @@ def dump(run: dict) -> dict[str, dict]:
                 if plan.extra_cost_ns != row["predicted_cost_ns"]:
                     raise SystemExit(f"{res['model']} budget {i} {row['policy']}: the solve costs {plan.extra_cost_ns} "
                                      f"ns, the run recorded {row['predicted_cost_ns']}: dump with the code that made it")
-                out[f"{res['model']}|{i}|{row['policy']}"] = {
-                    "saved": {r.path: [k for k, o in enumerate(r.ops) if o.decision is Decision.SAVE] for r in plan.regions},
-                    "cost_ns": plan.extra_cost_ns}
+                out[f"{res['model']}|{i}|{row['policy']}"] = {"saved": plan_decisions(plan), "cost_ns": plan.extra_cost_ns}
                 print(f"[{res['model']}] budget {i} {row['policy']}: {plan.extra_cost_ns / 1e6:.2f} ms", flush=True)
     return out
 
 
-def price(plans: dict[str, dict], runs: list[dict]) -> list[dict]:
+def price(plans: dict[str, dict] | None, runs: list[dict]) -> list[dict]:
     """Per model, the configurations every run measured, priced by the present model, and the pairs."""
     out = []
     for results in zip(*(r["results"] for r in runs)):
@@ -78,7 +79,7 @@ def price(plans: dict[str, dict], runs: list[dict]) -> list[dict]:
         for k in keys:
             if k[0] == "plan":
                 saved = {p: frozenset() if candidates[p].remat else frozenset(candidates[p].first_op + x for x in pos)
-                         for p, pos in plans[f"{name}|{k[1]}|{k[2]}"]["saved"].items()}
+                         for p, pos in decisions(plans, name, k, configs[0][k]).items()}
                 now.append(simulate(graph, tuple(candidates.values()), saved).extra_cost_ns)
             else:
                 now.append(predicted_cost(graph, regions, configs[0][k]))
@@ -92,6 +93,17 @@ def price(plans: dict[str, dict], runs: list[dict]) -> list[dict]:
         entry["misses"] = misses(keys, now, rows)
         out.append(entry)
     return out
+
+
+def decisions(plans: dict[str, dict] | None, name: str, key: tuple, row: dict) -> dict[str, list[int]]:
+    """A measured plan's decisions: recorded in the run (run.py records them since they were added), else
+    from a dump of its plans."""
+    if "saved" in row:
+        return row["saved"]
+    if plans is None:
+        raise SystemExit(f"{name} budget {key[1]} {key[2]}: the run records no decisions (made before run.py "
+                         "recorded them): dump its plans with the code that made it and pass the dump")
+    return plans[f"{name}|{key[1]}|{key[2]}"]["saved"]
 
 
 def misses(keys: list[tuple], predicted: list[int], rows: list[list[dict]]) -> list[str]:
@@ -133,8 +145,8 @@ def main() -> None:
     d.add_argument("run")
     d.add_argument("--out", required=True)
     p = sub.add_parser("price", help="price measured runs' configurations with this code")
-    p.add_argument("plans", help="the dump of the runs' plans")
-    p.add_argument("runs", nargs="+", help="results.json of runs made with the code that wrote the dump")
+    p.add_argument("runs", nargs="+", help="results.json of runs of the same code")
+    p.add_argument("--plans", help="the dump of the runs' plans, for runs that record no decisions")
     p.add_argument("--out", required=True, help="Markdown file to write (a .json beside it)")
     a = ap.parse_args()
     command = "python benchmarks/reprice.py " + " ".join(sys.argv[1:])
@@ -142,7 +154,7 @@ def main() -> None:
         plans = dump(json.loads(Path(a.run).read_text()))
         Path(a.out).write_text(json.dumps({"command": command, "plans": plans}, indent=1) + "\n")
         return
-    plans = json.loads(Path(a.plans).read_text())["plans"]
+    plans = json.loads(Path(a.plans).read_text())["plans"] if a.plans else None
     rows = price(plans, [json.loads(Path(r).read_text()) for r in a.runs])
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")

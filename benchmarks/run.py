@@ -52,6 +52,7 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # some VMs adve
 
 import ckptplan  # noqa: E402
 from ckptplan.measure import measure_flops, measure_peak  # noqa: E402
+from ckptplan.plan import Decision  # noqa: E402
 from ckptplan.solver import baselines  # noqa: E402
 from ckptplan.solver.regions import candidate_regions  # noqa: E402
 
@@ -214,7 +215,7 @@ def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s
         return {**row, "error": f"below the minimum {e.minimum_bytes}"}
     row.update(setup_s=round(trace_s + time.perf_counter() - t, 3), predicted_peak_bytes=plan.predicted_peak_bytes,
                predicted_extra_flops=plan.extra_forward_flops, predicted_cost_ns=plan.extra_cost_ns,
-               status=plan.status, gap=plan.gap, regions=len(plan.regions))
+               status=plan.status, gap=plan.gap, regions=len(plan.regions), saved=plan_decisions(plan))
     with ckptplan.apply(bench.model, plan) as handle:
         row.update(bench.measure(bench.model))
         row["runtime_extra_flops"] = handle.stats.extra_forward_flops
@@ -225,6 +226,12 @@ def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s
 
     later.append((row, apply))
     return row
+
+
+def plan_decisions(plan: ckptplan.Plan) -> dict[str, list[int]]:
+    """A plan's decisions as reprice.py reads them: region path -> positions of the ops it saves in the
+    region (a rematerialization saves none), so that a later cost model can price what was measured."""
+    return {r.path: [k for k, o in enumerate(r.ops) if o.decision is Decision.SAVE] for r in plan.regions}
 
 
 def predicted_cost(graph, regions, row: dict) -> int | None:
