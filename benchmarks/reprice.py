@@ -14,7 +14,7 @@ equal the recorded predictions), then pass the dump:
     python benchmarks/reprice.py dump benchmarks/results/policies/results.json --out plans.json
     python benchmarks/reprice.py price RUN.json RUN2.json --plans plans.json --out reprice.md
 
-Anchors are priced by the simulator as run.py prices them; ckptplan's plans by simulating the dumped
+Anchors are priced by the simulator as run.py prices them; ckptplan's plans by simulating their recorded (or dumped)
 decisions. A dump whose solve does not reproduce the recorded prediction is refused.
 """
 
