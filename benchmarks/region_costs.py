@@ -15,9 +15,9 @@ recipes).
 
 The calibration (``calibrate``): one checkpoint call from "splits" (a module call checkpointed whole
 against its children one by one); then, over every row of every model, what the runtime adds beyond the
-reruns and the hooks: per op under selective checkpointing's modes, per rematerialization, per op a
-recipe mode visits (each module call once), per tensor the saved-tensor hook looks up (once, when any
-decision rematerializes), and what is left for every plan. Those are the figures ``costmodel.CPU`` takes; they
+reruns and the hooks: per region selective checkpointing runs and per op under its modes, per
+rematerialization, per op a recipe mode visits (each module call once), per tensor the saved-tensor hook
+looks up (once, when any decision rematerializes), and what is left for every plan. Those are the figures ``costmodel.CPU`` takes; they
 are measured where they are paid, between the real model's kernels, where the runtime's Python runs with
 cold caches and reruns read inputs saved long before (the tight loops of runtime_overhead.py read
 several times less). Writes region_costs.json and region_costs.md.
@@ -57,7 +57,7 @@ from ckptplan.solver.regions import Forced  # noqa: E402
 from ckptplan.solver.simulate import simulate  # noqa: E402
 
 CLASSES = ("flops", "memory", "slow", "random")  # ops with FLOPs, other memory-bound ops, costmodel.SLOW_OPS, random ops
-COUNTS = ("rerun_ops", "calls", "hook_ops", "sac_ops", "remats", "visit_ops", "packs")
+COUNTS = ("rerun_ops", "calls", "hook_ops", "sac_calls", "sac_ops", "remats", "visit_ops", "packs")
 
 
 def kinds(region) -> list[tuple[str, frozenset[int]]]:
@@ -131,8 +131,8 @@ def _class(o) -> str:
 def counts(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict[str, int]:
     """What the fit (``calibrate``) prices, for these (candidate, kind) decisions and their plan: the reruns
     by class of op without the fixed part of each op (costmodel.CPU's rates), the ops rerun, checkpoint
-    calls, ops under a checkpoint's saved-tensor hooks, ops under selective checkpointing's dispatch modes
-    (forward and recomputation's walk), rematerializations, the forward ops their recipe modes visit (each
+    calls, ops under a checkpoint's saved-tensor hooks, regions selective checkpointing runs (its modes set
+    up), ops under those modes (forward and recomputation's walk), rematerializations, the forward ops their recipe modes visit (each
     module call once, however many recipes it holds) and the tensors the model's forward saves through the
     saved-tensor hook (once, when any decision rematerializes)."""
     out = {f"rerun_{c}_ns": 0 for c in CLASSES} | dict.fromkeys(COUNTS, 0)
@@ -152,6 +152,7 @@ def counts(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict
         else:
             out["calls"] += 1
         if kind == "save-all":
+            out["sac_calls"] += 1
             out["sac_ops"] += (region.end_op - region.first_op) + (region.recompute_end - region.first_op)
     out["visit_ops"] = sum(anchors.values())
     out["packs"] = graph.saved_tensors if anchors else 0
@@ -265,21 +266,23 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, Any]]:
     return out
 
 
-# The fit's unknowns, in nanoseconds: per op under selective checkpointing's modes (forward, and again in
-# the recomputation's walk), per rematerialization, per forward op a recipe mode visits and per tensor the
+# The fit's unknowns, in nanoseconds: per region selective checkpointing runs (its policy's contexts and
+# dispatch modes set up), per op under its modes (forward, and again in the recomputation's walk), per
+# rematerialization, per forward op a recipe mode visits and per tensor the
 # forward saves through the saved-tensor hook; ``counts`` gives their columns. The rest is charged at costmodel.CPU's figures: the reruns at its rates, with their
 # fixed part per op, and the ops under a checkpoint's hooks. A free fit of those too is not identifiable
 # here: the ops rerun are nearly the ops under hooks, and memory-bound ops other than random ones cost
 # little (free, it reads a scale of 11 on them against -15 us an op under hooks).
-TERMS = ("sac_op_ns", "remat_ns", "visit_ns", "pack_ns")
-COLUMNS = ("sac_ops", "remats", "visit_ops", "packs")
+TERMS = ("sac_call_ns", "sac_op_ns", "remat_ns", "visit_ns", "pack_ns")
+COLUMNS = ("sac_calls", "sac_ops", "remats", "visit_ops", "packs")
 
 
 def predicted_ns(c: dict[str, int], profile: costmodel.DeviceProfile = costmodel.CPU) -> int:
     """What the simulator charges for a row with these counts (``counts``), in ``profile``'s terms."""
     return (sum(c[f"rerun_{k}_ns"] for k in CLASSES) + c["rerun_ops"] * profile.op_overhead_ns
             + c["calls"] * profile.checkpoint_call_ns + c["hook_ops"] * profile.checkpoint_op_ns
-            + c["sac_ops"] * profile.sac_forward_ns + c["remats"] * profile.remat_ns
+            + c["sac_calls"] * profile.sac_call_ns + c["sac_ops"] * profile.sac_forward_ns
+            + c["remats"] * profile.remat_ns
             + c["visit_ops"] * profile.remat_visit_ns + c["packs"] * profile.remat_pack_ns)
 
 
@@ -297,8 +300,8 @@ def calibrate(results: list[dict]) -> dict[str, Any]:
     rows = [r for res in results for r in res["rows"]]
     x = numpy.array([[float(r["counts"][c]) for c in COLUMNS] for r in rows])
     measured = numpy.array([float(r["measured_ns"]) for r in rows])
-    free = dataclasses.replace(cpu, checkpoint_call_ns=round(call), sac_forward_ns=0, sac_replay_ns=0, remat_call_ns=0,
-                               remat_visit_ns=0, remat_pack_ns=0)
+    free = dataclasses.replace(cpu, checkpoint_call_ns=round(call), sac_call_ns=0, sac_forward_ns=0, sac_replay_ns=0,
+                               remat_call_ns=0, remat_visit_ns=0, remat_pack_ns=0)
     y = measured - numpy.array([float(predicted_ns(r["counts"], free)) for r in rows])
     w = 1 / numpy.maximum(numpy.array([float(r["measured_se_ns"]) for r in rows]), 1e5)
     coef, *_ = numpy.linalg.lstsq(x * w[:, None], y * w, rcond=None)
@@ -346,12 +349,13 @@ def markdown(results: list[dict], fitted: dict[str, Any], command: str, machine:
              "simulator's recompute time, split into the ops rerun and the rest.\n",
              "## Calibration (every row of every model)\n",
              "One checkpoint call: the median over the splits below. Then, that and the reruns and hooks charged "
-             "as costmodel.CPU does, weighted least squares of what remains against the ops under selective "
-             "checkpointing's modes, the rematerializations, the ops their recipe modes visit and the tensors "
-             "the saved-tensor hook looks up; what it leaves, on average, every plan pays. Right: the figures "
+             "as costmodel.CPU does, weighted least squares of what remains against the regions selective "
+             "checkpointing runs, the ops under its modes, the rematerializations, the ops their recipe modes "
+             "visit and the tensors the saved-tensor hook looks up; what it leaves, on average, every plan pays. Right: the figures "
              "costmodel.CPU holds "
-             f"({_ms(costmodel.CPU.checkpoint_call_ns)} ms a call, {costmodel.CPU.sac_forward_ns / 1e3:.1f} us "
-             f"an op under the modes, {_ms(costmodel.CPU.remat_ns)} ms a rematerialization, "
+             f"({_ms(costmodel.CPU.checkpoint_call_ns)} ms a call, {_ms(costmodel.CPU.sac_call_ns)} ms a "
+             f"selective region, {costmodel.CPU.sac_forward_ns / 1e3:.1f} us an op under its modes, "
+             f"{_ms(costmodel.CPU.remat_ns)} ms a rematerialization, "
              f"{costmodel.CPU.remat_visit_ns / 1e3:.1f} us a visit, {costmodel.CPU.remat_pack_ns / 1e3:.1f} us a "
              "tensor the hook looks up).\n",
              "| rows | splits | call | " + " | ".join(TERMS) + " | left per plan | rms error as is (ms) "

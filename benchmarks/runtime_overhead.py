@@ -178,6 +178,20 @@ class _OpTimer(TorchDispatchMode):
         return out
 
 
+def forward_op_ns(model: nn.Module, args: tuple, kwargs: dict, graph, passes: int) -> list[float] | None:
+    """Each forward op of ``graph`` (traced from this model and inputs) timed under ``_OpTimer``: the median
+    over ``passes`` forward passes after one to warm up; None if a pass ran other ops than the trace."""
+    runs = []
+    for _ in range(passes + 1):
+        with _OpTimer() as timer:
+            default_loss(model(*args, **kwargs))
+        runs.append(timer.ops)
+    names = [op.name for op in graph.ops]
+    if any([n for n, _ in r] != names for r in runs):
+        return None
+    return [statistics.median(r[i][1] for r in runs[1:]) for i in range(len(names))]
+
+
 def calibrate_rates(passes: int) -> dict:
     """The cost model's rates on this machine, from the zoo's forward ops (see the module docstring)."""
     import run as policy_benchmark  # benchmarks/run.py: the zoo
@@ -189,17 +203,11 @@ def calibrate_rates(passes: int) -> dict:
         torch.manual_seed(0)
         model, args, kwargs = factory()
         graph = ckptplan.trace(model, *args, **kwargs)
-        runs = []
-        for _ in range(passes + 1):  # the first warms up
-            with _OpTimer() as timer:
-                default_loss(model(*args, **kwargs))
-            runs.append(timer.ops)
-        names = [op.name for op in graph.ops]
-        if any([n for n, _ in r] != names for r in runs):
+        ns = forward_op_ns(model, args, kwargs, graph, passes)
+        if ns is None:
             per_model[name] = "skipped: the timed pass ran other ops than the trace"
             continue
-        ns = [statistics.median(r[i][1] for r in runs[1:]) for i in range(len(names))]
-        per_model[name] = {"forward_ops": len(names), "timed_ms": round(sum(ns) / 1e6, 2)}
+        per_model[name] = {"forward_ops": len(ns), "timed_ms": round(sum(ns) / 1e6, 2)}
         for op, t in zip(graph.ops, ns):
             if op.view:
                 classes["view"].append((0, t))

@@ -10,10 +10,11 @@ The runtime (runtime.py) adds its own cost, which is charged too:
 * every checkpointed region pays one ``torch.utils.checkpoint`` call (the RNG state kept and restored,
   the recomputation's frame), ``checkpoint_call_ns``, and Python's saved-tensor hooks on each of its
   ops, in forward and in the recomputation, ``checkpoint_op_ns``;
-* a region that saves some of its ops runs under selective checkpointing's dispatch modes, which call a
-  Python policy for every op in forward (``sac_forward_ns``) and walk every op again in the
-  recomputation, cached or rerun (``sac_replay_ns``). A region that saves nothing runs as plain
-  ``torch.utils.checkpoint`` and pays neither;
+* a region that saves some of its ops runs under selective checkpointing's dispatch modes, set up once
+  a region (``sac_call_ns``: its policy's contexts, the modes entered in forward and again in the
+  recomputation), which call a Python policy for every op in forward (``sac_forward_ns``) and walk every
+  op again in the recomputation, cached or rerun (``sac_replay_ns``). A region that saves nothing runs
+  as plain ``torch.utils.checkpoint`` and pays none of it;
 * a rematerialization (solver/remat.py) pays ``remat_ns`` (its recipe recorded and replayed from Python,
   its saved-tensor handles packed and unpacked) and its ops' hooks. Two costs are shared: the module
   call it counts its recipe in runs one pass-through dispatch mode, however many recipes it holds,
@@ -61,6 +62,7 @@ class DeviceProfile:
     checkpoint_op_ns: int  # per op of a checkpointed region: saved-tensor hooks (pack, unpack, repack)
     sac_forward_ns: int  # per op of a selectively checkpointed region, in forward (policy + caching mode)
     sac_replay_ns: int  # per op its recomputation walks (cached or rerun), on top of the rerun itself
+    sac_call_ns: int = 0  # per selectively checkpointed region: its policy's contexts and dispatch modes set up
     remat_visit_ns: int = 7_500  # per forward op of the module call a rematerialization's recipe is counted in
     asynchronous: bool = False  # kernels run behind the host (a GPU): host time hides behind device time
     slow_bytes_per_s: float | None = None  # memory traffic of SLOW_OPS; None: bytes_per_s
@@ -77,7 +79,7 @@ class DeviceProfile:
         if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s, self.slow_bytes_per_s or 1,
                *(rate for _, rate in self.op_bytes_per_s)) <= 0 or min(
                 self.op_overhead_ns, self.checkpoint_call_ns, self.checkpoint_op_ns, self.sac_forward_ns,
-                self.sac_replay_ns, self.remat_visit_ns, self.remat_pack_ns) < 0:
+                self.sac_replay_ns, self.sac_call_ns, self.remat_visit_ns, self.remat_pack_ns) < 0:
             raise ValueError(f"device profile {self.name!r} needs positive rates and overheads >= 0")
 
     @property
@@ -115,7 +117,7 @@ class DeviceProfile:
         rematerialization's recipe, which pays ``remat_ns`` instead of a checkpoint call."""
         eager = (num_ops + num_rerun) * self.op_overhead_ns
         plain = (self.remat_ns if remat else self.checkpoint_call_ns) + num_ops * self.checkpoint_op_ns
-        selective = num_ops * self.sac_forward_ns + num_rerun * self.sac_replay_ns
+        selective = self.sac_call_ns + num_ops * self.sac_forward_ns + num_rerun * self.sac_replay_ns
         if not self.asynchronous:
             return plain, selective
 
@@ -141,24 +143,28 @@ class DeviceProfile:
 #   class's rate, where LayerNorm's read 1.5x and 3.7x and BatchNorm's 1.0x and 1.5x: 8 GB/s, about its
 #   forward rate (11 GB/s) over the factor of ops with FLOPs;
 # * then, those charged, a fit of what the runtime adds beyond them, over a second run of those rows
-#   (its counts recorded): 16.3 us an op under selective checkpointing's modes (forward, and again in the
-#   recomputation's walk), 0.39 ms a rematerialization (its recipe recorded, its handles, the rebuild),
-#   9.0 us a forward op of each module call a recipe mode visits (once however many recipes it holds) and
-#   6.1 us a tensor the forward saves, once a plan rematerializes anything (the saved-tensor hook; timed
+#   (its counts recorded): 0.50 ms a region selective checkpointing runs and 15.2 us an op under its modes
+#   (forward, and again in the recomputation's walk), 0.36 ms a rematerialization (its recipe recorded,
+#   its handles, the rebuild), 8.3 us a forward op of each module call a recipe mode visits (once however
+#   many recipes it holds) and 6.1 us a tensor the forward saves, once a plan rematerializes anything (the saved-tensor hook; timed
 #   alone, without a recipe, it adds 0.7-2.3 ms to five of the zoo's steps, 6-14 us a tensor, and 0 +- 1
 #   ms to GPT-2's); the splits of that run read 0.46 ms a call. The first run's rows, counted again, read
-#   22 us, 0.47 ms, 12.5 us and 8.5 us (with GELU in its class): these move by a third from run to run.
-# * every plan pays 0.1 ms more on average (what the fit leaves), not charged: it is alike for all.
-# rms error over the second run's rows, as the simulator charges them: 1.47 ms; 1.66 ms with every
-# recipe charged its own mode and hook and GELU in its class (0.67 ms a recipe and 7.1 us a visit, the
-# constants before).
+#   22 us an op under the modes, 0.47 ms, 12.5 us and 8.5 us (with GELU in its class, no cost per
+#   selective region): these move by a third from run to run. The cost per selective region shows in the
+#   smallest ones: a region of 2 ops (a LayerNorm, a pool) saving both adds 1.3-2.8 ms to a step, where
+#   the per-op terms and a checkpoint call charge 0.5 ms; without it the fit reads 16.3 us an op and
+#   the zoo's single selective regions measure 1.47x what it charges them (1.26x with it);
+# * every plan pays 0.06 ms more on average (what the fit leaves), not charged: it is alike for all.
+# rms error over the second run's rows, as the simulator charges them: 1.41 ms; 1.47 ms without the cost
+# per selective region, 1.66 ms besides with every recipe charged its own mode and hook and GELU in its
+# class (0.67 ms a recipe and 7.1 us a visit, the constants before).
 # The fixed part of an op, op_overhead_ns, lies between a bare eager op with autograd (~1.5 us)
 # and what an op costs the zoo's forward above its kernel (~10 us); random_bytes_per_s is dropout's masks
 # in a forward pass.
 CPU = DeviceProfile(name="cpu", flops_per_s=123e9, bytes_per_s=70e9, random_bytes_per_s=0.85e9,
                     op_overhead_ns=5_000, checkpoint_call_ns=460_000, checkpoint_op_ns=8_000,
-                    sac_forward_ns=16_300, sac_replay_ns=16_300, remat_call_ns=390_000, remat_visit_ns=9_000,
-                    remat_pack_ns=6_100, slow_bytes_per_s=2.4e9, op_bytes_per_s=(("gelu", 8e9),))
+                    sac_forward_ns=15_200, sac_replay_ns=15_200, sac_call_ns=500_000, remat_call_ns=356_000,
+                    remat_visit_ns=8_300, remat_pack_ns=6_100, slow_bytes_per_s=2.4e9, op_bytes_per_s=(("gelu", 8e9),))
 # An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated: no GPU was lent
 # to measure it): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers at that rate too), ~8 us a
 # launch. The runtime's overheads are Python on the host, charged where they are longer than the kernels

@@ -22,7 +22,8 @@ def test_on_the_cpu_the_runtime_overheads_add_up(ops, rerun):
     cpu = costmodel.CPU
     plain, selective = cpu.region_ns(num_ops=ops, num_rerun=rerun, device_ns=10**9)  # device time: ignored
     assert plain == cpu.checkpoint_call_ns + ops * cpu.checkpoint_op_ns
-    assert selective == ops * cpu.sac_forward_ns + rerun * cpu.sac_replay_ns
+    assert selective == cpu.sac_call_ns + ops * cpu.sac_forward_ns + rerun * cpu.sac_replay_ns
+    assert cpu.sac_call_ns > 0  # a selective region pays its modes' set-up however few ops it holds
 
 
 def test_a_rematerialization_pays_its_own_call_and_its_hooks_and_shares_its_mode_and_the_saved_tensor_hook():
@@ -126,8 +127,8 @@ def test_the_solver_caches_nothing_when_dispatch_costs_more_than_it_saves(monkey
     def saved(plan: ckptplan.Plan) -> int:
         return sum(o.decision.value == "save" for r in plan.regions for o in r.ops)
 
-    free = plan_with(dataclasses.replace(costmodel.CPU, sac_forward_ns=0, sac_replay_ns=0))
-    dear = plan_with(dataclasses.replace(costmodel.CPU, sac_forward_ns=10**9, sac_replay_ns=10**9))
+    free = plan_with(dataclasses.replace(costmodel.CPU, sac_call_ns=0, sac_forward_ns=0, sac_replay_ns=0))
+    dear = plan_with(dataclasses.replace(costmodel.CPU, sac_call_ns=10**9))
     assert saved(free) > 0 and saved(dear) == 0
     assert dear.regions
 

@@ -413,6 +413,9 @@ def test_time_limit_with_a_plan_reports_feasible_and_its_gap():
     regions = candidate_regions(graph)
     full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)}).peak_bytes
     budget = full + (graph.baseline_peak_bytes - full) // 20
-    plan = ckptplan.solve(graph, budget, time_limit_s=6, gap=0)  # stops on the deterministic clock
-    assert plan.status == "feasible" and 0 < plan.gap < 1
+    plan = ckptplan.solve(graph, budget, time_limit_s=6, gap=0)
+    # the limit stops the search before optimality is proven; which clock runs out first depends on the
+    # machine's speed: the deterministic one after a bound is proven (gap ~0.1%), the wall clock on a slow or
+    # loaded machine sometimes before CP-SAT proves any (gap 1: nothing proven). Either is reported as such.
+    assert plan.status == "feasible" and 0 < plan.gap <= 1
     assert plan.predicted_peak_bytes <= plan.budget_bytes

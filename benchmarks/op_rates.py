@@ -1,0 +1,117 @@
+"""Op rates: each forward op with FLOPs of the zoo, timed in its forward pass, against the cost model.
+
+Run by hand (about 2 minutes on 2 cores, nothing else running):
+    python benchmarks/op_rates.py --out benchmarks/results/op_rates
+
+costmodel.CPU prices every op with FLOPs at one rate (a roofline: its FLOPs at ``flops_per_s``, or its
+traffic at ``bytes_per_s`` if slower), a class average from real steps. This lists the ops the class
+holds, so that one priced far from its class shows: each op timed in the model's forward pass as
+runtime_overhead.py times it (``_OpTimer``: the kernel and the dispatch, median of ``--passes``), glibc's
+trimming off as the other benchmarks run (benchmarks/allocator.py: without it a 2 MB output page-faults
+in again and a thin convolution reads twice as slow). Identical ops of a model (same name, output,
+FLOPs and traffic: a repeated layer) are folded into one row. Columns: the forward time, its FLOP and
+byte rates, the estimate (``OpNode.cost_ns``: what a rerun is charged, its forward rate over the rerun
+factor the fit found) and forward time / estimate. Matmuls read alike (the class's ratio); a row far from
+them is an op the class misprices. Attention is left out (its FLOPs are not counted on CPU).
+Writes op_rates.json and op_rates.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from allocator import steady_allocator  # noqa: E402
+from run import zoo  # noqa: E402
+from runtime_overhead import forward_op_ns  # noqa: E402
+
+import ckptplan  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def one_model(name: str, passes: int) -> dict:
+    """The rows of one zoo model: its forward ops with FLOPs, identical ones folded."""
+    torch.manual_seed(0)
+    model, args, kwargs = zoo()[name]()
+    graph = ckptplan.trace(model, *args, **kwargs)
+    ns = forward_op_ns(model, args, kwargs, graph, passes)
+    if ns is None:
+        return {"model": name, "skipped": "the timed pass ran other ops than the trace"}
+    groups: dict[tuple, list[float]] = {}
+    for op, t in zip(graph.ops, ns):
+        if op.flops:
+            key = (op.name, tuple(o.shape for o in op.outputs), op.flops, op.bytes_moved, op.cost_ns)
+            groups.setdefault(key, []).append(t)
+    rows = []
+    for (op, shapes, flops, moved, est), times in groups.items():
+        t = statistics.median(times)
+        rows.append({"op": op, "output": [list(s) for s in shapes], "count": len(times), "flops": flops,
+                     "bytes_moved": moved, "forward_ns": round(t), "gflop_per_s": round(flops / t, 1),
+                     "gb_per_s": round(moved / t, 2), "estimate_ns": est, "forward_over_estimate": round(t / est, 2)})
+    return {"model": name, "rows": rows}
+
+
+def summary(results: list[dict]) -> list[dict]:
+    """Per aten op over every model: its rows' forward / estimate, median and range."""
+    by_op: dict[str, list[float]] = {}
+    for res in results:
+        for r in res.get("rows", []):
+            by_op.setdefault(r["op"], []).extend([r["forward_over_estimate"]] * r["count"])
+    return [{"op": op, "ops": len(v), "median": round(statistics.median(v), 2), "min": min(v), "max": max(v)}
+            for op, v in sorted(by_op.items())]
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Op rates\n", f"`{result['command']}` on {result['machine']}.\n",
+             "Each forward op with FLOPs timed in its forward pass (median of the passes), against its "
+             "estimate (what costmodel.CPU charges its rerun). Forward / estimate alike for all: the class "
+             "prices them right relative to each other.\n",
+             "## Per aten op\n", "| op | ops | forward / estimate: median | min | max |", "|---|---|---|---|---|"]
+    lines += [f"| {s['op']} | {s['ops']} | {s['median']} | {s['min']} | {s['max']} |" for s in result["summary"]]
+    for res in result["results"]:
+        lines += [f"\n## {res['model']}\n"]
+        if "skipped" in res:
+            lines.append(f"skipped: {res['skipped']}")
+            continue
+        lines += ["| op | output | count | MFLOP | MB moved | forward (us) | GFLOP/s | GB/s | estimate (us) "
+                  "| forward / estimate |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            out = ", ".join("x".join(map(str, s)) for s in r["output"])
+            lines.append(f"| {r['op']} | {out} | {r['count']} | {r['flops'] / 1e6:.1f} | {r['bytes_moved'] / 1e6:.2f} "
+                         f"| {r['forward_ns'] / 1e3:.0f} | {r['gflop_per_s']} | {r['gb_per_s']} | "
+                         f"{r['estimate_ns'] / 1e3:.0f} | {r['forward_over_estimate']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "op_rates"))
+    ap.add_argument("--models", default=",".join(zoo()), help="comma-separated subset of the zoo")
+    ap.add_argument("--passes", type=int, default=15, help="timed forward passes (median), after one warm-up")
+    a = ap.parse_args()
+    allocator = steady_allocator()
+    results = [one_model(n, a.passes) for n in a.models.split(",")]
+    result = {"command": "python benchmarks/op_rates.py " + " ".join(sys.argv[1:]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+                         f"Python {platform.python_version()}, torch {torch.__version__}, {allocator}",
+              "summary": summary(results), "results": results}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "op_rates.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = markdown(result)
+    (out / "op_rates.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
