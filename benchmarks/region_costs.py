@@ -17,8 +17,8 @@ The calibration (``calibrate``): one checkpoint call from "splits" (a module cal
 against its children one by one); then, over every row of every model, what the runtime adds beyond the
 reruns and the hooks: per region selective checkpointing runs and per op under its modes, per
 rematerialization, per op a recipe mode visits (each module call once), per tensor the saved-tensor hook
-looks up (once, when any decision rematerializes), and what is left for every plan. Those are the figures ``costmodel.CPU`` takes; they
-are measured where they are paid, between the real model's kernels, where the runtime's Python runs with
+looks up (once, when any decision rematerializes), and what is left for every plan. Those are the
+figures ``costmodel.CPU`` takes; they are measured where they are paid, between the real model's kernels, where the runtime's Python runs with
 cold caches and reruns read inputs saved long before (the tight loops of runtime_overhead.py read
 several times less). Writes region_costs.json and region_costs.md.
 
@@ -132,8 +132,8 @@ def counts(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict
     """What the fit (``calibrate``) prices, for these (candidate, kind) decisions and their plan: the reruns
     by class of op without the fixed part of each op (costmodel.CPU's rates), the ops rerun, checkpoint
     calls, ops under a checkpoint's saved-tensor hooks, regions selective checkpointing runs (its modes set
-    up), ops under those modes (forward and recomputation's walk), rematerializations, the forward ops their recipe modes visit (each
-    module call once, however many recipes it holds) and the tensors the model's forward saves through the
+    up), ops under those modes (forward and recomputation's walk), rematerializations, the forward ops
+    their recipe modes visit (each module call once, however many recipes it holds) and the tensors the model's forward saves through the
     saved-tensor hook (once, when any decision rematerializes)."""
     out = {f"rerun_{c}_ns": 0 for c in CLASSES} | dict.fromkeys(COUNTS, 0)
     anchors: dict[str, int] = {}
@@ -268,11 +268,11 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, Any]]:
 
 # The fit's unknowns, in nanoseconds: per region selective checkpointing runs (its policy's contexts and
 # dispatch modes set up), per op under its modes (forward, and again in the recomputation's walk), per
-# rematerialization, per forward op a recipe mode visits and per tensor the
-# forward saves through the saved-tensor hook; ``counts`` gives their columns. The rest is charged at costmodel.CPU's figures: the reruns at its rates, with their
-# fixed part per op, and the ops under a checkpoint's hooks. A free fit of those too is not identifiable
-# here: the ops rerun are nearly the ops under hooks, and memory-bound ops other than random ones cost
-# little (free, it reads a scale of 11 on them against -15 us an op under hooks).
+# rematerialization, per forward op a recipe mode visits and per tensor the forward saves through the
+# saved-tensor hook; ``counts`` gives their columns. The rest is charged at costmodel.CPU's figures: the
+# reruns at its rates, with their fixed part per op, and the ops under a checkpoint's hooks. A free fit of
+# those too is not identifiable here: the ops rerun are nearly the ops under hooks, and memory-bound ops
+# other than random ones cost little (free, it reads a scale of 11 on them against -15 us an op under hooks).
 TERMS = ("sac_call_ns", "sac_op_ns", "remat_ns", "visit_ns", "pack_ns")
 COLUMNS = ("sac_calls", "sac_ops", "remats", "visit_ops", "packs")
 
@@ -351,8 +351,8 @@ def markdown(results: list[dict], fitted: dict[str, Any], command: str, machine:
              "One checkpoint call: the median over the splits below. Then, that and the reruns and hooks charged "
              "as costmodel.CPU does, weighted least squares of what remains against the regions selective "
              "checkpointing runs, the ops under its modes, the rematerializations, the ops their recipe modes "
-             "visit and the tensors the saved-tensor hook looks up; what it leaves, on average, every plan pays. Right: the figures "
-             "costmodel.CPU holds "
+             "visit and the tensors the saved-tensor hook looks up; what it leaves, on average, every plan pays. "
+             "Right: the figures costmodel.CPU holds "
              f"({_ms(costmodel.CPU.checkpoint_call_ns)} ms a call, {_ms(costmodel.CPU.sac_call_ns)} ms a "
              f"selective region, {costmodel.CPU.sac_forward_ns / 1e3:.1f} us an op under its modes, "
              f"{_ms(costmodel.CPU.remat_ns)} ms a rematerialization, "

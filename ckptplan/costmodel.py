@@ -146,8 +146,8 @@ class DeviceProfile:
 #   (its counts recorded): 0.50 ms a region selective checkpointing runs and 15.2 us an op under its modes
 #   (forward, and again in the recomputation's walk), 0.36 ms a rematerialization (its recipe recorded,
 #   its handles, the rebuild), 8.3 us a forward op of each module call a recipe mode visits (once however
-#   many recipes it holds) and 6.1 us a tensor the forward saves, once a plan rematerializes anything (the saved-tensor hook; timed
-#   alone, without a recipe, it adds 0.7-2.3 ms to five of the zoo's steps, 6-14 us a tensor, and 0 +- 1
+#   many recipes it holds) and 6.1 us a tensor the forward saves, once a plan rematerializes anything
+#   (the saved-tensor hook; timed alone, without a recipe, it adds 0.7-2.3 ms to five of the zoo's steps, 6-14 us a tensor, and 0 +- 1
 #   ms to GPT-2's); the splits of that run read 0.46 ms a call. The first run's rows, counted again, read
 #   22 us an op under the modes, 0.47 ms, 12.5 us and 8.5 us (with GELU in its class, no cost per
 #   selective region): these move by a third from run to run. The cost per selective region shows in the
@@ -164,7 +164,8 @@ class DeviceProfile:
 CPU = DeviceProfile(name="cpu", flops_per_s=123e9, bytes_per_s=70e9, random_bytes_per_s=0.85e9,
                     op_overhead_ns=5_000, checkpoint_call_ns=460_000, checkpoint_op_ns=8_000,
                     sac_forward_ns=15_200, sac_replay_ns=15_200, sac_call_ns=500_000, remat_call_ns=356_000,
-                    remat_visit_ns=8_300, remat_pack_ns=6_100, slow_bytes_per_s=2.4e9, op_bytes_per_s=(("gelu", 8e9),))
+                    remat_visit_ns=8_300, remat_pack_ns=6_100, slow_bytes_per_s=2.4e9,
+                    op_bytes_per_s=(("gelu", 8e9),))
 # An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated: no GPU was lent
 # to measure it): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers at that rate too), ~8 us a
 # launch. The runtime's overheads are Python on the host, charged where they are longer than the kernels
