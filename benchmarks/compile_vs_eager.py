@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from collections import Counter
 from pathlib import Path
@@ -37,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (the zoo, and the examples on sys.path)
+from machine import describe  # noqa: E402
 
 import ckptplan  # noqa: E402
 from ckptplan.solver.regions import Region, _overheads, candidate_regions  # noqa: E402
@@ -152,7 +151,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/compile_vs_eager.py " + " ".join(sys.argv[1:])
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    machine = describe()
     (out / "compile_vs_eager.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows},
                                                           indent=1) + "\n")
     lines = ["# torch.compile's memory budget against eager checkpointing at 0 extra FLOPs\n",

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from allocator import steady_allocator  # noqa: E402
+from machine import describe  # noqa: E402
 from run import zoo  # noqa: E402
 from runtime_overhead import forward_op_ns  # noqa: E402
 
@@ -102,8 +101,7 @@ def main() -> None:
     allocator = steady_allocator()
     results = [one_model(n, a.passes) for n in a.models.split(",")]
     result = {"command": "python benchmarks/op_rates.py " + " ".join(sys.argv[1:]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-                         f"Python {platform.python_version()}, torch {torch.__version__}, {allocator}",
+              "machine": describe(allocator),
               "summary": summary(results), "results": results}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -47,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from allocator import steady_allocator  # noqa: E402
+from machine import describe  # noqa: E402
 from run import Bench, zoo  # noqa: E402
 from runtime_overhead import plan_for  # noqa: E402
 
@@ -421,8 +421,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
         models = zoo()
         results = [one_model(n, models[n], a.per_model, a.mixes, a.pairs) for n in a.models.split(",")]
-        machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, Python {platform.python_version()}, "
-                   f"torch {torch.__version__}, {allocator}")
+        machine = describe(allocator)
         elapsed = round(time.perf_counter() - started)
         measured_by = command
     fitted = calibrate(results)

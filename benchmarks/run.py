@@ -1,6 +1,6 @@
 """Policy benchmark: ckptplan against the checkpointing policies people use, measured on real steps.
 
-Run by hand (about 25 minutes on 2 cores):
+Run by hand (about 1.5 hours on 2 cores, ~15 minutes a model with --models):
     pip install -c constraints.txt -e ".[bench]"
     python benchmarks/run.py --out benchmarks/results/policies
 
@@ -35,7 +35,6 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -58,6 +57,7 @@ from ckptplan.solver.regions import candidate_regions  # noqa: E402
 
 import policies  # noqa: E402
 from allocator import steady_allocator  # noqa: E402
+from machine import describe  # noqa: E402
 
 POINTS = 6
 
@@ -494,8 +494,7 @@ def main() -> None:
         for res in results:
             res["targets"] = targets(res)
         command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-        machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-                   f"torch {torch.__version__}, {allocator}")
+        machine = describe(allocator)
         (out / "results.json").write_text(json.dumps({"command": command, "machine": machine,
                                                      "results": results}, indent=1) + "\n")
     (out / "results.md").write_text(markdown(results, command, machine))

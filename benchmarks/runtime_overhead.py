@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -65,6 +64,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import gpt2  # noqa: E402
 import llama  # noqa: E402
 import policies  # noqa: E402  (benchmarks/, beside this file)
+from machine import describe  # noqa: E402  (benchmarks/ too)
 
 import ckptplan  # noqa: E402
 from ckptplan import costmodel, planner  # noqa: E402
@@ -311,8 +311,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python benchmarks/runtime_overhead.py --out benchmarks/results/runtime_overhead",
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-                         f"torch {torch.__version__}",
+              "machine": describe(),
               "rates": rates, "calibration": calibration, "rows": rows}
     (out / "runtime_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     fitted, used = calibration["fitted_ns"], calibration["costmodel_cpu_ns"]

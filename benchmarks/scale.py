@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -21,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe  # noqa: E402
 
 
 def one(model: str, n_layer: int, time_limit: float, check_memory: bool, at: float = 0.5) -> dict:
@@ -93,7 +95,7 @@ def main() -> None:
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     result = {"command": "python benchmarks/scale.py --out benchmarks/results/scale",
-              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+              "machine": describe(),
               "note": "each row in a fresh process; times are wall clock; FakeTensorMode with CPU kernels' shapes",
               "rows": rows}
     (out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
