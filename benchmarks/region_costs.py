@@ -18,9 +18,9 @@ against its children one by one); then, over every row of every model, what the 
 reruns and the hooks: per region selective checkpointing runs and per op under its modes, per
 rematerialization, per op a recipe mode visits (each module call once), per tensor the saved-tensor hook
 looks up (once, when any decision rematerializes), and what is left for every plan. Those are the
-figures ``costmodel.CPU`` takes; they are measured where they are paid, between the real model's kernels, where the runtime's Python runs with
-cold caches and reruns read inputs saved long before (the tight loops of runtime_overhead.py read
-several times less). Writes region_costs.json and region_costs.md.
+figures ``costmodel.CPU`` takes; they are measured where they are paid, between the real model's
+kernels, where the runtime's Python runs with cold caches and reruns read inputs saved long before (the
+tight loops of runtime_overhead.py read several times less). Writes region_costs.json and region_costs.md.
 
 ``--refit JSON`` measures nothing: it counts an earlier run's rows again under the present cost model
 (each model traced again; its predictions are then the present model's) and fits them again.
@@ -133,8 +133,8 @@ def counts(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict
     by class of op without the fixed part of each op (costmodel.CPU's rates), the ops rerun, checkpoint
     calls, ops under a checkpoint's saved-tensor hooks, regions selective checkpointing runs (its modes set
     up), ops under those modes (forward and recomputation's walk), rematerializations, the forward ops
-    their recipe modes visit (each module call once, however many recipes it holds) and the tensors the model's forward saves through the
-    saved-tensor hook (once, when any decision rematerializes)."""
+    their recipe modes visit (each module call once, however many recipes it holds) and the tensors the
+    model's forward saves through the saved-tensor hook (once, when any decision rematerializes)."""
     out = {f"rerun_{c}_ns": 0 for c in CLASSES} | dict.fromkeys(COUNTS, 0)
     anchors: dict[str, int] = {}
     fixed = costmodel.CPU.op_overhead_ns

@@ -147,8 +147,8 @@ class DeviceProfile:
 #   (forward, and again in the recomputation's walk), 0.36 ms a rematerialization (its recipe recorded,
 #   its handles, the rebuild), 8.3 us a forward op of each module call a recipe mode visits (once however
 #   many recipes it holds) and 6.1 us a tensor the forward saves, once a plan rematerializes anything
-#   (the saved-tensor hook; timed alone, without a recipe, it adds 0.7-2.3 ms to five of the zoo's steps, 6-14 us a tensor, and 0 +- 1
-#   ms to GPT-2's); the splits of that run read 0.46 ms a call. The first run's rows, counted again, read
+#   (the saved-tensor hook; timed alone, without a recipe, it adds 0.7-2.3 ms to five of the zoo's
+#   steps, 6-14 us a tensor, and 0 +- 1 ms to GPT-2's); the splits of that run read 0.46 ms a call. The first run's rows, counted again, read
 #   22 us an op under the modes, 0.47 ms, 12.5 us and 8.5 us (with GELU in its class, no cost per
 #   selective region): these move by a third from run to run. The cost per selective region shows in the
 #   smallest ones: a region of 2 ops (a LayerNorm, a pool) saving both adds 1.3-2.8 ms to a step, where
