@@ -1,6 +1,6 @@
 """Policy benchmark: ckptplan against the checkpointing policies people use, measured on real steps.
 
-Run by hand (about 30 minutes on 2 cores, 4-10 minutes a model with --models):
+Run by hand (20-30 minutes on 2 cores, 3-10 minutes a model with --models):
     pip install -c constraints.txt -e ".[bench]"
     python benchmarks/run.py --out benchmarks/results/policies
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from itertools import combinations, product
 
 import pytest
@@ -109,3 +110,25 @@ def test_with_costs_shared_by_rematerializations_the_bound_never_exceeds_the_opt
                 assert b is None or b <= solution.objective_ns
                 checked += b is not None
     assert checked
+
+
+def test_the_search_solves_no_bound_row_after_its_deadline(traced):
+    """CP-SAT cannot stop while a callback runs: a check that starts once the search's wall-clock limit
+    has passed solves no row (it would add its time to the limit), one before it does."""
+    _, _, graph = traced("gpt2")
+    regions = candidate_regions(graph)
+    full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)}).peak_bytes
+    budget = (full + graph.baseline_peak_bytes) // 2
+    model = cpsat.build(graph, regions, scale_to=budget)
+    capacity = budget // model.unit
+
+    class Solution:  # every variable at 1: some plan's cost and row values, as CP-SAT's callback gives them
+        @staticmethod
+        def value(expr) -> int:
+            return 1
+
+    late = cpsat._KnapsackCheck(model, capacity, 0.0, deadline=time.monotonic() - 1)
+    assert late(Solution()) == (0, False) and not late.rows
+    timely = cpsat._KnapsackCheck(model, capacity, 0.0)
+    timely(Solution())
+    assert timely.rows

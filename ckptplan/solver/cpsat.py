@@ -22,6 +22,7 @@ solution of the scaled model never uses more memory than the model says. The ind
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -135,10 +136,17 @@ class _Progress(cp_model.CpSolverSolutionCallback):
 class _KnapsackCheck:
     """bound.py's knapsack bound on the ``BOUND_ROWS`` memory rows tightest under a solution (each row
     solved once, a solution checked when it improves on the last one checked by half the gap). When they
-    fall short of the gap, the best of them once more at bound.py's finer resolution."""
+    fall short of the gap, the best of them once more at bound.py's finer resolution.
 
-    def __init__(self, model: "_Model", capacity: int, gap_limit: float, known: int = 0) -> None:
-        self.model, self.capacity, self.gap = model, capacity, gap_limit
+    No row is solved after ``deadline`` (``time.monotonic()``; the search's wall-clock limit): CP-SAT
+    cannot stop while a callback runs, and a row of the 7B model takes 0.5 s (the finer pass 1.2 s, on
+    the 2-core machine, idle), so checks begun near the limit, and the final solution's check after it,
+    added their time to the limit. Rows solved before it still count. A search cut on the deterministic clock ends before the deadline, and its checks are
+    unchanged, so its plan stays byte-identical."""
+
+    def __init__(self, model: "_Model", capacity: int, gap_limit: float, known: int = 0,
+                 deadline: float = math.inf) -> None:
+        self.model, self.capacity, self.gap, self.deadline = model, capacity, gap_limit, deadline
         self.cost = model.cost_form
         self.rows: dict[tuple[int, int], int] = {}  # (row, buckets) -> its bound
         self.known = known  # the best bound so far: valid for every solution
@@ -163,6 +171,8 @@ class _KnapsackCheck:
         if value - self.known <= self.gap * value:
             return  # proven already
         if (row, buckets) not in self.rows:
+            if time.monotonic() >= self.deadline:
+                return  # the search's time is up: no new row (see the class)
             found = bound.lower_bound(self.model.regions, self.model._row_form(row), self.capacity, self.cost,
                                       buckets=buckets)
             self.rows[(row, buckets)] = found or 0
@@ -682,7 +692,8 @@ class _Model:
         check closes them at improving solutions and stops the search once one is proven within the gap.
         ``known``: a lower bound on the cost found before the search. ``branch``: ``m`` is one branch of
         the search, which may hold no plan."""
-        check = None if isinstance(self.cost, int) else _KnapsackCheck(self, capacity, gap_limit, known)
+        check = None if isinstance(self.cost, int) else _KnapsackCheck(self, capacity, gap_limit, known,
+                                                                       deadline=time.monotonic() + time_limit_s)
         solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers, report, gap_limit, check)
         lower = 0
         if check is not None and status in (Status.OPTIMAL, Status.FEASIBLE):
