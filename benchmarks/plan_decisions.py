@@ -1,0 +1,128 @@
+"""Plan decisions: what each decision of a ckptplan plan adds to a real step, alone and together.
+
+Run by hand (about 2 minutes a model on 2 cores, nothing else running):
+    python benchmarks/plan_decisions.py --models unet,resnet --budgets 0.65 --out benchmarks/results/plan_decisions
+
+region_costs.py calibrates the cost model on candidates drawn at random; the solver then picks the
+decisions it prices cheapest, and where the calibration sampled few of their kind (rematerializations
+whose recipes rerun a convolution) the picked ones are the ones it misprices most. Here, for each model
+and budget (a fraction of the no-checkpointing peak), the time objective's plan is applied whole and then
+one decision at a time, each step timed between two steps of an unmodified copy of the model (the median
+of ``--pairs`` differences), beside the simulator's estimate of the same decisions. A decision alone also
+pays the costs rematerializations share (the saved-tensor hook), so the singles add up to more than the
+whole plan. Writes plan_decisions.json and plan_decisions.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ckptplan  # noqa: E402
+from ckptplan.planner import plan_decisions  # noqa: E402
+from ckptplan.solver.simulate import simulate  # noqa: E402
+from allocator import steady_allocator  # noqa: E402
+from machine import describe  # noqa: E402
+from run import _loss, zoo  # noqa: E402
+
+
+def extra_ms(model, twin, args: tuple, kwargs: dict, plan: ckptplan.Plan, pairs: int) -> tuple[float, float]:
+    """Median of what a step with ``plan`` applied adds to the plain steps either side of it, and its
+    standard error (a median's, for normal noise), in ms."""
+    def step(m) -> float:
+        torch.manual_seed(1234)
+        t = time.perf_counter()
+        _loss(m(*args, **kwargs)).backward()
+        m.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    with ckptplan.apply(model, plan):
+        step(model), step(model)  # warm-up: the first step checks the plan's ops
+        diffs, before = [], step(twin)
+        for _ in range(pairs):
+            mine, after = step(model), step(twin)
+            diffs.append(mine - (before + after) / 2)
+            before = after
+    return 1e3 * statistics.median(diffs), 1e3 * 1.2533 * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def bench(name: str, fraction: float, pairs: int) -> dict:
+    torch.manual_seed(0)
+    model, args, kwargs = zoo()[name]()
+    twin = copy.deepcopy(model)
+    graph = ckptplan.trace(model, *args, **kwargs)
+    budget = round(fraction * graph.baseline_peak_bytes)
+    plan = ckptplan.solve(graph, budget, time_limit_s=30, gap=0.0)
+    regions, saved = plan_decisions(graph, plan)
+    measured, se = extra_ms(model, twin, args, kwargs, plan, pairs)
+    rows = []
+    for r in plan.regions:
+        alone = replace(plan, regions=(r,))
+        ms, ms_se = extra_ms(model, twin, args, kwargs, alone, pairs)
+        rows.append({"decision": r.path, "kind": "rematerialize" if r.remat else "checkpoint",
+                     "saved_ops": sum(o.decision.value == "save" for o in r.ops),
+                     "rerun_flops": r.extra_forward_flops,
+                     "rerun_ns": sum(o.recompute_ns for o in r.ops if o.decision.value in ("recompute", "recipe")),
+                     "predicted_ns": simulate(graph, regions, {r.path: saved[r.path]}).extra_cost_ns,
+                     "measured_ms": round(ms, 3), "measured_se_ms": round(ms_se, 3)})
+        print(f"[{name}] {rows[-1]}", flush=True)
+    return {"model": name, "budget_bytes": budget, "budget_fraction": fraction, "status": plan.status,
+            "predicted_ns": plan.extra_cost_ns, "measured_ms": round(measured, 3), "measured_se_ms": round(se, 3),
+            "decisions": rows}
+
+
+def markdown(results: list[dict], command: str, machine: str) -> str:
+    lines = [f"# Plan decisions\n\n`{command}` on {machine}. What the time objective's plan adds to a step, "
+             "whole and one decision at a time (median of steps timed between plain ones, ± its standard "
+             "error), against the simulator's estimate; a decision alone also pays the costs that "
+             "rematerializations share.\n"]
+    for res in results:
+        lines.append(f"## {res['model']} at {res['budget_fraction']:.0%} ({res['budget_bytes']} B)\n")
+        lines.append(f"whole plan ({len(res['decisions'])} decisions, {res['status']}): estimated "
+                     f"{res['predicted_ns'] / 1e6:.2f} ms, measured {res['measured_ms']:.2f} ± "
+                     f"{res['measured_se_ms']:.2f} ms\n")
+        lines.append("| decision | kind | saved ops | rerun MFLOP | reruns estimated (ms) | estimated alone (ms) "
+                     "| measured alone (ms) | measured / estimated |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for d in res["decisions"]:
+            est = d["predicted_ns"] / 1e6
+            lines.append(f"| `{d['decision']}` | {d['kind']} | {d['saved_ops']} | {d['rerun_flops'] / 1e6:.1f} | "
+                         f"{d['rerun_ns'] / 1e6:.2f} | {est:.2f} | {d['measured_ms']:.2f} ± {d['measured_se_ms']:.2f} | "
+                         f"{d['measured_ms'] / est:.2f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="unet,resnet", help="comma-separated subset of run.py's zoo")
+    ap.add_argument("--budgets", default="0.65", help="comma-separated fractions of the no-checkpointing peak")
+    ap.add_argument("--pairs", type=int, default=30, help="steps with the plan, each between two plain ones")
+    a = ap.parse_args()
+    allocator = steady_allocator()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results = [bench(name, float(f), a.pairs) for name in a.models.split(",") for f in a.budgets.split(",")]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/plan_decisions.py " + " ".join(sys.argv[1:])
+    machine = describe(allocator)
+    (out / "plan_decisions.json").write_text(json.dumps({"command": command, "machine": machine,
+                                                         "results": results}, indent=1) + "\n")
+    (out / "plan_decisions.md").write_text(markdown(results, command, machine))
+    print(f"wrote {out}/plan_decisions.json, plan_decisions.md")
+
+
+if __name__ == "__main__":
+    main()
