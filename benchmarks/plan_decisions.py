@@ -97,9 +97,9 @@ def markdown(results: list[dict], command: str, machine: str) -> str:
         lines.append("|---|---|---|---|---|---|---|---|")
         for d in res["decisions"]:
             est = d["predicted_ns"] / 1e6
+            measured = f"{d['measured_ms']:.2f} ± {d['measured_se_ms']:.2f}"
             lines.append(f"| `{d['decision']}` | {d['kind']} | {d['saved_ops']} | {d['rerun_flops'] / 1e6:.1f} | "
-                         f"{d['rerun_ns'] / 1e6:.2f} | {est:.2f} | {d['measured_ms']:.2f} ± {d['measured_se_ms']:.2f} | "
-                         f"{d['measured_ms'] / est:.2f} |")
+                         f"{d['rerun_ns'] / 1e6:.2f} | {est:.2f} | {measured} | {d['measured_ms'] / est:.2f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -141,8 +141,8 @@ class _KnapsackCheck:
     No row is solved after ``deadline`` (``time.monotonic()``; the search's wall-clock limit): CP-SAT
     cannot stop while a callback runs, and a row of the 7B model takes 0.5 s (the finer pass 1.2 s, on
     the 2-core machine, idle), so checks begun near the limit, and the final solution's check after it,
-    added their time to the limit. Rows solved before it still count. A search cut on the deterministic clock ends before the deadline, and its checks are
-    unchanged, so its plan stays byte-identical."""
+    added their time to the limit. Rows solved before it still count. A search cut on the deterministic
+    clock ends before the deadline, and its checks are unchanged, so its plan stays byte-identical."""
 
     def __init__(self, model: "_Model", capacity: int, gap_limit: float, known: int = 0,
                  deadline: float = math.inf) -> None:
@@ -692,8 +692,8 @@ class _Model:
         check closes them at improving solutions and stops the search once one is proven within the gap.
         ``known``: a lower bound on the cost found before the search. ``branch``: ``m`` is one branch of
         the search, which may hold no plan."""
-        check = None if isinstance(self.cost, int) else _KnapsackCheck(self, capacity, gap_limit, known,
-                                                                       deadline=time.monotonic() + time_limit_s)
+        deadline = time.monotonic() + time_limit_s  # CP-SAT's own wall-clock limit, as the checks see it
+        check = None if isinstance(self.cost, int) else _KnapsackCheck(self, capacity, gap_limit, known, deadline)
         solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers, report, gap_limit, check)
         lower = 0
         if check is not None and status in (Status.OPTIMAL, Status.FEASIBLE):
