@@ -1,7 +1,7 @@
 """Reprice measured policy runs under the present cost model: does a changed model order them better?
 
 A change to the cost model changes ckptplan's plans, so judging it by a new pair of policy runs (about
-1.5 hours on 2 cores) also measures other plans. This instead keeps what was measured and asks the new
+40-60 minutes on 2 cores) also measures other plans. This instead keeps what was measured and asks the new
 model to price it, run by hand (seconds to a few minutes), with the changed code: every configuration
 priced again, the pairs counted as rank_agreement.py does:
 
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rank_agreement import distinct_pairs, distinct_sign, settled_pairs  # noqa: E402
-from run import plan_decisions, predicted_cost, step_ratio, timed_configs, zoo  # noqa: E402
+from run import predicted_cost, saved_ops, saved_positions, step_ratio, timed_configs, zoo  # noqa: E402
 
 import ckptplan  # noqa: E402
 from ckptplan import planner  # noqa: E402
@@ -60,7 +60,7 @@ def dump(run: dict) -> dict[str, dict]:
                 if plan.extra_cost_ns != row["predicted_cost_ns"]:
                     raise SystemExit(f"{res['model']} budget {i} {row['policy']}: the solve costs {plan.extra_cost_ns} "
                                      f"ns, the run recorded {row['predicted_cost_ns']}: dump with the code that made it")
-                out[f"{res['model']}|{i}|{row['policy']}"] = {"saved": plan_decisions(plan), "cost_ns": plan.extra_cost_ns}
+                out[f"{res['model']}|{i}|{row['policy']}"] = {"saved": saved_positions(plan), "cost_ns": plan.extra_cost_ns}
                 print(f"[{res['model']}] budget {i} {row['policy']}: {plan.extra_cost_ns / 1e6:.2f} ms", flush=True)
     return out
 
@@ -78,8 +78,7 @@ def price(plans: dict[str, dict] | None, runs: list[dict]) -> list[dict]:
         now = []
         for k in keys:
             if k[0] == "plan":
-                saved = {p: frozenset() if candidates[p].remat else frozenset(candidates[p].first_op + x for x in pos)
-                         for p, pos in decisions(plans, name, k, configs[0][k]).items()}
+                saved = saved_ops(candidates, decisions(plans, name, k, configs[0][k]))
                 now.append(simulate(graph, tuple(candidates.values()), saved).extra_cost_ns)
             else:
                 now.append(predicted_cost(graph, regions, configs[0][k]))

@@ -215,7 +215,7 @@ def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s
         return {**row, "error": f"below the minimum {e.minimum_bytes}"}
     row.update(setup_s=round(trace_s + time.perf_counter() - t, 3), predicted_peak_bytes=plan.predicted_peak_bytes,
                predicted_extra_flops=plan.extra_forward_flops, predicted_cost_ns=plan.extra_cost_ns,
-               status=plan.status, gap=plan.gap, regions=len(plan.regions), saved=plan_decisions(plan))
+               status=plan.status, gap=plan.gap, regions=len(plan.regions), saved=saved_positions(plan))
     with ckptplan.apply(bench.model, plan) as handle:
         row.update(bench.measure(bench.model))
         row["runtime_extra_flops"] = handle.stats.extra_forward_flops
@@ -228,10 +228,17 @@ def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s
     return row
 
 
-def plan_decisions(plan: ckptplan.Plan) -> dict[str, list[int]]:
-    """A plan's decisions as reprice.py reads them: region path -> positions of the ops it saves in the
+def saved_positions(plan: ckptplan.Plan) -> dict[str, list[int]]:
+    """A plan's decisions as the results record them: region path -> positions of the ops it saves in the
     region (a rematerialization saves none), so that a later cost model can price what was measured."""
     return {r.path: [k for k, o in enumerate(r.ops) if o.decision is Decision.SAVE] for r in plan.regions}
+
+
+def saved_ops(candidates: dict[str, Any], positions: dict[str, list[int]]) -> dict[str, frozenset[int]]:
+    """``saved_positions``' record back as the simulator's decisions (region path -> graph op indices it
+    saves), given the candidate regions by path (``planner.candidates``)."""
+    return {path: frozenset() if candidates[path].remat else frozenset(candidates[path].first_op + k for k in pos)
+            for path, pos in positions.items()}
 
 
 def predicted_cost(graph, regions, row: dict) -> int | None:
