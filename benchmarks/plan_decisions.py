@@ -1,6 +1,6 @@
 """Plan decisions: what each decision of a ckptplan plan adds to a real step, alone and together.
 
-Run by hand (about 2 minutes a model on 2 cores, nothing else running):
+Run by hand (1-2 minutes a model on 2 cores, nothing else running):
     python benchmarks/plan_decisions.py --models unet,resnet --budgets 0.65 --out benchmarks/results/plan_decisions
 
 region_costs.py calibrates the cost model on candidates drawn at random; the solver then picks the
