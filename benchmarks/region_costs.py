@@ -22,6 +22,9 @@ figures ``costmodel.CPU`` takes; they are measured where they are paid, between 
 kernels, where the runtime's Python runs with cold caches and reruns read inputs saved long before (the
 tight loops of runtime_overhead.py read several times less). Writes region_costs.json and region_costs.md.
 
+``--picked 0.8,0.65,0.5`` adds the decisions the solver picks: each decision of the time objective's plan
+at those budgets alone, and the plan whole (``source: picked`` in the rows; a summary row per model).
+
 ``--refit JSON`` measures nothing: it counts an earlier run's rows again under the present cost model
 (each model traced again; its predictions are then the present model's) and fits them again.
 """
@@ -176,7 +179,36 @@ def compatible(graph, regions: tuple, chosen: list[tuple[Any, frozenset[int]]]) 
     return True
 
 
-def one_model(name: str, factory, per_model: int, mixes: int, pairs: int) -> dict[str, Any]:
+def picked_sets(graph, regions: tuple, fractions: list[float]) -> list[list[tuple[Any, str, frozenset[int]]]]:
+    """The decisions the solver picks: for each budget (a fraction of the no-checkpointing peak), the time
+    objective's plan, each decision alone and then the plan whole. The random sample holds few of some
+    kinds the solver favours (rematerializations that rerun a convolution or a concatenation), and those
+    are the ones a miscalibration hurts. Decisions that save only some of a region's ops are left out (a
+    row records a region's kind, not its ops)."""
+    by_path = {r.path: r for r in regions}
+    out: list[list[tuple[Any, str, frozenset[int]]]] = []
+    for fraction in fractions:
+        plan = ckptplan.solve(graph, round(fraction * graph.baseline_peak_bytes), time_limit_s=30, gap=0.0)
+        _, saved = planner.plan_decisions(graph, plan)
+        whole = []
+        for path, ops in sorted(saved.items(), key=lambda kv: by_path[kv[0]].first_op):
+            region = by_path[path]
+            kind = ("remat" if region.remat else "checkpoint" if not ops
+                    else "save-all" if ops == frozenset(region.choices) else None)
+            if kind is None:
+                whole = None
+                continue
+            if whole is not None:
+                whole.append((region, kind, ops))
+            if [(region, kind, ops)] not in out:
+                out.append([(region, kind, ops)])
+        if whole and len(whole) > 1:
+            out.append(whole)
+    return out
+
+
+def one_model(name: str, factory, per_model: int, mixes: int, pairs: int,
+              picked: list[float] = ()) -> dict[str, Any]:
     torch.manual_seed(0)
     model, args, kwargs = factory()
     graph = ckptplan.trace(model, *args, **kwargs)
@@ -191,13 +223,16 @@ def one_model(name: str, factory, per_model: int, mixes: int, pairs: int) -> dic
         chosen = rng.sample(pool, rng.randint(2, min(8, len(pool))))
         if compatible(graph, regions, [(r, saved) for r, _, saved in chosen]):
             sets.append(sorted(chosen, key=lambda d: d[0].first_op))
+    sampled = len(sets)
+    sets += [d for d in picked_sets(graph, regions, list(picked)) if d not in sets]
     rows = []
-    for decisions in sets:
+    for index, decisions in enumerate(sets):
         plan = plan_for(graph, {r.path: saved for r, _, saved in decisions})
         predicted = prediction(graph, plan, [(r, kind) for r, kind, _ in decisions])
         median, se = paired.extra_s(plan, pairs)
         label = " + ".join(f"{r.path} {kind}" for r, kind, _ in decisions)
         rows.append({"decisions": label, "kind": decisions[0][1] if len(decisions) == 1 else "mix",
+                     "source": "sample" if index < sampled else "picked",
                      "checkpoints": sum(k == "checkpoint" for _, k, _ in decisions),
                      "selective": sum(k == "save-all" for _, k, _ in decisions),
                      "remats": sum(k == "remat" for _, k, _ in decisions),
@@ -257,8 +292,10 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, Any]]:
     """Per kind of row (one decision of a kind, or a mix): measured over predicted, of the sums and the
     median of single rows."""
     out = {}
-    for kind in sorted({r["kind"] for r in rows}):
-        rs = [r for r in rows if r["kind"] == kind]
+    groups = {kind: [r for r in rows if r["kind"] == kind] for kind in sorted({r["kind"] for r in rows})}
+    if any(r.get("source") == "picked" for r in rows):  # the solver's own decisions, of every kind
+        groups["picked by the solver"] = [r for r in rows if r.get("source") == "picked"]
+    for kind, rs in groups.items():
         pred, meas = sum(r["predicted_ns"] for r in rs), sum(r["measured_ns"] for r in rs)
         ratios = [r["measured_ns"] / r["predicted_ns"] for r in rs if r["predicted_ns"] > 0]
         out[kind] = {"n": len(rs), "measured_over_predicted": round(meas / pred, 3) if pred else None,
@@ -400,6 +437,9 @@ def main() -> None:
     ap.add_argument("--per-model", type=int, default=16, help="candidates measured per model")
     ap.add_argument("--mixes", type=int, default=16, help="random sets of 2-8 of those decisions per model")
     ap.add_argument("--pairs", type=int, default=30, help="steps with the candidate, each between two plain ones")
+    ap.add_argument("--picked", default="", metavar="FRACTIONS",
+                    help="also every decision of the time objective's plan at these budgets (comma-separated "
+                         "fractions of the no-checkpointing peak), alone and whole")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch's intra-op threads")
     ap.add_argument("--refit", metavar="JSON", help="measure nothing: count the rows of this region_costs.json "
                     "again under the present cost model, and fit them again")
@@ -420,7 +460,8 @@ def main() -> None:
         allocator = steady_allocator()
         torch.set_num_threads(a.threads)
         models = zoo()
-        results = [one_model(n, models[n], a.per_model, a.mixes, a.pairs) for n in a.models.split(",")]
+        picked = [float(f) for f in a.picked.split(",") if f.strip()]
+        results = [one_model(n, models[n], a.per_model, a.mixes, a.pairs, picked) for n in a.models.split(",")]
         machine = describe(allocator)
         elapsed = round(time.perf_counter() - started)
         measured_by = command
