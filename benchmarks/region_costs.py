@@ -179,7 +179,7 @@ def compatible(graph, regions: tuple, chosen: list[tuple[Any, frozenset[int]]]) 
     return True
 
 
-def picked_sets(graph, regions: tuple, fractions: list[float]) -> list[list[tuple[Any, str, frozenset[int]]]]:
+def picked_sets(graph, regions: tuple, fractions: tuple[float, ...]) -> list[list[tuple[Any, str, frozenset[int]]]]:
     """The decisions the solver picks: for each budget (a fraction of the no-checkpointing peak), the time
     objective's plan, each decision alone and then the plan whole. The random sample holds few of some
     kinds the solver favours (rematerializations that rerun a convolution or a concatenation), and those
@@ -208,7 +208,7 @@ def picked_sets(graph, regions: tuple, fractions: list[float]) -> list[list[tupl
 
 
 def one_model(name: str, factory, per_model: int, mixes: int, pairs: int,
-              picked: list[float] = ()) -> dict[str, Any]:
+              picked: tuple[float, ...] = ()) -> dict[str, Any]:
     torch.manual_seed(0)
     model, args, kwargs = factory()
     graph = ckptplan.trace(model, *args, **kwargs)
@@ -224,7 +224,7 @@ def one_model(name: str, factory, per_model: int, mixes: int, pairs: int,
         if compatible(graph, regions, [(r, saved) for r, _, saved in chosen]):
             sets.append(sorted(chosen, key=lambda d: d[0].first_op))
     sampled = len(sets)
-    sets += [d for d in picked_sets(graph, regions, list(picked)) if d not in sets]
+    sets += [d for d in picked_sets(graph, regions, picked) if d not in sets]
     rows = []
     for index, decisions in enumerate(sets):
         plan = plan_for(graph, {r.path: saved for r, _, saved in decisions})
@@ -460,7 +460,7 @@ def main() -> None:
         allocator = steady_allocator()
         torch.set_num_threads(a.threads)
         models = zoo()
-        picked = [float(f) for f in a.picked.split(",") if f.strip()]
+        picked = tuple(float(f) for f in a.picked.split(",") if f.strip())
         results = [one_model(n, models[n], a.per_model, a.mixes, a.pairs, picked) for n in a.models.split(",")]
         machine = describe(allocator)
         elapsed = round(time.perf_counter() - started)
