@@ -7,21 +7,18 @@ region_costs.py calibrates the cost model on candidates drawn at random; the sol
 decisions it prices cheapest, and where the calibration sampled few of their kind (rematerializations
 whose recipes rerun a convolution) the picked ones are the ones it misprices most. Here, for each model
 and budget (a fraction of the no-checkpointing peak), the time objective's plan is applied whole and then
-one decision at a time, each step timed between two steps of an unmodified copy of the model (the median
-of ``--pairs`` differences), beside the simulator's estimate of the same decisions. A decision alone also
-pays the costs rematerializations share (the saved-tensor hook), so the singles add up to more than the
-whole plan. Writes plan_decisions.json and plan_decisions.md.
+one decision at a time, each step timed between two plain steps as region_costs.py times them (the median
+of ``--pairs`` differences, +- the standard error of their mean), beside the simulator's estimate of the
+same decisions. A decision alone also pays the costs rematerializations share (the saved-tensor hook), so
+the singles add up to more than the whole plan. Writes plan_decisions.json and plan_decisions.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
-import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,62 +27,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ckptplan  # noqa: E402
+from ckptplan.plan import Decision  # noqa: E402
 from ckptplan.planner import plan_decisions  # noqa: E402
 from ckptplan.solver.simulate import simulate  # noqa: E402
 from allocator import steady_allocator  # noqa: E402
 from machine import describe  # noqa: E402
-from run import _loss, zoo  # noqa: E402
-
-
-def extra_ms(model, twin, args: tuple, kwargs: dict, plan: ckptplan.Plan, pairs: int) -> tuple[float, float]:
-    """Median of what a step with ``plan`` applied adds to the plain steps either side of it, and its
-    standard error (a median's, for normal noise), in ms."""
-    def step(m) -> float:
-        torch.manual_seed(1234)
-        t = time.perf_counter()
-        _loss(m(*args, **kwargs)).backward()
-        m.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
-
-    with ckptplan.apply(model, plan):
-        step(model), step(model)  # warm-up: the first step checks the plan's ops
-        diffs, before = [], step(twin)
-        for _ in range(pairs):
-            mine, after = step(model), step(twin)
-            diffs.append(mine - (before + after) / 2)
-            before = after
-    return 1e3 * statistics.median(diffs), 1e3 * 1.2533 * statistics.stdev(diffs) / len(diffs) ** 0.5
+from region_costs import Paired, rerun_by_class  # noqa: E402
+from run import zoo  # noqa: E402
 
 
 def bench(name: str, fraction: float, pairs: int) -> dict:
     torch.manual_seed(0)
     model, args, kwargs = zoo()[name]()
-    twin = copy.deepcopy(model)
     graph = ckptplan.trace(model, *args, **kwargs)
+    paired = Paired(name, model, args, kwargs)  # region_costs.py's timing: a plan's copy between plain steps
     budget = round(fraction * graph.baseline_peak_bytes)
     plan = ckptplan.solve(graph, budget, time_limit_s=30, gap=0.0)
     regions, saved = plan_decisions(graph, plan)
-    measured, se = extra_ms(model, twin, args, kwargs, plan, pairs)
+    measured, se = paired.extra_s(plan, pairs)
     rows = []
     for r in plan.regions:
         alone = replace(plan, regions=(r,))
-        ms, ms_se = extra_ms(model, twin, args, kwargs, alone, pairs)
+        s, s_se = paired.extra_s(alone, pairs)
         rows.append({"decision": r.path, "kind": "rematerialize" if r.remat else "checkpoint",
-                     "saved_ops": sum(o.decision.value == "save" for o in r.ops),
-                     "rerun_flops": r.extra_forward_flops,
-                     "rerun_ns": sum(o.recompute_ns for o in r.ops if o.decision.value in ("recompute", "recipe")),
+                     "saved_ops": sum(o.decision is Decision.SAVE for o in r.ops),
+                     "rerun_flops": r.extra_forward_flops, "rerun_ns": sum(rerun_by_class(alone).values()),
                      "predicted_ns": simulate(graph, regions, {r.path: saved[r.path]}).extra_cost_ns,
-                     "measured_ms": round(ms, 3), "measured_se_ms": round(ms_se, 3)})
+                     "measured_ms": round(s * 1e3, 3), "measured_se_ms": round(s_se * 1e3, 3)})
         print(f"[{name}] {rows[-1]}", flush=True)
     return {"model": name, "budget_bytes": budget, "budget_fraction": fraction, "status": plan.status,
-            "predicted_ns": plan.extra_cost_ns, "measured_ms": round(measured, 3), "measured_se_ms": round(se, 3),
-            "decisions": rows}
+            "predicted_ns": plan.extra_cost_ns, "measured_ms": round(measured * 1e3, 3),
+            "measured_se_ms": round(se * 1e3, 3), "decisions": rows}
 
 
 def markdown(results: list[dict], command: str, machine: str) -> str:
     lines = [f"# Plan decisions\n\n`{command}` on {machine}. What the time objective's plan adds to a step, "
-             "whole and one decision at a time (median of steps timed between plain ones, ± its standard "
-             "error), against the simulator's estimate; a decision alone also pays the costs that "
+             "whole and one decision at a time (median of steps timed between plain ones, ± the standard "
+             "error of their mean), against the simulator's estimate; a decision alone also pays the costs that "
              "rematerializations share.\n"]
     for res in results:
         lines.append(f"## {res['model']} at {res['budget_fraction']:.0%} ({res['budget_bytes']} B)\n")

@@ -190,21 +190,20 @@ def picked_sets(graph, regions: tuple, fractions: tuple[float, ...]) -> list[lis
     for fraction in fractions:
         plan = ckptplan.solve(graph, round(fraction * graph.baseline_peak_bytes), time_limit_s=30, gap=0.0)
         _, saved = planner.plan_decisions(graph, plan)
-        whole = []
-        for path, ops in sorted(saved.items(), key=lambda kv: by_path[kv[0]].first_op):
-            region = by_path[path]
-            kind = ("remat" if region.remat else "checkpoint" if not ops
-                    else "save-all" if ops == frozenset(region.choices) else None)
-            if kind is None:
-                whole = None
-                continue
-            if whole is not None:
-                whole.append((region, kind, ops))
-            if [(region, kind, ops)] not in out:
-                out.append([(region, kind, ops)])
-        if whole and len(whole) > 1:
+        decisions = [(by_path[path], _kind(by_path[path], ops), ops)
+                     for path, ops in sorted(saved.items(), key=lambda kv: by_path[kv[0]].first_op)]
+        whole = [d for d in decisions if d[1] is not None]
+        out += [[d] for d in whole if [d] not in out]
+        if len(whole) == len(decisions) > 1:
             out.append(whole)
     return out
+
+
+def _kind(region, ops: frozenset[int]) -> str | None:
+    """A decision's kind as a row records it (``kinds``); None for a region saving only some of its ops."""
+    if region.remat:
+        return "remat"
+    return "checkpoint" if not ops else "save-all" if ops == frozenset(region.choices) else None
 
 
 def one_model(name: str, factory, per_model: int, mixes: int, pairs: int,
