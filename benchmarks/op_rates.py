@@ -1,11 +1,13 @@
 """Op rates: each forward op with FLOPs of the zoo, timed in its forward pass, against the cost model.
 
-Run by hand (about 2 minutes on 2 cores, nothing else running):
-    python benchmarks/op_rates.py --out benchmarks/results/op_rates
+Run by hand (under a minute on 2 cores, nothing else running):
+    python benchmarks/op_rates.py --passes 45 --out benchmarks/results/op_rates
 
-costmodel.CPU prices every op with FLOPs at one rate (a roofline: its FLOPs at ``flops_per_s``, or its
-traffic at ``bytes_per_s`` if slower), a class average from real steps. This lists the ops the class
-holds, so that one priced far from its class shows: each op timed in the model's forward pass as
+costmodel.CPU prices an op with FLOPs at its class's rate (a roofline: its FLOPs at ``flops_per_s``, or
+its traffic at ``bytes_per_s`` if slower), a class average from real steps, unless it has a line of its
+own (``costmodel.OpRate``). This lists the ops, so that one priced far from its class shows, and fits
+the line of each op in ``LINED`` (convolutions: on the CPU their time is mostly a fixed part and their
+traffic, where the class's rate reads 1.2 to 50 times too fast for the zoo's thin ones): each op timed in the model's forward pass as
 runtime_overhead.py times it (``_OpTimer``: the kernel and the dispatch, median of ``--passes``), glibc's
 trimming off as the other benchmarks run (benchmarks/allocator.py: without it a 2 MB output page-faults
 in again and a thin convolution reads twice as slow). Identical ops of a model (same name, output,
@@ -24,6 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,6 +73,31 @@ def summary(results: list[dict]) -> list[dict]:
             for op, v in sorted(by_op.items())]
 
 
+LINED = ("aten.convolution.default",)  # ops costmodel.CPU prices by a line of their own (costmodel.OpRate)
+
+
+def own_lines(results: list[dict]) -> list[dict]:
+    """Per op of LINED: the line through its forward times over every model, fixed + FLOPs / a rate +
+    bytes moved / a rate (least squares, each row weighted by its count), and the range of forward time
+    over the line's value. costmodel.CPU's OpRate is this line times the rerun factor region_costs.py
+    reads (its ``conv_rerun_scale``)."""
+    out = []
+    for op in LINED:
+        rows = [r for res in results for r in res.get("rows", []) if r["op"] == op]
+        if len(rows) < 3:
+            continue
+        x = numpy.array([[1.0, r["flops"], r["bytes_moved"]] for r in rows])
+        t = numpy.array([float(r["forward_ns"]) for r in rows])
+        w = numpy.sqrt(numpy.array([float(r["count"]) for r in rows]))
+        (fixed, per_flop, per_byte), *_ = numpy.linalg.lstsq(x * w[:, None], t * w, rcond=None)
+        ratio = t / (x @ numpy.array([fixed, per_flop, per_byte]))
+        out.append({"op": op, "rows": len(rows), "fixed_ns": round(float(fixed)),
+                    "gflop_per_s": round(1 / float(per_flop), 1) if per_flop > 0 else None,
+                    "gb_per_s": round(1 / float(per_byte), 2) if per_byte > 0 else None,
+                    "forward_over_line_min": round(float(ratio.min()), 2), "forward_over_line_max": round(float(ratio.max()), 2)})
+    return out
+
+
 def markdown(result: dict) -> str:
     lines = ["# Op rates\n", f"`{result['command']}` on {result['machine']}.\n",
              "Each forward op with FLOPs timed in its forward pass (median of the passes), against its "
@@ -77,6 +105,12 @@ def markdown(result: dict) -> str:
              "prices them right relative to each other.\n",
              "## Per aten op\n", "| op | ops | forward / estimate: median | min | max |", "|---|---|---|---|---|"]
     lines += [f"| {s['op']} | {s['ops']} | {s['median']} | {s['min']} | {s['max']} |" for s in result["summary"]]
+    lines += ["\n## Lines of their own\n",
+              "Forward time = fixed + FLOPs / rate + bytes moved / rate, fitted over every model's rows of the op "
+              "(costmodel.OpRate; the CPU profile scales it by the rerun factor region_costs.py reads).\n",
+              "| op | rows | fixed (us) | GFLOP/s | GB/s | forward / line: min | max |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {ln['op']} | {ln['rows']} | {ln['fixed_ns'] / 1e3:.0f} | {ln['gflop_per_s']} | {ln['gb_per_s']} | "
+              f"{ln['forward_over_line_min']} | {ln['forward_over_line_max']} |" for ln in result.get("lines", [])]
     for res in result["results"]:
         lines += [f"\n## {res['model']}\n"]
         if "skipped" in res:
@@ -102,7 +136,7 @@ def main() -> None:
     results = [one_model(n, a.passes) for n in a.models.split(",")]
     result = {"command": "python benchmarks/op_rates.py " + " ".join(sys.argv[1:]),
               "machine": describe(allocator),
-              "summary": summary(results), "results": results}
+              "summary": summary(results), "lines": own_lines(results), "results": results}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "op_rates.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -16,8 +16,9 @@ recipes).
 The calibration (``calibrate``): one checkpoint call from "splits" (a module call checkpointed whole
 against its children one by one); then, over every row of every model, what the runtime adds beyond the
 reruns and the hooks: per region selective checkpointing runs and per op under its modes, per
-rematerialization, per op a recipe mode visits (each module call once), per tensor the saved-tensor hook
-looks up (once, when any decision rematerializes), and what is left for every plan. Those are the
+rematerialization and per op of its recipe, per op a recipe mode visits (each module call once), per
+tensor the saved-tensor hook looks up (once, when any decision rematerializes), a scale on the reruns of
+the ops priced at rates of their own (convolutions, BatchNorm), and what is left for every plan. Those are the
 figures ``costmodel.CPU`` takes; they are measured where they are paid, between the real model's
 kernels, where the runtime's Python runs with cold caches and reruns read inputs saved long before (the
 tight loops of runtime_overhead.py read several times less). Writes region_costs.json and region_costs.md.
@@ -59,8 +60,9 @@ from ckptplan.solver import remat  # noqa: E402
 from ckptplan.solver.regions import Forced  # noqa: E402
 from ckptplan.solver.simulate import simulate  # noqa: E402
 
-CLASSES = ("flops", "memory", "slow", "random")  # ops with FLOPs, other memory-bound ops, costmodel.SLOW_OPS, random ops
-COUNTS = ("rerun_ops", "calls", "hook_ops", "sac_calls", "sac_ops", "remats", "visit_ops", "packs")
+# ops with FLOPs, convolutions, other memory-bound ops, costmodel.SLOW_OPS, BatchNorm, random ops
+CLASSES = ("flops", "conv", "memory", "slow", "batchnorm", "random")
+COUNTS = ("rerun_ops", "calls", "hook_ops", "sac_calls", "sac_ops", "remats", "recipe_ops", "visit_ops", "packs")
 
 
 def kinds(region) -> list[tuple[str, frozenset[int]]]:
@@ -128,6 +130,11 @@ def rerun_by_class(plan: ckptplan.Plan) -> dict[str, int]:
 def _class(o) -> str:
     if o.forced == Forced.RANDOM.value:  # priced at random_bytes_per_s
         return "random"
+    name = o.op.split(".")[1]
+    if name == "convolution":  # priced by its own line (costmodel.OpRate)
+        return "conv"
+    if name in costmodel.BATCH_NORMS:
+        return "batchnorm"
     return "slow" if costmodel.is_slow(o.op) else "flops" if o.recompute_flops else "memory"
 
 
@@ -135,7 +142,7 @@ def counts(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict
     """What the fit (``calibrate``) prices, for these (candidate, kind) decisions and their plan: the reruns
     by class of op without the fixed part of each op (costmodel.CPU's rates), the ops rerun, checkpoint
     calls, ops under a checkpoint's saved-tensor hooks, regions selective checkpointing runs (its modes set
-    up), ops under those modes (forward and recomputation's walk), rematerializations, the forward ops
+    up), ops under those modes (forward and recomputation's walk), rematerializations and their recipes' ops, the forward ops
     their recipe modes visit (each module call once, however many recipes it holds) and the tensors the
     model's forward saves through the saved-tensor hook (once, when any decision rematerializes)."""
     out = {f"rerun_{c}_ns": 0 for c in CLASSES} | dict.fromkeys(COUNTS, 0)
@@ -151,6 +158,7 @@ def counts(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict
         if kind == "remat":
             call = remat.anchor(graph, region.first_op, region.end_op)
             out["remats"] += 1
+            out["recipe_ops"] += region.end_op - region.first_op
             anchors[call.path] = call.end_op - call.first_op
         else:
             out["calls"] += 1
@@ -309,8 +317,12 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, Any]]:
 # reruns at its rates, with their fixed part per op, and the ops under a checkpoint's hooks. A free fit of
 # those too is not identifiable here: the ops rerun are nearly the ops under hooks, and memory-bound ops
 # other than random ones cost little (free, it reads a scale of 11 on them against -15 us an op under hooks).
-TERMS = ("sac_call_ns", "sac_op_ns", "remat_ns", "visit_ns", "pack_ns")
-COLUMNS = ("sac_calls", "sac_ops", "remats", "visit_ops", "packs")
+TERMS = ("sac_call_ns", "sac_op_ns", "remat_ns", "recipe_op_ns", "visit_ns", "pack_ns")
+COLUMNS = ("sac_calls", "sac_ops", "remats", "recipe_ops", "visit_ops", "packs")
+# Beside them, a scale on what costmodel.CPU charges the reruns of the ops it prices at their own rates
+# apart from their class (convolutions, BatchNorm; 1 when they are right): a convolution's line comes
+# from its forward passes (op_rates.py), and a rerun in backward costs some multiple of it.
+SCALED = ("conv", "batchnorm")
 
 
 def predicted_ns(c: dict[str, int], profile: costmodel.DeviceProfile = costmodel.CPU) -> int:
@@ -318,7 +330,7 @@ def predicted_ns(c: dict[str, int], profile: costmodel.DeviceProfile = costmodel
     return (sum(c[f"rerun_{k}_ns"] for k in CLASSES) + c["rerun_ops"] * profile.op_overhead_ns
             + c["calls"] * profile.checkpoint_call_ns + c["hook_ops"] * profile.checkpoint_op_ns
             + c["sac_calls"] * profile.sac_call_ns + c["sac_ops"] * profile.sac_forward_ns
-            + c["remats"] * profile.remat_ns
+            + c["remats"] * profile.remat_ns + c["recipe_ops"] * profile.remat_op_ns
             + c["visit_ops"] * profile.remat_visit_ns + c["packs"] * profile.remat_pack_ns)
 
 
@@ -326,27 +338,30 @@ def calibrate(results: list[dict]) -> dict[str, Any]:
     """The cost of one checkpoint call, from the splits (median over every model); then, that cost and
     the parts ``TERMS`` leave out charged at costmodel.CPU's figures, weighted least squares over every
     row of every model (weights: 1 / the measurement's standard error) of what remains of the step time a
-    row adds against its ``counts``. A fit of the calls together with the rest cannot tell a call from a
-    plan: most rows are one decision. ``left_per_plan_ns``, the weighted mean of what the fit leaves, is
-    what every plan pays beyond it (the model charges nothing per plan). The model is right when the fit
-    reads the nanoseconds costmodel.CPU holds."""
+    row adds against its ``counts``, and against the reruns of the ops in ``SCALED`` as charged (their
+    scales). A fit of the calls together with the rest cannot tell a call from a plan: most rows are one
+    decision. ``left_per_plan_ns``, the weighted mean of what the fit leaves, is what every plan pays
+    beyond it (the model charges nothing per plan). The model is right when the fit reads the
+    nanoseconds costmodel.CPU holds and scales of 1."""
     cpu = costmodel.CPU
     calls = [s["call_ns"] for res in results for s in res["splits"]]
     call = statistics.median(calls) if calls else float(cpu.checkpoint_call_ns)
     rows = [r for res in results for r in res["rows"]]
-    x = numpy.array([[float(r["counts"][c]) for c in COLUMNS] for r in rows])
+    x = numpy.array([[float(r["counts"][c]) for c in COLUMNS] + [float(r["counts"][f"rerun_{k}_ns"]) for k in SCALED]
+                     for r in rows])
     measured = numpy.array([float(r["measured_ns"]) for r in rows])
     free = dataclasses.replace(cpu, checkpoint_call_ns=round(call), sac_call_ns=0, sac_forward_ns=0, sac_replay_ns=0,
-                               remat_call_ns=0, remat_visit_ns=0, remat_pack_ns=0)
-    y = measured - numpy.array([float(predicted_ns(r["counts"], free)) for r in rows])
+                               remat_call_ns=0, remat_op_ns=0, remat_visit_ns=0, remat_pack_ns=0)
+    y = measured - numpy.array([float(predicted_ns(r["counts"], free)) for r in rows]) + x[:, len(COLUMNS):].sum(axis=1)
     w = 1 / numpy.maximum(numpy.array([float(r["measured_se_ns"]) for r in rows]), 1e5)
     coef, *_ = numpy.linalg.lstsq(x * w[:, None], y * w, rcond=None)
     fit = dict(zip(TERMS, (float(c) for c in coef)))
+    scales = {f"{k}_rerun_scale": round(float(c), 2) for k, c in zip(SCALED, coef[len(COLUMNS):])}
     left = y - x @ coef
     per_plan = float(numpy.sum(left * w * w) / numpy.sum(w * w))
     as_is = measured - numpy.array([float(predicted_ns(r["counts"])) for r in rows])
     return {"rows": len(rows), "splits": len(calls), "call_ns": round(call), **{t: round(v) for t, v in fit.items()},
-            "left_per_plan_ns": round(per_plan),
+            **scales, "left_per_plan_ns": round(per_plan),
             "rms_error_ms_as_is": round(float(numpy.sqrt(numpy.mean(as_is ** 2))) / 1e6, 3),
             "rms_error_ms_fitted": round(float(numpy.sqrt(numpy.mean(left ** 2))) / 1e6, 3)}
 
@@ -386,19 +401,23 @@ def markdown(results: list[dict], fitted: dict[str, Any], command: str, machine:
              "## Calibration (every row of every model)\n",
              "One checkpoint call: the median over the splits below. Then, that and the reruns and hooks charged "
              "as costmodel.CPU does, weighted least squares of what remains against the regions selective "
-             "checkpointing runs, the ops under its modes, the rematerializations, the ops their recipe modes "
-             "visit and the tensors the saved-tensor hook looks up; what it leaves, on average, every plan pays. "
+             "checkpointing runs, the ops under its modes, the rematerializations and their recipes' ops, the ops "
+             "their recipe modes visit, the tensors the saved-tensor hook looks up and the reruns of the ops "
+             "priced at their own rates; what it leaves, on average, every plan pays. "
              "Right: the figures costmodel.CPU holds "
              f"({_ms(costmodel.CPU.checkpoint_call_ns)} ms a call, {_ms(costmodel.CPU.sac_call_ns)} ms a "
              f"selective region, {costmodel.CPU.sac_forward_ns / 1e3:.1f} us an op under its modes, "
-             f"{_ms(costmodel.CPU.remat_ns)} ms a rematerialization, "
+             f"{_ms(costmodel.CPU.remat_ns)} ms a rematerialization, {_ms(costmodel.CPU.remat_op_ns)} ms an op "
+             "of its recipe, "
              f"{costmodel.CPU.remat_visit_ns / 1e3:.1f} us a visit, {costmodel.CPU.remat_pack_ns / 1e3:.1f} us a "
-             "tensor the hook looks up).\n",
-             "| rows | splits | call | " + " | ".join(TERMS) + " | left per plan | rms error as is (ms) "
-             "| rms error fitted (ms) |",
-             "|---" * (len(TERMS) + 6) + "|",
+             "tensor the hook looks up; scales 1 on the reruns of "
+             + ", ".join(SCALED) + ", which costmodel.CPU prices at rates of their own).\n",
+             "| rows | splits | call | " + " | ".join(TERMS) + " | " + " | ".join(f"{k} scale" for k in SCALED)
+             + " | left per plan | rms error as is (ms) | rms error fitted (ms) |",
+             "|---" * (len(TERMS) + len(SCALED) + 6) + "|",
              f"| {fitted['rows']} | {fitted['splits']} | {_ms(fitted['call_ns'])} ms | "
-             + " | ".join(_term(fitted, t) for t in TERMS)
+             + " | ".join(_term(fitted, t) for t in TERMS) + " | "
+             + " | ".join(str(fitted.get(f"{k}_rerun_scale", "")) for k in SCALED)
              + f" | {_ms(fitted['left_per_plan_ns'])} ms | {fitted['rms_error_ms_as_is']} | {fitted['rms_error_ms_fitted']} |",
              "\n## Per model\n",
              "| model | plain step (ms) | empty plan (ms) | kind | rows | measured / predicted (sums) "

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 # below the rate of an add (measured on the zoo's forward ops: BatchNorm in training 9.6 GB/s of inputs and
 # outputs, softmax 5.5, GELU 11, LayerNorm 15, max-pool 2.8, a mean 8.5, against an add 38, a mul 44 and an
 # in-place ReLU 179). Aten op names, without namespace and overload.
+BATCH_NORMS = ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training")
 SLOW_OPS = frozenset({
-    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    *BATCH_NORMS,
     "native_layer_norm", "native_group_norm", "_softmax", "_safe_softmax", "_log_softmax", "gelu",
     "max_pool2d_with_indices", "avg_pool2d", "mean", "embedding",
 })
@@ -49,6 +50,29 @@ def is_slow(op_name: str) -> bool:
     write it) is one of SLOW_OPS."""
     parts = op_name.split(".")
     return len(parts) > 1 and parts[1] in SLOW_OPS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpRate:
+    """An op priced apart from its class, by a line fitted to its own times: ``fixed_ns`` a call (beside
+    every op's ``op_overhead_ns``), plus its FLOPs at ``flops_per_s`` (None: not charged) and its traffic
+    at ``bytes_per_s``, added rather than the larger taken. A roofline suits ops whose time one resource
+    bounds; a CPU convolution pays for both (oneDNN reorders its input and output to and from a blocked
+    layout, then computes), and the zoo's thin ones mostly for the reorders."""
+
+    op: str  # aten name without namespace and overload: "convolution"
+    bytes_per_s: float
+    flops_per_s: float | None = None
+    fixed_ns: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_s <= 0 or (self.flops_per_s is not None and self.flops_per_s <= 0) or self.fixed_ns < 0:
+            raise ValueError(f"op rate {self.op!r} needs positive rates and a fixed cost >= 0")
+
+    def seconds(self, flops: int, bytes_moved: int) -> float:
+        """The op's time beyond every op's fixed overhead."""
+        compute = flops / self.flops_per_s if self.flops_per_s else 0.0
+        return self.fixed_ns / 1e9 + compute + bytes_moved / self.bytes_per_s
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,17 +93,19 @@ class DeviceProfile:
     # per rematerialization, beside its ops' hooks and its recipe mode's visits: the recipe recorded, its
     # storage registered, the saved tensors' handles packed and unpacked, the rerun; None: checkpoint_call_ns
     remat_call_ns: int | None = None
+    # per op of a rematerialization's recipe, on top of its hooks and its rerun as priced: recorded in
+    # forward (its arguments flattened, its tensors aliased or referenced) and replayed in backward
+    remat_op_ns: int = 0
     # per tensor autograd saves in the model's forward (Graph.saved_tensors), once a plan rematerializes
     # anything: the saved-tensor hook that looks each one up, packed and unpacked
     remat_pack_ns: int = 0
-    # (aten op name, bytes/s): ops whose reruns were measured apart from their class, at their own rate
-    op_bytes_per_s: tuple[tuple[str, float], ...] = ()
+    # ops whose reruns were measured apart from their class, each at its own rates (OpRate)
+    op_rates: tuple[OpRate, ...] = ()
 
     def __post_init__(self) -> None:
-        if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s, self.slow_bytes_per_s or 1,
-               *(rate for _, rate in self.op_bytes_per_s)) <= 0 or min(
+        if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s, self.slow_bytes_per_s or 1) <= 0 or min(
                 self.op_overhead_ns, self.checkpoint_call_ns, self.checkpoint_op_ns, self.sac_forward_ns,
-                self.sac_replay_ns, self.sac_call_ns, self.remat_visit_ns, self.remat_pack_ns) < 0:
+                self.sac_replay_ns, self.sac_call_ns, self.remat_visit_ns, self.remat_pack_ns, self.remat_op_ns) < 0:
             raise ValueError(f"device profile {self.name!r} needs positive rates and overheads >= 0")
 
     @property
@@ -90,21 +116,23 @@ class DeviceProfile:
     def cost_ns(self, *, flops: int, bytes_moved: int, is_view: bool, random_bytes: int = 0, op: str = "") -> int:
         """Estimated time of one op: max(compute, memory traffic, random numbers) + overhead. Views move
         no data. ``random_bytes``: the output a random op draws (0 for the others). ``op``: its aten name
-        without namespace and overload (``gelu``): its traffic moves at its own rate in ``op_bytes_per_s``,
-        else at ``slow_bytes_per_s`` for SLOW_OPS, else at ``bytes_per_s``."""
+        without namespace and overload (``convolution``): an op in ``op_rates`` is priced by its own line,
+        the others by a roofline, their traffic at ``slow_bytes_per_s`` for SLOW_OPS, else at
+        ``bytes_per_s``."""
         if is_view:
             return self.op_overhead_ns
-        compute = flops / self.flops_per_s
-        traffic = bytes_moved / self.traffic_rate(op)
         drawn = random_bytes / self.random_bytes_per_s
+        own = self.op_rate(op)
+        if own is not None:
+            return self.op_overhead_ns + int(round(max(own.seconds(flops, bytes_moved), drawn) * 1e9))
+        compute = flops / self.flops_per_s
+        traffic = bytes_moved / ((self.slow_bytes_per_s or self.bytes_per_s) if op in SLOW_OPS else self.bytes_per_s)
         return self.op_overhead_ns + int(round(max(compute, traffic, drawn) * 1e9))
 
-    def traffic_rate(self, op: str) -> float:
-        """Bytes per second an op named ``op`` (aten, without namespace and overload) moves."""
-        for name, rate in self.op_bytes_per_s:
-            if name == op:
-                return rate
-        return (self.slow_bytes_per_s or self.bytes_per_s) if op in SLOW_OPS else self.bytes_per_s
+    def op_rate(self, op: str) -> OpRate | None:
+        """The rates an op named ``op`` (aten, without namespace and overload) is priced at apart from its
+        class, if any."""
+        return next((r for r in self.op_rates if r.op == op), None)
 
     def device_ns(self, cost_ns: int) -> int:
         """The part of an op's estimate that runs on the device (its estimate less the launch overhead)."""
@@ -114,9 +142,11 @@ class DeviceProfile:
         """(checkpointing a region at all, selective checkpointing on top) beyond the ops it reruns, for
         a region of ``num_ops`` forward ops whose recomputation walks ``num_rerun`` of them (early stop)
         and whose ops run ``device_ns`` on the device in forward and rerun together. ``remat``: a
-        rematerialization's recipe, which pays ``remat_ns`` instead of a checkpoint call."""
+        rematerialization's recipe, which pays ``remat_ns`` instead of a checkpoint call and
+        ``remat_op_ns`` an op."""
         eager = (num_ops + num_rerun) * self.op_overhead_ns
-        plain = (self.remat_ns if remat else self.checkpoint_call_ns) + num_ops * self.checkpoint_op_ns
+        plain = (self.remat_ns + num_ops * (self.checkpoint_op_ns + self.remat_op_ns) if remat
+                 else self.checkpoint_call_ns + num_ops * self.checkpoint_op_ns)
         selective = self.sac_call_ns + num_ops * self.sac_forward_ns + num_rerun * self.sac_replay_ns
         if not self.asynchronous:
             return plain, selective
@@ -142,30 +172,44 @@ class DeviceProfile:
 # * GELU apart from the other SLOW_OPS: over both runs' rows (31 each) its reruns cost 0.27x and 0.36x its
 #   class's rate, where LayerNorm's read 1.5x and 3.7x and BatchNorm's 1.0x and 1.5x: 8 GB/s, about its
 #   forward rate (11 GB/s) over the factor of ops with FLOPs;
+# * convolutions apart from the ops with FLOPs: on this CPU their forward passes took up to 20-50 times
+#   what the class's rate charged (the zoo's matmuls 0.8-1.5x; a thin convolution, 8 to 32 channels, is
+#   mostly a fixed part and oneDNN's reorders of its input and output), so each is priced by its own line
+#   (OpRate): benchmarks/op_rates.py fits
+#   its forward times, 152 us + FLOPs at 341e9/s + traffic at 5.84e9 B/s (within 0.62-1.42x of all 24 of
+#   the zoo's), and region_costs.py's refit reads its reruns at 0.77x that line (its
+#   ``conv_rerun_scale``, then 1.00). Priced as the class, the solver took the convolutions it
+#   underpriced most: the time objective's plans on ResNet and U-Net measured 1.1-1.7x their estimate,
+#   every other plan and anchor 0.6-1.1x. With convolutions on their line, BatchNorm (beside a
+#   convolution everywhere in the zoo) reads 0.7x SLOW_OPS' rate: 3.4e9 B/s;
 # * then, those charged, a fit of what the runtime adds beyond them, over a second run of those rows
-#   (its counts recorded): 0.50 ms a region selective checkpointing runs and 15.2 us an op under its modes
-#   (forward, and again in the recomputation's walk), 0.36 ms a rematerialization (its recipe recorded,
-#   its handles, the rebuild), 8.3 us a forward op of each module call a recipe mode visits (once however
-#   many recipes it holds) and 6.1 us a tensor the forward saves, once a plan rematerializes anything
-#   (the saved-tensor hook; timed alone, without a recipe, it adds 0.7-2.3 ms to five of the zoo's
-#   steps, 6-14 us a tensor, and 0 +- 1 ms to GPT-2's); the splits of that run read 0.46 ms a call. The first run's rows, counted again, read
-#   22 us an op under the modes, 0.47 ms, 12.5 us and 8.5 us (with GELU in its class, no cost per
-#   selective region): these move by a third from run to run. The cost per selective region shows in the
-#   smallest ones: a region of 2 ops (a LayerNorm, a pool) saving both adds 1.3-2.8 ms to a step, where
-#   the per-op terms and a checkpoint call charge 0.5 ms; without it the fit reads 16.3 us an op and
-#   the zoo's single selective regions measure 1.47x what it charges them (1.26x with it);
-# * every plan pays 0.06 ms more on average (what the fit leaves), not charged: it is alike for all.
-# rms error over the second run's rows, as the simulator charges them: 1.41 ms; 1.47 ms without the cost
-# per selective region, 1.66 ms besides with every recipe charged its own mode and hook and GELU in its
-# class (0.67 ms a recipe and 7.1 us a visit, the constants before).
+#   (its counts recorded, counted again with ``region_costs.py --refit`` under these rates): 0.70 ms a
+#   region selective checkpointing runs and 14.8 us an op under its modes (forward, and again in the
+#   recomputation's walk), 0.13 ms a rematerialization and 0.13 ms an op of its recipe (recorded with its
+#   arguments in forward, replayed in backward: fitted on the transformers' rows alone 0.14 ms, on the
+#   conv nets' 0.10 ms; one cost per recipe, 0.36 ms, overpriced the one- and two-op recipes of norms and
+#   activations and underpriced long ones), 6.1 us a forward op of each module call a recipe mode visits
+#   (once however many recipes it holds) and 6.3 us a tensor the forward saves, once a plan
+#   rematerializes anything (the saved-tensor hook; timed alone, without a recipe, it adds 0.7-2.3 ms to
+#   five of the zoo's steps, 6-14 us a tensor, and 0 +- 1 ms to GPT-2's); the splits of that run read
+#   0.47 ms a call. These move by a third from run to run (the first run's rows read 22 us an op under
+#   the modes). The cost per selective region shows in the smallest ones: a region of 2 ops (a
+#   LayerNorm, a pool) saving both adds 1.3-2.8 ms to a step. Selective regions over a whole GPT-2 block
+#   still measure 1.5-1.9x their estimate (benchmarks/results/plan_decisions/), where plain checkpoints of
+#   the same block measure 1.3x;
+# * every plan pays 0.07 ms more on average (what the fit leaves), not charged: it is alike for all.
+# rms error over the second run's rows, as the simulator charges them: 1.25 ms (1.41 ms with convolutions
+# in their class and one cost per recipe).
 # The fixed part of an op, op_overhead_ns, lies between a bare eager op with autograd (~1.5 us)
 # and what an op costs the zoo's forward above its kernel (~10 us); random_bytes_per_s is dropout's masks
 # in a forward pass.
 CPU = DeviceProfile(name="cpu", flops_per_s=123e9, bytes_per_s=70e9, random_bytes_per_s=0.85e9,
-                    op_overhead_ns=5_000, checkpoint_call_ns=460_000, checkpoint_op_ns=8_000,
-                    sac_forward_ns=15_200, sac_replay_ns=15_200, sac_call_ns=500_000, remat_call_ns=356_000,
-                    remat_visit_ns=8_300, remat_pack_ns=6_100, slow_bytes_per_s=2.4e9,
-                    op_bytes_per_s=(("gelu", 8e9),))
+                    op_overhead_ns=5_000, checkpoint_call_ns=473_000, checkpoint_op_ns=8_000,
+                    sac_forward_ns=14_800, sac_replay_ns=14_800, sac_call_ns=700_000, remat_call_ns=132_000,
+                    remat_op_ns=131_000, remat_visit_ns=6_100, remat_pack_ns=6_300, slow_bytes_per_s=2.4e9,
+                    op_rates=(OpRate(op="gelu", bytes_per_s=8e9),
+                              OpRate(op="convolution", fixed_ns=117_000, flops_per_s=443e9, bytes_per_s=7.58e9),
+                              *(OpRate(op=bn, bytes_per_s=3.4e9) for bn in BATCH_NORMS)))
 # An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated: no GPU was lent
 # to measure it): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers at that rate too), ~8 us a
 # launch. The runtime's overheads are Python on the host, charged where they are longer than the kernels

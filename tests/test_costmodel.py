@@ -27,13 +27,16 @@ def test_on_the_cpu_the_runtime_overheads_add_up(ops, rerun):
 
 
 def test_a_rematerialization_pays_its_own_call_and_its_hooks_and_shares_its_mode_and_the_saved_tensor_hook():
-    """A recipe's fixed cost is remat_ns, not a checkpoint call's, and its ops' hooks. The recipe mode
+    """A recipe's fixed cost is remat_ns, not a checkpoint call's, and its ops' hooks and records
+    (remat_op_ns each: recorded in forward, replayed in backward). The recipe mode
     over its module call (remat_visit_ns a forward op of the call) and the saved-tensor hook over every
     tensor the model's forward saves (remat_pack_ns each) are shared costs, keyed so that a plan pays
     each once. Without remat_call_ns a recipe costs a checkpoint call."""
     cpu = costmodel.CPU
     assert cpu.remat_ns == cpu.remat_call_ns != cpu.checkpoint_call_ns
-    assert cpu.region_ns(num_ops=3, num_rerun=2, device_ns=0, remat=True)[0] == cpu.remat_ns + 3 * cpu.checkpoint_op_ns
+    per_op = cpu.checkpoint_op_ns + cpu.remat_op_ns
+    assert cpu.remat_op_ns > 0
+    assert cpu.region_ns(num_ops=3, num_rerun=2, device_ns=0, remat=True)[0] == cpu.remat_ns + 3 * per_op
     assert dataclasses.replace(cpu, remat_call_ns=None).remat_ns == cpu.checkpoint_call_ns
     torch.manual_seed(0)
     model, x = _Chain(2, 16), torch.randn(4, 32, 16)
@@ -46,7 +49,7 @@ def test_a_rematerialization_pays_its_own_call_and_its_hooks_and_shares_its_mode
     assert remats
     for r in remats:
         call = remat.anchor(graph, r.first_op, r.end_op)
-        assert r.checkpoint_ns == cpu.remat_ns + (r.end_op - r.first_op) * cpu.checkpoint_op_ns
+        assert r.checkpoint_ns == cpu.remat_ns + (r.end_op - r.first_op) * per_op
         assert dict(r.shared) == {f"{remat.SHARED_MODE}{call.path}": (call.end_op - call.first_op) * cpu.remat_visit_ns,
                                   remat.SHARED_HOOK: len(packs) * cpu.remat_pack_ns}
 
@@ -140,3 +143,41 @@ def test_slow_ops_are_recognised_by_their_traced_names():
     assert costmodel.is_slow("aten._softmax.default")
     assert not costmodel.is_slow("aten.add.Tensor")
     assert not costmodel.is_slow("native_batch_norm")
+
+
+def test_an_op_with_a_line_of_its_own_pays_its_fixed_part_its_flops_and_its_traffic():
+    """costmodel.OpRate: a CPU convolution is priced by its own line (fixed + FLOPs + traffic, added), so a
+    thin one costs far more than its FLOPs at the class's rate; an op without a line keeps its roofline."""
+    cpu = costmodel.CPU
+    line = cpu.op_rate("convolution")
+    assert line is not None and line.fixed_ns > 0 and line.flops_per_s
+    flops, moved = 8_400_000, 1_600_000  # the zoo's 2x2 transposed convolution, 8 to 16 channels
+    cost = cpu.cost_ns(flops=flops, bytes_moved=moved, is_view=False, op="convolution")
+    assert cost == cpu.op_overhead_ns + round((line.fixed_ns / 1e9 + flops / line.flops_per_s + moved / line.bytes_per_s) * 1e9)
+    roofline = cpu.cost_ns(flops=flops, bytes_moved=moved, is_view=False, op="addmm")
+    assert roofline == cpu.op_overhead_ns + round(max(flops / cpu.flops_per_s, moved / cpu.bytes_per_s) * 1e9)
+    assert cost > 2 * roofline
+    assert cpu.cost_ns(flops=flops, bytes_moved=moved, is_view=True, op="convolution") == cpu.op_overhead_ns
+    gelu = cpu.op_rate("gelu")  # a traffic-only line: the same as a roofline at its own rate
+    assert gelu is not None and gelu.flops_per_s is None and gelu.fixed_ns == 0
+    assert cpu.cost_ns(flops=0, bytes_moved=moved, is_view=False, op="gelu") == cpu.op_overhead_ns + round(
+        moved / gelu.bytes_per_s * 1e9)
+    assert costmodel.GPU.op_rate("convolution") is None
+    with pytest.raises(ValueError, match="positive rates"):
+        costmodel.OpRate(op="convolution", bytes_per_s=0)
+    with pytest.raises(ValueError, match="positive rates"):
+        costmodel.OpRate(op="convolution", bytes_per_s=1e9, fixed_ns=-1)
+
+
+def test_a_traced_convolution_is_priced_by_its_line():
+    """The tracer prices each op with its aten name: a CPU convolution's estimate is its line's, a matmul's
+    the class roofline."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 4))
+    graph = ckptplan.trace(model, torch.randn(2, 8, 16, 16))
+    conv = next(o for o in graph.ops if o.name == "aten.convolution.default")
+    mm = next(o for o in graph.ops if o.name == "aten.addmm.default")
+    cpu = costmodel.CPU
+    assert conv.cost_ns == cpu.cost_ns(flops=conv.flops, bytes_moved=conv.bytes_moved, is_view=False, op="convolution")
+    assert conv.cost_ns >= cpu.op_overhead_ns + cpu.op_rate("convolution").fixed_ns
+    assert mm.cost_ns == cpu.cost_ns(flops=mm.flops, bytes_moved=mm.bytes_moved, is_view=False, op="addmm")
