@@ -7,14 +7,15 @@ costmodel.CPU prices an op with FLOPs at its class's rate (a roofline: its FLOPs
 its traffic at ``bytes_per_s`` if slower), a class average from real steps, unless it has a line of its
 own (``costmodel.OpRate``). This lists the ops, so that one priced far from its class shows, and fits
 the line of each op in ``LINED`` (convolutions: on the CPU their time is mostly a fixed part and their
-traffic, where the class's rate reads 1.2 to 50 times too fast for the zoo's thin ones): each op timed in the model's forward pass as
-runtime_overhead.py times it (``_OpTimer``: the kernel and the dispatch, median of ``--passes``), glibc's
-trimming off as the other benchmarks run (benchmarks/allocator.py: without it a 2 MB output page-faults
-in again and a thin convolution reads twice as slow). Identical ops of a model (same name, output,
-FLOPs and traffic: a repeated layer) are folded into one row. Columns: the forward time, its FLOP and
-byte rates, the estimate (``OpNode.cost_ns``: what a rerun is charged, its forward rate over the rerun
-factor the fit found) and forward time / estimate. Matmuls read alike (the class's ratio); a row far from
-them is an op the class misprices. Attention is left out (its FLOPs are not counted on CPU).
+traffic, and the class's rate charged the zoo's thin ones a twentieth of it and less): each op timed in
+the model's forward pass as runtime_overhead.py times it (``_OpTimer``: the kernel and the dispatch,
+median of ``--passes``), glibc's trimming off as the other benchmarks run (benchmarks/allocator.py:
+without it a 2 MB output page-faults in again and a thin convolution reads twice as slow). Identical ops
+of a model (same name, output, FLOPs and traffic: a repeated layer) are folded into one row. Columns:
+the forward time, its FLOP and byte rates, the estimate (``OpNode.cost_ns``: what a rerun is charged,
+its forward rate over the rerun factor the fit found) and forward time / estimate. Matmuls read alike
+(the class's ratio); a row far from them is an op the class misprices. Attention is left out (its FLOPs
+are not counted on CPU).
 Writes op_rates.json and op_rates.md.
 """
 

@@ -3,7 +3,9 @@
 FLOPs alone say that recomputing a GELU, a LayerNorm or a transpose-copy is free. It is not: those ops
 are memory bound, and on CPU (or in eager mode on any device) each op also pays a dispatch overhead.
 The planner minimises this estimate; FLOPs (torch.utils.flop_counter's formulas, 2 per FMA) are
-reported beside it, never mixed into it.
+reported beside it, never mixed into it. An op is priced by a roofline at its class's rates
+(``cost_ns``) unless it was measured apart: those carry a line of their own (``OpRate``; on the CPU a
+convolution, whose thin shapes pay mostly a fixed part and oneDNN's layout reorders, and BatchNorm).
 
 The runtime (runtime.py) adds its own cost, which is charged too:
 
@@ -15,8 +17,9 @@ The runtime (runtime.py) adds its own cost, which is charged too:
   recomputation), which call a Python policy for every op in forward (``sac_forward_ns``) and walk every
   op again in the recomputation, cached or rerun (``sac_replay_ns``). A region that saves nothing runs
   as plain ``torch.utils.checkpoint`` and pays none of it;
-* a rematerialization (solver/remat.py) pays ``remat_ns`` (its recipe recorded and replayed from Python,
-  its saved-tensor handles packed and unpacked) and its ops' hooks. Two costs are shared: the module
+* a rematerialization (solver/remat.py) pays ``remat_ns`` (its target's storage registered, its
+  saved-tensor handles packed and unpacked, the rebuild), ``remat_op_ns`` an op of its recipe (recorded
+  with its arguments in forward, replayed from Python in backward) and its ops' hooks. Two costs are shared: the module
   call it counts its recipe in runs one pass-through dispatch mode, however many recipes it holds,
   ``remat_visit_ns`` on each of the call's forward ops (measured in a tight loop: 10.6 us an op under a
   mode that only calls the op, against 3.2 us without); and a plan that rematerializes anything looks
@@ -172,10 +175,10 @@ class DeviceProfile:
 # * GELU apart from the other SLOW_OPS: over both runs' rows (31 each) its reruns cost 0.27x and 0.36x its
 #   class's rate, where LayerNorm's read 1.5x and 3.7x and BatchNorm's 1.0x and 1.5x: 8 GB/s, about its
 #   forward rate (11 GB/s) over the factor of ops with FLOPs;
-# * convolutions apart from the ops with FLOPs: on this CPU their forward passes took up to 20-50 times
-#   what the class's rate charged (the zoo's matmuls 0.8-1.5x; a thin convolution, 8 to 32 channels, is
-#   mostly a fixed part and oneDNN's reorders of its input and output), so each is priced by its own line
-#   (OpRate): benchmarks/op_rates.py fits
+# * convolutions apart from the ops with FLOPs: on this CPU their forward passes took up to 20 times
+#   (160 on a slow day) what the class's rate charged (the zoo's matmuls 0.8-1.5x; a thin convolution, 8
+#   to 32 channels, is mostly a fixed part and oneDNN's reorders of its input and output), so each is
+#   priced by its own line (OpRate): benchmarks/op_rates.py fits
 #   its forward times, 152 us + FLOPs at 341e9/s + traffic at 5.84e9 B/s (within 0.62-1.42x of all 24 of
 #   the zoo's), and region_costs.py's refit reads its reruns at 0.77x that line (its
 #   ``conv_rerun_scale``, then 1.00). Priced as the class, the solver took the convolutions it
@@ -194,9 +197,7 @@ class DeviceProfile:
 #   five of the zoo's steps, 6-14 us a tensor, and 0 +- 1 ms to GPT-2's); the splits of that run read
 #   0.47 ms a call. These move by a third from run to run (the first run's rows read 22 us an op under
 #   the modes). The cost per selective region shows in the smallest ones: a region of 2 ops (a
-#   LayerNorm, a pool) saving both adds 1.3-2.8 ms to a step. Selective regions over a whole GPT-2 block
-#   still measure 1.5-1.9x their estimate (benchmarks/results/plan_decisions/), where plain checkpoints of
-#   the same block measure 1.3x;
+#   LayerNorm, a pool) saving both adds 1.3-2.8 ms to a step;
 # * every plan pays 0.07 ms more on average (what the fit leaves), not charged: it is alike for all.
 # rms error over the second run's rows, as the simulator charges them: 1.25 ms (1.41 ms with convolutions
 # in their class and one cost per recipe).
