@@ -6,11 +6,12 @@ Run by hand (1-2 minutes a model on 2 cores, nothing else running):
 region_costs.py calibrates the cost model on candidates drawn at random; the solver then picks the
 decisions it prices cheapest, and where the calibration sampled few of their kind (rematerializations
 whose recipes rerun a convolution) the picked ones are the ones it misprices most. Here, for each model
-and budget (a fraction of the no-checkpointing peak), the plan of the time objective (or ``--objective flops``) is applied whole and then
-one decision at a time, each step timed between two plain steps as region_costs.py times them (the median
-of ``--pairs`` differences, +- the standard error of their mean), beside the simulator's estimate of the
-same decisions. A decision alone also pays the costs rematerializations share (the saved-tensor hook), so
-the singles add up to more than the whole plan. Writes plan_decisions.json and plan_decisions.md.
+and budget (a fraction of the no-checkpointing peak), the plan of the time objective (or of
+``--objective flops``) is applied whole and then one decision at a time, each step timed between two
+plain steps as region_costs.py times them (the median of ``--pairs`` differences, +- the standard error
+of their mean), beside the simulator's estimate of the same decisions. A decision alone also pays the
+costs rematerializations share (the saved-tensor hook), so the singles add up to more than the whole
+plan. Writes plan_decisions.json and plan_decisions.md.
 """
 
 from __future__ import annotations

@@ -139,12 +139,13 @@ def _class(o) -> str:
 
 
 def counts(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict[str, int]:
-    """What the fit (``calibrate``) prices, for these (candidate, kind) decisions and their plan: the reruns
-    by class of op without the fixed part of each op (costmodel.CPU's rates), the ops rerun, checkpoint
-    calls, ops under a checkpoint's saved-tensor hooks, regions selective checkpointing runs (its modes set
-    up), ops under those modes (forward and recomputation's walk), rematerializations and their recipes' ops, the forward ops
-    their recipe modes visit (each module call once, however many recipes it holds) and the tensors the
-    model's forward saves through the saved-tensor hook (once, when any decision rematerializes)."""
+    """What the fit (``calibrate``) prices, for these (candidate, kind) decisions and their plan: the
+    reruns by class of op without the fixed part of each op (costmodel.CPU's rates), the ops rerun,
+    checkpoint calls, ops under a checkpoint's saved-tensor hooks, regions selective checkpointing runs
+    (its modes set up), ops under those modes (forward and recomputation's walk), rematerializations and
+    their recipes' ops, the forward ops their recipe modes visit (each module call once, however many
+    recipes it holds) and the tensors the model's forward saves through the saved-tensor hook (once,
+    when any decision rematerializes)."""
     out = {f"rerun_{c}_ns": 0 for c in CLASSES} | dict.fromkeys(COUNTS, 0)
     anchors: dict[str, int] = {}
     fixed = costmodel.CPU.op_overhead_ns

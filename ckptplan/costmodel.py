@@ -19,8 +19,9 @@ The runtime (runtime.py) adds its own cost, which is charged too:
   as plain ``torch.utils.checkpoint`` and pays none of it;
 * a rematerialization (solver/remat.py) pays ``remat_ns`` (its target's storage registered, its
   saved-tensor handles packed and unpacked, the rebuild), ``remat_op_ns`` an op of its recipe (recorded
-  with its arguments in forward, replayed from Python in backward) and its ops' hooks. Two costs are shared: the module
-  call it counts its recipe in runs one pass-through dispatch mode, however many recipes it holds,
+  with its arguments in forward, replayed from Python in backward) and its ops' hooks. Two costs are
+  shared: the module call it counts its recipe in runs one pass-through dispatch mode, however many
+  recipes it holds,
   ``remat_visit_ns`` on each of the call's forward ops (measured in a tight loop: 10.6 us an op under a
   mode that only calls the op, against 3.2 us without); and a plan that rematerializes anything looks
   up every tensor autograd saves in the model's forward in one saved-tensor hook, ``remat_pack_ns``
@@ -93,8 +94,8 @@ class DeviceProfile:
     remat_visit_ns: int = 7_500  # per forward op of the module call a rematerialization's recipe is counted in
     asynchronous: bool = False  # kernels run behind the host (a GPU): host time hides behind device time
     slow_bytes_per_s: float | None = None  # memory traffic of SLOW_OPS; None: bytes_per_s
-    # per rematerialization, beside its ops' hooks and its recipe mode's visits: the recipe recorded, its
-    # storage registered, the saved tensors' handles packed and unpacked, the rerun; None: checkpoint_call_ns
+    # per rematerialization, beside its ops' hooks and records and its recipe mode's visits: its target's
+    # storage registered, the saved tensors' handles packed and unpacked, the rebuild; None: checkpoint_call_ns
     remat_call_ns: int | None = None
     # per op of a rematerialization's recipe, on top of its hooks and its rerun as priced: recorded in
     # forward (its arguments flattened, its tensors aliased or referenced) and replayed in backward
@@ -117,11 +118,11 @@ class DeviceProfile:
         return self.checkpoint_call_ns if self.remat_call_ns is None else self.remat_call_ns
 
     def cost_ns(self, *, flops: int, bytes_moved: int, is_view: bool, random_bytes: int = 0, op: str = "") -> int:
-        """Estimated time of one op: max(compute, memory traffic, random numbers) + overhead. Views move
-        no data. ``random_bytes``: the output a random op draws (0 for the others). ``op``: its aten name
-        without namespace and overload (``convolution``): an op in ``op_rates`` is priced by its own line,
-        the others by a roofline, their traffic at ``slow_bytes_per_s`` for SLOW_OPS, else at
-        ``bytes_per_s``."""
+        """Estimated time of one op: max(compute, memory traffic, random numbers) + overhead, or for an op with
+        a line of its own (``op_rates``) max(its line, random numbers) + overhead. Views move no data.
+        ``random_bytes``: the output a random op draws (0 for the others). ``op``: its aten name without
+        namespace and overload (``convolution``): the traffic of an op without a line moves at
+        ``slow_bytes_per_s`` for SLOW_OPS, else at ``bytes_per_s``."""
         if is_view:
             return self.op_overhead_ns
         drawn = random_bytes / self.random_bytes_per_s
@@ -178,13 +179,12 @@ class DeviceProfile:
 # * convolutions apart from the ops with FLOPs: on this CPU their forward passes took up to 20 times
 #   (160 on a slow day) what the class's rate charged (the zoo's matmuls 0.8-1.5x; a thin convolution, 8
 #   to 32 channels, is mostly a fixed part and oneDNN's reorders of its input and output), so each is
-#   priced by its own line (OpRate): benchmarks/op_rates.py fits
-#   its forward times, 152 us + FLOPs at 341e9/s + traffic at 5.84e9 B/s (within 0.62-1.42x of all 24 of
-#   the zoo's), and region_costs.py's refit reads its reruns at 0.77x that line (its
-#   ``conv_rerun_scale``, then 1.00). Priced as the class, the solver took the convolutions it
-#   underpriced most: the time objective's plans on ResNet and U-Net measured 1.1-1.7x their estimate,
-#   every other plan and anchor 0.6-1.1x. With convolutions on their line, BatchNorm (beside a
-#   convolution everywhere in the zoo) reads 0.7x SLOW_OPS' rate: 3.4e9 B/s;
+#   priced by its own line (OpRate): benchmarks/op_rates.py fits its forward times, 152 us + FLOPs at
+#   341e9/s + traffic at 5.84e9 B/s (within 0.62-1.42x of all 24 of the zoo's), and region_costs.py's
+#   refit reads its reruns at 0.77x that line (its ``conv_rerun_scale``, then 1.00). Priced as the class,
+#   the solver took the convolutions it underpriced most: the time objective's plans on ResNet and U-Net
+#   measured 1.1-1.7x their estimate, every other plan and anchor 0.6-1.1x. With convolutions on their
+#   line, BatchNorm (beside a convolution everywhere in the zoo) reads 0.7x SLOW_OPS' rate: 3.4e9 B/s;
 # * then, those charged, a fit of what the runtime adds beyond them, over a second run of those rows
 #   (its counts recorded, counted again with ``region_costs.py --refit`` under these rates): 0.70 ms a
 #   region selective checkpointing runs and 14.8 us an op under its modes (forward, and again in the
