@@ -16,6 +16,7 @@ the forward time, its FLOP and byte rates, the estimate (``OpNode.cost_ns``: wha
 its forward rate over the rerun factor the fit found) and forward time / estimate. Matmuls read alike
 (the class's ratio); a row far from them is an op the class misprices. Attention is left out (its FLOPs
 are not counted on CPU).
+``--reprice JSON`` times nothing: it prices an earlier run's rows again under the present cost model.
 Writes op_rates.json and op_rates.md.
 """
 
@@ -38,6 +39,7 @@ from run import zoo  # noqa: E402
 from runtime_overhead import forward_op_ns  # noqa: E402
 
 import ckptplan  # noqa: E402
+from ckptplan import costmodel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +64,16 @@ def one_model(name: str, passes: int) -> dict:
                      "bytes_moved": moved, "forward_ns": round(t), "gflop_per_s": round(flops / t, 1),
                      "gb_per_s": round(moved / t, 2), "estimate_ns": est, "forward_over_estimate": round(t / est, 2)})
     return {"model": name, "rows": rows}
+
+
+def reprice(results: list[dict]) -> None:
+    """Give every row the estimate the present costmodel.CPU charges its rerun, its timing untouched (rows
+    of a run made with other constants)."""
+    for res in results:
+        for r in res.get("rows", []):
+            est = costmodel.CPU.cost_ns(flops=r["flops"], bytes_moved=r["bytes_moved"], is_view=False,
+                                        op=r["op"].split(".")[1])
+            r.update(estimate_ns=est, forward_over_estimate=round(r["forward_ns"] / est, 2))
 
 
 def summary(results: list[dict]) -> list[dict]:
@@ -102,8 +114,8 @@ def own_lines(results: list[dict]) -> list[dict]:
 def markdown(result: dict) -> str:
     lines = ["# Op rates\n", f"`{result['command']}` on {result['machine']}.\n",
              "Each forward op with FLOPs timed in its forward pass (median of the passes), against its "
-             "estimate (what costmodel.CPU charges its rerun). Forward / estimate alike for all: the class "
-             "prices them right relative to each other.\n",
+             "estimate (what costmodel.CPU charges its rerun: its class's rate, or its own line). Forward / "
+             "estimate alike for all: the cost model prices them right relative to each other.\n",
              "## Per aten op\n", "| op | ops | forward / estimate: median | min | max |", "|---|---|---|---|---|"]
     lines += [f"| {s['op']} | {s['ops']} | {s['median']} | {s['min']} | {s['max']} |" for s in result["summary"]]
     lines += ["\n## Lines of their own\n",
@@ -132,11 +144,24 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "op_rates"))
     ap.add_argument("--models", default=",".join(zoo()), help="comma-separated subset of the zoo")
     ap.add_argument("--passes", type=int, default=15, help="timed forward passes (median), after one warm-up")
+    ap.add_argument("--reprice", metavar="JSON", help="time nothing: price the rows of this op_rates.json "
+                    "again under the present cost model")
     a = ap.parse_args()
-    allocator = steady_allocator()
-    results = [one_model(n, a.passes) for n in a.models.split(",")]
-    result = {"command": "python benchmarks/op_rates.py " + " ".join(sys.argv[1:]),
-              "machine": describe(allocator),
+    command = "python benchmarks/op_rates.py " + " ".join(sys.argv[1:])
+    if a.reprice:
+        try:
+            run = json.loads(Path(a.reprice).read_text())
+            results, machine = run["results"], run["machine"]
+            reprice(results)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise SystemExit(f"--reprice {a.reprice}: not an op_rates.json this code can price again "
+                             f"({type(e).__name__}: {e}); give the op_rates.json a run of op_rates.py wrote") from None
+        command = f"{run['command'].split(', priced again by ')[0]}, priced again by {command}"
+    else:
+        allocator = steady_allocator()
+        results = [one_model(n, a.passes) for n in a.models.split(",")]
+        machine = describe(allocator)
+    result = {"command": command, "machine": machine,
               "summary": summary(results), "lines": own_lines(results), "results": results}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

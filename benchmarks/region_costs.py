@@ -130,7 +130,8 @@ def rerun_by_class(plan: ckptplan.Plan) -> dict[str, int]:
 def _class(o) -> str:
     if o.forced == Forced.RANDOM.value:  # priced at random_bytes_per_s
         return "random"
-    name = o.op.split(".")[1]
+    parts = o.op.split(".")
+    name = parts[1] if len(parts) > 1 else o.op
     if name == "convolution":  # priced by its own line (costmodel.OpRate)
         return "conv"
     if name in costmodel.BATCH_NORMS:

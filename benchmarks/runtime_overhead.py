@@ -215,6 +215,8 @@ def calibrate_rates(passes: int) -> dict:
                 continue  # its FLOPs are not counted on CPU (flops.cost_flops adds them)
             elif op.random:
                 classes["random"].append((max((o.nbytes for o in op.outputs), default=0), t))
+            # by class only: the ops costmodel.CPU prices at rates of their own (OpRate: convolutions,
+            # BatchNorm, GELU) count in their class here; op_rates.py and region_costs.py measure those
             elif op.flops:
                 classes["flops"].append((op.flops, t))
             else:

@@ -5,7 +5,7 @@ are memory bound, and on CPU (or in eager mode on any device) each op also pays 
 The planner minimises this estimate; FLOPs (torch.utils.flop_counter's formulas, 2 per FMA) are
 reported beside it, never mixed into it. An op is priced by a roofline at its class's rates
 (``cost_ns``) unless it was measured apart: those carry a line of their own (``OpRate``; on the CPU a
-convolution, whose thin shapes pay mostly a fixed part and oneDNN's layout reorders, and BatchNorm).
+convolution, whose thin shapes pay mostly a fixed part and oneDNN's layout reorders, BatchNorm and GELU).
 
 The runtime (runtime.py) adds its own cost, which is charged too:
 
@@ -21,11 +21,11 @@ The runtime (runtime.py) adds its own cost, which is charged too:
   saved-tensor handles packed and unpacked, the rebuild), ``remat_op_ns`` an op of its recipe (recorded
   with its arguments in forward, replayed from Python in backward) and its ops' hooks. Two costs are
   shared: the module call it counts its recipe in runs one pass-through dispatch mode, however many
-  recipes it holds,
-  ``remat_visit_ns`` on each of the call's forward ops (measured in a tight loop: 10.6 us an op under a
-  mode that only calls the op, against 3.2 us without); and a plan that rematerializes anything looks
-  up every tensor autograd saves in the model's forward in one saved-tensor hook, ``remat_pack_ns``
-  each (``Region.shared``: paid once however many regions carry it).
+  recipes it holds, ``remat_visit_ns`` on each of the call's forward ops (measured in a tight loop:
+  10.6 us an op under a mode that only calls the op, against 3.2 us without); and a plan that
+  rematerializes anything looks up every tensor autograd saves in the model's forward in one
+  saved-tensor hook, ``remat_pack_ns`` each (``Region.shared``: paid once however many regions carry
+  it).
 
 Those overheads are Python on the host. On the CPU they add to the step. On a GPU (``asynchronous``),
 kernels run behind the host, so host time costs only where it is longer than the kernels it launches:
@@ -70,8 +70,14 @@ class OpRate:
     fixed_ns: int = 0
 
     def __post_init__(self) -> None:
-        if self.bytes_per_s <= 0 or (self.flops_per_s is not None and self.flops_per_s <= 0) or self.fixed_ns < 0:
-            raise ValueError(f"op rate {self.op!r} needs positive rates and a fixed cost >= 0")
+        if not self.op or "." in self.op:
+            raise ValueError(f"op rate {self.op!r}: name the aten op without namespace and overload "
+                             "('convolution', not 'aten.convolution.default')")
+        for field, value in (("bytes_per_s", self.bytes_per_s), ("flops_per_s", self.flops_per_s or 1)):
+            if value <= 0:
+                raise ValueError(f"op rate {self.op!r}: {field} must be > 0, got {value}")
+        if self.fixed_ns < 0:
+            raise ValueError(f"op rate {self.op!r}: fixed_ns must be >= 0, got {self.fixed_ns}")
 
     def seconds(self, flops: int, bytes_moved: int) -> float:
         """The op's time beyond every op's fixed overhead."""
@@ -111,6 +117,9 @@ class DeviceProfile:
                 self.op_overhead_ns, self.checkpoint_call_ns, self.checkpoint_op_ns, self.sac_forward_ns,
                 self.sac_replay_ns, self.sac_call_ns, self.remat_visit_ns, self.remat_pack_ns, self.remat_op_ns) < 0:
             raise ValueError(f"device profile {self.name!r} needs positive rates and overheads >= 0")
+        names = [r.op for r in self.op_rates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"device profile {self.name!r} gives an op more than one rate: {sorted(names)}")
 
     @property
     def remat_ns(self) -> int:
@@ -192,12 +201,14 @@ class DeviceProfile:
 #   arguments in forward, replayed in backward: fitted on the transformers' rows alone 0.14 ms, on the
 #   conv nets' 0.10 ms; one cost per recipe, 0.36 ms, overpriced the one- and two-op recipes of norms and
 #   activations and underpriced long ones), 6.1 us a forward op of each module call a recipe mode visits
-#   (once however many recipes it holds) and 6.3 us a tensor the forward saves, once a plan
-#   rematerializes anything (the saved-tensor hook; timed alone, without a recipe, it adds 0.7-2.3 ms to
-#   five of the zoo's steps, 6-14 us a tensor, and 0 +- 1 ms to GPT-2's); the splits of that run read
-#   0.47 ms a call. These move by a third from run to run (the first run's rows read 22 us an op under
-#   the modes). The cost per selective region shows in the smallest ones: a region of 2 ops (a
-#   LayerNorm, a pool) saving both adds 1.3-2.8 ms to a step;
+#   (once however many recipes it holds) and 6.3 us a tensor the forward saves, once a plan rematerializes
+#   anything (the saved-tensor hook; timed alone, without a recipe, it adds 0.7-2.3 ms to five of the
+#   zoo's steps, 6-14 us a tensor, and 0 +- 1 ms to GPT-2's); the splits of that run read 0.47 ms a call
+#   (counted again under the constants below, the fit reads 0.466 ms, 0.71 ms, 14.8 us, 0.134 ms,
+#   0.132 ms, 6.1 us and 6.3 us: within 1.5%, scales 1.00; the policy runs used these). These move by a third
+#   from run to run (the first run's rows read 22 us an op under the modes). The cost per selective region
+#   shows in the smallest ones: a region of 2 ops (a LayerNorm, a pool) saving both adds 1.3-2.8 ms to a
+#   step;
 # * every plan pays 0.07 ms more on average (what the fit leaves), not charged: it is alike for all.
 # rms error over the second run's rows, as the simulator charges them: 1.25 ms (1.41 ms with convolutions
 # in their class and one cost per recipe).

@@ -160,24 +160,36 @@ def test_an_op_with_a_line_of_its_own_pays_its_fixed_part_its_flops_and_its_traf
     assert cpu.cost_ns(flops=flops, bytes_moved=moved, is_view=True, op="convolution") == cpu.op_overhead_ns
     gelu = cpu.op_rate("gelu")  # a traffic-only line: the same as a roofline at its own rate
     assert gelu is not None and gelu.flops_per_s is None and gelu.fixed_ns == 0
-    assert cpu.cost_ns(flops=0, bytes_moved=moved, is_view=False, op="gelu") == cpu.op_overhead_ns + round(
-        moved / gelu.bytes_per_s * 1e9)
+    for f in (0, 10**12):  # a line without a FLOP rate charges no FLOPs
+        assert cpu.cost_ns(flops=f, bytes_moved=moved, is_view=False, op="gelu") == cpu.op_overhead_ns + round(
+            moved / gelu.bytes_per_s * 1e9)
     assert costmodel.GPU.op_rate("convolution") is None
-    with pytest.raises(ValueError, match="positive rates"):
+    with pytest.raises(ValueError, match="bytes_per_s must be > 0, got 0"):
         costmodel.OpRate(op="convolution", bytes_per_s=0)
-    with pytest.raises(ValueError, match="positive rates"):
+    with pytest.raises(ValueError, match="fixed_ns must be >= 0"):
         costmodel.OpRate(op="convolution", bytes_per_s=1e9, fixed_ns=-1)
+    with pytest.raises(ValueError, match="without namespace and overload"):
+        costmodel.OpRate(op="aten.convolution.default", bytes_per_s=1e9)  # would never match a traced op
+    with pytest.raises(ValueError, match="more than one rate"):
+        dataclasses.replace(cpu, op_rates=(*cpu.op_rates, costmodel.OpRate(op="gelu", bytes_per_s=1e9)))
 
 
 def test_a_traced_convolution_is_priced_by_its_line():
-    """The tracer prices each op with its aten name: a CPU convolution's estimate is its line's, a matmul's
-    the class roofline."""
+    """The tracer prices each op with its aten name: a CPU convolution's and a training BatchNorm's
+    estimates are their own lines', a matmul's and a LayerNorm's their class's."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 4))
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                torch.nn.LayerNorm(8 * 16 * 16), torch.nn.Linear(8 * 16 * 16, 4))
     graph = ckptplan.trace(model, torch.randn(2, 8, 16, 16))
-    conv = next(o for o in graph.ops if o.name == "aten.convolution.default")
-    mm = next(o for o in graph.ops if o.name == "aten.addmm.default")
     cpu = costmodel.CPU
+
+    def op(name: str):
+        return next(o for o in graph.ops if o.name.split(".")[1] == name)
+
+    conv, bn, ln, mm = op("convolution"), op("native_batch_norm"), op("native_layer_norm"), op("addmm")
     assert conv.cost_ns == cpu.cost_ns(flops=conv.flops, bytes_moved=conv.bytes_moved, is_view=False, op="convolution")
     assert conv.cost_ns >= cpu.op_overhead_ns + cpu.op_rate("convolution").fixed_ns
+    assert bn.cost_ns == cpu.op_overhead_ns + round(bn.bytes_moved / cpu.op_rate("native_batch_norm").bytes_per_s * 1e9)
+    assert ln.cost_ns == cpu.op_overhead_ns + round(ln.bytes_moved / cpu.slow_bytes_per_s * 1e9)
+    assert cpu.op_rate("native_batch_norm").bytes_per_s != cpu.slow_bytes_per_s
     assert mm.cost_ns == cpu.cost_ns(flops=mm.flops, bytes_moved=mm.bytes_moved, is_view=False, op="addmm")
