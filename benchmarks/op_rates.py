@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from allocator import steady_allocator  # noqa: E402
+from earlier import load_again  # noqa: E402
 from machine import describe  # noqa: E402
 from run import zoo  # noqa: E402
 from runtime_overhead import forward_op_ns  # noqa: E402
@@ -149,14 +150,9 @@ def main() -> None:
     a = ap.parse_args()
     command = "python benchmarks/op_rates.py " + " ".join(sys.argv[1:])
     if a.reprice:
-        try:
-            run = json.loads(Path(a.reprice).read_text())
-            results, machine = run["results"], run["machine"]
-            reprice(results)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise SystemExit(f"--reprice {a.reprice}: not an op_rates.json this code can price again "
-                             f"({type(e).__name__}: {e}); give the op_rates.json a run of op_rates.py wrote") from None
-        command = f"{run['command'].split(', priced again by ')[0]}, priced again by {command}"
+        run = load_again(a.reprice, "--reprice", "op_rates.py", "price", reprice)
+        results, machine = run["results"], run.get("machine", "")
+        command = f"{run.get('command', '').split(', priced again by ')[0]}, priced again by {command}"
     else:
         allocator = steady_allocator()
         results = [one_model(n, a.passes) for n in a.models.split(",")]

@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from allocator import steady_allocator  # noqa: E402
+from earlier import load_again  # noqa: E402
 from machine import describe  # noqa: E402
 from run import Bench, zoo  # noqa: E402
 from runtime_overhead import plan_for  # noqa: E402
@@ -467,14 +468,9 @@ def main() -> None:
     command = "python benchmarks/region_costs.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     if a.refit:
-        try:
-            run = json.loads(Path(a.refit).read_text())
-            results, machine, elapsed = run["results"], run["machine"], run["elapsed_s"]
-            measured_by = run.get("measured_by", run["command"].split(", counted and fitted again by ")[0])
-            recount(results)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SystemExit(f"--refit {a.refit}: not a region_costs.json this code can count again ({type(e).__name__}: "
-                             f"{e}); give the region_costs.json a run of region_costs.py wrote") from None
+        run = load_again(a.refit, "--refit", "region_costs.py", "count", recount)
+        results, machine, elapsed = run["results"], run.get("machine", ""), run.get("elapsed_s")
+        measured_by = run.get("measured_by", run.get("command", "").split(", counted and fitted again by ")[0])
         command = f"{measured_by}, counted and fitted again by {command}"
     else:
         allocator = steady_allocator()
