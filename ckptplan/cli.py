@@ -52,6 +52,37 @@ RematOpt = Annotated[bool, typer.Option(
                                "anyway. --no-remat plans checkpoints only (needed under torch.compile).")]
 
 
+TargetOpt = Annotated[Optional[str], typer.Option(
+    help="Device type the plan is for: cuda or cpu (default: cuda for a model built on the meta device or "
+         "with fake tensors, which then takes CUDA's kernels: fused attention and dropout; cpu for a real CPU "
+         "model).", show_default=False)]
+GpuOpt = Annotated[Optional[str], typer.Option(
+    help="GPU a cuda plan is for: h100, h200, a100, a100-40gb, l4, ... or a compute capability (9.0); it "
+         "decides the attention kernel and what --budget card means (default: h100).", show_default=False)]
+SdpaOpt = Annotated[Optional[str], typer.Option(
+    help="Attention kernel a meta trace takes: auto (torch's choice for the GPU), cudnn, flash, efficient or "
+         "math (as your run's torch.nn.attention.sdpa_kernel forces).", show_default=False)]
+ProfileOpt = Annotated[Optional[Path], typer.Option(
+    help="Device cost profile (YAML/JSON, as benchmarks/gpu_calibrate.py writes it) the recompute time is "
+         "estimated with (default: the built-in profile of the target).", show_default=False)]
+
+
+def _where(target: str | None, gpu: str | None, sdpa: str | None) -> dict[str, Any]:
+    """trace()'s target keywords, those given only."""
+    return {k: v for k, v in (("target", target), ("gpu", gpu), ("sdpa", sdpa)) if v is not None}
+
+
+def _card_budget(budget: str, where: dict[str, Any]) -> str:
+    """``--budget card``: the GPU's memory less the CUDA context and the allocator's fragmentation."""
+    if budget.strip().lower() != "card":
+        return budget
+    from .target import parse_gpu
+
+    if where.get("target", "cuda") != "cuda":
+        raise InputError("--budget card is a GPU's memory: it needs a cuda target (and --gpu)")
+    return str(parse_gpu(where.get("gpu")).card_budget())
+
+
 def _fail(e: CkptplanError, as_json: bool) -> None:
     if as_json:
         payload: dict[str, Any] = {"error": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
@@ -63,7 +94,8 @@ def _fail(e: CkptplanError, as_json: bool) -> None:
 
 
 def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool,  # noqa: ANN202
-           parallel: str | None = None, world_size: int = 1, seq_lens: list[int] | None = None):
+           parallel: str | None = None, world_size: int = 1, seq_lens: list[int] | None = None,
+           where: dict[str, Any] | None = None):
     from .parallel import Parallel, for_ranks
     from .trace import trace
 
@@ -77,7 +109,8 @@ def _trace(model: str | None, args: list[str] | None, optimizer: str | None, qui
         loaded = load_model(model or bundled_example(), factory_kwargs if n is None else {**factory_kwargs, "seq_len": n})
         with err.status(f"tracing one training step{f' (seq_len {n})' if n else ''}...",
                         spinner="dots") if not quiet else _null():
-            graph = trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=loaded.name, **loaded.kwargs)
+            graph = trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=loaded.name,
+                          **(where or {}), **loaded.kwargs)
         graphs.append(for_ranks(graph, world_size=world_size, mode=parallel) if parallel else graph)
     return loaded, graphs[0] if seq_lens is None else graphs
 
@@ -147,6 +180,10 @@ def solve(
         help="Stop once the plan is proven within this fraction of the cheapest (0: prove it optimal).")
     ] = DEFAULT_GAP,
     remat: RematOpt = True,
+    target: TargetOpt = None,
+    gpu: GpuOpt = None,
+    sdpa: SdpaOpt = None,
+    profile: ProfileOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -155,14 +192,16 @@ def solve(
 
     quiet = quiet or as_json
     try:
+        where = _where(target, gpu, sdpa)
+        budget_given, budget = budget, _card_budget(budget, where)
         parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace, not after
         check_options(reserve=reserve, gap=gap)  # before the trace, like the budget
-        loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len))
+        loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len), where)
         with err.status("solving...", spinner="dots") if not quiet else _null() as status:
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve, objective=objective,
-                              gap=gap, rematerialize=remat,
+                              gap=gap, rematerialize=remat, profile=profile,
                               progress=_progress_line(status) if status is not None else None)
-        path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget)}.yaml"
+        path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget_given)}.yaml"
         plan.save(path)
     except InfeasibleBudget as e:
         if not as_json:
@@ -175,6 +214,7 @@ def solve(
             again += [f"--objective {objective}"] if objective != "time" else []
             again += [f"--gap {gap}"] if gap != DEFAULT_GAP else []
             again += ["--no-remat"] if not remat else []
+            again += [f"--{k} {v}" for k, v in where.items()] + ([f"--profile {profile}"] if profile else [])
             err.print(f"minimum feasible budget: {format_bytes(e.minimum_bytes)}; try: "
                       f"ckptplan solve {' '.join(again)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
@@ -191,6 +231,9 @@ def solve(
         print(json.dumps({**report.plan_summary(plan), "plan_file": str(path)}, indent=2))
     elif not quiet:
         err.print(report.summary_table(plan, str(path)))
+        if plan.device == "cuda":
+            err.print(report.cuda_memory_note(graph if not isinstance(graph, list) else graph[0], plan),
+                      highlight=False)
 
 
 @app.command()
@@ -208,6 +251,10 @@ def sweep(
     plot: Annotated[Optional[Path], typer.Option(
         help="Also write a Pareto plot (peak vs extra FLOPs) to this PNG file (needs matplotlib).")] = None,
     remat: RematOpt = True,
+    target: TargetOpt = None,
+    gpu: GpuOpt = None,
+    sdpa: SdpaOpt = None,
+    profile: ProfileOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -222,7 +269,11 @@ def sweep(
             raise InputError("--budgets needs at least one budget, e.g. --budgets 60%,50%,40%")
         for b in items:
             parse_budget(b, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace
-        _, graph = _trace(model, arg, optimizer, quiet)
+        _, graph = _trace(model, arg, optimizer, quiet, where=_where(target, gpu, sdpa))
+        if profile is not None:
+            from .planner import _priced
+
+            graph = _priced(graph, profile)[0]
         with err.status("solving each budget...", spinner="dots") if not quiet else _null():
             rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective,
                                   rematerialize=remat)
@@ -243,8 +294,8 @@ def sweep(
 
 @app.command("trace")
 def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOpt = None,
-              parallel: ParallelOpt = None, world_size: WorldOpt = 1,
-              as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+              parallel: ParallelOpt = None, world_size: WorldOpt = 1, target: TargetOpt = None,
+              gpu: GpuOpt = None, sdpa: SdpaOpt = None, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Trace one training step and print its memory facts: peaks, FLOPs, candidate regions and
     rematerializations."""
     from .solver.regions import candidate_regions, outermost
@@ -252,7 +303,8 @@ def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOp
     from .solver.simulate import simulate
 
     try:
-        _, graph = _trace(model, arg, optimizer, quiet or as_json, parallel, world_size)
+        _, graph = _trace(model, arg, optimizer, quiet or as_json, parallel, world_size,
+                          where=_where(target, gpu, sdpa))
     except CkptplanError as e:
         _fail(e, as_json)
         return
@@ -286,7 +338,9 @@ def show(
             from .planner import check_plan
 
             mode, _, world = plan.parallel.partition(":")
-            _, graph = _trace(model, arg, plan.optimizer, True, mode or None, int(world or 1))
+            _, graph = _trace(model, arg, plan.optimizer, True, mode or None, int(world or 1),
+                              where=_where(plan.device if plan.device in ("cpu", "cuda") else None,
+                                           plan.gpu or None, None))
             check_plan(graph, plan)
     except CkptplanError as e:
         _fail(e, as_json)
@@ -343,6 +397,7 @@ def verify(
         loaded = load_model(model or bundled_example(), parse_factory_args(arg or []))
         check_model(loaded.model, plan)
         check_plan(trace(loaded.model, *loaded.args, optimizer=plan.optimizer, model_name=loaded.name,
+                         **_where(plan.device if plan.device in ("cpu", "cuda") else None, None, None),
                          **loaded.kwargs), plan)  # a hand-edited plan that no longer fits stops here
         handle = apply(loaded.model, plan)
         try:

@@ -35,7 +35,9 @@ selective checkpointing is nearly free around large kernels and costly around sm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 # Memory-bound ops that reduce, normalise or evaluate a transcendental per element: on a CPU they run well
 # below the rate of an add (measured on the zoo's forward ops: BatchNorm in training 9.6 GB/s of inputs and
@@ -235,3 +237,74 @@ GPU = DeviceProfile(name="cuda", flops_per_s=600e12, bytes_per_s=2.5e12, random_
 def profile_for(device_type: str) -> DeviceProfile:
     """The default profile for a device type; meta and fake tensors are planned for a GPU."""
     return CPU if device_type == "cpu" else GPU
+
+
+def profile_of(graph: Any) -> DeviceProfile:
+    """The profile a graph's ops are priced with (``price``), else its device type's default."""
+    return graph.profile if graph.profile is not None else profile_for(graph.device)
+
+
+def price(graph: Any, profile: DeviceProfile) -> Any:
+    """``graph`` with every op's ``cost_ns`` estimated by ``profile``: the trace records what an op does
+    (FLOPs, bytes, views, random numbers), a profile says what that costs on a device."""
+    if profile is graph.profile:
+        return graph
+    ops = tuple(replace(op, cost_ns=profile.cost_ns(
+        flops=op.flops if op.cost_flops is None else op.cost_flops, bytes_moved=op.bytes_moved, is_view=op.view,
+        random_bytes=max((o.nbytes for o in op.outputs), default=0) if op.random else 0,
+        op=op.name.split(".")[1] if "." in op.name else op.name)) for op in graph.ops)
+    return replace(graph, ops=ops, profile=profile, _cache={})
+
+
+_PROFILE_FIELDS = {f.name for f in fields(DeviceProfile)}
+_RATE_FIELDS = {f.name for f in fields(OpRate)}
+
+
+def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
+    """A profile as plain data (the profile file's content)."""
+    out = asdict(profile)
+    out["op_rates"] = [{k: v for k, v in r.items() if v is not None} for r in out["op_rates"]]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def profile_from_dict(data: Any, source: str = "profile") -> DeviceProfile:
+    """The inverse of ``profile_to_dict``; every field checked, unknown ones refused."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a device profile is a mapping of DeviceProfile fields")
+    unknown = sorted(set(data) - _PROFILE_FIELDS - {"measured"})
+    if unknown:
+        raise ValueError(f"{source}: unknown profile fields {unknown}; known: {sorted(_PROFILE_FIELDS)}")
+    values = {k: v for k, v in data.items() if k != "measured"}
+    rates = values.pop("op_rates", []) or []
+    if not isinstance(rates, list) or not all(isinstance(r, dict) and set(r) <= _RATE_FIELDS for r in rates):
+        raise ValueError(f"{source}: op_rates must be a list of mappings with fields {sorted(_RATE_FIELDS)}")
+    for k, v in values.items():
+        if k == "name":
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"{source}: name must be a non-empty string")
+        elif k == "asynchronous":
+            if not isinstance(v, bool):
+                raise ValueError(f"{source}: asynchronous must be true or false")
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"{source}: {k} must be a finite number, got {v!r}")
+    try:
+        return DeviceProfile(**values, op_rates=tuple(OpRate(**r) for r in rates))
+    except TypeError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def load_profile(path: str | Any) -> DeviceProfile:
+    """A profile file (YAML or JSON) as ``benchmarks/gpu_calibrate.py`` writes it."""
+    import yaml
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"profile file {str(p)!r} does not exist or is not a regular file")
+    if p.stat().st_size > 1 << 20:
+        raise ValueError(f"profile file {str(p)!r} is over 1 MiB: not a device profile")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"profile file {str(p)!r} is not YAML or JSON: {e}") from None
+    return profile_from_dict(data, source=str(p))

@@ -23,6 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class StorageKind(str, Enum):
@@ -57,9 +58,10 @@ class OpNode:
     mutates: tuple[int, ...]  # storage ids this op wrote in place
     flops: int  # torch.utils.flop_counter formula, 0 when it has none
     bytes_moved: int  # bytes read plus bytes written (logical sizes)
-    cost_ns: int  # estimated run time of the op (see costmodel.py)
+    cost_ns: int  # estimated run time of the op (see costmodel.py), by the profile the graph is priced with
     random: bool  # consumes the RNG (nondeterministic_seeded)
     view: bool  # every output aliases an input storage
+    cost_flops: int | None = None  # FLOPs the time estimate charges, where they differ from ``flops``
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,7 +98,7 @@ class Graph:
     signature: str  # signature.model_signature of the traced model
     num_parameters: int
     inputs: tuple[str, ...]  # "float32[8, 1024]" per tensor argument, in order
-    device: str
+    device: str  # the device type the step is planned for: "cuda" or "cpu" (target.Target)
     ops: tuple[OpNode, ...]
     storages: tuple[StorageInfo, ...]
     modules: tuple[ModuleCall, ...]
@@ -105,12 +107,20 @@ class Graph:
     tensor_names: tuple[tuple[int, str], ...] = ()  # storage id -> parameter or buffer name
     optimizer: str | None = None
     optimizer_state_bytes: int = 0  # constant added to every event when an optimizer is named
-    extra_fixed_bytes: int = 0  # constant the trace does not see (DDP buckets, FSDP all-gather buffers)
+    # constant the trace does not see: cuBLAS's workspace on CUDA, DDP buckets, FSDP all-gather buffers
+    extra_fixed_bytes: int = 0
     parallel: str = ""  # "" (one process), "ddp:N" or "fsdp:N" (see parallel.py)
     torch_version: str = ""
     # tensors autograd saved during the model's forward (each pack; the loss's, outside it, not counted):
     # what a rematerialization's saved-tensor hook looks up (costmodel.remat_pack_ns); 0 when unknown
     saved_tensors: int = 0
+    gpu: str = ""  # the GPU a cuda step is planned for ("h100", "sm86"); "" for cpu
+    gpu_capability: tuple[int, int] | None = None
+    traced_on: str = ""  # the tensors the trace ran: "meta", "fake", "cpu" or "cuda"
+    sdpa_backends: tuple[str, ...] = ()  # attention kernels a meta or fake cuda trace chose
+    # the costmodel.DeviceProfile the ops' cost_ns were priced with (costmodel.price); None: the default
+    # profile of ``device``
+    profile: Any = field(default=None, compare=False, repr=False)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -176,7 +186,10 @@ class Graph:
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([self.inputs, self.optimizer, self.parallel], sort_keys=True).encode())
+        head: list = [self.inputs, self.optimizer, self.parallel]
+        if self.device != "cpu":  # a GPU step's blocks are rounded: another step than the CPU one
+            head += [self.device, self.gpu]
+        h.update(json.dumps(head, sort_keys=True).encode())
         for op in self.ops:
             outs = [[list(t.shape), t.dtype] for t in op.outputs]
             h.update(json.dumps([op.name, op.module, outs]).encode())

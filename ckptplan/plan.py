@@ -98,6 +98,7 @@ class Plan:
     solver_stats: dict[str, int] = field(default_factory=dict, compare=False)
     shapes: tuple[tuple[str, ...], ...] = ()  # every input spec the plan holds for (``inputs`` first)
     fingerprints: tuple[str, ...] = ()  # Graph.fingerprint of each shape, in the same order
+    gpu: str = ""  # the GPU a cuda plan was made for ("h100", "sm86"); "" for a cpu plan
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -211,6 +212,7 @@ def dump_yaml(plan: Plan) -> str:
         f"shapes: {_q([list(x) for x in plan.shapes])}  # every input the plan holds for",
         f"fingerprints: {_q(list(plan.fingerprints))}",
         f"device: {_q(plan.device)}",
+        *([f"gpu: {_q(plan.gpu)}  # its kernels and allocator are the ones planned for"] if plan.gpu else []),
         f"optimizer: {_q(plan.optimizer)}",
         f"parallel: {_q(plan.parallel)}  # the budget is per rank",
         "budget:",
@@ -326,7 +328,7 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             status=str(solver["status"]), gap=float(solver["gap"]), objective=str(solver.get("objective", "time")),
             regions=regions,
             ckptplan_version=str(data.get("ckptplan", "")), torch_version=str(data.get("torch", "")),
-            solver_stats=stats,
+            solver_stats=stats, gpu=str(data.get("gpu", "") or ""),
         )
     except InputError as e:
         msg = str(e)

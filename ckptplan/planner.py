@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
 from . import __version__
+from .costmodel import DeviceProfile, load_profile, price
 from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Graph
 from .plan import Decision, OpDecision, Plan, RegionPlan
@@ -51,6 +53,16 @@ DETERMINISTIC_PER_SECOND = 0.2
 # time), by CP-SAT's bound or by the knapsack bound (solver/bound.py). The cost model's own error is
 # larger than that, and proving the last fraction of a percent can still take CP-SAT minutes.
 DEFAULT_GAP = 0.005
+
+
+def _priced(graph: Graph | Sequence[Graph], profile: DeviceProfile | str | os.PathLike) -> list[Graph]:
+    if not isinstance(profile, DeviceProfile):
+        try:
+            profile = load_profile(profile)
+        except ValueError as e:
+            raise InputError(f"{e}; write one with benchmarks/gpu_calibrate.py") from None
+    graphs = [graph] if isinstance(graph, Graph) else list(graph)
+    return [price(g, profile) for g in graphs]
 
 
 class _Shapes:
@@ -112,7 +124,8 @@ def check_options(*, reserve: float | None, gap: float) -> None:
 
 def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0, reserve: float | None = None,
           workers: int = 1, progress: Progress | None = None, objective: str = "time",
-          gap: float = DEFAULT_GAP, rematerialize: bool = True) -> Plan:
+          gap: float = DEFAULT_GAP, rematerialize: bool = True,
+          profile: DeviceProfile | str | os.PathLike | None = None) -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
 
     ``objective="flops"`` minimises the recomputed FLOPs instead, then the estimated time among the plans
@@ -128,6 +141,10 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
 
     ``gap`` ends the search once the plan is proven within that fraction of the cheapest (0: optimal).
 
+    ``profile``: the device's costs (a ``costmodel.DeviceProfile`` or a profile file, as
+    benchmarks/gpu_calibrate.py writes one) the recompute time is estimated with; None keeps the graph's
+    own (the default profile of its device type).
+
     ``rematerialize``: besides checkpointing module calls, the plan may drop tensors that backward would
     hold (a BatchNorm + ReLU output the next convolution saves) and rebuild them at their first unpack
     from what backward keeps anyway (solver/remat.py). False plans checkpoints only.
@@ -139,6 +156,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         raise InputError(f"objective must be one of {[o.value for o in cpsat.Objective]}, not {objective!r}") from None
     started = time.monotonic()
     note = progress or (lambda phase, info: None)
+    if profile is not None:
+        graph = _priced(graph, profile)
     shapes = _Shapes(graph, rematerialize=rematerialize)
     graph, regions = shapes.primary, shapes.regions[0]
     reserve = default_reserve(graph) if reserve is None else reserve
@@ -261,7 +280,7 @@ def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
         model=graph.model_name, fingerprint=graph.fingerprint, signature=graph.signature,
         num_parameters=graph.num_parameters,
         inputs=graph.inputs, shapes=tuple(g.inputs for g in shapes.graphs),
-        fingerprints=tuple(g.fingerprint for g in shapes.graphs), device=graph.device, optimizer=graph.optimizer, parallel=graph.parallel,
+        fingerprints=tuple(g.fingerprint for g in shapes.graphs), device=graph.device, gpu=graph.gpu, optimizer=graph.optimizer, parallel=graph.parallel,
         budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
         baseline_peak_bytes=baseline.peak_bytes,
         full_peak_bytes=full.peak_bytes, predicted_peak_bytes=sim.peak_bytes,

@@ -126,6 +126,8 @@ def graph_summary(graph: Graph, *, regions: int, full_peak: int, remats: int = 0
         "fingerprint": graph.fingerprint,
         "inputs": list(graph.inputs),
         "device": graph.device,
+        **({"gpu": graph.gpu, "attention_kernels": list(graph.sdpa_backends)} if graph.gpu else {}),
+        "traced_on": graph.traced_on,
         "forward_ops": graph.num_forward,
         "events": graph.num_events,
         "parameters": graph.num_parameters,
@@ -181,3 +183,18 @@ def sweep_table(rows: list, *, forward_flops: int) -> Table:
                   f"{100 * r.extra_forward_flops / forward_flops:.1f}" if forward_flops else "",
                   f"{r.extra_cost_ns / 1e6:.2f}", r.note)
     return t
+
+
+def cuda_memory_note(graph: Graph, plan: Plan) -> str:
+    """What a cuda plan's peak covers, and estimates of what it does not."""
+    from .target import CUDA_CONTEXT_BYTES, reserved_estimate
+
+    timeline = graph.memory_timeline()
+    at = max(range(len(timeline)), key=timeline.__getitem__) if timeline else 0
+    live = [s.nbytes for s in graph.storages if max(s.alloc_event, 0) <= at < s.free_event]
+    slack = max(0, reserved_estimate(live) - sum(live))  # segment rounding at the unplanned peak
+    gpu = f" on {plan.gpu}" if plan.gpu else ""
+    return (f"CUDA{gpu}: the peak is what torch.cuda.max_memory_allocated() reports (blocks rounded to 512 B, "
+            f"cuBLAS workspace {format_bytes(graph.extra_fixed_bytes)} included); max_memory_reserved() about "
+            f"{format_bytes(plan.predicted_peak_bytes + slack)} or more (allocator segments, estimate); the CUDA "
+            f"context, about {format_bytes(CUDA_CONTEXT_BYTES)}, is counted by neither.")

@@ -54,6 +54,11 @@ from .solver.remat import parse_path
 
 log = logging.getLogger("ckptplan")
 
+# CUDA's fused attention kernels (target.py): interchangeable where the plan names one of them
+FUSED_ATTENTION = frozenset({"aten._scaled_dot_product_flash_attention.default",
+                             "aten._scaled_dot_product_efficient_attention.default",
+                             "aten._scaled_dot_product_cudnn_attention.default"})
+
 
 @dataclass
 class StepStats:
@@ -286,6 +291,13 @@ class _RegionRuntime:
                 if module == want.module and (not self.counter.check_shapes or shapes_equal(out, want.shape)):
                     self.funcs[pos] = func  # the op object: later steps compare identity, not names
                     return pos
+            elif self.funcs[pos] is None and str(func) in FUSED_ATTENTION and want.op in FUSED_ATTENTION:
+                # another fused attention kernel than the plan's (cuDNN's preference depends on the cuDNN
+                # release the GPU runs): same output, a logsumexp beside it, nothing else saved
+                first = tree_flatten(out)[0][0]
+                if module == want.module and (not self.counter.check_shapes or tuple(first.shape) == want.shape[0]):
+                    self.funcs[pos] = func
+                    return pos
         shapes = [list(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         where = f"{self.plan.path}.{module}" if module else self.plan.path
         if pos >= len(self.plan.ops):
@@ -388,9 +400,23 @@ def apply(model: nn.Module, plan: Plan, *, strict: bool = False) -> Handle:
     return Handle(model, plan, strict=strict)
 
 
+def _device_type(model: nn.Module) -> str | None:
+    t = next(iter(model.parameters()), None)
+    if t is None:
+        t = next(iter(model.buffers()), None)
+    return None if t is None else t.device.type
+
+
 def check_model(model: nn.Module, plan: Plan) -> None:
     if getattr(model, "_ckptplan_applied", False):
         raise PlanMismatch("a plan is already applied to this model; call handle.remove() first")
+    device = _device_type(model)
+    if device is not None and device != "meta" and plan.device != device:
+        made_for = f"{plan.device} ({plan.gpu})" if plan.gpu else plan.device
+        raise PlanMismatch(
+            f"this plan is for a {made_for} step, but the model is on {device}: its kernels, saved tensors and "
+            f"memory differ. Plan for this device: `ckptplan solve --target {device} ...` (a {device} model "
+            f"traced as it is, or built on the meta device with --target {device})")
     for r in plan.regions:
         path = parse_path(r.path)[0] if r.remat else r.path
         try:

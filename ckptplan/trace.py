@@ -14,6 +14,7 @@ the model's buffers (BatchNorm statistics), its ``.grad`` fields and the RNG sta
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import costmodel
 from .errors import InputError
+from .target import CpuKernels, CudaKernels, GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu, parse_sdpa, parse_target
 from .flops import cost_flops, op_flops
 from .signature import model_signature, num_parameters
 from .graph import Graph, ModuleCall, OpNode, StorageInfo, StorageKind, TensorInfo
@@ -59,11 +61,9 @@ def default_loss(out: Any) -> torch.Tensor:
     return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
 
 
-def _storage_bytes(st: torch.UntypedStorage, device: torch.device) -> int:
-    n = st.nbytes()
-    if device.type == "cuda":  # the CUDA caching allocator rounds to 512 bytes, as MemTracker does
-        return -(-n // 512) * 512
-    return n
+def _storage_bytes(st: torch.UntypedStorage, target: Target) -> int:
+    """A storage's bytes as the target's allocator counts them (NOTE [ CUDA caching allocator rounding ])."""
+    return cuda_block_bytes(st.nbytes()) if target is Target.CUDA else st.nbytes()
 
 
 @dataclass
@@ -94,10 +94,11 @@ class _Call:
 class _Recorder(TorchDispatchMode):
     """Records ops and storage lifetimes. Holds weak references only, so it changes no lifetime."""
 
-    def __init__(self, names: dict[int, str], profile: costmodel.DeviceProfile) -> None:
+    def __init__(self, names: dict[int, str], profile: costmodel.DeviceProfile, target: Target) -> None:
         super().__init__()
         self.names = names
         self.profile = profile
+        self.target = target
         self.ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.refs: list[weakref.ref] = []
         self.storages: list[_Storage] = []
@@ -120,7 +121,7 @@ class _Recorder(TorchDispatchMode):
         sid = len(self.storages)
         self.ids[st] = sid
         alloc = -1 if kind in (StorageKind.PARAM, StorageKind.BUFFER, StorageKind.INPUT) else self.event
-        self.storages.append(_Storage(_storage_bytes(st, t.device), kind, alloc, producer))
+        self.storages.append(_Storage(_storage_bytes(st, self.target), kind, alloc, producer))
         self.refs.append(weakref.ref(st, self._freed_callback(sid)))
         return sid, True
 
@@ -220,14 +221,14 @@ class _Recorder(TorchDispatchMode):
         is_view = bool(outputs) and not allocates and not mutated
         random = torch.Tag.nondeterministic_seeded in func.tags
         drawn = max((o.nbytes for o in outputs), default=0) if random else 0  # dropout: its output, not its mask
+        priced = cost_flops(func, args, kwargs, out, flops)
         return OpNode(
             index=index, name=str(func), module=self.current_module(), outputs=outputs,
             inputs=tuple(dict.fromkeys(in_ids)), allocates=allocates, mutates=tuple(mutated),
             flops=flops, bytes_moved=moved,
-            cost_ns=self.profile.cost_ns(flops=cost_flops(func, args, kwargs, out, flops),
-                                         bytes_moved=moved, is_view=is_view, random_bytes=drawn,
+            cost_ns=self.profile.cost_ns(flops=priced, bytes_moved=moved, is_view=is_view, random_bytes=drawn,
                                          op=func._opname),
-            random=random, view=is_view,
+            random=random, view=is_view, cost_flops=None if priced == flops else priced,
         )
 
 
@@ -274,10 +275,12 @@ def _module_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def _run_pass(model, args, kwargs, loss_fn, names, profile, *, keep_saved: bool):
+def _run_pass(model, args, kwargs, loss_fn, names, profile, kernels: CudaKernels | CpuKernels | None,
+              target: Target, *,
+              keep_saved: bool):
     # Each pass sees what one step sees: autocast casts the weights again (its cache lives per context).
     torch.clear_autocast_cache()
-    rec = _Recorder(names, profile)
+    rec = _Recorder(names, profile, target)
     for p in model.parameters():
         rec.storage_id(p, StorageKind.PARAM, None)
     for b in model.buffers():
@@ -296,7 +299,7 @@ def _run_pass(model, args, kwargs, loss_fn, names, profile, *, keep_saved: bool)
             hooks = torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack)
         else:
             hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: None, _no_unpack)
-        with hooks, rec:
+        with hooks, (kernels if kernels is not None else contextlib.nullcontext()), rec:
             out = model(*args, **kwargs)
             if getattr(out, "past_key_values", None) is not None:
                 raise InputError("the model returned a KV cache (Hugging Face use_cache=True): a recomputed layer "
@@ -325,12 +328,61 @@ def _no_unpack(_: Any) -> torch.Tensor:
     raise RuntimeError("ckptplan lifetime pass: backward must not run")
 
 
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """What a trace runs on and what it stands for."""
+
+    traced_on: str  # "meta", "fake", "cpu" or "cuda": the tensors the trace ran
+    target: Target  # the device type the plan is for
+    gpu: GpuSpec | None  # the GPU whose kernels a meta or fake trace stands in for
+
+
+def _resolve_target(model: nn.Module, tensors: list[torch.Tensor], target: str | Target | None,
+                    gpu: str | GpuSpec | None) -> _Where:
+    every = tensors + list(model.parameters()) + list(model.buffers())
+    if any(_is_fake(t) for t in every):
+        traced_on = "fake"
+    elif any(t.device.type == "meta" for t in every):
+        traced_on = "meta"
+    else:
+        traced_on = next((t.device.type for t in every), "cpu")
+    abstract = traced_on in ("meta", "fake")
+    chosen = parse_target(target) or (Target.CUDA if abstract or traced_on == "cuda" else Target.CPU)
+    if traced_on == "cuda" and chosen is not Target.CUDA:
+        raise InputError("a model on a CUDA device traces as itself: drop target= (or --target), or build the "
+                         "model on the meta device to plan for another device type")
+    if traced_on not in ("cuda", "meta", "fake") and chosen is Target.CUDA:
+        raise InputError(f"target cuda needs the model on the meta device (or FakeTensorMode, or a real GPU), "
+                         f"not real {traced_on} tensors: build it with device='meta' (ckptplan's CLI: "
+                         f"-a device=meta) or plan for --target {traced_on}")
+    if chosen is Target.CUDA:
+        spec = parse_gpu(gpu) if gpu is not None or traced_on != "cuda" else _local_gpu()
+        return _Where(traced_on, chosen, spec)
+    if gpu is not None:
+        raise InputError("--gpu applies to a cuda target only; add --target cuda (on meta tensors)")
+    return _Where(traced_on, chosen, None)
+
+
+def _local_gpu() -> GpuSpec:
+    """The GPU a real CUDA model runs on."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    name = props.name.lower().replace("nvidia ", "").replace(" ", "-")
+    return GpuSpec(name=name, capability=(props.major, props.minor), memory_bytes=int(props.total_memory))
+
+
 def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer: str | None = None,
-          model_name: str | None = None, **kwargs: Any) -> Graph:
+          model_name: str | None = None, target: str | Target | None = None, gpu: str | GpuSpec | None = None,
+          sdpa: str | SdpaBackend | None = None, **kwargs: Any) -> Graph:
     """Trace one training step of ``model(*args, **kwargs)`` and return its activation graph.
 
     ``loss_fn`` maps the model output to the scalar to backpropagate (default: ``default_loss``).
     ``optimizer`` ("adamw", "adam", "sgd", ...) adds its state to the fixed memory.
+    ``target``: the device type the plan is for, "cuda" or "cpu". The default is "cuda" for meta or fake
+    tensors (the trace then takes CUDA's kernel decisions, see target.py) and for a real CUDA model, "cpu"
+    for a real CPU model. ``gpu`` names the GPU a meta or fake trace plans for ("h100", "a100-40gb", "l4",
+    ... or a compute capability such as "8.0"; default h100). ``sdpa`` forces an attention backend
+    ("flash", "efficient", "cudnn", "math") where torch's own choice ("auto") is not the one your run
+    makes (``torch.nn.attention.sdpa_kernel``).
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"trace() needs an nn.Module, got {type(model).__name__}")
@@ -338,26 +390,45 @@ def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer
         raise InputError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_STATE_FACTOR)}")
     loss_fn = loss_fn or default_loss
     tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    device = next((t.device for t in tensors), None) or next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
-    profile = costmodel.profile_for(device.type)
+    where = _resolve_target(model, tensors, target, gpu)
+    backend = parse_sdpa(sdpa)
+    if backend is not SdpaBackend.AUTO and where.target is not Target.CUDA:
+        raise InputError("sdpa= chooses among CUDA's attention kernels: it needs a cuda target")
+    if backend is not SdpaBackend.AUTO and where.traced_on not in ("meta", "fake"):
+        raise InputError("sdpa= chooses the attention kernel of a meta or fake trace; a real model runs "
+                         "the kernel torch picks (choose it with torch.nn.attention.sdpa_kernel)")
+    profile = costmodel.profile_for(where.target.value)
     names = _module_names(model)
     state = _StepState(model)
+
+    def kernels() -> CudaKernels | CpuKernels | None:  # a fresh mode for each pass
+        if where.traced_on not in ("meta", "fake"):
+            return None  # real tensors run their device's own kernels
+        if where.target is Target.CUDA:
+            assert where.gpu is not None
+            return CudaKernels(where.gpu, backend)
+        return CpuKernels()
+
     try:
         state.clear_grads()
-        life, n_life = _run_pass(model, args, kwargs, loss_fn, names, profile, keep_saved=False)
+        life, n_life = _run_pass(model, args, kwargs, loss_fn, names, profile, kernels(), where.target,
+                                 keep_saved=False)
         python_free = _python_free_by_position(life, n_life)
         del life
         state.reset_rng()
-        rec, n_fwd = _run_pass(model, args, kwargs, loss_fn, names, profile, keep_saved=True)
+        step_kernels = kernels()
+        rec, n_fwd = _run_pass(model, args, kwargs, loss_fn, names, profile, step_kernels, where.target,
+                               keep_saved=True)
         state.clear_grads()  # drop the traced gradients so their storages die inside the trace
     finally:
         state.restore()
     if n_fwd != n_life:
         raise InputError("the model ran a different number of ops in two identical forwards; "
                          "ckptplan needs a forward whose op sequence does not change between calls")
-    return _build_graph(model, rec, n_fwd, python_free, tensors, device, optimizer,
-                        model_name or type(model).__name__)
+    chosen = getattr(step_kernels, "chosen", [])
+    sdpa_used = sorted({b.value for b in chosen})
+    return _build_graph(model, rec, n_fwd, python_free, tensors, where, optimizer,
+                        model_name or type(model).__name__, sdpa_used)
 
 
 def _python_free_by_position(rec: _Recorder, n_fwd: int) -> dict[tuple[int, int], int]:
@@ -370,7 +441,11 @@ def _python_free_by_position(rec: _Recorder, n_fwd: int) -> dict[tuple[int, int]
     return out
 
 
-def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, device, optimizer, name) -> Graph:
+MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution"})
+
+
+def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, where: _Where, optimizer, name,
+                 sdpa_used: list[str]) -> Graph:
     num_events = rec.event
     position: dict[int, tuple[int, int]] = {}
     for op in rec.ops:
@@ -398,12 +473,18 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, device
         names.append((rec.ids[b.untyped_storage()], bname))
     param_bytes = sum(s.nbytes for s in storages if s.kind is StorageKind.PARAM)
     opt = optimizer.lower() if optimizer else None
+    # cuBLAS's workspace comes from the caching allocator at a stream's first matmul and stays
+    workspace = where.gpu.cublas_workspace_bytes if where.gpu is not None and any(
+        op.name.split(".")[1] in MATMULS for op in rec.ops) else 0
     return Graph(
         model_name=name, signature=model_signature(model), num_parameters=num_parameters(model),
         inputs=tuple(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors),
-        device=device.type, ops=tuple(rec.ops), storages=tuple(storages), modules=modules,
+        device=where.target.value, gpu=where.gpu.name if where.gpu else "",
+        gpu_capability=where.gpu.capability if where.gpu else None, traced_on=where.traced_on,
+        sdpa_backends=tuple(sdpa_used), extra_fixed_bytes=workspace, ops=tuple(rec.ops), storages=tuple(storages), modules=modules,
         num_events=num_events, optimizer=opt, tensor_names=tuple(sorted(names)),
         module_tree=tuple((path, type(m).__name__) for path, m in model.named_modules()),
         optimizer_state_bytes=OPTIMIZER_STATE_FACTOR.get(opt, 0) * param_bytes if opt else 0,
         torch_version=torch.__version__, saved_tensors=sum(1 for stack in rec.packs if stack),
+        profile=rec.profile,
     )

@@ -6,6 +6,7 @@ deterministic on CPU.
 
 Factories:
     llama_tiny(device="cpu", ...)  128 wide, 4 heads sharing 2 kv heads, for fast tests
+    llama_1b(device="meta", ...)   Llama-3.2-1B-like, grouped-query attention in SDPA, 1.10B parameters
     llama_7b(device="meta", ...)   Llama-1/2 7B shape, 6.74B parameters
 
 The repeated blocks are ``layers.0`` ... ``layers.{n_layer-1}``.
@@ -29,6 +30,7 @@ class LlamaConfig:
     max_seq_len: int = 4096  # length of the precomputed rotary tables
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    sdpa_gqa: bool = False  # hand grouped-query attention to SDPA (enable_gqa) instead of repeating k, v
 
     def __post_init__(self):
         if self.dim % self.n_heads != 0:
@@ -76,6 +78,7 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.dim // config.n_heads
+        self.sdpa_gqa = config.sdpa_gqa
         self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
@@ -94,6 +97,9 @@ class Attention(nn.Module):
         # while the explicit repeat runs on every backend and shows the expanded k, v as
         # ordinary activations that a checkpointing planner can see and account for.
         n_rep = self.n_heads // self.n_kv_heads
+        if self.sdpa_gqa:  # CUDA's flash and cuDNN kernels read each kv head for its group of q heads
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)  # (B, nh, T, hd)
+            return self.wo(y.transpose(1, 2).contiguous().view(B, T, -1))
         if n_rep > 1:
             k = k.repeat_interleave(n_rep, dim=1)  # (B, nh, T, hd)
             v = v.repeat_interleave(n_rep, dim=1)  # (B, nh, T, hd)
@@ -189,6 +195,15 @@ def llama_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 2, seq_len:
                          hidden_dim=344, max_seq_len=max(seq_len, 64))
     return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len,
                  dtype=dtype)
+
+
+def llama_1b(device: str = "meta", seed: int = 0, batch_size: int = 1, seq_len: int = 4096,
+             n_layer: int = 16, dtype: torch.dtype = torch.float32):
+    """A Llama-3.2-1B-like shape: 2048 wide, 32 heads over 8 kv heads handed to SDPA (enable_gqa), SwiGLU
+    8192, vocab 32000, untied output; 1.10B parameters with 16 layers."""
+    config = LlamaConfig(dim=2048, n_layer=n_layer, n_heads=32, n_kv_heads=8, vocab_size=32000,
+                         hidden_dim=8192, max_seq_len=max(seq_len, 4096), sdpa_gqa=True)
+    return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
 
 
 def llama_7b(device: str = "meta", seed: int = 0, batch_size: int = 1, seq_len: int = 4096,

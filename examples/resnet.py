@@ -8,6 +8,7 @@ recompute would repeat).
 Factories:
     resnet_tiny(device="cpu", ...)   CIFAR-style, 3 stages of 16/32/64 channels, for fast tests
     resnet18ish(device="meta", ...)  ResNet-18 layout and stem at 224x224, 11.7M params
+    resnet50ish(device="meta", ...)  ResNet-50 layout (bottleneck blocks) at 224x224, 25.6M params
 
 The stages are ``layer1`` ... ``layer{len(blocks)}``; their blocks are ``layer1.0``, ``layer1.1``, ...
 """
@@ -26,6 +27,7 @@ class ResNetConfig:
     num_classes: int = 10
     in_channels: int = 3
     imagenet_stem: bool = False  # False: 3x3 stride-1 conv (CIFAR); True: 7x7/2 conv + 3x3/2 max-pool
+    bottleneck: bool = False  # Bottleneck blocks (1x1, 3x3, 1x1 at 4x the width) instead of BasicBlocks
 
     def __post_init__(self):
         if len(self.blocks) != len(self.widths) or not self.blocks:
@@ -62,6 +64,35 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int = 1):
+        super().__init__()
+        c_out = width * self.expansion
+        self.conv1 = nn.Conv2d(c_in, width, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, c_out, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(c_out),
+            )
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))  # (N, width, H, W)
+        out = self.relu(self.bn2(self.conv2(out)))  # (N, width, H/s, W/s)
+        out = self.bn3(self.conv3(out))  # (N, 4 width, H/s, W/s)
+        return self.relu(out + self.shortcut(x))
+
+
 class ResNet(nn.Module):
     def __init__(self, config: ResNetConfig):
         super().__init__()
@@ -78,9 +109,12 @@ class ResNet(nn.Module):
             self.stem = nn.Sequential(conv3x3(config.in_channels, c0), nn.BatchNorm2d(c0),
                                       nn.ReLU(inplace=True))
         c_in = c0
-        for i, (n, c_out) in enumerate(zip(config.blocks, config.widths)):
+        block = Bottleneck if config.bottleneck else BasicBlock
+        grow = Bottleneck.expansion if config.bottleneck else 1
+        for i, (n, width) in enumerate(zip(config.blocks, config.widths)):
             stride = 1 if i == 0 else 2  # every stage after the first halves H and W
-            stage = [BasicBlock(c_in, c_out, stride)] + [BasicBlock(c_out, c_out) for _ in range(n - 1)]
+            c_out = width * grow
+            stage = [block(c_in, width, stride)] + [block(c_out, width) for _ in range(n - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
             c_in = c_out
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -141,3 +175,16 @@ def resnet18ish(device: str = "meta", seed: int = 0, batch_size: int = 64, image
     config = ResNetConfig(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512),
                           num_classes=num_classes, imagenet_stem=True)
     return build(config, device=device, seed=seed, batch_size=batch_size, image_size=image_size)
+
+
+def resnet50ish(device: str = "meta", seed: int = 0, batch_size: int = 64, image_size: int = 224,
+                num_classes: int = 1000, dtype: torch.dtype = torch.float32):
+    """ResNet-50 layout (3,4,6,3 bottleneck blocks of width 64/128/256/512) with the ImageNet stem; with
+    1000 classes it has torchvision resnet50's 25,557,032 parameters."""
+    config = ResNetConfig(blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes=num_classes,
+                          imagenet_stem=True, bottleneck=True)
+    model, (x, y) = build(config, device=device, seed=seed, batch_size=batch_size, image_size=image_size)
+    if dtype != torch.float32:
+        model.to(dtype=dtype)
+        x = x.to(dtype)
+    return model, (x, y)

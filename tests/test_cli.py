@@ -86,7 +86,8 @@ def plan_min_flops(plans_dir, minimum_bytes):
 
 @pytest.fixture(scope="module")
 def plan_roomy(plans_dir, minimum_bytes):
-    return _solve(plans_dir, "roomy", minimum_bytes * 104 // 100)
+    """Enough room above the minimum that the plan keeps more (at 4% it could be the minimum's plan)."""
+    return _solve(plans_dir, "roomy", minimum_bytes * 115 // 100)
 
 
 # ---- solve ----------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ BIG = [
     ("gpt2:gpt2_small", 124_439_808),    # nanoGPT's GPT-2 small (124M) with tied lm_head
     ("llama:llama_7b", 6_738_415_616),   # Llama-2 7B
     ("resnet:resnet18ish", 11_689_512),  # torchvision resnet18
+    ("resnet:resnet50ish", 25_557_032),  # torchvision resnet50
 ]
 
 

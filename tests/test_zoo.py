@@ -197,7 +197,7 @@ def test_vit_base_traces_on_meta():
     assert args[0].shape == (64, 3, 224, 224) and args[1].shape == (64,)
     assert sum(p.numel() for p in model.parameters()) == 86_567_656  # timm's vit_base_patch16_224
     graph = ckptplan.trace(model, *args)
-    assert graph.device == "meta" and graph.ops
+    assert graph.device == "cuda" and graph.traced_on == "meta" and graph.ops
     called = {m.path for m in graph.modules}
     assert {f"blocks.{i}" for i in range(12)} <= called
     assert graph.baseline_peak_bytes > 0

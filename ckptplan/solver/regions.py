@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ..costmodel import profile_for
+from ..costmodel import profile_of
 from ..graph import Graph, StorageKind
 
 CONTAINERS = frozenset({"ModuleList", "Sequential", "ModuleDict"})
@@ -231,7 +231,7 @@ def _overheads(graph: Graph, first: int, end: int, recompute_end: int,
     """(checkpointing ops [first, end) at all, selective checkpointing on top): costmodel.region_ns.
     ``rerun``: the ops the recomputation runs, when not all of [first, recompute_end); ``remat``: the
     ops are a rematerialization's recipe."""
-    profile = profile_for(graph.device)
+    profile = profile_of(graph)
     rerun = tuple(range(first, recompute_end)) if rerun is None else rerun
     device = sum(profile.device_ns(graph.ops[i].cost_ns) for i in range(first, end)) + sum(
         profile.device_ns(graph.ops[i].cost_ns) for i in rerun)

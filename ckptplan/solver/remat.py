@@ -38,7 +38,7 @@ paid once however many recipes use them.
 
 from __future__ import annotations
 
-from ..costmodel import profile_for
+from ..costmodel import profile_of
 from ..graph import Graph, ModuleCall, StorageKind
 from .regions import Forced, Region, _overheads, forward_order
 
@@ -190,7 +190,7 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
     if call is None:
         return None  # a module called more than once, or ops outside every module call (the loss)
     module, offset = call.path, first - call.first_op
-    profile = profile_for(graph.device)
+    profile = profile_of(graph)
     shared = {  # the call's recipe mode, the model's saved-tensor hook: paid once for every recipe using them
         f"{SHARED_MODE}{module}": profile.remat_visit_ns * (call.end_op - call.first_op),
         SHARED_HOOK: profile.remat_pack_ns * graph.saved_tensors}

@@ -1,0 +1,419 @@
+"""The device a step is planned for, and the kernels CUDA would run in it, stood in for on meta tensors.
+
+A plan made on a laptop (meta or fake tensors) is a plan for a GPU step. Most aten ops are dispatched
+alike on every device, but a few composite ops choose their kernel by device, and what that kernel
+saves for backward is what the plan must count. ``CudaKernels`` is a ``TorchFunctionMode`` that, while
+the trace runs on meta or fake tensors, takes those decisions as CUDA's dispatcher takes them and calls
+the CUDA kernel's own aten op, whose meta function gives its outputs and whose autograd formula saves
+what the CUDA kernel saves:
+
+* ``scaled_dot_product_attention``: the backend torch picks for the GPU (``select_sdp_backend`` in
+  aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, reproduced by ``choose_sdpa``): cuDNN, flash or
+  memory-efficient attention keep the output and a logsumexp, never the [B, H, L, S] matrix; the math
+  fallback is left to the meta decomposition.
+* ``dropout``: ``aten.native_dropout`` (one fused kernel, a bool mask) where CUDA fuses it
+  (``is_fused_kernel_acceptable`` in aten/src/ATen/native/Dropout.cpp), not the float mask of the
+  CPU decomposition.
+* ``batch_norm``: ``aten.cudnn_batch_norm`` where ``_batch_norm_impl_index`` picks cuDNN.
+
+Not stood in for: ``rms_norm``'s fused CUDA kernel (``aten._fused_rms_norm`` decomposes on meta before a
+dispatch mode sees it), dropout inside the math attention fallback, and autocast (which casts CUDA tensors
+only: trace a bf16 model instead of autocast).
+
+Memory on CUDA is what the caching allocator hands out (``cuda_block_bytes``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .errors import InputError
+
+aten = torch.ops.aten
+
+
+class Target(str, Enum):
+    """The device type a plan is for."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class SdpaBackend(str, Enum):
+    """The attention kernel a CUDA step runs (``torch.nn.attention.SDPBackend``)."""
+
+    AUTO = "auto"  # as torch would choose for the GPU
+    CUDNN = "cudnn"
+    FLASH = "flash"
+    EFFICIENT = "efficient"
+    MATH = "math"
+
+
+# NOTE [ CUDA caching allocator rounding ]
+# c10/cuda/CUDACachingAllocator.cpp, ``round_size``: a request below kMinBlockSize (512 bytes) takes 512
+# bytes, any other is rounded up to a multiple of 512; ``allocated_bytes`` (what max_memory_allocated
+# reports) adds ``block->size``, the rounded size. A block carved from the small pool (<= 1 MiB) is split
+# to that size; a large block is only split when more than 1 MiB would remain, so reusing a slightly
+# larger cached block can count up to 1 MiB more (not modelled: it depends on the allocator's history).
+# Segments come from cudaMalloc in 2 MiB (small pool), 20 MiB (requests of 1-10 MiB) or 2 MiB multiples
+# (larger requests): that is reserved memory, which ``reserved_estimate`` approximates.
+CUDA_MIN_BLOCK = 512
+CUDA_SMALL_SIZE = 1 << 20
+CUDA_SMALL_SEGMENT = 2 << 20
+CUDA_LARGE_SEGMENT = 20 << 20
+CUDA_MIN_LARGE_ALLOC = 10 << 20
+CUDA_ROUND_LARGE = 2 << 20
+# What neither max_memory_allocated nor max_memory_reserved counts: the CUDA context and the kernels'
+# module images (lazy loading), measured in the hundreds of MiB on recent drivers; an estimate.
+CUDA_CONTEXT_BYTES = 600 << 20
+# Kept free between reserved and allocated memory when ``--budget card`` is resolved: the caching
+# allocator's fragmentation, an estimate.
+CUDA_FRAGMENTATION = 0.05
+
+
+def cuda_block_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator's stats count for a storage of ``nbytes`` (see NOTE above)."""
+    if nbytes <= 0:
+        return 0
+    return -(-nbytes // CUDA_MIN_BLOCK) * CUDA_MIN_BLOCK
+
+
+def reserved_estimate(live_blocks: list[int]) -> int:
+    """A lower estimate of ``max_memory_reserved`` when ``live_blocks`` (allocator block sizes) are alive at
+    the peak: each large request in its own 2 MiB-rounded segment, medium ones packed into 20 MiB segments,
+    small ones into 2 MiB segments."""
+    small = sum(b for b in live_blocks if b <= CUDA_SMALL_SIZE)
+    medium = sum(b for b in live_blocks if CUDA_SMALL_SIZE < b < CUDA_MIN_LARGE_ALLOC)
+    large = sum(-(-b // CUDA_ROUND_LARGE) * CUDA_ROUND_LARGE for b in live_blocks if b >= CUDA_MIN_LARGE_ALLOC)
+    return (large + -(-medium // CUDA_LARGE_SEGMENT) * CUDA_LARGE_SEGMENT
+            + -(-small // CUDA_SMALL_SEGMENT) * CUDA_SMALL_SEGMENT)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuSpec:
+    """A GPU a step is planned for: its compute capability decides the kernels, its memory ``--budget card``."""
+
+    name: str
+    capability: tuple[int, int]
+    memory_bytes: int = 0  # total memory as cudaGetDeviceProperties reports it; 0 when unknown
+
+    def __post_init__(self) -> None:
+        major, minor = self.capability
+        if not (3 <= major <= 20 and 0 <= minor <= 9):
+            raise InputError(f"GPU compute capability {major}.{minor} is not one CUDA has; give e.g. 9.0 or sm90")
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.capability[0]}{self.capability[1]}"
+
+    @property
+    def cublas_workspace_bytes(self) -> int:
+        """The cuBLAS workspace torch allocates through the caching allocator at the first matmul of a
+        stream (``getChosenWorkspaceSize`` in aten/src/ATen/cuda/CublasHandlePool.cpp): 4096 KiB x 8 on
+        Hopper and newer, 4096 KiB x 2 + 16 KiB x 8 before."""
+        return 4096 * 1024 * 8 if self.capability[0] >= 9 else 4096 * 1024 * 2 + 16 * 1024 * 8
+
+    def card_budget(self) -> int:
+        """The budget ``--budget card`` stands for: the card's memory less the CUDA context and the
+        allocator's fragmentation (estimates)."""
+        if not self.memory_bytes:
+            raise InputError(f"the memory of GPU {self.name!r} is unknown; give --gpu a named card "
+                             f"({', '.join(sorted(GPUS))}) or a budget in bytes")
+        return int((self.memory_bytes - CUDA_CONTEXT_BYTES) * (1 - CUDA_FRAGMENTATION))
+
+
+_MiB = 1 << 20
+# Total memory as torch.cuda.get_device_properties(0).total_memory reports it on common SKUs (approximate).
+GPUS: dict[str, GpuSpec] = {g.name: g for g in (
+    GpuSpec(name="h100", capability=(9, 0), memory_bytes=81_559 * _MiB),
+    GpuSpec(name="h100-80gb", capability=(9, 0), memory_bytes=81_559 * _MiB),
+    GpuSpec(name="h200", capability=(9, 0), memory_bytes=143_771 * _MiB),
+    GpuSpec(name="b200", capability=(10, 0), memory_bytes=183_359 * _MiB),
+    GpuSpec(name="a100", capability=(8, 0), memory_bytes=81_251 * _MiB),
+    GpuSpec(name="a100-80gb", capability=(8, 0), memory_bytes=81_251 * _MiB),
+    GpuSpec(name="a100-40gb", capability=(8, 0), memory_bytes=40_536 * _MiB),
+    GpuSpec(name="l4", capability=(8, 9), memory_bytes=22_491 * _MiB),
+    GpuSpec(name="l40s", capability=(8, 9), memory_bytes=45_589 * _MiB),
+    GpuSpec(name="a10g", capability=(8, 6), memory_bytes=22_731 * _MiB),
+    GpuSpec(name="rtx4090", capability=(8, 9), memory_bytes=24_080 * _MiB),
+    GpuSpec(name="v100", capability=(7, 0), memory_bytes=32_510 * _MiB),
+    GpuSpec(name="t4", capability=(7, 5), memory_bytes=15_095 * _MiB),
+)}
+DEFAULT_GPU = "h100"
+
+
+def parse_gpu(text: str | GpuSpec | None) -> GpuSpec:
+    """``h100``, ``a100-40gb``, ... or a compute capability (``9.0``, ``sm90``, ``sm_86``)."""
+    if isinstance(text, GpuSpec):
+        return text
+    key = (text or DEFAULT_GPU).strip().lower()
+    if key in GPUS:
+        return GPUS[key]
+    m = re.fullmatch(r"(?:sm_?)?(\d{1,2})\.?(\d)", key)
+    if m:
+        return GpuSpec(name=f"sm{m[1]}{m[2]}", capability=(int(m[1]), int(m[2])))
+    raise InputError(f"unknown GPU {text!r}: give one of {', '.join(sorted(GPUS))} or a compute capability "
+                     "such as 9.0 or sm90")
+
+
+def parse_target(text: str | Target | None) -> Target | None:
+    if text is None or isinstance(text, Target):
+        return text
+    try:
+        return Target(text.strip().lower())
+    except ValueError:
+        raise InputError(f"unknown target {text!r}: choose cpu or cuda") from None
+
+
+def parse_sdpa(text: str | SdpaBackend | None) -> SdpaBackend:
+    if text is None or isinstance(text, SdpaBackend):
+        return text or SdpaBackend.AUTO
+    try:
+        return SdpaBackend(text.strip().lower())
+    except ValueError:
+        raise InputError(f"unknown attention backend {text!r}: choose one of "
+                         f"{', '.join(b.value for b in SdpaBackend)}") from None
+
+
+# ---- SDPA backend choice ------------------------------------------------------------------------------
+
+def _priority(gpu: GpuSpec) -> tuple[SdpaBackend, ...]:
+    """``priority_order``: cuDNN first on sm90 and sm10x (with the cuDNN >= 9.15 that CUDA 13 builds ship),
+    else flash, memory-efficient, math, cuDNN."""
+    major, minor = gpu.capability
+    if (major == 9 and minor == 0) or major == 10:
+        return SdpaBackend.CUDNN, SdpaBackend.FLASH, SdpaBackend.EFFICIENT, SdpaBackend.MATH
+    return SdpaBackend.FLASH, SdpaBackend.EFFICIENT, SdpaBackend.MATH, SdpaBackend.CUDNN
+
+
+def _heads_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> bool:
+    """``check_batch_size_and_num_heads_dense`` for backends that support grouped-query attention."""
+    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1]:
+        return False
+    if q.shape[1] == k.shape[1]:
+        return True
+    return enable_gqa and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
+
+
+def _dense_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ignore_singleton: bool) -> bool:
+    """Four dimensions, non-empty sequences, unit stride in the last dimension."""
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return False
+    if min(q.shape[2], k.shape[2], v.shape[2], q.shape[0], q.shape[1]) == 0:
+        return False
+    for t in (q, k, v):
+        if t.stride(-1) != 1 and not (ignore_singleton and t.shape[-1] == 1):
+            return False
+    return True
+
+
+def _can_cudnn(gpu: GpuSpec, q, k, v, mask, dropout_p: float, grad: bool, enable_gqa: bool) -> bool:
+    major, minor = gpu.capability
+    if not (8, 0) <= gpu.capability <= (12, 1) or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.are_deterministic_algorithms_enabled() or dropout_p * 16.0 != math.floor(dropout_p * 16.0):
+        return False
+    if not _dense_ok(q, k, v, ignore_singleton=True) or not _heads_ok(q, k, v, True):
+        return False
+    if max(q.shape[0], q.shape[1]) > 65535 or k.shape[2] == 1 or (dropout_p and q.shape[2] == 1):
+        return False
+    d_qk, d_v = q.shape[3], v.shape[3]
+    hopper_or_blackwell = (major == 9 and minor == 0) or major == 10
+    limit = 256 if hopper_or_blackwell else 128
+    if d_qk > limit or d_v > limit or d_qk % 8 or d_v % 8:
+        return False
+    if grad and hopper_or_blackwell and not ((d_qk <= 128 and d_v <= 128) or (d_qk, d_v) in ((192, 128), (256, 256))):
+        return False
+    return mask is None or mask.dim() <= 4
+
+
+def _can_flash(gpu: GpuSpec, q, k, v, mask, dropout_p: float, is_causal: bool, grad: bool, enable_gqa: bool) -> bool:
+    if mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not _dense_ok(q, k, v, ignore_singleton=True) or not _heads_ok(q, k, v, enable_gqa):
+        return False
+    d = q.shape[-1]
+    if not (d == k.shape[-1] == v.shape[-1] and d <= 256) or not (8, 0) <= gpu.capability <= (12, 1):
+        return False
+    if grad and ((8, 6) <= gpu.capability <= (8, 9) or (12, 0) <= gpu.capability <= (12, 1)):
+        if not (d <= 192 or (not dropout_p and d > 224)):
+            return False
+    return not (is_causal and q.shape[2] != k.shape[2])
+
+
+def _gemm_alignment(gpu: GpuSpec, half: bool) -> int:
+    """``minimum_gemm_alignment``: 4 from sm80, 128 bits where tensor cores run (sm80+, or sm70+ in half)."""
+    major = gpu.capability[0]
+    mn = 4 if major >= 8 else 1
+    if major >= 8 or (major >= 7 and half):
+        mn = max(mn, 128 // (16 if half else 32))
+    return mn
+
+
+def _can_efficient(gpu: GpuSpec, q, k, v, enable_gqa: bool) -> bool:
+    if not (5, 0) <= gpu.capability <= (12, 1):
+        return False
+    allowed = (torch.float16, torch.float32, torch.bfloat16) if gpu.capability[0] >= 8 else (torch.float16, torch.float32)
+    if q.dtype not in allowed or not _dense_ok(q, k, v, ignore_singleton=False):
+        return False
+    # the memory-efficient kernel's meta backward does not reduce a grouped-query gradient: plan such a
+    # call on the math path rather than with a gradient of the wrong shape
+    if not _heads_ok(q, k, v, False):
+        return False
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    align = _gemm_alignment(gpu, half)
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] % align or v.shape[-1] % align:
+        return False
+    if gpu.capability[0] >= 8:
+        need = align * q.element_size()
+        if any((t.storage_offset() * t.element_size()) % need for t in (q, k, v) if t.numel()):
+            return False
+    return True
+
+
+def choose_sdpa(gpu: GpuSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                dropout_p: float, is_causal: bool, enable_gqa: bool, grad: bool) -> SdpaBackend:
+    """The backend ``select_sdp_backend`` picks on ``gpu`` for these inputs (all backends enabled)."""
+    for backend in _priority(gpu):
+        if backend is SdpaBackend.CUDNN and _can_cudnn(gpu, q, k, v, mask, dropout_p, grad, enable_gqa):
+            return backend
+        if backend is SdpaBackend.FLASH and _can_flash(gpu, q, k, v, mask, dropout_p, is_causal, grad, enable_gqa):
+            return backend
+        if backend is SdpaBackend.EFFICIENT and _can_efficient(gpu, q, k, v, enable_gqa):
+            return backend
+        if backend is SdpaBackend.MATH:
+            return backend
+    return SdpaBackend.MATH
+
+
+# ---- the CUDA kernels, on meta or fake tensors ---------------------------------------------------------
+
+def _bool_mask_to_float(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``convert_boolean_attn_mask``: True takes part (0), False is -inf; the same three ops as torch's."""
+    if mask is None or mask.dtype is not torch.bool:
+        return mask
+    zero = torch.scalar_tensor(0.0, dtype=dtype, device=mask.device)
+    neg_inf = torch.scalar_tensor(-math.inf, dtype=dtype, layout=torch.strided, device=mask.device)
+    return torch.where(mask, zero, neg_inf)
+
+
+def _efficient_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``preprocess_mask``: broadcast to [B, H, L, S]; the last dimension padded to 16 and sliced back, or
+    made contiguous where its strides are not multiples of 16."""
+    mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    s = mask.shape[-1]
+    if s % 16:
+        return F.pad(mask, [0, 16 - s % 16])[..., :s]
+    if any(st % 16 for st in mask.stride()[:3]):
+        return mask.contiguous()
+    return mask
+
+
+class CpuKernels(TorchFunctionMode):
+    """Runs the CPU's attention kernel where the CPU's dispatcher picks it (``select_sdp_backend_cpp``:
+    flash attention for 4-D inputs without dropout), so that a CPU plan made on meta tensors holds the ops
+    a real CPU step runs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self._sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001, ANN205
+        flash = (dropout_p == 0.0 and _dense_ok(q, k, v, ignore_singleton=True) and _heads_ok(q, k, v, enable_gqa)
+                 and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+        if not flash:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        mask = _bool_mask_to_float(attn_mask, q.dtype)
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask,
+                                                                scale=scale)[0]
+
+
+class CudaKernels(TorchFunctionMode):
+    """Runs the CUDA kernels' aten ops where CUDA's dispatcher would pick them (see the module docstring).
+    Records each attention backend chosen in ``chosen``."""
+
+    def __init__(self, gpu: GpuSpec, sdpa: SdpaBackend = SdpaBackend.AUTO) -> None:
+        super().__init__()
+        self.gpu = gpu
+        self.sdpa = sdpa
+        self.chosen: list[SdpaBackend] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self._sdpa(*args, **kwargs)
+        if func is F.dropout or func is torch.dropout:
+            return self._dropout(func, args, kwargs)
+        if func is F.batch_norm:
+            return self._batch_norm(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    # scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+    #                              scale=None, enable_gqa=False)
+    def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001, ANN202
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        backend = self.sdpa if self.sdpa is not SdpaBackend.AUTO else choose_sdpa(
+            self.gpu, q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, grad)
+        self.chosen.append(backend)
+        if backend is SdpaBackend.MATH:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if backend is SdpaBackend.CUDNN:
+            mask = _bool_mask_to_float(attn_mask, q.dtype)
+            return aten._scaled_dot_product_cudnn_attention(q, k, v, mask, grad, dropout_p, is_causal, False,
+                                                            scale=scale)[0]
+        if backend is SdpaBackend.FLASH:
+            d = q.shape[-1]
+            scale = 1.0 / math.sqrt(d) if scale is None else scale
+            if d % 8:  # pad_last_dim<8>, and post_process_flash_output slices the output back
+                q, k, v = (F.pad(t, [0, 8 - d % 8]) for t in (q, k, v))
+            out = aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+            return out[..., :d] if d % 8 else out
+        mask = _bool_mask_to_float(attn_mask, q.dtype)
+        if mask is not None:
+            mask = _efficient_mask(mask, q, k)
+        return aten._scaled_dot_product_efficient_attention(q, k, v, mask, grad, dropout_p, is_causal,
+                                                            scale=scale)[0]
+
+    @staticmethod
+    def _dropout(func, args, kwargs):  # noqa: ANN001, ANN205
+        # F.dropout(input, p=0.5, training=True, inplace=False); torch.dropout(input, p, train)
+        names = ("input", "p", "training", "inplace") if func is F.dropout else ("input", "p", "train")
+        bound = dict(zip(names, args)) | kwargs
+        x, p = bound["input"], float(bound.get("p", 0.5))
+        train = bool(bound.get("training", bound.get("train", True)))
+        if train and 0.0 < p < 1.0 and x.numel() > 0 and not bound.get("inplace", False):
+            return aten.native_dropout(x, p, True)[0]
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _batch_norm(func, args, kwargs):  # noqa: ANN001, ANN205
+        # F.batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+        #              momentum=0.1, eps=1e-5)
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        b = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5} | dict(zip(names, args)) | kwargs
+        x, w, bias, rm, rv = b["input"], b["weight"], b["bias"], b["running_mean"], b["running_var"]
+        stats = rm is not None and rv is not None
+        # _batch_norm_impl_index's use_cudnn (cuDNN's minimum epsilon is 1e-5)
+        if (x.dtype is not torch.float64 and w is not None and bias is not None and x.dim() >= 3
+                and (stats or (rm is None and rv is None and b["training"]))
+                and (x.dtype is not torch.float16 or w.dtype is torch.float32)
+                and ((x.shape[0] <= 880801 and b["training"]) or (x.shape[0] <= 65535 and not b["training"]))
+                and b["eps"] >= 1e-5 and torch.backends.cudnn.enabled and x.numel() < 2**31 - 1):
+            if b["training"] and stats:
+                F._verify_batch_size(x.size())
+            return aten.cudnn_batch_norm(x, w, bias, rm, rv, bool(b["training"]), float(b["momentum"] or 0.0),
+                                         float(b["eps"]))[0]
+        return func(*args, **kwargs)
