@@ -99,6 +99,7 @@ class Plan:
     shapes: tuple[tuple[str, ...], ...] = ()  # every input spec the plan holds for (``inputs`` first)
     fingerprints: tuple[str, ...] = ()  # Graph.fingerprint of each shape, in the same order
     gpu: str = ""  # the GPU a cuda plan was made for ("h100", "sm86"); "" for a cpu plan
+    eval_modules: tuple[str, ...] = ()  # modules the traced step ran in eval mode (frozen BatchNorm, ...)
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -213,6 +214,8 @@ def dump_yaml(plan: Plan) -> str:
         f"fingerprints: {_q(list(plan.fingerprints))}",
         f"device: {_q(plan.device)}",
         *([f"gpu: {_q(plan.gpu)}  # its kernels and allocator are the ones planned for"] if plan.gpu else []),
+        *([f"eval_modules: {_q(list(plan.eval_modules))}  # in eval mode in the traced step"]
+          if plan.eval_modules else []),
         f"optimizer: {_q(plan.optimizer)}",
         f"parallel: {_q(plan.parallel)}  # the budget is per rank",
         "budget:",
@@ -329,6 +332,7 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             regions=regions,
             ckptplan_version=str(data.get("ckptplan", "")), torch_version=str(data.get("torch", "")),
             solver_stats=stats, gpu=str(data.get("gpu", "") or ""),
+            eval_modules=tuple(str(m) for m in data.get("eval_modules", ()) or ()),
         )
     except InputError as e:
         msg = str(e)

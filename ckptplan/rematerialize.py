@@ -276,7 +276,7 @@ class Rematerializer:
         # fullgraph=True traces this hook; otherwise dynamo runs it eagerly, inside the compiled module's call
         if torch.compiler.is_compiling() or _in_compiled_module():
             raise PlanMismatch(f"the plan rematerializes tensors. {_COMPILED}")
-        if torch.is_grad_enabled() and self.saved_hooks is None:
+        if torch.is_grad_enabled() and self.saved_hooks is None and not getattr(self.counter, "aside", False):
             self.saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self.saved_hooks.__enter__()
 

@@ -47,6 +47,7 @@ from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrap
 
 from .errors import PlanMismatch
 from .flops import op_flops
+from .modes import eval_modules, no_kv_cache
 from .plan import Decision, Plan, RegionPlan
 from .rematerialize import Rematerializer, shapes_equal
 from .signature import model_signature, num_parameters
@@ -83,6 +84,7 @@ class _Counter:
         self.regions = 0
         self.check_shapes = True
         self.suspended = 0  # > 0 while torch's checkpoint starts or ends a region: rematerialize.py waits
+        self.aside = False  # this step runs in another mode than the traced one: the plan steps aside
 
 
 _MISSING = object()
@@ -207,8 +209,8 @@ class _RegionRuntime:
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return self.original(*args, **kwargs)  # evaluation: nothing is saved, nothing to plan
+        if not torch.is_grad_enabled() or self.counter.aside:
+            return self.original(*args, **kwargs)  # evaluation, or another mode than the traced step
         # saves nothing, its ops checked at its first step: no dispatch mode. At another of the plan's
         # input shapes the plan does not list the FLOPs, so the dispatch modes count them there.
         # While torch's checkpoint starts and ends, its ops are not the model's and it saves the region's
@@ -328,16 +330,30 @@ class Handle:
                 r.restore()
             raise
         self._hooks = [
-            model.register_forward_pre_hook(self._before_step, with_kwargs=True),
+            # first of the model's pre-hooks: the rematerializations read ``aside``
+            model.register_forward_pre_hook(self._before_step, with_kwargs=True, prepend=True),
             model.register_forward_hook(self._after_forward),
         ]
 
         self._grad_hook: Any = None
+        self._warned_aside = False
         self.removed = False
+        self._cache_off = no_kv_cache(model)  # Hugging Face's use_cache, off while the plan is applied
+        self._cache_off.__enter__()
         model._ckptplan_applied = True
 
     def _before_step(self, _m: nn.Module, args: Any, kwargs: Any) -> None:
         if not torch.is_grad_enabled():
+            return
+        modes = eval_modules(self.model)
+        self._counter.aside = modes != tuple(self.plan.eval_modules)
+        if self._counter.aside:  # model.eval() with gradients on, or other modules frozen: run unplanned
+            if not self._warned_aside:
+                log.warning("ckptplan: the model runs with %s in eval mode, the plan was made for %s: this "
+                            "step runs without the plan (trace and solve in this mode to plan it)",
+                            ", ".join(modes[:3]) + ("..." if len(modes) > 3 else "") if modes else "no module",
+                            ", ".join(self.plan.eval_modules[:3]) or "a training step")
+                self._warned_aside = True
             return
         got = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
                for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
@@ -381,6 +397,7 @@ class Handle:
             h.remove()
         if self._grad_hook is not None:
             self._grad_hook.remove()
+        self._cache_off.__exit__(None, None, None)
         self.model.__dict__.pop("_ckptplan_applied", None)
         self.removed = True
 

@@ -28,6 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import costmodel
 from .errors import InputError
+from .modes import eval_modules, no_kv_cache
 from .target import CpuKernels, CudaKernels, GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu, parse_sdpa, parse_target
 from .flops import cost_flops, op_flops
 from .signature import model_signature, num_parameters
@@ -409,19 +410,20 @@ def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer
             return CudaKernels(where.gpu, backend)
         return CpuKernels()
 
-    try:
-        state.clear_grads()
-        life, n_life = _run_pass(model, args, kwargs, loss_fn, names, profile, kernels(), where.target,
-                                 keep_saved=False)
-        python_free = _python_free_by_position(life, n_life)
-        del life
-        state.reset_rng()
-        step_kernels = kernels()
-        rec, n_fwd = _run_pass(model, args, kwargs, loss_fn, names, profile, step_kernels, where.target,
-                               keep_saved=True)
-        state.clear_grads()  # drop the traced gradients so their storages die inside the trace
-    finally:
-        state.restore()
+    with no_kv_cache(model):
+        try:
+            state.clear_grads()
+            life, n_life = _run_pass(model, args, kwargs, loss_fn, names, profile, kernels(), where.target,
+                                     keep_saved=False)
+            python_free = _python_free_by_position(life, n_life)
+            del life
+            state.reset_rng()
+            step_kernels = kernels()
+            rec, n_fwd = _run_pass(model, args, kwargs, loss_fn, names, profile, step_kernels, where.target,
+                                   keep_saved=True)
+            state.clear_grads()  # drop the traced gradients so their storages die inside the trace
+        finally:
+            state.restore()
     if n_fwd != n_life:
         raise InputError("the model ran a different number of ops in two identical forwards; "
                          "ckptplan needs a forward whose op sequence does not change between calls")
@@ -484,6 +486,7 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, where:
         sdpa_backends=tuple(sdpa_used), extra_fixed_bytes=workspace, ops=tuple(rec.ops), storages=tuple(storages), modules=modules,
         num_events=num_events, optimizer=opt, tensor_names=tuple(sorted(names)),
         module_tree=tuple((path, type(m).__name__) for path, m in model.named_modules()),
+        eval_modules=eval_modules(model),
         optimizer_state_bytes=OPTIMIZER_STATE_FACTOR.get(opt, 0) * param_bytes if opt else 0,
         torch_version=torch.__version__, saved_tensors=sum(1 for stack in rec.packs if stack),
         profile=rec.profile,

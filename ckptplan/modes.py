@@ -1,0 +1,36 @@
+"""The module state a training step runs in: which modules are in eval mode, Hugging Face's KV cache.
+
+Shared by the tracer (what the traced step ran in) and the runtime (whether a step runs in it)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+from torch import nn
+
+log = logging.getLogger("ckptplan")
+
+
+def eval_modules(model: nn.Module) -> tuple[str, ...]:
+    """Paths of the modules in eval mode (none in a plain training step)."""
+    return tuple(path for path, m in model.named_modules() if not m.training)
+
+
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face's ``use_cache`` off while training, as its gradient checkpointing turns it off: a KV
+    cache is for generation, and a recomputed layer would append to it again."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False) or not model.training:
+        yield
+        return
+    log.warning("ckptplan: use_cache=True is incompatible with checkpointing a training step; "
+                "setting model.config.use_cache = False while it runs (as Hugging Face's gradient "
+                "checkpointing does)")
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
