@@ -88,6 +88,8 @@ def _fail(e: CkptplanError, as_json: bool) -> None:
         payload: dict[str, Any] = {"error": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
         if isinstance(e, InfeasibleBudget):
             payload["minimum_bytes"] = e.minimum_bytes
+            payload["minimum_proven"] = e.minimum_proven
+            payload["minimum_source"] = e.minimum_source
         print(json.dumps(payload, indent=2))
     err.print(f"[red]error:[/red] {e}", highlight=False)
     raise typer.Exit(e.exit_code)
@@ -215,7 +217,8 @@ def solve(
             again += [f"--gap {gap}"] if gap != DEFAULT_GAP else []
             again += ["--no-remat"] if not remat else []
             again += [f"--{k} {v}" for k, v in where.items()] + ([f"--profile {profile}"] if profile else [])
-            err.print(f"minimum feasible budget: {format_bytes(e.minimum_bytes)}; try: "
+            what = "minimum feasible budget" if e.minimum_proven else "lowest budget known to fit (not proven minimal)"
+            err.print(f"{what}: {format_bytes(e.minimum_bytes)}; try: "
                       f"ckptplan solve {' '.join(again)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
         _fail(e, as_json)

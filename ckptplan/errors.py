@@ -22,14 +22,22 @@ class InputError(CkptplanError, ValueError):
 
 
 class InfeasibleBudget(CkptplanError):
-    """The budget is below the lowest peak any plan can reach."""
+    """The budget is below the lowest peak any plan can reach.
+
+    ``minimum_bytes`` is the smallest budget known to fit a plan. ``minimum_proven``: the solver proved
+    no plan peaks lower; when False it is an upper bound on the minimum (the lowest peak of the plans the
+    search checked before its time limit), and ``minimum_source`` says which plan reached it.
+    """
 
     exit_code = 3
 
-    def __init__(self, message: str, *, budget_bytes: int, minimum_bytes: int) -> None:
+    def __init__(self, message: str, *, budget_bytes: int, minimum_bytes: int, minimum_proven: bool = True,
+                 minimum_source: str = "minimum-peak search") -> None:
         super().__init__(message)
         self.budget_bytes = budget_bytes
         self.minimum_bytes = minimum_bytes
+        self.minimum_proven = minimum_proven
+        self.minimum_source = minimum_source
 
 
 class SolverTimeout(CkptplanError):

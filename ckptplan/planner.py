@@ -3,8 +3,10 @@
 1. The simulator gives the no-checkpointing and full-checkpointing peaks.
 2. A budget at or above the no-checkpointing peak needs no plan: nothing is recomputed.
 3. When full checkpointing does not fit, CP-SAT minimises the peak; the simulator checks that plan; a
-   budget below it raises ``InfeasibleBudget`` with the minimum. Whichever of that plan and full
-   checkpointing peaks lower is the first solution (hint) of step 4.
+   budget below it raises ``InfeasibleBudget`` with the minimum. When that search proves nothing (its
+   time limit), the same search without rematerializations gives a plan too, and the minimum is the
+   lowest peak checked, reported as an upper bound. Whichever checked plan peaks lowest is the first
+   solution (hint) of step 4.
 4. Recompute time is minimised under the budget, to within ``gap``: solver/primal.py's first plan (the
    knapsack of solver/bound.py, checked on every memory row) when its own bound proves it, otherwise
    CP-SAT's search from that plan (proven by CP-SAT's bound or the knapsack's); the simulator checks
@@ -187,24 +189,50 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
 
     # ---- phase 1: the lowest peak any plan reaches (only needed when full checkpointing does not fit:
     # otherwise the budget is feasible and full checkpointing is the first solution) ----------------------
-    candidates = [(full.peak_bytes, everything)]
-    low = None
+    # (simulated peak, plan, what found it) of every plan checked; the minimum is the lowest of them
+    checked = [(full.peak_bytes, everything, "full checkpointing")]
+    proven = False  # the minimum-peak search proved its plan lowest
     if usable < full.peak_bytes:
         note("minimum peak", {})
         low = model.solve(budget_bytes=None, time_limit_s=max(1.0, deadline - time.monotonic()),
                           hint=everything, workers=workers, deterministic_limit=0.3 * work)
         work -= low.deterministic_s
         if low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
-            candidates.append((shapes.simulate(low.saved).peak_bytes, low.saved))
-    min_peak, min_saved = min(candidates, key=lambda c: c[0])
+            checked.append((shapes.simulate(low.saved).peak_bytes, low.saved, "the minimum-peak search"))
+        proven = low.status is cpsat.Status.OPTIMAL
+        if not proven and any(r.remat for regs in shapes.regions for r in regs):
+            # NOTE [ Minimum without rematerialization ]: with every rematerialization a candidate the
+            # minimum-peak search can end without a plan (HF Mamba: none in 30 s), and the minimum would
+            # fall back to full checkpointing, above what checkpoints alone reach. Their plans are plans
+            # of the whole model: the same search over checkpoints only, a far smaller model, finds one
+            # and gives an upper bound on the minimum (reported as unproven).
+            note("minimum peak", {"rematerialize": False})
+            plain = cpsat.build(shapes.graphs, [tuple(r for r in regs if not r.remat) for regs in shapes.regions],
+                                scale_to=usable)
+            alt = plain.solve(budget_bytes=None, time_limit_s=max(1.0, deadline - time.monotonic()),
+                              hint=everything, workers=workers, deterministic_limit=0.3 * work)
+            work -= alt.deterministic_s
+            if alt.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
+                checked.append((shapes.simulate(alt.saved).peak_bytes, alt.saved,
+                                "the minimum-peak search without rematerialization"))
+    min_peak, min_saved, source = min(checked, key=lambda c: c[0])  # the first on a tie
     minimum = -(-min_peak * RESERVE_SCALE // keep)  # the smallest budget whose usable part fits min_peak
-    infeasible = InfeasibleBudget(
-        f"budget {format_bytes(budget_bytes)} is below the minimum {format_bytes(minimum)} any plan "
-        f"reaches for this model and input (parameters, gradients and the largest working set stay"
-        f"{f', plus the {reserve:.0%} reserve' if reserve else ''}); "
-        f"try --budget {suggest_budget(minimum)} or a smaller batch",
-        budget_bytes=budget_bytes, minimum_bytes=minimum)
-    if usable < min_peak and low is not None and low.status is cpsat.Status.OPTIMAL:
+    reserve_note = f", plus the {reserve:.0%} reserve" if reserve else ""
+    if proven:
+        infeasible = InfeasibleBudget(
+            f"budget {format_bytes(budget_bytes)} is below the minimum {format_bytes(minimum)} any plan "
+            f"reaches for this model and input (parameters, gradients and the largest working set stay"
+            f"{reserve_note}); try --budget {suggest_budget(minimum)} or a smaller batch",
+            budget_bytes=budget_bytes, minimum_bytes=minimum)
+    else:
+        infeasible = InfeasibleBudget(
+            f"no plan fits budget {format_bytes(budget_bytes)} for this model and input; the lowest peak found "
+            f"needs {format_bytes(minimum)}{reserve_note} ({source}), an upper bound on the minimum: the "
+            f"minimum-peak search reached its time limit before proving one lower. Try --budget "
+            f"{suggest_budget(minimum)}, a smaller batch, or --time-limit {int(2 * time_limit_s)} for a lower "
+            "minimum", budget_bytes=budget_bytes, minimum_bytes=minimum, minimum_proven=False,
+            minimum_source=source)
+    if usable < min_peak and proven:
         raise infeasible
 
     # ---- phase 2: cheapest plan under the budget, checked by the simulator ------------------------
@@ -240,7 +268,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             raise infeasible
         raise SolverTimeout(
             f"time limit {time_limit_s:g}s reached before any plan fit {format_bytes(budget_bytes)}; "
-            f"the best plan found peaks at {format_bytes(min_peak)}. Try --time-limit "
+            f"the lowest peak found is {format_bytes(min_peak)} ({source}; not proven minimal). Try --time-limit "
             f"{int(2 * time_limit_s)} or a budget of at least {format_bytes(minimum)}")
     saved, sim, sol = best
     status = "optimal" if sol.status is cpsat.Status.OPTIMAL else "feasible"

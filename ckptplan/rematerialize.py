@@ -181,8 +181,8 @@ class _RecipeMode(TorchDispatchMode):
                 raise PlanMismatch(
                     f"{rec.plan.path}: op #{i} of the recipe is {func} in '{module}' with output shapes {shapes}, "
                     f"but the plan expects {want.op} in '{want.module}' with {[list(x) for x in want.shape]}. "
-                    f"The model now takes another path than the traced step: trace and solve again for these inputs. "
-                    f"{_COMPILED}")
+                    "The model now takes another path than the traced step: trace and solve again for these inputs."
+                    f"{_compile_note()}")
             if want.decision is Decision.SAVE:  # kept: the rerun reads its outputs instead of running it
                 rec.ops.append((None, [t.detach() for t in outs], None))
             else:
@@ -202,6 +202,13 @@ class _RecipeMode(TorchDispatchMode):
                 self.active.remove(rec)
                 self.registered += 1
         return out
+
+
+def _compile_note() -> str:
+    """``_COMPILED`` after a space when this process compiled a graph with torch.compile, else nothing: an
+    eager model's mismatch has another cause."""
+    utils = sys.modules.get("torch._dynamo.utils")  # imported by torch.compile, never by ckptplan
+    return f" {_COMPILED}" if utils is not None and utils.counters["stats"]["unique_graphs"] else ""
 
 
 def _in_compiled_module(depth: int = 64) -> bool:
@@ -340,7 +347,7 @@ class Rematerializer:
             path = first.plan.path if first else mode.starts[max(mode.starts)][0].path
             raise PlanMismatch(f"{path}: the module ran {mode.position} ops, fewer than the plan's recipe needs; the "
                                "model takes another path than the traced step: trace and solve again for these "
-                               f"inputs. {_COMPILED}")
+                               f"inputs.{_compile_note()}")
 
     def remove(self) -> None:
         for h in self.hooks:

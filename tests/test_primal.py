@@ -3,12 +3,13 @@ never exceeds it; the model's own evaluation of a plan (``_Model.evaluate``) is 
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 from ortools.sat.python import cp_model
 
-from ckptplan.solver import cpsat, primal
+from ckptplan.solver import bound, cpsat, primal
 from ckptplan.solver.regions import candidate_regions, outermost
 from ckptplan.solver.simulate import simulate
 
@@ -85,3 +86,63 @@ def test_the_work_limit_stops_rounds_before_they_start(traced):
     assert unlimited.rounds > 1  # two rows bind here
     assert limited.rounds == 1 and 0 < limited.work < unlimited.work
     assert primal.first_plan(model, budget // model.unit, gap=0.0, work_limit=1) == limited  # deterministic
+
+
+class _FakeClock:
+    """bound.clock for a test: reads 0 until ``reads`` reads, then 2 (past a deadline at 1)."""
+
+    def __init__(self, reads: float) -> None:
+        self.reads, self.count = reads, 0
+
+    def __call__(self) -> float:
+        self.count += 1
+        return 0.0 if self.count <= self.reads else 2.0
+
+
+def test_the_first_plan_stops_at_its_deadline_inside_a_row(traced, monkeypatch):
+    """Issue 34: the first plan was bounded by its predicted work only (HF CLIP: 43 s in it under a 30 s
+    limit). Past the deadline the row being solved stops, none starts, and the best plan so far comes back;
+    before it, the clock changes nothing."""
+    _, _, graph = traced("llama")
+    _, budget, model = _model_at(graph, 0.25)
+    capacity = budget // model.unit
+    unlimited = primal.first_plan(model, capacity, gap=0.0)
+    never = _FakeClock(math.inf)
+    monkeypatch.setattr(bound, "clock", never)
+    assert primal.first_plan(model, capacity, gap=0.0, deadline=1.0) == unlimited  # deterministic before it
+    assert never.count > 4 * unlimited.rounds  # read inside the rows, not only between them
+    passed = primal.first_plan(model, capacity, gap=0.0, deadline=-1.0)
+    assert passed.saved is None and passed.rounds == passed.work == 0
+    for reads in (1, 2, 3):  # the deadline passes inside the first row
+        monkeypatch.setattr(bound, "clock", _FakeClock(reads))
+        stopped = primal.first_plan(model, capacity, gap=0.0, deadline=1.0)
+        assert stopped.saved is None and stopped.work == 0 and stopped.rounds <= 1
+
+
+def test_a_row_past_its_deadline_gives_nothing(traced, monkeypatch):
+    _, _, graph = traced("gpt2")
+    _, budget, model = _model_at(graph, 0.5)
+    row = model._row_form(max(range(len(model.row_exprs)), key=lambda i: model.row_exprs[i][2]))
+    args = (model.regions, row, budget // model.unit, model.cost_form)
+    assert bound.solve_row(*args, plan=True) is not None
+    monkeypatch.setattr(bound, "clock", _FakeClock(1))
+    assert bound.solve_row(*args, plan=True, deadline=1.0) is None
+    assert bound.lower_bound(*args, deadline=1.0) is None
+
+
+def test_a_search_ended_without_a_plan_returns_the_first_plan(traced, monkeypatch):
+    """Issue 34: when the search's time ran out before CP-SAT found a plan, the first plan (which fits every
+    row) was dropped and the answer was SolverTimeout. It is the answer, feasible, with the knapsack's bound."""
+    _, _, graph = traced("llama")
+    _, budget, model = _model_at(graph, 0.25)
+    start = primal.first_plan(model, budget // model.unit, gap=0.0)
+    assert start.saved is not None and start.bound < start.cost  # found, not proven optimal
+
+    def out_of_time(self, m, *args, **kwargs):
+        return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0, wall_s=1.0,
+                              deterministic_s=0.5, num_variables=0, num_constraints=0)
+
+    monkeypatch.setattr(cpsat._Model, "_search_branches", out_of_time)
+    sol = model.solve(budget_bytes=budget, time_limit_s=60, hint=None)
+    assert sol.status is cpsat.Status.FEASIBLE and sol.saved == model._paths(start.saved)
+    assert sol.objective_ns == start.cost and sol.bound_ns == start.bound and 0 < sol.gap < 1

@@ -300,3 +300,16 @@ def test_a_holding_recipe_keeps_the_costly_half_of_a_concatenation():
     assert predicted.extra_forward_flops == 0 and predicted.peak_bytes < without.peak_bytes
     plan = only(graph, held.path, ("95%", "90%", "85%", "80%"))
     assert rebuilt_once_bitwise(model, state, x, plan) <= predicted.peak_bytes
+
+
+def test_a_mismatch_in_an_eager_model_does_not_blame_torch_compile(conv_block):
+    """Issue 34: a recipe that runs other ops than its plan named torch.compile although nothing was compiled."""
+    model, args = conv_block
+    plan = ckptplan.solve(ckptplan.trace(model, *args), "90%", objective="flops")
+    region = next(r for r in plan.regions if r.remat)
+    edited = dataclasses.replace(region, ops=(dataclasses.replace(region.ops[0], op="aten.sin.default"),
+                                              *region.ops[1:]))
+    plan = dataclasses.replace(plan, regions=tuple(edited if r is region else r for r in plan.regions))
+    with ckptplan.apply(model, plan), pytest.raises(ckptplan.PlanMismatch, match="another path") as info:
+        model(*args).backward()
+    assert "compile" not in str(info.value)

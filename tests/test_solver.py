@@ -171,3 +171,41 @@ def test_any_budget_gives_a_fitting_plan_or_the_minimum(traced, fraction):
         assert ckptplan.solve(g, e.minimum_bytes).predicted_peak_bytes <= e.minimum_bytes
         return
     assert plan.predicted_peak_bytes <= budget * (1 - plan.reserve)
+
+
+def _no_remat_minimum_peak_answer(monkeypatch):
+    """The minimum-peak search over every candidate ends without a plan, as it does on HF Mamba at the
+    default time limit; every other solve runs as it is."""
+    real_solve = cpsat._Model.solve
+
+    def stuck(self, **kwargs):
+        if kwargs["budget_bytes"] is None and any(r.remat for r in self.regions):
+            return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0, wall_s=0.0,
+                                  deterministic_s=kwargs["deterministic_limit"], num_variables=0, num_constraints=0)
+        return real_solve(self, **kwargs)
+
+    monkeypatch.setattr(cpsat._Model, "solve", stuck)
+
+
+def test_an_unproven_minimum_is_never_above_checkpoints_alone_and_says_so(traced, monkeypatch):
+    """Issue 34: with rematerialization candidates the minimum-peak search can end without a plan; the
+    minimum then fell back to full checkpointing's peak and was reported as proven, above the minimum the
+    same solver proves with checkpoints only."""
+    _, _, g = traced("resnet")
+    plain = minimum_of(g, rematerialize=False)
+    assert plain < ckptplan.solve(g, "100%").full_peak_bytes  # what the minimum fell back to
+    _no_remat_minimum_peak_answer(monkeypatch)
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(g, 1)
+    assert info.value.minimum_bytes <= plain
+    assert not info.value.minimum_proven and "upper bound" in str(info.value)
+    assert "without rematerialization" in info.value.minimum_source
+    plan = ckptplan.solve(g, info.value.minimum_bytes)  # a plan reaches the minimum it names
+    assert plan.predicted_peak_bytes <= info.value.minimum_bytes
+
+
+def test_a_proven_minimum_says_it_is(traced):
+    _, _, g = traced("gpt2")
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(g, 1)
+    assert info.value.minimum_proven and "upper bound" not in str(info.value)

@@ -35,6 +35,8 @@ is a valid lower bound on the full model):
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field, replace
 from itertools import product
 
@@ -51,6 +53,20 @@ MAX_SELECTIVE = 4  # a mode with more regions whose dispatch modes cost time dro
 # tables' float64 even summed over a few hundred regions
 OFF = 1 << 44
 MAX_GROUP = 6  # rematerializations linked by z terms solved together (every subset: 2^6 options) up to this
+
+clock = time.monotonic  # what a deadline is read against (a test gives a fake one)
+
+
+class _OutOfTime(Exception):
+    """The deadline passed while a row was being solved: it gives no result."""
+
+
+def _check(deadline: float) -> None:
+    """Stop the row once ``deadline`` (``clock()``) has passed. One row of a wide model takes seconds in its
+    family tables and backtrack (HF CLIP: 43 s of a 30 s limit), so the clock is read inside them, between
+    steps of a fraction of a millisecond each."""
+    if deadline != math.inf and clock() >= deadline:
+        raise _OutOfTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,16 +131,16 @@ class RowSolution:
 
 
 def lower_bound(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
-                buckets: int = BUCKETS) -> int | None:
+                buckets: int = BUCKETS, deadline: float = math.inf) -> int | None:
     """The least ``cost`` of any decisions whose ``row`` stays within ``capacity``, with the row's free range
-    in ``buckets`` steps (more: tighter and slower); None when a family has too many modes or no
-    decision fits (then the caller has a better source of truth)."""
-    found = solve_row(regions, row, capacity, cost, buckets=buckets)
+    in ``buckets`` steps (more: tighter and slower); None when a family has too many modes, no decision
+    fits (then the caller has a better source of truth) or ``deadline`` passed first."""
+    found = solve_row(regions, row, capacity, cost, buckets=buckets, deadline=deadline)
     return None if found is None else found.bound
 
 
 def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
-              buckets: int = BUCKETS, plan: bool = False) -> RowSolution | None:
+              buckets: int = BUCKETS, plan: bool = False, deadline: float = math.inf) -> RowSolution | None:
     """``lower_bound``, and with ``plan`` the decisions of one cheapest configuration of the rounded row.
 
     Those decisions are a first plan, not a proven one: bytes rounded down, other rows and cross-family
@@ -136,15 +152,28 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
     rematerialization shares), spread too thin to count: it is branched on. Once with its regions off
     (each priced ``OFF`` more: no plan with one is cheaper than a plan without), once with its cost paid
     whatever the plan. Every plan is in one branch at its true cost or more, so the lesser bound holds;
-    the plan is the lesser branch's."""
+    the plan is the lesser branch's.
+
+    ``deadline`` (``clock()``'s time): past it the row stops where it is and gives None. Before it the
+    result does not depend on the clock."""
+    try:
+        return _solve_shared(regions, row, capacity, cost, buckets=buckets, plan=plan, deadline=deadline)
+    except _OutOfTime:
+        return None
+
+
+def _solve_shared(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
+                  buckets: int, plan: bool, deadline: float) -> RowSolution | None:
+    """``solve_row`` (which catches the deadline)."""
     group = max(((a, members) for a, members in cost.shared if len(members) > 1), key=lambda g: len(g[1]), default=None)
     if group is None:
-        return _solve_row(regions, row, capacity, cost.spread(), buckets=buckets, plan=plan)
+        return _solve_row(regions, row, capacity, cost.spread(), buckets=buckets, plan=plan, deadline=deadline)
     rest = tuple(g for g in cost.shared if g != group)
     a, members = group
     off = replace(cost, c={**cost.c, **{j: cost.c.get(j, 0) + OFF for j in members}}, shared=rest)
     paid = replace(cost, constant=cost.constant + a, shared=rest)
-    found = [_solve_row(regions, row, capacity, form.spread(), buckets=buckets, plan=plan) for form in (off, paid)]
+    found = [_solve_row(regions, row, capacity, form.spread(), buckets=buckets, plan=plan, deadline=deadline)
+             for form in (off, paid)]
     if None in found:
         return None
     best = min(found, key=lambda f: f.bound)
@@ -152,8 +181,8 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
 
 
 def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
-               buckets: int, plan: bool) -> RowSolution | None:
-    """``solve_row`` for a cost without shared terms."""
+               buckets: int, plan: bool, deadline: float = math.inf) -> RowSolution | None:
+    """``solve_row`` for a cost without shared terms; raises ``_OutOfTime`` past ``deadline``."""
     families = _families(regions)
     family_of = {j: root for root, members in families for j in members}
     z_of: dict[int, list[tuple[tuple[int, int, int, bool], int]]] = {}  # family -> its z terms
@@ -161,6 +190,7 @@ def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost
         z_of.setdefault(family_of[key[0]], []).append((key, a))
     tables: list[tuple[int, list[_Mode]]] = []
     for root, members in families:
+        _check(deadline)
         # rematerializations are knapsack items (or groups) of each mode around them, never a mode
         leaves = [j for j in members if regions[j].remat]
         sets = [frozenset()] if root in leaves else _modes(root, [j for j in members if j not in leaves], regions)
@@ -185,10 +215,10 @@ def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost
     for w_min, modes in tables:
         key = (w_min, tuple((m.weight, m.cost, m.items, m.groups) for m in modes))
         if key not in seen:
-            seen[key] = _family_table(w_min, modes, step, n)
+            seen[key] = _family_table(w_min, modes, step, n, deadline)
             work += _fine(w_min, modes)[1] * sum(len(m.items) + sum(map(len, m.groups)) + 1 for m in modes)
         keys.append(key)
-        run, steps = _combine(run, seen[key])
+        run, steps = _combine(run, seen[key], deadline)
         work += steps * n
         if plan:
             runs.append(run)
@@ -206,7 +236,7 @@ def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost
             beta = int(np.argmin(before[b - np.arange(width)] + table[:width]))
             b -= beta
             if (keys[f], beta) not in configs:  # identical families: the same mode and items, by position
-                configs[(keys[f], beta)] = _family_config(*tables[f], step, beta)
+                configs[(keys[f], beta)] = _family_config(*tables[f], step, beta, deadline)
             index, taken, options = configs[(keys[f], beta)]
             mode = tables[f][1][index]
             ops = [*mode.free, *(mode.ops[i] for i in taken)]
@@ -384,7 +414,7 @@ def _components(nodes: list[int], edges: list[tuple[int, int]]) -> list[list[int
     return sorted(out.values())
 
 
-def _family_table(w_min: int, modes: list[_Mode], step: int, n: int) -> np.ndarray:
+def _family_table(w_min: int, modes: list[_Mode], step: int, n: int, deadline: float = math.inf) -> np.ndarray:
     """table[b]: least cost of the family with weight below ``(b + 1) * step`` above ``w_min``.
 
     The knapsack inside the family runs at a finer resolution (``FINE`` buckets over the family's own
@@ -394,6 +424,7 @@ def _family_table(w_min: int, modes: list[_Mode], step: int, n: int) -> np.ndarr
     best = np.full(size, np.inf)
     shared: dict[tuple, np.ndarray] = {}
     for m in modes:
+        _check(deadline)
         np.minimum(best, _knapsack_last(m, w_min, fine, size, shared), out=best)
     best = np.minimum.accumulate(best)
     return best[_row_ends(fine, size, step, min(n, top // step + 1))]
@@ -453,14 +484,15 @@ def _take(table: np.ndarray, b: int, c: int, size: int) -> np.ndarray:
     return table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[:size - b] + c)))
 
 
-def _family_config(w_min: int, modes: list[_Mode], step: int,
-                   beta: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+def _family_config(w_min: int, modes: list[_Mode], step: int, beta: int,
+                   deadline: float = math.inf) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """The mode (its index), the items (their indices) and each group's set (index into ``group_sets``,
     0 for its base) of the cheapest configuration counted in row bucket ``beta`` of ``_family_table``."""
     fine, size, _ = _fine(w_min, modes)
     end = int(_row_ends(fine, size, step, beta + 1)[-1])
     best: tuple[float, int, int, list[np.ndarray]] | None = None
     for index, m in enumerate(modes):
+        _check(deadline)
         tables = _knapsack(m, w_min, fine, size)
         f = int(np.argmin(tables[-1][:end + 1]))
         if best is None or tables[-1][f] < best[0]:
@@ -486,14 +518,16 @@ def _family_config(w_min: int, modes: list[_Mode], step: int,
     return index, tuple(sorted(taken)), tuple(reversed(chosen))
 
 
-def _combine(run: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, int]:
+def _combine(run: np.ndarray, table: np.ndarray, deadline: float = math.inf) -> tuple[np.ndarray, int]:
     """Min-plus convolution of two non-increasing arrays: only the table's steps need trying (returned
-    with their number)."""
+    with their number). The clock is read every 256 steps."""
     out = np.full(len(run), np.inf)
     finite = np.isfinite(table)
     if not finite.any():
         return out, 0
     steps = np.flatnonzero(np.concatenate(([True], table[1:] != table[:-1])) & finite)
-    for b in steps:
+    for i, b in enumerate(steps):
+        if i % 256 == 0:
+            _check(deadline)
         np.minimum(out[b:], run[:len(run) - b] + table[b], out=out[b:])
     return out, len(steps)

@@ -141,7 +141,8 @@ class _KnapsackCheck:
     No row is solved after ``deadline`` (``time.monotonic()``; the search's wall-clock limit): CP-SAT
     cannot stop while a callback runs, and a row of the 7B model takes 0.5 s (the finer pass 1.2 s, on
     the 2-core machine, idle), so checks begun near the limit, and the final solution's check after it,
-    added their time to the limit. Rows solved before it still count. A search cut on the deterministic
+    added their time to the limit; a row still being solved when it passes stops there and bounds
+    nothing. Rows solved before it still count. A search cut on the deterministic
     clock ends before the deadline, and its checks are unchanged, so its plan stays byte-identical."""
 
     def __init__(self, model: "_Model", capacity: int, gap_limit: float, known: int = 0,
@@ -174,7 +175,7 @@ class _KnapsackCheck:
             if time.monotonic() >= self.deadline:
                 return  # the search's time is up: no new row (see the class)
             found = bound.lower_bound(self.model.regions, self.model._row_form(row), self.capacity, self.cost,
-                                      buckets=buckets)
+                                      buckets=buckets, deadline=self.deadline)
             self.rows[(row, buckets)] = found or 0
         self.known = max(self.known, min(self.rows[(row, buckets)], value))  # never above a solution
 
@@ -617,12 +618,15 @@ class _Model:
                 deterministic_limit = max(0.01, deterministic_limit - spent_det)
         m.minimize(self.cost)
         known, spent, charged = 0, 0.0, 0.0
+        start: primal.FirstPlan | None = None
         if first_plan and first is None and not isinstance(self.cost, int):
             # a first plan from bound.py's knapsack (primal.py), on at most half the deterministic limit,
             # charged to it: often proven within the gap as it is
             started = time.monotonic()
+            # the wall-clock limit holds here too: past it the first plan stops with the best it has
             start = primal.first_plan(self, budget_bytes // self.unit, gap=gap_limit, work_limit=None
-                                      if deterministic_limit is None else int(deterministic_limit * CELLS_PER_DET_S / 2))
+                                      if deterministic_limit is None else int(deterministic_limit * CELLS_PER_DET_S / 2),
+                                      deadline=bound.clock() + time_limit_s)
             spent, charged = time.monotonic() - started, start.work / CELLS_PER_DET_S
             if deterministic_limit is not None:
                 deterministic_limit = max(0.01, deterministic_limit - charged)
@@ -636,6 +640,11 @@ class _Model:
             time_limit_s = max(0.1, time_limit_s - spent)
         sol = self._search_branches(m, hint, budget_bytes // self.unit, time_limit_s, deterministic_limit, workers,
                                     None if first else on_solution, gap_limit, first, known)
+        if sol.status is Status.UNKNOWN and first is None and start is not None and start.saved is not None:
+            # the search's limit came before it found a plan (on a loaded machine, the wall clock): the first
+            # plan fits every row, so it is the answer, with the knapsack's bound
+            sol = replace(self._first_plan_solution(m, start, 0.0), wall_s=sol.wall_s,
+                          deterministic_s=sol.deterministic_s, searched=True)
         return replace(sol, wall_s=sol.wall_s + spent, deterministic_s=sol.deterministic_s + charged)
 
     def _search_branches(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]] | None, capacity: int,
@@ -754,8 +763,9 @@ class _Model:
         return {self.regions[j].path: ops for j, ops in saved.items()}
 
     def _first_plan_solution(self, m: cp_model.CpModel, start: primal.FirstPlan, wall_s: float) -> Solution:
-        """The knapsack's first plan, proven within the gap without a search: every row was checked in the
-        model's own terms (``evaluate``), and the bound is bound.py's."""
+        """The knapsack's first plan, proven within the gap without a search (or the answer when the search
+        found none): every row was checked in the model's own terms (``evaluate``), and the bound is
+        bound.py's."""
         return Solution(status=Status.OPTIMAL if start.bound >= start.cost else Status.FEASIBLE,
                         saved=self._paths(start.saved), objective_ns=start.cost, bound_ns=start.bound,
                         wall_s=wall_s, deterministic_s=start.work / CELLS_PER_DET_S,

@@ -25,6 +25,7 @@ practice the binding one on a chain). Every row is checked in the model's exact 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,15 +50,20 @@ class FirstPlan:
     work: int  # table cells computed (bound.RowSolution.work): what the search is charged
 
 
-def first_plan(model: _Model, capacity: int, *, gap: float = 0.0, work_limit: int | None = None) -> FirstPlan:
+def first_plan(model: _Model, capacity: int, *, gap: float = 0.0, work_limit: int | None = None,
+               deadline: float = math.inf) -> FirstPlan:
     """A plan whose every row fits ``capacity`` (model units); ``saved`` is None when none was found
     (deep nesting, several rows binding together: CP-SAT's search finds one).
 
     Rows are solved at bound.py's coarse resolution; when that plan is not proven within ``gap`` by the
     bounds found on the way, the search runs again at the fine one (a tighter bound, a plan that loses
     less to rounding). No round starts that would take the work past ``work_limit`` (cells, predicted
-    from the rounds before): the result depends on the model and the limits only, never on the clock."""
-    search = _Search(model, capacity, gap, work_limit)
+    from the rounds before): the result depends on the model and the limits only, never on the clock.
+
+    ``deadline`` (``bound.clock()``'s time) is the wall-clock backstop: once it passes, the row being
+    solved stops (bound.py reads the clock inside it), no other starts, and the best plan found so far is
+    returned. A search that ends before it is unchanged by it."""
+    search = _Search(model, capacity, gap, work_limit, deadline)
     binding = [i for i, (_, _, ub) in enumerate(model.row_exprs) if ub > capacity]
     if binding:
         row = search.run(max(binding, key=lambda i: (model.row_exprs[i][0], -i)), bound.BUCKETS, MAX_ROUNDS)
@@ -72,8 +78,10 @@ def first_plan(model: _Model, capacity: int, *, gap: float = 0.0, work_limit: in
 class _Search:
     """Rows solved one after another; the cheapest plan that fits, and the best bound, so far."""
 
-    def __init__(self, model: _Model, capacity: int, gap: float, work_limit: int | None) -> None:
+    def __init__(self, model: _Model, capacity: int, gap: float, work_limit: int | None,
+                 deadline: float = math.inf) -> None:
         self.model, self.capacity, self.gap, self.limit = model, capacity, gap, work_limit
+        self.deadline = deadline
         self.classes = _classes(model)
         self.best: tuple[int, dict[int, frozenset[int]]] | None = None  # (cost, decisions)
         self.lower = 0  # the best bound of a row solved at the full capacity
@@ -144,12 +152,16 @@ class _Search:
     def _solve(self, form: bound.LinearForm, cap: int, buckets: int, *,
                bounds: bool = False) -> tuple[bool, int, int] | None:
         """One knapsack and its plan tried (``_try``'s result); None when the work limit forbids it (its
-        cells predicted by the last round at that resolution) or nothing fits the form. ``bounds``: ``cap``
-        is the form's full capacity, so the knapsack's bound holds for the model."""
+        cells predicted by the last round at that resolution), the deadline has passed or passes during it,
+        or nothing fits the form. ``bounds``: ``cap`` is the form's full capacity, so the knapsack's bound
+        holds for the model."""
         predicted = self.last.get(buckets, FINE_COST * self.last.get(bound.BUCKETS, 0))
         if self.limit is not None and self.work + predicted > self.limit:
             return None
-        found = bound.solve_row(self.model.regions, form, cap, self.model.cost_form, buckets=buckets, plan=True)
+        if self.deadline != math.inf and bound.clock() >= self.deadline:
+            return None
+        found = bound.solve_row(self.model.regions, form, cap, self.model.cost_form, buckets=buckets, plan=True,
+                                deadline=self.deadline)
         self.rounds += 1
         if found is None or found.saved is None:
             return None

@@ -5,7 +5,8 @@ ops of its own and tensors saved for backward. A plan never checkpoints two nest
 candidates come at three granularities so the solver can choose: the frontier, found by walking
 the module tree: the elements of every container (``ModuleList``, ``Sequential``, ``ModuleDict``) are
 regions (transformer blocks, ResNet blocks); modules beside containers are regions too (embeddings,
-final norm, head); a module with no container below it is one region. Then the frontier's ancestors
+final norm, head); a module with no container below it is one region; and below a frontier module, the
+blocks of any stack of repeated blocks, at any depth (a Swin stage's blocks). Then the frontier's ancestors
 (coarser: a whole ResNet stage, a U-Net level) and its children (finer: attention and MLP of a block).
 
 Inside a region, each op is either free to be saved (its outputs cached by selective checkpointing)
@@ -112,8 +113,25 @@ def candidate_regions(graph: Graph) -> tuple[Region, ...]:
         else:
             frontier.append(path)
 
+    def repeated(path: str) -> list[str]:
+        """The blocks of every container below ``path``, at any depth, that repeats a block (two elements
+        or more of one type), and the blocks below those: a Swin stage's ``blocks.M`` under the stages'
+        ``layers.N``, which is what Hugging Face's own checkpointing wraps. A container of unlike modules
+        (a ResNet block's ``downsample``: a convolution and a norm) is no stack of blocks."""
+        out = []
+        for c in children.get(path, ()):
+            if types[c] in CONTAINERS:
+                blocks = [e for e in children.get(c, ()) if types[e] not in CONTAINERS]
+                kinds = [types[e] for e in blocks]
+                if any(kinds.count(k) > 1 for k in kinds):
+                    out += [p for e in blocks for p in (e, *repeated(e))]
+                    continue
+            out += repeated(c)
+        return out
+
     if "" in types:
         walk("")
+    frontier += [p for path in list(frontier) for p in repeated(path)]
     # Candidates at three granularities; the solver picks, never two nested ones (see cpsat.py).
     paths = set(frontier)
     for path in frontier:
