@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 
 from .errors import InputError
+from .plan import NoAliasLoader
 
 BUNDLED_EXAMPLE = "examples/gpt2.py:gpt2_small"
 
@@ -47,9 +48,11 @@ def parse_factory_args(items: list[str]) -> dict[str, Any]:
         if not sep or not key.isidentifier():
             raise InputError(f"--arg {item!r} must look like name=value, e.g. --arg batch_size=4")
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = yaml.load(value, Loader=NoAliasLoader)  # noqa: S506 - safe_load without aliases
         except yaml.YAMLError:
             out[key] = value
+        except (ValueError, RecursionError) as e:  # an integer past Python's digit limit; nesting too deep
+            raise InputError(f"--arg {key}=...: {str(e).splitlines()[0] if str(e) else 'nested too deep'}") from None
     return out
 
 

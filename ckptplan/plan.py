@@ -287,7 +287,7 @@ def dump_yaml(plan: Plan) -> str:
 
 
 # ---- reading --------------------------------------------------------------------------------------
-class _NoAliasLoader(yaml.SafeLoader):
+class NoAliasLoader(yaml.SafeLoader):
     """safe_load without anchors and aliases: ckptplan never writes them, and a few hundred bytes of nested
     aliases (an alias bomb) expand into billions of rows once read as plain lists."""
 
@@ -335,7 +335,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise InputError(f"plan file {path} nests brackets more than {MAX_FLOW_DEPTH} deep; it is not a ckptplan "
                          "plan: regenerate it with `ckptplan solve`")
     try:
-        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise InputError(f"plan file {path} is not valid YAML ({str(e).splitlines()[0]}); "
                          "regenerate it with `ckptplan solve`") from None

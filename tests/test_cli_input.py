@@ -122,6 +122,11 @@ def test_a_model_whose_step_fails_or_exits_gets_exit_2(model_file, tmp_path, fac
     assert not out.exists()
 
 
+def test_a_factory_argument_too_long_to_convert_gets_exit_2(model_file):
+    result = run("trace", "-m", f"{model_file}:tiny", "-a", "batch=" + "9" * 5000)
+    assert result.exit_code == 2 and "--arg batch" in message(result), result.output
+
+
 def test_a_model_file_calling_sys_exit_on_import_gets_exit_2(model_file):
     result = run("trace", "-m", f"{model_file.parent / 'exits_on_import.py'}:tiny")
     assert result.exit_code == 2 and "calls sys.exit()" in message(result)
@@ -219,7 +224,7 @@ def test_a_fifo_as_plan_file_is_refused_without_blocking(tmp_path):
 
 
 # ---- fuzz: plan files and model specs ---------------------------------------------------------------------
-SCALARS = st.one_of(st.integers(), st.integers(min_value=10**40, max_value=10**60), st.floats(),
+SCALARS = st.one_of(st.integers(), st.integers(min_value=10**40, max_value=10**60), st.just("9" * 5000), st.floats(),
                     st.text(max_size=8), st.none(), st.booleans(), st.just("*a"), st.just("&a x"),
                     st.just("!!python/object:os.system"), st.just("[1, [2, [3]]]"), st.just("{a: 1}"))
 
