@@ -13,6 +13,7 @@ from .errors import (  # noqa: E402
     CkptplanError,
     InfeasibleBudget,
     InputError,
+    OutputError,
     PlanMismatch,
     SolverTimeout,
 )
@@ -25,6 +26,7 @@ from .units import format_bytes, parse_budget  # noqa: E402
 
 __all__ = [
     "BudgetError", "CkptplanError", "check_plan", "Decision", "Graph", "Handle", "InfeasibleBudget", "InputError",
+    "OutputError",
     "Plan", "PlanMismatch", "SolverTimeout", "StepStats", "apply", "format_bytes", "load_plan",
     "parse_budget", "solve", "trace",
 ]

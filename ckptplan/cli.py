@@ -1,12 +1,17 @@
 """``ckptplan``: a thin typer CLI over the library. Human output goes to stderr, ``--json`` to stdout.
 
-Exit codes: 0 ok, 2 usage or bad input, 3 infeasible budget, 4 time limit with no feasible plan,
-5 plan does not match the model, 6 `verify` measured a peak above the budget.
+Exit codes: 0 ok, 2 usage or bad input (a budget, option, model spec, plan file, or a model whose step fails
+to run or calls sys.exit), 3 infeasible budget, 4 time limit with no feasible plan, 5 plan does not match the
+model, 6 `verify` measured a peak above the budget, 7 an output file (`-o`, `--plot`) cannot be written
+(a directory, under a file, not writable, disk full), 130 interrupted (Ctrl-C; nothing written).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 import re
 import sys
 from dataclasses import asdict
@@ -17,7 +22,7 @@ import typer
 from rich.console import Console
 
 from . import report
-from .errors import CkptplanError, InfeasibleBudget, InputError
+from .errors import CkptplanError, InfeasibleBudget, InputError, OutputError
 from .modelspec import BUNDLED_EXAMPLE, bundled_example, load_model, parse_factory_args
 from .plan import load_plan
 from .planner import DEFAULT_GAP
@@ -27,6 +32,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="Plan activation checkpointing for PyTorch training under a memory budget.")
 err = Console(stderr=True)
 SYNTAX_REFERENCE = 2**50  # stands in for the no-checkpointing peak when only the syntax is checked
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff")  # matplotlib's savefig
 
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help=f"path/to/file.py:factory or package.module:factory (default: {BUNDLED_EXAMPLE}).")]
@@ -95,6 +101,11 @@ def _fail(e: CkptplanError, as_json: bool) -> None:
     raise typer.Exit(e.exit_code)
 
 
+def _interrupted(what: str = "nothing written") -> None:
+    err.print(f"interrupted: {what}")
+    raise typer.Exit(130)
+
+
 def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool,  # noqa: ANN202
            parallel: str | None = None, world_size: int = 1, seq_lens: list[int] | None = None,
            where: dict[str, Any] | None = None):
@@ -110,11 +121,58 @@ def _trace(model: str | None, args: list[str] | None, optimizer: str | None, qui
     for n in seq_lens or [None]:
         loaded = load_model(model or bundled_example(), factory_kwargs if n is None else {**factory_kwargs, "seq_len": n})
         with err.status(f"tracing one training step{f' (seq_len {n})' if n else ''}...",
-                        spinner="dots") if not quiet else _null():
+                        spinner="dots") if not quiet else _null(), _model_code(loaded.name):
             graph = trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=loaded.name,
                           **(where or {}), **loaded.kwargs)
         graphs.append(for_ranks(graph, world_size=world_size, mode=parallel) if parallel else graph)
     return loaded, graphs[0] if seq_lens is None else graphs
+
+
+class _model_code:
+    """Runs the user's model: what its step raises (a shape error, sys.exit) becomes an InputError (exit 2)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, e: Any, _tb: Any) -> None:
+        if kind is None or issubclass(kind, (CkptplanError, KeyboardInterrupt)) or not issubclass(
+                kind, (Exception, SystemExit)):
+            return
+        what = f"SystemExit({e.code!r}) (it calls sys.exit())" if isinstance(e, SystemExit) else f"{kind.__name__}: {e}"
+        raise InputError(f"running one training step of {self.name} raised {what}. Check that the factory's "
+                         "inputs fit the model (run model(*args) once without ckptplan); if they do, this is a "
+                         "ckptplan bug: please report it with the model") from None
+
+
+def _check_time_limit(seconds: float) -> None:
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise typer.BadParameter(f"give a positive number of seconds, e.g. 30 (not {seconds})",
+                                 param_hint="--time-limit")
+
+
+def _check_output(path: Path, option: str) -> None:
+    """Refuse, before any work, an output path that cannot be a file we write."""
+    if str(path) in ("", ".") or path.is_dir():
+        raise OutputError(f"{option} {str(path)!r} is a directory; give a file name, e.g. {path / 'plan.yaml'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: the folder {parent} is not writable; choose another path")
+
+
+def _write(path: Path, option: str, write: Any) -> None:
+    """``write()`` creates ``path``; an OSError (read-only file system, disk full, ...) becomes OutputError."""
+    try:
+        write()
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise OutputError(f"cannot write {option} {path}: {why}; nothing was written there") from None
 
 
 def _seq_lens(text: str | None) -> list[int] | None:
@@ -198,13 +256,16 @@ def solve(
         budget_given, budget = budget, _card_budget(budget, where)
         parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace, not after
         check_options(reserve=reserve, gap=gap)  # before the trace, like the budget
+        _check_time_limit(time_limit)
+        if output is not None:
+            _check_output(output, "-o")
         loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len), where)
         with err.status("solving...", spinner="dots") if not quiet else _null() as status:
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve, objective=objective,
                               gap=gap, rematerialize=remat, profile=profile,
                               progress=_progress_line(status) if status is not None else None)
         path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget_given)}.yaml"
-        plan.save(path)
+        _write(path, "-o", lambda: plan.save(path))
     except InfeasibleBudget as e:
         if not as_json:
             err.print(f"[red]error:[/red] {e}", highlight=False)
@@ -272,6 +333,12 @@ def sweep(
             raise InputError("--budgets needs at least one budget, e.g. --budgets 60%,50%,40%")
         for b in items:
             parse_budget(b, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace
+        _check_time_limit(time_limit)
+        if plot is not None:
+            if plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+                raise InputError(f"--plot {plot}: give a file ending in one of .{', .'.join(PLOT_FORMATS)}, "
+                                 "e.g. pareto.png")
+            _check_output(plot, "--plot")
         _, graph = _trace(model, arg, optimizer, quiet, where=_where(target, gpu, sdpa))
         if profile is not None:
             from .planner import _priced
@@ -281,10 +348,13 @@ def sweep(
             rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective,
                                   rematerialize=remat)
         if plot is not None:
-            pareto_plot(rows, plot, title=f"{graph.model_name}: predicted", forward_flops=graph.forward_flops)
+            _write(plot, "--plot", lambda: pareto_plot(rows, plot, title=f"{graph.model_name}: predicted",
+                                                       forward_flops=graph.forward_flops))
     except CkptplanError as e:
         _fail(e, as_json)
         return
+    except KeyboardInterrupt:
+        _interrupted()
     if as_json:
         print(json.dumps({"model": graph.model_name, "forward_flops": graph.forward_flops,
                           "no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
@@ -311,6 +381,8 @@ def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOp
     except CkptplanError as e:
         _fail(e, as_json)
         return
+    except KeyboardInterrupt:
+        _interrupted("nothing traced")
     regions = candidate_regions(graph)
     full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)})
     info = report.graph_summary(graph, regions=len(regions), full_peak=full.peak_bytes,
@@ -348,6 +420,8 @@ def show(
     except CkptplanError as e:
         _fail(e, as_json)
         return
+    except KeyboardInterrupt:
+        _interrupted("nothing shown")
     if as_json:
         print(json.dumps(report.plan_summary(plan), indent=2))
         return
@@ -399,18 +473,22 @@ def verify(
                              "it inside the distributed job (FSDPMemTracker), as benchmarks/parallel_memory.py does")
         loaded = load_model(model or bundled_example(), parse_factory_args(arg or []))
         check_model(loaded.model, plan)
-        check_plan(trace(loaded.model, *loaded.args, optimizer=plan.optimizer, model_name=loaded.name,
-                         **_where(plan.device if plan.device in ("cpu", "cuda") else None, None, None),
-                         **loaded.kwargs), plan)  # a hand-edited plan that no longer fits stops here
+        with _model_code(loaded.name):
+            check_plan(trace(loaded.model, *loaded.args, optimizer=plan.optimizer, model_name=loaded.name,
+                             **_where(plan.device if plan.device in ("cpu", "cuda") else None, None, None),
+                             **loaded.kwargs), plan)  # a hand-edited plan that no longer fits stops here
         handle = apply(loaded.model, plan)
         try:
-            peak = measure_peak(loaded.model, *loaded.args, **loaded.kwargs)
+            with _model_code(loaded.name):
+                peak = measure_peak(loaded.model, *loaded.args, **loaded.kwargs)
             extra = handle.stats.extra_forward_flops
         finally:
             handle.remove()
     except CkptplanError as e:
         _fail(e, as_json)
         return
+    except KeyboardInterrupt:
+        _interrupted("nothing measured")
     fits = peak <= plan.budget_bytes
     result = {"budget_bytes": plan.budget_bytes, "predicted_peak_bytes": plan.predicted_peak_bytes,
               "measured_peak_bytes": peak, "fits": fits,

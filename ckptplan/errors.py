@@ -50,3 +50,10 @@ class PlanMismatch(CkptplanError):
     """A plan does not match the model or inputs it is applied to."""
 
     exit_code = 5
+
+
+class OutputError(CkptplanError):
+    """An output file cannot be written: the path is a directory or under a file, not writable, or the disk
+    is full."""
+
+    exit_code = 7

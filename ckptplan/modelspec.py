@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 
 from .errors import InputError
+from .plan import NoAliasLoader
 
 BUNDLED_EXAMPLE = "examples/gpt2.py:gpt2_small"
 
@@ -47,9 +48,11 @@ def parse_factory_args(items: list[str]) -> dict[str, Any]:
         if not sep or not key.isidentifier():
             raise InputError(f"--arg {item!r} must look like name=value, e.g. --arg batch_size=4")
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = yaml.load(value, Loader=NoAliasLoader)  # noqa: S506 - safe_load without aliases
         except yaml.YAMLError:
             out[key] = value
+        except (ValueError, RecursionError) as e:  # an integer past Python's digit limit; nesting too deep
+            raise InputError(f"--arg {key}=...: {str(e).splitlines()[0] if str(e) else 'nested too deep'}") from None
     return out
 
 
@@ -66,8 +69,8 @@ def load_model(spec: str, factory_kwargs: dict[str, Any] | None = None) -> Loade
         result = factory(**(factory_kwargs or {}))
     except TypeError as e:
         raise InputError(f"calling {factory_name}({_fmt(factory_kwargs)}) failed: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a user's factory may raise anything; say which and why
-        raise InputError(f"the factory {factory_name} raised {type(e).__name__}: {e}") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a user's factory may raise anything; say which and why
+        raise InputError(f"the factory {factory_name} raised {_what(e)}") from None
     if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], nn.Module):
         raise InputError(f"the factory {factory_name} must return (model, args) or (model, args, kwargs) "
                          f"with an nn.Module first; it returned {type(result).__name__}")
@@ -91,16 +94,23 @@ def _import(target: str) -> Any:
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a script's sys.exit() must not end ckptplan
             del sys.modules[name]
-            raise InputError(f"importing {target} raised {type(e).__name__}: {e}") from None
+            raise InputError(f"importing {target} raised {_what(e)}") from None
         return module
     try:
         return importlib.import_module(target)
     except ImportError as e:
         raise InputError(f"cannot import module {target!r}: {e}") from None
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"importing {target} raised {type(e).__name__}: {e}") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001
+        raise InputError(f"importing {target} raised {_what(e)}") from None
+
+
+def _what(e: BaseException) -> str:
+    if isinstance(e, SystemExit):  # sys.exit() in a model file: its code would read as one of ckptplan's
+        return (f"SystemExit({e.code!r}): it calls sys.exit(); guard its script part with "
+                "`if __name__ == \"__main__\":`")
+    return f"{type(e).__name__}: {e}"
 
 
 def _fmt(kwargs: dict[str, Any] | None) -> str:

@@ -18,19 +18,29 @@ def eval_modules(model: nn.Module) -> tuple[str, ...]:
     return tuple(path for path, m in model.named_modules() if not m.training)
 
 
-@contextlib.contextmanager
-def no_kv_cache(model: nn.Module) -> Iterator[None]:
-    """Hugging Face's ``use_cache`` off while training, as its gradient checkpointing turns it off: a KV
-    cache is for generation, and a recomputed layer would append to it again."""
+def kv_cache_off(model: nn.Module) -> bool:
+    """Turn Hugging Face's ``use_cache`` off for training, as its gradient checkpointing does (a KV cache is
+    for generation, and a recomputed layer would append to it again); True if it was on."""
     config = getattr(model, "config", None)
     if not getattr(config, "use_cache", False) or not model.training:
-        yield
-        return
+        return False
     log.warning("ckptplan: use_cache=True is incompatible with checkpointing a training step; "
                 "setting model.config.use_cache = False while it runs (as Hugging Face's gradient "
                 "checkpointing does)")
     config.use_cache = False
+    return True
+
+
+def kv_cache_restore(model: nn.Module, was_on: bool) -> None:
+    if was_on:
+        model.config.use_cache = True
+
+
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """``use_cache`` off while the block runs (``kv_cache_off``)."""
+    was_on = kv_cache_off(model)
     try:
         yield
     finally:
-        config.use_cache = True
+        kv_cache_restore(model, was_on)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError
+from .solver.regions import Forced
 from .units import format_bytes, format_flops
 
 SCHEMA_VERSION = 1
@@ -106,6 +107,9 @@ class Plan:
             object.__setattr__(self, "shapes", (tuple(self.inputs),))
         if not self.fingerprints:
             object.__setattr__(self, "fingerprints", (self.fingerprint,))
+        if not re.fullmatch(r"((ddp|fsdp):[1-9][0-9]{0,6})?", self.parallel):
+            raise InputError(f"plan field parallel must be \"\" (one process), \"ddp:N\" or \"fsdp:N\" with N "
+                             f"ranks, not {self.parallel!r}")
         if self.objective not in ("time", "flops"):
             raise InputError(f"plan objective must be 'time' or 'flops', not {self.objective!r}")
         if self.status not in ("optimal", "feasible"):
@@ -132,7 +136,8 @@ class Plan:
         """Write atomically: a reader never sees half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        _remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         try:
             umask = os.umask(0)
             os.umask(umask)
@@ -147,6 +152,26 @@ class Plan:
 
 
 # ---- writing --------------------------------------------------------------------------------------
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files that writers of ``path`` on this machine left when they were killed
+    (SIGKILL, power loss). A temporary is ``.NAME.PID.XXXXXXXX.tmp``; one whose process still runs is another
+    writer's, in flight, and is left alone."""
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):  # another user's process, or no such pid at all
+            continue
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def _op_row(o: OpDecision) -> list[Any]:
     shape = [list(s) for s in o.shape]
     return [o.op, o.module, shape[0] if len(shape) == 1 else shape, o.dtype, o.nbytes, o.decision.value,
@@ -267,19 +292,61 @@ def dump_yaml(plan: Plan) -> str:
 
 
 # ---- reading --------------------------------------------------------------------------------------
+class NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases: ckptplan never writes them, and a few hundred bytes of nested
+    aliases (an alias bomb) expand into billions of rows once read as plain lists."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None) is not None:
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed "
+                                              "in a plan file", mark)
+        return super().compose_node(parent, index)
+
+
+MAX_FLOW_DEPTH = 16  # a plan nests [ ] three deep (an op row's shapes); PyYAML's scan is quadratic in depth
+
+
+def _flow_depth(text: str) -> int:
+    """How deep ``[`` and ``{`` nest outside double-quoted strings (where a plan puts any text)."""
+    depth = deepest = 0
+    for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}]', text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 def load_plan(path: str | os.PathLike) -> Plan:
-    """Read a plan file. Every problem raises InputError naming the file and what to do."""
+    """Read a plan file. Every problem raises InputError naming the file and what to do.
+
+    Besides its syntax, the plan's own consistency is checked (plan_from_dict): a hand edit that saves an
+    op the plan marks as unsaveable (random, view, in-place, ...) is refused here, before ``apply``.
+    """
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+            raise InputError(f"plan file {path} is not a regular file; give the path of a plan written by "
+                             "`ckptplan solve`")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"plan file {path} does not exist; create one with `ckptplan solve -o {path}`") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read plan file {path}: {e}") from None
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise InputError(f"plan file {path} nests brackets more than {MAX_FLOW_DEPTH} deep; it is not a ckptplan "
+                         "plan: regenerate it with `ckptplan solve`")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise InputError(f"plan file {path} is not valid YAML ({str(e).splitlines()[0]}); "
+                         "regenerate it with `ckptplan solve`") from None
+    except (ValueError, RecursionError) as e:  # an integer over Python's digit limit; nesting too deep
+        raise InputError(f"plan file {path} is not a ckptplan plan ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'too deeply nested'}); "
                          "regenerate it with `ckptplan solve`") from None
     return plan_from_dict(data, source=str(path))
 
@@ -308,6 +375,8 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
                                                    mutated_buffers=tuple(block.get("restores_buffers") or ()),
                                                    target=None if target is None else (int(target[0]), int(target[1])))))
         regions = tuple(r for _, r in sorted(placed, key=lambda x: x[0]))
+        for r in regions:
+            check_decisions(r)
         if len(regions) != data["checkpointed_regions"] or sorted(a for a, _ in placed) != list(range(len(placed))):
             raise InputError(f"{source}: it lists {len(regions)} checkpointed regions but says "
                              f"{data['checkpointed_regions']}: the file is truncated or was edited inconsistently")
@@ -345,6 +414,23 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
 def _op_from_row(row: Any) -> OpDecision:
     op, module, shape, dtype, nbytes, decision, flops, ns, forced = row
     shapes = shape if shape and isinstance(shape[0], list) else [shape]
+    if forced is not None and forced not in {f.value for f in Forced}:
+        raise InputError(f"op {op}: forced-by {forced!r} is not one of "
+                         f"{', '.join(f.value for f in Forced)} or null; regenerate the plan with `ckptplan solve`")
     return OpDecision(op=str(op), module=str(module), shape=tuple(tuple(int(d) for d in s) for s in shapes),
                       dtype=str(dtype), nbytes=int(nbytes), decision=Decision(decision),
                       recompute_flops=int(flops), recompute_ns=int(ns), forced=forced)
+
+
+def check_decisions(region: RegionPlan) -> None:
+    """InputError for an op row whose decision its own row contradicts (a hand edit): an op forced to be
+    recomputed (random, view, in-place, ...) marked save, or a rematerialization's kept op marked
+    recompute. Other edits (saving a free op) are allowed; ``verify`` and ``show --model`` check them
+    against a fresh trace (planner.check_plan), whose peak may no longer fit."""
+    for i, o in enumerate(region.ops):
+        where = f"{region.path} op #{i} {o.op}"
+        if o.forced == Forced.KEPT.value and o.decision is not Decision.SAVE:
+            raise InputError(f"{where} is kept: the recipe reads its outputs, which backward keeps anyway, instead "
+                             "of rerunning it; set it back to save")
+        if o.decision is Decision.SAVE and o.forced not in (None, Forced.KEPT.value):
+            raise InputError(f"{where} cannot be saved ({o.forced}); set it back to recompute")

@@ -20,6 +20,8 @@ the checkpoint holds its inputs, as the plan predicts.
 from __future__ import annotations
 
 import sys
+from functools import partial
+from types import MethodType
 from typing import Any
 
 import torch
@@ -266,17 +268,26 @@ class Rematerializer:
             by_module.setdefault(module, []).append((offset, p))
         # the saved-tensor hooks last the model's forward (whatever it raises); registered first, so they
         # are in place when the root module's own recipe mode starts
+        # Hooks are bound methods and partials, not closures: a deep copy of the model then copies them
+        # bound to the copy's own Rematerializer (NOTE [ Copying a planned model ] in runtime.py).
         self.hooks = [model.register_forward_pre_hook(self._begin)]
         for path, own in sorted(by_module.items()):
             module = model.get_submodule(path)
-            self.hooks.append(module.register_forward_pre_hook(self._enter(path, own)))
+            self.hooks.append(module.register_forward_pre_hook(partial(self._enter, path, own)))
             self.hooks.append(module.register_forward_hook(self._exit, always_call=True))
             for name, sub in module.named_modules():
                 if name:  # the op check compares the submodule each recipe op runs in
-                    self.hooks.append(sub.register_forward_pre_hook(self._push(path, name)))
-                    self.hooks.append(sub.register_forward_hook(self._pop(path), always_call=True))
+                    self.hooks.append(sub.register_forward_pre_hook(partial(self._push, path, name)))
+                    self.hooks.append(sub.register_forward_hook(partial(self._pop, path), always_call=True))
         self.hooks.append(model.register_forward_hook(self._end, always_call=True))
         self.saved_hooks: Any = None
+        # The model's forward runs inside ``self._forward``: torch runs always_call forward hooks after an
+        # Exception but not after a KeyboardInterrupt, so this try is what takes the recipe modes and the
+        # saved-tensor hooks off torch's global stacks whatever the forward raises.
+        self.model = model
+        self.inner = model.forward  # the class's forward, or a checkpointed region's (the root's)
+        self.own_forward = "forward" in model.__dict__
+        model.forward = self._forward
 
     # ---- the model's forward: the saved-tensor hooks ------------------------------------------------------
     def _begin(self, _m: nn.Module, _a: Any) -> None:
@@ -309,30 +320,24 @@ class Rematerializer:
         return packed.unpack() if isinstance(packed, _Packed) else packed
 
     # ---- the module calls that run recipes -------------------------------------------------------------------
-    def _enter(self, anchor: str, plans: list[tuple[int, RegionPlan]]):  # noqa: ANN202
-        def hook(_m: nn.Module, _a: Any) -> None:
-            if self.saved_hooks is None or not torch.is_grad_enabled():
-                self.modes.append(None)  # evaluation, or a call outside the model's forward
-                return
-            mode = _RecipeMode(self, anchor, plans)
-            mode.__enter__()
-            self.modes.append(mode)
-            self.running[anchor] = mode
-        return hook
+    def _enter(self, anchor: str, plans: list[tuple[int, RegionPlan]], _m: nn.Module, _a: Any) -> None:
+        if self.saved_hooks is None or not torch.is_grad_enabled():
+            self.modes.append(None)  # evaluation, or a call outside the model's forward
+            return
+        mode = _RecipeMode(self, anchor, plans)
+        mode.__enter__()
+        self.modes.append(mode)
+        self.running[anchor] = mode
 
-    def _push(self, anchor: str, name: str):  # noqa: ANN202
-        def hook(_m: nn.Module, _a: Any) -> None:
-            mode = self.running.get(anchor)
-            if mode is not None:
-                mode.stack.append(name)
-        return hook
+    def _push(self, anchor: str, name: str, _m: nn.Module, _a: Any) -> None:
+        mode = self.running.get(anchor)
+        if mode is not None:
+            mode.stack.append(name)
 
-    def _pop(self, anchor: str):  # noqa: ANN202
-        def hook(_m: nn.Module, _a: Any, _o: Any) -> None:
-            mode = self.running.get(anchor)
-            if mode is not None and mode.stack:
-                mode.stack.pop()
-        return hook
+    def _pop(self, anchor: str, _m: nn.Module, _a: Any, _o: Any) -> None:
+        mode = self.running.get(anchor)
+        if mode is not None and mode.stack:
+            mode.stack.pop()
 
     def _exit(self, _m: nn.Module, _a: Any, _o: Any) -> None:
         if not self.modes:
@@ -349,8 +354,40 @@ class Rematerializer:
                                "model takes another path than the traced step: trace and solve again for these "
                                f"inputs.{_compile_note()}")
 
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.inner(*args, **kwargs)
+        except BaseException:
+            self.unwind()
+            raise
+
+    def unwind(self) -> None:
+        """Leave every recipe mode and the saved-tensor hooks this forward entered, newest first (after an
+        Exception the always_call hooks have done it already; after a KeyboardInterrupt they never ran)."""
+        while self.modes:
+            mode = self.modes.pop()
+            if mode is not None:
+                mode.__exit__(None, None, None)
+        self.running.clear()
+        self.end()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # between steps nothing is in flight: a copy starts with no registered targets
+        return {**self.__dict__, "targets": None, "modes": [], "running": {}, "saved_hooks": None,
+                "inner": self.inner if self.own_forward else None}  # the class's forward: bound again
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, targets=WeakIdKeyDictionary())
+        if self.inner is None:
+            self.inner = MethodType(type(self.model).forward, self.model)
+
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
-        self.end()
+        self.unwind()
+        if self.model.__dict__.get("forward") == self._forward:
+            if self.own_forward:
+                self.model.forward = self.inner
+            else:
+                del self.model.forward

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
+from types import MethodType
 from typing import Any
 
 import torch
@@ -47,7 +49,7 @@ from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrap
 
 from .errors import PlanMismatch
 from .flops import op_flops
-from .modes import eval_modules, no_kv_cache
+from .modes import eval_modules, kv_cache_off, kv_cache_restore
 from .plan import Decision, Plan, RegionPlan
 from .rematerialize import Rematerializer, shapes_equal
 from .signature import model_signature, num_parameters
@@ -182,16 +184,14 @@ class _RegionRuntime:
         self.hooks: list[Any] = []
         for name, sub in module.named_modules():
             if name:
-                self.hooks.append(sub.register_forward_pre_hook(self._push(name)))
+                self.hooks.append(sub.register_forward_pre_hook(partial(self._push, name)))
                 self.hooks.append(sub.register_forward_hook(self._pop, always_call=True))
         self.buffers = [module.get_buffer(b) for b in plan.mutated_buffers]
         self.original = module.forward
         module.forward = self.forward  # instance attribute: removed by restore()
 
-    def _push(self, name: str):  # noqa: ANN202
-        def hook(_m: nn.Module, _a: Any) -> None:
-            self.stack.append(name)
-        return hook
+    def _push(self, name: str, _m: nn.Module, _a: Any) -> None:
+        self.stack.append(name)
 
     def _pop(self, _m: nn.Module, _a: Any, _o: Any) -> None:
         if self.stack:
@@ -206,6 +206,15 @@ class _RegionRuntime:
         self._drop_hooks()
         if self.module.__dict__.get("forward") == self.forward:
             del self.module.forward
+
+    def __getstate__(self) -> dict[str, Any]:
+        # op objects do not pickle: a copy compares names until it has seen them; the class's forward is
+        # bound to the copy's own module
+        return {**self.__dict__, "funcs": [None] * len(self.plan.ops), "stack": [], "original": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.original = MethodType(type(self.module).forward, self.module)
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -291,6 +300,12 @@ class _RegionRuntime:
             want = self.plan.ops[pos]
             if func is self.funcs[pos] or (self.funcs[pos] is None and str(func) == want.op):
                 if module == want.module and (not self.counter.check_shapes or shapes_equal(out, want.shape)):
+                    if self.funcs[pos] is None and self.saves[pos] and torch.Tag.nondeterministic_seeded in func.tags:
+                        # caching a random op's output would shift the RNG stream of the random ops the
+                        # recomputation reruns after it: their masks, and the gradients, would differ
+                        raise PlanMismatch(f"{self.plan.path} op #{pos} {func} draws random numbers and cannot be "
+                                           "saved; the plan was edited by hand: set it back to recompute or "
+                                           "regenerate it with `ckptplan solve`")
                     self.funcs[pos] = func  # the op object: later steps compare identity, not names
                     return pos
             elif self.funcs[pos] is None and str(func) in FUSED_ATTENTION and want.op in FUSED_ATTENTION:
@@ -313,8 +328,20 @@ class _RegionRuntime:
             "traced step: trace and solve again for these inputs")
 
 
+# NOTE [ Copying a planned model ]
+# ``copy.deepcopy(model)`` and ``torch.save(model)`` copy the model's ``__dict__``: its hooks and the
+# ``forward`` a region or the rematerializer installs, and through them the Handle, its regions and its
+# Rematerializer. Every hook is a bound method or a ``functools.partial`` of one (never a closure, which
+# deepcopy shares and pickle refuses), so the copy's hooks are bound to the copy's own runtime objects,
+# whose modules are the copy's: the copy carries a working plan of its own (``Handle.of(copy)``). What
+# belongs to a step in flight (op objects, which do not pickle, the last step's autograd hook, registered
+# rematerialization targets) is left out by ``__getstate__``; between steps it is empty or rebuilt.
 class Handle:
-    """A plan applied to a model. ``stats`` is updated after each backward; ``remove()`` undoes it."""
+    """A plan applied to a model. ``stats`` is updated after each backward; ``remove()`` undoes it.
+
+    A deep copy (or ``torch.save``/``torch.load``) of the model carries a copy of the plan, applied to the
+    copy; ``Handle.of(copy)`` returns its handle (NOTE [ Copying a planned model ]).
+    """
 
     def __init__(self, model: nn.Module, plan: Plan, *, strict: bool = False) -> None:
         self.model, self.plan = model, plan
@@ -338,9 +365,17 @@ class Handle:
         self._grad_hook: Any = None
         self._warned_aside = False
         self.removed = False
-        self._cache_off = no_kv_cache(model)  # Hugging Face's use_cache, off while the plan is applied
-        self._cache_off.__enter__()
-        model._ckptplan_applied = True
+        self._cache_was_on = kv_cache_off(model)  # Hugging Face's use_cache, off while the plan is applied
+        model._ckptplan_applied = self  # Handle.of(model); a deep copy of the model carries its own copy
+
+    @staticmethod
+    def of(model: nn.Module) -> "Handle | None":
+        """The handle of the plan applied to ``model``, or None: how to remove the plan a copy carries."""
+        handle = model.__dict__.get("_ckptplan_applied")
+        return handle if isinstance(handle, Handle) else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_grad_hook": None}  # the last step's autograd graph is not copied
 
     def _before_step(self, _m: nn.Module, args: Any, kwargs: Any) -> None:
         if not torch.is_grad_enabled():
@@ -348,6 +383,7 @@ class Handle:
         modes = eval_modules(self.model)
         self._counter.aside = modes != tuple(self.plan.eval_modules)
         if self._counter.aside:  # model.eval() with gradients on, or other modules frozen: run unplanned
+            self._counter.flops = self._counter.regions = 0
             if not self._warned_aside:
                 log.warning("ckptplan: the model runs with %s in eval mode, the plan was made for %s: this "
                             "step runs without the plan (trace and solve in this mode to plan it)",
@@ -389,15 +425,15 @@ class Handle:
         """Put the model back to plain behaviour."""
         if self.removed:
             return
+        if self._remat is not None:  # first: it wraps the root's forward, which may be a region's
+            self._remat.remove()
         for r in self._regions:
             r.restore()
-        if self._remat is not None:
-            self._remat.remove()
         for h in self._hooks:
             h.remove()
         if self._grad_hook is not None:
             self._grad_hook.remove()
-        self._cache_off.__exit__(None, None, None)
+        kv_cache_restore(self.model, self._cache_was_on)
         self.model.__dict__.pop("_ckptplan_applied", None)
         self.removed = True
 

@@ -3,7 +3,6 @@
 import importlib.util
 import math
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -126,9 +125,7 @@ BIG = [
 
 @pytest.mark.parametrize("spec, n_params", BIG)
 def test_big_factories_on_meta(spec, n_params):
-    start = time.perf_counter()
-    model, args, kwargs = unpack(factory(spec)())  # meta is the default device
-    assert time.perf_counter() - start < 15.0  # generous: shared CI cores; typically < 0.1 s
+    model, args, kwargs = unpack(factory(spec)())  # meta is the default device: nothing is allocated
     assert all(p.device.type == "meta" for p in model.parameters())
     assert all(t.device.type == "meta" for t in args)
     assert model.training

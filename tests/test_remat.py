@@ -257,9 +257,15 @@ def test_a_recipe_reads_a_kept_convolution_instead_of_rerunning_it(tmp_path):
     assert bad != text
     (tmp_path / "bad.yaml").write_text(bad)
     with pytest.raises(ckptplan.InputError, match="is kept"):
-        ckptplan.check_plan(graph, load_plan(tmp_path / "bad.yaml"))
+        load_plan(tmp_path / "bad.yaml")  # refused on load, without a trace
+    i = out.kept[0] - out.first_op
+    ops = list(plan.regions[0].ops)
+    ops[i] = dataclasses.replace(ops[i], decision=ckptplan.Decision.RECOMPUTE)
+    edited = plan.with_regions((dataclasses.replace(plan.regions[0], ops=tuple(ops)),))  # edited in memory
+    with pytest.raises(ckptplan.InputError, match="is kept"):
+        ckptplan.check_plan(graph, edited)
     with pytest.raises(ckptplan.InputError, match="saves exactly its ops marked 'kept'"):
-        ckptplan.apply(model, load_plan(tmp_path / "bad.yaml"))  # refused before any step, without a trace
+        ckptplan.apply(model, edited)  # refused before any step, without a trace
 
 
 class UpCat(nn.Module):

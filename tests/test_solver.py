@@ -23,6 +23,14 @@ def minimum_of(graph, **options) -> int:
 
 
 GRAPH = None
+# Wall-clock limit of the solves whose outcome a test asserts (optimal, within a gap, fitting): far above
+# what they take, so that a busy machine slows them down without changing what they return. CP-SAT's
+# deterministic limit grows with it (planner.DETERMINISTIC_PER_SECOND); these solves end long before either.
+UNHURRIED_S = 600.0
+
+
+def unhurried(graph, budget, **options):
+    return ckptplan.solve(graph, budget, time_limit_s=UNHURRIED_S, **options)
 
 
 def saved_sets(plan) -> dict[str, frozenset[int]]:
@@ -48,7 +56,7 @@ def test_cost_never_rises_with_budget_and_plans_fit(traced, name):
     low = minimum_of(g)
     previous = None
     for budget in sorted({low, (low + g.baseline_peak_bytes) // 2, int(0.9 * g.baseline_peak_bytes)}):
-        plan = ckptplan.solve(g, budget, reserve=0.0, gap=0.0)  # proven optimal: cost is monotone
+        plan = unhurried(g, budget, reserve=0.0, gap=0.0)  # proven optimal: cost is monotone
         sim = simulate(g, regions, saved_sets(plan))
         # the plan's numbers are the simulator's, and they fit
         assert sim.peak_bytes == plan.predicted_peak_bytes <= budget
@@ -137,14 +145,14 @@ def test_default_reserve_follows_the_traced_device(traced):
 
     _, _, g = traced("llama")
     budget = (minimum_of(g) + g.baseline_peak_bytes) // 2
-    on_cpu = ckptplan.solve(g, budget)
+    on_cpu = unhurried(g, budget)
     assert on_cpu.reserve == 0.0 and on_cpu.predicted_peak_bytes <= budget
-    assert ckptplan.solve(g, budget, reserve=0.05).reserve == 0.05  # an explicit reserve wins
+    assert unhurried(g, budget, reserve=0.05).reserve == 0.05  # an explicit reserve wins
     assert default_reserve(dataclasses.replace(g, parallel="fsdp:2")) == 0.02  # per-rank peaks are modelled
     model, args = llama.llama_tiny(device="meta")
     meta = ckptplan.trace(model, *args)
     budget = (minimum_of(meta) + meta.baseline_peak_bytes) // 2
-    plan = ckptplan.solve(meta, budget)
+    plan = unhurried(meta, budget)
     assert plan.reserve == 0.02 and plan.predicted_peak_bytes <= budget * 0.98
 
 
@@ -152,8 +160,8 @@ def test_default_reserve_follows_the_traced_device(traced):
 def test_gap_limit_keeps_the_plan_within_that_much_of_the_optimum(traced, name):
     _, _, g = traced(name)
     budget = (minimum_of(g) + g.baseline_peak_bytes) // 2
-    best = ckptplan.solve(g, budget, gap=0.0)
-    quick = ckptplan.solve(g, budget, gap=0.05)
+    best = unhurried(g, budget, gap=0.0)
+    quick = unhurried(g, budget, gap=0.05)
     assert best.status == "optimal" and best.gap == 0.0
     assert quick.gap <= 0.05 and (quick.status == "optimal") == (quick.gap == 0.0)
     assert best.extra_cost_ns <= quick.extra_cost_ns <= best.extra_cost_ns / (1 - 0.05)
@@ -165,10 +173,10 @@ def test_any_budget_gives_a_fitting_plan_or_the_minimum(traced, fraction):
     _, _, g = traced("llama")
     budget = int(fraction * g.baseline_peak_bytes)
     try:
-        plan = ckptplan.solve(g, budget)
+        plan = unhurried(g, budget)
     except ckptplan.InfeasibleBudget as e:
         assert e.minimum_bytes > budget
-        assert ckptplan.solve(g, e.minimum_bytes).predicted_peak_bytes <= e.minimum_bytes
+        assert unhurried(g, e.minimum_bytes).predicted_peak_bytes <= e.minimum_bytes
         return
     assert plan.predicted_peak_bytes <= budget * (1 - plan.reserve)
 
