@@ -8,6 +8,7 @@
 
 __version__ = "0.1.0"
 
+from . import _compat  # noqa: E402,F401  first: names any torch internal this torch lacks
 from .errors import (  # noqa: E402
     BudgetError,
     CkptplanError,

@@ -10,11 +10,16 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .trace import default_loss
+from ._compat import check_torch
+
+check_torch("measure")  # before the imports below, so a missing one is named with the others
+
+from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, flop_registry  # noqa: E402
+
+from .trace import default_loss  # noqa: E402
 
 
 class _Tracker(MemTracker):

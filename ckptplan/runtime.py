@@ -45,8 +45,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.checkpoint import SAC_IGNORED_OPS, _detach_helper, _VersionWrapper, checkpoint
+from torch.utils.checkpoint import SAC_IGNORED_OPS, _VersionWrapper, checkpoint
 
+from ._compat import detach_cached
 from .errors import PlanMismatch
 from .flops import op_flops
 from .modes import eval_modules, kv_cache_off, kv_cache_restore
@@ -116,7 +117,7 @@ class _SelectiveForward(TorchDispatchMode):
             return out
         pos = self.region.check(func, out)
         if self.region.saves[pos]:
-            self.cache[pos] = tree_map(lambda x: _VersionWrapper(_detach_helper(x)), out)
+            self.cache[pos] = tree_map(lambda x: _VersionWrapper(detach_cached(x)), out)
         return out
 
 
