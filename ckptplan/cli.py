@@ -1,7 +1,8 @@
 """``ckptplan``: a thin typer CLI over the library. Human output goes to stderr, ``--json`` to stdout.
 
 Exit codes: 0 ok, 2 usage or bad input, 3 infeasible budget, 4 time limit with no feasible plan,
-5 plan does not match the model, 6 `verify` measured a peak above the budget.
+5 plan does not match the model, 6 `verify` measured a peak above the budget, 7 the server (--server)
+could not be reached or failed.
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def solve(
         help="Stop once the plan is proven within this fraction of the cheapest (0: prove it optimal).")
     ] = DEFAULT_GAP,
     remat: RematOpt = True,
+    server: Annotated[Optional[str], typer.Option(
+        help="Solve on this `ckptplan serve` server (http://HOST:PORT), which answers identical requests from "
+             "its cache; the plan file is the one a local solve writes. Token: CKPTPLAN_TOKEN.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -160,7 +164,7 @@ def solve(
         loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len))
         with err.status("solving...", spinner="dots") if not quiet else _null() as status:
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve, objective=objective,
-                              gap=gap, rematerialize=remat,
+                              gap=gap, rematerialize=remat, server=server,
                               progress=_progress_line(status) if status is not None else None)
         path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget)}.yaml"
         plan.save(path)
@@ -367,6 +371,31 @@ def verify(
                   highlight=False)
     if not fits:
         raise typer.Exit(6)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; any but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8750,
+    store: Annotated[Path, typer.Option(help="SQLite file of the plan cache (created if missing).")] = Path(
+        "ckptplan-plans.sqlite"),
+    workers: Annotated[int, typer.Option(help="Solver processes (solves run in parallel).")] = 1,
+    queue: Annotated[int, typer.Option(help="Distinct solves waiting or running before requests get 503.")] = 16,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="CKPTPLAN_TOKEN", show_envvar=True, help="Bearer token every request but /healthz must send.")] = None,
+) -> None:
+    """Serve plans over HTTP: one solve per distinct request, cached in SQLite, a review page at /.
+    Needs the serve extra: pip install 'ckptplan[serve]'."""
+    try:
+        from .serve.app import Config, serve as run_server
+    except ImportError as e:
+        _fail(InputError(f"ckptplan serve needs FastAPI and uvicorn ({e}); pip install 'ckptplan[serve]'"), False)
+        return
+    try:
+        run_server(host=host, port=port, config=Config(store=str(store), workers=workers, queue_limit=queue,
+                                                         token=token or None))
+    except CkptplanError as e:
+        _fail(e, False)
 
 
 def main() -> None:
