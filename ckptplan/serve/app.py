@@ -88,6 +88,7 @@ class Config:
     queue_limit: int = 16
     token: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    warm: bool = True  # start the worker processes at startup, not at the first solve
 
 
 def is_loopback(host: str) -> bool:
@@ -121,7 +122,8 @@ def create_app(config: Config) -> FastAPI:
         store = Store(config.store)
         planner = Planner(store, workers=config.workers, queue_limit=config.queue_limit,
                           torch_version=torch.__version__)
-        planner.warm_up()
+        if config.warm:
+            planner.warm_up()
         state.update(store=store, planner=planner, started=time.time())
         log.info("ckptplan %s serving plans from %s (%d plans), %d workers, queue %d", __version__, store.path,
                  store.count(), config.workers, config.queue_limit)
@@ -232,7 +234,7 @@ def create_app(config: Config) -> FastAPI:
         store: Store = state["store"]
         planner: Planner = state["planner"]
         return {"status": "ok", "version": __version__, "store": str(store.path), "plans": store.count(),
-                "recovered_corrupt_store": store.recovered, "workers": planner.workers,
+                "recovered_corrupt_store": store.recovered, "workers": planner.workers, "workers_ready": planner.ready,
                 "queue_depth": planner.queue_depth, "queue_limit": planner.queue_limit}
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])

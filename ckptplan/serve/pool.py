@@ -17,6 +17,8 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -64,10 +66,22 @@ def cache_key(graph_bytes: bytes, fingerprints: list[str], options: Options, tor
 
 
 # ---- the worker side (runs in a pool process) -----------------------------------------------------
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
     import torch
 
+    from .. import planner  # noqa: F401  (imported now, not during the first solve)
+
     torch.set_num_threads(1)  # a solve is CP-SAT and Python; the pool size is the parallelism
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="ckptplan-parent-watch").start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once the server that started it is gone (killed -9, it cannot say so): a spawned
+    worker holds its queue's pipe open itself and would otherwise wait on it forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def run_job(graph_bytes: bytes, options: dict[str, Any]) -> dict[str, Any]:
@@ -140,17 +154,22 @@ class Planner:
         self.torch_version = torch_version
         self.metrics = Metrics()
         self.inflight: dict[str, asyncio.Future[Entry]] = {}
+        self._warming: list = []
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the server process runs threads (uvicorn, SQLite) that a fork would copy mid-state
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker)
+                                   initializer=_init_worker, initargs=(os.getpid(),))
 
     def warm_up(self) -> None:
         """Start the worker processes now (each imports torch), not at the first request."""
-        for _ in range(self.workers):
-            self._pool.submit(_init_worker)
+        self._warming = [self._pool.submit(time.sleep, 0.0) for _ in range(self.workers)]
+
+    @property
+    def ready(self) -> bool:
+        """Every worker started (``warm_up`` done), so a solve starts at once."""
+        return all(f.done() for f in self._warming)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
