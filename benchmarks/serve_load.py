@@ -5,9 +5,10 @@
 starts a server on a free loopback port (its own store in a temporary folder), traces the tests' tiny
 GPT-2 (batch 8 x 128), solves it once, then sends ``--requests`` identical solve requests from
 ``--clients`` concurrent clients (each its own keep-alive connection) and records throughput, latency
-percentiles and errors; then ``--burst`` identical concurrent requests for an uncached budget and the
-number of solves they caused (single flight: 1). Also the upload's size for that model and for the
-Llama-2-7B shape on the meta device (examples/llama.py:llama_7b). Writes serve_load.json and .md.
+percentiles, errors and the machine's load average, for each of ``--rounds`` rounds; then ``--burst``
+identical concurrent requests for an uncached budget and the number of solves they caused (single
+flight: 1). Also the upload's size for that model and for the Llama-2-7B shape on the meta device
+(examples/llama.py:llama_7b). Writes serve_load.json and serve_load.md.
 ``run`` is what tests/test_serve.py calls against its own server.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -110,11 +112,23 @@ def upload_sizes() -> dict:
     return out
 
 
+def _uvicorn() -> str:
+    """uvicorn's event loop and HTTP parser: uvloop and httptools with the [standard] extra."""
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+
+        return "uvicorn with uvloop and httptools"
+    except ImportError:
+        return "uvicorn with asyncio and h11"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--burst", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="Rounds of --requests, each recorded.")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve")
     a = ap.parse_args()
 
@@ -136,22 +150,28 @@ def main() -> None:
             body = request_body(graph, "80%")
             assert server.post_solve(body)[0] == 200
             run(server.url, body, requests=100, clients=a.clients)  # warm: connections, caches
-            load = run(server.url, body, requests=a.requests, clients=a.clients)
+            rounds = []
+            for _ in range(a.rounds):
+                rounds.append({**run(server.url, body, requests=a.requests, clients=a.clients),
+                               "load_average_1min": round(os.getloadavg()[0], 2)})
             before = server.metrics()["ckptplan_solves_total"]
             burst = run(server.url, request_body(graph, "75%", gap=0.0), requests=a.burst, clients=a.burst)
             burst["solves"] = int(server.metrics()["ckptplan_solves_total"] - before)
         finally:
             server.stop()
-    result = {"command": "python " + " ".join(sys.argv), "machine": describe(),
-              "cached": load, "single_flight_burst": burst, "upload_sizes": sizes,
-              "target": {"cached_p99_ms_under": 50, "met": load["latency_ms"]["p99"] < 50 and load["errors"] == 0}}
+    met = [r["latency_ms"]["p99"] < 50 and r["errors"] == 0 for r in rounds]
+    result = {"command": "python " + " ".join(sys.argv), "machine": describe(f"{_uvicorn()}"),
+              "cached_rounds": rounds, "single_flight_burst": burst, "upload_sizes": sizes,
+              "target": {"cached_p99_ms_under": 50, "rounds_met": sum(met), "rounds": len(met)}}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# serve load\n\n`{result['command']}` on {result['machine']}\n",
-             "| requests | clients | throughput | p50 | p90 | p99 | max | errors |", "|---|---|---|---|---|---|---|---|",
-             f"| {load['requests']} | {load['clients']} | {load['throughput_rps']} req/s | "
-             f"{load['latency_ms']['p50']} ms | {load['latency_ms']['p90']} ms | {load['latency_ms']['p99']} ms | "
-             f"{load['latency_ms']['max']} ms | {load['errors']} |",
+             "| requests | clients | throughput | p50 | p90 | p99 | max | errors | load average (1 min, after) |",
+             "|---|---|---|---|---|---|---|---|---|",
+             *[f"| {r['requests']} | {r['clients']} | {r['throughput_rps']} req/s | {r['latency_ms']['p50']} ms | "
+               f"{r['latency_ms']['p90']} ms | {r['latency_ms']['p99']} ms | {r['latency_ms']['max']} ms | "
+               f"{r['errors']} | {r['load_average_1min']} |" for r in rounds],
+             f"\np99 under 50 ms with no error in {sum(met)} of {len(met)} rounds.",
              f"\n{burst['requests']} identical concurrent uncached requests: {burst['solves']} solve, "
              f"{burst['errors']} errors, p99 {burst['latency_ms']['p99']} ms.\n",
              "| upload | forward ops | storages | JSON | gzip |", "|---|---|---|---|---|"]

@@ -145,7 +145,8 @@ def test_kill_9_while_writing_leaves_only_whole_entries(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # until some entries are in, so the kill lands mid-stream
-            if path.exists() and path.with_name("s.sqlite-wal").exists() and path.with_name("s.sqlite-wal").stat().st_size > 2_000_000:
+            wal = path.with_name("s.sqlite-wal")
+            if wal.exists() and wal.stat().st_size > 2_000_000:
                 break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
@@ -177,7 +178,8 @@ def _post(client, body: bytes, **headers):  # noqa: ANN001, ANN003, ANN202
 
 @pytest.mark.parametrize("mutate, status, error, message", [
     (lambda d: b"{not json", 400, "InputError", "the body is not JSON"),
-    (lambda d: json.dumps({k: v for k, v in d.items() if k != "budget"}).encode(), 422, "InputError", "budget: Field required"),
+    (lambda d: json.dumps({k: v for k, v in d.items() if k != "budget"}).encode(), 422, "InputError",
+     "budget: Field required"),
     (lambda d: json.dumps({**d, "budget": "8XB"}).encode(), 422, "BudgetError", "8XB"),
     (lambda d: json.dumps({**d, "objective": "speed"}).encode(), 422, "InputError", "objective"),
     (lambda d: json.dumps({**d, "gap": 2}).encode(), 422, "InputError", "gap must be a fraction in [0, 1)"),

@@ -49,6 +49,7 @@ MAX_TIME_LIMIT_S = 600.0
 DEFAULT_DEADLINE_S = 300.0
 SYNTAX_REFERENCE = 2**50  # stands in for the no-checkpointing peak when only a budget's syntax is checked
 ALIASES = 4096  # request bodies remembered by hash -> key, so a repeated request skips decoding
+HOT_ANSWERS = 64  # answers to cache hits kept serialized in memory (stored plans never change)
 
 
 class SolveBody(BaseModel):
@@ -58,7 +59,8 @@ class SolveBody(BaseModel):
     graph: dict[str, Any] = Field(description="The traced step(s): ckptplan.serve.wire's document "
                                               '{"format": "ckptplan-graph", "version": 1, "graphs": [...]}')
     budget: Union[int, str] = Field(description='Peak memory: bytes, "8GB", "7.5GiB" or "70%"')
-    objective: Objective = Objective.TIME
+    objective: Literal["time", "flops"] = Field("time", description="time: estimated recompute time; flops: "
+                                                                     "recomputed FLOPs, then time")
     time_limit_s: float = Field(30.0, gt=0, le=MAX_TIME_LIMIT_S, description="The solver's time limit")
     reserve: Optional[float] = Field(None, description="Fraction of the budget kept free (null: the device's default)")
     gap: float = DEFAULT_GAP
@@ -114,6 +116,7 @@ def _refusal(status: int, error: str, message: str, **extra: Any) -> JSONRespons
 def create_app(config: Config) -> FastAPI:
     state: dict[str, Any] = {}
     aliases: dict[str, tuple[str, Job, float]] = {}  # body sha256 -> (key, job, deadline)
+    hits: dict[str, bytes] = {}  # key -> the JSON answer to a cache hit, for the most asked plans
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -137,28 +140,7 @@ def create_app(config: Config) -> FastAPI:
                   description="Activation-checkpointing plans as a service: one solve per distinct request, "
                               "cached in SQLite, reviewed in the browser.")
 
-    # ---- one log line per request, counted for /metrics; the bearer token ----------------------------
-    @app.middleware("http")
-    async def log_and_guard(request: Request, call_next):  # noqa: ANN001, ANN202
-        started = time.monotonic()
-        route = _route(request.url.path)
-        if config.token is not None and request.url.path != "/healthz" and not _authorized(request, config.token):
-            response: Response = _refusal(401, "Unauthorized", "this server needs 'Authorization: Bearer TOKEN' "
-                                          "(the token it was started with)")
-            response.headers["WWW-Authenticate"] = "Bearer"
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as e:  # the traceback goes to the log, the client gets the name and message
-                log.exception("unexpected error on %s %s", request.method, request.url.path)
-                response = _refusal(500, "InternalError", f"{type(e).__name__}: {e}")
-        planner: Planner | None = state.get("planner")
-        if planner is not None:
-            planner.metrics.count_request(request.method, route, response.status_code)
-        log.info("%s %s %d %.1fms%s", request.method, request.url.path, response.status_code,
-                 1e3 * (time.monotonic() - started),
-                 f" cache={response.headers['x-ckptplan-cache']}" if "x-ckptplan-cache" in response.headers else "")
-        return response
+    app.add_middleware(_Edge, token=config.token, state=state)
 
     @app.exception_handler(Refusal)
     async def on_refusal(request: Request, e: Refusal) -> JSONResponse:
@@ -184,7 +166,7 @@ def create_app(config: Config) -> FastAPI:
               responses={413: {"model": ErrorAnswer}, 422: {"model": ErrorAnswer}, 503: {"model": ErrorAnswer},
                          504: {"model": ErrorAnswer}},
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": SolveBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+                  "application/json": {"schema": SolveBody.model_json_schema()}}}})
     async def solve(request: Request) -> Response:
         """Plan a traced step: the stored plan when this request was answered before, else one solve
         (shared by every identical request arriving meanwhile). Send ``Accept: application/yaml`` for the
@@ -209,14 +191,21 @@ def create_app(config: Config) -> FastAPI:
                           "the solve goes on: send the same request again later for its answer",
                           headers={"Retry-After": "5"}) from None
         headers = {"X-Ckptplan-Key": key, "X-Ckptplan-Cache": how}
+        if entry.ok and how == "hit" and "application/yaml" not in request.headers.get("accept", ""):
+            answer = hits.get(key)
+            if answer is None:
+                answer = _answer(key, how, entry)
+                if len(hits) >= HOT_ANSWERS:
+                    hits.pop(next(iter(hits)))
+                hits[key] = answer
+            return Response(answer, media_type="application/json", headers=headers)
         if not entry.ok:
             err = entry.error()
             code = {"WorkerDied": 503, "InternalError": 500, "SolverTimeout": 422}.get(err["error"], 422)
             return JSONResponse(err, status_code=code, headers=headers)
         if "application/yaml" in request.headers.get("accept", ""):
             return Response(entry.body, media_type="application/yaml", headers=headers)
-        return JSONResponse({"key": key, "cache": how, "status": entry.status.value, "plan": entry.body,
-                             "solve_seconds": entry.solve_seconds}, headers=headers)
+        return Response(_answer(key, how, entry), media_type="application/json", headers=headers)
 
     @app.get("/v1/plans/{key}", response_model=SolveAnswer, tags=["plans"], responses={404: {"model": ErrorAnswer}})
     async def get_plan(key: str) -> Response:
@@ -274,6 +263,50 @@ def create_app(config: Config) -> FastAPI:
 
 
 # ---- helpers --------------------------------------------------------------------------------------
+class _Edge:
+    """Pure ASGI middleware around every request: the bearer token, then one log line and the request
+    counters for /metrics (cheaper than Starlette's BaseHTTPMiddleware on the cache-hit path)."""
+
+    def __init__(self, app: Any, *, token: str | None, state: dict[str, Any]) -> None:
+        self.app, self.token, self.state = app, token, state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        path, method = scope["path"], scope["method"]
+        seen: dict[str, Any] = {"status": 500, "cache": None}
+
+        async def watch(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                for k, v in message.get("headers", ()):
+                    if k == b"x-ckptplan-cache":
+                        seen["cache"] = v.decode()
+            await send(message)
+
+        try:
+            if self.token is not None and path != "/healthz" and not _authorized(scope, self.token):
+                refusal = _refusal(401, "Unauthorized", "this server needs 'Authorization: Bearer TOKEN' "
+                                   "(the token it was started with)")
+                refusal.headers["WWW-Authenticate"] = "Bearer"
+                await refusal(scope, receive, watch)
+            else:
+                await self.app(scope, receive, watch)
+        finally:
+            planner: Planner | None = self.state.get("planner")
+            if planner is not None:
+                planner.metrics.count_request(method, _route(path), seen["status"])
+            log.info("%s %s %d %.1fms%s", method, path, seen["status"], 1e3 * (time.monotonic() - started),
+                     f" cache={seen['cache']}" if seen["cache"] else "")
+
+
+def _answer(key: str, how: str, entry: Any) -> bytes:
+    return json.dumps({"key": key, "cache": how, "status": entry.status.value, "plan": entry.body,
+                       "solve_seconds": entry.solve_seconds}).encode()
+
+
 def _route(path: str) -> str:
     """The route a path matches, so /metrics labels stay few."""
     for prefix, name in (("/v1/plans/", "/v1/plans/{key}"), ("/plans/", "/plans/{key}")):
@@ -282,8 +315,8 @@ def _route(path: str) -> str:
     return path if path in ("/", "/v1/solve", "/healthz", "/metrics", "/diff", "/openapi.json", "/docs") else "other"
 
 
-def _authorized(request: Request, token: str) -> bool:
-    given = request.headers.get("authorization", "")
+def _authorized(scope: dict, token: str) -> bool:
+    given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
     scheme, _, value = given.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 
@@ -334,7 +367,7 @@ def _parse_solve(body: bytes, torch_version: str) -> tuple[str, Job, float]:
     if isinstance(req.budget, int) and req.budget <= 0:
         raise Refusal(422, "BudgetError", "budget must be a positive number of bytes")
     graph_bytes = wire.dumps(wire.encode(graphs))  # canonical: the key does not depend on the client's JSON
-    options = Options(budget=req.budget, objective=req.objective, time_limit_s=req.time_limit_s,
+    options = Options(budget=req.budget, objective=Objective(req.objective), time_limit_s=req.time_limit_s,
                       reserve=req.reserve, gap=req.gap, rematerialize=req.rematerialize)
     fingerprints = [g.fingerprint for g in graphs]
     key = cache_key(graph_bytes, fingerprints, options, torch_version)
@@ -361,7 +394,8 @@ def _prometheus(planner: Planner) -> str:
     for name, kind, value, text in (
             ("cache_hits_total", "counter", m.cache_hits, "Solve requests answered from the store."),
             ("cache_misses_total", "counter", m.cache_misses, "Solve requests that started a solve."),
-            ("singleflight_joins_total", "counter", m.joined, "Solve requests that waited for a running identical solve."),
+            ("singleflight_joins_total", "counter", m.joined,
+             "Solve requests that waited for a running identical solve."),
             ("solves_total", "counter", m.solves, "Solves run by the worker pool."),
             ("solve_seconds_total", "counter", round(m.solve_seconds, 6), "Seconds the solves took, summed."),
             ("rejected_busy_total", "counter", m.rejected_busy, "Solve requests refused with 503 (queue full)."),

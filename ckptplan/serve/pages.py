@@ -32,7 +32,8 @@ summary { cursor: pointer; font-weight: 600; margin-top: 0.5rem; }
 
 def _page(title: str, body: str) -> str:
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
-            f"<style>{_STYLE}</style></head>\n<body>\n<p><a href=\"/\">ckptplan plans</a></p>\n{body}\n</body></html>\n")
+            f"<style>{_STYLE}</style></head>\n<body>\n<p><a href=\"/\">ckptplan plans</a></p>\n{body}\n"
+            "</body></html>\n")
 
 
 def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], *, numeric: set[int] = frozenset(),

@@ -182,7 +182,8 @@ def graph_from_dict(d: Any, *, where: str = "graph") -> Graph:
     def string(v: Any, path: str) -> str:
         return strings[r.int(v, path, 0, len(strings) - 1)]
 
-    raw_ops, raw_st, raw_mod = r.list(d["ops"], ".ops"), r.list(d["storages"], ".storages"), r.list(d["modules"], ".modules")
+    raw_ops, raw_st = r.list(d["ops"], ".ops"), r.list(d["storages"], ".storages")
+    raw_mod = r.list(d["modules"], ".modules")
     n_ops, n_st = len(raw_ops), len(raw_st)
     n_ev = r.int(d["num_events"], ".num_events", n_ops, BIG)
     sid = n_st - 1  # storage ids are row numbers
