@@ -350,3 +350,14 @@ def test_load_of_cached_requests_has_no_error(server, traced):
     assert result["errors"] == 0 and result["requests"] == 1000
     assert result["statuses"] == {"200": 1000}
     assert result["latency_ms"]["p99"] < 5000
+
+
+def test_a_request_past_its_deadline_gets_504_and_the_solve_goes_on(server, traced):
+    graph = traced("gpt2")[2]
+    before = server.metrics()["ckptplan_solves_total"]
+    status, payload, headers = server.post_solve(solve_body(graph, "65%", gap=0.0, deadline_s=0.001))
+    assert status == 504 and payload["error"] == "DeadlineExceeded" and "the solve goes on" in payload["message"]
+    assert int(headers["retry-after"]) >= 1
+    status, payload, _ = server.post_solve(solve_body(graph, "65%", gap=0.0))  # same key: joins or hits
+    assert status == 200 and payload["cache"] in ("joined", "hit")
+    assert server.metrics()["ckptplan_solves_total"] - before == 1

@@ -18,6 +18,7 @@ failure is a 500 with its exception's name and message, its traceback only in th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -116,6 +117,7 @@ def _refusal(status: int, error: str, message: str, **extra: Any) -> JSONRespons
 def create_app(config: Config) -> FastAPI:
     state: dict[str, Any] = {}
     aliases: dict[str, tuple[str, Job, float]] = {}  # body sha256 -> (key, job, deadline)
+    parsing: dict[str, asyncio.Future] = {}  # body sha256 -> its validation, while it runs
     hits: dict[str, bytes] = {}  # key -> the JSON answer to a cache hit, for the most asked plans
 
     @asynccontextmanager
@@ -175,7 +177,13 @@ def create_app(config: Config) -> FastAPI:
         digest = hashlib.sha256(body).hexdigest()
         known = aliases.get(digest)
         if known is None:
-            known = _parse_solve(body, state["planner"].torch_version)
+            # validating a 7B step's graph takes a second: in a thread, once for all identical bodies at once
+            parse = parsing.get(digest)
+            if parse is None:
+                parse = asyncio.ensure_future(asyncio.to_thread(_parse_solve, body, state["planner"].torch_version))
+                parsing[digest] = parse
+                parse.add_done_callback(lambda _f, d=digest: parsing.pop(d, None))
+            known = await asyncio.shield(parse)
             if len(aliases) >= ALIASES:
                 aliases.pop(next(iter(aliases)))
             aliases[digest] = known
