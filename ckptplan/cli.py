@@ -212,6 +212,8 @@ def sweep(
     plot: Annotated[Optional[Path], typer.Option(
         help="Also write a Pareto plot (peak vs extra FLOPs) to this PNG file (needs matplotlib).")] = None,
     remat: RematOpt = True,
+    server: Annotated[Optional[str], typer.Option(
+        help="Sweep on this `ckptplan serve` server, which caches the rows (and draws the plot on its page).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -228,8 +230,14 @@ def sweep(
             parse_budget(b, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace
         _, graph = _trace(model, arg, optimizer, quiet)
         with err.status("solving each budget...", spinner="dots") if not quiet else _null():
-            rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective,
-                                  rematerialize=remat)
+            if server is None:
+                rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective,
+                                      rematerialize=remat)
+            else:
+                from .serve.client import sweep_remote
+
+                rows = sweep_remote(graph, items, server=server, time_limit_s=time_limit, reserve=reserve,
+                                    objective=objective, rematerialize=remat)
         if plot is not None:
             pareto_plot(rows, plot, title=f"{graph.model_name}: predicted", forward_flops=graph.forward_flops)
     except CkptplanError as e:

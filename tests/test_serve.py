@@ -361,3 +361,19 @@ def test_a_request_past_its_deadline_gets_504_and_the_solve_goes_on(server, trac
     status, payload, _ = server.post_solve(solve_body(graph, "65%", gap=0.0))  # same key: joins or hits
     assert status == 200 and payload["cache"] in ("joined", "hit")
     assert server.metrics()["ckptplan_solves_total"] - before == 1
+
+
+def test_a_sweep_is_answered_as_locally_and_cached(server, traced):
+    from ckptplan.compare import sweep
+    from ckptplan.serve.client import sweep_remote
+
+    graph = traced("gpt2")[2]
+    local = sweep(graph, ["85%", "75%"])
+    before = server.metrics()
+    assert sweep_remote(graph, ["85%", "75%"], server=server.url) == local
+    assert sweep_remote(graph, ["85%", "75%"], server=server.url) == local
+    after = server.metrics()
+    assert after["ckptplan_solves_total"] - before["ckptplan_solves_total"] == 1
+    assert after["ckptplan_cache_hits_total"] - before["ckptplan_cache_hits_total"] == 1
+    status, payload, _ = server.post_solve(solve_body(graph, "85%"))  # a solve never reads a sweep's entry
+    assert status == 200 and "plan" in payload

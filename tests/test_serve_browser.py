@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ckptplan.serve.client import sweep_remote
+
 from .serve_util import LiveServer, solve_body
 
 CHROMIUM = Path(os.environ.get("CKPTPLAN_CHROMIUM", "/usr/bin/chromium"))
@@ -46,6 +48,7 @@ def server(tmp_path_factory, traced):
     doc = json.loads(__import__("gzip").decompress(solve_body(graph, "10%")))
     doc["graph"]["graphs"][0]["model_name"] = EVIL  # not part of the fingerprint: a valid upload
     assert s.post_solve(json.dumps(doc).encode(), gzipped=False)[0] == 422  # infeasible, stored
+    sweep_remote(graph, ["90%", "80%", "70%"], server=s.url)
     yield s
     s.stop()
 
@@ -66,13 +69,14 @@ def test_index_lists_the_plans_with_their_numbers(server, page):
     page.goto(server.url + "/")
     expect(page).to_have_title("ckptplan plans")
     rows = page.locator("#plans tr")
-    expect(rows).to_have_count(4)  # header and three answers
+    expect(rows).to_have_count(5)  # header and four answers
     header = page.locator("#plans th").all_inner_texts()
     assert header == ["model", "budget", "predicted peak", "extra FLOPs", "est. recompute time", "status",
                       "objective", "when"]
     texts = [r.inner_text() for r in rows.all()[1:]]
     assert sum(bool(re.search(r"^GPT\t.*\t(optimal|feasible)\t", t)) for t in texts) == 2, texts
     assert any("infeasible" in t and "10%" in t for t in texts)
+    assert any("swept" in t and "90%,80%,70%" in t for t in texts)
     assert all(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", t) for t in texts)
     assert any(re.search(r"\d+\.\d+ MiB", t) and "ms" in t for t in texts)
 
@@ -89,7 +93,7 @@ def test_the_markup_in_a_model_name_is_shown_not_run(server, page):
 
 def test_a_plan_page_folds_identical_layers(server, page):
     page.goto(server.url + "/")
-    page.locator("#plans a", has_text="GPT").first.click()
+    page.locator("#plans tr:has(.status-optimal), #plans tr:has(.status-feasible)").first.locator("a").click()
     expect(page.locator("h1")).to_contain_text("GPT at")
     summary = page.locator("#summary").inner_text()
     for row in ("peak, this plan", "extra forward FLOPs", "estimated recompute time", "solver"):
@@ -105,7 +109,7 @@ def test_two_plans_can_be_diffed(server, page):
     page.goto(server.url + "/")
     selects = page.locator("#diff-form select")
     options = selects.first.locator("option")
-    expect(options).to_have_count(2)  # the two plans (not the refusal)
+    expect(options).to_have_count(2)  # the two plans (not the refusal, nor the sweep)
     values = [o.get_attribute("value") for o in options.all()]
     selects.nth(0).select_option(values[0])
     selects.nth(1).select_option(values[1])
@@ -115,3 +119,18 @@ def test_two_plans_can_be_diffed(server, page):
     assert "predicted_peak_bytes" in table and "budget" in table
     page.goto(server.url + f"/diff?a={values[0]}&b={values[0]}")
     expect(page.locator("#same")).to_have_text("The two plans are the same.")
+
+
+def test_a_sweep_page_draws_the_pareto_plot(server, page):
+    page.goto(server.url + "/")
+    page.locator("#plans tr", has_text="swept").locator("a").click()
+    expect(page.locator("h1")).to_contain_text("sweep at 90%,80%,70%")
+    plot = page.locator("svg#pareto")
+    expect(plot).to_be_visible()
+    policies = [p.get_attribute("data-policy") for p in plot.locator("polyline.policy").all()]
+    assert policies[0] == "ckptplan" and len(policies) >= 2
+    assert plot.locator("circle").count() >= 3  # ckptplan's three budgets at least
+    box = plot.bounding_box()
+    assert box and box["width"] > 300 and box["height"] > 200
+    rows = page.locator("#sweep tr")
+    assert rows.count() > 3 and "ckptplan" in rows.nth(1).inner_text()

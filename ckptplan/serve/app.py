@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI on uvicorn; ``pip install 'ckptplan[serve]'``).
 
     POST /v1/solve          graph document + budget + options -> the plan (JSON, or YAML on Accept)
+    POST /v1/sweep          graph document + budgets -> ckptplan and the baseline policies at each
     GET  /v1/plans/{key}    a stored answer by its key
     GET  /healthz           liveness, store and queue facts
     GET  /metrics           Prometheus text: requests, cache hits, solves, solve seconds, queue depth
@@ -36,12 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import CkptplanError, InputError
+from ..errors import BudgetError, CkptplanError, InputError
 from ..planner import DEFAULT_GAP, check_options
 from ..units import parse_budget
 from . import pages, wire
-from .pool import Busy, DeadlineExceeded, Job, Objective, Options, Planner, cache_key
-from .store import Store
+from .pool import Busy, DeadlineExceeded, Job, Kind, Objective, Options, Planner, cache_key
+from .store import Entry, Store
 
 log = logging.getLogger("ckptplan.serve")
 
@@ -68,6 +69,27 @@ class SolveBody(BaseModel):
     rematerialize: bool = True
     deadline_s: float = Field(DEFAULT_DEADLINE_S, gt=0, le=3600,
                               description="Answer 504 if no plan is ready by then (the solve goes on; retry)")
+
+
+class SweepBody(BaseModel):
+    """POST /v1/sweep: the budgets to compare the policies at (``ckptplan sweep``); cached like a solve."""
+
+    model_config = ConfigDict(extra="forbid")
+    graph: dict[str, Any] = Field(description="One traced step, as for /v1/solve")
+    budgets: list[Union[int, str]] = Field(min_length=1, max_length=32, description='e.g. ["60%", "50%", "40%"]')
+    objective: Literal["time", "flops"] = "time"
+    time_limit_s: float = Field(30.0, gt=0, le=MAX_TIME_LIMIT_S, description="The solver's time limit, per budget")
+    reserve: Optional[float] = None
+    rematerialize: bool = True
+    deadline_s: float = Field(DEFAULT_DEADLINE_S, gt=0, le=3600)
+
+
+class SweepAnswer(BaseModel):
+    key: str
+    cache: Literal["hit", "joined", "solved"]
+    rows: list[dict[str, Any]] = Field(description="compare.SweepRow records, ckptplan first at each budget")
+    forward_flops: int
+    no_checkpointing_peak_bytes: int
 
 
 class SolveAnswer(BaseModel):
@@ -163,24 +185,16 @@ def create_app(config: Config) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _refusal(500, "InternalError", f"{type(e).__name__}: {e}")
 
-    # ---- the API -------------------------------------------------------------------------------------
-    @app.post("/v1/solve", response_model=SolveAnswer, tags=["plans"],
-              responses={413: {"model": ErrorAnswer}, 422: {"model": ErrorAnswer}, 503: {"model": ErrorAnswer},
-                         504: {"model": ErrorAnswer}},
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": SolveBody.model_json_schema()}}}})
-    async def solve(request: Request) -> Response:
-        """Plan a traced step: the stored plan when this request was answered before, else one solve
-        (shared by every identical request arriving meanwhile). Send ``Accept: application/yaml`` for the
-        plan file alone."""
+    async def answer(request: Request, kind: Kind) -> tuple[str, Entry, str]:
+        """The stored or solved entry for a solve or sweep request, how it was found; Refusal otherwise."""
         body = await _read_body(request, config.max_body_bytes)
-        digest = hashlib.sha256(body).hexdigest()
+        digest = hashlib.sha256(kind.value.encode() + b"\0" + body).hexdigest()
         known = aliases.get(digest)
         if known is None:
             # validating a 7B step's graph takes a second: in a thread, once for all identical bodies at once
             parse = parsing.get(digest)
             if parse is None:
-                parse = asyncio.ensure_future(asyncio.to_thread(_parse_solve, body, state["planner"].torch_version))
+                parse = asyncio.ensure_future(asyncio.to_thread(_parse, body, state["planner"].torch_version, kind))
                 parsing[digest] = parse
                 parse.add_done_callback(lambda _f, d=digest: parsing.pop(d, None))
             known = await asyncio.shield(parse)
@@ -195,18 +209,31 @@ def create_app(config: Config) -> FastAPI:
             raise Refusal(503, "Busy", f"{planner.queue_depth} solves are queued, the server's limit; retry "
                           f"in {e.retry_after_s} s", headers={"Retry-After": str(e.retry_after_s)}) from None
         except DeadlineExceeded:
-            raise Refusal(504, "DeadlineExceeded", f"no plan within the request's deadline of {deadline:g} s; "
+            raise Refusal(504, "DeadlineExceeded", f"no answer within the request's deadline of {deadline:g} s; "
                           "the solve goes on: send the same request again later for its answer",
                           headers={"Retry-After": "5"}) from None
+        return key, entry, how
+
+    # ---- the API -------------------------------------------------------------------------------------
+    @app.post("/v1/solve", response_model=SolveAnswer, tags=["plans"],
+              responses={413: {"model": ErrorAnswer}, 422: {"model": ErrorAnswer}, 503: {"model": ErrorAnswer},
+                         504: {"model": ErrorAnswer}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": SolveBody.model_json_schema()}}}})
+    async def solve(request: Request) -> Response:
+        """Plan a traced step: the stored plan when this request was answered before, else one solve
+        (shared by every identical request arriving meanwhile). Send ``Accept: application/yaml`` for the
+        plan file alone."""
+        key, entry, how = await answer(request, Kind.SOLVE)
         headers = {"X-Ckptplan-Key": key, "X-Ckptplan-Cache": how}
         if entry.ok and how == "hit" and "application/yaml" not in request.headers.get("accept", ""):
-            answer = hits.get(key)
-            if answer is None:
-                answer = _answer(key, how, entry)
+            hot = hits.get(key)
+            if hot is None:
+                hot = _answer(key, how, entry)
                 if len(hits) >= HOT_ANSWERS:
                     hits.pop(next(iter(hits)))
-                hits[key] = answer
-            return Response(answer, media_type="application/json", headers=headers)
+                hits[key] = hot
+            return Response(hot, media_type="application/json", headers=headers)
         if not entry.ok:
             err = entry.error()
             code = {"WorkerDied": 503, "InternalError": 500, "SolverTimeout": 422}.get(err["error"], 422)
@@ -214,6 +241,21 @@ def create_app(config: Config) -> FastAPI:
         if "application/yaml" in request.headers.get("accept", ""):
             return Response(entry.body, media_type="application/yaml", headers=headers)
         return Response(_answer(key, how, entry), media_type="application/json", headers=headers)
+
+    @app.post("/v1/sweep", response_model=SweepAnswer, tags=["plans"],
+              responses={413: {"model": ErrorAnswer}, 422: {"model": ErrorAnswer}, 503: {"model": ErrorAnswer},
+                         504: {"model": ErrorAnswer}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": SweepBody.model_json_schema()}}}})
+    async def sweep(request: Request) -> Response:
+        """ckptplan against the baseline policies at several budgets (``ckptplan sweep``), predicted; cached
+        like a solve. The review page of its key draws the Pareto plot."""
+        key, entry, how = await answer(request, Kind.SWEEP)
+        headers = {"X-Ckptplan-Key": key, "X-Ckptplan-Cache": how}
+        if not entry.ok:
+            err = entry.error()
+            return JSONResponse(err, status_code=500 if err["error"] == "InternalError" else 422, headers=headers)
+        return JSONResponse({"key": key, "cache": how, **json.loads(entry.body)}, headers=headers)
 
     @app.get("/v1/plans/{key}", response_model=SolveAnswer, tags=["plans"], responses={404: {"model": ErrorAnswer}})
     async def get_plan(key: str) -> Response:
@@ -223,6 +265,8 @@ def create_app(config: Config) -> FastAPI:
             raise Refusal(404, "NotFound", f"no stored plan has key {key!r}")
         if not entry.ok:
             return JSONResponse(entry.error(), status_code=422)
+        if entry.kind == Kind.SWEEP.value:
+            return JSONResponse({"key": key, "cache": "hit", **json.loads(entry.body)})
         return JSONResponse({"key": key, "cache": "hit", "status": entry.status.value, "plan": entry.body,
                              "solve_seconds": entry.solve_seconds})
 
@@ -254,7 +298,7 @@ def create_app(config: Config) -> FastAPI:
     @app.get("/plans/{key}/yaml", response_class=PlainTextResponse, include_in_schema=False)
     async def plan_yaml(key: str) -> Response:
         entry = state["store"].get(key)
-        if entry is None or not entry.ok:
+        if entry is None or not entry.ok or entry.kind != Kind.SOLVE.value:
             raise Refusal(404, "NotFound", f"no stored plan has key {key!r}")
         return Response(entry.body, media_type="text/plain; charset=utf-8")
 
@@ -263,7 +307,7 @@ def create_app(config: Config) -> FastAPI:
         store: Store = state["store"]
         ea, eb = store.get(a), store.get(b)
         for key, e in ((a, ea), (b, eb)):
-            if e is None or not e.ok:
+            if e is None or not e.ok or e.kind != Kind.SOLVE.value:
                 return HTMLResponse(pages.not_found(f"no stored plan has key {key}"), status_code=404)
         return HTMLResponse(pages.diff_page(ea, eb))
 
@@ -320,7 +364,8 @@ def _route(path: str) -> str:
     for prefix, name in (("/v1/plans/", "/v1/plans/{key}"), ("/plans/", "/plans/{key}")):
         if path.startswith(prefix):
             return name
-    return path if path in ("/", "/v1/solve", "/healthz", "/metrics", "/diff", "/openapi.json", "/docs") else "other"
+    known = ("/", "/v1/solve", "/v1/sweep", "/healthz", "/metrics", "/diff", "/openapi.json", "/docs")
+    return path if path in known else "other"
 
 
 def _authorized(scope: dict, token: str) -> bool:
@@ -354,29 +399,35 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-def _parse_solve(body: bytes, torch_version: str) -> tuple[str, Job, float]:
-    """Validate a solve request; its cache key and job. Refusal (4xx) naming the first problem."""
+def _parse(body: bytes, torch_version: str, kind: Kind) -> tuple[str, Job, float]:
+    """Validate a solve or sweep request; its cache key and job. Refusal (4xx) naming the first problem."""
     try:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Refusal(400, "InputError", f"the body is not JSON ({e})") from None
     try:
-        req = SolveBody.model_validate(raw)
+        req = (SolveBody if kind is Kind.SOLVE else SweepBody).model_validate(raw)
     except ValidationError as e:
         raise Refusal(422, "InputError", _validation_message(e.errors())) from None
+    budgets = [req.budget] if isinstance(req, SolveBody) else req.budgets
+    gap = req.gap if isinstance(req, SolveBody) else DEFAULT_GAP
     try:
-        parse_budget(req.budget, reference_bytes=SYNTAX_REFERENCE)
-        check_options(reserve=req.reserve, gap=req.gap)
+        for b in budgets:
+            if isinstance(b, int) and b <= 0:
+                raise BudgetError(f"budget must be a positive number of bytes, not {b}")
+            parse_budget(b, reference_bytes=SYNTAX_REFERENCE)
+        check_options(reserve=req.reserve, gap=gap)
         graphs = wire.decode(req.graph)
+        if kind is Kind.SWEEP and len(graphs) > 1:
+            raise InputError("a sweep takes one traced shape; send one graph")
     except CkptplanError as e:
         raise Refusal(422, type(e).__name__, f"{e}") from None
     except (ValueError, TypeError) as e:  # e.g. a float where the format wants an int, caught by no check yet
         raise Refusal(422, "InputError", f"graph: {e}") from None
-    if isinstance(req.budget, int) and req.budget <= 0:
-        raise Refusal(422, "BudgetError", "budget must be a positive number of bytes")
     graph_bytes = wire.dumps(wire.encode(graphs))  # canonical: the key does not depend on the client's JSON
-    options = Options(budget=req.budget, objective=Objective(req.objective), time_limit_s=req.time_limit_s,
-                      reserve=req.reserve, gap=req.gap, rematerialize=req.rematerialize)
+    options = Options(budget=req.budget if isinstance(req, SolveBody) else tuple(req.budgets), kind=kind,
+                      objective=Objective(req.objective), time_limit_s=req.time_limit_s, reserve=req.reserve,
+                      gap=gap, rematerialize=req.rematerialize)
     fingerprints = [g.fingerprint for g in graphs]
     key = cache_key(graph_bytes, fingerprints, options, torch_version)
     primary = max(graphs, key=lambda g: g.baseline_peak_bytes)

@@ -47,17 +47,40 @@ def solve_remote(graphs: Graph | Sequence[Graph], budget: int | str, *, server: 
     """The server's plan for ``graphs`` under ``budget`` (see ``planner.solve`` for the options)."""
     body = request_body(graphs, budget, time_limit_s=time_limit_s, reserve=reserve, objective=objective,
                         gap=gap, rematerialize=rematerialize, deadline_s=deadline_s)
+    payload = _ask(server, "/v1/solve", body, token=token, deadline_s=deadline_s)
+    plan = plan_from_dict(yaml.safe_load(payload["plan"]), source=f"the plan from {server}")
+    return replace(plan, solve_time_s=float(payload.get("solve_seconds", 0.0)))
+
+
+def sweep_remote(graph: Graph, budgets: Sequence[int | str], *, server: str, time_limit_s: float = 30.0,
+                 reserve: float | None = None, objective: str = "time", rematerialize: bool = True,
+                 token: str | None = None, deadline_s: float = DEFAULT_DEADLINE_S) -> list:
+    """The server's ``compare.sweep`` rows for ``graph`` at ``budgets`` (cached like a solve)."""
+    from ..compare import SweepRow
+
+    body = wire.compress(wire.dumps({"graph": wire.encode(graph), "budgets": list(budgets),
+                                     "time_limit_s": time_limit_s, "reserve": reserve, "objective": objective,
+                                     "rematerialize": rematerialize, "deadline_s": deadline_s}))
+    payload = _ask(server, "/v1/sweep", body, token=token, deadline_s=deadline_s)
+    try:
+        return [SweepRow(**row) for row in payload["rows"]]
+    except (KeyError, TypeError) as e:
+        raise ServerError(f"the server at {server} answered a sweep this client cannot read ({e}); use the "
+                          "same ckptplan version on both") from None
+
+
+def _ask(server: str, path: str, body: bytes, *, token: str | None, deadline_s: float) -> dict:
+    """POST ``body``; wait out 503/504 with Retry-After within the deadline; the 200 answer or a typed error."""
     token = token if token is not None else os.environ.get(TOKEN_ENV)
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip", "Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    url = server.rstrip("/") + "/v1/solve"
+    url = server.rstrip("/") + path
     give_up = time.monotonic() + deadline_s
     while True:
         status, payload, retry_after = _post(url, body, headers, timeout=deadline_s + 30)
         if status == 200:
-            plan = plan_from_dict(yaml.safe_load(payload["plan"]), source=f"the plan from {server}")
-            return replace(plan, solve_time_s=float(payload.get("solve_seconds", 0.0)))
+            return payload
         if status in (503, 504) and retry_after is not None and time.monotonic() + retry_after < give_up:
             time.sleep(retry_after * (1 + 0.25 * random.random()))  # spread the ranks' retries apart
             continue

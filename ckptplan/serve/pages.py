@@ -8,6 +8,7 @@ header and its decisions with identical layers folded into one group, as ``ckptp
 from __future__ import annotations
 
 import datetime as dt
+import json
 from html import escape
 from typing import Any, Iterable
 
@@ -65,7 +66,7 @@ def index(entries: list[Entry]) -> str:
     table = _table(["model", "budget", "predicted peak", "extra FLOPs", "est. recompute time", "status", "objective",
                     "when"], rows, numeric={2, 3, 4}, id_="plans") if rows else "<p id=\"empty\">No plans yet.</p>"
     options = "".join(f"<option value=\"{escape(e.key)}\">{escape(e.model)} at {escape(e.budget)} "
-                      f"({escape(_when(e.created))})</option>" for e in entries if e.ok)
+                      f"({escape(_when(e.created))})</option>" for e in entries if e.ok and e.kind == "solve")
     form = ("<h2>Compare two plans</h2><form action=\"/diff\" method=\"get\" id=\"diff-form\">"
             f"<label>A <select name=\"a\">{options}</select></label> "
             f"<label>B <select name=\"b\">{options}</select></label> <button type=\"submit\">diff</button></form>"
@@ -79,6 +80,8 @@ def load(entry: Entry) -> Plan:
 
 def plan_page(entry: Entry) -> str:
     title = f"{entry.model} at {entry.budget}"
+    if entry.kind == "sweep" and entry.ok:
+        return sweep_page(entry)
     if not entry.ok:
         err = entry.error()
         return _page(title, f"<h1>{escape(title)}</h1><p class=\"status-{escape(entry.status.value)}\" id=\"error\">"
@@ -139,6 +142,71 @@ def diff_page(a: Entry, b: Entry) -> str:
              else "<p id=\"same\">The two plans are the same.</p>")
     links = (f"<p><a href=\"/plans/{escape(a.key)}\">plan A</a> · <a href=\"/plans/{escape(b.key)}\">plan B</a></p>")
     return _page("ckptplan diff", f"<h1>Diff</h1><p>{escape(names)}</p>\n{links}\n{table}")
+
+
+_COLORS = ("#0969da", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#57606a")
+
+
+def sweep_page(entry: Entry) -> str:
+    """A sweep's rows, as ``ckptplan sweep`` prints them, and its Pareto plot (inline SVG)."""
+    data = json.loads(entry.body)
+    rows, fwd = data["rows"], data["forward_flops"]
+    cells = []
+    for r in rows:
+        fits = r["fits"]
+        cells.append([escape(f"{r['budget']} = {format_bytes(r['budget_bytes'])}"), escape(r["policy"]),
+                      escape(r["knob"]), escape(format_bytes(r["peak_bytes"])) if fits else "does not fit",
+                      escape(format_flops(r["extra_forward_flops"])) if fits else "",
+                      f"{100 * r['extra_forward_flops'] / fwd:.1f}" if fits and fwd else "",
+                      f"{r['extra_cost_ns'] / 1e6:.2f}" if fits else "", escape(r["note"])])
+    table = _table(["budget", "policy", "knob", "peak", "extra forward FLOPs", "% of forward", "est. recompute ms",
+                    "note"], cells, numeric={3, 4, 5, 6}, id_="sweep")
+    title = f"{entry.model}: sweep at {entry.budget}"
+    return _page(title, f"<h1>{escape(title)}</h1>\n<h2>Pareto plot (predicted)</h2>\n{pareto_svg(rows, fwd)}\n"
+                        f"<h2>Rows</h2>\n{table}")
+
+
+def pareto_svg(rows: list[dict[str, Any]], forward_flops: int) -> str:
+    """Peak memory (x) against extra forward FLOPs in % of forward (y), one line per policy."""
+    pts = {}
+    for r in rows:
+        if r["fits"] and r["peak_bytes"] is not None:
+            extra = 100 * r["extra_forward_flops"] / max(forward_flops, 1)
+            pts.setdefault(r["policy"], set()).add((r["peak_bytes"], extra))
+    if not pts:
+        return "<p id=\"pareto-empty\">No policy fits any budget: nothing to plot.</p>"
+    xs = [x for p in pts.values() for x, _ in p]
+    ys = [y for p in pts.values() for _, y in p]
+    x0, x1, y1 = min(xs), max(xs), max(ys) or 1.0
+    x1 = x1 if x1 > x0 else x0 + 1
+    W, H, L, B = 640, 360, 70, 40  # size, left and bottom margins
+
+    def sx(x: float) -> float:
+        return L + (x - x0) / (x1 - x0) * (W - L - 20)
+
+    def sy(y: float) -> float:
+        return H - B - y / y1 * (H - B - 20)
+
+    out = [f"<svg id=\"pareto\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" "
+           f"viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"Pareto plot\">",
+           f"<line x1=\"{L}\" y1=\"{H - B}\" x2=\"{W - 10}\" y2=\"{H - B}\" stroke=\"#444\"/>",
+           f"<line x1=\"{L}\" y1=\"10\" x2=\"{L}\" y2=\"{H - B}\" stroke=\"#444\"/>",
+           f"<text x=\"{(W + L) / 2:.0f}\" y=\"{H - 8}\" text-anchor=\"middle\" font-size=\"12\">peak memory "
+           f"({escape(format_bytes(x0))} to {escape(format_bytes(x1))})</text>",
+           f"<text x=\"14\" y=\"{(H - B) / 2:.0f}\" font-size=\"12\" transform=\"rotate(-90 14 {(H - B) / 2:.0f})\" "
+           f"text-anchor=\"middle\">extra forward FLOPs, % (0 to {y1:.1f})</text>"]
+    for i, (policy, p) in enumerate(pts.items()):
+        color = _COLORS[i % len(_COLORS)]
+        line = sorted(p)
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line)
+        width = 2.5 if policy == "ckptplan" else 1.2
+        out.append(f"<polyline class=\"policy\" data-policy=\"{escape(policy)}\" points=\"{path}\" fill=\"none\" "
+                   f"stroke=\"{color}\" stroke-width=\"{width}\"/>")
+        out += [f"<circle cx=\"{sx(x):.1f}\" cy=\"{sy(y):.1f}\" r=\"3.5\" fill=\"{color}\"><title>{escape(policy)}: "
+                f"{escape(format_bytes(x))}, +{y:.1f}%</title></circle>" for x, y in line]
+        out.append(f"<text x=\"{W - 150}\" y=\"{24 + 16 * i}\" font-size=\"12\" fill=\"{color}\">"
+                   f"{escape(policy)}</text>")
+    return "".join(out) + "</svg>"
 
 
 def not_found(message: str) -> str:

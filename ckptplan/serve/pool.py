@@ -39,11 +39,17 @@ class Objective(str, Enum):
     FLOPS = "flops"
 
 
+class Kind(str, Enum):
+    SOLVE = "solve"  # one plan (planner.solve)
+    SWEEP = "sweep"  # ckptplan and the baseline policies at several budgets (compare.sweep)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Options:
     """Every option a plan depends on (all in the cache key), as ``planner.solve`` takes them."""
 
-    budget: int | str
+    budget: int | str | tuple[int | str, ...]  # a sweep's budgets, in order
+    kind: Kind = Kind.SOLVE
     objective: Objective = Objective.TIME
     time_limit_s: float = 30.0
     reserve: float | None = None
@@ -51,8 +57,11 @@ class Options:
     rematerialize: bool = True
 
     def solve_kwargs(self) -> dict[str, Any]:
-        return {"time_limit_s": self.time_limit_s, "reserve": self.reserve, "objective": self.objective.value,
-                "gap": self.gap, "rematerialize": self.rematerialize}
+        out = {"time_limit_s": self.time_limit_s, "reserve": self.reserve, "objective": self.objective.value,
+               "gap": self.gap, "rematerialize": self.rematerialize}
+        if self.kind is Kind.SWEEP:  # compare.sweep solves at the default gap
+            del out["gap"]
+        return out
 
 
 def cache_key(graph_bytes: bytes, fingerprints: list[str], options: Options, torch_version: str) -> str:
@@ -85,13 +94,22 @@ def _exit_with(parent: int) -> None:
 
 
 def run_job(graph_bytes: bytes, options: dict[str, Any]) -> dict[str, Any]:
-    """Solve one request in a worker: the plan's YAML and summary, or a typed error as a payload."""
+    """Solve one request in a worker: the plan's YAML and summary (a sweep's rows), or a typed error as a
+    payload."""
+    from ..compare import sweep
     from ..planner import solve
 
     started = time.monotonic()
     try:
         graphs = wire.decode(json.loads(graph_bytes))
         budget = options.pop("budget")
+        if options.pop("kind") == Kind.SWEEP.value:
+            if len(graphs) > 1:
+                raise InputError("a sweep takes one traced shape; send one graph")
+            rows = sweep(graphs[0], list(budget), **options)
+            return {"sweep": {"rows": [asdict(r) for r in rows], "forward_flops": graphs[0].forward_flops,
+                              "no_checkpointing_peak_bytes": graphs[0].baseline_peak_bytes},
+                    "seconds": time.monotonic() - started}
         plan = solve(graphs if len(graphs) > 1 else graphs[0], budget, **options)
     except InfeasibleBudget as e:
         return {"error": "InfeasibleBudget", "message": str(e), "budget_bytes": e.budget_bytes,
@@ -208,7 +226,7 @@ class Planner:
 
     async def _run(self, job: Job) -> Entry:
         loop = asyncio.get_running_loop()
-        opts = {"budget": job.options.budget, **job.options.solve_kwargs()}
+        opts = {"budget": job.options.budget, "kind": job.options.kind.value, **job.options.solve_kwargs()}
         try:
             out = await loop.run_in_executor(self._pool, run_job, job.graph_bytes, opts)
         except BrokenProcessPool:
@@ -220,9 +238,13 @@ class Planner:
         self.metrics.solves += 1
         self.metrics.solve_seconds += out["seconds"]
         o = job.options
-        common = dict(key=job.key, kind="solve", created=now(), model=job.model, fingerprint=job.fingerprint,
-                      budget=str(o.budget), objective=o.objective.value, solve_seconds=round(out["seconds"], 3))
-        if "error" not in out:
+        budget = ",".join(map(str, o.budget)) if isinstance(o.budget, tuple) else str(o.budget)
+        common = dict(key=job.key, kind=o.kind.value, created=now(), model=job.model, fingerprint=job.fingerprint,
+                      budget=budget, objective=o.objective.value, solve_seconds=round(out["seconds"], 3))
+        if "sweep" in out:
+            entry = Entry(**common, budget_bytes=None, status=Status.SWEPT, predicted_peak_bytes=None,
+                          extra_forward_flops=None, extra_cost_ns=None, body=json.dumps(out["sweep"]))
+        elif "error" not in out:
             entry = Entry(**common, budget_bytes=out["budget_bytes"], status=Status(out["status"]),
                           predicted_peak_bytes=out["predicted_peak_bytes"],
                           extra_forward_flops=out["extra_forward_flops"], extra_cost_ns=out["extra_cost_ns"],

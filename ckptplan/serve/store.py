@@ -34,16 +34,17 @@ class Status(str, Enum):
     FEASIBLE = "feasible"
     INFEASIBLE = "infeasible"  # the budget is below any plan's peak: body holds the error payload
     REFUSED = "refused"  # the planner refused the input (InputError): body holds the error payload
+    SWEPT = "swept"  # a sweep: body holds its rows as JSON
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Entry:
     key: str
-    kind: str  # "solve"
+    kind: str  # "solve" or "sweep"
     created: float  # unix seconds
     model: str
     fingerprint: str
-    budget: str  # as given
+    budget: str  # as given (a sweep's, comma-separated)
     budget_bytes: int | None
     objective: str
     status: Status
@@ -55,7 +56,7 @@ class Entry:
 
     @property
     def ok(self) -> bool:
-        return self.status in (Status.OPTIMAL, Status.FEASIBLE)
+        return self.status in (Status.OPTIMAL, Status.FEASIBLE, Status.SWEPT)
 
     def error(self) -> dict[str, Any]:
         return json.loads(self.body)
