@@ -377,3 +377,17 @@ def test_a_sweep_is_answered_as_locally_and_cached(server, traced):
     assert after["ckptplan_cache_hits_total"] - before["ckptplan_cache_hits_total"] == 1
     status, payload, _ = server.post_solve(solve_body(graph, "85%"))  # a solve never reads a sweep's entry
     assert status == 200 and "plan" in payload
+
+
+def test_a_store_that_cannot_be_opened_is_a_usage_error_not_set_aside(tmp_path):
+    from typer.testing import CliRunner
+
+    from ckptplan.cli import app
+
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    with pytest.raises(ckptplan.InputError, match="cannot open the plan store"):
+        Store(folder)
+    assert folder.is_dir()  # left where it was
+    r = CliRunner().invoke(app, ["serve", "--store", str(folder)], env={"CKPTPLAN_TOKEN": ""})
+    assert r.exit_code == 2 and "cannot open the plan store" in r.output

@@ -25,8 +25,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 def _need(ok: bool, why: str) -> None:
     if not ok:
         if os.environ.get("CKPTPLAN_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"{why}, and CKPTPLAN_REQUIRE_BROWSER=1 (CI) needs the browser tests")
-        pytest.skip(why)
+            pytest.fail(f"{why}, and CKPTPLAN_REQUIRE_BROWSER=1 (CI) needs the browser tests", pytrace=False)
+        pytest.skip(why, allow_module_level=True)
 
 
 try:

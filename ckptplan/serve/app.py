@@ -136,7 +136,8 @@ def _refusal(status: int, error: str, message: str, **extra: Any) -> JSONRespons
     return JSONResponse({"error": error, "message": message, **extra}, status_code=status)
 
 
-def create_app(config: Config) -> FastAPI:
+def create_app(config: Config, store: Store | None = None) -> FastAPI:
+    """The app; it opens ``config.store`` at startup unless given an open ``store``."""
     state: dict[str, Any] = {}
     aliases: dict[str, tuple[str, Job, float]] = {}  # body sha256 -> (key, job, deadline)
     parsing: dict[str, asyncio.Future] = {}  # body sha256 -> its validation, while it runs
@@ -146,7 +147,8 @@ def create_app(config: Config) -> FastAPI:
     async def lifespan(app: FastAPI):  # noqa: ANN202
         import torch
 
-        store = Store(config.store)
+        nonlocal store
+        store = store or Store(config.store)
         planner = Planner(store, workers=config.workers, queue_limit=config.queue_limit,
                           torch_version=torch.__version__)
         if config.warm:
@@ -476,4 +478,5 @@ def serve(*, host: str, port: int, config: Config) -> None:
     if config.workers < 1 or config.queue_limit < 1:
         raise InputError("--workers and --queue must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(config), host=host, port=port, access_log=False, log_level="warning")
+    store = Store(config.store)  # before the server starts: a store that cannot be opened is a usage error
+    uvicorn.run(create_app(config, store), host=host, port=port, access_log=False, log_level="warning")

@@ -22,6 +22,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 log = logging.getLogger("ckptplan.serve")
 
 SCHEMA = 1
@@ -68,10 +70,16 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.recovered: str | None = None  # where a corrupt file was moved, when one was
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create the folder of the plan store {self.path} ({e})") from None
         self._lock = threading.Lock()
         try:
             self._db = self._open()
+        except sqlite3.OperationalError as e:  # cannot open or lock it: the file is not at fault
+            raise InputError(f"cannot open the plan store {self.path} ({e}); give --store a writable file "
+                             "path that no other server uses") from None
         except sqlite3.DatabaseError as e:
             self.recovered = str(self._set_aside())
             log.error("store %s is corrupt (%s): moved to %s, starting a fresh store", self.path, e,
