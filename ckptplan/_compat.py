@@ -29,7 +29,7 @@ _NEXT_MAJOR = 3
 class UnsupportedTorch(CkptplanError, ImportError):
     """The installed torch lacks an internal that ckptplan needs (raised when ckptplan is imported)."""
 
-    exit_code = 7
+    exit_code = 9
 
 
 # (module, attribute path, parameters its callable must take): everything ckptplan/ imports or calls

@@ -3,7 +3,8 @@
 Exit codes: 0 ok, 2 usage or bad input (a budget, option, model spec, plan file, or a model whose step fails
 to run or calls sys.exit), 3 infeasible budget, 4 time limit with no feasible plan, 5 plan does not match the
 model, 6 `verify` measured a peak above the budget, 7 an output file (`-o`, `--plot`) cannot be written
-(a directory, under a file, not writable, disk full), 130 interrupted (Ctrl-C; nothing written).
+(a directory, under a file, not writable, disk full), 8 the server (--server) could not be reached or failed,
+130 interrupted (Ctrl-C; nothing written).
 """
 
 from __future__ import annotations
@@ -244,6 +245,9 @@ def solve(
     gpu: GpuOpt = None,
     sdpa: SdpaOpt = None,
     profile: ProfileOpt = None,
+    server: Annotated[Optional[str], typer.Option(
+        help="Solve on this `ckptplan serve` server (http://HOST:PORT), which answers identical requests from "
+             "its cache; the plan file is the one a local solve writes. Token: CKPTPLAN_TOKEN.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -262,7 +266,7 @@ def solve(
         loaded, graph = _trace(model, arg, optimizer, quiet, parallel, world_size, _seq_lens(seq_len), where)
         with err.status("solving...", spinner="dots") if not quiet else _null() as status:
             plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve, objective=objective,
-                              gap=gap, rematerialize=remat, profile=profile,
+                              gap=gap, rematerialize=remat, profile=profile, server=server,
                               progress=_progress_line(status) if status is not None else None)
         path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget_given)}.yaml"
         _write(path, "-o", lambda: plan.save(path))
@@ -319,6 +323,8 @@ def sweep(
     gpu: GpuOpt = None,
     sdpa: SdpaOpt = None,
     profile: ProfileOpt = None,
+    server: Annotated[Optional[str], typer.Option(
+        help="Sweep on this `ckptplan serve` server, which caches the rows (and draws the plot on its page).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -345,8 +351,14 @@ def sweep(
 
             graph = _priced(graph, profile)[0]
         with err.status("solving each budget...", spinner="dots") if not quiet else _null():
-            rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective,
-                                  rematerialize=remat)
+            if server is None:
+                rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective,
+                                      rematerialize=remat)
+            else:
+                from .serve.client import sweep_remote
+
+                rows = sweep_remote(graph, items, server=server, time_limit_s=time_limit, reserve=reserve,
+                                    objective=objective, rematerialize=remat)
         if plot is not None:
             _write(plot, "--plot", lambda: pareto_plot(rows, plot, title=f"{graph.model_name}: predicted",
                                                        forward_flops=graph.forward_flops))
@@ -503,6 +515,31 @@ def verify(
                   highlight=False)
     if not fits:
         raise typer.Exit(6)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; any but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8750,
+    store: Annotated[Path, typer.Option(help="SQLite file of the plan cache (created if missing).")] = Path(
+        "ckptplan-plans.sqlite"),
+    workers: Annotated[int, typer.Option(help="Solver processes (solves run in parallel).")] = 1,
+    queue: Annotated[int, typer.Option(help="Distinct solves waiting or running before requests get 503.")] = 16,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="CKPTPLAN_TOKEN", show_envvar=True, help="Bearer token every request but /healthz must send.")] = None,
+) -> None:
+    """Serve plans over HTTP: one solve per distinct request, cached in SQLite, a review page at /.
+    Needs the serve extra: pip install 'ckptplan[serve]'."""
+    try:
+        from .serve.app import Config, serve as run_server
+    except ImportError as e:
+        _fail(InputError(f"ckptplan serve needs FastAPI and uvicorn ({e}); pip install 'ckptplan[serve]'"), False)
+        return
+    try:
+        run_server(host=host, port=port, config=Config(store=str(store), workers=workers, queue_limit=queue,
+                                                         token=token or None))
+    except CkptplanError as e:
+        _fail(e, False)
 
 
 def main() -> None:

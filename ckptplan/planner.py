@@ -127,7 +127,7 @@ def check_options(*, reserve: float | None, gap: float) -> None:
 def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0, reserve: float | None = None,
           workers: int = 1, progress: Progress | None = None, objective: str = "time",
           gap: float = DEFAULT_GAP, rematerialize: bool = True,
-          profile: DeviceProfile | str | os.PathLike | None = None) -> Plan:
+          profile: DeviceProfile | str | os.PathLike | None = None, server: str | None = None) -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
 
     ``objective="flops"`` minimises the recomputed FLOPs instead, then the estimated time among the plans
@@ -150,16 +150,24 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     ``rematerialize``: besides checkpointing module calls, the plan may drop tensors that backward would
     hold (a BatchNorm + ReLU output the next convolution saves) and rebuild them at their first unpack
     from what backward keeps anyway (solver/remat.py). False plans checkpoints only.
+
+    ``server``: the URL of a ``ckptplan serve`` server, which solves (once for every identical request,
+    then from its cache) with these options and one worker; the plan is the one a local solve returns.
     """
     check_options(reserve=reserve, gap=gap)
     try:
         goal = cpsat.Objective(objective)
     except ValueError:
         raise InputError(f"objective must be one of {[o.value for o in cpsat.Objective]}, not {objective!r}") from None
+    if profile is not None:  # priced here: the graph then carries the profile to a server too
+        graph = _priced(graph, profile)
+    if server is not None:
+        from .serve.client import solve_remote
+
+        return solve_remote(graph, budget, server=server, time_limit_s=time_limit_s, reserve=reserve,
+                            objective=objective, gap=gap, rematerialize=rematerialize)
     started = time.monotonic()
     note = progress or (lambda phase, info: None)
-    if profile is not None:
-        graph = _priced(graph, profile)
     shapes = _Shapes(graph, rematerialize=rematerialize)
     graph, regions = shapes.primary, shapes.regions[0]
     reserve = default_reserve(graph) if reserve is None else reserve
