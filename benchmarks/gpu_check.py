@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--make-plans", action="store_true", help="write plans/gpu/*.yaml from meta tensors, exit")
     ap.add_argument("--models", default="", help="comma-separated subset of the models")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
-    ap.add_argument("--time-limit", type=float, default=60.0, help="solver time limit per plan, seconds")
+    ap.add_argument("--time-limit", type=float, default=20.0, help="solver time limit per plan, seconds")
     ap.add_argument("--compile", default="", help="torch.compile activation_memory_budget knobs, e.g. 0.5,0.2")
     a = ap.parse_args(argv)
     models = _models(a.smoke)
