@@ -529,11 +529,12 @@ def serve(
         envvar="CKPTPLAN_TOKEN", show_envvar=True, help="Bearer token every request but /healthz must send.")] = None,
 ) -> None:
     """Serve plans over HTTP: one solve per distinct request, cached in SQLite, a review page at /.
-    Needs the serve extra: pip install 'ckptplan[serve]'."""
+    Needs FastAPI and uvicorn (the serve extra of the package)."""
     try:
         from .serve.app import Config, serve as run_server
     except ImportError as e:
-        _fail(InputError(f"ckptplan serve needs FastAPI and uvicorn ({e}); pip install 'ckptplan[serve]'"), False)
+        _fail(InputError(f"ckptplan serve needs FastAPI and uvicorn ({e}); install the package's serve extra, "
+                         "or pip install fastapi uvicorn"), False)
         return
     try:
         run_server(host=host, port=port, config=Config(store=str(store), workers=workers, queue_limit=queue,
