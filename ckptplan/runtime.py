@@ -388,8 +388,8 @@ class Handle:
             if not self._warned_aside:
                 log.warning("ckptplan: the model runs with %s in eval mode, the plan was made for %s: this "
                             "step runs without the plan (trace and solve in this mode to plan it)",
-                            ", ".join(modes[:3]) + ("..." if len(modes) > 3 else "") if modes else "no module",
-                            ", ".join(self.plan.eval_modules[:3]) or "a training step")
+                            _describe_modules(modes, "no module"),
+                            _describe_modules(tuple(self.plan.eval_modules), "a training step"))
                 self._warned_aside = True
             return
         got = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
@@ -452,6 +452,14 @@ def apply(model: nn.Module, plan: Plan, *, strict: bool = False) -> Handle:
     (which are otherwise checked at their first step, then run as plain checkpoint)."""
     check_model(model, plan)
     return Handle(model, plan, strict=strict)
+
+
+def _describe_modules(paths: tuple[str, ...], none: str) -> str:
+    if not paths:
+        return none
+    if "" in paths:
+        return "the whole model"
+    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def _device_type(model: nn.Module) -> str | None:

@@ -166,16 +166,35 @@ def test_runtime_refuses_another_shape(traced):
 
 
 def test_runtime_detects_another_path_before_backward(traced):
-    """Eval mode drops dropout: the op sequence changes inside a region and the plan says where."""
+    """A flag that changes the op sequence inside a region (attention dropout off: the CPU takes its flash
+    kernel instead of the math path) is caught in forward, and the plan says where."""
     model, args, graph = traced("gpt2")
     plan = solve_at(graph, 0.6)
+    attns = [m for m in model.modules() if type(m).__name__ == "CausalSelfAttention"]
+    assert attns
     with ckptplan.apply(model, plan):
-        model.eval()
+        for m in attns:
+            m.dropout = 0.0
         try:
             with pytest.raises(ckptplan.PlanMismatch, match=r"op #\d+"):
                 model(*args)
         finally:
+            for m in attns:
+                m.dropout = 0.1
+    model.zero_grad(set_to_none=True)
+
+
+def test_eval_mode_with_gradients_runs_without_the_plan(traced):
+    """model.eval() with gradients on (a validation loss without no_grad): the plan steps aside."""
+    model, args, graph = traced("gpt2")
+    plan = solve_at(graph, 0.6)
+    with ckptplan.apply(model, plan) as handle:
+        model.eval()
+        try:
+            model(*args).backward()
+        finally:
             model.train()
+        assert handle.stats.recomputed_regions == 0
     model.zero_grad(set_to_none=True)
 
 

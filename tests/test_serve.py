@@ -60,7 +60,7 @@ def _set(path, value):  # noqa: ANN001, ANN202
     (_set(["graphs", 0, "ops", 3, 6], True), "graphs[0].ops[3][6]: expected an integer, got bool"),
     (_set(["graphs", 0, "ops", 3, 6], 1.5), "graphs[0].ops[3][6]: expected an integer, got float"),
     (_set(["graphs", 0, "storages", 2, 1], "heap"), "graphs[0].storages[2][1]: storage kind must be one of"),
-    (_set(["graphs", 0, "ops", 5], [1, 2]), "graphs[0].ops[5]: expected 11 fields, got 2"),
+    (_set(["graphs", 0, "ops", 5], [1, 2]), "graphs[0].ops[5]: an op row has 11 or 12 fields, got 2"),
     (_set(["graphs", 0, "num_events"], 1), "graphs[0].num_events: 1 is out of range"),
     (_set(["graphs", 0, "fingerprint"], "0" * 16), "graphs[0].fingerprint: the ops hash to"),
     (_set(["graphs", 0, "extra"], 1), "graphs[0]: unknown fields ['extra']"),
