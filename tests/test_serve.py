@@ -318,6 +318,24 @@ def test_an_unreachable_server_is_a_clear_error(traced):
         ckptplan.solve(traced("gpt2")[2], "80%", server=f"http://127.0.0.1:{free_port()}")
 
 
+def test_remote_plan_for_a_gpu_is_byte_identical_to_a_local_solve(server, tmp_path):
+    """A cuda plan made on meta tensors, priced by a profile file: the server gets the target and the profile
+    with the graph and writes the plan a local solve writes (gpu line included)."""
+    import gpt2
+    import yaml
+
+    from ckptplan import costmodel
+
+    model, args = gpt2.gpt2_tiny(device="meta", batch_size=8, seq_len=128)
+    graph = ckptplan.trace(model, *args, gpu="a100")
+    profile = tmp_path / "slow.yaml"
+    profile.write_text(yaml.safe_dump(costmodel.profile_to_dict(costmodel.GPU) | {"name": "slow", "flops_per_s": 1e12}))
+    local = ckptplan.solve(graph, "80%", profile=profile)
+    remote = ckptplan.solve(graph, "80%", profile=profile, server=server.url)
+    assert 'gpu: "a100"' in local.to_yaml()
+    assert remote.to_yaml() == local.to_yaml()
+
+
 def test_32_identical_concurrent_requests_cause_exactly_one_solve(server, traced):
     body = solve_body(traced("gpt2")[2], "75%", gap=0.0)
     before = server.metrics()
