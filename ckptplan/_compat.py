@@ -27,9 +27,8 @@ _NEXT_MAJOR = 3
 
 
 class UnsupportedTorch(CkptplanError, ImportError):
-    """The installed torch lacks an internal that ckptplan needs (raised when ckptplan is imported)."""
-
-    exit_code = 7
+    """The installed torch lacks an internal that ckptplan needs (raised when ckptplan is imported, so
+    the CLI exits with Python's status 1 and this message last)."""
 
 
 # (module, attribute path, parameters its callable must take): everything ckptplan/ imports or calls
