@@ -27,9 +27,8 @@ _NEXT_MAJOR = 3
 
 
 class UnsupportedTorch(CkptplanError, ImportError):
-    """The installed torch lacks an internal that ckptplan needs (raised when ckptplan is imported)."""
-
-    exit_code = 9
+    """The installed torch lacks an internal that ckptplan needs (raised when ckptplan is imported, so
+    the CLI exits with Python's status 1 and this message last)."""
 
 
 # (module, attribute path, parameters its callable must take): everything ckptplan/ imports or calls
@@ -137,6 +136,22 @@ def check_torch(group: str = "core") -> None:
                       "uses is present, but plans and the runtime are untested here", stacklevel=3)
 
 
+def _sdpa_counts_grouped_query() -> bool:
+    """Whether torch's attention FLOP formulas accept fewer key/value heads than query heads.
+
+    torch >= 2.12 counts grouped-query attention as if key and value were repeated to the query's
+    heads; 2.11's formulas raise AssertionError on such shapes (ckptplan.flops repeats them itself).
+    """
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    try:
+        sdpa_flop_count((1, 2, 1, 1), (1, 1, 1, 1), (1, 1, 1, 1))
+    except AssertionError:
+        return False
+    return True
+
+
 check_torch()
 
 detach_cached = _detach_function()  # x -> x detached for selective checkpointing's cache (see above)
+SDPA_COUNTS_GQA = _sdpa_counts_grouped_query()

@@ -11,14 +11,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._compat import check_torch
+from ._compat import SDPA_COUNTS_GQA, check_torch
 
 check_torch("measure")  # before the imports below, so a missing one is named with the others
 
 from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, flop_registry  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from .flops import op_flops  # noqa: E402
 from .trace import default_loss  # noqa: E402
 
 
@@ -48,9 +49,7 @@ class _FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += int(formula(*args, **kwargs, out_val=out))
+        self.total += op_flops(func, args, kwargs, out)
         return out
 
 
@@ -87,9 +86,12 @@ def measure_peak(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> i
 def measure_flops(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> int:  # noqa: ANN001
     """Total FLOPs of one step (forward, recomputation and backward) by FlopCounterMode.
 
-    A compiled model (``torch.compile``) is counted by the same formulas in a mode that keeps it compiled.
+    A compiled model (``torch.compile``) is counted by the same formulas in a mode that keeps it compiled;
+    so is every model on a torch whose FlopCounterMode refuses grouped-query attention (2.11), with
+    ``op_flops`` counting it as later releases do.
     """
-    if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules()):
+    if not SDPA_COUNTS_GQA or any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
+                                  for m in model.modules()):
         counter = _FlopCounter()
         with counter:
             _step(model, args, kwargs, loss_fn)

@@ -143,3 +143,25 @@ def test_pyproject_declares_ranges_and_constraints_pin():
     torch_spec = next(s for s in project["dependencies"] if s.startswith("torch"))
     assert torch_spec == f"torch{SUPPORTED}"
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().splitlines()
+
+
+@pytest.mark.parametrize("counts_gqa", [True, False])
+def test_grouped_query_attention_flops(monkeypatch, counts_gqa):
+    """Attention with fewer key/value heads counts as if they were repeated to the query's heads, on
+    every release: ckptplan.flops repeats them where torch's formulas refuse the shapes (2.11)."""
+    from ckptplan import flops
+
+    if counts_gqa and not _compat.SDPA_COUNTS_GQA:
+        pytest.skip(f"torch {torch.__version__}'s formulas refuse grouped-query shapes")
+    monkeypatch.setattr(_compat, "SDPA_COUNTS_GQA", counts_gqa)
+    b, hq, hkv, s, d = 2, 8, 2, 16, 32
+    q = torch.empty(b, hq, s, d, device="meta")
+    k, v = torch.empty(b, hkv, s, d, device="meta"), torch.empty(b, hkv, s, d, device="meta")
+    one_bmm = 2 * b * hq * s * s * d
+    aten = torch.ops.aten
+    forward = aten._scaled_dot_product_flash_attention.default
+    assert flops.op_flops(forward, (q, k, v), {}, None) == 2 * one_bmm
+    backward = aten._scaled_dot_product_flash_attention_backward.default
+    assert flops.op_flops(backward, (q, q, k, v), {}, None) == 5 * one_bmm
+    cpu = aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert flops.cost_flops(cpu, (q, k, v), {}, None, 0) == 2 * one_bmm
