@@ -4,8 +4,9 @@
 2. A budget at or above the no-checkpointing peak needs no plan: nothing is recomputed.
 3. When full checkpointing does not fit, CP-SAT minimises the peak; the simulator checks that plan; a
    budget below it raises ``InfeasibleBudget`` with the minimum. When that search proves nothing (its
-   time limit), the same search without rematerializations gives a plan too, and the minimum is the
-   lowest peak checked, reported as an upper bound. Whichever checked plan peaks lowest is the first
+   time limit), the simulator checks plans that need no search (every module at one depth) and the
+   search runs again without rematerializations; the minimum is the lowest peak checked, reported as an
+   upper bound (NOTE [ Minimum without a proof ]). Whichever checked plan peaks lowest is the first
    solution (hint) of step 4.
 4. Recompute time is minimised under the budget, to within ``gap``: solver/primal.py's first plan (the
    knapsack of solver/bound.py, checked on every memory row) when its own bound proves it, otherwise
@@ -111,6 +112,21 @@ def candidates(graph: Graph, *, rematerialize: bool = True) -> tuple[Region, ...
     return tuple(sorted(regions + remat_candidates(graph, regions), key=forward_order))
 
 
+def _levels(regions: tuple[Region, ...]) -> list[tuple[int, dict[str, frozenset[int]]]]:
+    """(depth, plan) for each depth of the module tree below the outermost candidates: every checkpoint
+    candidate at that depth, or above it where nothing below it is that shallow (never two nested)."""
+    plain = [r for r in regions if not r.remat]
+    depth = {r.path: r.path.count(".") + 1 for r in plain}
+    top = min(depth.values(), default=0)
+    out = []
+    for d in range(top + 1, max(depth.values(), default=0) + 1):
+        level = {r.path: frozenset() for r in plain if depth[r.path] <= d and not any(
+            o.path.startswith(r.path + ".") and depth[o.path] <= d for o in plain)}
+        if level and (not out or level != out[-1][1]):
+            out.append((d, level))
+    return out
+
+
 def default_reserve(graph: Graph) -> float:
     """The reserve ``solve`` keeps when none is given: none for one process on CPU, else 2%."""
     return CPU_RESERVE if graph.device == "cpu" and not graph.parallel else DEFAULT_RESERVE
@@ -200,25 +216,36 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     # (simulated peak, plan, what found it) of every plan checked; the minimum is the lowest of them
     checked = [(full.peak_bytes, everything, "full checkpointing")]
     proven = False  # the minimum-peak search proved its plan lowest
+    remat = any(r.remat for regs in shapes.regions for r in regs)
     if usable < full.peak_bytes:
         note("minimum peak", {})
-        low = model.solve(budget_bytes=None, time_limit_s=max(1.0, deadline - time.monotonic()),
+        # with rematerializations, half the wall-clock time left at most: the fallback below needs some
+        # on a loaded machine (an idle one reaches the deterministic limit first)
+        left = (deadline - time.monotonic()) / (2 if remat else 1)
+        low = model.solve(budget_bytes=None, time_limit_s=max(1.0, left),
                           hint=everything, workers=workers, deterministic_limit=0.3 * work)
         work -= low.deterministic_s
         if low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
             checked.append((shapes.simulate(low.saved).peak_bytes, low.saved, "the minimum-peak search"))
         proven = low.status is cpsat.Status.OPTIMAL
-        if not proven and any(r.remat for regs in shapes.regions for r in regs):
-            # NOTE [ Minimum without rematerialization ]: with every rematerialization a candidate the
-            # minimum-peak search can end without a plan (HF Mamba: none in 30 s), and the minimum would
-            # fall back to full checkpointing, above what checkpoints alone reach. Their plans are plans
-            # of the whole model: the same search over checkpoints only, a far smaller model, finds one
-            # and gives an upper bound on the minimum (reported as unproven).
+        # NOTE [ Minimum without a proof ]: the minimum-peak search can end without a plan (HF Mamba: none
+        # in 30 s with rematerializations, on a loaded machine none without), and the minimum would fall
+        # back to full checkpointing, whose one outermost region (a whole backbone) can peak as high as
+        # no checkpointing. The simulator then checks plans that need no search, checkpointing every
+        # candidate module at one depth of the module tree, and with rematerializations the search runs
+        # again over checkpoints only (a far smaller model), from the lowest of them. The lowest peak
+        # checked is an upper bound on the minimum, reported as unproven.
+        if not proven:
+            for depth, level in _levels(regions):
+                checked.append((shapes.simulate(level).peak_bytes, level,
+                                f"checkpointing every module at depth {depth}"))
+        if not proven and remat:
             note("minimum peak", {"rematerialize": False})
             plain = cpsat.build(shapes.graphs, [tuple(r for r in regs if not r.remat) for regs in shapes.regions],
                                 scale_to=usable)
-            alt = plain.solve(budget_bytes=None, time_limit_s=max(1.0, deadline - time.monotonic()),
-                              hint=everything, workers=workers, deterministic_limit=0.3 * work)
+            alt = plain.solve(budget_bytes=None, time_limit_s=max(1.0, (deadline - time.monotonic()) / 2),
+                              hint=min(checked, key=lambda c: c[0])[1], workers=workers,
+                              deterministic_limit=0.3 * work)
             work -= alt.deterministic_s
             if alt.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
                 checked.append((shapes.simulate(alt.saved).peak_bytes, alt.saved,
@@ -276,8 +303,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             raise infeasible
         raise SolverTimeout(
             f"time limit {time_limit_s:g}s reached before any plan fit {format_bytes(budget_bytes)}; "
-            f"the lowest peak found is {format_bytes(min_peak)} ({source}; not proven minimal). Try --time-limit "
-            f"{int(2 * time_limit_s)} or a budget of at least {format_bytes(minimum)}")
+            f"the lowest peak found is {format_bytes(min_peak)} ({source}; not proven minimal). Try "
+            f"--time-limit {int(2 * time_limit_s)} or a budget of at least {format_bytes(minimum)}")
     saved, sim, sol = best
     status = "optimal" if sol.status is cpsat.Status.OPTIMAL else "feasible"
     return make(saved, sim, status, sol.gap, stats)

@@ -50,3 +50,34 @@ def test_minimum_reaches_hugging_face_checkpointing(swin):
         assert measure_peak(model, pixels, labels=labels) <= plan.budget_bytes
     finally:
         handle.remove()
+
+
+def test_mamba_minimum_without_a_proof_is_what_checkpoints_reach(monkeypatch):
+    """Issue 34: on HF Mamba the minimum-peak search can end without a plan (under load, with or without
+    rematerializations); the minimum then fell back to full checkpointing of the one outermost region,
+    the whole backbone, whose peak is the unplanned peak, and was reported as proven. Checkpointing each
+    block, which the simulator checks without a search, reaches 30% lower."""
+    transformers = pytest.importorskip("transformers")
+    from ckptplan.solver import cpsat
+
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(hidden_size=32, num_hidden_layers=2,
+                                                                   vocab_size=100, state_size=8))
+    ids = torch.randint(0, 100, (2, 64))
+    graph = ckptplan.trace(model, ids, labels=ids)
+    real_solve = cpsat._Model.solve
+
+    def no_minimum(self, **kwargs):  # every minimum-peak search ends at its limit with nothing
+        if kwargs["budget_bytes"] is None:
+            return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0, wall_s=0.0,
+                                  deterministic_s=kwargs["deterministic_limit"], num_variables=0, num_constraints=0)
+        return real_solve(self, **kwargs)
+
+    monkeypatch.setattr(cpsat._Model, "solve", no_minimum)
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(graph, 1)
+    full = ckptplan.solve(graph, "100%").full_peak_bytes
+    assert full == graph.baseline_peak_bytes  # what the minimum fell back to
+    assert not info.value.minimum_proven and info.value.minimum_bytes < 0.8 * full
+    plan = ckptplan.solve(graph, info.value.minimum_bytes)
+    assert plan.predicted_peak_bytes <= info.value.minimum_bytes
