@@ -99,8 +99,8 @@ def test_ckptplan_beats_every_fitting_baseline(traced, name, fraction):
     plan of module calls cannot express (gpt2 at 0.6: those blocks one by one peak above the budget)."""
     _, _, graph = traced(name)
     budget = int(fraction * graph.baseline_peak_bytes)
-    by_time = ckptplan.solve(graph, budget, time_limit_s=20)
-    by_flops = ckptplan.solve(graph, budget, time_limit_s=20, objective="flops")
+    by_time = ckptplan.solve(graph, budget, time_limit_s=600)  # never cut by the wall clock of a busy machine
+    by_flops = ckptplan.solve(graph, budget, time_limit_s=600, objective="flops")
     assert by_time.objective == "time" and by_flops.objective == "flops"
     assert by_flops.extra_forward_flops <= by_time.extra_forward_flops
     assert by_time.extra_cost_ns <= by_flops.extra_cost_ns

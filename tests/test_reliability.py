@@ -365,13 +365,18 @@ def test_ctrl_c_writes_the_best_plan_or_nothing(tmp_path):
     import signal
     import subprocess
     import time
+    from pathlib import Path
 
     out = tmp_path / "plan.yaml"
     proc = subprocess.Popen([sys.executable, "-m", "ckptplan.cli", "solve", "-m", "examples/gpt2.py:gpt2_xl",
                              "-b", "85%", "--gap", "0", "--time-limit", "60", "-o", str(out), "-q"],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    # import and trace take ~8 s, the first plan a few more; at gap 0 the search then runs to the limit
-    time.sleep(20)
+    # Python's default SIGINT handler would end the imports with a traceback: wait until the solve command
+    # runs (it loads OR-Tools before the trace, ~8 s, and the search), however long a busy machine takes
+    maps = Path(f"/proc/{proc.pid}/maps")
+    while proc.poll() is None and "ortools" not in maps.read_text(errors="replace"):
+        time.sleep(0.5)
+    time.sleep(12)  # most often in CP-SAT's search by now, at gap 0 until the limit; either outcome is checked
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert "Traceback" not in stderr

@@ -23,7 +23,7 @@ def minimum_of(graph, **options) -> int:
 
 
 GRAPH = None
-# Wall-clock limit of the solves whose outcome a test asserts (optimal, within a gap, fitting): far above
+# Wall-clock limit of the solves whose outcome a test asserts (optimal, within a gap): far above
 # what they take, so that a busy machine slows them down without changing what they return. CP-SAT's
 # deterministic limit grows with it (planner.DETERMINISTIC_PER_SECOND); these solves end long before either.
 UNHURRIED_S = 600.0
@@ -145,14 +145,14 @@ def test_default_reserve_follows_the_traced_device(traced):
 
     _, _, g = traced("llama")
     budget = (minimum_of(g) + g.baseline_peak_bytes) // 2
-    on_cpu = unhurried(g, budget)
+    on_cpu = ckptplan.solve(g, budget)
     assert on_cpu.reserve == 0.0 and on_cpu.predicted_peak_bytes <= budget
-    assert unhurried(g, budget, reserve=0.05).reserve == 0.05  # an explicit reserve wins
+    assert ckptplan.solve(g, budget, reserve=0.05).reserve == 0.05  # an explicit reserve wins
     assert default_reserve(dataclasses.replace(g, parallel="fsdp:2")) == 0.02  # per-rank peaks are modelled
     model, args = llama.llama_tiny(device="meta")
     meta = ckptplan.trace(model, *args)
     budget = (minimum_of(meta) + meta.baseline_peak_bytes) // 2
-    plan = unhurried(meta, budget)
+    plan = ckptplan.solve(meta, budget)
     assert plan.reserve == 0.02 and plan.predicted_peak_bytes <= budget * 0.98
 
 
@@ -173,10 +173,10 @@ def test_any_budget_gives_a_fitting_plan_or_the_minimum(traced, fraction):
     _, _, g = traced("llama")
     budget = int(fraction * g.baseline_peak_bytes)
     try:
-        plan = unhurried(g, budget)
+        plan = ckptplan.solve(g, budget)
     except ckptplan.InfeasibleBudget as e:
         assert e.minimum_bytes > budget
-        assert unhurried(g, e.minimum_bytes).predicted_peak_bytes <= e.minimum_bytes
+        assert ckptplan.solve(g, e.minimum_bytes).predicted_peak_bytes <= e.minimum_bytes
         return
     assert plan.predicted_peak_bytes <= budget * (1 - plan.reserve)
 
