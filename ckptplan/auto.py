@@ -41,19 +41,23 @@ def optimizer_name(optimizer: Any) -> str | None:
 
 def summary(plan: Plan, *, forward_cost_ns: int = 0) -> str:
     """The plan's answer in one line: 'saves 1.20 GiB (peak 3.10 GiB of budget 4.00 GiB, 4.30 GiB without
-    checkpointing); +8.2% estimated step time, +31.0% forward FLOPs; 12 regions checkpointed'."""
+    checkpointing); +8.2% estimated step time, +31.0% forward FLOPs; 12 regions checkpointed'
+    (and 'N tensors rematerialized' where the plan rebuilds some)."""
     budget = format_bytes(plan.budget_bytes)
     baseline = format_bytes(plan.baseline_peak_bytes)
     if not plan.regions:
-        return f"fits without checkpointing: peak {baseline} within budget {budget}; nothing applied"
+        return f"fits without checkpointing: peak {baseline} within budget {budget}; no region checkpointed"
     saved = plan.baseline_peak_bytes - plan.predicted_peak_bytes
+    remats = sum(r.remat for r in plan.regions)
+    what = f"{len(plan.regions) - remats} regions checkpointed" + (f", {remats} tensors rematerialized"
+                                                                    if remats else "")
     cost = []
     if forward_cost_ns > 0:
         cost.append(f"+{100 * plan.extra_cost_ns / (STEP_PER_FORWARD * forward_cost_ns):.1f}% estimated step "
                     "time")
     cost.append(f"+{100 * plan.extra_forward_fraction:.1f}% forward FLOPs")
     return (f"saves {format_bytes(saved)} (peak {format_bytes(plan.predicted_peak_bytes)} of budget {budget}, "
-            f"{baseline} without checkpointing); {', '.join(cost)}; {len(plan.regions)} regions checkpointed")
+            f"{baseline} without checkpointing); {', '.join(cost)}; {what}")
 
 
 def auto(model: nn.Module, *example_args: Any, budget: int | str, loss_fn: LossFn | None = None,
