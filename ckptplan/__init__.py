@@ -4,11 +4,14 @@
     plan = ckptplan.solve(graph, budget="8GB")
     plan.save("plans/model.yaml")
     handle = ckptplan.apply(model, ckptplan.load_plan("plans/model.yaml"))
+
+or in one call: ``handle = ckptplan.auto(model, *example_args, budget="8GB")``.
 """
 
 __version__ = "0.1.0"
 
 from . import _compat  # noqa: E402,F401  first: names any torch internal this torch lacks
+from .auto import auto
 from .errors import (  # noqa: E402
     BudgetError,
     CkptplanError,
@@ -28,6 +31,6 @@ from .units import format_bytes, parse_budget  # noqa: E402
 __all__ = [
     "BudgetError", "CkptplanError", "check_plan", "Decision", "Graph", "Handle", "InfeasibleBudget", "InputError",
     "OutputError",
-    "Plan", "PlanMismatch", "SolverTimeout", "StepStats", "apply", "format_bytes", "load_plan",
+    "Plan", "PlanMismatch", "SolverTimeout", "StepStats", "apply", "auto", "format_bytes", "load_plan",
     "parse_budget", "solve", "trace",
 ]
