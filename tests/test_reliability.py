@@ -369,7 +369,8 @@ def test_ctrl_c_writes_the_best_plan_or_nothing(tmp_path):
 
     out = tmp_path / "plan.yaml"
     proc = subprocess.Popen([sys.executable, "-m", "ckptplan.cli", "solve", "-m", "examples/gpt2.py:gpt2_xl",
-                             "-b", "85%", "--gap", "0", "--time-limit", "60", "-o", str(out), "-q"],
+                             "-b", "85%", "--gap", "0", "--time-limit", "60", "-o", str(out), "-q",
+                             "--target", "cpu"],  # a CPU step: its attention matrices leave much to plan
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     # Python's default SIGINT handler would end the imports with a traceback: wait until the solve command
     # runs (it loads OR-Tools before the trace, ~8 s, and the search), however long a busy machine takes
@@ -414,7 +415,7 @@ def test_time_limit_with_a_plan_reports_feasible_and_its_gap():
     # meta, 32 layers, 5% of the way from full checkpointing to none: several memory rows bind there and
     # proving optimality (gap 0) takes far longer than 6 s (README, "Planning a 7B model")
     model, args = llama.llama_7b()
-    graph = ckptplan.trace(model, *args)
+    graph = ckptplan.trace(model, *args, target="cpu")  # the math attention's matrices: many rows bind
     regions = candidate_regions(graph)
     full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)}).peak_bytes
     budget = full + (graph.baseline_peak_bytes - full) // 20
