@@ -207,10 +207,10 @@ class _RecipeMode(TorchDispatchMode):
 
 
 def _compile_note() -> str:
-    """``_COMPILED`` after a space when this process compiled a graph with torch.compile, else nothing: an
-    eager model's mismatch has another cause."""
-    utils = sys.modules.get("torch._dynamo.utils")  # imported by torch.compile, never by ckptplan
-    return f" {_COMPILED}" if utils is not None and utils.counters["stats"]["unique_graphs"] else ""
+    """``_COMPILED`` after a space when the op runs under torch.compile (dynamo tracing, or inside a compiled
+    module's call), else nothing: an eager model's mismatch has another cause, whatever else this process
+    compiled."""
+    return f" {_COMPILED}" if torch.compiler.is_compiling() or _in_compiled_module() else ""
 
 
 def _in_compiled_module(depth: int = 64) -> bool:
