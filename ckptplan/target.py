@@ -221,7 +221,7 @@ def _can_cudnn(gpu: GpuSpec, q, k, v, mask, dropout_p: float, grad: bool, enable
         return False
     if torch.are_deterministic_algorithms_enabled() or dropout_p * 16.0 != math.floor(dropout_p * 16.0):
         return False
-    if not _dense_ok(q, k, v, ignore_singleton=True) or not _heads_ok(q, k, v, True):
+    if not _dense_ok(q, k, v, ignore_singleton=True) or not _heads_ok(q, k, v, enable_gqa):
         return False
     if max(q.shape[0], q.shape[1]) > 65535 or k.shape[2] == 1 or (dropout_p and q.shape[2] == 1):
         return False
