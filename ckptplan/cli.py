@@ -79,6 +79,11 @@ def _where(target: str | None, gpu: str | None, sdpa: str | None) -> dict[str, A
     return {k: v for k, v in (("target", target), ("gpu", gpu), ("sdpa", sdpa)) if v is not None}
 
 
+def _plan_where(plan: Any) -> dict[str, Any]:
+    """trace()'s target keywords for the step a plan was made for (none for a plan older than targets)."""
+    return _where(plan.device if plan.device in ("cpu", "cuda") else None, plan.gpu or None, None)
+
+
 def _card_budget(budget: str, where: dict[str, Any]) -> str:
     """``--budget card``: the GPU's memory less the CUDA context and the allocator's fragmentation."""
     if budget.strip().lower() != "card":
@@ -426,8 +431,7 @@ def show(
 
             mode, _, world = plan.parallel.partition(":")
             _, graph = _trace(model, arg, plan.optimizer, True, mode or None, int(world or 1),
-                              where=_where(plan.device if plan.device in ("cpu", "cuda") else None,
-                                           plan.gpu or None, None))
+                              where=_plan_where(plan))
             check_plan(graph, plan)
     except CkptplanError as e:
         _fail(e, as_json)
@@ -487,7 +491,7 @@ def verify(
         check_model(loaded.model, plan)
         with _model_code(loaded.name):
             check_plan(trace(loaded.model, *loaded.args, optimizer=plan.optimizer, model_name=loaded.name,
-                             **_where(plan.device if plan.device in ("cpu", "cuda") else None, None, None),
+                             **_plan_where(plan),
                              **loaded.kwargs), plan)  # a hand-edited plan that no longer fits stops here
         handle = apply(loaded.model, plan)
         try:

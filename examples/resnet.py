@@ -41,6 +41,17 @@ def conv3x3(c_in, c_out, stride=1):
     return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+def shortcut(c_in, c_out, stride):
+    """The residual path: the input itself, or projected (1x1 conv + BatchNorm) when the block changes
+    resolution or width."""
+    if stride == 1 and c_in == c_out:
+        return nn.Sequential()
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(c_out),
+    )
+
+
 class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
@@ -49,13 +60,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(c_out, c_out)
         self.bn2 = nn.BatchNorm2d(c_out)
-        # project the input when the block changes resolution or width
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(c_out),
-            )
+        self.shortcut = shortcut(c_in, c_out, stride)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))  # (N, c_out, H/s, W/s)
@@ -79,12 +84,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, c_out, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(c_out),
-            )
+        self.shortcut = shortcut(c_in, c_out, stride)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))  # (N, width, H, W)

@@ -46,3 +46,20 @@ def traced():
         return cache[name]
 
     return get
+
+
+def grads_after(model, step) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Parameter gradients of one ``step()`` (a loss) from seed 7; the model's .grad fields left empty."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    step().backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """Bitwise equal gradients, parameter by parameter."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"

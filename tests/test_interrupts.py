@@ -14,7 +14,7 @@ import ckptplan
 from ckptplan.plan import Decision, dump_yaml
 from ckptplan.runtime import Handle
 
-from .conftest import ROOT  # noqa: F401 - puts examples/ on sys.path
+from .conftest import ROOT, assert_same, grads_after  # noqa: F401 - ROOT puts examples/ on sys.path
 
 import gpt2  # noqa: E402
 import resnet  # noqa: E402
@@ -44,18 +44,7 @@ def planned(request):
 
 
 def step_grads(model, args) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    model(*args).float().pow(2).mean().backward()
-    out = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
+    return grads_after(model, lambda: model(*args).float().pow(2).mean())
 
 
 def nothing_pushed() -> None:

@@ -10,18 +10,13 @@ import torch
 
 import ckptplan
 
-from .conftest import MODELS
+from ckptplan.trace import default_loss
+
+from .conftest import MODELS, assert_same, grads_after
 
 
 def _grads(model, args, kwargs=None):  # noqa: ANN001, ANN202
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    from ckptplan.trace import default_loss
-
-    default_loss(model(*args, **(kwargs or {}))).backward()
-    out = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return out
+    return grads_after(model, lambda: default_loss(model(*args, **(kwargs or {}))))
 
 
 def test_eval_mode_with_gradients_steps_aside(traced, caplog):
@@ -36,7 +31,7 @@ def test_eval_mode_with_gradients_steps_aside(traced, caplog):
             with caplog.at_level(logging.WARNING, logger="ckptplan"):
                 planned = _grads(model, args)  # a validation loss without no_grad: no PlanMismatch
             assert "eval mode" in caplog.text
-            assert all(torch.equal(a, b) for a, b in zip(unplanned, planned))
+            assert_same(unplanned, planned)
             assert handle.stats.extra_forward_flops == 0
             model.train()
             handle.remove()
@@ -44,7 +39,7 @@ def test_eval_mode_with_gradients_steps_aside(traced, caplog):
             handle = ckptplan.apply(model, plan)
             trained = _grads(model, args)  # back in training: the plan applies again
             assert handle.stats.recomputed_regions > 0
-            assert all(torch.equal(a, b) for a, b in zip(reference, trained))
+            assert_same(reference, trained)
         finally:
             handle.remove()
     finally:
@@ -66,7 +61,7 @@ def test_frozen_batch_norm_is_planned_as_traced():
     try:
         planned = _grads(model, args)
         assert handle.stats.recomputed_regions > 0  # the plan ran: same modes as the traced step
-        assert all(torch.equal(a, b) for a, b in zip(reference, planned))
+        assert_same(reference, planned)
     finally:
         handle.remove()
 
@@ -99,7 +94,7 @@ def test_hugging_face_cache_is_turned_off_for_training(caplog):
     try:
         assert model.config.use_cache is False
         planned = _grads(model, args, kwargs)
-        assert all(torch.equal(a, b) for a, b in zip(reference, planned))
+        assert_same(reference, planned)
     finally:
         handle.remove()
     assert model.config.use_cache is True

@@ -17,7 +17,7 @@ from ckptplan.cli import app
 from ckptplan.plan import Decision
 from ckptplan.solver import cpsat
 
-from .conftest import MODELS, ROOT
+from .conftest import MODELS, ROOT, assert_same, grads_after
 
 
 # ---- a model with the awkward features ---------------------------------------------------------------
@@ -59,21 +59,6 @@ class Awkward(nn.Module):
 
 def awkward_loss(out: dict) -> torch.Tensor:
     return out["logits"].pow(2).mean() + out["aux"][0] + 0.1 * out["aux"][1]
-
-
-def grads_after(model, step) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    step().backward()
-    out = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 def test_awkward_model_features_keep_gradients_bitwise():
