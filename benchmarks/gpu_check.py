@@ -6,7 +6,8 @@ steps, against ``torch.cuda.max_memory_allocated`` and against what users run in
     python benchmarks/gpu_check.py --smoke --out /tmp/smoke      # the same code, tiny models, on the CPU
 
 For each model (bf16, real sizes: a Llama-style 1.1B at seq 4096 with grouped-query attention in SDPA,
-GPT-2 medium with dropout, ViT-L/16, a ResNet-50-like with BatchNorm) and each budget (fractions of the
+GPT-2 medium with dropout, ViT-L/16, a ResNet-50-like with BatchNorm; and GPT-2 medium with float32
+weights under ``torch.autocast("cuda", dtype=torch.bfloat16)``, the usual mixed-precision loop) and each budget (fractions of the
 predicted no-checkpointing peak), it records for two plans, the committed laptop plan
 (plans/gpu/MODEL-PCT.yaml) and one traced on the GPU itself:
 
@@ -26,6 +27,7 @@ it so this script cannot rot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -53,6 +55,12 @@ ANCHORS = ("none", "full", "every_k", "op_sac")
 class Model:
     name: str
     build: Callable[[str, torch.dtype], tuple]  # (device, dtype) -> (model, args)
+    autocast: torch.dtype | None = None  # forward and loss under torch.autocast (float32 weights)
+
+
+def _amp(m: Model, device: str) -> Any:
+    """The step's autocast region: forward and loss, as a mixed-precision training loop runs them."""
+    return torch.autocast(device, dtype=m.autocast) if m.autocast is not None else contextlib.nullcontext()
 
 
 def _cast(model: torch.nn.Module, args: tuple, dtype: torch.dtype) -> tuple:
@@ -78,12 +86,19 @@ def _models(smoke: bool) -> list[Model]:
             Model("gpt2", lambda d, t: _cast(*gpt2.gpt2_tiny(device=d, n_layer=2, seq_len=32), t)),
             Model("vit", lambda d, t: _cast(*vit.vit_tiny(device=d, n_layer=2, batch_size=4), t)),
             Model("resnet", lambda d, t: _cast(*resnet.resnet_tiny(device=d, batch_size=4), t)),
+            Model("gpt2_amp", lambda d, t: gpt2.gpt2_tiny(device=d, n_layer=2, seq_len=64, batch_size=4),
+                  torch.bfloat16),
         ]
 
     def gpt2_medium(device, dtype):  # noqa: ANN001, ANN202
         config = gpt2.GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024,
                                 dropout=0.1, bias=True)
         return _cast(*gpt2.build(config, device=device, batch_size=8, seq_len=1024), dtype)
+
+    def gpt2_medium_amp(device, dtype):  # noqa: ANN001, ANN202, ARG001 - float32 weights under autocast
+        config = gpt2.GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024,
+                                dropout=0.1, bias=True)
+        return gpt2.build(config, device=device, batch_size=8, seq_len=1024)
 
     def vit_l16(device, dtype):  # noqa: ANN001, ANN202
         config = vit.ViTConfig(image_size=224, patch_size=16, num_classes=1000, n_layer=24, n_head=16,
@@ -95,6 +110,7 @@ def _models(smoke: bool) -> list[Model]:
         Model("gpt2_medium", gpt2_medium),
         Model("vit_l16", vit_l16),
         Model("resnet50", lambda d, t: resnet.resnet50ish(device=d, dtype=t, batch_size=128)),
+        Model("gpt2_medium_amp", gpt2_medium_amp, torch.bfloat16),
     ]
 
 
@@ -107,9 +123,10 @@ def laptop_plans(models: list[Model], *, target: str, dtype: torch.dtype, time_l
     """Plans made from meta tensors, as a laptop makes them; written to plans/gpu/ with ``write``."""
     out = {}
     for m in models:
-        model, args = m.build("meta", dtype)
+        # autocast on meta stands in for CUDA's; a CPU plan under autocast traces real CPU tensors
+        model, args = m.build("cpu" if m.autocast is not None and target == "cpu" else "meta", dtype)
         graph = ckptplan.trace(model, *args, target=target, gpu=LAPTOP_GPU if target == "cuda" else None,
-                               model_name=m.name)
+                               model_name=m.name, autocast=m.autocast)
         for f in BUDGETS:
             budget = int(f * graph.baseline_peak_bytes)
             try:
@@ -137,10 +154,12 @@ def _seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def _grads(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, seed: int) -> list[torch.Tensor]:
+def _grads(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, seed: int, amp: Any) -> list[torch.Tensor]:
     model.zero_grad(set_to_none=True)
     _seed(seed)
-    default_loss(step_model(*args)).backward()
+    with amp:
+        loss = default_loss(step_model(*args))
+    loss.backward()
     out = [p.grad.detach().clone() if p.grad is not None else torch.zeros(0) for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     return out
@@ -157,15 +176,17 @@ def _grad_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[bool, flo
     return equal, worst
 
 
-def _peak(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, seed: int) -> int:
+def _peak(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, seed: int,
+          autocast: torch.dtype | None) -> int:
     model.zero_grad(set_to_none=True)
     _seed(seed)
-    peak = measure_peak(step_model, *args)
+    peak = measure_peak(step_model, *args, autocast=autocast)
     model.zero_grad(set_to_none=True)
     return peak
 
 
-def _time(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, device: str, steps: int) -> float:
+def _time(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, device: str, steps: int,
+          amp: Any) -> float:
     """Median seconds of a training step (forward, backward; gradients dropped), after one warm-up."""
     times = []
     for i in range(steps + 1):
@@ -173,7 +194,9 @@ def _time(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, devi
         _seed(i)
         _sync(device)
         start = time.perf_counter()
-        default_loss(step_model(*args)).backward()
+        with amp:
+            loss = default_loss(step_model(*args))
+        loss.backward()
         _sync(device)
         if i:
             times.append(time.perf_counter() - start)
@@ -189,14 +212,16 @@ def check_model(m: Model, laptop: dict, *, device: str, dtype: torch.dtype, step
 
     model, args = m.build(device, dtype)
     seed = 1234
-    ref = _grads(model, model, args, seed)
-    noise_equal, noise = _grad_error(ref, _grads(model, model, args, seed))
-    graph = ckptplan.trace(model, *args, model_name=m.name)
+    amp = _amp(m, device)
+    ref = _grads(model, model, args, seed, amp)
+    noise_equal, noise = _grad_error(ref, _grads(model, model, args, seed, amp))
+    graph = ckptplan.trace(model, *args, model_name=m.name, autocast=m.autocast)
     result: dict[str, Any] = {"model": m.name, "parameters": sum(p.numel() for p in model.parameters()),
                               "inputs": list(graph.inputs), "unplanned_repeat_bitwise": noise_equal,
                               "unplanned_repeat_rel_error": noise, "predicted_no_ckpt_peak": graph.baseline_peak_bytes,
                               "plans": [], "anchors": []}
-    result["measured_no_ckpt_peak"] = _peak(model, model, args, seed)
+    result["autocast"] = str(m.autocast).removeprefix("torch.") if m.autocast is not None else ""
+    result["measured_no_ckpt_peak"] = _peak(model, model, args, seed, m.autocast)
 
     # anchors first, at every knob: each budget then takes the fastest knob that fits
     for name in anchors + (("compile_budget",) if compile_knobs else ()):
@@ -209,8 +234,8 @@ def check_model(m: Model, laptop: dict, *, device: str, dtype: torch.dtype, step
                 result["anchors"].append(row)
                 continue
             try:
-                row["peak"] = _peak(model, applied.step_model, args, seed)
-                row["step_s"] = _time(model, applied.step_model, args, device, steps)
+                row["peak"] = _peak(model, applied.step_model, args, seed, m.autocast)
+                row["step_s"] = _time(model, applied.step_model, args, device, steps, amp)
                 row["setup_s"] = applied.setup_s
             except Exception as e:  # noqa: BLE001 - an anchor that fails here is a result, not a crash
                 row["error"] = f"{type(e).__name__}: {e}"
@@ -239,11 +264,11 @@ def check_model(m: Model, laptop: dict, *, device: str, dtype: torch.dtype, step
                 result["plans"].append(row)
                 continue
             try:
-                row["peak"] = _peak(model, model, args, seed)
+                row["peak"] = _peak(model, model, args, seed, m.autocast)
                 row["fits"] = row["peak"] <= plan.budget_bytes
                 row["peak_error"] = row["peak"] / plan.predicted_peak_bytes - 1
-                row["grad_bitwise"], row["grad_rel_error"] = _grad_error(ref, _grads(model, model, args, seed))
-                row["step_s"] = _time(model, model, args, device, steps)
+                row["grad_bitwise"], row["grad_rel_error"] = _grad_error(ref, _grads(model, model, args, seed, amp))
+                row["step_s"] = _time(model, model, args, device, steps, amp)
             except ckptplan.PlanMismatch as e:
                 row["error"] = f"PlanMismatch in the step: {e}"
             finally:

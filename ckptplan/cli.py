@@ -69,19 +69,24 @@ GpuOpt = Annotated[Optional[str], typer.Option(
 SdpaOpt = Annotated[Optional[str], typer.Option(
     help="Attention kernel a meta trace takes: auto (torch's choice for the GPU), cudnn, flash, efficient or "
          "math (as your run's torch.nn.attention.sdpa_kernel forces).", show_default=False)]
+AutocastOpt = Annotated[Optional[str], typer.Option(
+    help="The step runs forward and loss under torch.autocast with this dtype: bf16 or fp16 (a meta trace then "
+         "makes the casts CUDA's autocast makes; a real model runs torch's autocast).", show_default=False)]
 ProfileOpt = Annotated[Optional[Path], typer.Option(
     help="Device cost profile (YAML/JSON, as benchmarks/gpu_calibrate.py writes it) the recompute time is "
          "estimated with (default: the built-in profile of the target).", show_default=False)]
 
 
-def _where(target: str | None, gpu: str | None, sdpa: str | None) -> dict[str, Any]:
+def _where(target: str | None, gpu: str | None, sdpa: str | None, autocast: str | None = None) -> dict[str, Any]:
     """trace()'s target keywords, those given only."""
-    return {k: v for k, v in (("target", target), ("gpu", gpu), ("sdpa", sdpa)) if v is not None}
+    return {k: v for k, v in (("target", target), ("gpu", gpu), ("sdpa", sdpa), ("autocast", autocast))
+            if v is not None}
 
 
 def _plan_where(plan: Any) -> dict[str, Any]:
     """trace()'s target keywords for the step a plan was made for (none for a plan older than targets)."""
-    return _where(plan.device if plan.device in ("cpu", "cuda") else None, plan.gpu or None, None)
+    return _where(plan.device if plan.device in ("cpu", "cuda") else None, plan.gpu or None, None,
+                  plan.autocast or None)
 
 
 def _card_budget(budget: str, where: dict[str, Any]) -> str:
@@ -249,6 +254,7 @@ def solve(
     target: TargetOpt = None,
     gpu: GpuOpt = None,
     sdpa: SdpaOpt = None,
+    autocast: AutocastOpt = None,
     profile: ProfileOpt = None,
     server: Annotated[Optional[str], typer.Option(
         help="Solve on this `ckptplan serve` server (http://HOST:PORT), which answers identical requests from "
@@ -261,7 +267,7 @@ def solve(
 
     quiet = quiet or as_json
     try:
-        where = _where(target, gpu, sdpa)
+        where = _where(target, gpu, sdpa, autocast)
         budget_given, budget = budget, _card_budget(budget, where)
         parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace, not after
         check_options(reserve=reserve, gap=gap)  # before the trace, like the budget
@@ -327,6 +333,7 @@ def sweep(
     target: TargetOpt = None,
     gpu: GpuOpt = None,
     sdpa: SdpaOpt = None,
+    autocast: AutocastOpt = None,
     profile: ProfileOpt = None,
     server: Annotated[Optional[str], typer.Option(
         help="Sweep on this `ckptplan serve` server, which caches the rows (and draws the plot on its page).")] = None,
@@ -350,7 +357,7 @@ def sweep(
                 raise InputError(f"--plot {plot}: give a file ending in one of .{', .'.join(PLOT_FORMATS)}, "
                                  "e.g. pareto.png")
             _check_output(plot, "--plot")
-        _, graph = _trace(model, arg, optimizer, quiet, where=_where(target, gpu, sdpa))
+        _, graph = _trace(model, arg, optimizer, quiet, where=_where(target, gpu, sdpa, autocast))
         if profile is not None:
             from .planner import _priced
 
@@ -385,7 +392,8 @@ def sweep(
 @app.command("trace")
 def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOpt = None,
               parallel: ParallelOpt = None, world_size: WorldOpt = 1, target: TargetOpt = None,
-              gpu: GpuOpt = None, sdpa: SdpaOpt = None, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+              gpu: GpuOpt = None, sdpa: SdpaOpt = None, autocast: AutocastOpt = None, as_json: JsonOpt = False,
+              quiet: QuietOpt = False) -> None:
     """Trace one training step and print its memory facts: peaks, FLOPs, candidate regions and
     rematerializations."""
     from .solver.regions import candidate_regions, outermost
@@ -394,7 +402,7 @@ def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOp
 
     try:
         _, graph = _trace(model, arg, optimizer, quiet or as_json, parallel, world_size,
-                          where=_where(target, gpu, sdpa))
+                          where=_where(target, gpu, sdpa, autocast))
     except CkptplanError as e:
         _fail(e, as_json)
         return
@@ -496,7 +504,7 @@ def verify(
         handle = apply(loaded.model, plan)
         try:
             with _model_code(loaded.name):
-                peak = measure_peak(loaded.model, *loaded.args, **loaded.kwargs)
+                peak = measure_peak(loaded.model, *loaded.args, autocast=plan.autocast or None, **loaded.kwargs)
             extra = handle.stats.extra_forward_flops
         finally:
             handle.remove()

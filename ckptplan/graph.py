@@ -118,6 +118,7 @@ class Graph:
     gpu_capability: tuple[int, int] | None = None
     traced_on: str = ""  # the tensors the trace ran: "meta", "fake", "cpu" or "cuda"
     sdpa_backends: tuple[str, ...] = ()  # attention kernels a meta or fake cuda trace chose
+    autocast: str = ""  # torch.autocast's dtype around forward and loss ("bfloat16", "float16"); "" for none
     eval_modules: tuple[str, ...] = ()  # modules in eval mode during the traced step (frozen BatchNorm, ...)
     # the costmodel.DeviceProfile the ops' cost_ns were priced with (costmodel.price); None: the default
     # profile of ``device``

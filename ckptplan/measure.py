@@ -6,6 +6,7 @@ the peak of full per-block checkpointing on a small Llama), so memory is never m
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -19,6 +20,7 @@ from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from .autocast import parse_autocast  # noqa: E402
 from .flops import op_flops  # noqa: E402
 from .trace import default_loss  # noqa: E402
 
@@ -31,6 +33,23 @@ class _Tracker(MemTracker):
     @classmethod
     def ignore_compile_internals(cls) -> bool:
         return True
+
+    def skip_frozen(self, model: nn.Module) -> None:
+        """MemTracker installs a gradient hook on every parameter, which torch refuses on one that does not
+        require grad (a frozen embedding): mark those as hooked already. They are still counted."""
+        handles = getattr(self, "_param_to_grad_hook_handles", None)
+        if handles is None:
+            return
+        for p in model.parameters():
+            if not p.requires_grad and handles.get(p) is None:
+                handles[p] = (_NoHook(), _NoHook())
+
+
+class _NoHook:
+    """A hook handle with nothing to remove."""
+
+    def remove(self) -> None:
+        pass
 
 
 class _FlopCounter(TorchDispatchMode):
@@ -53,9 +72,14 @@ class _FlopCounter(TorchDispatchMode):
         return out
 
 
-def _step(model: nn.Module, args: tuple, kwargs: dict, loss_fn: Callable[[Any], torch.Tensor] | None) -> None:
+def _step(model: nn.Module, args: tuple, kwargs: dict, loss_fn: Callable[[Any], torch.Tensor] | None,
+          autocast: str | torch.dtype | None = None) -> None:
     model.zero_grad(set_to_none=True)
-    loss = (loss_fn or default_loss)(model(*args, **kwargs))
+    dtype = parse_autocast(autocast)
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    region = torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with region:  # forward and loss, as a mixed-precision training loop runs them
+        loss = (loss_fn or default_loss)(model(*args, **kwargs))
     loss.backward()
 
 
@@ -63,27 +87,29 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
-def measure_peak(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> int:  # noqa: ANN001
-    """Peak bytes of one step as MemTracker sees it (CPU, meta and fake tensors) or CUDA's allocator."""
+def measure_peak(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **kwargs: Any) -> int:  # noqa: ANN001
+    """Peak bytes of one step as MemTracker sees it (CPU, meta and fake tensors) or CUDA's allocator.
+    ``autocast`` ("bf16", "fp16"): forward and loss run under ``torch.autocast`` with that dtype."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        _step(model, args, kwargs, loss_fn)
+        _step(model, args, kwargs, loss_fn, autocast)
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated())
     tracker = _Tracker()
     # MemTracker counts only storages it sees created, and those registered here: without the step's
     # tensor arguments it would miss the inputs (the images of a vision model), which a GPU's allocator
     # counts like any other memory and the trace counts too.
+    tracker.skip_frozen(model)
     tracker.track_external(model, *_tensors((args, kwargs)))
     with tracker:
-        _step(model, args, kwargs, loss_fn)
+        _step(model, args, kwargs, loss_fn, autocast)
     peak = tracker.get_tracker_snapshot("peak")
     return int(max((snap["Total"] for snap in peak.values()), default=0))
 
 
-def measure_flops(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> int:  # noqa: ANN001
+def measure_flops(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **kwargs: Any) -> int:  # noqa: ANN001
     """Total FLOPs of one step (forward, recomputation and backward) by FlopCounterMode.
 
     A compiled model (``torch.compile``) is counted by the same formulas in a mode that keeps it compiled;
@@ -94,8 +120,8 @@ def measure_flops(model: nn.Module, *args: Any, loss_fn=None, **kwargs: Any) -> 
                                   for m in model.modules()):
         counter = _FlopCounter()
         with counter:
-            _step(model, args, kwargs, loss_fn)
+            _step(model, args, kwargs, loss_fn, autocast)
         return counter.total
     with FlopCounterMode(display=False) as flops:
-        _step(model, args, kwargs, loss_fn)
+        _step(model, args, kwargs, loss_fn, autocast)
     return int(flops.get_total_flops())

@@ -101,6 +101,7 @@ class Plan:
     fingerprints: tuple[str, ...] = ()  # Graph.fingerprint of each shape, in the same order
     gpu: str = ""  # the GPU a cuda plan was made for ("h100", "sm86"); "" for a cpu plan
     eval_modules: tuple[str, ...] = ()  # modules the traced step ran in eval mode (frozen BatchNorm, ...)
+    autocast: str = ""  # torch.autocast's dtype the step runs under ("bfloat16", "float16"); "" for none
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -241,6 +242,8 @@ def dump_yaml(plan: Plan) -> str:
         *([f"gpu: {_q(plan.gpu)}  # its kernels and allocator are the ones planned for"] if plan.gpu else []),
         *([f"eval_modules: {_q(list(plan.eval_modules))}  # in eval mode in the traced step"]
           if plan.eval_modules else []),
+        *([f"autocast: {_q(plan.autocast)}  # forward and loss run under torch.autocast with this dtype"]
+          if plan.autocast else []),
         f"optimizer: {_q(plan.optimizer)}",
         f"parallel: {_q(plan.parallel)}  # the budget is per rank",
         "budget:",
@@ -402,6 +405,7 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             ckptplan_version=str(data.get("ckptplan", "")), torch_version=str(data.get("torch", "")),
             solver_stats=stats, gpu=str(data.get("gpu", "") or ""),
             eval_modules=tuple(str(m) for m in data.get("eval_modules", ()) or ()),
+            autocast=_autocast_field(data.get("autocast", "") or ""),
         )
     except InputError as e:
         msg = str(e)
@@ -434,3 +438,9 @@ def check_decisions(region: RegionPlan) -> None:
                              "of rerunning it; set it back to save")
         if o.decision is Decision.SAVE and o.forced not in (None, Forced.KEPT.value):
             raise InputError(f"{where} cannot be saved ({o.forced}); set it back to recompute")
+
+
+def _autocast_field(value: object) -> str:
+    if value not in ("", "bfloat16", "float16"):
+        raise InputError(f"autocast: {value!r} is not an autocast dtype (bfloat16 or float16); re-solve the plan")
+    return str(value)

@@ -127,6 +127,7 @@ def graph_summary(graph: Graph, *, regions: int, full_peak: int, remats: int = 0
         "inputs": list(graph.inputs),
         "device": graph.device,
         **({"gpu": graph.gpu, "attention_kernels": list(graph.sdpa_backends)} if graph.gpu else {}),
+        **({"autocast": graph.autocast} if graph.autocast else {}),
         "traced_on": graph.traced_on,
         "forward_ops": graph.num_forward,
         "events": graph.num_events,

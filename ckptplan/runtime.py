@@ -392,6 +392,7 @@ class Handle:
                             _describe_modules(tuple(self.plan.eval_modules), "a training step"))
                 self._warned_aside = True
             return
+        self._check_autocast()
         got = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
                for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if tuple(got) not in {tuple(x) for x in self.plan.shapes}:
@@ -401,6 +402,19 @@ class Handle:
         self._counter.flops = self._counter.regions = 0
         # the op rows are the largest shape's: at another listed shape, ops and modules are compared
         self._counter.check_shapes = tuple(got) == tuple(self.plan.inputs)
+
+    def _check_autocast(self) -> None:
+        """The step runs under the autocast the plan was made for (casts are ops of the plan)."""
+        device = self.plan.device
+        on = torch.is_autocast_enabled(device)
+        running = str(torch.get_autocast_dtype(device)).removeprefix("torch.") if on else ""
+        if running != self.plan.autocast:
+            planned = f"under torch.autocast({device!r}, dtype=torch.{self.plan.autocast})" if self.plan.autocast \
+                else "without autocast"
+            now = f"under torch.autocast({device!r}, dtype=torch.{running})" if running else "without autocast"
+            fix = f"--autocast {'bf16' if running == 'bfloat16' else 'fp16'}" if running else "no --autocast"
+            raise PlanMismatch(f"the plan was made for a step {planned}, this step runs {now}: run the step as "
+                               f"planned, or trace and solve again with {fix}")
 
     def _after_forward(self, _m: nn.Module, _a: Any, output: Any) -> None:
         outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]

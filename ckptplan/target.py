@@ -16,15 +16,23 @@ what the CUDA kernel saves:
   CPU decomposition.
 * ``batch_norm``: ``aten.cudnn_batch_norm`` where ``_batch_norm_impl_index`` picks cuDNN.
 
+* ``softmax`` / ``log_softmax`` of half input to float output: one kernel (``half_to_float``).
+* ``torch.autocast("cuda")``: the casts its kernels make (autocast.py), when a step is traced with
+  ``autocast="bf16"`` or ``"fp16"``.
+
+The mode sees the torch functions that Python-level functions call (``F.multi_head_attention_forward``
+calls ``scaled_dot_product_attention``) on torch releases that have ``torch.overrides.redispatch_function``
+(2.13 and later); on older ones only the outer call.
+
 Not stood in for: ``rms_norm``'s fused CUDA kernel (``aten._fused_rms_norm`` decomposes on meta before a
-dispatch mode sees it), dropout inside the math attention fallback, and autocast (which casts CUDA tensors
-only: trace a bf16 model instead of autocast).
+dispatch mode sees it) and dropout inside the math attention fallback.
 
 Memory on CUDA is what the caching allocator hands out (``cuda_block_bytes``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .autocast import Autocast, op_name
 from .errors import InputError
 
 aten = torch.ops.aten
@@ -317,7 +326,38 @@ def _efficient_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tor
     return mask
 
 
-class CpuKernels(TorchFunctionMode):
+def _python_function(func: Any) -> bool:
+    """A torch function written in Python (``F.layer_norm``, ``F.multi_head_attention_forward``): the ops
+    it calls are torch functions of their own."""
+    return inspect.isfunction(func) or inspect.ismethod(func)
+
+
+# torch.overrides.redispatch_function (torch >= 2.13) runs a Python torch function with the mode kept
+# for the functions it calls; on older releases a mode sees only the outer call.
+_redispatch = getattr(torch.overrides, "redispatch_function", None)
+
+
+class _KernelMode(TorchFunctionMode):
+    """A mode that stands in for a device's dispatch decisions at every depth: the torch functions a
+    Python-level function calls (``nn.MultiheadAttention`` calls ``scaled_dot_product_attention`` inside
+    ``F.multi_head_attention_forward``) pass through the mode too."""
+
+    _entering: tuple[Any, ...] = ()  # the Python functions being run with the mode kept, innermost last
+
+    def _inside(self, func, types, args, kwargs):  # noqa: ANN001, ANN202
+        # A Python function whose body calls the builtin it wraps (Tensor.unflatten, torch.einsum) is
+        # handed to the mode again under its own name: that second call runs as is.
+        if _redispatch is None or not _python_function(func) or (self._entering and self._entering[-1] is func):
+            return func(*args, **kwargs)
+        self._entering = (*self._entering, func)
+        try:
+            with self:
+                return _redispatch(func, types, args, kwargs)
+        finally:
+            self._entering = self._entering[:-1]
+
+
+class CpuKernels(_KernelMode):
     """Runs the CPU's attention kernel where the CPU's dispatcher picks it (``select_sdp_backend_cpp``:
     flash attention for 4-D inputs without dropout), so that a CPU plan made on meta tensors holds the ops
     a real CPU step runs."""
@@ -326,7 +366,7 @@ class CpuKernels(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self._sdpa(*args, **kwargs)
-        return func(*args, **kwargs)
+        return self._inside(func, types, args, kwargs)
 
     @staticmethod
     def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001, ANN205
@@ -340,24 +380,61 @@ class CpuKernels(TorchFunctionMode):
                                                                 scale=scale)[0]
 
 
-class CudaKernels(TorchFunctionMode):
-    """Runs the CUDA kernels' aten ops where CUDA's dispatcher would pick them (see the module docstring).
-    Records each attention backend chosen in ``chosen``."""
+class CudaKernels(_KernelMode):
+    """Runs the CUDA kernels' aten ops where CUDA's dispatcher would pick them (see the module docstring),
+    and CUDA's autocast where ``torch.is_autocast_enabled("cuda")`` (ckptplan/autocast.py). Records each
+    attention backend chosen in ``chosen``."""
 
     def __init__(self, gpu: GpuSpec, sdpa: SdpaBackend = SdpaBackend.AUTO) -> None:
         super().__init__()
         self.gpu = gpu
         self.sdpa = sdpa
         self.chosen: list[SdpaBackend] = []
+        self.autocast = Autocast("cuda")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return self._sdpa(*args, **kwargs)
         if func is F.dropout or func is torch.dropout:
             return self._dropout(func, args, kwargs)
         if func is F.batch_norm:
             return self._batch_norm(func, args, kwargs)
+        name = op_name(func)
+        if _python_function(func) and name not in self.autocast.policy:
+            return self._inside(func, types, args, kwargs)
+        if name == "cross_entropy_loss" and self.autocast.active() is not None:
+            return self._cross_entropy(func, args, kwargs)
+        args, kwargs = self.autocast.cast_args(name, tuple(args), kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self._sdpa(*args, **kwargs)
+        if name in ("softmax", "log_softmax"):
+            return self._softmax(func, name, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _cross_entropy(self, func, args, kwargs):  # noqa: ANN001, ANN202
+        # cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing) decomposes in
+        # C++ (LossNLL.cpp) into log_softmax in the input's dtype and nll_loss_nd, whose nll_loss autocast
+        # runs in float32; class-index targets without label smoothing only, else the op runs whole
+        names = ("input", "target", "weight", "reduction", "ignore_index", "label_smoothing")
+        b = {"weight": None, "reduction": 1, "ignore_index": -100, "label_smoothing": 0.0} | dict(zip(names, args)) | kwargs
+        x, target = b["input"], b["target"]
+        if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or target.is_floating_point()
+                or b["label_smoothing"] or x.dim() not in (1, 2, 4)):
+            return func(*args, **kwargs)
+        logp = torch.log_softmax(x, 0 if x.dim() == 1 else 1, dtype=x.dtype)
+        weight, logp = self.autocast.cast_args("nll_loss", (b["weight"], logp), {})[0]
+        reduction = {0: "none", 1: "mean", 2: "sum"}[int(b["reduction"])]  # torch's Reduction enum
+        return F.nll_loss(logp, target, weight, ignore_index=b["ignore_index"], reduction=reduction)
+
+    @staticmethod
+    def _softmax(func, name, args, kwargs):  # noqa: ANN001, ANN205
+        # softmax(input, dim, dtype): CUDA takes half input to float output in one kernel
+        # (half_to_float, aten/src/ATen/native/SoftMax.cpp); elsewhere the input is converted first
+        x = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        dtype = kwargs.get("dtype", args[2] if len(args) > 2 else None)
+        if isinstance(x, torch.Tensor) and x.dtype is torch.float16 and dtype is torch.float32 and isinstance(dim, int):
+            kernel = aten._softmax if name == "softmax" else aten._log_softmax
+            return kernel(x, dim, True)
         return func(*args, **kwargs)
 
     # scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import SAC_IGNORED_OPS
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import costmodel
+from .autocast import dtype_name, parse_autocast
 from .errors import InputError
 from .modes import eval_modules, no_kv_cache
 from .target import CpuKernels, CudaKernels, GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu, parse_sdpa, parse_target
@@ -276,12 +277,36 @@ def _module_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
+@contextlib.contextmanager
+def _autocast(where: "_Where", dtype: torch.dtype | None, kernels: CudaKernels | CpuKernels | None):
+    """The autocast region of a step: forward and loss, not backward (as ``with torch.autocast(...)`` in a
+    training loop). Real tensors run torch's own autocast; a meta or fake trace for CUDA sets CUDA's
+    thread-local autocast state, which ``CudaKernels`` reads (autocast.py)."""
+    if dtype is None:
+        yield
+        return
+    if where.traced_on not in ("meta", "fake"):
+        with torch.autocast(device_type=where.traced_on, dtype=dtype):
+            yield
+        return
+    assert isinstance(kernels, CudaKernels)
+    enabled, before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", before)
+        kernels.autocast.clear()
+
+
 def _run_pass(model, args, kwargs, loss_fn, names, profile, kernels: CudaKernels | CpuKernels | None,
-              target: Target, *,
+              where: "_Where", autocast: torch.dtype | None, *,
               keep_saved: bool):
     # Each pass sees what one step sees: autocast casts the weights again (its cache lives per context).
     torch.clear_autocast_cache()
-    rec = _Recorder(names, profile, target)
+    rec = _Recorder(names, profile, where.target)
     for p in model.parameters():
         rec.storage_id(p, StorageKind.PARAM, None)
     for b in model.buffers():
@@ -301,13 +326,14 @@ def _run_pass(model, args, kwargs, loss_fn, names, profile, kernels: CudaKernels
         else:
             hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: None, _no_unpack)
         with hooks, (kernels if kernels is not None else contextlib.nullcontext()), rec:
-            out = model(*args, **kwargs)
-            if getattr(out, "past_key_values", None) is not None:
-                raise InputError("the model returned a KV cache (Hugging Face use_cache=True): a recomputed layer "
-                                 "would append to it again and rerun other ops. Call it with use_cache=False "
-                                 "(or set model.config.use_cache = False) for training")
-            loss = loss_fn(out)
-            del out
+            with _autocast(where, autocast, kernels):
+                out = model(*args, **kwargs)
+                if getattr(out, "past_key_values", None) is not None:
+                    raise InputError("the model returned a KV cache (Hugging Face use_cache=True): a recomputed "
+                                     "layer would append to it again and rerun other ops. Call it with "
+                                     "use_cache=False (or set model.config.use_cache = False) for training")
+                loss = loss_fn(out)
+                del out
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise InputError("loss_fn must return a scalar tensor")
             if not loss.requires_grad:
@@ -373,7 +399,8 @@ def _local_gpu() -> GpuSpec:
 
 def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer: str | None = None,
           model_name: str | None = None, target: str | Target | None = None, gpu: str | GpuSpec | None = None,
-          sdpa: str | SdpaBackend | None = None, **kwargs: Any) -> Graph:
+          sdpa: str | SdpaBackend | None = None, autocast: str | torch.dtype | None = None,
+          **kwargs: Any) -> Graph:
     """Trace one training step of ``model(*args, **kwargs)`` and return its activation graph.
 
     ``loss_fn`` maps the model output to the scalar to backpropagate (default: ``default_loss``).
@@ -383,7 +410,9 @@ def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer
     for a real CPU model. ``gpu`` names the GPU a meta or fake trace plans for ("h100", "a100-40gb", "l4",
     ... or a compute capability such as "8.0"; default h100). ``sdpa`` forces an attention backend
     ("flash", "efficient", "cudnn", "math") where torch's own choice ("auto") is not the one your run
-    makes (``torch.nn.attention.sdpa_kernel``).
+    makes (``torch.nn.attention.sdpa_kernel``). ``autocast`` ("bf16" or "fp16"): the forward and the loss
+    run under ``torch.autocast(device_type, dtype)``, as in a mixed-precision training loop; on meta or
+    fake tensors for a cuda target the trace makes the casts CUDA's autocast makes (autocast.py).
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"trace() needs an nn.Module, got {type(model).__name__}")
@@ -398,6 +427,13 @@ def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer
     if backend is not SdpaBackend.AUTO and where.traced_on not in ("meta", "fake"):
         raise InputError("sdpa= chooses the attention kernel of a meta or fake trace; a real model runs "
                          "the kernel torch picks (choose it with torch.nn.attention.sdpa_kernel)")
+    amp = parse_autocast(autocast)
+    ambient = None  # trace() called inside the user's own torch.autocast on real tensors: the step runs in it
+    if amp is None and where.traced_on in ("cpu", "cuda") and torch.is_autocast_enabled(where.traced_on):
+        ambient = parse_autocast(torch.get_autocast_dtype(where.traced_on))
+    if amp is not None and where.traced_on in ("meta", "fake") and where.target is not Target.CUDA:
+        raise InputError("autocast on meta or fake tensors stands in for CUDA's autocast: plan for --target "
+                         "cuda, or trace real CPU tensors to plan a CPU step under torch.autocast('cpu')")
     profile = costmodel.profile_for(where.target.value)
     names = _module_names(model)
     state = _StepState(model)
@@ -413,13 +449,13 @@ def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer
     with no_kv_cache(model):
         try:
             state.clear_grads()
-            life, n_life = _run_pass(model, args, kwargs, loss_fn, names, profile, kernels(), where.target,
+            life, n_life = _run_pass(model, args, kwargs, loss_fn, names, profile, kernels(), where, amp,
                                      keep_saved=False)
             python_free = _python_free_by_position(life, n_life)
             del life
             state.reset_rng()
             step_kernels = kernels()
-            rec, n_fwd = _run_pass(model, args, kwargs, loss_fn, names, profile, step_kernels, where.target,
+            rec, n_fwd = _run_pass(model, args, kwargs, loss_fn, names, profile, step_kernels, where, amp,
                                    keep_saved=True)
             state.clear_grads()  # drop the traced gradients so their storages die inside the trace
         finally:
@@ -430,7 +466,7 @@ def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer
     chosen = getattr(step_kernels, "chosen", [])
     sdpa_used = sorted({b.value for b in chosen})
     return _build_graph(model, rec, n_fwd, python_free, tensors, where, optimizer,
-                        model_name or type(model).__name__, sdpa_used)
+                        model_name or type(model).__name__, sdpa_used, dtype_name(amp or ambient))
 
 
 def _python_free_by_position(rec: _Recorder, n_fwd: int) -> dict[tuple[int, int], int]:
@@ -447,7 +483,7 @@ MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution
 
 
 def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, where: _Where, optimizer, name,
-                 sdpa_used: list[str]) -> Graph:
+                 sdpa_used: list[str], autocast: str) -> Graph:
     num_events = rec.event
     position: dict[int, tuple[int, int]] = {}
     for op in rec.ops:
@@ -483,7 +519,7 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, where:
         inputs=tuple(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors),
         device=where.target.value, gpu=where.gpu.name if where.gpu else "",
         gpu_capability=where.gpu.capability if where.gpu else None, traced_on=where.traced_on,
-        sdpa_backends=tuple(sdpa_used), extra_fixed_bytes=workspace, ops=tuple(rec.ops), storages=tuple(storages), modules=modules,
+        sdpa_backends=tuple(sdpa_used), autocast=autocast, extra_fixed_bytes=workspace, ops=tuple(rec.ops), storages=tuple(storages), modules=modules,
         num_events=num_events, optimizer=opt, tensor_names=tuple(sorted(names)),
         module_tree=tuple((path, type(m).__name__) for path, m in model.named_modules()),
         eval_modules=eval_modules(model),

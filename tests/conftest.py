@@ -8,6 +8,9 @@ import sys
 # Some CI sandboxes advertise AMX in CPUID but trap its instructions (SIGILL in oneDNN's bf16 matmul,
 # seen on a 2-core Xeon VM): cap oneDNN at AVX512-BF16 before torch loads. A user's setting wins.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+# Solves end on CP-SAT's deterministic clock, not on a busy machine's wall clock (planner.WALL_SLACK_ENV):
+# the same plan however loaded the machine is (a served solve's process inherits it).
+os.environ.setdefault("CKPTPLAN_WALL_SLACK", "20")
 from pathlib import Path
 
 import pytest

@@ -25,18 +25,24 @@ def _script(name: str):  # noqa: ANN202
 
 @pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
-    out = _script("gpu_check").main(["--smoke", "--out", str(tmp_path), "--models", "llama,gpt2",
+    out = _script("gpu_check").main(["--smoke", "--out", str(tmp_path), "--models", "llama,gpt2,gpt2_amp",
                                      "--steps", "1", "--time-limit", "20"])
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [r["model"] for r in saved["results"]] == ["llama", "gpt2"]
+    assert [r["model"] for r in saved["results"]] == ["llama", "gpt2", "gpt2_amp"]
+    assert [r["autocast"] for r in saved["results"]] == ["", "", "bfloat16"]
     assert "Budget violations: 0; PlanMismatch: 0" in (tmp_path / "gpu_check.md").read_text()
     for r in out["results"]:
         assert r["unplanned_repeat_bitwise"]
         assert {p["source"] for p in r["plans"]} == {"laptop", "gpu"}
         for p in r["plans"]:
-            # on the CPU the laptop plan (made on meta) holds, fits to the byte and trains bitwise
+            # on the CPU the laptop plan (made on meta) holds, fits to the byte and trains bitwise; under
+            # autocast a recomputed region's cast cache can die a few hundred bytes earlier than predicted
             assert "error" not in p, p
-            assert p["fits"] and p["peak"] == p["predicted_peak"] and p["grad_bitwise"], p
+            assert p["fits"] and p["grad_bitwise"], p
+            if r["autocast"]:
+                assert p["predicted_peak"] - 1024 <= p["peak"] <= p["predicted_peak"], p
+            else:
+                assert p["peak"] == p["predicted_peak"], p
         assert {a["policy"] for a in r["anchors"]} >= {"none", "full", "op_sac"}
 
 

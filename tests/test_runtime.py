@@ -227,3 +227,33 @@ def test_extra_dispatch_modes_do_not_shift_decisions(traced, reference):
     run.reset()
     for k in grads0:
         assert torch.equal(grads[k], grads0[k]), k
+
+
+def test_a_model_with_frozen_parameters_is_measured_and_fits_to_the_byte():
+    """MemTracker hooks every parameter's gradient; a frozen one (an embedding, as Whisper's positions)
+    must be counted without a hook, not end `verify` in a traceback."""
+    from torch import nn
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(100, 64)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+                                        for _ in range(4))
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            h = self.emb(x)
+            for block in self.blocks:
+                h = h + block(h)
+            return h.pow(2).mean()
+
+    torch.manual_seed(0)
+    model = Frozen()
+    model.emb.weight.requires_grad_(False)
+    x = torch.randint(0, 100, (8, 64))
+    graph = ckptplan.trace(model, x)
+    assert measure_peak(model, x) == graph.baseline_peak_bytes
+    plan = solve_at(graph, 0.7)
+    assert plan.regions
+    with ckptplan.apply(model, plan):
+        assert measure_peak(model, x) == plan.predicted_peak_bytes

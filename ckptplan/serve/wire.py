@@ -74,6 +74,7 @@ def graph_to_dict(g: Graph) -> dict[str, Any]:
         "strings": s.table, "ops": ops, "storages": storages, "modules": modules,
         "gpu": g.gpu, "gpu_capability": list(g.gpu_capability) if g.gpu_capability else None,
         "traced_on": g.traced_on, "sdpa_backends": list(g.sdpa_backends), "eval_modules": list(g.eval_modules),
+        **({"autocast": g.autocast} if g.autocast else {}),
         "profile": profile_to_dict(g.profile) if g.profile is not None else None,
     }
 
@@ -166,7 +167,7 @@ def decode(doc: Any) -> list[Graph]:
 
 
 # the target a graph is planned for and the profile it is priced with; absent in older uploads
-OPTIONAL_FIELDS = ("gpu", "gpu_capability", "traced_on", "sdpa_backends", "eval_modules", "profile")
+OPTIONAL_FIELDS = ("gpu", "gpu_capability", "traced_on", "sdpa_backends", "eval_modules", "autocast", "profile")
 GRAPH_FIELDS = ("model_name", "signature", "num_parameters", "inputs", "device", "num_events", "module_tree",
                 "tensor_names", "optimizer", "optimizer_state_bytes", "extra_fixed_bytes", "parallel",
                 "torch_version", "saved_tensors", "fingerprint", "strings", "ops", "storages", "modules")
@@ -184,6 +185,10 @@ def _target_fields(r: "_Reader", d: dict[str, Any]) -> dict[str, Any]:
             raise r.fail(".gpu_capability", "a compute capability is [major, minor]")
     if d.get("traced_on") is not None:
         out["traced_on"] = r.str(d["traced_on"], ".traced_on")
+    if d.get("autocast"):
+        out["autocast"] = r.str(d["autocast"], ".autocast")
+        if out["autocast"] not in ("bfloat16", "float16"):
+            raise r.fail(".autocast", "autocast is bfloat16, float16 or empty")
     for name in ("sdpa_backends", "eval_modules"):
         if d.get(name) is not None:
             out[name] = tuple(r.str(x, f".{name}[{i}]") for i, x in enumerate(r.list(d[name], f".{name}")))
