@@ -24,8 +24,9 @@ The mode sees the torch functions that Python-level functions call (``F.multi_he
 calls ``scaled_dot_product_attention``) on torch releases that have ``torch.overrides.redispatch_function``
 (2.13 and later); on older ones only the outer call.
 
-Not stood in for: ``rms_norm``'s fused CUDA kernel (``aten._fused_rms_norm`` decomposes on meta before a
-dispatch mode sees it) and dropout inside the math attention fallback.
+* ``rms_norm``: CUDA's fused kernel (see NOTE [ fused RMSNorm on meta ]).
+
+Not stood in for: dropout inside the math attention fallback.
 
 Memory on CUDA is what the caching allocator hands out (``cuda_block_bytes``).
 """
@@ -326,6 +327,50 @@ def _efficient_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tor
     return mask
 
 
+# NOTE [ fused RMSNorm on meta ]
+# rms_norm (aten/src/ATen/native/layer_norm.cpp, ``rms_norm_symint``) calls ``_fused_rms_norm`` unless the
+# input is channels-last or complex or the weight's dtype differs from the input's. CUDA has a kernel for it,
+# whose autograd formula saves the input, the weight and ``rstd``; every other backend, meta included, runs
+# its CompositeImplicitAutograd decomposition (pow, mean, rsqrt, mul, ...), which saves other tensors.
+# torch refuses a meta kernel for an op with such a decomposition, so the trace calls this stand-in, whose
+# fake kernel gives the CUDA kernel's outputs (``rstd``: the input's leading dims, the normalized ones kept
+# as 1, in float32 for half inputs, as torch's own decomposition of the op gives it) and whose backward is
+# aten's ``_fused_rms_norm_backward``; the recorder files it under aten's name (``STANDS_FOR``).
+@torch.library.custom_op("ckptplan::fused_rms_norm", mutates_args=())
+def _fused_rms_norm(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None,  # noqa: A002
+                    eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("ckptplan::fused_rms_norm stands in for CUDA's kernel on meta or fake tensors only")
+
+
+@_fused_rms_norm.register_fake
+def _fused_rms_norm_fake(input, normalized_shape, weight, eps):  # noqa: A002, ANN001, ANN202, ARG001
+    n = len(normalized_shape)
+    acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    rstd = input.new_empty((*input.shape[:input.dim() - n], *([1] * n)), dtype=acc)
+    return out, rstd
+
+
+def _fused_rms_norm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, shape, weight, _ = inputs
+    ctx.shape = list(shape)
+    ctx.has_weight = weight is not None
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _fused_rms_norm_backward(ctx, grad, _grad_rstd):  # noqa: ANN001, ANN202
+    x, weight, rstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.has_weight and ctx.needs_input_grad[2]]
+    dx, dw = aten._fused_rms_norm_backward(grad, x, ctx.shape, rstd, weight, mask)
+    return dx, None, dw, None
+
+
+_fused_rms_norm.register_autograd(_fused_rms_norm_backward, setup_context=_fused_rms_norm_setup)
+
+# ops the trace records under the name of the aten op they stand in for
+STANDS_FOR = {"ckptplan.fused_rms_norm.default": "aten._fused_rms_norm.default"}
+
+
 def _python_function(func: Any) -> bool:
     """A torch function written in Python (``F.layer_norm``, ``F.multi_head_attention_forward``): the ops
     it calls are torch functions of their own."""
@@ -408,7 +453,22 @@ class CudaKernels(_KernelMode):
             return self._sdpa(*args, **kwargs)
         if name in ("softmax", "log_softmax"):
             return self._softmax(func, name, args, kwargs)
+        if name == "rms_norm":
+            return self._rms_norm(func, args, kwargs)
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _rms_norm(func, args, kwargs):  # noqa: ANN001, ANN205
+        # rms_norm(input, normalized_shape, weight=None, eps=None): see NOTE [ fused RMSNorm on meta ]
+        b = {"weight": None, "eps": None} | dict(zip(("input", "normalized_shape", "weight", "eps"), args)) | kwargs
+        x, w = b["input"], b["weight"]
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d if x.dim() == 5 else None
+        channels_last = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+        if x.is_complex() or channels_last or (w is not None and w.dtype != x.dtype):
+            return func(*args, **kwargs)
+        shape = [b["normalized_shape"]] if isinstance(b["normalized_shape"], int) else list(b["normalized_shape"])
+        eps = None if b["eps"] is None else float(b["eps"])
+        return _fused_rms_norm(x, shape, w, eps)[0]
 
     def _cross_entropy(self, func, args, kwargs):  # noqa: ANN001, ANN202
         # cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing) decomposes in

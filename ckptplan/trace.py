@@ -30,7 +30,8 @@ from . import costmodel
 from .autocast import dtype_name, parse_autocast
 from .errors import InputError
 from .modes import eval_modules, no_kv_cache
-from .target import CpuKernels, CudaKernels, GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu, parse_sdpa, parse_target
+from .target import (STANDS_FOR, CpuKernels, CudaKernels, GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu,
+                     parse_sdpa, parse_target)
 from .flops import cost_flops, op_flops
 from .signature import model_signature, num_parameters
 from .graph import Graph, ModuleCall, OpNode, StorageInfo, StorageKind, TensorInfo
@@ -225,7 +226,7 @@ class _Recorder(TorchDispatchMode):
         drawn = max((o.nbytes for o in outputs), default=0) if random else 0  # dropout: its output, not its mask
         priced = cost_flops(func, args, kwargs, out, flops)
         return OpNode(
-            index=index, name=str(func), module=self.current_module(), outputs=outputs,
+            index=index, name=STANDS_FOR.get(str(func), str(func)), module=self.current_module(), outputs=outputs,
             inputs=tuple(dict.fromkeys(in_ids)), allocates=allocates, mutates=tuple(mutated),
             flops=flops, bytes_moved=moved,
             cost_ns=self.profile.cost_ns(flops=priced, bytes_moved=moved, is_view=is_view, random_bytes=drawn,

@@ -250,3 +250,32 @@ def test_card_budget_is_below_the_card():
     h = GPUS["h100"]
     assert math.isclose(h.card_budget() / h.memory_bytes, 0.94, abs_tol=0.02)
     assert Target("cuda") is Target.CUDA
+
+
+class _Normed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.norm, self.down = torch.nn.Linear(16, 32), torch.nn.RMSNorm(32), torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.norm(self.up(x))).sum()
+
+
+def test_rms_norm_takes_cudas_fused_kernel_on_meta_and_the_decomposition_for_cpu():
+    """CUDA runs rms_norm as one kernel saving (input, weight, rstd); the CPU decomposes it."""
+    model = _Normed().to("meta")
+    x = torch.empty(8, 4, 16, device="meta")
+    cuda = ckptplan.trace(model, x)
+    fused = [op for op in cuda.ops if op.name == "aten._fused_rms_norm.default"]
+    assert len(fused) == 1 and [t.shape for t in fused[0].outputs] == [(8, 4, 32), (8, 4, 1)]
+    assert "aten.rsqrt.default" not in {op.name for op in cuda.ops}
+    saved = [s for s in cuda.storages if "norm" in s.saved_by]
+    assert {s.producer for s in saved} >= {fused[0].index}  # rstd is kept for backward
+    real = _Normed()
+    cpu_real = ckptplan.trace(real, torch.randn(8, 4, 16))
+    cpu_meta = ckptplan.trace(model, x, target="cpu")
+    assert [op.name for op in cpu_meta.ops] == [op.name for op in cpu_real.ops]
+    assert "aten._fused_rms_norm.default" not in {op.name for op in cpu_real.ops}
+    half = ckptplan.trace(model, x, autocast="bf16")  # autocast runs rms_norm in float32
+    (op,) = [op for op in half.ops if op.name == "aten._fused_rms_norm.default"]
+    assert [t.dtype for t in op.outputs] == ["float32", "float32"]
