@@ -63,6 +63,10 @@ CUDA_POLICY: dict[str, str] = {
         "tensordot", "scatter_add"), PROMOTE),
 }
 
+# C++ composites a Python call reaches whole, whose policy op takes the same tensors: F.nll_loss calls
+# nll_loss_nd, which calls nll_loss (or nll_loss2d for 4-D input) on them.
+CUDA_POLICY_COMPOSITES = {"nll_loss_nd": FP32}
+
 _DUNDER = {"__matmul__": "matmul", "__pow__": "pow", "__rpow__": "pow"}
 
 
@@ -86,7 +90,7 @@ class Autocast:
 
     def __init__(self, device_type: str = "cuda", policy: dict[str, str] | None = None) -> None:
         self.device_type = device_type
-        self.policy = CUDA_POLICY if policy is None else policy
+        self.policy = {**CUDA_POLICY, **CUDA_POLICY_COMPOSITES} if policy is None else policy
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     def active(self) -> torch.dtype | None:

@@ -54,11 +54,12 @@ from .modes import eval_modules, kv_cache_off, kv_cache_restore
 from .plan import Decision, Plan, RegionPlan
 from .rematerialize import Rematerializer, shapes_equal
 from .signature import model_signature, num_parameters
+from .units import format_bytes, format_flops
 from .solver.remat import parse_path
 
 log = logging.getLogger("ckptplan")
 
-# CUDA's fused attention kernels (target.py): interchangeable where the plan names one of them
+# CUDA's fused attention kernels (kernels.py): interchangeable where the plan names one of them
 FUSED_ATTENTION = frozenset({"aten._scaled_dot_product_flash_attention.default",
                              "aten._scaled_dot_product_efficient_attention.default",
                              "aten._scaled_dot_product_cudnn_attention.default"})
@@ -433,8 +434,17 @@ class Handle:
         s.extra_forward_flops = self._counter.flops
         s.recomputed_regions = self._counter.regions
         s.total_extra_forward_flops += self._counter.flops
-        log.info("ckptplan step %d: recomputed %d regions, %d extra forward FLOPs (+%.1f%% of forward)",
-                 s.steps, s.recomputed_regions, s.extra_forward_flops, 100 * s.extra_forward_fraction)
+        if log.isEnabledFor(logging.INFO):
+            plan = self.plan
+            measured = ""
+            if plan.device == "cuda" and torch.cuda.is_available() and torch.cuda.is_initialized():
+                measured = f", CUDA max_memory_allocated so far {format_bytes(torch.cuda.max_memory_allocated())}"
+            log.info("ckptplan step %d: recomputed %d regions, %s extra forward (+%.1f%% of forward, estimated "
+                     "%.1f ms); plan peak %s of %s budget, %s below no checkpointing%s", s.steps,
+                     s.recomputed_regions, format_flops(s.extra_forward_flops), 100 * s.extra_forward_fraction,
+                     plan.extra_cost_ns / 1e6,
+                     format_bytes(plan.predicted_peak_bytes), format_bytes(plan.budget_bytes),
+                     format_bytes(max(0, plan.baseline_peak_bytes - plan.predicted_peak_bytes)), measured)
 
     def remove(self) -> None:
         """Put the model back to plain behaviour."""

@@ -30,8 +30,8 @@ from . import costmodel
 from .autocast import dtype_name, parse_autocast
 from .errors import InputError
 from .modes import eval_modules, no_kv_cache
-from .target import (STANDS_FOR, CpuKernels, CudaKernels, GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu,
-                     parse_sdpa, parse_target)
+from .kernels import STANDS_FOR, CpuKernels, CudaKernels
+from .target import GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu, parse_sdpa, parse_target
 from .flops import cost_flops, op_flops
 from .signature import model_signature, num_parameters
 from .graph import Graph, ModuleCall, OpNode, StorageInfo, StorageKind, TensorInfo
@@ -407,7 +407,7 @@ def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer
     ``loss_fn`` maps the model output to the scalar to backpropagate (default: ``default_loss``).
     ``optimizer`` ("adamw", "adam", "sgd", ...) adds its state to the fixed memory.
     ``target``: the device type the plan is for, "cuda" or "cpu". The default is "cuda" for meta or fake
-    tensors (the trace then takes CUDA's kernel decisions, see target.py) and for a real CUDA model, "cpu"
+    tensors (the trace then takes CUDA's kernel decisions, see kernels.py) and for a real CUDA model, "cpu"
     for a real CPU model. ``gpu`` names the GPU a meta or fake trace plans for ("h100", "a100-40gb", "l4",
     ... or a compute capability such as "8.0"; default h100). ``sdpa`` forces an attention backend
     ("flash", "efficient", "cudnn", "math") where torch's own choice ("auto") is not the one your run

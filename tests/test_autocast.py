@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ckptplan
 from ckptplan.autocast import CUDA_POLICY, FP32, FP32_SET_OPT_DTYPE, LOWER, PROMOTE, Autocast
 from ckptplan.errors import InputError, PlanMismatch
-from ckptplan.target import CudaKernels, parse_gpu
+from ckptplan.kernels import CudaKernels
+from ckptplan.target import parse_gpu
 from examples import gpt2
 
 # Ops of AutocastCPU's lower-precision list (autocast_mode.cpp) that the mechanics test uses.
@@ -228,3 +229,20 @@ def test_cli_solves_and_verifies_a_step_under_autocast(tmp_path: Path) -> None:
     assert '"fits": true' in verified.stdout
     bad = runner.invoke(app, ["solve", *args, "-b", "70%", "--autocast", "fp8", "-o", str(tmp_path / "x.yaml")])
     assert bad.exit_code == 2 and "bf16 or fp16" in bad.output
+
+
+def test_nll_loss_runs_in_float32_under_autocast() -> None:
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 32)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits = self.lin(x)  # bf16 under autocast
+            return F.nll_loss(logits - logits.detach().amax(-1, keepdim=True), y)
+
+    model = Head().to("meta")
+    g = ckptplan.trace(model, torch.empty(8, 16, device="meta"), torch.empty(8, dtype=torch.long, device="meta"),
+                       autocast="bf16", loss_fn=lambda out: out)
+    tail = [(op.name, op.outputs[0].dtype) for op in g.ops if op.outputs][-2:]
+    assert tail == [("aten._to_copy.default", "float32"), ("aten.nll_loss_forward.default", "float32")]

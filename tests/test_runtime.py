@@ -257,3 +257,16 @@ def test_a_model_with_frozen_parameters_is_measured_and_fits_to_the_byte():
     assert plan.regions
     with ckptplan.apply(model, plan):
         assert measure_peak(model, x) == plan.predicted_peak_bytes
+
+
+def test_each_step_logs_its_cost_and_the_plans_peak_in_human_units(traced, caplog):
+    model, args, graph = traced("gpt2")
+    plan = solve_at(graph, 0.6)
+    with caplog.at_level(logging.INFO, logger="ckptplan"):
+        with ckptplan.apply(model, plan) as handle:
+            model(*args).backward()
+            model.zero_grad(set_to_none=True)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("ckptplan step 1"))
+    flops = ckptplan.units.format_flops(handle.stats.extra_forward_flops)
+    assert flops in line and str(handle.stats.extra_forward_flops) not in line
+    assert f"plan peak {ckptplan.format_bytes(plan.predicted_peak_bytes)} of {ckptplan.format_bytes(plan.budget_bytes)}" in line

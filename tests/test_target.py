@@ -15,8 +15,8 @@ from torch import nn
 import ckptplan
 from ckptplan import costmodel
 from ckptplan.errors import InputError, PlanMismatch
-from ckptplan.target import (GPUS, CudaKernels, SdpaBackend, Target, choose_sdpa, cuda_block_bytes, parse_gpu,
-                             reserved_estimate)
+from ckptplan.kernels import CudaKernels, choose_sdpa
+from ckptplan.target import GPUS, SdpaBackend, Target, cuda_block_bytes, parse_gpu, reserved_estimate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
