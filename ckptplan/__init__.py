@@ -8,11 +8,10 @@
 or in one call: ``handle = ckptplan.auto(model, *example_args, budget="8GB")``.
 """
 
-__version__ = "0.1.0"
-
-from . import _compat  # noqa: E402,F401  first: names any torch internal this torch lacks
+from . import _compat  # noqa: F401  imported first for its check: it names any torch internal this torch lacks
+from ._version import __version__ as __version__  # re-exported
 from .auto import auto
-from .errors import (  # noqa: E402
+from .errors import (
     BudgetError,
     CkptplanError,
     InfeasibleBudget,
@@ -21,12 +20,12 @@ from .errors import (  # noqa: E402
     PlanMismatch,
     SolverTimeout,
 )
-from .graph import Graph  # noqa: E402
-from .plan import Decision, Plan, load_plan  # noqa: E402
-from .planner import check_plan, solve  # noqa: E402
-from .runtime import Handle, StepStats, apply  # noqa: E402
-from .trace import trace  # noqa: E402
-from .units import format_bytes, parse_budget  # noqa: E402
+from .graph import Graph
+from .plan import Decision, Plan, load_plan
+from .planner import check_plan, solve
+from .runtime import Handle, StepStats, apply
+from .trace import trace
+from .units import format_bytes, parse_budget
 
 __all__ = [
     "BudgetError", "CkptplanError", "check_plan", "Decision", "Graph", "Handle", "InfeasibleBudget", "InputError",

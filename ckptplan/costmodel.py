@@ -21,8 +21,7 @@ The runtime (runtime.py) adds its own cost, which is charged too:
   saved-tensor handles packed and unpacked, the rebuild), ``remat_op_ns`` an op of its recipe (recorded
   with its arguments in forward, replayed from Python in backward) and its ops' hooks. Two costs are
   shared: the module call it counts its recipe in runs one pass-through dispatch mode, however many
-  recipes it holds, ``remat_visit_ns`` on each of the call's forward ops (measured in a tight loop:
-  10.6 us an op under a mode that only calls the op, against 3.2 us without); and a plan that
+  recipes it holds, ``remat_visit_ns`` on each of the call's forward ops; and a plan that
   rematerializes anything looks up every tensor autograd saves in the model's forward in one
   saved-tensor hook, ``remat_pack_ns`` each (``Region.shared``: paid once however many regions carry
   it).
@@ -40,9 +39,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 # Memory-bound ops that reduce, normalise or evaluate a transcendental per element: on a CPU they run well
-# below the rate of an add (measured on the zoo's forward ops: BatchNorm in training 9.6 GB/s of inputs and
-# outputs, softmax 5.5, GELU 11, LayerNorm 15, max-pool 2.8, a mean 8.5, against an add 38, a mul 44 and an
-# in-place ReLU 179). Aten op names, without namespace and overload.
+# below the rate of an add (their measured rates: docs/calibration.md). Aten op names, without namespace and
+# overload.
 BATCH_NORMS = ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training")
 SLOW_OPS = frozenset({
     *BATCH_NORMS,
@@ -173,50 +171,16 @@ class DeviceProfile:
                 exposed(eager + plain + selective) - exposed(eager + plain))
 
 
-# Calibrated where the costs are paid: on the 2-core x86_64 CPU the benchmarks run on, decisions applied to
-# the zoo's real training steps, alone and in random mixes (benchmarks/region_costs.py, results in
-# benchmarks/results/region_costs/):
-# * one checkpoint call, from module calls checkpointed whole against their children one by one: 0.43 ms,
-#   median of 18 (-0.4 to 1.5 ms; 0.46 ms in a second run); the tight loops of
-#   benchmarks/runtime_overhead.py read 80 us. Between a real model's kernels its Python runs with cold
-#   caches, and each recomputation reads its inputs back from memory;
-# * a first weighted fit over 214 decisions and mixes of the step time they add: ops with FLOPs rerun at
-#   1.47x their forward-pass time, other memory-bound ops at 0.85x, SLOW_OPS at 4.6x (their forward
-#   passes, timed one by one by runtime_overhead.py: 180e9 FLOP/s, 60e9 and 11e9 B/s; the rates below are
-#   those divided by the factors), the ops under a checkpoint's hooks at 8 us;
-# * GELU apart from the other SLOW_OPS: over both runs' rows (31 each) its reruns cost 0.27x and 0.36x its
-#   class's rate, where LayerNorm's read 1.5x and 3.7x and BatchNorm's 1.0x and 1.5x: 8 GB/s, about its
-#   forward rate (11 GB/s) over the factor of ops with FLOPs;
-# * convolutions apart from the ops with FLOPs: on this CPU their forward passes took up to 20 times
-#   (160 on a slow day) what the class's rate charged (the zoo's matmuls 0.8-1.5x; a thin convolution, 8
-#   to 32 channels, is mostly a fixed part and oneDNN's reorders of its input and output), so each is
-#   priced by its own line (OpRate): benchmarks/op_rates.py fits its forward times, 152 us + FLOPs at
-#   341e9/s + traffic at 5.84e9 B/s (within 0.62-1.42x of all 24 of the zoo's), and region_costs.py's
-#   refit reads its reruns at 0.77x that line (its ``conv_rerun_scale``, then 1.00). Priced as the class,
-#   the solver took the convolutions it underpriced most: the time objective's plans on ResNet and U-Net
-#   measured 1.1-1.7x their estimate, every other plan and anchor 0.6-1.1x. With convolutions on their
-#   line, BatchNorm (beside a convolution everywhere in the zoo) reads 0.7x SLOW_OPS' rate: 3.4e9 B/s;
-# * then, those charged, a fit of what the runtime adds beyond them, over a second run of those rows
-#   (its counts recorded, counted again with ``region_costs.py --refit`` under these rates): 0.70 ms a
-#   region selective checkpointing runs and 14.8 us an op under its modes (forward, and again in the
-#   recomputation's walk), 0.13 ms a rematerialization and 0.13 ms an op of its recipe (recorded with its
-#   arguments in forward, replayed in backward: fitted on the transformers' rows alone 0.14 ms, on the
-#   conv nets' 0.10 ms; one cost per recipe, 0.36 ms, overpriced the one- and two-op recipes of norms and
-#   activations and underpriced long ones), 6.1 us a forward op of each module call a recipe mode visits
-#   (once however many recipes it holds) and 6.3 us a tensor the forward saves, once a plan rematerializes
-#   anything (the saved-tensor hook; timed alone, without a recipe, it adds 0.7-2.3 ms to five of the
-#   zoo's steps, 6-14 us a tensor, and 0 +- 1 ms to GPT-2's); the splits of that run read 0.47 ms a call
-#   (counted again under the constants below, the fit reads 0.466 ms, 0.71 ms, 14.8 us, 0.134 ms,
-#   0.132 ms, 6.1 us and 6.3 us: within 1.5%, scales 1.00; the policy runs used these). These move by a third
-#   from run to run (the first run's rows read 22 us an op under the modes). The cost per selective region
-#   shows in the smallest ones: a region of 2 ops (a LayerNorm, a pool) saving both adds 1.3-2.8 ms to a
-#   step;
-# * every plan pays 0.07 ms more on average (what the fit leaves), not charged: it is alike for all.
-# rms error over the second run's rows, as the simulator charges them: 1.25 ms (1.41 ms with convolutions
-# in their class and one cost per recipe).
-# The fixed part of an op, op_overhead_ns, lies between a bare eager op with autograd (~1.5 us)
-# and what an op costs the zoo's forward above its kernel (~10 us); random_bytes_per_s is dropout's masks
-# in a forward pass.
+# NOTE [ CPU calibration ]
+# Each constant of CPU is measured where it is paid: decisions applied to the example models' real training
+# steps on the 2-core x86_64 CPU the benchmarks run on (benchmarks/region_costs.py, op_rates.py,
+# runtime_overhead.py). Reruns are priced at in-step rates, a rerun's forward-pass rate divided by what a
+# rerun pays beyond it (its inputs read back from memory, the runtime's Python between kernels with cold
+# caches), so they cost well above tight-loop figures. Convolutions, BatchNorm and GELU stray from their
+# class and get lines of their own (OpRate): priced as their class, the solver picks the ops it underprices
+# most. The runtime's overheads (checkpoint_call_ns to remat_pack_ns) are fitted to what those steps add
+# beyond the reruns. What each constant measured, the fit's error and how to check it on another CPU:
+# docs/calibration.md.
 CPU = DeviceProfile(name="cpu", flops_per_s=123e9, bytes_per_s=70e9, random_bytes_per_s=0.85e9,
                     op_overhead_ns=5_000, checkpoint_call_ns=473_000, checkpoint_op_ns=8_000,
                     sac_forward_ns=14_800, sac_replay_ns=14_800, sac_call_ns=700_000, remat_call_ns=132_000,
@@ -224,11 +188,11 @@ CPU = DeviceProfile(name="cpu", flops_per_s=123e9, bytes_per_s=70e9, random_byte
                     op_rates=(OpRate(op="gelu", bytes_per_s=8e9),
                               OpRate(op="convolution", fixed_ns=117_000, flops_per_s=443e9, bytes_per_s=7.58e9),
                               *(OpRate(op=bn, bytes_per_s=3.4e9) for bn in BATCH_NORMS)))
-# An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated: no GPU was lent
-# to measure it): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers at that rate too), ~8 us a
-# launch. The runtime's overheads are Python on the host, charged where they are longer than the kernels
-# they launch; the host's caches are not shared with the device's kernels, so they are the CPU's
-# tight-loop figures (benchmarks/runtime_overhead.py), not its in-step ones.
+# An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated;
+# benchmarks/gpu_calibrate.py measures a card): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers
+# at that rate too), ~8 us a launch. The runtime's overheads are Python on the host, charged where they are
+# longer than the kernels they launch; the host's caches are not shared with the device's kernels, so they
+# are the CPU's tight-loop figures (benchmarks/runtime_overhead.py), not its in-step ones.
 GPU = DeviceProfile(name="cuda", flops_per_s=600e12, bytes_per_s=2.5e12, random_bytes_per_s=2.5e12,
                     op_overhead_ns=8_000, checkpoint_call_ns=90_000, checkpoint_op_ns=10_000,
                     sac_forward_ns=30_000, sac_replay_ns=30_000, asynchronous=True)

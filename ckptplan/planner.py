@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from . import __version__
+from ._version import __version__
 from .costmodel import DeviceProfile, load_profile, price
 from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Graph

@@ -55,7 +55,7 @@ def test_first_plan_fits_and_is_bounded_by_the_optimum(traced, name, fraction):
     """Where a first plan is found: it fits every row and the simulator's peak, it costs at least CP-SAT's
     proven optimum, and its bound is at most that optimum. On the transformer chains it is found, within
     1% of the optimum, and within 10% at the budget nearest full checkpointing: there several rows bind
-    (README, "Planning a 7B model"), and each checkpoint call's fixed cost makes which layer takes which
+    (docs/benchmarks.md, "Planning a 7B model"), and each checkpoint call's fixed cost makes which layer takes which
     configuration matter (tiny Llama at 0.25: 5.8%). CP-SAT's search from it reaches the optimum."""
     _, _, graph = traced(name)
     regions, budget, model = _model_at(graph, fraction)

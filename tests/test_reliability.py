@@ -398,7 +398,7 @@ def test_time_limit_with_a_plan_reports_feasible_and_its_gap():
     from ckptplan.solver.simulate import simulate
 
     # meta, 32 layers, 5% of the way from full checkpointing to none: several memory rows bind there and
-    # proving optimality (gap 0) takes far longer than 6 s (README, "Planning a 7B model")
+    # proving optimality (gap 0) takes far longer than 6 s (docs/benchmarks.md, "Planning a 7B model")
     model, args = llama.llama_7b()
     graph = ckptplan.trace(model, *args, target="cpu")  # the math attention's matrices: many rows bind
     regions = candidate_regions(graph)
