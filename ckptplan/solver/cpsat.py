@@ -2,7 +2,7 @@
 
 Built in named phases:
 
-1. ``_Timeline``: positions (one per traced event, one per op rerun of every candidate region just
+1. ``Timeline``: positions (one per traced event, one per op rerun of every candidate region just
    before the backward event that triggers its recomputation) and the baseline live bytes at each.
 2. ``_terms``: every way a decision changes memory, as (bytes, literal expression, [lo, hi) positions).
 3. ``_Model``: variables, the gap aggregates (per input shape when there are several), one memory constraint per distinct set of active terms,
@@ -32,10 +32,11 @@ from typing import Callable
 
 from ortools.sat.python import cp_model
 
-from ..graph import Graph, StorageKind
+from ..graph import Graph
 from . import bound, primal
 from .regions import Region, nested_pairs
 from .remat import SHARED_HOOK
+from .rows import Term, TermKind, Timeline, terms as memory_terms
 
 BOUND_ROWS = 3  # the memory rows tightest under a solution that bound.py solves exactly
 # primal.py's table cells charged as one second of CP-SAT's deterministic clock: cells run at ~6e8 a
@@ -99,22 +100,6 @@ class Evaluation:
         return max(range(len(self.rows)), key=lambda i: (self.rows[i], -i))
 
 
-@dataclass(frozen=True, slots=True)
-class _Term:
-    region: int  # index into regions
-    nbytes: int  # > 0 adds memory, < 0 frees it
-    # "x": op p is recomputed (c - k); "k": op p is saved; "c": the region is checkpointed;
-    # "z": op p is recomputed and region `other` is checkpointed; "zc": the same for a forced op (c and c')
-    kind: str
-    op: int  # the op p (or -1 for kind "c")
-    other: int  # for kind "z": the region whose checkpoint holds the storage
-    lo: int
-    hi: int
-    # part of the region's steady contribution between its forward and its recomputation: rows where all
-    # of a region's steady terms are active count them as one aggregate, g[j]
-    gap: bool
-
-
 class _Progress(cp_model.CpSolverSolutionCallback):
     """At each improving solution: asks ``check`` (when given) for a bound found outside CP-SAT and whether
     it proves the solution within the gap, then stops the search; reports (objective, best bound). With
@@ -174,123 +159,10 @@ class _KnapsackCheck:
         if (row, buckets) not in self.rows:
             if time.monotonic() >= self.deadline:
                 return  # the search's time is up: no new row (see the class)
-            found = bound.lower_bound(self.model.regions, self.model._row_form(row), self.capacity, self.cost,
+            found = bound.lower_bound(self.model.regions, self.model.row_form(row), self.capacity, self.cost,
                                       buckets=buckets, deadline=self.deadline)
             self.rows[(row, buckets)] = found or 0
         self.known = max(self.known, min(self.rows[(row, buckets)], value))  # never above a solution
-
-
-class _Timeline:
-    """Positions and baseline memory. Reruns of every candidate region are given positions."""
-
-    def __init__(self, graph: Graph, regions: tuple[Region, ...]) -> None:
-        at: dict[int, list[Region]] = {}
-        for r in sorted(regions, key=lambda r: -r.first_op):
-            at.setdefault(r.recompute_event, []).append(r)
-        self.first = [0] * (graph.num_events + 1)
-        self.sample = [0] * graph.num_events
-        self.rerun: dict[tuple[str, int], int] = {}
-        self.rerun_end: dict[str, int] = {}
-        base_at: list[int] = []  # the event whose baseline memory a position sees
-        n = 0
-        for e in range(graph.num_events):
-            self.first[e] = n
-            for r in at.get(e, ()):
-                for i in range(r.first_op, r.recompute_end):
-                    self.rerun[(r.path, i)] = n
-                    base_at.append(-(e + 1))  # between events e-1 and e: frees of e done, allocs not
-                    n += 1
-                self.rerun_end[r.path] = n
-            self.sample[e] = n
-            base_at.append(e)
-            n += 1
-        self.first[graph.num_events] = n
-        self.size = n
-        timeline = graph.memory_timeline()
-        freed_at = [0] * (graph.num_events + 1)
-        for s in graph.storages:
-            if 0 <= s.free_event < graph.num_events and s.free_event > max(s.alloc_event, 0):
-                freed_at[s.free_event] += s.nbytes
-        self.base = []
-        for b in base_at:
-            if b >= 0:
-                self.base.append(timeline[b])
-            else:
-                e = -b - 1
-                prev = timeline[e - 1] if e > 0 else timeline[0]
-                self.base.append(prev - freed_at[e])
-
-    def start(self, alloc: int) -> int:
-        return 0 if alloc < 0 else self.sample[alloc]
-
-
-def _terms(graph: Graph, regions: tuple[Region, ...], tl: _Timeline) -> list[_Term]:
-    """Every memory effect of every decision, with the positions where it applies."""
-    terms: list[_Term] = []
-    input_of: dict[int, list[int]] = {}
-    for j, r in enumerate(regions):
-        for sid in r.input_storages:
-            input_of.setdefault(sid, []).append(j)
-    for j, r in enumerate(regions):
-        inside = set(r.ops)
-        forced = dict(r.forced)
-        if r.remat:
-            terms.extend(_remat_terms(graph, j, r, regions, tl, input_of))
-        for p in (() if r.remat else r.ops):
-            op = graph.ops[p]
-            rerun = p < r.recompute_end
-            x = "c" if p in forced else "x"
-            for sid in op.allocates:
-                s = graph.storages[sid]
-                free = tl.first[s.free_event]
-                py_end = tl.first[s.python_free_op]
-                if s.saved_by and all(r.contains(m) for m in s.saved_by) and rerun:
-                    again = tl.rerun[(r.path, p)]
-                    # freed after its Python lifetime, rebuilt by the rerun
-                    terms.append(_Term(j, -s.nbytes, x, p, -1, py_end, again, True))
-                    for k in input_of.get(sid, ()):
-                        if k != j:  # ... unless the next region's checkpoint holds it as an input
-                            release = tl.first[min(regions[k].release_event + 1, graph.num_events)]
-                            terms.append(_Term(j, s.nbytes, "z" if x == "x" else "zc", p, k,
-                                               py_end, min(release, again), True))
-                elif not s.saved_by and rerun:
-                    at = tl.rerun[(r.path, p)]
-                    inner = (tl.rerun[(r.path, s.python_free_op)]
-                             if s.python_free_op in inside and s.python_free_op < r.recompute_end
-                             else tl.rerun_end[r.path])
-                    # alive inside the rerun while Python holds it (cached or not)
-                    terms.append(_Term(j, s.nbytes, "c", -1, -1, at, max(inner, at + 1), False))
-                    if x == "x":  # a saved op's output stays in the cache until the rerun takes it
-                        terms.append(_Term(j, s.nbytes, "k", p, -1, free, at, True))
-        release = tl.first[min(r.release_event + 1, graph.num_events)]
-        for sid in r.input_storages:
-            s = graph.storages[sid]
-            # the checkpoint holds its inputs until its last unpack
-            terms.append(_Term(j, s.nbytes, "c", -1, -1, tl.first[s.free_event], release, True))
-    return [t for t in terms if t.hi > t.lo]
-
-
-def _remat_terms(graph: Graph, j: int, r: Region, regions: tuple[Region, ...], tl: _Timeline,
-                 input_of: dict[int, list[int]]) -> list[_Term]:
-    """A rematerialization's memory effects (remat.py): its target dropped from Python's last use to the
-    rerun of its producer, unless another region holds it as an input; the rerun's other outputs alive
-    until the rerun ends."""
-    s = graph.storages[r.target]
-    py_end, again = tl.first[s.python_free_op], tl.rerun[(r.path, s.producer)]
-    terms = [_Term(j, -s.nbytes, "c", -1, -1, py_end, again, True)]
-    for k in input_of.get(s.id, ()):
-        if k != j:  # a checkpoint (or another recipe) that holds it as an input keeps it alive
-            release = tl.first[min(regions[k].release_event + 1, graph.num_events)]
-            terms.append(_Term(j, s.nbytes, "zc", s.producer, k, py_end, min(release, again), True))
-    for p in r.recipe:
-        op = graph.ops[p]
-        copies = [x for x in op.mutates if graph.storages[x].kind is StorageKind.BUFFER]
-        for sid in [x for x in op.allocates if x != s.id] + copies:
-            # the rerun's copies of the other outputs (BatchNorm's batch statistics) and of the buffers it
-            # writes (the running statistics), alive until the rerun ends
-            terms.append(_Term(j, graph.storages[sid].nbytes, "c", -1, -1, tl.rerun[(r.path, p)],
-                               tl.rerun_end[r.path], False))
-    return terms
 
 
 class _Model:
@@ -334,12 +206,12 @@ class _Model:
         self.row_exprs: list[tuple[int, cp_model.LinearExprT, int]] = []
         # per row: (input shape, regions counted as steady aggregates, other active terms), for bound.py
         self.row_terms: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
-        self.terms: list[tuple[list[_Term], list[list[int]]]] = []  # per input shape: terms, steady terms per region
+        self.terms: list[tuple[list[Term], list[list[int]]]] = []  # per input shape: terms, steady terms per region
         self.g: list[list[cp_model.IntVar]] = []  # per input shape: the steady aggregate of each region
         self.prefix: list[list[tuple[cp_model.IntVar, int]]] = []  # per input shape: (s[i], the region it adds)
         for gi, (graph, own) in enumerate(zip(graphs, regions_per_graph)):  # rows for every input shape
-            tl = _Timeline(graph, own)
-            terms = _terms(graph, own, tl)
+            tl = Timeline(graph, own)
+            terms = memory_terms(graph, own, tl)
             gap_terms, g = self._build_gap_aggregates(gi, terms)
             self.terms.append((terms, gap_terms))
             self.g.append(g)
@@ -354,29 +226,29 @@ class _Model:
         """Bytes to model units, rounded up: baseline memory is never underestimated."""
         return -((-nbytes) // self.unit)
 
-    def expr(self, t: _Term) -> cp_model.LinearExprT:
-        if t.kind == "c":
+    def expr(self, t: Term) -> cp_model.LinearExprT:
+        if t.kind is TermKind.CHECKPOINTED:
             return self.c[t.region]
-        if t.kind == "k":
+        if t.kind is TermKind.SAVED:
             return self.k[(t.region, t.op)]
-        if t.kind == "x":
+        if t.kind is TermKind.RECOMPUTED:
             return self.c[t.region] - self.k[(t.region, t.op)]
         # z = (op p recomputed) AND (region `other` checkpointed), linearised from below
         key = (t.region, t.op, t.other)
         if key not in self.z:
             z = self.m.new_bool_var(f"z[{t.op},{self.regions[t.other].path}]")
-            rec = self.c[t.region] if t.kind == "zc" else self.c[t.region] - self.k[(t.region, t.op)]
+            rec = self.c[t.region] if t.kind is TermKind.HELD_FORCED else self.c[t.region] - self.k[(t.region, t.op)]
             # [Constraint] z >= rec + c[other] - 1: the storage is held by the other region's checkpoint
             self.m.add(z >= rec + self.c[t.other] - 1)
             self.z[key] = z
         return self.z[key]
 
-    def coef(self, t: _Term) -> int:
+    def coef(self, t: Term) -> int:
         # [Scaling] added bytes round up, freed bytes round down (conservative either way)
         return -((-t.nbytes) // self.unit) if t.nbytes > 0 else -((-t.nbytes) // self.unit)
 
     # ---- phases --------------------------------------------------------------------------------------
-    def _build_gap_aggregates(self, gi: int, terms: list[_Term]) -> tuple[list[list[int]], list[cp_model.IntVar]]:
+    def _build_gap_aggregates(self, gi: int, terms: list[Term]) -> tuple[list[list[int]], list[cp_model.IntVar]]:
         gap_terms: list[list[int]] = [[] for _ in self.regions]
         for i, t in enumerate(terms):
             if t.gap:
@@ -392,7 +264,7 @@ class _Model:
             g.append(var)
         return gap_terms, g
 
-    def _build_memory_rows(self, gi: int, tl: _Timeline, terms: list[_Term], gap_terms: list[list[int]],
+    def _build_memory_rows(self, gi: int, tl: Timeline, terms: list[Term], gap_terms: list[list[int]],
                            g: list[cp_model.IntVar]) -> None:
         """One row per distinct set of active terms: base (max over its positions) + terms <= peak.
 
@@ -535,7 +407,7 @@ class _Model:
         for gi, (terms, gap_terms) in enumerate(self.terms):
             term_value = [self.coef(t) * _literal(t, saved) for t in terms]
             for t in terms:
-                if t.kind in ("z", "zc"):
+                if t.kind in (TermKind.HELD, TermKind.HELD_FORCED):
                     values[self.z[(t.region, t.op, t.other)].index] = _literal(t, saved)
             g = [sum(term_value[i] for i in idx) for idx in gap_terms]
             if gi == 0:
@@ -739,7 +611,7 @@ class _Model:
                   cp_model.INFEASIBLE: Status.INFEASIBLE}.get(code, Status.UNKNOWN)
         return solver, status
 
-    def _row_form(self, index: int) -> bound.LinearForm:
+    def row_form(self, index: int) -> bound.LinearForm:
         """Row ``index`` as a linear form over c, k and z (steady aggregates expanded)."""
         gi, steady, others = self.row_terms[index]
         terms, gap_terms = self.terms[gi]
@@ -749,13 +621,13 @@ class _Model:
         for i in [i for j in steady for i in gap_terms[j]] + list(others):
             t = terms[i]
             a = self.coef(t)
-            if t.kind in ("c", "x"):  # x = c - k
+            if t.kind in (TermKind.CHECKPOINTED, TermKind.RECOMPUTED):  # x = c - k
                 c[t.region] = c.get(t.region, 0) + a
-            if t.kind in ("k", "x"):
+            if t.kind in (TermKind.SAVED, TermKind.RECOMPUTED):
                 key = (t.region, t.op)
-                k[key] = k.get(key, 0) + (a if t.kind == "k" else -a)
-            if t.kind in ("z", "zc"):
-                zkey = (t.region, t.op, t.other, t.kind == "zc")
+                k[key] = k.get(key, 0) + (a if t.kind is TermKind.SAVED else -a)
+            if t.kind in (TermKind.HELD, TermKind.HELD_FORCED):
+                zkey = (t.region, t.op, t.other, t.kind is TermKind.HELD_FORCED)
                 z[zkey] = z.get(zkey, 0) + a
         return bound.LinearForm(c=c, k=k, z=z, constant=self.row_exprs[index][0])
 
@@ -816,15 +688,15 @@ class _Model:
             m.add_hint(m.get_int_var_from_proto_index(index), value)
 
 
-def _literal(t: _Term, saved: dict[int, frozenset[int]]) -> int:
+def _literal(t: Term, saved: dict[int, frozenset[int]]) -> int:
     """The value of term ``t``'s literal under ``saved`` (checkpointed region index -> ops it saves)."""
     on = t.region in saved
-    if t.kind == "c":
+    if t.kind is TermKind.CHECKPOINTED:
         return int(on)
-    if t.kind == "k":
+    if t.kind is TermKind.SAVED:
         return int(on and t.op in saved[t.region])
-    recomputed = on and (t.kind == "zc" or t.op not in saved[t.region])
-    return int(recomputed and (t.kind == "x" or t.other in saved))
+    recomputed = on and (t.kind is TermKind.HELD_FORCED or t.op not in saved[t.region])
+    return int(recomputed and (t.kind is TermKind.RECOMPUTED or t.other in saved))
 
 
 def _runs(ranks: list[int]) -> list[tuple[int, int]]:

@@ -98,7 +98,7 @@ class _Search:
         solved: set[int] = set()
         for _ in range(limit):
             cap, _ = shrunk.get(row, (self.capacity, 0))
-            result = self._solve(self.model._row_form(row), cap, buckets, bounds=cap == self.capacity)
+            result = self._solve(self.model.row_form(row), cap, buckets, bounds=cap == self.capacity)
             if result is None:
                 break
             fits, worst, over = result
@@ -121,7 +121,7 @@ class _Search:
         constraint: every plan that fits both fits it, so its knapsack is a valid bound too), bisecting
         b's weight toward the row the last plan overshot, then giving the sum less room as ``run`` does
         for one row. Whether a plan fitted."""
-        form_a, form_b = self.model._row_form(a), self.model._row_form(b)
+        form_a, form_b = self.model.row_form(a), self.model.row_form(b)
         lo, hi = 0, MIX_WEIGHT  # b's weight: at lo the plan overshoots b, at hi it overshoots a
         over_lo = None  # how much the plan at lo overshoots b
         while hi - lo > 1:
@@ -213,7 +213,7 @@ def _repair(model: _Model, saved: dict[int, frozenset[int]], ev: Evaluation,
         over = ev.rows[worst] - capacity
         if over <= 0:
             break
-        form = model._row_form(worst)
+        form = model.row_form(worst)
         # (recompute time it adds, units it frees, region, op) for every cached op that weighs on the row
         items = sorted((-model.cost_form.k.get((j, p), 0), form.k[(j, p)], j, p)
                        for j, ops in saved.items() for p in sorted(ops) if form.k.get((j, p), 0) > 0)
