@@ -6,12 +6,21 @@
     handle = ckptplan.apply(model, ckptplan.load_plan("plans/model.yaml"))
 
 or in one call: ``handle = ckptplan.auto(model, *example_args, budget="8GB")``.
+
+NOTE [ Lazy package ]: ``import ckptplan`` imports neither torch nor OR-Tools, so the CLI's ``--help``
+answers at once. The errors and units are bound here; every other public name is imported on first use,
+through ``_compat``, which checks every torch internal ckptplan uses and names all that this torch lacks.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
 
 __version__ = "0.1.0"
 
-from . import _compat  # noqa: E402,F401  first: names any torch internal this torch lacks
-from .auto import auto
 from .errors import (  # noqa: E402
     BudgetError,
     CkptplanError,
@@ -21,12 +30,14 @@ from .errors import (  # noqa: E402
     PlanMismatch,
     SolverTimeout,
 )
-from .graph import Graph  # noqa: E402
-from .plan import Decision, Plan, load_plan  # noqa: E402
-from .planner import check_plan, solve  # noqa: E402
-from .runtime import Handle, StepStats, apply  # noqa: E402
-from .trace import trace  # noqa: E402
 from .units import format_bytes, parse_budget  # noqa: E402
+
+# public name -> the submodule that defines it, imported on first use
+_LAZY = {
+    "auto": ".auto", "Graph": ".graph", "Decision": ".plan", "Plan": ".plan", "load_plan": ".plan",
+    "check_plan": ".planner", "solve": ".planner", "Handle": ".runtime", "StepStats": ".runtime",
+    "apply": ".runtime", "trace": ".trace",
+}
 
 __all__ = [
     "BudgetError", "CkptplanError", "check_plan", "Decision", "Graph", "Handle", "InfeasibleBudget", "InputError",
@@ -34,3 +45,30 @@ __all__ = [
     "Plan", "PlanMismatch", "SolverTimeout", "StepStats", "apply", "auto", "format_bytes", "load_plan",
     "parse_budget", "solve", "trace",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'ckptplan' has no attribute {name!r}")
+    from . import _compat  # noqa: F401  first: names any torch internal this torch lacks
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """``ckptplan.trace`` and ``ckptplan.auto`` are functions, as when this package bound them eagerly:
+    importing the submodules of the same names must not rebind the package's attributes to the modules."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("trace", "auto") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

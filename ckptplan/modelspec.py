@@ -11,13 +11,15 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from torch import nn
 
 from .errors import InputError
 from .plan import NoAliasLoader
+
+if TYPE_CHECKING:
+    from torch import nn
 
 BUNDLED_EXAMPLE = "examples/gpt2.py:gpt2_small"
 
@@ -57,6 +59,9 @@ def parse_factory_args(items: list[str]) -> dict[str, Any]:
 
 
 def load_model(spec: str, factory_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+    from . import _compat  # noqa: F401  torch, checked: imported here so the CLI's --help needs none of it
+    from torch import nn
+
     target, sep, factory_name = spec.rpartition(":")
     if not sep or not target or not factory_name.isidentifier():
         raise InputError(f"model spec {spec!r} must be path/to/file.py:factory or package.module:factory")
