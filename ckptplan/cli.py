@@ -410,6 +410,107 @@ def sweep(
             err.print(f"plot written to {plot}")
 
 
+@app.command("fit")
+def fit_cmd(
+    budget: Annotated[str, typer.Option(
+        "--budget", "-b", help="Peak memory of one training step: 80GB (10^9 B), 80GiB (2^30 B) or bytes "
+                               "(not a percentage: the unplanned peak changes with the value).")],
+    vary: Annotated[str, typer.Option(
+        help="The factory argument to search over, e.g. batch_size or seq_len.")],
+    model: ModelOpt = None,
+    arg: ArgOpt = None,
+    optimizer: OptimizerOpt = None,
+    start: Annotated[int, typer.Option(help="The smallest value tried (the search doubles it from here).")] = 1,
+    max_value: Annotated[Optional[int], typer.Option(
+        "--max", help="The largest value tried (default: 2^20).", show_default=False)] = None,
+    multiple_of: Annotated[int, typer.Option(help="Try multiples of this only (e.g. 64 for seq_len).")] = 1,
+    objective: ObjectiveOpt = "time",
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Where to write the plan of the largest value that fits "
+                               "(default: plans/FACTORY-ARGVALUE-BUDGET.yaml).")] = None,
+    time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds, per value and search.")] = 30.0,
+    reserve: Annotated[Optional[float], typer.Option(
+        help="Fraction of the budget kept free (default: as solve's).", show_default=False)] = None,
+    gap: Annotated[float, typer.Option(
+        help="Stop once each plan is proven within this fraction of the cheapest.")] = DEFAULT_GAP,
+    remat: RematOpt = True,
+    target: TargetOpt = None,
+    gpu: GpuOpt = None,
+    sdpa: SdpaOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find the largest value of a factory argument (--vary batch_size, seq_len, ...) whose training step fits
+    the budget, with the least estimated cost, and write its plan. Each value is traced as the factory builds
+    it: build the model on the meta device (as the bundled example does) and no value needs real memory.
+
+    Exits 2 when the factory has no such argument, 3 when nothing fits even at --start, 4 when the time limit
+    found no plan there.
+    """
+    from .fit import DEFAULT_LIMIT, fit as fit_search
+    from .modelspec import call_factory, check_factory_argument, load_factory
+    from .planner import check_options
+
+    quiet = quiet or as_json
+    try:
+        if not vary.isidentifier():
+            raise InputError(f"--vary {vary!r} must name a factory argument, e.g. --vary batch_size")
+        where = _where(target, gpu, sdpa)
+        budget_given, budget = budget, _card_budget(budget, where)
+        parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before any trace
+        check_options(reserve=reserve, gap=gap)
+        _check_time_limit(time_limit)
+        if output is not None:
+            _check_output(output, "-o")
+        factory_kwargs = parse_factory_args(arg or [])
+        if vary in factory_kwargs:
+            raise InputError(f"--vary {vary} sets {vary}; drop -a {vary}={factory_kwargs[vary]} (use --start and "
+                             "--max to bound the search)")
+        from . import _compat  # noqa: F401  first: names any torch internal this torch lacks
+        from .trace import trace
+
+        name, factory = load_factory(model or bundled_example())
+        check_factory_argument(name, factory, vary)
+
+        def build(value: int):  # noqa: ANN202
+            if status is not None:
+                status.update(f"{vary}={value}: tracing one training step and solving...")
+            loaded = call_factory(name, factory, {**factory_kwargs, vary: value})
+            with _model_code(name):
+                return trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=name, **where,
+                             **loaded.kwargs)
+
+        def tried(trial: Any) -> None:
+            if not quiet:
+                cost = ("does not fit" if not trial.fits else "fits without checkpointing" if not trial.plan.regions
+                        else f"fits, +{100 * trial.step_time_fraction:.1f}% estimated step time")
+                err.print(f"{vary}={trial.value}: {cost}", highlight=False)
+
+        with err.status("searching...", spinner="dots") if not quiet else _null() as status:
+            result = fit_search(build, budget, argument=vary, start=start,
+                                limit=DEFAULT_LIMIT if max_value is None else max_value, multiple_of=multiple_of,
+                                time_limit_s=time_limit, reserve=reserve, objective=objective, gap=gap,
+                                rematerialize=remat, progress=tried)
+        best = result.best
+        tag = re.sub(r"[^A-Za-z0-9.]+", "", budget_given)
+        path = output or Path("plans") / f"{name}-{vary}{best.value}-{tag}.yaml"
+        _write(path, "-o", lambda: best.plan.save(path))
+    except CkptplanError as e:
+        _fail(e, as_json)
+        return
+    except KeyboardInterrupt:
+        _interrupted("no plan written")
+    if as_json:
+        print(json.dumps({**report.fit_summary(result), "plan_file": str(path)}, indent=2))
+    elif not quiet:
+        more = f"; the largest value tried (--max {result.limit}): larger ones may fit" if result.at_limit else ""
+        err.print(escape(f"largest {vary} that fits {format_bytes(result.budget_bytes)}: {best.value} (peak "
+                         f"{format_bytes(best.plan.predicted_peak_bytes)}, +{100 * best.step_time_fraction:.1f}% "
+                         f"estimated step time, +{100 * best.plan.extra_forward_fraction:.1f}% forward FLOPs)"
+                         f"{more}; plan written to {path}"), highlight=False)
+        err.print(report.fit_table(result))
+
+
 @app.command("trace")
 def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOpt = None,
               parallel: ParallelOpt = None, world_size: WorldOpt = 1, target: TargetOpt = None,

@@ -23,7 +23,7 @@ import sys
 import typer.main
 from ckptplan.cli import app
 command = typer.main.get_command(app)
-for args in (["--help"], ["solve", "--help"], ["sweep", "--help"], ["serve", "--help"]):
+for args in (["--help"], ["solve", "--help"], ["sweep", "--help"], ["fit", "--help"], ["serve", "--help"]):
     try:
         command.main(args, prog_name="ckptplan", standalone_mode=False)
     except SystemExit:
@@ -33,7 +33,7 @@ print("loaded:", *sorted(m for m in %r if m in sys.modules))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env={"PYTHONPATH": str(ROOT), "PATH": "", "COLUMNS": "120"})
     assert r.returncode == 0, r.stderr
-    assert "Usage: ckptplan solve" in r.stdout
+    assert "Usage: ckptplan fit" in r.stdout
     assert r.stdout.strip().splitlines()[-1] == "loaded:"
 
 
