@@ -15,6 +15,7 @@ through ``_compat``, which checks every torch internal ckptplan uses and names a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import Any
@@ -49,9 +50,12 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module 'ckptplan' has no attribute {name!r}")
-    from . import _compat  # noqa: F401  first: names any torch internal this torch lacks
+    if where is None:  # a submodule (ckptplan.plan), as after the eager imports this package once made
+        # (also what `from . import report` asks first; importing it is the answer)
+        if name.startswith("__") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'ckptplan' has no attribute {name!r}")
+        return importlib.import_module(f"{__name__}.{name}")
+    importlib.import_module(f"{__name__}._compat")  # first: names any torch internal this torch lacks
     value = getattr(importlib.import_module(where, __name__), name)
     globals()[name] = value
     return value

@@ -1,10 +1,11 @@
 """``ckptplan``: a thin typer CLI over the library. Human output goes to stderr, ``--json`` to stdout.
 
 Exit codes: 0 ok, 2 usage or bad input (a budget, option, model spec, plan file, a model whose step fails
-to run or calls sys.exit, or an option whose optional dependency is not installed), 3 infeasible budget, 4 time limit with no feasible plan, 5 plan does not match the
-model, 6 `verify` measured a peak above the budget, 7 an output file (`-o`, `--plot`) cannot be written
-(a directory, under a file, not writable, disk full), 8 the server (--server) could not be reached or failed,
-130 interrupted (Ctrl-C; nothing written).
+to run or calls sys.exit, a factory argument `fit --vary` names that the factory lacks, or an option whose
+optional dependency is not installed), 3 infeasible budget (for `fit`: nothing fits even at --start), 4 time
+limit with no feasible plan, 5 plan does not match the model, 6 `verify` measured a peak above the budget, 7 an
+output file (`-o`, `--plot`) cannot be written (a directory, under a file, not writable, disk full), 8 the
+server (--server) could not be reached or failed, 130 interrupted (Ctrl-C; nothing written).
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def _require_extra(extra: str, what: str) -> None:
     """Refuse, before any work, ``what`` when the modules of the package's extra ``extra`` are missing."""
     missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
     if missing:
-        raise InputError(f"{what} needs {' and '.join(missing)}, which is not installed: "
-                         f"pip install 'ckptplan[{extra}]' (or pip install {' '.join(missing)})")
+        raise InputError(f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                         f"installed: pip install 'ckptplan[{extra}]' (or pip install {' '.join(missing)})")
 
 
 def _interrupted(what: str = "nothing written") -> None:
@@ -349,7 +350,7 @@ def sweep(
         show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(
         help="Also write a Pareto plot (peak vs extra FLOPs) to this PNG file (needs matplotlib: "
-                    "pip install 'ckptplan\\[plot]').")] = None,
+             "pip install 'ckptplan\\[plot]').")] = None,
     remat: RematOpt = True,
     target: TargetOpt = None,
     gpu: GpuOpt = None,

@@ -39,11 +39,12 @@ print("loaded:", *sorted(m for m in %r if m in sys.modules))
 
 def test_import_ckptplan_binds_its_api_on_first_use():
     code = ("import sys, ckptplan; before = 'torch' in sys.modules; f = ckptplan.trace; import ckptplan.trace; "
-            "print(before, callable(f), ckptplan.trace is f, ckptplan.auto.__name__, 'solve' in dir(ckptplan))")
+            "print(before, callable(f), ckptplan.trace is f, ckptplan.auto.__name__, 'solve' in dir(ckptplan), "
+            "ckptplan.plan.__name__, hasattr(ckptplan, 'nothing'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["False", "True", "True", "auto", "True"]
+    assert r.stdout.split() == ["False", "True", "True", "auto", "True", "ckptplan.plan", "False"]
 
 
 def test_plot_without_matplotlib_fails_before_any_work(monkeypatch, tmp_path):
