@@ -1,6 +1,10 @@
 """``fit``: the largest value of one input size (a batch size, a sequence length) whose step fits a budget.
 
-    result = fit(lambda n: trace(*build(batch_size=n)), "80GB", argument="batch_size")
+    def build(n):
+        model, args = make_model(batch_size=n, device="meta")
+        return ckptplan.trace(model, *args)
+
+    result = fit(build, "80GB", argument="batch_size")
     result.best.value, result.best.plan   # the largest batch size that fits, and its cheapest plan
 
 Peak memory grows with the value, so the search doubles it from ``start`` until no plan fits (or ``limit``
@@ -13,7 +17,8 @@ cheapest it finds (estimated recompute time, or FLOPs with ``objective="flops"``
 
 Known limitations: the search assumes that a value that does not fit has no larger value that fits
 (peaks that shrink as the value grows, say from padding to a multiple, can make it stop early); it never
-tries a value above ``limit``.
+tries a value above ``limit``. Like ``solve``, each search keeps a wall-clock backstop (its time limit) beside
+the deterministic limit; on a heavily loaded machine it can cut a search first, and the plan then differs.
 """
 
 from __future__ import annotations
