@@ -1,15 +1,19 @@
 """``ckptplan``: a thin typer CLI over the library. Human output goes to stderr, ``--json`` to stdout.
 
-Exit codes: 0 ok, 2 usage or bad input (a budget, option, model spec, plan file, or a model whose step fails
-to run or calls sys.exit), 3 infeasible budget, 4 time limit with no feasible plan, 5 plan does not match the
-model, 6 `verify` measured a peak above the budget, 7 an output file (`-o`, `--plot`) cannot be written
-(a directory, under a file, not writable, disk full), 8 the server (--server) could not be reached or failed,
-130 interrupted (Ctrl-C; nothing written).
+Exit codes: 0 ok, 2 usage or bad input (a budget, option, model spec, plan file, a model whose step fails
+to run or calls sys.exit, a factory argument `fit --vary` names that the factory lacks, or an option whose
+optional dependency is not installed), 3 infeasible budget (for `fit`: nothing fits even at --start), 4 time
+limit with no feasible plan, 5 plan does not match the model, 6 `verify` measured a peak above the budget, 7 an
+output file (`-o`, `--plot`) cannot be written (a directory, under a file, not writable, disk full), 8 the
+server (--server) could not be reached or failed, 130 interrupted (Ctrl-C; nothing written).
 """
 
 from __future__ import annotations
 
+# NOTE [ Lazy package ]: building this app imports neither torch nor OR-Tools (tests/test_cli_fast.py), so
+# `--help` answers at once; each command imports what it needs in its body.
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -21,6 +25,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import report
 from .errors import CkptplanError, InfeasibleBudget, InputError, OutputError
@@ -33,6 +38,8 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="Plan activation checkpointing for PyTorch training under a memory budget.")
 err = Console(stderr=True)
 SYNTAX_REFERENCE = 2**50  # stands in for the no-checkpointing peak when only the syntax is checked
+# the package's extras (pyproject.toml) -> the modules they install, checked before an option needing them works
+EXTRAS = {"plot": ("matplotlib",), "serve": ("fastapi", "uvicorn")}
 PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff")  # matplotlib's savefig
 
 ModelOpt = Annotated[Optional[str], typer.Option(
@@ -108,8 +115,16 @@ def _fail(e: CkptplanError, as_json: bool) -> None:
             payload["minimum_proven"] = e.minimum_proven
             payload["minimum_source"] = e.minimum_source
         print(json.dumps(payload, indent=2))
-    err.print(f"[red]error:[/red] {e}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
     raise typer.Exit(e.exit_code)
+
+
+def _require_extra(extra: str, what: str) -> None:
+    """Refuse, before any work, ``what`` when the modules of the package's extra ``extra`` are missing."""
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                         f"installed: pip install 'ckptplan[{extra}]' (or pip install {' '.join(missing)})")
 
 
 def _interrupted(what: str = "nothing written") -> None:
@@ -120,6 +135,7 @@ def _interrupted(what: str = "nothing written") -> None:
 def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool,  # noqa: ANN202
            parallel: str | None = None, world_size: int = 1, seq_lens: list[int] | None = None,
            where: dict[str, Any] | None = None):
+    from . import _compat  # noqa: F401  first: names any torch internal this torch lacks
     from .parallel import Parallel, for_ranks
     from .trace import trace
 
@@ -283,7 +299,7 @@ def solve(
         _write(path, "-o", lambda: plan.save(path))
     except InfeasibleBudget as e:
         if not as_json:
-            err.print(f"[red]error:[/red] {e}", highlight=False)
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
             again = [f"--budget {suggest_budget(e.minimum_bytes)}"] + ([f"--model {model}"] if model else [])
             again += [f"-a {a}" for a in arg or []] + ([f"--optimizer {optimizer}"] if optimizer else [])
             again += [f"--reserve {reserve}"] if reserve is not None else []
@@ -294,8 +310,8 @@ def solve(
             again += ["--no-remat"] if not remat else []
             again += [f"--{k} {v}" for k, v in where.items()] + ([f"--profile {profile}"] if profile else [])
             what = "minimum feasible budget" if e.minimum_proven else "lowest budget known to fit (not proven minimal)"
-            err.print(f"{what}: {format_bytes(e.minimum_bytes)}; try: "
-                      f"ckptplan solve {' '.join(again)}", highlight=False, soft_wrap=True)
+            err.print(escape(f"{what}: {format_bytes(e.minimum_bytes)}; try: ckptplan solve {' '.join(again)}"),
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
         _fail(e, as_json)
         return
@@ -307,12 +323,23 @@ def solve(
         err.print("interrupted: no plan written")
         raise typer.Exit(130) from None
     if as_json:
-        print(json.dumps({**report.plan_summary(plan), "plan_file": str(path)}, indent=2))
+        print(json.dumps({**report.plan_summary(plan), "fits_without_checkpointing": not plan.regions,
+                          "plan_file": str(path)}, indent=2))
     elif not quiet:
+        if not plan.regions:
+            err.print(_fits_without(plan, path), highlight=False)
         err.print(report.summary_table(plan, str(path)))
         if plan.device == "cuda":
             err.print(report.cuda_memory_note(graph if not isinstance(graph, list) else graph[0], plan),
                       highlight=False)
+
+
+def _fits_without(plan: Any, path: Path) -> str:
+    """The answer for a budget at or above the unplanned peak: no checkpointing is needed."""
+    kept = f" less the {plan.reserve:.0%} reserve" if plan.reserve else ""
+    return escape(f"fits without checkpointing: the peak without checkpointing, "
+                  f"{format_bytes(plan.baseline_peak_bytes)}, is within the budget {format_bytes(plan.budget_bytes)}"
+                  f"{kept}; the plan {path} checkpoints nothing, so applying it leaves the model as it is")
 
 
 @app.command()
@@ -328,7 +355,8 @@ def sweep(
         help="Fraction of each budget kept free, applied to every policy alike (default: as solve's).",
         show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(
-        help="Also write a Pareto plot (peak vs extra FLOPs) to this PNG file (needs matplotlib).")] = None,
+        help="Also write a Pareto plot (peak vs extra FLOPs) to this PNG file (needs matplotlib: "
+             "pip install 'ckptplan\\[plot]').")] = None,
     remat: RematOpt = True,
     target: TargetOpt = None,
     gpu: GpuOpt = None,
@@ -353,6 +381,7 @@ def sweep(
             parse_budget(b, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before the trace
         _check_time_limit(time_limit)
         if plot is not None:
+            _require_extra("plot", "--plot")
             if plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
                 raise InputError(f"--plot {plot}: give a file ending in one of .{', .'.join(PLOT_FORMATS)}, "
                                  "e.g. pareto.png")
@@ -387,6 +416,107 @@ def sweep(
         _wide().print(report.sweep_table(rows, forward_flops=graph.forward_flops))
         if plot is not None:
             err.print(f"plot written to {plot}")
+
+
+@app.command("fit")
+def fit_cmd(
+    budget: Annotated[str, typer.Option(
+        "--budget", "-b", help="Peak memory of one training step: 80GB (10^9 B), 80GiB (2^30 B) or bytes "
+                               "(not a percentage: the unplanned peak changes with the value).")],
+    vary: Annotated[str, typer.Option(
+        help="The factory argument to search over, e.g. batch_size or seq_len.")],
+    model: ModelOpt = None,
+    arg: ArgOpt = None,
+    optimizer: OptimizerOpt = None,
+    start: Annotated[int, typer.Option(help="The smallest value tried (the search doubles it from here).")] = 1,
+    max_value: Annotated[Optional[int], typer.Option(
+        "--max", help="The largest value tried (default: 2^20).", show_default=False)] = None,
+    multiple_of: Annotated[int, typer.Option(help="Try multiples of this only (e.g. 64 for seq_len).")] = 1,
+    objective: ObjectiveOpt = "time",
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Where to write the plan of the largest value that fits "
+                               "(default: plans/FACTORY-ARGVALUE-BUDGET.yaml).")] = None,
+    time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds, per value and search.")] = 30.0,
+    reserve: Annotated[Optional[float], typer.Option(
+        help="Fraction of the budget kept free (default: as solve's).", show_default=False)] = None,
+    gap: Annotated[float, typer.Option(
+        help="Stop once each plan is proven within this fraction of the cheapest.")] = DEFAULT_GAP,
+    remat: RematOpt = True,
+    target: TargetOpt = None,
+    gpu: GpuOpt = None,
+    sdpa: SdpaOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find the largest value of a factory argument (--vary batch_size, seq_len, ...) whose training step fits
+    the budget, with the least estimated cost, and write its plan. Each value is traced as the factory builds
+    it: build the model on the meta device (as the bundled example does) and no value needs real memory.
+
+    Exits 2 when the factory has no such argument, 3 when nothing fits even at --start, 4 when the time limit
+    found no plan there.
+    """
+    from .fit import DEFAULT_LIMIT, fit as fit_search
+    from .modelspec import call_factory, check_factory_argument, load_factory
+    from .planner import check_options
+
+    quiet = quiet or as_json
+    try:
+        if not vary.isidentifier():
+            raise InputError(f"--vary {vary!r} must name a factory argument, e.g. --vary batch_size")
+        where = _where(target, gpu, sdpa)
+        budget_given, budget = budget, _card_budget(budget, where)
+        parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before any trace
+        check_options(reserve=reserve, gap=gap)
+        _check_time_limit(time_limit)
+        if output is not None:
+            _check_output(output, "-o")
+        factory_kwargs = parse_factory_args(arg or [])
+        if vary in factory_kwargs:
+            raise InputError(f"--vary {vary} sets {vary}; drop -a {vary}={factory_kwargs[vary]} (use --start and "
+                             "--max to bound the search)")
+        from . import _compat  # noqa: F401  first: names any torch internal this torch lacks
+        from .trace import trace
+
+        name, factory = load_factory(model or bundled_example())
+        check_factory_argument(name, factory, vary)
+
+        def build(value: int):  # noqa: ANN202
+            if status is not None:
+                status.update(f"{vary}={value}: tracing one training step and solving...")
+            loaded = call_factory(name, factory, {**factory_kwargs, vary: value})
+            with _model_code(name):
+                return trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=name, **where,
+                             **loaded.kwargs)
+
+        def tried(trial: Any) -> None:
+            if not quiet:
+                cost = ("does not fit" if not trial.fits else "fits without checkpointing" if not trial.plan.regions
+                        else f"fits, +{100 * trial.step_time_fraction:.1f}% estimated step time")
+                err.print(f"{vary}={trial.value}: {cost}", highlight=False)
+
+        with err.status("searching...", spinner="dots") if not quiet else _null() as status:
+            result = fit_search(build, budget, argument=vary, start=start,
+                                limit=DEFAULT_LIMIT if max_value is None else max_value, multiple_of=multiple_of,
+                                time_limit_s=time_limit, reserve=reserve, objective=objective, gap=gap,
+                                rematerialize=remat, progress=tried)
+        best = result.best
+        tag = re.sub(r"[^A-Za-z0-9.]+", "", budget_given)
+        path = output or Path("plans") / f"{name}-{vary}{best.value}-{tag}.yaml"
+        _write(path, "-o", lambda: best.plan.save(path))
+    except CkptplanError as e:
+        _fail(e, as_json)
+        return
+    except KeyboardInterrupt:
+        _interrupted("no plan written")
+    if as_json:
+        print(json.dumps({**report.fit_summary(result), "plan_file": str(path)}, indent=2))
+    elif not quiet:
+        more = f"; the largest value tried (--max {result.limit}): larger ones may fit" if result.at_limit else ""
+        err.print(escape(f"largest {vary} that fits {format_bytes(result.budget_bytes)}: {best.value} (peak "
+                         f"{format_bytes(best.plan.predicted_peak_bytes)}, +{100 * best.step_time_fraction:.1f}% "
+                         f"estimated step time, +{100 * best.plan.extra_forward_fraction:.1f}% forward FLOPs)"
+                         f"{more}; plan written to {path}"), highlight=False)
+        err.print(report.fit_table(result))
 
 
 @app.command("trace")
@@ -541,12 +671,16 @@ def serve(
         envvar="CKPTPLAN_TOKEN", show_envvar=True, help="Bearer token every request but /healthz must send.")] = None,
 ) -> None:
     """Serve plans over HTTP: one solve per distinct request, cached in SQLite, a review page at /.
-    Needs FastAPI and uvicorn (the serve extra of the package)."""
+    Needs FastAPI and uvicorn: pip install 'ckptplan\\[serve]'."""
     try:
+        _require_extra("serve", "ckptplan serve")
         from .serve.app import Config, serve as run_server
+    except CkptplanError as e:
+        _fail(e, False)
+        return
     except ImportError as e:
-        _fail(InputError(f"ckptplan serve needs FastAPI and uvicorn ({e}); install the package's serve extra, "
-                         "or pip install fastapi uvicorn"), False)
+        _fail(InputError(f"ckptplan serve could not import its server ({e}); reinstall it with "
+                         "pip install 'ckptplan[serve]'"), False)
         return
     try:
         run_server(host=host, port=port, config=Config(store=str(store), workers=workers, queue_limit=queue,

@@ -79,7 +79,7 @@ def pareto_plot(rows: Sequence[SweepRow], path: str | Path, *, title: str, forwa
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("--plot needs matplotlib: pip install matplotlib (or the [bench] extra)") from None
+        raise InputError("--plot needs matplotlib: pip install 'ckptplan[plot]' (or pip install matplotlib)") from None
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for policy in dict.fromkeys(r.policy for r in rows):

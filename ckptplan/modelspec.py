@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
-from torch import nn
 
 from .errors import InputError
 from .plan import NoAliasLoader
+
+if TYPE_CHECKING:
+    from torch import nn
 
 BUNDLED_EXAMPLE = "examples/gpt2.py:gpt2_small"
 
@@ -57,6 +60,14 @@ def parse_factory_args(items: list[str]) -> dict[str, Any]:
 
 
 def load_model(spec: str, factory_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+    """Import the spec's factory and call it with ``factory_kwargs``."""
+    return call_factory(*load_factory(spec), factory_kwargs)
+
+
+def load_factory(spec: str) -> tuple[str, Callable[..., Any]]:
+    """(name, factory) of a spec, imported but not called."""
+    from . import _compat  # noqa: F401  torch, checked: imported here so the CLI's --help needs none of it
+
     target, sep, factory_name = spec.rpartition(":")
     if not sep or not target or not factory_name.isidentifier():
         raise InputError(f"model spec {spec!r} must be path/to/file.py:factory or package.module:factory")
@@ -65,6 +76,31 @@ def load_model(spec: str, factory_kwargs: dict[str, Any] | None = None) -> Loade
     if factory is None or not callable(factory):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:12]
         raise InputError(f"{target} has no callable {factory_name!r}; callables there: {', '.join(found)}")
+    return factory_name, factory
+
+
+def check_factory_argument(name: str, factory: Callable[..., Any], argument: str) -> None:
+    """Refuse ``argument`` unless ``factory`` takes a keyword argument of that name (or any, **kwargs)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): calling it will tell
+        return
+    if argument in params and params[argument].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                                             inspect.Parameter.VAR_POSITIONAL):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY)]
+    raise InputError(f"the factory {name} takes no argument {argument!r}; it takes: "
+                     f"{', '.join(takes) or 'no keyword arguments'}")
+
+
+def call_factory(factory_name: str, factory: Callable[..., Any],
+                 factory_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+    """Call a factory and check what it returns: (model, args) or (model, args, kwargs)."""
+    from torch import nn
+
     try:
         result = factory(**(factory_kwargs or {}))
     except TypeError as e:

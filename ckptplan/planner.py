@@ -20,18 +20,20 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ._version import __version__
 from .costmodel import DeviceProfile, load_profile, price
 from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Graph
 from .plan import Decision, OpDecision, Plan, RegionPlan
-from .solver import cpsat
 from .solver.regions import Forced, Region, candidate_regions, forward_order, outermost
 from .solver.remat import parse_path, remat_candidates
 from .solver.simulate import SimResult, simulate
 from .units import format_bytes, parse_budget, suggest_budget
+
+if TYPE_CHECKING:
+    from .solver import cpsat
 
 Progress = Callable[[str, dict], None]
 
@@ -182,6 +184,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     ``server``: the URL of a ``ckptplan serve`` server, which solves (once for every identical request,
     then from its cache) with these options and one worker; the plan is the one a local solve returns.
     """
+    from .solver import cpsat  # OR-Tools: imported to solve, not with the package (NOTE [ Lazy package ])
+
     check_options(reserve=reserve, gap=gap)
     try:
         goal = cpsat.Objective(objective)

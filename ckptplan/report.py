@@ -199,3 +199,39 @@ def cuda_memory_note(graph: Graph, plan: Plan) -> str:
             f"cuBLAS workspace {format_bytes(graph.extra_fixed_bytes)} included); max_memory_reserved() about "
             f"{format_bytes(plan.predicted_peak_bytes + slack)} or more (allocator segments, estimate); the CUDA "
             f"context, about {format_bytes(CUDA_CONTEXT_BYTES)}, is counted by neither.")
+
+
+def fit_summary(result: Any) -> dict[str, Any]:
+    """A ``fit.FitResult`` as JSON: the largest value that fits, then every value tried, by value."""
+    return {
+        "argument": result.argument,
+        "budget_bytes": result.budget_bytes,
+        "best": result.best.value,
+        "at_limit": result.at_limit,
+        "trials": [{"value": t.value, "no_checkpointing_peak_bytes": t.no_checkpointing_peak_bytes,
+                    "minimum_bytes": t.minimum_bytes, "minimum_proven": t.minimum_proven, "fits": t.fits,
+                    "estimated_recompute_ns": t.plan.extra_cost_ns if t.plan else None,
+                    "estimated_step_time_percent": round(100 * t.step_time_fraction, 3) if t.plan else None,
+                    "extra_forward_percent": round(100 * t.plan.extra_forward_fraction, 3) if t.plan else None}
+                   for t in result.by_value()],
+    }
+
+
+def fit_table(result: Any) -> Table:
+    """The values a ``fit`` search tried, by value, the answer's row in bold: the no-checkpointing peak, the
+    lowest budget a plan fits ("<=": not proven minimal), and the cost of the cheapest plan under the budget."""
+    t = Table(title=f"values of {result.argument} tried, budget {format_bytes(result.budget_bytes)}",
+              title_justify="left")
+    for name, justify in [(result.argument, "right"), ("unplanned peak", "right"), ("minimum budget", "right"),
+                          ("fits", "left"), ("est. step time", "right"), ("forward FLOPs", "right")]:
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for trial in result.by_value():
+        minimum = "none found" if trial.minimum_bytes is None else (
+            format_bytes(trial.minimum_bytes) if trial.minimum_proven else f"<= {format_bytes(trial.minimum_bytes)}")
+        plan = trial.plan
+        t.add_row(str(trial.value), format_bytes(trial.no_checkpointing_peak_bytes), minimum,
+                  "[green]yes[/green]" if plan else "[red]no[/red]",
+                  f"+{100 * trial.step_time_fraction:.1f}%" if plan else "",
+                  f"+{100 * plan.extra_forward_fraction:.1f}%" if plan else "",
+                  style="bold" if trial is result.best else None)
+    return t

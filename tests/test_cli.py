@@ -340,3 +340,17 @@ def test_trace_json():
     assert info["forward_ops"] > 0 and info["candidate_regions"] > 0
     assert info["no_checkpointing_peak_bytes"] > info["full_checkpointing_peak_bytes"] > info["parameter_bytes"]
     assert info["inputs"] == ["int64[4, 64]", "int64[4, 64]"]
+
+
+# ---- a budget above the unplanned peak ----------------------------------------------------------------
+def test_budget_above_the_peak_says_it_fits_without_checkpointing(tmp_path):
+    out = tmp_path / "roomy.yaml"
+    result = run("solve", "-m", GPT2, *ARGS, "-b", "1TiB", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    plan = load_plan(out)
+    assert plan.regions == ()
+    text = flat(result.stderr)
+    assert (f"fits without checkpointing: the peak without checkpointing, {format_bytes(plan.baseline_peak_bytes)}, "
+            f"is within the budget 1.00 TiB; the plan {out} checkpoints nothing") in text
+    as_json = run("solve", "-m", GPT2, *ARGS, "-b", "1TiB", "-o", str(out), "--json")
+    assert json.loads(as_json.stdout)["fits_without_checkpointing"] is True

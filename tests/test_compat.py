@@ -125,8 +125,12 @@ def test_release_outside_the_range_warns(monkeypatch, version, warns):
         assert "untested" in str(seen[0].message)
 
 
-def test_import_names_what_is_missing():
-    code = "import torch.utils.checkpoint as c; del c.SAC_IGNORED_OPS; import ckptplan"
+@pytest.mark.parametrize("use", [
+    "import ckptplan; ckptplan.trace",  # the package binds its torch names on first use (NOTE [ Lazy package ])
+    "from ckptplan.modelspec import load_model; load_model('x.py:f')",  # the CLI's way into torch
+])
+def test_first_use_names_what_is_missing(use):
+    code = f"import torch.utils.checkpoint as c; del c.SAC_IGNORED_OPS; {use}"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert r.returncode != 0
