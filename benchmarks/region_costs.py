@@ -58,7 +58,7 @@ from runtime_overhead import plan_for  # noqa: E402
 import ckptplan  # noqa: E402
 from ckptplan import costmodel, planner  # noqa: E402
 from ckptplan.solver import remat  # noqa: E402
-from ckptplan.solver.regions import Forced  # noqa: E402
+from ckptplan.graph import Forced  # noqa: E402
 from ckptplan.solver.simulate import simulate  # noqa: E402
 
 # ops with FLOPs, convolutions, other memory-bound ops, costmodel.SLOW_OPS, BatchNorm, random ops

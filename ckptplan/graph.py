@@ -196,3 +196,39 @@ class Graph:
             outs = [[list(t.shape), t.dtype] for t in op.outputs]
             h.update(json.dumps([op.name, op.module, outs]).encode())
         return h.hexdigest()[:16]
+
+
+# ---- names a plan gives what it decides about -------------------------------------------------------------
+
+CONTAINERS = frozenset({"ModuleList", "Sequential", "ModuleDict"})
+
+
+class Forced(str, Enum):
+    """Why an op's decision is fixed: every reason but ``KEPT`` is why it cannot be saved."""
+
+    VIEW = "view"  # aliases an input: recomputing it is free, caching it would pin its base
+    RANDOM = "random"  # caching it would shift the RNG stream for the random ops recomputed after it
+    INPLACE = "inplace"  # writes or is later written in place: a cached tensor must never be mutated
+    NO_OUTPUT = "no-output"  # allocates nothing worth keeping
+    AFTER_LAST_SAVE = "not-recomputed"  # early stop ends the recomputation before this op
+    RECIPE = "recipe"  # an op of a rematerialization's recipe (remat.py): rerun to rebuild its target
+    # an op amid a recipe that the recipe does not rerun: its outputs, which backward keeps anyway (the
+    # shortcut convolution of a ResNet block), are read as inputs; its decision is save
+    KEPT = "kept"
+
+
+def parse_path(path: str) -> tuple[str, int]:
+    """(module, offset) of a rematerialization's path: ``<module>.@<offset>[:k]``, or for a longer recipe
+    ``<shorter recipe's path>.~<n>@<offset>[:k]``, its module ``n`` levels above the shorter one's (the
+    module the run counts its ops in)."""
+    head, _, tail = path.rpartition("@")
+    offset = int(tail.split(":")[0])
+    if ".~" in head:
+        under, levels = head.rsplit(".~", 1)
+        parts = module_parts(parse_path(under)[0])
+        return ".".join(parts[:len(parts) - int(levels)]), offset
+    return (head[:-1] if head.endswith(".") else head), offset
+
+
+def module_parts(module: str) -> list[str]:
+    return module.split(".") if module else []

@@ -21,8 +21,7 @@ from enum import Enum
 from typing import Sequence
 
 from .errors import InputError
-from .graph import Graph, StorageKind
-from .solver.regions import CONTAINERS
+from .graph import CONTAINERS, Graph, StorageKind
 
 
 class Parallel(str, Enum):

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError
-from .solver.regions import Forced
+from .graph import Forced
 from .units import format_bytes, format_flops
 
 SCHEMA_VERSION = 1

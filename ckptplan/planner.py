@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from ._version import __version__
 from .costmodel import DeviceProfile, load_profile, price
 from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
-from .graph import Graph
+from .graph import Forced, Graph, parse_path
 from .plan import Decision, OpDecision, Plan, RegionPlan
-from .solver.regions import Forced, Region, candidate_regions, forward_order, outermost
-from .solver.remat import parse_path, remat_candidates
+from .solver.regions import Region, candidate_regions, forward_order, outermost
+from .solver.remat import remat_candidates
 from .solver.simulate import SimResult, simulate
 from .units import format_bytes, parse_budget, suggest_budget
 

@@ -33,10 +33,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import InputError, PlanMismatch
 from .flops import op_flops
+from .graph import Forced, parse_path
+from .opfacts import HIDDEN_WRITES
 from .plan import Decision, RegionPlan
-from .solver.regions import Forced
-from .solver.remat import parse_path
-from .trace import HIDDEN_WRITES
 
 
 KEPT = Forced.KEPT.value  # an op of a recipe that the rerun reads instead of running (solver/remat.py)

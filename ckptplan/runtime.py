@@ -50,12 +50,12 @@ from torch.utils.checkpoint import SAC_IGNORED_OPS, _VersionWrapper, checkpoint
 from ._compat import detach_cached
 from .errors import PlanMismatch
 from .flops import op_flops
+from .graph import parse_path
 from .modes import eval_modules, kv_cache_off, kv_cache_restore
 from .plan import Decision, Plan, RegionPlan
 from .rematerialize import Rematerializer, shapes_equal
 from .signature import model_signature, num_parameters
 from .units import format_bytes, format_flops
-from .solver.remat import parse_path
 
 log = logging.getLogger("ckptplan")
 

@@ -30,6 +30,7 @@ from . import costmodel
 from .autocast import dtype_name, parse_autocast
 from .errors import InputError
 from .modes import eval_modules, no_kv_cache
+from .opfacts import HIDDEN_WRITES
 from .kernels import STANDS_FOR, CpuKernels, CudaKernels
 from .target import GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu, parse_sdpa, parse_target
 from .flops import cost_flops, op_flops
@@ -39,13 +40,6 @@ from .graph import Graph, ModuleCall, OpNode, StorageInfo, StorageKind, TensorIn
 LossFn = Callable[[Any], torch.Tensor]
 
 aten = torch.ops.aten
-
-# Ops that write arguments their schema does not mark as written: {op: (positions, training flag position)}.
-HIDDEN_WRITES = {
-    aten.native_batch_norm.default: ((3, 4), 5),
-    aten.cudnn_batch_norm.default: ((3, 4), 5),
-    aten.miopen_batch_norm.default: ((3, 4), 5),
-}
 
 OPTIMIZER_STATE_FACTOR = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2, "adagrad": 1, "rmsprop": 1}
 

@@ -52,7 +52,7 @@ def test_bound_is_exact_on_one_row_of_a_small_chain():
     cost = model_.cost_form
     checked = 0
     for i, (_, _, ub) in enumerate(model_.row_exprs):
-        row = model_._row_form(i)
+        row = model_.row_form(i)
         low = row.constant + sum(min(0, a) for a in [*row.c.values(), *row.k.values(), *row.z.values()])
         for capacity in sorted({low, (low + ub) // 2, ub - 1}):
             expected = _brute_force(regions, row, capacity, cost)
@@ -78,7 +78,7 @@ def test_bound_never_exceeds_the_optimum(traced, name, strong):
     assert solution.status is cpsat.Status.OPTIMAL
     capacity = budget // model.unit
     cost = model.cost_form
-    bounds = [bound.lower_bound(regions, model._row_form(i), capacity, cost)
+    bounds = [bound.lower_bound(regions, model.row_form(i), capacity, cost)
               for i, (_, _, ub) in enumerate(model.row_exprs) if ub > capacity]
     assert bounds and all(b is None or b <= solution.objective_ns for b in bounds)
     assert max(b or 0 for b in bounds) > (0.9 if strong else 0.5) * solution.objective_ns
@@ -106,7 +106,7 @@ def test_with_costs_shared_by_rematerializations_the_bound_never_exceeds_the_opt
         capacity = budget // model.unit
         for i, (_, _, ub) in enumerate(model.row_exprs):
             if ub > capacity:
-                b = bound.lower_bound(regions, model._row_form(i), capacity, model.cost_form)
+                b = bound.lower_bound(regions, model.row_form(i), capacity, model.cost_form)
                 assert b is None or b <= solution.objective_ns
                 checked += b is not None
     assert checked

@@ -61,7 +61,7 @@ def test_both_cases_cover_what_they_claim(planned):
 
 def _inner_module(model, plan, remat: bool):
     """A module where the interrupt fires: the anchor of a rematerialization, or a region's last submodule."""
-    from ckptplan.solver.remat import parse_path
+    from ckptplan.graph import parse_path
 
     region = next(r for r in plan.regions if r.remat == remat)
     path = parse_path(region.path)[0] if remat else region.path

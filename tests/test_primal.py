@@ -122,7 +122,7 @@ def test_the_first_plan_stops_at_its_deadline_inside_a_row(traced, monkeypatch):
 def test_a_row_past_its_deadline_gives_nothing(traced, monkeypatch):
     _, _, graph = traced("gpt2")
     _, budget, model = _model_at(graph, 0.5)
-    row = model._row_form(max(range(len(model.row_exprs)), key=lambda i: model.row_exprs[i][2]))
+    row = model.row_form(max(range(len(model.row_exprs)), key=lambda i: model.row_exprs[i][2]))
     args = (model.regions, row, budget // model.unit, model.cost_form)
     assert bound.solve_row(*args, plan=True) is not None
     monkeypatch.setattr(bound, "clock", _FakeClock(1))

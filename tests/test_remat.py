@@ -14,8 +14,9 @@ import ckptplan
 from ckptplan.measure import measure_peak
 from ckptplan.planner import candidates, plan_decisions
 from ckptplan.plan import load_plan
-from ckptplan.solver.remat import parse_path, remat_candidates
-from ckptplan.solver.regions import Forced, candidate_regions
+from ckptplan.graph import Forced, parse_path
+from ckptplan.solver.remat import remat_candidates
+from ckptplan.solver.regions import candidate_regions
 from ckptplan.solver.simulate import simulate
 
 from .conftest import MODELS

@@ -26,7 +26,8 @@ from enum import Enum
 from typing import Sequence
 
 from ..graph import Graph
-from .regions import CONTAINERS, Region, segment
+from ..graph import CONTAINERS
+from .regions import Region, segment
 from .simulate import simulate
 
 # Outputs torchtitan's op-level policy saves (its ``_save_list``, with the CPU attention kernel).

@@ -19,27 +19,9 @@ checkpoint call itself, and the dispatch modes of selective checkpointing when i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from ..costmodel import profile_of
-from ..graph import Graph, StorageKind
-
-CONTAINERS = frozenset({"ModuleList", "Sequential", "ModuleDict"})
-
-
-class Forced(str, Enum):
-    """Why an op's decision is fixed: every reason but ``KEPT`` is why it cannot be saved."""
-
-    VIEW = "view"  # aliases an input: recomputing it is free, caching it would pin its base
-    RANDOM = "random"  # caching it would shift the RNG stream for the random ops recomputed after it
-    INPLACE = "inplace"  # writes or is later written in place: a cached tensor must never be mutated
-    NO_OUTPUT = "no-output"  # allocates nothing worth keeping
-    AFTER_LAST_SAVE = "not-recomputed"  # early stop ends the recomputation before this op
-    RECIPE = "recipe"  # an op of a rematerialization's recipe (remat.py): rerun to rebuild its target
-    # an op amid a recipe that the recipe does not rerun: its outputs, which backward keeps anyway (the
-    # shortcut convolution of a ResNet block), are read as inputs; its decision is save
-    KEPT = "kept"
-
+from ..graph import CONTAINERS, Forced, Graph, StorageKind
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Region:

@@ -39,8 +39,8 @@ paid once however many recipes use them.
 from __future__ import annotations
 
 from ..costmodel import profile_of
-from ..graph import Graph, ModuleCall, StorageKind
-from .regions import Forced, Region, _overheads, forward_order
+from ..graph import Forced, Graph, ModuleCall, StorageKind, module_parts, parse_path
+from .regions import Region, _overheads, forward_order
 
 MAX_OPS = 6  # most ops a recipe reruns: BatchNorm (with its counter and buffer ops), an add and a ReLU fit
 MAX_SPAN = 12  # most forward ops from a recipe's first op to its last, kept ones included
@@ -198,7 +198,7 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
     # the op's offset in the module call, and which of its outputs when it makes several (max-pool's indices)
     at = f"@{offset}" + (f":{k}" if (k := graph.ops[s.producer].allocates.index(target)) else "")
     if under:  # the module as levels above the shorter recipe's: identical layers fold in the plan file
-        levels = len(_parts(parse_path(under)[0])) - len(_parts(module))
+        levels = len(module_parts(parse_path(under)[0])) - len(module_parts(module))
         path = f"{under}.~{levels}{at}"
     else:
         path = f"{module}.{at}" if module else at
@@ -209,23 +209,6 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
         forced=tuple((i, Forced.KEPT if i in kept else Forced.RECIPE) for i in range(first, end)),
         mutated_buffers=(), checkpoint_ns=_overheads(graph, first, end, end, rerun, remat=True)[0], target=target,
         kept=kept, shared=tuple(sorted((k, ns) for k, ns in shared.items() if ns)))
-
-
-def parse_path(path: str) -> tuple[str, int]:
-    """(module, offset) of a rematerialization's path: ``<module>.@<offset>[:k]``, or for a longer recipe
-    ``<shorter recipe's path>.~<n>@<offset>[:k]``, its module ``n`` levels above the shorter one's (the
-    module the run counts its ops in)."""
-    head, _, tail = path.rpartition("@")
-    offset = int(tail.split(":")[0])
-    if ".~" in head:
-        under, levels = head.rsplit(".~", 1)
-        parts = _parts(parse_path(under)[0])
-        return ".".join(parts[:len(parts) - int(levels)]), offset
-    return (head[:-1] if head.endswith(".") else head), offset
-
-
-def _parts(module: str) -> list[str]:
-    return module.split(".") if module else []
 
 
 def anchor(graph: Graph, first: int, end: int) -> ModuleCall | None:
