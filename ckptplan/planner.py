@@ -41,12 +41,11 @@ MAX_REPAIRS = 6
 
 
 # Headroom kept free below the budget when none is given. For one process traced on CPU the simulator
-# counts what MemTracker counts, tensor storages: in every plan of the policy benchmark
-# (benchmarks/results/policies) its peak was 4 KiB to 0.63 MiB above MemTracker's, never below, so a
-# reserve would only throw memory away (tests/test_zoo.py holds the measured peak to the budget at none).
-# A GPU's caching allocator rounds blocks up and fragments, and its kernels take workspaces the trace
-# cannot see; meta and fake tensors are planned for a GPU. Under DDP/FSDP the per-rank peak is modelled
-# (parallel.py), not traced: FSDP2 measured 1.25% above the prediction (benchmarks/results/parallel_memory).
+# counts what MemTracker counts, tensor storages, so a reserve would only throw memory away
+# (tests/test_zoo.py holds the measured peak to the budget at none). A GPU's caching allocator rounds
+# blocks up and fragments, and its kernels take workspaces the trace cannot see; meta and fake tensors are
+# planned for a GPU. Under DDP/FSDP the per-rank peak is modelled (parallel.py), not traced. The measured
+# margins: docs/benchmarks.md.
 CPU_RESERVE = 0.0
 DEFAULT_RESERVE = 0.02
 RESERVE_SCALE = 10**6  # the reserve is applied in millionths

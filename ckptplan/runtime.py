@@ -100,8 +100,8 @@ class _SelectiveForward(TorchDispatchMode):
     PyTorch's own pair of modes (``create_selective_checkpoint_contexts``) calls a policy with a fresh
     context object for every op, keys its cache by op and call count and asks whether it is compiling on
     every op. A plan knows each op's position in its region, so these cache by position: the same cached
-    values (detached, their version checked when taken back), less Python per op
-    (benchmarks/results/runtime_overhead measures it; costmodel.py charges it).
+    values (detached, their version checked when taken back), less Python per op (costmodel.py charges
+    what is left).
     """
 
     def __init__(self, region: "_RegionRuntime", cache: dict[int, Any]) -> None:

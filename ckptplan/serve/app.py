@@ -46,7 +46,7 @@ from .store import Entry, Store
 
 log = logging.getLogger("ckptplan.serve")
 
-MAX_BODY_BYTES = 64 * 2**20  # a 7B step's document is ~4 MB gzipped (benchmarks/results/serve/)
+MAX_BODY_BYTES = 64 * 2**20  # a 7B step's document is a few MB gzipped
 MAX_TIME_LIMIT_S = 600.0
 DEFAULT_DEADLINE_S = 300.0
 SYNTAX_REFERENCE = 2**50  # stands in for the no-checkpointing peak when only a budget's syntax is checked
