@@ -170,6 +170,7 @@ def mib(n: Any) -> str:
 
 def markdown(header: dict, records: list[dict]) -> str:
     out = ["# Real models: trace, solve, apply, step", "",
+           *(f"Earlier run (its models kept): `{c}`  " for c in header.get("earlier_commands", [])),
            f"Command: `{header['command']}`  ",
            f"Machine: {header['machine']}  ",
            f"Load average at start: {header['load_start']}, at the last write: {header['load_now']}  ",
@@ -211,6 +212,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(hf_zoo.ZOO), help="comma-separated names of hf_zoo.ZOO")
     parser.add_argument("--budgets", default="0.8,0.6", help="fractions of the no-checkpointing peak")
     parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit per solve, seconds")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the models of an earlier run's real_models.json in --out and probe the rest")
     ns = parser.parse_args()
     torch.set_num_threads(1)
     import transformers
@@ -224,12 +227,20 @@ def main() -> None:
               "transformers": transformers.__version__, "time_limit_s": ns.time_limit,
               "wall_slack": os.environ.get("CKPTPLAN_WALL_SLACK"), "models": len(names)}
     records: list[dict] = []
-    for i, name in enumerate(names):
+    path = out / "real_models.json"
+    if ns.resume and path.exists():  # same options assumed: the earlier header's command is kept beside
+        earlier = json.loads(path.read_text())
+        records = [r for r in earlier["models"] if r["model"] in names]
+        header["earlier_commands"] = [*earlier["header"].get("earlier_commands", []), earlier["header"]["command"]]
+        header["load_start"] = earlier["header"]["load_start"] + " (first run); " + header["load_start"]
+    done = {r["model"] for r in records}
+    todo = [n for n in names if n not in done]
+    for i, name in enumerate(todo):
         print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
         records.append(probe(name, hf_zoo.ZOO[name], [float(f) for f in ns.budgets.split(",")], ns.time_limit))
         header["load_now"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        header["state"] = "complete" if i == len(names) - 1 else "partial"
-        (out / "real_models.json").write_text(json.dumps({"header": header, "models": records}, indent=1) + "\n")
+        header["state"] = "complete" if i == len(todo) - 1 else "partial"
+        path.write_text(json.dumps({"header": header, "models": records}, indent=1) + "\n")
         (out / "real_models.md").write_text(markdown(header, records))
 
 
