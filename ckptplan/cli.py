@@ -132,7 +132,7 @@ def _interrupted(what: str = "nothing written") -> None:
     raise typer.Exit(130)
 
 
-def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool,  # noqa: ANN202
+def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool,
            parallel: str | None = None, world_size: int = 1, seq_lens: list[int] | None = None,
            where: dict[str, Any] | None = None):
     from . import _compat  # noqa: F401  first: names any torch internal this torch lacks
@@ -146,7 +146,8 @@ def _trace(model: str | None, args: list[str] | None, optimizer: str | None, qui
     factory_kwargs = parse_factory_args(args or [])
     graphs = []
     for n in seq_lens or [None]:
-        loaded = load_model(model or bundled_example(), factory_kwargs if n is None else {**factory_kwargs, "seq_len": n})
+        loaded = load_model(model or bundled_example(),
+                            factory_kwargs if n is None else {**factory_kwargs, "seq_len": n})
         with err.status(f"tracing one training step{f' (seq_len {n})' if n else ''}...",
                         spinner="dots") if not quiet else _null(), _model_code(loaded.name):
             graph = trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=loaded.name,
@@ -215,7 +216,7 @@ def _seq_lens(text: str | None) -> list[int] | None:
     return values
 
 
-def _progress_line(status: Any):  # noqa: ANN202
+def _progress_line(status: Any):
     """Turn the planner's progress notes into one live status line: phase, best objective, gap, time."""
     import time
 
@@ -312,7 +313,7 @@ def solve(
             what = "minimum feasible budget" if e.minimum_proven else "lowest budget known to fit (not proven minimal)"
             err.print(escape(f"{what}: {format_bytes(e.minimum_bytes)}; try: ckptplan solve {' '.join(again)}"),
                       highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code)
+            raise typer.Exit(e.exit_code) from None
         _fail(e, as_json)
         return
     except CkptplanError as e:
@@ -480,7 +481,7 @@ def fit_cmd(
         name, factory = load_factory(model or bundled_example())
         check_factory_argument(name, factory, vary)
 
-        def build(value: int):  # noqa: ANN202
+        def build(value: int):
             if status is not None:
                 status.update(f"{vary}={value}: tracing one training step and solving...")
             loaded = call_factory(name, factory, {**factory_kwargs, vary: value})
@@ -646,7 +647,8 @@ def verify(
     fits = peak <= plan.budget_bytes
     result = {"budget_bytes": plan.budget_bytes, "predicted_peak_bytes": plan.predicted_peak_bytes,
               "measured_peak_bytes": peak, "fits": fits,
-              "measured_over_predicted": round(peak / plan.predicted_peak_bytes, 4) if plan.predicted_peak_bytes else None,
+              "measured_over_predicted":
+                  round(peak / plan.predicted_peak_bytes, 4) if plan.predicted_peak_bytes else None,
               "predicted_extra_forward_flops": plan.extra_forward_flops, "measured_extra_forward_flops": extra}
     if as_json:
         print(json.dumps(result, indent=2))

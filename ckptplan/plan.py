@@ -343,7 +343,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise InputError(f"plan file {path} nests brackets more than {MAX_FLOW_DEPTH} deep; it is not a ckptplan "
                          "plan: regenerate it with `ckptplan solve`")
     try:
-        data = yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=NoAliasLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
         raise InputError(f"plan file {path} is not valid YAML ({str(e).splitlines()[0]}); "
                          "regenerate it with `ckptplan solve`") from None
@@ -374,9 +374,10 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
                 if target is not None and (len(target) != 2 or not 0 <= int(target[0]) < len(ops)):
                     raise InputError(f"{source}: block {block['modules']!r} has target {target!r}, which is not "
                                      "[op row, tensor output] of its rows: the file was edited inconsistently")
+                where = None if target is None else (int(target[0]), int(target[1]))
                 placed.append((int(at), RegionPlan(path=p, type_name=block["type"], ops=ops,
                                                    mutated_buffers=tuple(block.get("restores_buffers") or ()),
-                                                   target=None if target is None else (int(target[0]), int(target[1])))))
+                                                   target=where)))
         regions = tuple(r for _, r in sorted(placed, key=lambda x: x[0]))
         for r in regions:
             check_decisions(r)

@@ -153,8 +153,8 @@ def check_options(*, reserve: float | None, gap: float) -> None:
         raise InputError(f"gap must be a fraction in [0, 1), got {gap}")
 
 
-def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0, reserve: float | None = None,
-          workers: int = 1, progress: Progress | None = None, objective: str = "time",
+def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0,
+          reserve: float | None = None, workers: int = 1, progress: Progress | None = None, objective: str = "time",
           gap: float = DEFAULT_GAP, rematerialize: bool = True,
           profile: DeviceProfile | str | os.PathLike | None = None, server: str | None = None) -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
@@ -297,7 +297,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         note("solve", {"attempt": attempt, "budget": target})
         sol = model.solve(budget_bytes=target, time_limit_s=left, hint=hint, workers=workers,
                           deterministic_limit=work, objective=goal, gap_limit=gap,
-                          on_solution=lambda obj, bound: note("improved", {f"objective_{unit}": obj, f"bound_{unit}": bound}))
+                          on_solution=lambda obj, bound: note("improved", {f"objective_{unit}": obj,
+                                                                           f"bound_{unit}": bound}))
         work -= sol.deterministic_s
         stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt,
                  "cp_sat_search": int(sol.searched)}  # 0: the knapsack's first plan was proven as it is
@@ -326,8 +327,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
 
 
 def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
-          budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult, status: str, gap: float,
-          objective: str, solve_time_s: float, stats: dict[str, int]) -> Plan:
+          budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult, status: str,
+          gap: float, objective: str, solve_time_s: float, stats: dict[str, int]) -> Plan:
     graph, regions = shapes.primary, shapes.regions[0]
     out = []
     for r in regions:
@@ -358,7 +359,8 @@ def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
         model=graph.model_name, fingerprint=graph.fingerprint, signature=graph.signature,
         num_parameters=graph.num_parameters,
         inputs=graph.inputs, shapes=tuple(g.inputs for g in shapes.graphs),
-        fingerprints=tuple(g.fingerprint for g in shapes.graphs), device=graph.device, gpu=graph.gpu, eval_modules=graph.eval_modules,
+        fingerprints=tuple(g.fingerprint for g in shapes.graphs), device=graph.device, gpu=graph.gpu,
+        eval_modules=graph.eval_modules,
         autocast=graph.autocast,
         optimizer=graph.optimizer, parallel=graph.parallel,
         budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,

@@ -37,7 +37,6 @@ from .graph import Forced, parse_path
 from .opfacts import HIDDEN_WRITES
 from .plan import Decision, RegionPlan
 
-
 KEPT = Forced.KEPT.value  # an op of a recipe that the rerun reads instead of running (solver/remat.py)
 _COMPILED = ("Under torch.compile a plan cannot rematerialize: the compiled graph runs other ops than the traced "
              "step. For a compiled model solve with `ckptplan solve --no-remat` (solve(..., rematerialize=False)); "
@@ -157,7 +156,7 @@ class _RecipeMode(TorchDispatchMode):
     def ignore_compile_internals(cls) -> bool:
         return True
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         owner = self.owner
         if func in SAC_IGNORED_OPS or owner.counter.suspended:

@@ -112,7 +112,7 @@ class _SelectiveForward(TorchDispatchMode):
     def ignore_compile_internals(cls) -> bool:
         return True
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in SAC_IGNORED_OPS:
             return out
@@ -140,12 +140,12 @@ class _SelectiveRecompute(TorchDispatchMode):
     def ignore_compile_internals(cls) -> bool:
         return True
 
-    def __enter__(self):  # noqa: ANN204
+    def __enter__(self):
         self.region.counter.regions += 1
         self.position = 0
         return super().__enter__()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in SAC_IGNORED_OPS:
             return func(*args, **kwargs)

@@ -144,7 +144,7 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
     hits: dict[str, bytes] = {}  # key -> the JSON answer to a cache hit, for the most asked plans
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI):
         import torch
 
         nonlocal store

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
 
-from ..graph import Graph
-from ..graph import CONTAINERS
+from ..graph import CONTAINERS, Graph
 from .regions import Region, segment
 from .simulate import simulate
 

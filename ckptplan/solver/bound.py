@@ -384,7 +384,8 @@ def _remat_items(on: frozenset[int], regions: tuple[Region, ...], row: LinearFor
             subsets.append((w, sum(cost.c.get(j, 0) for j in chosen), sorted(chosen), chosen))
         base = min(subsets)
         started[-1 - len(groups)] = (base[0], base[1])
-        options = [(w - base[0], c - base[1], chosen) for w, c, _, chosen in subsets if chosen != base[3] and c < base[1]]
+        options = [(w - base[0], c - base[1], chosen)
+                   for w, c, _, chosen in subsets if chosen != base[3] and c < base[1]]
         group_sets.append((base[3], *(chosen for _, _, chosen in options)))
         groups.append(tuple((w, c) for w, c, _ in options))
 

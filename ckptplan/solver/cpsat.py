@@ -5,8 +5,8 @@ Built in named phases:
 1. ``Timeline``: positions (one per traced event, one per op rerun of every candidate region just
    before the backward event that triggers its recomputation) and the baseline live bytes at each.
 2. ``_terms``: every way a decision changes memory, as (bytes, literal expression, [lo, hi) positions).
-3. ``_Model``: variables, the gap aggregates (per input shape when there are several), one memory constraint per distinct set of active terms,
-   and the objective (estimated recompute time).
+3. ``_Model``: variables, the gap aggregates (per input shape when there are several), one memory constraint
+   per distinct set of active terms, and the objective (estimated recompute time).
 4. ``_Model.solve``: under a budget, primal.py's first plan (bound.py's knapsack on the binding row,
    checked on every row with ``_Model.evaluate``); when its own bound proves it within the gap, that
    is the answer, with no search (deep chains: the search's root LP alone grows faster than depth).
@@ -496,8 +496,8 @@ class _Model:
             # charged to it: often proven within the gap as it is
             started = time.monotonic()
             # the wall-clock limit holds here too: past it the first plan stops with the best it has
-            start = primal.first_plan(self, budget_bytes // self.unit, gap=gap_limit, work_limit=None
-                                      if deterministic_limit is None else int(deterministic_limit * CELLS_PER_DET_S / 2),
+            cells = None if deterministic_limit is None else int(deterministic_limit * CELLS_PER_DET_S / 2)
+            start = primal.first_plan(self, budget_bytes // self.unit, gap=gap_limit, work_limit=cells,
                                       deadline=bound.clock() + time_limit_s)
             spent, charged = time.monotonic() - started, start.work / CELLS_PER_DET_S
             if deterministic_limit is not None:

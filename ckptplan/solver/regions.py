@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ..costmodel import profile_of
 from ..graph import CONTAINERS, Forced, Graph, StorageKind
 
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Region:
     path: str

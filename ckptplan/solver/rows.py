@@ -111,8 +111,8 @@ def terms(graph: Graph, regions: tuple[Region, ...], tl: Timeline) -> list[Term]
                     for k in input_of.get(sid, ()):
                         if k != j:  # ... unless the next region's checkpoint holds it as an input
                             release = tl.first[min(regions[k].release_event + 1, graph.num_events)]
-                            terms.append(Term(j, s.nbytes, TermKind.HELD if x is TermKind.RECOMPUTED else TermKind.HELD_FORCED, p, k,
-                                               py_end, min(release, again), True))
+                            held = TermKind.HELD if x is TermKind.RECOMPUTED else TermKind.HELD_FORCED
+                            terms.append(Term(j, s.nbytes, held, p, k, py_end, min(release, again), True))
                 elif not s.saved_by and rerun:
                     at = tl.rerun[(r.path, p)]
                     inner = (tl.rerun[(r.path, s.python_free_op)]
