@@ -18,10 +18,9 @@ import json
 import math
 import os
 import re
-import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -127,7 +126,7 @@ def _require_extra(extra: str, what: str) -> None:
                          f"installed: pip install 'ckptplan[{extra}]' (or pip install {' '.join(missing)})")
 
 
-def _interrupted(what: str = "nothing written") -> None:
+def _interrupted(what: str = "nothing written") -> NoReturn:
     err.print(f"interrupted: {what}")
     raise typer.Exit(130)
 
@@ -145,7 +144,8 @@ def _trace(model: str | None, args: list[str] | None, optimizer: str | None, qui
         raise typer.BadParameter("a world size above 1 needs --parallel ddp or fsdp", param_hint="--world-size")
     factory_kwargs = parse_factory_args(args or [])
     graphs = []
-    for n in seq_lens or [None]:
+    lens: list[int | None] = list(seq_lens) if seq_lens else [None]
+    for n in lens:
         loaded = load_model(model or bundled_example(),
                             factory_kwargs if n is None else {**factory_kwargs, "seq_len": n})
         with err.status(f"tracing one training step{f' (seq_len {n})' if n else ''}...",
@@ -501,9 +501,11 @@ def fit_cmd(
                                 time_limit_s=time_limit, reserve=reserve, objective=objective, gap=gap,
                                 rematerialize=remat, progress=tried)
         best = result.best
+        plan, fraction = best.plan, best.step_time_fraction
+        assert plan is not None and fraction is not None  # FitResult's best trial fits
         tag = re.sub(r"[^A-Za-z0-9.]+", "", budget_given)
         path = output or Path("plans") / f"{name}-{vary}{best.value}-{tag}.yaml"
-        _write(path, "-o", lambda: best.plan.save(path))
+        _write(path, "-o", lambda: plan.save(path))
     except CkptplanError as e:
         _fail(e, as_json)
         return
@@ -514,8 +516,8 @@ def fit_cmd(
     elif not quiet:
         more = f"; the largest value tried (--max {result.limit}): larger ones may fit" if result.at_limit else ""
         err.print(escape(f"largest {vary} that fits {format_bytes(result.budget_bytes)}: {best.value} (peak "
-                         f"{format_bytes(best.plan.predicted_peak_bytes)}, +{100 * best.step_time_fraction:.1f}% "
-                         f"estimated step time, +{100 * best.plan.extra_forward_fraction:.1f}% forward FLOPs)"
+                         f"{format_bytes(plan.predicted_peak_bytes)}, +{100 * fraction:.1f}% "
+                         f"estimated step time, +{100 * plan.extra_forward_fraction:.1f}% forward FLOPs)"
                          f"{more}; plan written to {path}"), highlight=False)
         err.print(report.fit_table(result))
 
@@ -696,4 +698,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -199,8 +199,9 @@ def fold_paths(paths: list[str]) -> str:
             i = varying[0]
             nums = [int(x[i]) for x in parts]
             if nums == sorted(set(nums)) and all(str(n) == x[i] for n, x in zip(nums, parts)):
-                runs, start = [], nums[0]
-                for a, b in zip(nums, nums[1:] + [None]):
+                runs: list[str] = []
+                start: int | None = nums[0]
+                for a, b in zip(nums, [*nums[1:], None]):
                     if b != a + 1:
                         runs.append(str(start) if start == a else f"{start}-{a}")
                         start = b
@@ -287,6 +288,7 @@ def dump_yaml(plan: Plan) -> str:
                      f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved ({how})")
         lines.append(f"    restores_buffers: {_q(list(r.mutated_buffers))}")
         if r.remat:
+            assert r.target is not None  # a rematerialization names its target (RegionPlan)
             lines.append(f"    target: {_q(list(r.target))}  # [op row, tensor output] the recipe rebuilds")
         lines.append("    ops:")
         for o in r.ops:

@@ -368,7 +368,9 @@ class Handle:
         self._warned_aside = False
         self.removed = False
         self._cache_was_on = kv_cache_off(model)  # Hugging Face's use_cache, off while the plan is applied
-        model._ckptplan_applied = self  # Handle.of(model); a deep copy of the model carries its own copy
+        # Handle.of(model); a deep copy of the model carries its own copy. torch types Module attributes
+        # as Tensor | Module
+        model._ckptplan_applied = self  # type: ignore[assignment]
 
     @staticmethod
     def of(model: nn.Module) -> "Handle | None":
@@ -487,7 +489,7 @@ def _describe_modules(paths: tuple[str, ...], none: str) -> str:
 
 
 def _device_type(model: nn.Module) -> str | None:
-    t = next(iter(model.parameters()), None)
+    t: torch.Tensor | None = next(iter(model.parameters()), None)
     if t is None:
         t = next(iter(model.buffers()), None)
     return None if t is None else t.device.type

@@ -226,7 +226,7 @@ class _Model:
         """Bytes to model units, rounded up: baseline memory is never underestimated."""
         return -((-nbytes) // self.unit)
 
-    def expr(self, t: Term) -> cp_model.LinearExprT:
+    def expr(self, t: Term) -> cp_model.LinearExpr:
         if t.kind is TermKind.CHECKPOINTED:
             return self.c[t.region]
         if t.kind is TermKind.SAVED:
@@ -313,7 +313,7 @@ class _Model:
         ranked = sorted(order, key=order.__getitem__)
         steady_hi = [sum(max(0, self.coef(terms[i])) for i in idx) for idx in gap_terms]
         # s[i]: the steady contribution of the first i regions to become steady (units); s[0] = 0
-        prefix: list[cp_model.LinearExprT] = [0]
+        prefix: list[cp_model.LinearExpr | int] = [0]
         self.prefix.append([])
         lo = hi = 0
         for rank, j in enumerate(ranked):
@@ -384,7 +384,7 @@ class _Model:
                 members.setdefault(key, []).append(j)
         return [(key, ns[key], tuple(members[key])) for key in sorted(ns) if ns[key]]
 
-    def _linear(self, form: bound.LinearForm) -> cp_model.LinearExprT:
+    def _linear(self, form: bound.LinearForm) -> cp_model.LinearExpr | int:
         parts = ([a * self.c[j] for j, a in form.c.items()] + [a * self.k[key] for key, a in form.k.items()]
                  + [a * self.sel[j] for j, a in form.s.items()])
         return sum(parts) if parts else 0
@@ -472,7 +472,7 @@ class _Model:
                     hint = self._decisions(solver)
                 before = (solver.wall_time, solver.response_proto.deterministic_time)
                 time_limit_s = max(0.1, time_limit_s - before[0])
-                if half is not None:
+                if deterministic_limit is not None:  # as half is
                     deterministic_limit = max(0.02, deterministic_limit - before[1])
                     half = deterministic_limit / 2
             solver, status = self._run(m, hint, time_limit_s / 2, half, workers, on_solution, gap_limit)
@@ -532,9 +532,10 @@ class _Model:
         if self.hook is None:
             return self._search_cost(m, hint, capacity, time_limit_s, deterministic_limit, workers, report,
                                      gap_limit, first, known)
-        started, sols = time.monotonic(), []
+        started = time.monotonic()
+        sols: list[Solution] = []
         # the hint's branch first: its plan, found again at once, then cuts the other branch's search
-        on = bool(hint) and any(path in self.remat_paths for path in hint)
+        on = hint is not None and any(path in self.remat_paths for path in hint)
         for value, share in ((int(on), 0.5), (int(not on), 1.0)):
             branch = m.clone()
             # [Constraint] this branch rematerializes nothing (0), or pays the saved-tensor hook (1)
@@ -638,6 +639,7 @@ class _Model:
         """The knapsack's first plan, proven within the gap without a search (or the answer when the search
         found none): every row was checked in the model's own terms (``evaluate``), and the bound is
         bound.py's."""
+        assert start.saved is not None  # both callers check
         return Solution(status=Status.OPTIMAL if start.bound >= start.cost else Status.FEASIBLE,
                         saved=self._paths(start.saved), objective_ns=start.cost, bound_ns=start.bound,
                         wall_s=wall_s, deterministic_s=start.work / CELLS_PER_DET_S,

@@ -136,6 +136,7 @@ def remat_terms(graph: Graph, j: int, r: Region, regions: tuple[Region, ...], tl
     rerun of its producer, unless another region holds it as an input; the rerun's other outputs alive
     until the rerun ends."""
     s = graph.storages[r.target]
+    assert s.producer is not None  # a recipe's target is made by a forward op (remat.py)
     py_end, again = tl.first[s.python_free_op], tl.rerun[(r.path, s.producer)]
     terms = [Term(j, -s.nbytes, TermKind.CHECKPOINTED, -1, -1, py_end, again, True)]
     for k in input_of.get(s.id, ()):
