@@ -230,7 +230,8 @@ class _RegionRuntime:
             self.in_forward = True
             self.counter.suspended += 1
             try:
-                return checkpoint(self._run_plain, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+                fn, args, kwargs = _shared_inputs(self._run_plain, args, kwargs)
+                return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
             finally:
                 self.in_forward = False
                 self.counter.suspended -= 1
@@ -238,7 +239,8 @@ class _RegionRuntime:
         self.stack.clear()
         self.counter.suspended += 1
         try:
-            out = checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=True,
+            fn, args, kwargs = _shared_inputs(self._run, args, kwargs)
+            out = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
                              context_fn=self._contexts, **kwargs)
         finally:
             self.in_forward = False
@@ -328,6 +330,42 @@ class _RegionRuntime:
             f"expects {want.op} in '{want.module or self.plan.path}' with {[list(s) for s in want.shape]}. "
             "The model now takes another path (input shape, a flag, data-dependent routing) than the "
             "traced step: trace and solve again for these inputs")
+
+
+# NOTE [ One tensor passed twice ]
+# torch's checkpoint saves a region's positional tensor inputs and unpacks each on its own for the
+# recomputation. While saved-tensor hooks are active (a plan's rematerializations, a user's
+# ``save_on_cpu``) every unpack of a tensor with a history is a new Python object, so self-attention
+# called as ``attn(x, x, x)`` sees ``query is key`` in forward but not in the recomputation, and
+# nn.MultiheadAttention then projects q, k and v separately: other ops than the forward's. A region's
+# checkpoint therefore takes each tensor once; the recomputation rebuilds the arguments from the same
+# unpacked object wherever the forward passed one object, keyword arguments included.
+def _shared_inputs(run: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
+    """(function, positional arguments, keyword arguments) for ``checkpoint`` that call ``run`` with
+    ``args`` and ``kwargs``, each tensor among them passed to checkpoint once (NOTE [ One tensor passed
+    twice ])."""
+    index: dict[int, int] = {}  # id of a positional tensor -> its position among the unique inputs
+    unique: list[Any] = []
+    layout: list[int] = []  # positional argument -> its position among the unique inputs
+    for a in args:
+        if isinstance(a, torch.Tensor) and id(a) in index:
+            layout.append(index[id(a)])
+            continue
+        if isinstance(a, torch.Tensor):
+            index[id(a)] = len(unique)
+        layout.append(len(unique))
+        unique.append(a)
+    aliased = {k: index[id(v)] for k, v in kwargs.items() if isinstance(v, torch.Tensor) and id(v) in index}
+    if len(unique) == len(args) and not aliased:
+        return run, args, kwargs  # no tensor passed twice: checkpoint's own unpacking keeps every identity
+    rest = {k: v for k, v in kwargs.items() if k not in aliased}
+    return partial(_call_shared, run, tuple(layout), tuple(aliased.items())), tuple(unique), rest
+
+
+def _call_shared(run: Any, layout: tuple[int, ...], aliased: tuple[tuple[str, int], ...], *unique: Any,
+                 **kwargs: Any) -> Any:
+    """``run`` with the arguments ``_shared_inputs`` took apart: one object wherever the caller passed one."""
+    return run(*(unique[i] for i in layout), **kwargs, **{k: unique[i] for k, i in aliased})
 
 
 # NOTE [ Copying a planned model ]

@@ -321,3 +321,63 @@ def test_a_mismatch_in_an_eager_model_does_not_blame_torch_compile(conv_block):
     with ckptplan.apply(model, plan), pytest.raises(ckptplan.PlanMismatch, match="another path") as info:
         model(*args).backward()
     assert "compile" not in str(info.value)
+
+
+class Encoder(nn.Module):
+    """A stock nn.TransformerEncoder (post-norm, dropout on, batch_first): each layer calls its self-attention
+    as ``self_attn(x, x, x)``, and nn.MultiheadAttention projects q, k and v at once only when ``query is
+    key is value``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=256, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x).square().mean()
+
+
+def minimum_plan(graph: ckptplan.Graph, *, rematerialize: bool = True) -> ckptplan.Plan:
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(graph, 1, rematerialize=rematerialize)
+    return ckptplan.solve(graph, info.value.minimum_bytes, rematerialize=rematerialize)
+
+
+def seeded_grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)  # the same dropout masks in both steps
+    return grads_and_buffers(model, (x,))[0]
+
+
+def test_self_attention_of_one_tensor_recomputes_the_same_ops_beside_rematerializations():
+    """Rematerializations' saved-tensor hooks make each unpacked checkpoint input a new object: the second
+    layer's self-attention (its input has a history) recomputed with ``query is not key`` and projected q,
+    k and v one by one, other ops than its forward (PlanMismatch in backward). The checkpoint now takes
+    the tensor once (NOTE [ One tensor passed twice ])."""
+    torch.manual_seed(0)
+    model, x = Encoder(), torch.randn(4, 16, 32)
+    state = copy.deepcopy(model.state_dict())
+    plan = minimum_plan(ckptplan.trace(model, x))
+    paths = {r.path for r in plan.regions}
+    assert "encoder.layers.1.self_attn" in paths and any(r.remat for r in plan.regions)
+    reference = seeded_grads(model, x)
+    model.load_state_dict(state)
+    with ckptplan.apply(model, plan) as handle:
+        got = seeded_grads(model, x)
+        assert handle.stats.recomputed_regions >= len(paths)
+    assert reference.keys() == got.keys() and all(torch.equal(reference[k], got[k]) for k in reference)
+
+
+def test_a_users_saved_tensor_hooks_keep_one_tensor_one_in_the_recomputation():
+    """The same under a user's own saved-tensor hooks around the step, with a plan that only checkpoints."""
+    torch.manual_seed(0)
+    model, x = Encoder(), torch.randn(4, 16, 32)
+    state = copy.deepcopy(model.state_dict())
+    plan = minimum_plan(ckptplan.trace(model, x), rematerialize=False)
+    assert any(r.path.startswith("encoder.layers.1") for r in plan.regions)
+    reference = seeded_grads(model, x)
+    model.load_state_dict(state)
+    with ckptplan.apply(model, plan):
+        for _ in range(2):  # the first step checks every region's ops, the next runs plain checkpoints
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                got = seeded_grads(model, x)
+            assert all(torch.equal(reference[k], got[k]) for k in reference)

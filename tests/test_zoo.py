@@ -210,3 +210,33 @@ def test_vit_tiny_size_and_step():
     assert images.shape == (16, 3, 32, 32) and labels.shape == (16,)
     loss = model(images, labels)
     assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+# ---- the peak at the minimum budget -------------------------------------------------------------------
+def hf_t5_tiny() -> tuple[nn.Module, dict]:
+    """T5ForConditionalGeneration: 64 wide, 3 encoder and 3 decoder blocks, relative position bias, dropout."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=3,
+                      num_heads=4, use_cache=False, decoder_start_token_id=0, pad_token_id=0)
+    model = T5ForConditionalGeneration(config).train()
+    g = torch.Generator().manual_seed(0)
+    ids, labels = (torch.randint(3, 256, (4, 64), generator=g) for _ in range(2))
+    return model, {"input_ids": ids, "labels": labels}
+
+
+def test_t5_plan_at_the_minimum_budget_fits_as_measured():
+    """T5's decoder blocks all read the encoder's output and the first block's position bias, whose
+    gradients are complete only at the end of the decoder's backward. MemTracker's module tracker held
+    each block's hidden-state gradient until then (a multi-grad hook on the block's inputs), so the
+    measured peak of the plan at the minimum was above the prediction; measure_peak leaves it out."""
+    pytest.importorskip("transformers")
+    model, kwargs = hf_t5_tiny()
+    graph = ckptplan.trace(model, **kwargs)
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(graph, 1)
+    plan = ckptplan.solve(graph, info.value.minimum_bytes)
+    with ckptplan.apply(model, plan):
+        measured = measure_peak(model, **kwargs)
+    assert measured <= plan.predicted_peak_bytes <= plan.budget_bytes
