@@ -64,7 +64,7 @@ class _Tracker(MemTracker):
 
     def __init__(self) -> None:
         super().__init__()
-        self._mod_tracker = _NoModules()
+        self._mod_tracker = _NoModules()  # type: ignore[assignment]  # duck-typed: the methods MemTracker calls
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
