@@ -716,8 +716,8 @@ def build(graph: Graph | list[Graph], regions: tuple[Region, ...] | list[tuple[R
           scale_to: int) -> _Model:
     """The model for one graph, or for the same step at several input shapes (one set of decisions)."""
     if isinstance(graph, Graph):
-        return _Model([graph], [regions], scale_to)  # type: ignore[list-item]
-    return _Model(list(graph), list(regions), scale_to)  # type: ignore[arg-type]
+        return _Model([graph], [regions], scale_to)  # type: ignore[list-item]  # one graph: one tuple of regions
+    return _Model(list(graph), list(regions), scale_to)  # type: ignore[arg-type]  # several: one tuple each
 
 
 __all__ = ["Objective", "Solution", "Status", "build"]
