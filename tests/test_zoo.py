@@ -15,7 +15,7 @@ from torch import nn
 import ckptplan
 from ckptplan.measure import measure_peak
 
-import hf_models
+import hf_models  # examples/, on sys.path by conftest.py
 import vit
 
 BUDGETS = [0.8, 0.5]
