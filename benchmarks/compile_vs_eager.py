@@ -31,15 +31,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # noqa: E402  (the zoo, and the examples on sys.path)
-from machine import describe  # noqa: E402
+import ckptplan
+from ckptplan.solver.regions import Region, _overheads, candidate_regions
+from ckptplan.solver.simulate import simulate
 
-import ckptplan  # noqa: E402
-from ckptplan.solver.regions import Region, _overheads, candidate_regions  # noqa: E402
-from ckptplan.solver.simulate import simulate  # noqa: E402
+import run as bench  # the zoo, and the examples on sys.path
+from machine import describe
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MiB = 2**20
 KNOBS = {"resnet": 0.8, "unet": 0.8}  # the 0-FLOP knobs with the lowest measured peak in benchmarks/results/policies

@@ -32,10 +32,11 @@ import yaml
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ckptplan import costmodel  # noqa: E402
+from ckptplan import costmodel
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _timer(device: str, repeat: int) -> Callable[[Callable[[], object]], float]:
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> Path:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# ckptplan device profile: {device}"
               f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, dtype {dtype}, torch "
-              f"{torch.__version__}, measured in {time.perf_counter() - started:.0f} s by benchmarks/gpu_calibrate.py\n")
+              f"{torch.__version__}, measured in {time.perf_counter() - started:.0f} s "
+              "by benchmarks/gpu_calibrate.py\n")
     a.out.write_text(header + yaml.safe_dump(data, sort_keys=False))
     print(f"wrote {a.out}", file=sys.stderr)
     return a.out

@@ -7,8 +7,8 @@ steps, against ``torch.cuda.max_memory_allocated`` and against what users run in
 
 For each model (bf16, real sizes: a Llama-style 1.1B at seq 4096 with grouped-query attention in SDPA,
 GPT-2 medium with dropout, ViT-L/16, a ResNet-50-like with BatchNorm; and GPT-2 medium with float32
-weights under ``torch.autocast("cuda", dtype=torch.bfloat16)``, the usual mixed-precision loop) and each budget (fractions of the
-predicted no-checkpointing peak), it records for two plans, the committed laptop plan
+weights under ``torch.autocast("cuda", dtype=torch.bfloat16)``, the usual mixed-precision loop) and each
+budget (fractions of the predicted no-checkpointing peak), it records for two plans, the committed laptop plan
 (plans/gpu/MODEL-PCT.yaml) and one traced on the GPU itself:
 
 * the measured peak (``max_memory_allocated``) against the prediction, and whether it fits the budget;
@@ -38,12 +38,15 @@ from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "benchmarks")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(2, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import ckptplan  # noqa: E402
-from ckptplan.measure import measure_peak  # noqa: E402
-from ckptplan.trace import default_loss  # noqa: E402
+import ckptplan
+from ckptplan.measure import measure_peak
+from ckptplan.trace import default_loss
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PLANS = ROOT / "plans" / "gpu"
 LAPTOP_GPU = "h100"  # the laptop plans are made for this card's kernels (sm90: H100 and H200 alike)
@@ -76,7 +79,7 @@ def _models(smoke: bool) -> list[Model]:
     import vit
 
     if smoke:
-        def tiny_llama(device, dtype):  # noqa: ANN001, ANN202
+        def tiny_llama(device, dtype):
             config = llama.LlamaConfig(dim=64, n_layer=2, n_heads=4, n_kv_heads=2, vocab_size=128,
                                        hidden_dim=128, max_seq_len=32, sdpa_gqa=True)
             return llama.build(config, device=device, batch_size=2, seq_len=32, dtype=dtype)
@@ -90,17 +93,17 @@ def _models(smoke: bool) -> list[Model]:
                   torch.bfloat16),
         ]
 
-    def gpt2_medium(device, dtype):  # noqa: ANN001, ANN202
+    def gpt2_medium(device, dtype):
         config = gpt2.GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024,
                                 dropout=0.1, bias=True)
         return _cast(*gpt2.build(config, device=device, batch_size=8, seq_len=1024), dtype)
 
-    def gpt2_medium_amp(device, dtype):  # noqa: ANN001, ANN202, ARG001 - float32 weights under autocast
+    def gpt2_medium_amp(device, dtype):  # float32 weights under autocast
         config = gpt2.GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024,
                                 dropout=0.1, bias=True)
         return gpt2.build(config, device=device, batch_size=8, seq_len=1024)
 
-    def vit_l16(device, dtype):  # noqa: ANN001, ANN202
+    def vit_l16(device, dtype):
         config = vit.ViTConfig(image_size=224, patch_size=16, num_classes=1000, n_layer=24, n_head=16,
                                n_embd=1024, dropout=0.0)
         return _cast(*vit.build(config, device=device, batch_size=32), dtype)
@@ -237,7 +240,7 @@ def check_model(m: Model, laptop: dict, *, device: str, dtype: torch.dtype, step
                 row["peak"] = _peak(model, applied.step_model, args, seed, m.autocast)
                 row["step_s"] = _time(model, applied.step_model, args, device, steps, amp)
                 row["setup_s"] = applied.setup_s
-            except Exception as e:  # noqa: BLE001 - an anchor that fails here is a result, not a crash
+            except Exception as e:  # an anchor that fails here is a result, not a crash
                 row["error"] = f"{type(e).__name__}: {e}"
             finally:
                 applied.undo()

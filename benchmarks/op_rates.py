@@ -33,14 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from allocator import steady_allocator  # noqa: E402
-from earlier import load_again  # noqa: E402
-from machine import describe  # noqa: E402
-from run import zoo  # noqa: E402
-from runtime_overhead import forward_op_ns  # noqa: E402
+import ckptplan
+from ckptplan import costmodel
 
-import ckptplan  # noqa: E402
-from ckptplan import costmodel  # noqa: E402
+from allocator import steady_allocator
+from earlier import load_again
+from machine import describe
+from run import zoo
+from runtime_overhead import forward_op_ns
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,8 @@ def own_lines(results: list[dict]) -> list[dict]:
         out.append({"op": op, "rows": len(rows), "fixed_ns": round(float(fixed)),
                     "gflop_per_s": round(1 / float(per_flop), 1) if per_flop > 0 else None,
                     "gb_per_s": round(1 / float(per_byte), 2) if per_byte > 0 else None,
-                    "forward_over_line_min": round(float(ratio.min()), 2), "forward_over_line_max": round(float(ratio.max()), 2)})
+                    "forward_over_line_min": round(float(ratio.min()), 2),
+                    "forward_over_line_max": round(float(ratio.max()), 2)})
     return out
 
 
@@ -122,7 +123,8 @@ def markdown(result: dict) -> str:
     lines += ["\n## Lines of their own\n",
               "Forward time = fixed + FLOPs / rate + bytes moved / rate, fitted over every model's rows of the op "
               "(costmodel.OpRate; the CPU profile scales it by the rerun factor region_costs.py reads).\n",
-              "| op | rows | fixed (us) | GFLOP/s | GB/s | forward / line: min | max |", "|---|---|---|---|---|---|---|"]
+              "| op | rows | fixed (us) | GFLOP/s | GB/s | forward / line: min | max |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {ln['op']} | {ln['rows']} | {ln['fixed_ns'] / 1e3:.0f} | {ln['gflop_per_s']} | {ln['gb_per_s']} | "
               f"{ln['forward_over_line_min']} | {ln['forward_over_line_max']} |" for ln in result.get("lines", [])]
     for res in result["results"]:

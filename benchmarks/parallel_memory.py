@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import ckptplan  # noqa: E402
-from ckptplan.parallel import for_ranks  # noqa: E402
+import ckptplan
+from ckptplan.parallel import for_ranks
+
+ROOT = Path(__file__).resolve().parent.parent
 
 WORLD, BATCH, LAYERS, SEQ = 2, 8, 4, 128
 

@@ -27,14 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ckptplan  # noqa: E402
-from ckptplan.plan import Decision  # noqa: E402
-from ckptplan.planner import plan_decisions  # noqa: E402
-from ckptplan.solver.simulate import simulate  # noqa: E402
-from allocator import steady_allocator  # noqa: E402
-from machine import describe  # noqa: E402
-from region_costs import Paired, rerun_by_class  # noqa: E402
-from run import zoo  # noqa: E402
+import ckptplan
+from ckptplan.plan import Decision
+from ckptplan.planner import plan_decisions
+from ckptplan.solver.simulate import simulate
+
+from allocator import steady_allocator
+from machine import describe
+from region_costs import Paired, rerun_by_class
+from run import zoo
 
 
 def bench(name: str, fraction: float, pairs: int, objective: str = "time") -> dict:
@@ -69,7 +70,8 @@ def markdown(results: list[dict], command: str, machine: str) -> str:
              "rematerializations share.\n"]
     for res in results:
         objective = res.get("objective", "time")
-        lines.append(f"## {res['model']} at {res['budget_fraction']:.0%} ({res['budget_bytes']} B), {objective} objective\n")
+        lines.append(f"## {res['model']} at {res['budget_fraction']:.0%} ({res['budget_bytes']} B), "
+                     f"{objective} objective\n")
         lines.append(f"whole plan ({len(res['decisions'])} decisions, {res['status']}): estimated "
                      f"{res['predicted_ns'] / 1e6:.2f} ms, measured {res['measured_ms']:.2f} ± "
                      f"{res['measured_se_ms']:.2f} ms\n")
@@ -95,7 +97,8 @@ def main() -> None:
     a = ap.parse_args()
     allocator = steady_allocator()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    results = [bench(name, float(f), a.pairs, a.objective) for name in a.models.split(",") for f in a.budgets.split(",")]
+    results = [bench(name, float(f), a.pairs, a.objective)
+               for name in a.models.split(",") for f in a.budgets.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/plan_decisions.py " + " ".join(sys.argv[1:])

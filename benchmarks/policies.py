@@ -199,16 +199,16 @@ def _wrap_blocks(model: nn.Module, patches: _Patches, chosen: Callable[[int], bo
 
 # ---- layer policies ---------------------------------------------------------------------------------
 
-def _none(model, args, kwargs, knob, patches, budget_bytes):  # noqa: ANN001, ANN202
+def _none(model, args, kwargs, knob, patches, budget_bytes):
     return model, patches.undo, ""
 
 
-def _full(model, args, kwargs, knob, patches, budget_bytes):  # noqa: ANN001, ANN202
+def _full(model, args, kwargs, knob, patches, budget_bytes):
     _wrap_blocks(model, patches, lambda i: True)
     return model, patches.undo, ""
 
 
-def _every_k(model, args, kwargs, knob, patches, budget_bytes):  # noqa: ANN001, ANN202
+def _every_k(model, args, kwargs, knob, patches, budget_bytes):
     if isinstance(knob, bool) or not isinstance(knob, int) or knob < 1:
         raise ValueError(f"every_k needs an integer k >= 1, got {knob!r}")
     _wrap_blocks(model, patches, lambda i: i % knob == 0)
@@ -228,7 +228,7 @@ class _Link:
     output: Any
 
 
-def _sqrt_n(model, args, kwargs, knob, patches, budget_bytes):  # noqa: ANN001, ANN202
+def _sqrt_n(model, args, kwargs, knob, patches, budget_bytes):
     """checkpoint_sequential's segments, installed on the blocks the parent's loop calls.
 
     The first block of a checkpointed segment runs the whole segment under one checkpoint, passing
@@ -326,7 +326,7 @@ def _same_value(a: Any, b: Any) -> bool:
         return type(a) is type(b) and len(a) == len(b) and all(map(_same_value, a, b))
     try:
         return bool(a == b)
-    except Exception:  # noqa: BLE001 - objects whose == is not a bool
+    except Exception:  # objects whose == is not a bool
         return a is b
 
 
@@ -406,7 +406,7 @@ def _op_sac_contexts() -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(functools.partial(_op_sac_policy, baselines.OpSacRule()))  # per call
 
 
-def _op_sac(model, args, kwargs, knob, patches, budget_bytes):  # noqa: ANN001, ANN202
+def _op_sac(model, args, kwargs, knob, patches, budget_bytes):
     _wrap_blocks(model, patches, lambda i: True, _op_sac_contexts)
     return model, patches.undo, ""
 
@@ -481,7 +481,7 @@ class _CompiledStep(nn.Module):
         return self.compiled(*args, **kwargs)
 
 
-def _compile_budget(model, args, kwargs, knob, patches, budget_bytes):  # noqa: ANN001, ANN202
+def _compile_budget(model, args, kwargs, knob, patches, budget_bytes):
     if isinstance(knob, bool) or not isinstance(knob, (int, float)) or not 0.0 <= knob <= 1.0:
         raise ValueError(f"compile_budget needs a fraction in [0, 1], got {knob!r}")
     on_cuda = any(p.is_cuda for p in model.parameters())
@@ -628,7 +628,7 @@ class _SACILPPolicy:
         return CheckpointPolicy.PREFER_SAVE if self.keep[i] == 1 else CheckpointPolicy.MUST_RECOMPUTE
 
 
-def _sac_ilp(model, args, kwargs, knob, patches, budget_bytes):  # noqa: ANN001, ANN202
+def _sac_ilp(model, args, kwargs, knob, patches, budget_bytes):
     """sac_milp picks modules and the fraction of their activation memory to discard; a per-module
     MILP then picks the ops to save. Mirrors torch's auto_sac (get_auto_sac_policies with
     SACAlgorithm.OPTIMAL, apply_auto_sac_policies), which torch 2.13 does not ship."""

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import _spearman, step_ratio, timed_configs  # noqa: E402
+from run import _spearman, step_ratio, timed_configs
 
 Z = 2.0  # standard errors apart, in every run: a distinct pair
 

@@ -49,17 +49,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from allocator import steady_allocator  # noqa: E402
-from earlier import load_again  # noqa: E402
-from machine import describe  # noqa: E402
-from run import Bench, zoo  # noqa: E402
-from runtime_overhead import plan_for  # noqa: E402
+import ckptplan
+from ckptplan import costmodel, planner
+from ckptplan.graph import Forced
+from ckptplan.solver import remat
+from ckptplan.solver.simulate import simulate
 
-import ckptplan  # noqa: E402
-from ckptplan import costmodel, planner  # noqa: E402
-from ckptplan.solver import remat  # noqa: E402
-from ckptplan.graph import Forced  # noqa: E402
-from ckptplan.solver.simulate import simulate  # noqa: E402
+from allocator import steady_allocator
+from earlier import load_again
+from machine import describe
+from run import Bench, zoo
+from runtime_overhead import plan_for
 
 # ops with FLOPs, convolutions, other memory-bound ops, costmodel.SLOW_OPS, BatchNorm, random ops
 CLASSES = ("flops", "conv", "memory", "slow", "batchnorm", "random")
@@ -421,7 +421,8 @@ def markdown(results: list[dict], fitted: dict[str, Any], command: str, machine:
              f"| {fitted['rows']} | {fitted['splits']} | {_ms(fitted['call_ns'])} ms | "
              + " | ".join(_term(fitted, t) for t in TERMS) + " | "
              + " | ".join(str(fitted.get(f"{k}_rerun_scale", "")) for k in SCALED)
-             + f" | {_ms(fitted['left_per_plan_ns'])} ms | {fitted['rms_error_ms_as_is']} | {fitted['rms_error_ms_fitted']} |",
+             + f" | {_ms(fitted['left_per_plan_ns'])} ms | {fitted['rms_error_ms_as_is']} "
+             + f"| {fitted['rms_error_ms_fitted']} |",
              "\n## Per model\n",
              "| model | plain step (ms) | empty plan (ms) | kind | rows | measured / predicted (sums) "
              "| median row ratio |", "|---|---|---|---|---|---|---|"]

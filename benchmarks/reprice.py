@@ -30,13 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rank_agreement import distinct_pairs, distinct_sign, settled_pairs  # noqa: E402
-from run import predicted_cost, saved_ops, saved_positions, step_ratio, timed_configs, zoo  # noqa: E402
+import ckptplan
+from ckptplan import planner
+from ckptplan.solver.regions import candidate_regions
+from ckptplan.solver.simulate import simulate
 
-import ckptplan  # noqa: E402
-from ckptplan import planner  # noqa: E402
-from ckptplan.solver.regions import candidate_regions  # noqa: E402
-from ckptplan.solver.simulate import simulate  # noqa: E402
+from rank_agreement import distinct_pairs, distinct_sign, settled_pairs
+from run import predicted_cost, saved_ops, saved_positions, step_ratio, timed_configs, zoo
 
 
 def _traced(name: str):
@@ -58,9 +58,11 @@ def dump(run: dict) -> dict[str, dict]:
                 objective = "time" if row["policy"] == "ckptplan" else row["policy"].removeprefix("ckptplan-")
                 plan = ckptplan.solve(graph, b["budget_bytes"], time_limit_s=30, objective=objective, gap=0.0)
                 if plan.extra_cost_ns != row["predicted_cost_ns"]:
-                    raise SystemExit(f"{res['model']} budget {i} {row['policy']}: the solve costs {plan.extra_cost_ns} "
-                                     f"ns, the run recorded {row['predicted_cost_ns']}: dump with the code that made it")
-                out[f"{res['model']}|{i}|{row['policy']}"] = {"saved": saved_positions(plan), "cost_ns": plan.extra_cost_ns}
+                    raise SystemExit(f"{res['model']} budget {i} {row['policy']}: the solve costs "
+                                     f"{plan.extra_cost_ns} ns, the run recorded {row['predicted_cost_ns']}: dump "
+                                     "with the code that made it")
+                out[f"{res['model']}|{i}|{row['policy']}"] = {"saved": saved_positions(plan),
+                                                               "cost_ns": plan.extra_cost_ns}
                 print(f"[{res['model']}] budget {i} {row['policy']}: {plan.extra_cost_ns / 1e6:.2f} ms", flush=True)
     return out
 

@@ -44,20 +44,21 @@ from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # some VMs advertise AMX but trap it
 
-import ckptplan  # noqa: E402
-from ckptplan.measure import measure_flops, measure_peak  # noqa: E402
-from ckptplan.plan import Decision  # noqa: E402
-from ckptplan.solver import baselines  # noqa: E402
-from ckptplan.solver.regions import candidate_regions  # noqa: E402
+import ckptplan
+from ckptplan.measure import measure_flops, measure_peak
+from ckptplan.plan import Decision
+from ckptplan.solver import baselines
+from ckptplan.solver.regions import candidate_regions
 
-import policies  # noqa: E402
-from allocator import steady_allocator  # noqa: E402
-from machine import describe  # noqa: E402
+import policies
+from allocator import steady_allocator
+from machine import describe
+
+ROOT = Path(__file__).resolve().parent.parent
 
 POINTS = 6
 
@@ -185,12 +186,12 @@ def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None
         applied = apply()
     except policies.NotApplicable as e:
         return {**row, "error": f"not applicable: {e}"}
-    except Exception as e:  # noqa: BLE001 - recorded, not hidden
+    except Exception as e:  # recorded, not hidden
         return {**row, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
     row.update(knob=applied.knob, setup_s=round(applied.setup_s, 3))
     try:
         row.update(bench.measure(applied.step_model, plain_s))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         traceback.print_exc(limit=2)
     finally:

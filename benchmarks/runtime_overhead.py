@@ -58,19 +58,20 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import SAC_IGNORED_OPS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import ckptplan
+from ckptplan import costmodel, planner
+from ckptplan.solver import baselines
+from ckptplan.solver.regions import candidate_regions
+from ckptplan.trace import default_loss
+
+import gpt2
+import llama
+import policies  # benchmarks/, beside this file
+from machine import describe  # benchmarks/ too
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-
-import gpt2  # noqa: E402
-import llama  # noqa: E402
-import policies  # noqa: E402  (benchmarks/, beside this file)
-from machine import describe  # noqa: E402  (benchmarks/ too)
-
-import ckptplan  # noqa: E402
-from ckptplan import costmodel, planner  # noqa: E402
-from ckptplan.solver import baselines  # noqa: E402
-from ckptplan.solver.regions import candidate_regions  # noqa: E402
-from ckptplan.trace import default_loss  # noqa: E402
 
 MODELS = {  # the policy benchmark's sizes
     "gpt2": lambda: gpt2.gpt2_tiny(batch_size=8, seq_len=128),
@@ -170,7 +171,7 @@ class _OpTimer(TorchDispatchMode):
         super().__init__()
         self.ops: list[tuple[str, int]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t = time.perf_counter_ns()
         out = func(*args, **(kwargs or {}))
         if func not in SAC_IGNORED_OPS:  # the trace leaves them out too (detach)
@@ -197,7 +198,7 @@ def calibrate_rates(passes: int) -> dict:
     import run as policy_benchmark  # benchmarks/run.py: the zoo
 
     classes: dict[str, list[tuple[int, float]]] = {"view": [], "flops": [], "bytes": [], "slow_bytes": [],
-                                                   "random": []}  # (work, ns)
+                                                   "random": []}  # work, ns
     per_model: dict[str, Any] = {}
     for name, factory in policy_benchmark.zoo().items():
         torch.manual_seed(0)
@@ -323,7 +324,8 @@ def main() -> None:
     lines += [f"| {key} | {rates[key]:.3g} | {rates['costmodel_cpu'][key]:.3g} |" for key in rates["costmodel_cpu"]]
     lines += ["", f"(ops per class: {json.dumps(rates['ops_per_class'])}; a view op: {rates['view_op_ns']} ns under "
               "the timing mode)\n",
-              "## Runtime overheads (chains of tiny ops; ns)\n", "| constant | fitted here | costmodel.CPU |", "|---|---|---|"]
+              "## Runtime overheads (chains of tiny ops; ns)\n", "| constant | fitted here | costmodel.CPU |",
+              "|---|---|---|"]
     lines += [f"| {key} | {fitted[key]} | {used[key]} |" for key in used]
     per_visit = ", ".join(f"{r['model']} {r['sac_ns_per_op_visit']}" for r in rows)
     lines += ["", f"Selective checkpointing per op visited on the real models (last column below): {per_visit} ns; "
@@ -332,14 +334,16 @@ def main() -> None:
     lines += ["", f"(one tiny op, forward: {fitted['tiny_op_ns']} ns; chain medians, forward and backward in us: "
               f"{json.dumps(calibration['chains'])})\n",
               f"## Real models: median step time (ms) over {a.rounds} interleaved rounds of {a.steps} steps\n",
-              "| model | ops in blocks | plain | torch full | ckptplan full | ckptplan save-all | ckptplan full - torch full "
+              "| model | ops in blocks | plain | torch full | ckptplan full | ckptplan save-all "
+              "| ckptplan full - torch full "
               "| added by full: measured / estimated | added by save-all: measured / estimated "
               "| selective checkpointing per op visit (ns) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, added, est = r["median_step_ms"], r["added_ms"], r["estimated_ms"]
-        lines.append(f"| {r['model']} | {r['ops_in_blocks']} | {m['plain']} | {m['torch_full']} | {m['ckptplan_full']} | "
-                     f"{m['ckptplan_save_all']} | {r['overhead_over_torch_full_ms']} | {added['full']} / {est['full']} | "
+        lines.append(f"| {r['model']} | {r['ops_in_blocks']} | {m['plain']} | {m['torch_full']} "
+                     f"| {m['ckptplan_full']} | {m['ckptplan_save_all']} | {r['overhead_over_torch_full_ms']} "
+                     f"| {added['full']} / {est['full']} | "
                      f"{added['save_all']} / {est['save_all']} | {r['sac_ns_per_op_visit']} |")
     (out / "runtime_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

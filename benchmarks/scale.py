@@ -19,22 +19,24 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import describe  # noqa: E402
+from machine import describe
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def one(model: str, n_layer: int, time_limit: float, check_memory: bool, at: float = 0.5) -> dict:
     """Trace and solve one shape under FakeTensorMode (CPU kernels' shapes, no real memory), at a budget
     ``at`` of the way from full checkpointing to none."""
     sys.path.insert(0, str(ROOT / "examples"))
-    import gpt2
-    import llama
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import ckptplan
     from ckptplan.measure import measure_peak
+
+    import gpt2
+    import llama
 
     factory = {"llama7b": llama.llama_7b, "gpt2xl": gpt2.gpt2_xl}[model]
     from ckptplan.solver.regions import candidate_regions, outermost
@@ -57,11 +59,13 @@ def one(model: str, n_layer: int, time_limit: float, check_memory: bool, at: flo
                    variables=plan.solver_stats.get("variables"), constraints=plan.solver_stats.get("constraints"),
                    cp_sat_search=plan.solver_stats.get("cp_sat_search"), estimated_recompute_ns=plan.extra_cost_ns,
                    budget_bytes=plan.budget_bytes, predicted_peak_bytes=plan.predicted_peak_bytes,
-                   full_peak_bytes=plan.full_peak_bytes, extra_forward_percent=round(100 * plan.extra_forward_fraction, 2))
+                   full_peak_bytes=plan.full_peak_bytes,
+                   extra_forward_percent=round(100 * plan.extra_forward_fraction, 2))
         if check_memory:
             with ckptplan.apply(m, plan):
                 measured = measure_peak(m, *args)
-            row.update(memtracker_fake_peak_bytes=measured, measured_over_predicted=round(measured / plan.predicted_peak_bytes, 4))
+            row.update(memtracker_fake_peak_bytes=measured,
+                       measured_over_predicted=round(measured / plan.predicted_peak_bytes, 4))
     row["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return row
 

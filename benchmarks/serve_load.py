@@ -86,10 +86,11 @@ def run(url: str, body: bytes, *, requests: int, clients: int) -> dict:
 def upload_sizes() -> dict:
     import torch
 
-    import gpt2
-    import llama
     from ckptplan import trace
     from ckptplan.serve import wire
+
+    import gpt2
+    import llama
 
     out = {}
     for name, make in (("gpt2_tiny batch 8 x 128 (cpu)", lambda: gpt2.gpt2_tiny(batch_size=8, seq_len=128)),
@@ -115,8 +116,8 @@ def upload_sizes() -> dict:
 def _uvicorn() -> str:
     """uvicorn's event loop and HTTP parser: uvloop and httptools with the [standard] extra."""
     try:
-        import httptools  # noqa: F401
-        import uvloop  # noqa: F401
+        import httptools  # noqa: F401  only whether it is installed
+        import uvloop  # noqa: F401  the same
 
         return "uvicorn with uvloop and httptools"
     except ImportError:
@@ -134,11 +135,12 @@ def main() -> None:
 
     import torch
 
-    import gpt2
     from ckptplan import trace
     from ckptplan.serve.client import request_body
-    from machine import describe
     from tests.serve_util import LiveServer
+
+    import gpt2
+    from machine import describe
 
     torch.set_num_threads(1)
     sizes = upload_sizes()

@@ -24,6 +24,8 @@ A ``torch.autocast("cuda", enabled=False)`` region inside the model turns the em
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import Tensor
 
@@ -76,7 +78,7 @@ def op_name(func: object) -> str:
     return _DUNDER.get(name, name)
 
 
-def _eligible(t: object) -> bool:
+def _eligible(t: object) -> TypeGuard[Tensor]:
     # is_autocast_eligible (the tensor is on the autocast's device: every tensor of a stood-in trace) and
     # cached_cast's exclusion of float64
     return isinstance(t, Tensor) and t.is_floating_point() and t.dtype is not torch.float64
@@ -132,9 +134,9 @@ class Autocast:
     def _cast_any(self, value: object, to: torch.dtype) -> object:
         if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
             return type(value)(self._cast_any(v, to) for v in value)
-        if not _eligible(value) or value.dtype == to:  # type: ignore[union-attr]
+        if not _eligible(value) or value.dtype == to:
             return value
-        return self._cast(value, to)  # type: ignore[arg-type]
+        return self._cast(value, to)
 
     def _cast(self, t: Tensor, to: torch.dtype) -> Tensor:
         cacheable = (to == self.active() and t.dtype is torch.float32 and t.requires_grad and t.is_leaf

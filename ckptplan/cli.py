@@ -18,10 +18,9 @@ import json
 import math
 import os
 import re
-import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -127,12 +126,12 @@ def _require_extra(extra: str, what: str) -> None:
                          f"installed: pip install 'ckptplan[{extra}]' (or pip install {' '.join(missing)})")
 
 
-def _interrupted(what: str = "nothing written") -> None:
+def _interrupted(what: str = "nothing written") -> NoReturn:
     err.print(f"interrupted: {what}")
     raise typer.Exit(130)
 
 
-def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool,  # noqa: ANN202
+def _trace(model: str | None, args: list[str] | None, optimizer: str | None, quiet: bool,
            parallel: str | None = None, world_size: int = 1, seq_lens: list[int] | None = None,
            where: dict[str, Any] | None = None):
     from . import _compat  # noqa: F401  first: names any torch internal this torch lacks
@@ -145,8 +144,10 @@ def _trace(model: str | None, args: list[str] | None, optimizer: str | None, qui
         raise typer.BadParameter("a world size above 1 needs --parallel ddp or fsdp", param_hint="--world-size")
     factory_kwargs = parse_factory_args(args or [])
     graphs = []
-    for n in seq_lens or [None]:
-        loaded = load_model(model or bundled_example(), factory_kwargs if n is None else {**factory_kwargs, "seq_len": n})
+    lens: list[int | None] = list(seq_lens) if seq_lens else [None]
+    for n in lens:
+        loaded = load_model(model or bundled_example(),
+                            factory_kwargs if n is None else {**factory_kwargs, "seq_len": n})
         with err.status(f"tracing one training step{f' (seq_len {n})' if n else ''}...",
                         spinner="dots") if not quiet else _null(), _model_code(loaded.name):
             graph = trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=loaded.name,
@@ -215,7 +216,7 @@ def _seq_lens(text: str | None) -> list[int] | None:
     return values
 
 
-def _progress_line(status: Any):  # noqa: ANN202
+def _progress_line(status: Any):
     """Turn the planner's progress notes into one live status line: phase, best objective, gap, time."""
     import time
 
@@ -312,7 +313,7 @@ def solve(
             what = "minimum feasible budget" if e.minimum_proven else "lowest budget known to fit (not proven minimal)"
             err.print(escape(f"{what}: {format_bytes(e.minimum_bytes)}; try: ckptplan solve {' '.join(again)}"),
                       highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code)
+            raise typer.Exit(e.exit_code) from None
         _fail(e, as_json)
         return
     except CkptplanError as e:
@@ -480,7 +481,7 @@ def fit_cmd(
         name, factory = load_factory(model or bundled_example())
         check_factory_argument(name, factory, vary)
 
-        def build(value: int):  # noqa: ANN202
+        def build(value: int):
             if status is not None:
                 status.update(f"{vary}={value}: tracing one training step and solving...")
             loaded = call_factory(name, factory, {**factory_kwargs, vary: value})
@@ -500,9 +501,11 @@ def fit_cmd(
                                 time_limit_s=time_limit, reserve=reserve, objective=objective, gap=gap,
                                 rematerialize=remat, progress=tried)
         best = result.best
+        plan, fraction = best.plan, best.step_time_fraction
+        assert plan is not None and fraction is not None  # FitResult's best trial fits
         tag = re.sub(r"[^A-Za-z0-9.]+", "", budget_given)
         path = output or Path("plans") / f"{name}-{vary}{best.value}-{tag}.yaml"
-        _write(path, "-o", lambda: best.plan.save(path))
+        _write(path, "-o", lambda: plan.save(path))
     except CkptplanError as e:
         _fail(e, as_json)
         return
@@ -513,8 +516,8 @@ def fit_cmd(
     elif not quiet:
         more = f"; the largest value tried (--max {result.limit}): larger ones may fit" if result.at_limit else ""
         err.print(escape(f"largest {vary} that fits {format_bytes(result.budget_bytes)}: {best.value} (peak "
-                         f"{format_bytes(best.plan.predicted_peak_bytes)}, +{100 * best.step_time_fraction:.1f}% "
-                         f"estimated step time, +{100 * best.plan.extra_forward_fraction:.1f}% forward FLOPs)"
+                         f"{format_bytes(plan.predicted_peak_bytes)}, +{100 * fraction:.1f}% "
+                         f"estimated step time, +{100 * plan.extra_forward_fraction:.1f}% forward FLOPs)"
                          f"{more}; plan written to {path}"), highlight=False)
         err.print(report.fit_table(result))
 
@@ -646,7 +649,8 @@ def verify(
     fits = peak <= plan.budget_bytes
     result = {"budget_bytes": plan.budget_bytes, "predicted_peak_bytes": plan.predicted_peak_bytes,
               "measured_peak_bytes": peak, "fits": fits,
-              "measured_over_predicted": round(peak / plan.predicted_peak_bytes, 4) if plan.predicted_peak_bytes else None,
+              "measured_over_predicted":
+                  round(peak / plan.predicted_peak_bytes, 4) if plan.predicted_peak_bytes else None,
               "predicted_extra_forward_flops": plan.extra_forward_flops, "measured_extra_forward_flops": extra}
     if as_json:
         print(json.dumps(result, indent=2))
@@ -694,4 +698,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

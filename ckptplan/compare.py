@@ -84,7 +84,8 @@ def pareto_plot(rows: Sequence[SweepRow], path: str | Path, *, title: str, forwa
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for policy in dict.fromkeys(r.policy for r in rows):
         pts = sorted({(r.peak_bytes / 2**30, 100 * r.extra_forward_flops / max(forward_flops, 1))
-                      for r in rows if r.policy == policy and r.fits and r.peak_bytes is not None})
+                      for r in rows if r.policy == policy and r.fits and r.peak_bytes is not None
+                      and r.extra_forward_flops is not None})
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if policy == CKPTPLAN else "s--",
                     label=policy, linewidth=2.2 if policy == CKPTPLAN else 1.2)

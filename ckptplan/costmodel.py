@@ -259,8 +259,9 @@ def profile_from_dict(data: Any, source: str = "profile") -> DeviceProfile:
 
 def load_profile(path: str | Any) -> DeviceProfile:
     """A profile file (YAML or JSON) as ``benchmarks/gpu_calibrate.py`` writes it."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     p = Path(path)
     if not p.is_file():

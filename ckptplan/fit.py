@@ -157,7 +157,7 @@ def _try(graph: Graph, value: int, budget_bytes: int, *, time_limit_s: float, re
     minimum: int | None = None
     proven = False
     try:
-        solve(graph, BELOW_ANY_PLAN, **options)  # type: ignore[arg-type]
+        solve(graph, BELOW_ANY_PLAN, **options)  # type: ignore[arg-type]  # options: dict[str, object]
     except InfeasibleBudget as e:
         minimum, proven = e.minimum_bytes, e.minimum_proven
     except SolverTimeout:
@@ -165,7 +165,7 @@ def _try(graph: Graph, value: int, budget_bytes: int, *, time_limit_s: float, re
     plan = None
     if not (proven and minimum is not None and minimum > budget_bytes):
         try:
-            plan = solve(graph, budget_bytes, **options)  # type: ignore[arg-type]
+            plan = solve(graph, budget_bytes, **options)  # type: ignore[arg-type]  # options: dict[str, object]
         except (InfeasibleBudget, SolverTimeout):
             plan = None
     if plan is not None and (minimum is None or minimum > budget_bytes):  # the budget itself is known to fit

@@ -137,7 +137,7 @@ class Graph:
     def num_forward(self) -> int:
         return len(self.ops)
 
-    def _memo(self, key: str, compute):  # noqa: ANN001, ANN202
+    def _memo(self, key: str, compute):
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]

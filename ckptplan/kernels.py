@@ -121,7 +121,8 @@ def _gemm_alignment(gpu: GpuSpec, half: bool) -> int:
 def _can_efficient(gpu: GpuSpec, q, k, v, enable_gqa: bool) -> bool:
     if not (5, 0) <= gpu.capability <= (12, 1):
         return False
-    allowed = (torch.float16, torch.float32, torch.bfloat16) if gpu.capability[0] >= 8 else (torch.float16, torch.float32)
+    allowed = ((torch.float16, torch.float32, torch.bfloat16) if gpu.capability[0] >= 8
+               else (torch.float16, torch.float32))
     if q.dtype not in allowed or not _dense_ok(q, k, v, ignore_singleton=False):
         return False
     # the memory-efficient kernel's meta backward does not reduce a grouped-query gradient: plan such a
@@ -187,13 +188,13 @@ def _efficient_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tor
 # as 1, in float32 for half inputs, as torch's own decomposition of the op gives it) and whose backward is
 # aten's ``_fused_rms_norm_backward``; the recorder files it under aten's name (``STANDS_FOR``).
 @torch.library.custom_op("ckptplan::fused_rms_norm", mutates_args=())
-def _fused_rms_norm(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None,  # noqa: A002
+def _fused_rms_norm(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None,
                     eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     raise RuntimeError("ckptplan::fused_rms_norm stands in for CUDA's kernel on meta or fake tensors only")
 
 
 @_fused_rms_norm.register_fake
-def _fused_rms_norm_fake(input, normalized_shape, weight, eps):  # noqa: A002, ANN001, ANN202, ARG001
+def _fused_rms_norm_fake(input, normalized_shape, weight, eps):
     n = len(normalized_shape)
     acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
@@ -201,14 +202,14 @@ def _fused_rms_norm_fake(input, normalized_shape, weight, eps):  # noqa: A002, A
     return out, rstd
 
 
-def _fused_rms_norm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+def _fused_rms_norm_setup(ctx, inputs, output) -> None:
     x, shape, weight, _ = inputs
     ctx.shape = list(shape)
     ctx.has_weight = weight is not None
     ctx.save_for_backward(x, weight, output[1])
 
 
-def _fused_rms_norm_backward(ctx, grad, _grad_rstd):  # noqa: ANN001, ANN202
+def _fused_rms_norm_backward(ctx, grad, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.has_weight and ctx.needs_input_grad[2]]
     dx, dw = aten._fused_rms_norm_backward(grad, x, ctx.shape, rstd, weight, mask)
@@ -239,7 +240,7 @@ class _KernelMode(TorchFunctionMode):
 
     _entering: tuple[Any, ...] = ()  # the Python functions being run with the mode kept, innermost last
 
-    def _inside(self, func, types, args, kwargs):  # noqa: ANN001, ANN202
+    def _inside(self, func, types, args, kwargs):
         # A Python function whose body calls the builtin it wraps (Tensor.unflatten, torch.einsum) is
         # handed to the mode again under its own name: that second call runs as is.
         if _redispatch is None or not _python_function(func) or (self._entering and self._entering[-1] is func):
@@ -257,14 +258,14 @@ class CpuKernels(_KernelMode):
     flash attention for 4-D inputs without dropout), so that a CPU plan made on meta tensors holds the ops
     a real CPU step runs."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self._sdpa(*args, **kwargs)
         return self._inside(func, types, args, kwargs)
 
     @staticmethod
-    def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001, ANN205
+    def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         flash = (dropout_p == 0.0 and _dense_ok(q, k, v, ignore_singleton=True) and _heads_ok(q, k, v, enable_gqa)
                  and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
         if not flash:
@@ -287,7 +288,7 @@ class CudaKernels(_KernelMode):
         self.chosen: list[SdpaBackend] = []
         self.autocast = Autocast("cuda")
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.dropout or func is torch.dropout:
             return self._dropout(func, args, kwargs)
@@ -308,7 +309,7 @@ class CudaKernels(_KernelMode):
         return func(*args, **kwargs)
 
     @staticmethod
-    def _rms_norm(func, args, kwargs):  # noqa: ANN001, ANN205
+    def _rms_norm(func, args, kwargs):
         # rms_norm(input, normalized_shape, weight=None, eps=None): see NOTE [ fused RMSNorm on meta ]
         b = {"weight": None, "eps": None} | dict(zip(("input", "normalized_shape", "weight", "eps"), args)) | kwargs
         x, w = b["input"], b["weight"]
@@ -320,12 +321,13 @@ class CudaKernels(_KernelMode):
         eps = None if b["eps"] is None else float(b["eps"])
         return _fused_rms_norm(x, shape, w, eps)[0]
 
-    def _cross_entropy(self, func, args, kwargs):  # noqa: ANN001, ANN202
+    def _cross_entropy(self, func, args, kwargs):
         # cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing) decomposes in
         # C++ (LossNLL.cpp) into log_softmax in the input's dtype and nll_loss_nd, whose nll_loss autocast
         # runs in float32; class-index targets without label smoothing only, else the op runs whole
         names = ("input", "target", "weight", "reduction", "ignore_index", "label_smoothing")
-        b = {"weight": None, "reduction": 1, "ignore_index": -100, "label_smoothing": 0.0} | dict(zip(names, args)) | kwargs
+        defaults = {"weight": None, "reduction": 1, "ignore_index": -100, "label_smoothing": 0.0}
+        b = defaults | dict(zip(names, args)) | kwargs
         x, target = b["input"], b["target"]
         if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or target.is_floating_point()
                 or b["label_smoothing"] or x.dim() not in (1, 2, 4)):
@@ -336,7 +338,7 @@ class CudaKernels(_KernelMode):
         return F.nll_loss(logp, target, weight, ignore_index=b["ignore_index"], reduction=reduction)
 
     @staticmethod
-    def _softmax(func, name, args, kwargs):  # noqa: ANN001, ANN205
+    def _softmax(func, name, args, kwargs):
         # softmax(input, dim, dtype): CUDA takes half input to float output in one kernel
         # (half_to_float, aten/src/ATen/native/SoftMax.cpp); elsewhere the input is converted first
         x = args[0]
@@ -349,7 +351,7 @@ class CudaKernels(_KernelMode):
 
     # scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     #                              scale=None, enable_gqa=False)
-    def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001, ANN202
+    def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         backend = self.sdpa if self.sdpa is not SdpaBackend.AUTO else choose_sdpa(
             self.gpu, q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, grad)
@@ -375,7 +377,7 @@ class CudaKernels(_KernelMode):
                                                             scale=scale)[0]
 
     @staticmethod
-    def _dropout(func, args, kwargs):  # noqa: ANN001, ANN205
+    def _dropout(func, args, kwargs):
         # F.dropout(input, p=0.5, training=True, inplace=False); torch.dropout(input, p, train)
         names = ("input", "p", "training", "inplace") if func is F.dropout else ("input", "p", "train")
         bound = dict(zip(names, args)) | kwargs
@@ -386,11 +388,12 @@ class CudaKernels(_KernelMode):
         return func(*args, **kwargs)
 
     @staticmethod
-    def _batch_norm(func, args, kwargs):  # noqa: ANN001, ANN205
+    def _batch_norm(func, args, kwargs):
         # F.batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
         #              momentum=0.1, eps=1e-5)
         names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-        b = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5} | dict(zip(names, args)) | kwargs
+        defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+        b = defaults | dict(zip(names, args)) | kwargs
         x, w, bias, rm, rv = b["input"], b["weight"], b["bias"], b["running_mean"], b["running_var"]
         stats = rm is not None and rv is not None
         # _batch_norm_impl_index's use_cudnn (cuDNN's minimum epsilon is 1e-5)

@@ -64,7 +64,7 @@ class _Tracker(MemTracker):
 
     def __init__(self) -> None:
         super().__init__()
-        self._mod_tracker = _NoModules()
+        self._mod_tracker = _NoModules()  # type: ignore[assignment]  # duck-typed: the methods MemTracker calls
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -101,7 +101,7 @@ class _FlopCounter(TorchDispatchMode):
     def ignore_compile_internals(cls) -> bool:
         return True
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.total += op_flops(func, args, kwargs, out)
@@ -123,7 +123,7 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
-def measure_peak(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **kwargs: Any) -> int:  # noqa: ANN001
+def measure_peak(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **kwargs: Any) -> int:
     """Peak bytes of one step as MemTracker sees it (CPU, meta and fake tensors) or CUDA's allocator.
     ``autocast`` ("bf16", "fp16"): forward and loss run under ``torch.autocast`` with that dtype."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -145,7 +145,7 @@ def measure_peak(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **kw
     return int(max((snap["Total"] for snap in peak.values()), default=0))
 
 
-def measure_flops(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **kwargs: Any) -> int:  # noqa: ANN001
+def measure_flops(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **kwargs: Any) -> int:
     """Total FLOPs of one step (forward, recomputation and backward) by FlopCounterMode.
 
     A compiled model (``torch.compile``) is counted by the same formulas in a mode that keeps it compiled;

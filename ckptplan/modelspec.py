@@ -51,7 +51,7 @@ def parse_factory_args(items: list[str]) -> dict[str, Any]:
         if not sep or not key.isidentifier():
             raise InputError(f"--arg {item!r} must look like name=value, e.g. --arg batch_size=4")
         try:
-            out[key] = yaml.load(value, Loader=NoAliasLoader)  # noqa: S506 - safe_load without aliases
+            out[key] = yaml.load(value, Loader=NoAliasLoader)  # safe_load without aliases
         except yaml.YAMLError:
             out[key] = value
         except (ValueError, RecursionError) as e:  # an integer past Python's digit limit; nesting too deep
@@ -105,7 +105,7 @@ def call_factory(factory_name: str, factory: Callable[..., Any],
         result = factory(**(factory_kwargs or {}))
     except TypeError as e:
         raise InputError(f"calling {factory_name}({_fmt(factory_kwargs)}) failed: {e}") from None
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - a user's factory may raise anything; say which and why
+    except (Exception, SystemExit) as e:  # a user's factory may raise anything; say which and why
         raise InputError(f"the factory {factory_name} raised {_what(e)}") from None
     if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], nn.Module):
         raise InputError(f"the factory {factory_name} must return (model, args) or (model, args, kwargs) "
@@ -130,7 +130,7 @@ def _import(target: str) -> Any:
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except (Exception, SystemExit) as e:  # noqa: BLE001 - a script's sys.exit() must not end ckptplan
+        except (Exception, SystemExit) as e:  # a script's sys.exit() must not end ckptplan
             del sys.modules[name]
             raise InputError(f"importing {target} raised {_what(e)}") from None
         return module
@@ -138,7 +138,7 @@ def _import(target: str) -> Any:
         return importlib.import_module(target)
     except ImportError as e:
         raise InputError(f"cannot import module {target!r}: {e}") from None
-    except (Exception, SystemExit) as e:  # noqa: BLE001
+    except (Exception, SystemExit) as e:
         raise InputError(f"importing {target} raised {_what(e)}") from None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -24,6 +24,7 @@ def kv_cache_off(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if not getattr(config, "use_cache", False) or not model.training:
         return False
+    assert config is not None  # getattr(None, "use_cache", False) is False
     log.warning("ckptplan: use_cache=True is incompatible with checkpointing a training step; "
                 "setting model.config.use_cache = False while it runs (as Hugging Face's gradient "
                 "checkpointing does)")
@@ -33,7 +34,8 @@ def kv_cache_off(model: nn.Module) -> bool:
 
 def kv_cache_restore(model: nn.Module, was_on: bool) -> None:
     if was_on:
-        model.config.use_cache = True
+        config: Any = model.config  # Hugging Face's config, which nn.Module's __getattr__ types as a module
+        config.use_cache = True
 
 
 @contextlib.contextmanager

@@ -199,8 +199,9 @@ def fold_paths(paths: list[str]) -> str:
             i = varying[0]
             nums = [int(x[i]) for x in parts]
             if nums == sorted(set(nums)) and all(str(n) == x[i] for n, x in zip(nums, parts)):
-                runs, start = [], nums[0]
-                for a, b in zip(nums, nums[1:] + [None]):
+                runs: list[str] = []
+                start: int | None = nums[0]
+                for a, b in zip(nums, [*nums[1:], None]):
                     if b != a + 1:
                         runs.append(str(start) if start == a else f"{start}-{a}")
                         start = b
@@ -287,6 +288,7 @@ def dump_yaml(plan: Plan) -> str:
                      f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved ({how})")
         lines.append(f"    restores_buffers: {_q(list(r.mutated_buffers))}")
         if r.remat:
+            assert r.target is not None  # a rematerialization names its target (RegionPlan)
             lines.append(f"    target: {_q(list(r.target))}  # [op row, tensor output] the recipe rebuilds")
         lines.append("    ops:")
         for o in r.ops:
@@ -343,7 +345,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise InputError(f"plan file {path} nests brackets more than {MAX_FLOW_DEPTH} deep; it is not a ckptplan "
                          "plan: regenerate it with `ckptplan solve`")
     try:
-        data = yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=NoAliasLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
         raise InputError(f"plan file {path} is not valid YAML ({str(e).splitlines()[0]}); "
                          "regenerate it with `ckptplan solve`") from None
@@ -374,9 +376,10 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
                 if target is not None and (len(target) != 2 or not 0 <= int(target[0]) < len(ops)):
                     raise InputError(f"{source}: block {block['modules']!r} has target {target!r}, which is not "
                                      "[op row, tensor output] of its rows: the file was edited inconsistently")
+                where = None if target is None else (int(target[0]), int(target[1]))
                 placed.append((int(at), RegionPlan(path=p, type_name=block["type"], ops=ops,
                                                    mutated_buffers=tuple(block.get("restores_buffers") or ()),
-                                                   target=None if target is None else (int(target[0]), int(target[1])))))
+                                                   target=where)))
         regions = tuple(r for _, r in sorted(placed, key=lambda x: x[0]))
         for r in regions:
             check_decisions(r)

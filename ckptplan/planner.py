@@ -131,9 +131,9 @@ def _levels(regions: tuple[Region, ...]) -> list[tuple[int, dict[str, frozenset[
     plain = [r for r in regions if not r.remat]
     depth = {r.path: r.path.count(".") + 1 for r in plain}
     top = min(depth.values(), default=0)
-    out = []
+    out: list[tuple[int, dict[str, frozenset[int]]]] = []
     for d in range(top + 1, max(depth.values(), default=0) + 1):
-        level = {r.path: frozenset() for r in plain if depth[r.path] <= d and not any(
+        level: dict[str, frozenset[int]] = {r.path: frozenset() for r in plain if depth[r.path] <= d and not any(
             o.path.startswith(r.path + ".") and depth[o.path] <= d for o in plain)}
         if level and (not out or level != out[-1][1]):
             out.append((d, level))
@@ -153,8 +153,8 @@ def check_options(*, reserve: float | None, gap: float) -> None:
         raise InputError(f"gap must be a fraction in [0, 1), got {gap}")
 
 
-def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0, reserve: float | None = None,
-          workers: int = 1, progress: Progress | None = None, objective: str = "time",
+def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0,
+          reserve: float | None = None, workers: int = 1, progress: Progress | None = None, objective: str = "time",
           gap: float = DEFAULT_GAP, rematerialize: bool = True,
           profile: DeviceProfile | str | os.PathLike | None = None, server: str | None = None) -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
@@ -208,7 +208,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     keep = round((1 - reserve) * RESERVE_SCALE)  # integer arithmetic: usable(minimum) >= peak, always
     usable = budget_bytes * keep // RESERVE_SCALE  # what the simulated peak must fit in
     budget_text = budget if isinstance(budget, str) else str(budget)
-    everything = {r.path: frozenset() for r in outermost(regions)}
+    everything: dict[str, frozenset[int]] = {r.path: frozenset() for r in outermost(regions)}
     full = shapes.simulate(everything)
 
     def make(saved: dict[str, frozenset[int]], sim: SimResult, status: str, gap: float,
@@ -286,7 +286,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         raise infeasible
 
     # ---- phase 2: cheapest plan under the budget, checked by the simulator ------------------------
-    best: tuple[dict[str, frozenset[int]], SimResult, cpsat.Solution | None] | None = None
+    best: tuple[dict[str, frozenset[int]], SimResult, cpsat.Solution] | None = None
     target, hint = usable, min_saved
     stats: dict[str, int] = {}
     last = cpsat.Status.UNKNOWN
@@ -297,7 +297,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         note("solve", {"attempt": attempt, "budget": target})
         sol = model.solve(budget_bytes=target, time_limit_s=left, hint=hint, workers=workers,
                           deterministic_limit=work, objective=goal, gap_limit=gap,
-                          on_solution=lambda obj, bound: note("improved", {f"objective_{unit}": obj, f"bound_{unit}": bound}))
+                          on_solution=lambda obj, bound: note("improved", {f"objective_{unit}": obj,
+                                                                           f"bound_{unit}": bound}))
         work -= sol.deterministic_s
         stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt,
                  "cp_sat_search": int(sol.searched)}  # 0: the knapsack's first plan was proven as it is
@@ -326,8 +327,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
 
 
 def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
-          budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult, status: str, gap: float,
-          objective: str, solve_time_s: float, stats: dict[str, int]) -> Plan:
+          budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult, status: str,
+          gap: float, objective: str, solve_time_s: float, stats: dict[str, int]) -> Plan:
     graph, regions = shapes.primary, shapes.regions[0]
     out = []
     for r in regions:
@@ -358,7 +359,8 @@ def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
         model=graph.model_name, fingerprint=graph.fingerprint, signature=graph.signature,
         num_parameters=graph.num_parameters,
         inputs=graph.inputs, shapes=tuple(g.inputs for g in shapes.graphs),
-        fingerprints=tuple(g.fingerprint for g in shapes.graphs), device=graph.device, gpu=graph.gpu, eval_modules=graph.eval_modules,
+        fingerprints=tuple(g.fingerprint for g in shapes.graphs), device=graph.device, gpu=graph.gpu,
+        eval_modules=graph.eval_modules,
         autocast=graph.autocast,
         optimizer=graph.optimizer, parallel=graph.parallel,
         budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
@@ -403,6 +405,7 @@ def plan_decisions(graph: Graph, plan: Plan) -> tuple[tuple[Region, ...], dict[s
             raise InputError(f"the plan names {rp.path}, which is not a {what} of this step (or has another "
                              "number of ops); regenerate it with `ckptplan solve`")
         if rp.remat and rp.target != _target(graph, region):
+            assert rp.target is not None  # rp.remat: it names a target
             raise InputError(f"the plan's {rp.path} rebuilds output {list(rp.target)} of its recipe, but this step's "
                              f"candidate rebuilds {list(_target(graph, region))}; regenerate it with `ckptplan solve`")
         forced = dict(region.forced)
@@ -424,7 +427,9 @@ def plan_decisions(graph: Graph, plan: Plan) -> tuple[tuple[Region, ...], dict[s
 
 def _target(graph: Graph, region: Region) -> tuple[int, int]:
     """(recipe op, tensor output) a rematerialization rebuilds, as the plan file names it."""
-    producer = graph.ops[graph.storages[region.target].producer]
+    made_by = graph.storages[region.target].producer
+    assert made_by is not None  # a recipe's target is made by a forward op (remat.py)
+    producer = graph.ops[made_by]
     return producer.index - region.first_op, next(k for k, t in enumerate(producer.outputs)
                                                    if t.storage == region.target)
 

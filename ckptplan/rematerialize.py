@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from functools import partial
-from types import MethodType
+from types import FrameType, MethodType
 from typing import Any
 
 import torch
@@ -36,7 +36,6 @@ from .flops import op_flops
 from .graph import Forced, parse_path
 from .opfacts import HIDDEN_WRITES
 from .plan import Decision, RegionPlan
-
 
 KEPT = Forced.KEPT.value  # an op of a recipe that the rerun reads instead of running (solver/remat.py)
 _COMPILED = ("Under torch.compile a plan cannot rematerialize: the compiled graph runs other ops than the traced "
@@ -84,6 +83,7 @@ class _Recipe:
                     out = func(*args, **kwargs)
                     self.counter.flops += op_flops(func, args, kwargs, out)
                     outs.append([t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+            assert self.plan.target is not None  # a rematerialization names its target
             i, k = self.plan.target
             self.value = outs[i][k]
             self.counter.regions += 1
@@ -157,7 +157,7 @@ class _RecipeMode(TorchDispatchMode):
     def ignore_compile_internals(cls) -> bool:
         return True
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         owner = self.owner
         if func in SAC_IGNORED_OPS or owner.counter.suspended:
@@ -218,7 +218,7 @@ def _in_compiled_module(depth: int = 64) -> bool:
     if eval_frame is None:  # nothing was compiled in this process (and importing dynamo takes a second)
         return False
     compiled_call = eval_frame.OptimizedModule.__call__.__code__
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(depth):
         if frame is None:
             return False
@@ -263,8 +263,8 @@ class Rematerializer:
                     raise InputError(f"{p.path} op #{i} {o.op}: a rematerialization saves exactly its ops marked "
                                      f"{KEPT!r} and reruns the others; set it back to "
                                      f"{'save' if o.forced == KEPT else 'recompute'}, or regenerate the plan")
-            module, offset = parse_path(p.path)
-            by_module.setdefault(module, []).append((offset, p))
+            anchor, offset = parse_path(p.path)
+            by_module.setdefault(anchor, []).append((offset, p))
         # the saved-tensor hooks last the model's forward (whatever it raises); registered first, so they
         # are in place when the root module's own recipe mode starts
         # Hooks are bound methods and partials, not closures: a deep copy of the model then copies them

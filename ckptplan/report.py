@@ -60,7 +60,7 @@ def decisions_table(plan: Plan, *, sort: str = "order", fold: bool = True) -> Ta
     for name, justify in [("regions", "left"), ("#", "right"), ("op", "left"), ("module", "left"),
                           ("shape", "left"), ("dtype", "left"), ("bytes", "right"), ("decision", "left"),
                           ("recompute FLOPs", "right"), ("recompute µs", "right"), ("forced by", "left")]:
-        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]  # str, not rich's JustifyMethod literal
     groups = fold_regions(plan.regions) if fold else [([r.path], r) for r in plan.regions]
     for paths, r in groups:
         rows = list(enumerate(r.ops))
@@ -168,7 +168,7 @@ def sweep_table(rows: list, *, forward_flops: int) -> Table:
     for name, justify in [("budget", "left"), ("policy", "left"), ("knob", "left"), ("peak", "right"),
                           ("extra forward FLOPs", "right"), ("% of forward", "right"),
                           ("est. recompute ms", "right"), ("note", "left")]:
-        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]  # str, not rich's JustifyMethod literal
     last = None
     for r in rows:
         if last is not None and r.budget != last:
@@ -224,7 +224,7 @@ def fit_table(result: Any) -> Table:
               title_justify="left")
     for name, justify in [(result.argument, "right"), ("unplanned peak", "right"), ("minimum budget", "right"),
                           ("fits", "left"), ("est. step time", "right"), ("forward FLOPs", "right")]:
-        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]  # str, not rich's JustifyMethod literal
     for trial in result.by_value():
         minimum = "none found" if trial.minimum_bytes is None else (
             format_bytes(trial.minimum_bytes) if trial.minimum_proven else f"<= {format_bytes(trial.minimum_bytes)}")

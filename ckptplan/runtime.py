@@ -112,7 +112,7 @@ class _SelectiveForward(TorchDispatchMode):
     def ignore_compile_internals(cls) -> bool:
         return True
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in SAC_IGNORED_OPS:
             return out
@@ -140,12 +140,12 @@ class _SelectiveRecompute(TorchDispatchMode):
     def ignore_compile_internals(cls) -> bool:
         return True
 
-    def __enter__(self):  # noqa: ANN204
+    def __enter__(self):
         self.region.counter.regions += 1
         self.position = 0
         return super().__enter__()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in SAC_IGNORED_OPS:
             return func(*args, **kwargs)
@@ -406,7 +406,9 @@ class Handle:
         self._warned_aside = False
         self.removed = False
         self._cache_was_on = kv_cache_off(model)  # Hugging Face's use_cache, off while the plan is applied
-        model._ckptplan_applied = self  # Handle.of(model); a deep copy of the model carries its own copy
+        # Handle.of(model); a deep copy of the model carries its own copy. torch types Module attributes
+        # as Tensor | Module
+        model._ckptplan_applied = self  # type: ignore[assignment]
 
     @staticmethod
     def of(model: nn.Module) -> "Handle | None":
@@ -525,7 +527,7 @@ def _describe_modules(paths: tuple[str, ...], none: str) -> str:
 
 
 def _device_type(model: nn.Module) -> str | None:
-    t = next(iter(model.parameters()), None)
+    t: torch.Tensor | None = next(iter(model.parameters()), None)
     if t is None:
         t = next(iter(model.buffers()), None)
     return None if t is None else t.device.type

@@ -29,13 +29,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import costmodel
 from .autocast import dtype_name, parse_autocast
 from .errors import InputError
+from .flops import cost_flops, op_flops
+from .graph import Graph, ModuleCall, OpNode, StorageInfo, StorageKind, TensorInfo
+from .kernels import STANDS_FOR, CpuKernels, CudaKernels
 from .modes import eval_modules, no_kv_cache
 from .opfacts import HIDDEN_WRITES
-from .kernels import STANDS_FOR, CpuKernels, CudaKernels
-from .target import GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu, parse_sdpa, parse_target
-from .flops import cost_flops, op_flops
 from .signature import model_signature, num_parameters
-from .graph import Graph, ModuleCall, OpNode, StorageInfo, StorageKind, TensorInfo
+from .target import GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu, parse_sdpa, parse_target
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -176,7 +176,7 @@ class _Recorder(TorchDispatchMode):
         return t
 
     # ---- ops -----------------------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func in SAC_IGNORED_OPS:  # checkpoint ignores these too (detach); their outputs alias
@@ -489,7 +489,8 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, where:
         free = num_events if s.free_event is None else s.free_event
         pyfree = python_free.get(position.get(sid), free if free <= n_fwd else n_fwd)
         storages.append(StorageInfo(
-            id=sid, nbytes=s.nbytes, kind=StorageKind.GRAD if sid in rec.grads else s.kind, alloc_event=s.alloc_event, free_event=free,
+            id=sid, nbytes=s.nbytes, kind=StorageKind.GRAD if sid in rec.grads else s.kind, alloc_event=s.alloc_event,
+            free_event=free,
             producer=s.producer, saved_by=tuple(sorted(s.saved_by)), python_free_op=pyfree,
             first_pack_event=s.first_pack, last_pack_event=s.last_pack, first_unpack_event=s.first_unpack))
     modules = tuple(
@@ -514,7 +515,8 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, where:
         inputs=tuple(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors),
         device=where.target.value, gpu=where.gpu.name if where.gpu else "",
         gpu_capability=where.gpu.capability if where.gpu else None, traced_on=where.traced_on,
-        sdpa_backends=tuple(sdpa_used), autocast=autocast, extra_fixed_bytes=workspace, ops=tuple(rec.ops), storages=tuple(storages), modules=modules,
+        sdpa_backends=tuple(sdpa_used), autocast=autocast, extra_fixed_bytes=workspace, ops=tuple(rec.ops),
+        storages=tuple(storages), modules=modules,
         num_events=num_events, optimizer=opt, tensor_names=tuple(sorted(names)),
         module_tree=tuple((path, type(m).__name__) for path, m in model.named_modules()),
         eval_modules=eval_modules(model),

@@ -16,15 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import gpt2  # noqa: E402
-import llama  # noqa: E402
-import resnet  # noqa: E402
-import unet  # noqa: E402
+import gpt2
+import llama
+import resnet
+import unet
+
+ROOT = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(1)  # stable timings and no oversubscription on 2-core CI machines
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """ruff and mypy (test_lint.py) first: CI reports lint and type errors before the long tests."""
+    items.sort(key=lambda item: item.path.name != "test_lint.py")  # stable: the rest keep their order
 
 # name -> factory of (model, args); each a different shape of model
 MODELS = {
@@ -51,7 +57,7 @@ def traced():
     return get
 
 
-def grads_after(model, step) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def grads_after(model, step) -> dict[str, torch.Tensor]:
     """Parameter gradients of one ``step()`` (a loss) from seed 7; the model's .grad fields left empty."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)

@@ -99,7 +99,7 @@ class LiveServer:
         return out
 
 
-def solve_body(graph, budget, **options) -> bytes:  # noqa: ANN001
+def solve_body(graph, budget, **options) -> bytes:
     from ckptplan.serve.client import request_body
 
     return request_body(graph, budget, **options)

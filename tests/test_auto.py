@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import logging
 
-import gpt2  # examples/, on sys.path by conftest
 import pytest
 import torch
 
 import ckptplan
 from ckptplan.auto import optimizer_name
+
+import gpt2  # examples/, on sys.path by conftest
 
 
 def grads(model, args):

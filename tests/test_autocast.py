@@ -27,7 +27,7 @@ class _Log(TorchDispatchMode):
         super().__init__()
         self.ops: list[tuple[str, str, tuple[int, ...]]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         first = out[0] if isinstance(out, (tuple, list)) else out
         if isinstance(first, torch.Tensor):

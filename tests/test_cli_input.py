@@ -13,15 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from typer.testing import CliRunner
 
 import ckptplan
 from ckptplan.cli import app
 from ckptplan.plan import Plan
-
-from .conftest import ROOT
 
 SECONDS_PER_CASE = 20  # far above what any case needs (well under a second), far below a hang
 

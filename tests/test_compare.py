@@ -33,7 +33,7 @@ def test_baselines_are_what_they_say(traced, name):
     assert full.peak_bytes <= every2.peak_bytes <= graph.baseline_peak_bytes
     assert every2.extra_forward_flops <= full.extra_forward_flops
     op_sac = baselines.evaluate(graph, regions, baselines.Policy.OP_SAC)
-    for path, keep in op_sac.saved.items():
+    for keep in op_sac.saved.values():
         assert all(graph.ops[p].name in baselines.SAVED_BY_OP_SAC for p in keep)
     assert op_sac.extra_forward_flops <= full.extra_forward_flops
     assert simulate(graph, regions, {}).peak_bytes == graph.baseline_peak_bytes

@@ -71,7 +71,7 @@ def test_missing_internal_is_named(monkeypatch):
 
 
 def test_changed_signature_is_named(monkeypatch):
-    def checkpoint(function, *args, use_reentrant=None, **kwargs):  # noqa: ANN001, ANN202
+    def checkpoint(function, *args, use_reentrant=None, **kwargs):
         return function(*args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
@@ -90,7 +90,7 @@ def test_every_problem_is_listed_at_once(monkeypatch):
 def test_detach_falls_back_to_2_11s_spelling(monkeypatch):
     calls = []
 
-    def maybe_detach(x, any_ret_has_alias_info):  # noqa: ANN001, ANN202
+    def maybe_detach(x, any_ret_has_alias_info):
         calls.append(any_ret_has_alias_info)
         return x.detach()
 

@@ -153,7 +153,8 @@ def test_an_op_with_a_line_of_its_own_pays_its_fixed_part_its_flops_and_its_traf
     assert line is not None and line.fixed_ns > 0 and line.flops_per_s
     flops, moved = 8_400_000, 1_600_000  # the zoo's 2x2 transposed convolution, 8 to 16 channels
     cost = cpu.cost_ns(flops=flops, bytes_moved=moved, is_view=False, op="convolution")
-    assert cost == cpu.op_overhead_ns + round((line.fixed_ns / 1e9 + flops / line.flops_per_s + moved / line.bytes_per_s) * 1e9)
+    seconds = line.fixed_ns / 1e9 + flops / line.flops_per_s + moved / line.bytes_per_s
+    assert cost == cpu.op_overhead_ns + round(seconds * 1e9)
     roofline = cpu.cost_ns(flops=flops, bytes_moved=moved, is_view=False, op="addmm")
     assert roofline == cpu.op_overhead_ns + round(max(flops / cpu.flops_per_s, moved / cpu.bytes_per_s) * 1e9)
     assert cost > 2 * roofline

@@ -122,7 +122,8 @@ def test_per_rank_transformation(reference):
     sizes = {}
     for s in graph.storages:
         if s.kind.value == "param":
-            unit = next((u for u in ("layers.0", "layers.1", "layers.2", "layers.3") if names[s.id].startswith(u + ".")), "")
+            unit = next((u for u in ("layers.0", "layers.1", "layers.2", "layers.3")
+                         if names[s.id].startswith(u + ".")), "")
             sizes[unit] = sizes.get(unit, 0) + s.nbytes
     root = sizes.pop("")
     assert fsdp.extra_fixed_bytes == root + 3 * max(sizes.values())

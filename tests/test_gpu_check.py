@@ -15,7 +15,7 @@ from ckptplan import costmodel
 from .conftest import ROOT
 
 
-def _script(name: str):  # noqa: ANN202
+def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"ckptplan_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -18,9 +18,9 @@ import ckptplan
 
 transformers = pytest.importorskip("transformers")
 
-import hf_models  # examples/, on sys.path by conftest
+from ckptplan.integrations.transformers import CkptplanCallback, apply_to_pretrained  # noqa: E402  needs transformers
 
-from ckptplan.integrations.transformers import CkptplanCallback, apply_to_pretrained
+import hf_models  # noqa: E402  needs transformers; examples/, on sys.path by conftest
 
 B, T = 4, 64
 

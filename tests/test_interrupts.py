@@ -14,10 +14,9 @@ import ckptplan
 from ckptplan.plan import Decision, dump_yaml
 from ckptplan.runtime import Handle
 
+import gpt2
+import resnet
 from .conftest import ROOT, assert_same, grads_after  # noqa: F401 - ROOT puts examples/ on sys.path
-
-import gpt2  # noqa: E402
-import resnet  # noqa: E402
 
 
 def _gpt2():
@@ -135,7 +134,7 @@ def test_load_refuses_a_random_op_flipped_to_save(tmp_path):
     model, args = _gpt2()
     plan = ckptplan.solve(ckptplan.trace(model, *args), "60%")
     text = dump_yaml(plan)
-    line = next(l for l in text.splitlines() if '"recompute"' in l and l.endswith('"random"]'))
+    line = next(row for row in text.splitlines() if '"recompute"' in row and row.endswith('"random"]'))
     path = tmp_path / "edited.yaml"
     path.write_text(text.replace(line, line.replace('"recompute"', '"save"'), 1))
     with pytest.raises(ckptplan.InputError, match=r"cannot be saved \(random\)"):

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 import ckptplan
-
 from ckptplan.trace import default_loss
 
 from .conftest import MODELS, assert_same, grads_after
 
 
-def _grads(model, args, kwargs=None):  # noqa: ANN001, ANN202
+def _grads(model, args, kwargs=None):
     return grads_after(model, lambda: default_loss(model(*args, **(kwargs or {}))))
 
 
@@ -66,7 +65,7 @@ def test_frozen_batch_norm_is_planned_as_traced():
         handle.remove()
 
 
-def _roundtrip(plan):  # noqa: ANN001, ANN202
+def _roundtrip(plan):
     import tempfile
     from pathlib import Path
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from torch import nn
 from typer.testing import CliRunner
 
@@ -16,6 +17,7 @@ import ckptplan
 from ckptplan.cli import app
 from ckptplan.plan import Decision
 from ckptplan.solver import cpsat
+from ckptplan.units import parse_budget
 
 from .conftest import MODELS, ROOT, assert_same, grads_after
 
@@ -187,7 +189,7 @@ class CachedModel(nn.Module):
         self.blocks = nn.ModuleList(CachedBlock() for _ in range(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.blocks):
+        for block in self.blocks:
             x = block(x, [])  # a fresh cache per block and per step, mutated by the block's forward
         return x.sum()
 
@@ -285,7 +287,7 @@ def edit_rows(text: str, pick, new: str, limit: int) -> str:
 
 def test_hand_edit_that_no_longer_fits_is_caught_with_the_overshoot(plan_file, tmp_path):
     edited = tmp_path / "edited.yaml"
-    edited.write_text(edit_rows(plan_file.read_text(), lambda l: '"recompute"' in l and l.endswith("null]"),
+    edited.write_text(edit_rows(plan_file.read_text(), lambda row: '"recompute"' in row and row.endswith("null]"),
                                 "save", 40))
     for command in ("verify", "show"):
         result = run(command, str(edited), *ARGS)
@@ -297,7 +299,7 @@ def test_hand_edit_that_no_longer_fits_is_caught_with_the_overshoot(plan_file, t
 
 def test_hand_edit_saving_a_forced_op_is_refused(plan_file, tmp_path):
     edited = tmp_path / "forced.yaml"
-    edited.write_text(edit_rows(plan_file.read_text(), lambda l: '"random"]' in l, "save", 1))
+    edited.write_text(edit_rows(plan_file.read_text(), lambda row: '"random"]' in row, "save", 1))
     result = run("verify", str(edited), *ARGS)
     assert result.exit_code == 2, result.output
     assert "cannot be saved (random)" in " ".join(result.stderr.split())
@@ -321,10 +323,6 @@ def test_time_limit_with_no_plan_exits_4(monkeypatch, tmp_path):
 
 
 # ---- budget strings through the CLI, and Ctrl-C -------------------------------------------------------
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from ckptplan.units import parse_budget  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)
@@ -392,10 +390,10 @@ def test_verify_on_a_bad_plan_file_exits_2_naming_it(plan_file, tmp_path, conten
 
 def test_time_limit_with_a_plan_reports_feasible_and_its_gap():
     sys.path.insert(0, str(ROOT / "examples"))
-    import llama
-
     from ckptplan.solver.regions import candidate_regions, outermost
     from ckptplan.solver.simulate import simulate
+
+    import llama
 
     # meta, 32 layers, 5% of the way from full checkpointing to none: several memory rows bind there and
     # proving optimality (gap 0) takes far longer than 6 s (docs/benchmarks.md, "Planning a 7B model")

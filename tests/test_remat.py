@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import ckptplan
-from ckptplan.measure import measure_peak
-from ckptplan.planner import candidates, plan_decisions
-from ckptplan.plan import load_plan
 from ckptplan.graph import Forced, parse_path
-from ckptplan.solver.remat import remat_candidates
+from ckptplan.measure import measure_peak
+from ckptplan.plan import load_plan
+from ckptplan.planner import candidates, plan_decisions
 from ckptplan.solver.regions import candidate_regions
+from ckptplan.solver.remat import remat_candidates
 from ckptplan.solver.simulate import simulate
 
 from .conftest import MODELS

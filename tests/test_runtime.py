@@ -241,7 +241,7 @@ def test_a_model_with_frozen_parameters_is_measured_and_fits_to_the_byte():
             self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
                                         for _ in range(4))
 
-        def forward(self, x):  # noqa: ANN001, ANN201
+        def forward(self, x):
             h = self.emb(x)
             for block in self.blocks:
                 h = h + block(h)
@@ -269,4 +269,5 @@ def test_each_step_logs_its_cost_and_the_plans_peak_in_human_units(traced, caplo
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("ckptplan step 1"))
     flops = ckptplan.units.format_flops(handle.stats.extra_forward_flops)
     assert flops in line and str(handle.stats.extra_forward_flops) not in line
-    assert f"plan peak {ckptplan.format_bytes(plan.predicted_peak_bytes)} of {ckptplan.format_bytes(plan.budget_bytes)}" in line
+    predicted, budget = ckptplan.format_bytes(plan.predicted_peak_bytes), ckptplan.format_bytes(plan.budget_bytes)
+    assert f"plan peak {predicted} of {budget}" in line

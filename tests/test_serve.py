@@ -38,12 +38,12 @@ def test_wire_round_trips_a_traced_step_exactly(traced, name):
     assert wire.dumps(wire.encode(back)) == raw  # canonical: the same graph, the same bytes
 
 
-def _doc(traced):  # noqa: ANN001, ANN202
+def _doc(traced):
     return json.loads(wire.dumps(wire.encode(traced("gpt2")[2])))
 
 
-def _set(path, value):  # noqa: ANN001, ANN202
-    def edit(doc):  # noqa: ANN001, ANN202
+def _set(path, value):
+    def edit(doc):
         target = doc
         for k in path[:-1]:
             target = target[k]
@@ -86,7 +86,7 @@ def test_gunzip_stops_at_the_limit():
 
 
 # ---- the store --------------------------------------------------------------------------------------
-def _entry(key: str, **kw) -> Entry:  # noqa: ANN003
+def _entry(key: str, **kw) -> Entry:
     base = dict(key=key, kind="solve", created=1.0, model="m", fingerprint="f", budget="8GB", budget_bytes=8 * 10**9,
                 objective="time", status=Status.OPTIMAL, predicted_peak_bytes=1, extra_forward_flops=2,
                 extra_cost_ns=3, solve_seconds=0.5, body="schema: 1\n")
@@ -172,7 +172,7 @@ def client(tmp_path):
         yield c
 
 
-def _post(client, body: bytes, **headers):  # noqa: ANN001, ANN003, ANN202
+def _post(client, body: bytes, **headers):
     return client.post("/v1/solve", content=body, headers={"Content-Type": "application/json", **headers})
 
 
@@ -321,10 +321,11 @@ def test_an_unreachable_server_is_a_clear_error(traced):
 def test_remote_plan_for_a_gpu_is_byte_identical_to_a_local_solve(server, tmp_path):
     """A cuda plan made on meta tensors, priced by a profile file: the server gets the target and the profile
     with the graph and writes the plan a local solve writes (gpu line included)."""
-    import gpt2
     import yaml
 
     from ckptplan import costmodel
+
+    import gpt2
 
     model, args = gpt2.gpt2_tiny(device="meta", batch_size=8, seq_len=128)
     graph = ckptplan.trace(model, *args, gpu="a100")
@@ -341,7 +342,7 @@ def test_32_identical_concurrent_requests_cause_exactly_one_solve(server, traced
     before = server.metrics()
     start = threading.Barrier(32)
 
-    def one(_):  # noqa: ANN001, ANN202
+    def one(_):
         start.wait()
         return server.post_solve(body)
 

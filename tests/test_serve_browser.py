@@ -30,7 +30,7 @@ def _need(ok: bool, why: str) -> None:
 
 
 try:
-    import fastapi  # noqa: F401
+    import fastapi  # noqa: F401  only whether it is installed: the pages are served by it
     from playwright.sync_api import expect, sync_playwright
 except ImportError as e:
     _need(False, f"{e.name} is not installed (pip install -e '.[test]')")

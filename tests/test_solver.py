@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ckptplan
 from ckptplan.plan import Decision
@@ -109,7 +108,8 @@ def test_forced_reasons_in_plans(traced):
     assert all(o.forced == ("recipe" if r.remat else "view") for r in plan.regions for o in r.ops
                if o.op in ("aten.view.default", "aten.t.default"))
     _, _, r = traced("resnet")
-    rplan = ckptplan.solve(r, minimum_of(r, rematerialize=False), rematerialize=False)  # the ReLUs inside checkpointed blocks
+    # the ReLUs inside checkpointed blocks
+    rplan = ckptplan.solve(r, minimum_of(r, rematerialize=False), rematerialize=False)
     relus = [o for reg in rplan.regions if not reg.remat for o in reg.ops if o.op == "aten.relu_.default"]
     assert relus and all(o.forced in ("inplace", "not-recomputed") for o in relus)
 

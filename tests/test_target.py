@@ -18,13 +18,14 @@ from ckptplan.errors import InputError, PlanMismatch
 from ckptplan.kernels import CudaKernels, choose_sdpa
 from ckptplan.target import GPUS, SdpaBackend, Target, cuda_block_bytes, parse_gpu, reserved_estimate
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import gpt2  # noqa: E402  (examples/ is not a package)
-import llama  # noqa: E402
-import resnet  # noqa: E402
-import vit  # noqa: E402
+import gpt2  # examples/ is not a package
+import llama
+import resnet
+import vit
+
+ROOT = Path(__file__).resolve().parent.parent
 
 aten = torch.ops.aten
 FUSED = ("aten._scaled_dot_product_flash_attention.default", "aten._scaled_dot_product_cudnn_attention.default",
@@ -50,9 +51,9 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
 
 # ---- the backend torch picks ---------------------------------------------------------------------------
 
-def _qkv(b=2, h=8, l=128, d=64, dtype=torch.bfloat16, kv_heads=None, s=None):  # noqa: ANN001, ANN202
-    q = torch.empty(b, h, l, d, dtype=dtype, device="meta")
-    k = torch.empty(b, kv_heads or h, s or l, d, dtype=dtype, device="meta")
+def _qkv(b=2, h=8, t=128, d=64, dtype=torch.bfloat16, kv_heads=None, s=None):
+    q = torch.empty(b, h, t, d, dtype=dtype, device="meta")
+    k = torch.empty(b, kv_heads or h, s or t, d, dtype=dtype, device="meta")
     return q, k, k.clone()
 
 
@@ -70,7 +71,7 @@ def _qkv(b=2, h=8, l=128, d=64, dtype=torch.bfloat16, kv_heads=None, s=None):  #
     ("t4", {}, 0.0, None, True, SdpaBackend.MATH),  # no bf16 before sm80
     ("l4", {"d": 200}, 0.0, None, False, SdpaBackend.EFFICIENT),  # sm89 flash backward: head dim <= 192
 ])
-def test_backend_choice(gpu, kw, dropout, mask, causal, want):  # noqa: ANN001
+def test_backend_choice(gpu, kw, dropout, mask, causal, want):
     q, k, v = _qkv(**kw)
     m = torch.empty(q.shape[2], k.shape[2], dtype=torch.bool, device="meta") if mask else None
     assert choose_sdpa(parse_gpu(gpu), q, k, v, m, dropout, causal, False, True) is want
@@ -95,7 +96,7 @@ def test_gpu_names_and_capabilities():
 def test_fused_kernels_save_what_their_meta_functions_give(backend):
     """Through CudaKernels the step holds the kernel's outputs exactly as torch's meta function for the CUDA
     kernel gives them (output and logsumexp), and backward's gradients have the inputs' shapes."""
-    q, k, v = (t.requires_grad_() for t in _qkv(l=96, d=64))
+    q, k, v = (t.requires_grad_() for t in _qkv(t=96, d=64))
     with CudaKernels(parse_gpu("h100"), SdpaBackend(backend)):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     fn = {"flash": lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=0.125),
@@ -145,10 +146,10 @@ def test_cuda_trace_of_the_zoo(zoo_traces, name):
         assert "aten._safe_softmax.default" not in names
         for op in attention:
             out, lse = op.outputs[:2]
-            b, h, l, _ = out.shape
-            assert lse.shape == (b, h, l) and lse.dtype == "float32"
+            b, h, t, _ = out.shape
+            assert lse.shape == (b, h, t) and lse.dtype == "float32"
             # no [B, H, L, L] score matrix anywhere in the step
-            assert not any(t.shape == (b, h, l, l) for o in g.ops for t in o.outputs)
+            assert not any(x.shape == (b, h, t, t) for o in g.ops for x in o.outputs)
     else:
         assert not attention
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from ckptplan.errors import BudgetError
 from ckptplan.units import describe_budget, format_bytes, format_flops, parse_budget

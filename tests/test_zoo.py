@@ -15,8 +15,8 @@ from torch import nn
 import ckptplan
 from ckptplan.measure import measure_peak
 
-import hf_models  # noqa: E402  (examples/ is on sys.path, see conftest.py)
-import vit  # noqa: E402
+import hf_models  # examples/, on sys.path by conftest.py
+import vit
 
 BUDGETS = [0.8, 0.5]
 

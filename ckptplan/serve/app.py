@@ -28,7 +28,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, MutableMapping, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -140,11 +140,11 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
     """The app; it opens ``config.store`` at startup unless given an open ``store``."""
     state: dict[str, Any] = {}
     aliases: dict[str, tuple[str, Job, float]] = {}  # body sha256 -> (key, job, deadline)
-    parsing: dict[str, asyncio.Future] = {}  # body sha256 -> its validation, while it runs
+    parsing: dict[str, asyncio.Future[tuple[str, Job, float]]] = {}  # body sha256 -> its validation, while it runs
     hits: dict[str, bytes] = {}  # key -> the JSON answer to a cache hit, for the most asked plans
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI):
         import torch
 
         nonlocal store
@@ -198,7 +198,7 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
             if parse is None:
                 parse = asyncio.ensure_future(asyncio.to_thread(_parse, body, state["planner"].torch_version, kind))
                 parsing[digest] = parse
-                parse.add_done_callback(lambda _f, d=digest: parsing.pop(d, None))
+                parse.add_done_callback(lambda _f: parsing.pop(digest, None))
             known = await asyncio.shield(parse)
             if len(aliases) >= ALIASES:
                 aliases.pop(next(iter(aliases)))
@@ -311,6 +311,7 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
         for key, e in ((a, ea), (b, eb)):
             if e is None or not e.ok or e.kind != Kind.SOLVE.value:
                 return HTMLResponse(pages.not_found(f"no stored plan has key {key}"), status_code=404)
+        assert ea is not None and eb is not None  # checked in the loop above
         return HTMLResponse(pages.diff_page(ea, eb))
 
     return app
@@ -332,7 +333,7 @@ class _Edge:
         path, method = scope["path"], scope["method"]
         seen: dict[str, Any] = {"status": 500, "cache": None}
 
-        async def watch(message: dict) -> None:
+        async def watch(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
                 for k, v in message.get("headers", ()):
@@ -438,7 +439,7 @@ def _parse(body: bytes, torch_version: str, kind: Kind) -> tuple[str, Job, float
     return key, job, req.deadline_s
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> str:
+def _validation_message(errors: Sequence[Any]) -> str:
     parts = []
     for e in errors[:5]:
         where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"

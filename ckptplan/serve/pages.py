@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from html import escape
-from typing import Any, Iterable
+from typing import AbstractSet, Any, Iterable
 
 import yaml
 
@@ -37,7 +37,7 @@ def _page(title: str, body: str) -> str:
             "</body></html>\n")
 
 
-def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], *, numeric: set[int] = frozenset(),
+def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], *, numeric: AbstractSet[int] = frozenset(),
            id_: str = "") -> str:
     """``rows`` hold HTML already escaped by the caller (cells may carry links)."""
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
@@ -168,7 +168,7 @@ def sweep_page(entry: Entry) -> str:
 
 def pareto_svg(rows: list[dict[str, Any]], forward_flops: int) -> str:
     """Peak memory (x) against extra forward FLOPs in % of forward (y), one line per policy."""
-    pts = {}
+    pts: dict[str, set[tuple[int, float]]] = {}
     for r in rows:
         if r["fits"] and r["peak_bytes"] is not None:
             extra = 100 * r["extra_forward_flops"] / max(forward_flops, 1)

@@ -213,8 +213,9 @@ class Planner:
                 raise Busy(retry_after_s=max(1, min(60, round(job.options.time_limit_s / 2))))
             m.cache_misses += 1
             task = asyncio.ensure_future(self._run(job))
-            self.inflight[job.key] = task
-            task.add_done_callback(lambda _t, k=job.key: self.inflight.pop(k, None))
+            key = job.key
+            self.inflight[key] = task
+            task.add_done_callback(lambda _t: self.inflight.pop(key, None))
             how = "solved"
         else:
             m.joined += 1

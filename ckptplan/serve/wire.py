@@ -22,6 +22,7 @@ graph that decodes can be planned; every problem raises ``WireError`` naming the
 
 from __future__ import annotations
 
+import builtins
 import gzip
 import json
 import zlib
@@ -136,14 +137,14 @@ class _Reader:
             raise self.fail(path, f"expected a string, got {_kind(v)}")
         return v
 
-    def list(self, v: Any, path: str, n: int | None = None) -> list:
+    def list(self, v: Any, path: builtins.str, n: builtins.int | None = None) -> builtins.list:
         if not isinstance(v, list):
             raise self.fail(path, f"expected a list, got {_kind(v)}")
         if n is not None and len(v) != n:
             raise self.fail(path, f"expected {n} fields, got {len(v)}")
         return v
 
-    def ints(self, v: Any, path: str, lo: int, hi: int) -> tuple[int, ...]:
+    def ints(self, v: Any, path: builtins.str, lo: builtins.int, hi: builtins.int) -> tuple[builtins.int, ...]:
         return tuple(self.int(x, f"{path}[{i}]", lo, hi) for i, x in enumerate(self.list(v, path)))
 
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
 
-from ..graph import Graph
-from ..graph import CONTAINERS
+from ..graph import CONTAINERS, Graph
 from .regions import Region, segment
 from .simulate import simulate
 
@@ -157,7 +156,8 @@ def evaluate(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int =
         segments, count = sqrt_n_segments(graph, regions)
         if not segments:
             raise ValueError("sqrt_n needs the blocks to be one back-to-back chain of at least two")
-        saved = {seg.path: frozenset() for seg in segments}  # what decisions() gives, without a second split
+        # what decisions() gives, without a second split
+        saved: dict[str, frozenset[int]] = {seg.path: frozenset() for seg in segments}
         regions = regions + segments
         knob = f"segments={count}x{len(segments[0].members)}"
     else:

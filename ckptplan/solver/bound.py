@@ -39,6 +39,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from itertools import product
+from typing import Sequence
 
 import numpy as np
 
@@ -174,10 +175,11 @@ def _solve_shared(regions: tuple[Region, ...], row: LinearForm, capacity: int, c
     paid = replace(cost, constant=cost.constant + a, shared=rest)
     found = [_solve_row(regions, row, capacity, form.spread(), buckets=buckets, plan=plan, deadline=deadline)
              for form in (off, paid)]
-    if None in found:
+    solved = [f for f in found if f is not None]
+    if len(solved) < len(found):
         return None
-    best = min(found, key=lambda f: f.bound)
-    return replace(best, work=sum(f.work for f in found))
+    best = min(solved, key=lambda f: f.bound)
+    return replace(best, work=sum(f.work for f in solved))
 
 
 def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
@@ -213,12 +215,12 @@ def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost
     keys = []
     work = 0
     for w_min, modes in tables:
-        key = (w_min, tuple((m.weight, m.cost, m.items, m.groups) for m in modes))
-        if key not in seen:
-            seen[key] = _family_table(w_min, modes, step, n, deadline)
+        family = (w_min, tuple((m.weight, m.cost, m.items, m.groups) for m in modes))
+        if family not in seen:
+            seen[family] = _family_table(w_min, modes, step, n, deadline)
             work += _fine(w_min, modes)[1] * sum(len(m.items) + sum(map(len, m.groups)) + 1 for m in modes)
-        keys.append(key)
-        run, steps = _combine(run, seen[key], deadline)
+        keys.append(family)
+        run, steps = _combine(run, seen[family], deadline)
         work += steps * n
         if plan:
             runs.append(run)
@@ -243,8 +245,8 @@ def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost
             saved.update({j: frozenset(p for r, p in ops if r == j) for j in mode.on})
             off = {r for r, p in ops if p < 0}
             saved.update({j: frozenset() for j in mode.remats if j not in off})
-            for sets, o in zip(mode.group_sets, options):
-                saved.update({j: frozenset() for j in sets[o]})
+            for group_sets, o in zip(mode.group_sets, options):
+                saved.update({j: frozenset() for j in group_sets[o]})
     return RowSolution(bound=int(np.floor(run[-1])), saved=saved, work=work)
 
 
@@ -302,7 +304,7 @@ def _variants(on: frozenset[int], regions: tuple[Region, ...],
 
 def _mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], regions: tuple[Region, ...],
           row: LinearForm, z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm,
-          remats: list[int] = (), memo: dict | None = None) -> _Mode:
+          remats: Sequence[int] = (), memo: dict | None = None) -> _Mode:
     """The row weight and cost of checkpointing ``on`` with nothing saved, and the knapsack items: the ops
     of the regions in ``may``; ``paid``: the regions charged selective checkpointing's time.
     ``z_terms``: the row's z terms whose recomputed op belongs to this family.
@@ -343,7 +345,7 @@ def _mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], regions
 
 
 def _remat_items(on: frozenset[int], regions: tuple[Region, ...], row: LinearForm,
-                 z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm, remats: list[int],
+                 z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm, remats: Sequence[int],
                  items: list) -> tuple[dict[int, tuple[int, int]], tuple, tuple]:
     """The rematerializations of a mode: (base weight and cost of each one on at the start, keyed by
     region; -1 - g for group g's base), appending an item that turns off each lone one, and the groups.
@@ -384,7 +386,8 @@ def _remat_items(on: frozenset[int], regions: tuple[Region, ...], row: LinearFor
             subsets.append((w, sum(cost.c.get(j, 0) for j in chosen), sorted(chosen), chosen))
         base = min(subsets)
         started[-1 - len(groups)] = (base[0], base[1])
-        options = [(w - base[0], c - base[1], chosen) for w, c, _, chosen in subsets if chosen != base[3] and c < base[1]]
+        options = [(w - base[0], c - base[1], chosen)
+                   for w, c, _, chosen in subsets if chosen != base[3] and c < base[1]]
         group_sets.append((base[3], *(chosen for _, _, chosen in options)))
         groups.append(tuple((w, c) for w, c, _ in options))
 

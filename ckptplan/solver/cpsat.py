@@ -5,8 +5,8 @@ Built in named phases:
 1. ``Timeline``: positions (one per traced event, one per op rerun of every candidate region just
    before the backward event that triggers its recomputation) and the baseline live bytes at each.
 2. ``_terms``: every way a decision changes memory, as (bytes, literal expression, [lo, hi) positions).
-3. ``_Model``: variables, the gap aggregates (per input shape when there are several), one memory constraint per distinct set of active terms,
-   and the objective (estimated recompute time).
+3. ``_Model``: variables, the gap aggregates (per input shape when there are several), one memory constraint
+   per distinct set of active terms, and the objective (estimated recompute time).
 4. ``_Model.solve``: under a budget, primal.py's first plan (bound.py's knapsack on the binding row,
    checked on every row with ``_Model.evaluate``); when its own bound proves it within the gap, that
    is the answer, with no search (deep chains: the search's root LP alone grows faster than depth).
@@ -226,7 +226,7 @@ class _Model:
         """Bytes to model units, rounded up: baseline memory is never underestimated."""
         return -((-nbytes) // self.unit)
 
-    def expr(self, t: Term) -> cp_model.LinearExprT:
+    def expr(self, t: Term) -> cp_model.LinearExpr:
         if t.kind is TermKind.CHECKPOINTED:
             return self.c[t.region]
         if t.kind is TermKind.SAVED:
@@ -313,7 +313,7 @@ class _Model:
         ranked = sorted(order, key=order.__getitem__)
         steady_hi = [sum(max(0, self.coef(terms[i])) for i in idx) for idx in gap_terms]
         # s[i]: the steady contribution of the first i regions to become steady (units); s[0] = 0
-        prefix: list[cp_model.LinearExprT] = [0]
+        prefix: list[cp_model.LinearExpr | int] = [0]
         self.prefix.append([])
         lo = hi = 0
         for rank, j in enumerate(ranked):
@@ -384,7 +384,7 @@ class _Model:
                 members.setdefault(key, []).append(j)
         return [(key, ns[key], tuple(members[key])) for key in sorted(ns) if ns[key]]
 
-    def _linear(self, form: bound.LinearForm) -> cp_model.LinearExprT:
+    def _linear(self, form: bound.LinearForm) -> cp_model.LinearExpr | int:
         parts = ([a * self.c[j] for j, a in form.c.items()] + [a * self.k[key] for key, a in form.k.items()]
                  + [a * self.sel[j] for j, a in form.s.items()])
         return sum(parts) if parts else 0
@@ -472,7 +472,7 @@ class _Model:
                     hint = self._decisions(solver)
                 before = (solver.wall_time, solver.response_proto.deterministic_time)
                 time_limit_s = max(0.1, time_limit_s - before[0])
-                if half is not None:
+                if deterministic_limit is not None:  # as half is
                     deterministic_limit = max(0.02, deterministic_limit - before[1])
                     half = deterministic_limit / 2
             solver, status = self._run(m, hint, time_limit_s / 2, half, workers, on_solution, gap_limit)
@@ -496,8 +496,8 @@ class _Model:
             # charged to it: often proven within the gap as it is
             started = time.monotonic()
             # the wall-clock limit holds here too: past it the first plan stops with the best it has
-            start = primal.first_plan(self, budget_bytes // self.unit, gap=gap_limit, work_limit=None
-                                      if deterministic_limit is None else int(deterministic_limit * CELLS_PER_DET_S / 2),
+            cells = None if deterministic_limit is None else int(deterministic_limit * CELLS_PER_DET_S / 2)
+            start = primal.first_plan(self, budget_bytes // self.unit, gap=gap_limit, work_limit=cells,
                                       deadline=bound.clock() + time_limit_s)
             spent, charged = time.monotonic() - started, start.work / CELLS_PER_DET_S
             if deterministic_limit is not None:
@@ -532,9 +532,10 @@ class _Model:
         if self.hook is None:
             return self._search_cost(m, hint, capacity, time_limit_s, deterministic_limit, workers, report,
                                      gap_limit, first, known)
-        started, sols = time.monotonic(), []
+        started = time.monotonic()
+        sols: list[Solution] = []
         # the hint's branch first: its plan, found again at once, then cuts the other branch's search
-        on = bool(hint) and any(path in self.remat_paths for path in hint)
+        on = hint is not None and any(path in self.remat_paths for path in hint)
         for value, share in ((int(on), 0.5), (int(not on), 1.0)):
             branch = m.clone()
             # [Constraint] this branch rematerializes nothing (0), or pays the saved-tensor hook (1)
@@ -638,6 +639,7 @@ class _Model:
         """The knapsack's first plan, proven within the gap without a search (or the answer when the search
         found none): every row was checked in the model's own terms (``evaluate``), and the bound is
         bound.py's."""
+        assert start.saved is not None  # both callers check
         return Solution(status=Status.OPTIMAL if start.bound >= start.cost else Status.FEASIBLE,
                         saved=self._paths(start.saved), objective_ns=start.cost, bound_ns=start.bound,
                         wall_s=wall_s, deterministic_s=start.work / CELLS_PER_DET_S,
@@ -714,8 +716,8 @@ def build(graph: Graph | list[Graph], regions: tuple[Region, ...] | list[tuple[R
           scale_to: int) -> _Model:
     """The model for one graph, or for the same step at several input shapes (one set of decisions)."""
     if isinstance(graph, Graph):
-        return _Model([graph], [regions], scale_to)  # type: ignore[list-item]
-    return _Model(list(graph), list(regions), scale_to)  # type: ignore[arg-type]
+        return _Model([graph], [regions], scale_to)  # type: ignore[list-item]  # one graph: one tuple of regions
+    return _Model(list(graph), list(regions), scale_to)  # type: ignore[arg-type]  # several: one tuple each
 
 
 __all__ = ["Objective", "Solution", "Status", "build"]

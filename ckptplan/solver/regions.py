@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ..costmodel import profile_of
 from ..graph import CONTAINERS, Forced, Graph, StorageKind
 
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Region:
     path: str
@@ -218,6 +219,7 @@ def _make_region(graph: Graph, path: str) -> Region | None:
         else:
             choices.append(i)
     checkpoint_ns, selective_ns = _overheads(graph, call.first_op, call.end_op, end)
+    assert call.last_unpack_event is not None  # set with first_unpack_event, checked above
     return Region(
         path=call.path, type_name=call.type_name, first_op=call.first_op, end_op=call.end_op,
         recompute_end=end, recompute_event=call.first_unpack_event,

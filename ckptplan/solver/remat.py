@@ -58,8 +58,8 @@ def remat_candidates(graph: Graph, regions: tuple[Region, ...] = ()) -> tuple[Re
     storages = graph.storages
     writers: dict[int, list[int]] = {}
     for op in graph.ops:
-        for s in op.mutates:
-            writers.setdefault(s, []).append(op.index)
+        for sid in op.mutates:
+            writers.setdefault(sid, []).append(op.index)
     smallest = MIN_FRACTION * graph.baseline_peak_bytes
     root = [m for m in graph.modules if m.path == ""]
     forward_end = root[0].end_op if len(root) == 1 else -1  # the run hooks the model's forward only
@@ -121,7 +121,9 @@ def _holding(graph: Graph, short: list[Region], chained: tuple[Region, ...],
     for r in short:
         if not any(graph.ops[i].flops for i in r.recipe):
             continue
-        found = _range(graph, r.target, graph.storages[r.target].producer, r.end_op, frozenset(), hold=True)
+        producer = graph.storages[r.target].producer
+        assert producer is not None  # a recipe's target is made by a forward op
+        found = _range(graph, r.target, producer, r.end_op, frozenset(), hold=True)
         held = None if found is None else _candidate(graph, r.target, *found, r.end_op, writers, deepest[r.target].path)
         if held is not None and not any(graph.ops[i].flops for i in held.recipe):
             out.append(held)
@@ -195,6 +197,7 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
         f"{SHARED_MODE}{module}": profile.remat_visit_ns * (call.end_op - call.first_op),
         SHARED_HOOK: profile.remat_pack_ns * graph.saved_tensors}
     s = storages[target]
+    assert s.producer is not None and s.first_unpack_event is not None  # remat_candidates' filter
     # the op's offset in the module call, and which of its outputs when it makes several (max-pool's indices)
     at = f"@{offset}" + (f":{k}" if (k := graph.ops[s.producer].allocates.index(target)) else "")
     if under:  # the module as levels above the shorter recipe's: identical layers fold in the plan file

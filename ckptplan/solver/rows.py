@@ -111,8 +111,8 @@ def terms(graph: Graph, regions: tuple[Region, ...], tl: Timeline) -> list[Term]
                     for k in input_of.get(sid, ()):
                         if k != j:  # ... unless the next region's checkpoint holds it as an input
                             release = tl.first[min(regions[k].release_event + 1, graph.num_events)]
-                            terms.append(Term(j, s.nbytes, TermKind.HELD if x is TermKind.RECOMPUTED else TermKind.HELD_FORCED, p, k,
-                                               py_end, min(release, again), True))
+                            held = TermKind.HELD if x is TermKind.RECOMPUTED else TermKind.HELD_FORCED
+                            terms.append(Term(j, s.nbytes, held, p, k, py_end, min(release, again), True))
                 elif not s.saved_by and rerun:
                     at = tl.rerun[(r.path, p)]
                     inner = (tl.rerun[(r.path, s.python_free_op)]
@@ -136,6 +136,7 @@ def remat_terms(graph: Graph, j: int, r: Region, regions: tuple[Region, ...], tl
     rerun of its producer, unless another region holds it as an input; the rerun's other outputs alive
     until the rerun ends."""
     s = graph.storages[r.target]
+    assert s.producer is not None  # a recipe's target is made by a forward op (remat.py)
     py_end, again = tl.first[s.python_free_op], tl.rerun[(r.path, s.producer)]
     terms = [Term(j, -s.nbytes, TermKind.CHECKPOINTED, -1, -1, py_end, again, True)]
     for k in input_of.get(s.id, ()):

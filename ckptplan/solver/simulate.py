@@ -93,6 +93,7 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
     for r in active:
         if r.remat:  # a recipe rerun once before the first unpack of its target (remat.py)
             s = graph.storages[r.target]
+            assert s.producer is not None  # a recipe's target is made by a forward op (remat.py)
             drop(s.id, r.path)
             extra_cost += r.checkpoint_ns
             for p in r.recipe:
