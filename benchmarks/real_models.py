@@ -29,8 +29,8 @@ import shlex
 import sys
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +39,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(Path(__file__).resolve().
 import torch  # noqa: E402
 
 import ckptplan  # noqa: E402
-import hf_zoo  # noqa: E402
 from ckptplan.measure import measure_peak  # noqa: E402
 from ckptplan.trace import default_loss  # noqa: E402
+
+import hf_zoo  # noqa: E402
 from machine import describe  # noqa: E402
 
 MIB = 2**20
@@ -109,7 +110,7 @@ def run_budget(graph: ckptplan.Graph, step: Step, second: Step, ref: dict, ref2:
     t = time.monotonic()
     try:
         plan = ckptplan.solve(graph, budget, time_limit_s=time_limit)
-    except Exception as e:  # noqa: BLE001  recorded, the probe goes on
+    except Exception as e:  # recorded, the probe goes on
         row.update(solve_s=round(time.monotonic() - t, 1), error=error_text(e))
         if isinstance(e, ckptplan.InfeasibleBudget):
             row["minimum_bytes"] = e.minimum_bytes
@@ -126,7 +127,7 @@ def run_budget(graph: ckptplan.Graph, step: Step, second: Step, ref: dict, ref2:
         row["differs"] = differences(step.run(), ref)[:5]
         row["bitwise"] = not row["differs"]
         row["bitwise_new_batch"] = not differences(step.run(second.args, second.kwargs), ref2)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # recorded, the probe goes on
         row["error"] = error_text(e)
         row["where"] = traceback.extract_tb(e.__traceback__)[-1].name
     finally:
@@ -157,7 +158,7 @@ def probe(name: str, factory: Callable, fractions: list[float], time_limit: floa
         budgets.append(("minimum", minimum["minimum_bytes"]))
         for label, budget in budgets:
             rec["rows"].append(run_budget(graph, step, second, ref, ref2, label, budget, minimum, time_limit))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # recorded, the probe goes on
         rec["error"] = error_text(e)
         rec["where"] = traceback.extract_tb(e.__traceback__)[-1].name
     rec["total_s"] = round(time.monotonic() - t, 1)
