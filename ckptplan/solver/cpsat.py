@@ -36,7 +36,7 @@ from ..graph import Graph
 from . import bound, primal
 from .regions import Region, nested_pairs
 from .remat import SHARED_HOOK
-from .rows import Term, TermKind, Timeline, terms as memory_terms
+from .rows import Evaluation, Term, TermKind, Timeline, terms as memory_terms
 
 BOUND_ROWS = 3  # the memory rows tightest under a solution that bound.py solves exactly
 # primal.py's table cells charged as one second of CP-SAT's deterministic clock: cells run at ~6e8 a
@@ -81,23 +81,6 @@ class Solution:
         if value <= 0:
             return 0.0
         return max(0.0, (value - bound) / value)
-
-
-@dataclass(frozen=True, slots=True)
-class Evaluation:
-    """One plan in the model's terms."""
-
-    rows: list[int]  # every memory row's value (model units)
-    cost: int  # estimated recompute time (ns)
-    values: dict[int, int]  # every CP-SAT variable's value (by proto index): a complete hint
-    # each region's steady aggregate g (largest input shape): what it holds, less what it frees, from its
-    # forward to its recomputation; 0 for a region not checkpointed
-    steady: list[int]
-
-    @property
-    def worst(self) -> int:
-        """The highest row (the first of them on a tie)."""
-        return max(range(len(self.rows)), key=lambda i: (self.rows[i], -i))
 
 
 class _Progress(cp_model.CpSolverSolutionCallback):

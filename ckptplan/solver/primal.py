@@ -27,12 +27,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from ..graph import Graph
 from . import bound
+from .regions import Region
+from .rows import Evaluation
 
-if TYPE_CHECKING:
-    from .cpsat import Evaluation, _Model
+
+class _Model(Protocol):
+    """What the first plan reads of cpsat's model (cpsat.py builds it; primal.py must not import it)."""
+
+    graphs: list[Graph]
+    regions: tuple[Region, ...]
+    cost_form: bound.LinearForm
+    row_exprs: list
+
+    def row_form(self, index: int) -> bound.LinearForm: ...
+
+    def evaluate(self, saved: dict[int, frozenset[int]]) -> Evaluation: ...
 
 MAX_ROUNDS = 8  # rows solved at the coarse resolution before giving up (~0.3 s each, 64-layer 7B shape)
 FINE_ROUNDS = 3  # the same at the fine resolution (~1 s each there)

@@ -16,6 +16,23 @@ from ..graph import Graph, StorageKind
 from .regions import Region
 
 
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """One plan in the model's terms."""
+
+    rows: list[int]  # every memory row's value (model units)
+    cost: int  # estimated recompute time (ns)
+    values: dict[int, int]  # every CP-SAT variable's value (by proto index): a complete hint
+    # each region's steady aggregate g (largest input shape): what it holds, less what it frees, from its
+    # forward to its recomputation; 0 for a region not checkpointed
+    steady: list[int]
+
+    @property
+    def worst(self) -> int:
+        """The highest row (the first of them on a tie)."""
+        return max(range(len(self.rows)), key=lambda i: (self.rows[i], -i))
+
+
 class TermKind(str, Enum):
     """The literal a memory term is active under."""
 
