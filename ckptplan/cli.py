@@ -446,6 +446,7 @@ def fit_cmd(
     target: TargetOpt = None,
     gpu: GpuOpt = None,
     sdpa: SdpaOpt = None,
+    autocast: AutocastOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -464,7 +465,7 @@ def fit_cmd(
     try:
         if not vary.isidentifier():
             raise InputError(f"--vary {vary!r} must name a factory argument, e.g. --vary batch_size")
-        where = _where(target, gpu, sdpa)
+        where = _where(target, gpu, sdpa, autocast)
         budget_given, budget = budget, _card_budget(budget, where)
         parse_budget(budget, reference_bytes=SYNTAX_REFERENCE)  # a typo fails before any trace
         check_options(reserve=reserve, gap=gap)
