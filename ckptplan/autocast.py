@@ -107,8 +107,8 @@ class Autocast:
 
     def cast_args(self, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The arguments the op ``name`` runs with under autocast (unchanged when autocast is off)."""
-        lower = self.active()
         policy = self.policy.get(name)
+        lower = self.active() if policy is not None else None  # most ops have no policy: no TLS read
         if lower is None or policy is None:
             return args, kwargs
         if policy == FP32_SET_OPT_DTYPE:
@@ -128,18 +128,18 @@ class Autocast:
         # the wrapper's arguments are evaluated last first (see the NOTE); keywords follow the positionals
         keys = list(kwargs)
         values = [*args, *(kwargs[k] for k in keys)]
-        cast = [self._cast_any(v, to) for v in reversed(values)][::-1]
+        cast = [self._cast_any(v, to, lower) for v in reversed(values)][::-1]
         return tuple(cast[:len(args)]), dict(zip(keys, cast[len(args):]))
 
-    def _cast_any(self, value: object, to: torch.dtype) -> object:
+    def _cast_any(self, value: object, to: torch.dtype, lower: torch.dtype) -> object:
         if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
-            return type(value)(self._cast_any(v, to) for v in value)
+            return type(value)(self._cast_any(v, to, lower) for v in value)
         if not _eligible(value) or value.dtype == to:
             return value
-        return self._cast(value, to)
+        return self._cast(value, to, lower)
 
-    def _cast(self, t: Tensor, to: torch.dtype) -> Tensor:
-        cacheable = (to == self.active() and t.dtype is torch.float32 and t.requires_grad and t.is_leaf
+    def _cast(self, t: Tensor, to: torch.dtype, lower: torch.dtype) -> Tensor:
+        cacheable = (to == lower and t.dtype is torch.float32 and t.requires_grad and t.is_leaf
                      and not t._is_view() and torch.is_autocast_cache_enabled())
         if cacheable:
             hit = self._cache.get(id(t))

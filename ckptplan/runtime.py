@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.checkpoint import SAC_IGNORED_OPS, _VersionWrapper, checkpoint
 
 from ._compat import detach_cached
+from .autocast import dtype_name
 from .errors import PlanMismatch
 from .flops import op_flops
 from .graph import parse_path
@@ -448,7 +449,7 @@ class Handle:
         """The step runs under the autocast the plan was made for (casts are ops of the plan)."""
         device = self.plan.device
         on = torch.is_autocast_enabled(device)
-        running = str(torch.get_autocast_dtype(device)).removeprefix("torch.") if on else ""
+        running = dtype_name(torch.get_autocast_dtype(device) if on else None)
         if running != self.plan.autocast:
             planned = f"under torch.autocast({device!r}, dtype=torch.{self.plan.autocast})" if self.plan.autocast \
                 else "without autocast"

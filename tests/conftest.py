@@ -57,6 +57,16 @@ def traced():
     return get
 
 
+def solve_at(graph, fraction: float):
+    """The plan at ``fraction`` of the no-checkpointing peak, or at the minimum when that is higher."""
+    import ckptplan
+
+    try:
+        return ckptplan.solve(graph, int(fraction * graph.baseline_peak_bytes), time_limit_s=20)
+    except ckptplan.InfeasibleBudget as e:
+        return ckptplan.solve(graph, e.minimum_bytes, time_limit_s=20)
+
+
 def grads_after(model, step) -> dict[str, torch.Tensor]:
     """Parameter gradients of one ``step()`` (a loss) from seed 7; the model's .grad fields left empty."""
     model.zero_grad(set_to_none=True)

@@ -18,6 +18,8 @@ from ckptplan.kernels import CudaKernels
 from ckptplan.target import parse_gpu
 from examples import gpt2
 
+from .conftest import solve_at
+
 # Ops of AutocastCPU's lower-precision list (autocast_mode.cpp) that the mechanics test uses.
 CPU_SUBSET = {"linear": LOWER, "matmul": LOWER, "bmm": LOWER, "mm": LOWER, "addmm": LOWER}
 
@@ -87,13 +89,6 @@ def test_cuda_policy_is_the_installed_torchs() -> None:
             want[name] = policy
     listed = {k: v for k, v in CUDA_POLICY.items() if k not in ("cudnn_convolution", "cudnn_convolution_transpose")}
     assert listed == want
-
-
-def solve_at(graph: ckptplan.Graph, fraction: float) -> ckptplan.Plan:
-    try:
-        return ckptplan.solve(graph, int(fraction * graph.baseline_peak_bytes), time_limit_s=10)
-    except ckptplan.InfeasibleBudget as e:
-        return ckptplan.solve(graph, e.minimum_bytes, time_limit_s=10)
 
 
 def _gpt2_meta(seq_len: int = 128) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:

@@ -11,15 +11,9 @@ import torch
 import ckptplan
 from ckptplan.measure import measure_flops, measure_peak
 
+from .conftest import solve_at
+
 BUDGETS = [0.8, 0.6, 0.45]
-
-
-def solve_at(graph, fraction: float):
-    """The plan at ``fraction`` of the no-checkpointing peak, or at the minimum when that is higher."""
-    try:
-        return ckptplan.solve(graph, int(fraction * graph.baseline_peak_bytes), time_limit_s=20)
-    except ckptplan.InfeasibleBudget as e:
-        return ckptplan.solve(graph, e.minimum_bytes, time_limit_s=20)
 
 
 class Runner:

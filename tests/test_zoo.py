@@ -17,6 +17,7 @@ from ckptplan.measure import measure_peak
 
 import hf_models  # examples/, on sys.path by conftest.py
 import vit
+from .conftest import solve_at
 
 BUDGETS = [0.8, 0.5]
 
@@ -26,14 +27,6 @@ ZOO: dict[str, tuple[Callable[[], tuple], bool]] = {
     "hf_llama": (lambda: hf_models.hf_llama_tiny(), True),  # HF Llama: rotary, GQA, SDPA, kwargs
     "hf_gpt2": (lambda: hf_models.hf_gpt2_tiny(), True),  # HF GPT-2: Conv1D, dropout, tied weights
 }
-
-
-def solve_at(graph: ckptplan.Graph, fraction: float) -> ckptplan.Plan:
-    """The plan at ``fraction`` of the no-checkpointing peak, or at the minimum when that is higher."""
-    try:
-        return ckptplan.solve(graph, int(fraction * graph.baseline_peak_bytes), time_limit_s=20)
-    except ckptplan.InfeasibleBudget as e:
-        return ckptplan.solve(graph, e.minimum_bytes, time_limit_s=20)
 
 
 def loss_of(out: Any) -> torch.Tensor:
