@@ -92,6 +92,24 @@ class ModuleCall:
     last_unpack_event: int | None  # backward event of the last such unpack
 
 
+# NOTE [ Data-dependent spans ]
+# A mixture of experts' eager loop runs ``nonzero`` on its routing and then one iteration per expert hit,
+# each over as many tokens as the router sent it: from that op to the end of the module call running it,
+# the number of ops and their shapes change from batch to batch. A plan must hold for any batch, so in
+# such a span nothing is identified by its position or shape: no op there is saved by selective
+# checkpointing or rebuilt by a rematerialization, no module called inside it is checkpointed on its own,
+# and a checkpoint around the whole call recomputes it as it ran (torch's checkpoint replays the same
+# routing from the same inputs). The runtime checks a region's ops only up to its first such op.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Span:
+    """Forward ops [start, end) whose number and shapes depend on data: from a data-dependent op to the
+    end of the innermost module call ``owner`` running it."""
+
+    start: int
+    end: int
+    owner: str
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Graph:
     model_name: str
@@ -120,6 +138,9 @@ class Graph:
     sdpa_backends: tuple[str, ...] = ()  # attention kernels a meta or fake cuda trace chose
     autocast: str = ""  # torch.autocast's dtype around forward and loss ("bfloat16", "float16"); "" for none
     eval_modules: tuple[str, ...] = ()  # modules in eval mode during the traced step (frozen BatchNorm, ...)
+    # forward ops whose output shape depends on tensor values (``nonzero``, boolean indexing): a mixture of
+    # experts' routing. See NOTE [ Data-dependent spans ].
+    data_dependent_ops: tuple[int, ...] = ()
     # the costmodel.DeviceProfile the ops' cost_ns were priced with (costmodel.price); None: the default
     # profile of ``device``
     profile: Any = field(default=None, compare=False, repr=False)
@@ -131,6 +152,9 @@ class Graph:
                 raise ValueError(f"ops[{i}].index is {op.index}; ops must be numbered in order")
         if self.num_events < len(self.ops):
             raise ValueError("num_events must count the forward ops and the backward events")
+        dd = self.data_dependent_ops
+        if any(b <= a for a, b in zip(dd, dd[1:])) or any(not 0 <= i < len(self.ops) for i in dd):
+            raise ValueError("data_dependent_ops must be increasing forward op indices")
 
     # ---- derived facts -----------------------------------------------------------------------
     @property
@@ -175,6 +199,23 @@ class Graph:
     def baseline_peak_bytes(self) -> int:
         return max(self.memory_timeline(), default=self.optimizer_state_bytes + self.extra_fixed_bytes)
 
+    def data_dependent_spans(self) -> tuple["Span", ...]:
+        """The forward ops whose position or shape depends on tensor values, as spans (see the NOTE)."""
+        return self._memo("data_dependent_spans", self._spans)
+
+    def _spans(self) -> tuple["Span", ...]:
+        out: list[Span] = []
+        for i in self.data_dependent_ops:
+            if out and out[-1].start <= i < out[-1].end:
+                continue  # inside the span of an earlier data-dependent op of the same call
+            owner = min((m for m in self.modules if m.path == self.ops[i].module and m.first_op <= i < m.end_op),
+                        key=lambda m: m.end_op - m.first_op, default=None)
+            if owner is None:  # outside every module call (the loss): to the end of the forward
+                out.append(Span(start=i, end=len(self.ops), owner=self.ops[i].module))
+            else:
+                out.append(Span(start=i, end=owner.end_op, owner=owner.path))
+        return tuple(out)
+
     def module_call(self, path: str) -> ModuleCall:
         for m in self.modules:
             if m.path == path:
@@ -183,7 +224,8 @@ class Graph:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of what a plan depends on: the op sequence with modules, shapes and dtypes."""
+        """Hash of what a plan depends on: the op sequence with modules, shapes and dtypes (in a data-dependent
+        span, its first op only)."""
         return self._memo("fingerprint", self._fingerprint)
 
     def _fingerprint(self) -> str:
@@ -192,7 +234,16 @@ class Graph:
         if self.device != "cpu":  # a GPU step's blocks are rounded: another step than the CPU one
             head += [self.device, self.gpu]
         h.update(json.dumps(head, sort_keys=True).encode())
+        # the ops of data-dependent spans differ from batch to batch; the plan depends on where they start
+        spans = self.data_dependent_spans()
+        starts = {sp.start for sp in spans}
+        varies = {i for sp in spans for i in range(sp.start + 1, sp.end)}
         for op in self.ops:
+            if op.index in varies:
+                continue
+            if op.index in starts:
+                h.update(json.dumps([op.name, op.module]).encode())
+                continue
             outs = [[list(t.shape), t.dtype] for t in op.outputs]
             h.update(json.dumps([op.name, op.module, outs]).encode())
         return h.hexdigest()[:16]
@@ -215,6 +266,9 @@ class Forced(str, Enum):
     # an op amid a recipe that the recipe does not rerun: its outputs, which backward keeps anyway (the
     # shortcut convolution of a ResNet block), are read as inputs; its decision is save
     KEPT = "kept"
+    # at or after a data-dependent op (NOTE [ Data-dependent spans ]): its position and shape change with
+    # the data, so it is recomputed as the region's checkpoint reruns it, never identified by position
+    DATA_DEPENDENT = "data-dependent"
 
 
 def parse_path(path: str) -> tuple[str, int]:

@@ -12,3 +12,17 @@ HIDDEN_WRITES = {
     aten.cudnn_batch_norm.default: ((3, 4), 5),
     aten.miopen_batch_norm.default: ((3, 4), 5),
 }
+
+# Indexing whose output shape follows its index tensors' shapes, unless an index is a boolean mask.
+_INDEXING = frozenset({aten.index.Tensor, aten._unsafe_index.Tensor})
+
+
+def data_dependent(func: torch._ops.OpOverload, args: tuple) -> bool:
+    """Whether the output shape of ``func`` depends on tensor values (``nonzero``, ``masked_select``,
+    ``unique``, boolean-mask indexing): torch's ``dynamic_output_shape`` tag, less integer indexing."""
+    if torch.Tag.dynamic_output_shape not in func.tags:
+        return False
+    if func in _INDEXING:
+        indices = args[1] if len(args) > 1 else ()
+        return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices)
+    return True

@@ -82,14 +82,26 @@ def _priced(graph: Graph | Sequence[Graph], profile: DeviceProfile | str | os.Pa
 
 
 class _Shapes:
-    """The same step traced at one or more input shapes; the largest (by peak) comes first."""
+    """The same step traced at one or more input shapes; the largest (by peak) comes first.
+
+    Graphs that run other ops than the largest only inside data-dependent spans (a mixture of experts
+    routing another batch: graph.py's NOTE [ Data-dependent spans ]) are ``variants``: the plan is made
+    for the others and checked on these by the simulator, so its peak fits every routing traced."""
 
     def __init__(self, graphs: Graph | Sequence[Graph], *, rematerialize: bool = True) -> None:
         graphs = [graphs] if isinstance(graphs, Graph) else list(graphs)
         if not graphs:
             raise InputError("solve() needs at least one traced graph")
-        self.graphs = sorted(graphs, key=lambda g: -g.baseline_peak_bytes)
-        self.primary = self.graphs[0]
+        ordered = sorted(graphs, key=lambda g: -g.baseline_peak_bytes)
+        self.primary = ordered[0]
+        for g in ordered[1:]:
+            if g.signature != self.primary.signature:
+                raise InputError(f"the model traced for inputs {list(g.inputs)} is not the one traced for "
+                                 f"{list(self.primary.inputs)} (parameters or buffers differ: does the factory "
+                                 "size them from the sequence length? fix the maximum length instead)")
+        key = _ops_key(self.primary)
+        self.graphs = [g for g in ordered if _ops_key(g) == key]
+        self.variants = [g for g in ordered if _ops_key(g) != key]
         self.regions = [candidates(g, rematerialize=rematerialize) for g in self.graphs]
         if len(self.graphs) > 1:  # rematerializations the shapes share (each shape sizes its own)
             shared = set.intersection(*({(r.path, r.first_op, r.end_op) for r in regs if r.remat}
@@ -98,22 +110,53 @@ class _Shapes:
                             for regs in self.regions]
         ref = self.regions[0]
         for g, regs in zip(self.graphs[1:], self.regions[1:]):
-            if g.signature != self.primary.signature:
-                raise InputError(f"the model traced for inputs {list(g.inputs)} is not the one traced for "
-                                 f"{list(self.primary.inputs)} (parameters or buffers differ: does the factory "
-                                 "size them from the sequence length? fix the maximum length instead)")
-            same_ops = [(o.name, o.module) for o in g.ops] == [(o.name, o.module) for o in self.primary.ops]
             aligned = [(r.path, r.choices, r.forced, r.recompute_end) for r in regs] == [
                 (r.path, r.choices, r.forced, r.recompute_end) for r in ref]
-            if not (same_ops and aligned):
+            if not aligned:
                 raise InputError(f"inputs {list(g.inputs)} and {list(self.primary.inputs)} run different ops; "
                                  "one plan cannot serve both: solve a plan per shape")
+        self.variant_regions = []
+        for g in self.variants:
+            if not g.data_dependent_ops or _stable_key(g) != _stable_key(self.primary):
+                raise InputError(f"inputs {list(g.inputs)} and {list(self.primary.inputs)} run different ops "
+                                 "outside data-dependent routing; one plan cannot serve both: solve a plan per "
+                                 "shape")
+            self.variant_regions.append({r.path: r for r in candidates(g, rematerialize=rematerialize)})
 
     def simulate(self, saved: dict[str, frozenset[int]]) -> SimResult:
-        """The worst peak over the shapes; FLOPs and time of the largest shape."""
+        """The worst peak over the shapes and the routing variants; FLOPs and time of the largest shape."""
         sims = [simulate(g, regs, saved) for g, regs in zip(self.graphs, self.regions)]
+        by_path = {r.path: r for r in self.regions[0]}
+        for g, own in zip(self.variants, self.variant_regions):
+            sims.append(simulate(g, tuple(own.values()), _translate(saved, by_path, own)))
         worst = max(sims, key=lambda r: r.peak_bytes)
         return replace(sims[0], peak_bytes=worst.peak_bytes, peak_at=worst.peak_at)
+
+
+def _ops_key(g: Graph) -> list[tuple[str, str]]:
+    return [(o.name, o.module) for o in g.ops]
+
+
+def _stable_key(g: Graph) -> list[tuple[str, str]]:
+    """The ops outside data-dependent spans, which every routing runs alike."""
+    inside = {i for sp in g.data_dependent_spans() for i in range(sp.start, sp.end)}
+    return [(o.name, o.module) for o in g.ops if o.index not in inside]
+
+
+def _translate(saved: dict[str, frozenset[int]], ref: dict[str, Region],
+               own: dict[str, Region]) -> dict[str, frozenset[int]]:
+    """A plan's decisions for another routing's graph: an op a region saves sits before the region's
+    data-dependent ops, at the same offset from the region's first op. A decision the other graph has no
+    candidate for (or no such op) is left out: that graph is checked as the plan runs it there."""
+    out = {}
+    for path, ops in saved.items():
+        r, o = ref.get(path), own.get(path)
+        if r is None or o is None:
+            continue
+        moved = frozenset(o.first_op + (i - r.first_op) for i in ops)
+        if moved <= set(o.choices) | set(o.kept):
+            out[path] = moved
+    return out
 
 
 def candidates(graph: Graph, *, rematerialize: bool = True) -> tuple[Region, ...]:
@@ -242,7 +285,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         work -= low.deterministic_s
         if low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
             checked.append((shapes.simulate(low.saved).peak_bytes, low.saved, "the minimum-peak search"))
-        proven = low.status is cpsat.Status.OPTIMAL
+        # proven for the graphs the model holds; the routing variants are only simulated
+        proven = low.status is cpsat.Status.OPTIMAL and not shapes.variants
         # NOTE [ Minimum without a proof ]: the minimum-peak search can end without a plan (HF Mamba: none
         # in 30 s with rematerializations, on a loaded machine none without), and the minimum would fall
         # back to full checkpointing, whose one outermost region (a whole backbone) can peak as high as
@@ -277,8 +321,11 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     else:
         infeasible = InfeasibleBudget(
             f"no plan fits budget {format_bytes(budget_bytes)} for this model and input; the lowest peak found "
-            f"needs {format_bytes(minimum)}{reserve_note} ({source}), an upper bound on the minimum: the "
-            f"minimum-peak search reached its time limit before proving one lower. Try --budget "
+            f"needs {format_bytes(minimum)}{reserve_note} ({source}), an upper bound on the minimum: "
+            + (f"planned for one routing and checked on {len(shapes.variants)} more, not proven over them. "
+               if shapes.variants else
+               "the minimum-peak search reached its time limit before proving one lower. ")
+            + f"Try --budget "
             f"{suggest_budget(minimum)}, a smaller batch, or --time-limit {int(2 * time_limit_s)} for a lower "
             "minimum", budget_bytes=budget_bytes, minimum_bytes=minimum, minimum_proven=False,
             minimum_source=source)
@@ -355,11 +402,14 @@ def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
         out.append(RegionPlan(path=r.path, type_name=r.type_name, ops=tuple(ops), target=target,
                               mutated_buffers=tuple(b[len(prefix):] if b.startswith(prefix) else b
                                                     for b in r.mutated_buffers)))
+    traced: dict[tuple[str, ...], str] = {}  # input shapes -> fingerprint (routings of one shape share it)
+    for g in shapes.graphs + shapes.variants:
+        traced.setdefault(g.inputs, g.fingerprint)
     return Plan(
         model=graph.model_name, fingerprint=graph.fingerprint, signature=graph.signature,
         num_parameters=graph.num_parameters,
-        inputs=graph.inputs, shapes=tuple(g.inputs for g in shapes.graphs),
-        fingerprints=tuple(g.fingerprint for g in shapes.graphs), device=graph.device, gpu=graph.gpu,
+        inputs=graph.inputs, shapes=tuple(traced), fingerprints=tuple(traced.values()),
+        device=graph.device, gpu=graph.gpu,
         eval_modules=graph.eval_modules,
         autocast=graph.autocast,
         optimizer=graph.optimizer, parallel=graph.parallel,
@@ -400,7 +450,13 @@ def plan_decisions(graph: Graph, plan: Plan) -> tuple[tuple[Region, ...], dict[s
     saved: dict[str, frozenset[int]] = {}
     for rp in plan.regions:
         region = by_path.get(rp.path)
-        if region is None or len(rp.ops) != len(region.ops) or rp.remat != region.remat:
+        # from a data-dependent op on, the number of ops is the routing's (graph.py's NOTE [ Data-dependent
+        # spans ]): the ops before it must agree
+        varies = next((i for i, o in enumerate(rp.ops) if o.forced == Forced.DATA_DEPENDENT.value), None)
+        own = None if region is None else next(
+            (p - region.first_op for p, why in region.forced if why is Forced.DATA_DEPENDENT), None)
+        if region is None or (len(rp.ops) != len(region.ops) if varies is None and own is None else varies != own) \
+                or rp.remat != region.remat:
             what = "rematerialization" if rp.remat else "checkpointable region"
             raise InputError(f"the plan names {rp.path}, which is not a {what} of this step (or has another "
                              "number of ops); regenerate it with `ckptplan solve`")
@@ -411,7 +467,7 @@ def plan_decisions(graph: Graph, plan: Plan) -> tuple[tuple[Region, ...], dict[s
         forced = dict(region.forced)
         keep = set()
         for i, o in enumerate(rp.ops):
-            reason = forced.get(region.first_op + i)
+            reason = Forced.DATA_DEPENDENT if varies is not None and i >= varies else forced.get(region.first_op + i)
             if reason is Forced.KEPT:  # the recipe reads its outputs: never rerun (nor a decision to save)
                 if o.decision is not Decision.SAVE:
                     raise InputError(f"{rp.path} op #{i} {o.op} is kept: the recipe reads its outputs, which "

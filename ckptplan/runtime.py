@@ -51,7 +51,7 @@ from ._compat import detach_cached
 from .autocast import dtype_name
 from .errors import PlanMismatch
 from .flops import op_flops
-from .graph import parse_path
+from .graph import Forced, parse_path
 from .modes import eval_modules, kv_cache_off, kv_cache_restore
 from .plan import Decision, Plan, RegionPlan
 from .rematerialize import Rematerializer, shapes_equal
@@ -118,7 +118,7 @@ class _SelectiveForward(TorchDispatchMode):
         if func in SAC_IGNORED_OPS:
             return out
         pos = self.region.check(func, out)
-        if self.region.saves[pos]:
+        if pos < self.region.varies and self.region.saves[pos]:
             self.cache[pos] = tree_map(lambda x: _VersionWrapper(detach_cached(x)), out)
         return out
 
@@ -153,7 +153,7 @@ class _SelectiveRecompute(TorchDispatchMode):
         pos = self.position
         self.position += 1
         region = self.region
-        if pos >= len(region.funcs) or func is not region.funcs[pos]:
+        if pos < region.varies and (pos >= len(region.funcs) or func is not region.funcs[pos]):
             want = region.plan.ops[pos].op if pos < len(region.plan.ops) else None
             raise PlanMismatch(
                 f"{region.plan.path}: recomputing it in backward ran {func} as op #{pos} where its forward ran "
@@ -177,6 +177,10 @@ class _RegionRuntime:
         self.position = 0
         self.in_forward = False
         self.saves = [o.decision is Decision.SAVE for o in plan.ops]  # by op position
+        # the first op whose position and shape change with the data (graph.py's NOTE [ Data-dependent
+        # spans ]): ops are checked up to it only, and their number is not checked
+        self.varies = next((i for i, o in enumerate(plan.ops) if o.forced == Forced.DATA_DEPENDENT.value),
+                           len(plan.ops))
         # saves some ops: selective checkpointing at every step; otherwise plain checkpoint once checked
         self.check_every_step = strict or any(self.saves)
         self.flops = plan.extra_forward_flops  # what one recomputation of a plain region reruns
@@ -246,7 +250,7 @@ class _RegionRuntime:
         finally:
             self.in_forward = False
             self.counter.suspended -= 1
-        if self.position != len(self.plan.ops):
+        if self.position != len(self.plan.ops) and self.varies == len(self.plan.ops):
             raise PlanMismatch(
                 f"{self.plan.path} ran {self.position} ops but the plan was traced with "
                 f"{len(self.plan.ops)}; the model takes another path than the traced step: "
@@ -300,6 +304,8 @@ class _RegionRuntime:
         plan's op there, in the same submodule, with the same output shapes (at the plan's own shape)."""
         pos = self.position
         self.position += 1
+        if pos >= self.varies:
+            return pos  # decided by the data, recomputed as it runs
         module = self.stack[-1] if self.stack else ""
         if pos < len(self.funcs):
             want = self.plan.ops[pos]

@@ -33,7 +33,7 @@ from .flops import cost_flops, op_flops
 from .graph import Graph, ModuleCall, OpNode, StorageInfo, StorageKind, TensorInfo
 from .kernels import STANDS_FOR, CpuKernels, CudaKernels
 from .modes import eval_modules, no_kv_cache
-from .opfacts import HIDDEN_WRITES
+from .opfacts import HIDDEN_WRITES, data_dependent
 from .signature import model_signature, num_parameters
 from .target import GpuSpec, SdpaBackend, Target, cuda_block_bytes, parse_gpu, parse_sdpa, parse_target
 
@@ -108,6 +108,7 @@ class _Recorder(TorchDispatchMode):
         self.packs: list[tuple[int, ...]] = []  # the call stack at each pack
         self.grads: set[int] = set()  # storages that ended up as parameters' .grad
         self.pack_storage: list[int] = []
+        self.data_dependent: list[int] = []  # forward ops whose output shape depends on data
 
     # ---- storages --------------------------------------------------------------------------------
     def storage_id(self, t: torch.Tensor, kind: StorageKind, producer: int | None) -> tuple[int, bool]:
@@ -197,6 +198,8 @@ class _Recorder(TorchDispatchMode):
                                           dtype=str(t.dtype).removeprefix("torch."),
                                           nbytes=t.numel() * t.element_size()))
         if not self.backward:
+            if data_dependent(func, args):
+                self.data_dependent.append(index)
             self.ops.append(self._op_node(func, args, kwargs, out, index, in_tensors, in_ids,
                                           tuple(outputs), tuple(allocates)))
         self.event += 1
@@ -519,7 +522,7 @@ def _build_graph(model, rec: _Recorder, n_fwd: int, python_free, tensors, where:
         storages=tuple(storages), modules=modules,
         num_events=num_events, optimizer=opt, tensor_names=tuple(sorted(names)),
         module_tree=tuple((path, type(m).__name__) for path, m in model.named_modules()),
-        eval_modules=eval_modules(model),
+        eval_modules=eval_modules(model), data_dependent_ops=tuple(rec.data_dependent),
         optimizer_state_bytes=OPTIMIZER_STATE_FACTOR.get(opt, 0) * param_bytes if opt else 0,
         torch_version=torch.__version__, saved_tensors=sum(1 for stack in rec.packs if stack),
         profile=rec.profile,

@@ -76,6 +76,7 @@ def graph_to_dict(g: Graph) -> dict[str, Any]:
         "gpu": g.gpu, "gpu_capability": list(g.gpu_capability) if g.gpu_capability else None,
         "traced_on": g.traced_on, "sdpa_backends": list(g.sdpa_backends), "eval_modules": list(g.eval_modules),
         **({"autocast": g.autocast} if g.autocast else {}),
+        **({"data_dependent_ops": list(g.data_dependent_ops)} if g.data_dependent_ops else {}),
         "profile": profile_to_dict(g.profile) if g.profile is not None else None,
     }
 
@@ -168,7 +169,8 @@ def decode(doc: Any) -> list[Graph]:
 
 
 # the target a graph is planned for and the profile it is priced with; absent in older uploads
-OPTIONAL_FIELDS = ("gpu", "gpu_capability", "traced_on", "sdpa_backends", "eval_modules", "autocast", "profile")
+OPTIONAL_FIELDS = ("gpu", "gpu_capability", "traced_on", "sdpa_backends", "eval_modules", "autocast", "profile",
+                   "data_dependent_ops")
 GRAPH_FIELDS = ("model_name", "signature", "num_parameters", "inputs", "device", "num_events", "module_tree",
                 "tensor_names", "optimizer", "optimizer_state_bytes", "extra_fixed_bytes", "parallel",
                 "torch_version", "saved_tensors", "fingerprint", "strings", "ops", "storages", "modules")
@@ -293,6 +295,7 @@ def graph_from_dict(d: Any, *, where: str = "graph") -> Graph:
             extra_fixed_bytes=r.int(d["extra_fixed_bytes"], ".extra_fixed_bytes", 0, BIG),
             parallel=r.str(d["parallel"], ".parallel"), torch_version=r.str(d["torch_version"], ".torch_version"),
             saved_tensors=r.int(d["saved_tensors"], ".saved_tensors", 0, BIG),
+            data_dependent_ops=r.ints(d.get("data_dependent_ops") or [], ".data_dependent_ops", 0, n_ops - 1),
             **_target_fields(r, d))
     except ValueError as e:  # Graph.__post_init__'s own checks
         raise r.fail("", str(e)) from None

@@ -202,11 +202,19 @@ def _make_region(graph: Graph, path: str) -> Region | None:
                 return None  # writes a tensor from outside: recomputing would write it twice
     if not _saves_internal(graph, call.path, inside):
         return None
+    # NOTE [ Data-dependent spans ] (graph.py): a call run inside a span (an expert's module in the loop) is
+    # called as often as the data says; one around a span has its ops from the span's first op on forced
+    spans = graph.data_dependent_spans()
+    if any(sp.start <= call.first_op < sp.end and _strictly_inside(call.path, sp.owner) for sp in spans):
+        return None
+    varies = min((sp.start for sp in spans if call.first_op <= sp.start < call.end_op), default=call.end_op)
     end = call.recompute_end_op
     choices, forced = [], []
     for i in range(call.first_op, call.end_op):
         op = graph.ops[i]
-        if i >= end:
+        if i >= varies:
+            forced.append((i, Forced.DATA_DEPENDENT))
+        elif i >= end:
             forced.append((i, Forced.AFTER_LAST_SAVE))
         elif op.view:
             forced.append((i, Forced.VIEW))
@@ -226,6 +234,11 @@ def _make_region(graph: Graph, path: str) -> Region | None:
         release_event=call.last_unpack_event, input_storages=call.input_storages,
         choices=tuple(choices), forced=tuple(forced), mutated_buffers=tuple(sorted(set(mutated_buffers))),
         checkpoint_ns=checkpoint_ns, selective_ns=selective_ns)
+
+
+def _strictly_inside(path: str, owner: str) -> bool:
+    """Whether module ``path`` is a submodule of ``owner`` ('' is the root)."""
+    return path != owner and (owner == "" or path.startswith(owner + "."))
 
 
 def _overheads(graph: Graph, first: int, end: int, recompute_end: int,

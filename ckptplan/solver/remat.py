@@ -191,6 +191,8 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
     call = anchor(graph, first, end)
     if call is None:
         return None  # a module called more than once, or ops outside every module call (the loss)
+    if any(sp.start < call.end_op and call.first_op < sp.end for sp in graph.data_dependent_spans()):
+        return None  # ops counted by position in a call whose ops vary with the data (graph.py's NOTE)
     module, offset = call.path, first - call.first_op
     profile = profile_of(graph)
     shared = {  # the call's recipe mode, the model's saved-tensor hook: paid once for every recipe using them
