@@ -22,6 +22,7 @@ from typing import Callable
 from ortools.sat.python import cp_model
 
 from ..graph import Graph
+from ..objective import Objective
 from . import bound, primal
 from .formulation import Formulation
 from .regions import Region
@@ -30,13 +31,6 @@ BOUND_ROWS = 3  # the memory rows tightest under a solution that bound.py solves
 # primal.py's table cells charged as one second of CP-SAT's deterministic clock: cells run at ~6e8 a
 # wall second here, CP-SAT's clock at ~0.3 units a wall second (2e9 cells a unit); charged double
 CELLS_PER_DET_S = 10**9
-
-
-class Objective(str, Enum):
-    """What the plan minimises. Time is the default: FLOPs call a recomputed GELU or LayerNorm free."""
-
-    TIME = "time"  # estimated recompute time (costmodel.py)
-    FLOPS = "flops"  # recomputed FLOPs first, then estimated time among the plans with that many
 
 
 class Status(str, Enum):
