@@ -38,7 +38,7 @@ from ckptplan.solver.regions import Region, _overheads, candidate_regions
 from ckptplan.solver.simulate import simulate
 
 import run as bench  # the zoo, and the examples on sys.path
-from machine import describe
+from common import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 

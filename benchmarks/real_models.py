@@ -43,7 +43,7 @@ from ckptplan.measure import measure_peak  # noqa: E402
 from ckptplan.trace import default_loss  # noqa: E402
 
 import hf_zoo  # noqa: E402
-from machine import describe  # noqa: E402
+from common import describe  # noqa: E402
 
 MIB = 2**20
 

@@ -55,8 +55,7 @@ from ckptplan.solver import baselines
 from ckptplan.solver.regions import candidate_regions
 
 import policies
-from allocator import steady_allocator
-from machine import describe
+from common import describe, spearman, steady_allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -348,28 +347,7 @@ def rank_agreement(result: dict) -> dict[str, Any]:
     rows = list(timed_configs(result).values())
     pred = [r.get("predicted_cost_ns", 0) for r in rows]
     meas = [step_ratio(r) for r in rows]
-    return {"configs": len(rows), "spearman": round(_spearman(pred, meas), 3) if len(rows) > 2 else None}
-
-
-def _spearman(a: list[float], b: list[float]) -> float:
-    def ranks(x: list[float]) -> list[float]:
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for t in range(i, j + 1):
-                r[order[t]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.mean(ra), statistics.mean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    sd = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    return cov / sd if sd else 0.0
+    return {"configs": len(rows), "spearman": round(spearman(pred, meas), 3) if len(rows) > 2 else None}
 
 
 # ---- targets ---------------------------------------------------------------------------------------

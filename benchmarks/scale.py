@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import describe
+from common import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -140,7 +140,7 @@ def main() -> None:
     from tests.serve_util import LiveServer
 
     import gpt2
-    from machine import describe
+    from common import describe
 
     torch.set_num_threads(1)
     sizes = upload_sizes()

@@ -130,7 +130,7 @@ class RegionRuntime:
         self.saves = [o.decision is Decision.SAVE for o in plan.ops]  # by op position
         # the first op whose position and shape change with the data (graph.py's NOTE [ Data-dependent
         # spans ]): ops are checked up to it only, and their number is not checked
-        self.varies = next((i for i, o in enumerate(plan.ops) if o.forced == Forced.DATA_DEPENDENT.value),
+        self.varies = next((i for i, o in enumerate(plan.ops) if o.forced is Forced.DATA_DEPENDENT),
                            len(plan.ops))
         # saves some ops: selective checkpointing at every step; otherwise plain checkpoint once checked
         self.check_every_step = strict or any(self.saves)

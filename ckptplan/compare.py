@@ -50,9 +50,10 @@ def sweep(graph: Graph, budgets: Sequence[str | int], *, time_limit_s: float = 3
         try:
             plan = solve(graph, budget, time_limit_s=time_limit_s, reserve=reserve, objective=objective,
                          rematerialize=rematerialize)
+            note = f"{plan.status.value}, gap {100 * plan.gap:.2f}%"
             rows.append(SweepRow(budget=text, budget_bytes=nbytes, policy=CKPTPLAN, knob=objective, fits=True,
                                  peak_bytes=plan.predicted_peak_bytes, extra_forward_flops=plan.extra_forward_flops,
-                                 extra_cost_ns=plan.extra_cost_ns, note=f"{plan.status}, gap {100 * plan.gap:.2f}%"))
+                                 extra_cost_ns=plan.extra_cost_ns, note=note))
         except InfeasibleBudget as e:
             rows.append(SweepRow(budget=text, budget_bytes=nbytes, policy=CKPTPLAN, knob=objective, fits=False,
                                  peak_bytes=None, extra_forward_flops=None, extra_cost_ns=None,

@@ -173,7 +173,7 @@ class DeviceProfile:
 
 # NOTE [ CPU calibration ]
 # Each constant of CPU is measured where it is paid: decisions applied to the example models' real training
-# steps on the 2-core x86_64 CPU the benchmarks run on (benchmarks/region_costs.py, op_rates.py,
+# steps on the 2-core x86_64 CPU the benchmarks run on (benchmarks/calibration/region_costs.py, op_rates.py,
 # runtime_overhead.py). Reruns are priced at in-step rates, a rerun's forward-pass rate divided by what a
 # rerun pays beyond it (its inputs read back from memory, the runtime's Python between kernels with cold
 # caches), so they cost well above tight-loop figures. Convolutions, BatchNorm and GELU stray from their
@@ -189,10 +189,10 @@ CPU = DeviceProfile(name="cpu", flops_per_s=123e9, bytes_per_s=70e9, random_byte
                               OpRate(op="convolution", fixed_ns=117_000, flops_per_s=443e9, bytes_per_s=7.58e9),
                               *(OpRate(op=bn, bytes_per_s=3.4e9) for bn in BATCH_NORMS)))
 # An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated;
-# benchmarks/gpu_calibrate.py measures a card): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers
+# benchmarks/calibration/gpu_calibrate.py measures a card): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers
 # at that rate too), ~8 us a launch. The runtime's overheads are Python on the host, charged where they are
 # longer than the kernels they launch; the host's caches are not shared with the device's kernels, so they
-# are the CPU's tight-loop figures (benchmarks/runtime_overhead.py), not its in-step ones.
+# are the CPU's tight-loop figures (benchmarks/calibration/runtime_overhead.py), not its in-step ones.
 GPU = DeviceProfile(name="cuda", flops_per_s=600e12, bytes_per_s=2.5e12, random_bytes_per_s=2.5e12,
                     op_overhead_ns=8_000, checkpoint_call_ns=90_000, checkpoint_op_ns=10_000,
                     sac_forward_ns=30_000, sac_replay_ns=30_000, asynchronous=True)
@@ -258,7 +258,7 @@ def profile_from_dict(data: Any, source: str = "profile") -> DeviceProfile:
 
 
 def load_profile(path: str | Any) -> DeviceProfile:
-    """A profile file (YAML or JSON) as ``benchmarks/gpu_calibrate.py`` writes it."""
+    """A profile file (YAML or JSON) as ``benchmarks/calibration/gpu_calibrate.py`` writes it."""
     from pathlib import Path
 
     import yaml

@@ -23,14 +23,42 @@ import yaml
 
 from .errors import InputError
 from .graph import Forced
+from .objective import Objective
 from .units import format_bytes, format_flops
 
 SCHEMA_VERSION = 1
 
 
+class PlanStatus(str, Enum):
+    """What the solver proved of a plan. Formats as its value, as the plain string it replaces did."""
+
+    OPTIMAL = "optimal"  # proven the cheapest plan the model holds (gap 0)
+    FEASIBLE = "feasible"  # fits the budget; ``Plan.gap`` bounds how much cheaper another plan can be
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 class Decision(str, Enum):
     SAVE = "save"  # outputs kept for backward (cached by selective checkpointing)
     RECOMPUTE = "recompute"  # rerun in backward
+
+
+def _objective(value: object) -> Objective:
+    try:
+        return Objective(value)
+    except (ValueError, TypeError):
+        raise InputError(f"plan objective must be 'time' or 'flops', not {value!r}") from None
+
+
+def _status(value: object) -> PlanStatus:
+    try:
+        return PlanStatus(value)
+    except (ValueError, TypeError):
+        raise InputError(f"plan status must be 'optimal' or 'feasible', not {value!r}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,7 +71,7 @@ class OpDecision:
     decision: Decision
     recompute_flops: int  # FLOPs paid when it is rerun (0 when saved or past the early stop)
     recompute_ns: int  # estimated time paid when it is rerun (costmodel.py), 0 likewise
-    forced: str | None = None  # why it cannot be saved (random, view, inplace, ...)
+    forced: Forced | None = None  # why its decision is fixed (random, view, inplace, ...)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,9 +116,9 @@ class Plan:
     forward_flops: int
     extra_forward_flops: int
     extra_cost_ns: int  # estimated recompute time
-    status: str  # "optimal" | "feasible"
+    status: PlanStatus
     gap: float  # proven relative gap of the objective
-    objective: str = "time"  # what the solver minimised: "time" (estimated) or "flops"
+    objective: Objective = Objective.TIME  # what the solver minimised
     solve_time_s: float = field(default=0.0, compare=False)  # not in the file: identical solves, identical files
     regions: tuple[RegionPlan, ...]
     ckptplan_version: str = ""
@@ -111,10 +139,9 @@ class Plan:
         if not re.fullmatch(r"((ddp|fsdp):[1-9][0-9]{0,6})?", self.parallel):
             raise InputError(f"plan field parallel must be \"\" (one process), \"ddp:N\" or \"fsdp:N\" with N "
                              f"ranks, not {self.parallel!r}")
-        if self.objective not in ("time", "flops"):
-            raise InputError(f"plan objective must be 'time' or 'flops', not {self.objective!r}")
-        if self.status not in ("optimal", "feasible"):
-            raise InputError(f"plan status must be 'optimal' or 'feasible', not {self.status!r}")
+        # a plan built with strings holds the enums all the same
+        object.__setattr__(self, "objective", _objective(self.objective))
+        object.__setattr__(self, "status", _status(self.status))
         for name in ("budget_bytes", "baseline_peak_bytes", "full_peak_bytes", "predicted_peak_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InputError(f"plan field {name} must be a non-negative integer number of bytes")
@@ -176,7 +203,7 @@ def glob_escape(name: str) -> str:
 def _op_row(o: OpDecision) -> list[Any]:
     shape = [list(s) for s in o.shape]
     return [o.op, o.module, shape[0] if len(shape) == 1 else shape, o.dtype, o.nbytes, o.decision.value,
-            o.recompute_flops, o.recompute_ns, o.forced]
+            o.recompute_flops, o.recompute_ns, o.forced.value if o.forced is not None else None]
 
 
 def fold_regions(regions: tuple[RegionPlan, ...]) -> list[tuple[list[str], RegionPlan]]:
@@ -263,8 +290,8 @@ def dump_yaml(plan: Plan) -> str:
         f"  estimated_recompute_ns: {plan.extra_cost_ns}  # {plan.extra_cost_ns / 1e6:.3f} ms: reruns, checkpoint "
         "calls, dispatch modes",
         "solver:",
-        f"  objective: {plan.objective}  # minimised: estimated recompute time, or FLOPs then time",
-        f"  status: {plan.status}",
+        f"  objective: {plan.objective.value}  # minimised: estimated recompute time, or FLOPs then time",
+        f"  status: {plan.status.value}",
         f"  gap: {round(plan.gap, 6)}",
     ]
     for k in sorted(plan.solver_stats):
@@ -403,7 +430,8 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
             baseline_peak_bytes=data["peak"]["no_checkpointing"], full_peak_bytes=data["peak"]["full_checkpointing"],
             predicted_peak_bytes=data["peak"]["plan"], forward_flops=int(flops["forward"]),
             extra_forward_flops=int(flops["extra_forward"]), extra_cost_ns=int(flops["estimated_recompute_ns"]),
-            status=str(solver["status"]), gap=float(solver["gap"]), objective=str(solver.get("objective", "time")),
+            status=_status(str(solver["status"])), gap=float(solver["gap"]),
+            objective=_objective(str(solver.get("objective", "time"))),
             regions=regions,
             ckptplan_version=str(data.get("ckptplan", "")), torch_version=str(data.get("torch", "")),
             solver_stats=stats, gpu=str(data.get("gpu", "") or ""),
@@ -426,7 +454,8 @@ def _op_from_row(row: Any) -> OpDecision:
                          f"{', '.join(f.value for f in Forced)} or null; regenerate the plan with `ckptplan solve`")
     return OpDecision(op=str(op), module=str(module), shape=tuple(tuple(int(d) for d in s) for s in shapes),
                       dtype=str(dtype), nbytes=int(nbytes), decision=Decision(decision),
-                      recompute_flops=int(flops), recompute_ns=int(ns), forced=forced)
+                      recompute_flops=int(flops), recompute_ns=int(ns),
+                      forced=None if forced is None else Forced(forced))
 
 
 def check_decisions(region: RegionPlan) -> None:
@@ -436,11 +465,11 @@ def check_decisions(region: RegionPlan) -> None:
     against a fresh trace (planner.check_plan), whose peak may no longer fit."""
     for i, o in enumerate(region.ops):
         where = f"{region.path} op #{i} {o.op}"
-        if o.forced == Forced.KEPT.value and o.decision is not Decision.SAVE:
+        if o.forced is Forced.KEPT and o.decision is not Decision.SAVE:
             raise InputError(f"{where} is kept: the recipe reads its outputs, which backward keeps anyway, instead "
                              "of rerunning it; set it back to save")
-        if o.decision is Decision.SAVE and o.forced not in (None, Forced.KEPT.value):
-            raise InputError(f"{where} cannot be saved ({o.forced}); set it back to recompute")
+        if o.decision is Decision.SAVE and o.forced is not None and o.forced is not Forced.KEPT:
+            raise InputError(f"{where} cannot be saved ({o.forced.value}); set it back to recompute")
 
 
 def _autocast_field(value: object) -> str:

@@ -26,7 +26,8 @@ from ._version import __version__
 from .costmodel import DeviceProfile, load_profile, price
 from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Forced, Graph, parse_path
-from .plan import Decision, OpDecision, Plan, RegionPlan
+from .objective import Objective
+from .plan import Decision, OpDecision, Plan, PlanStatus, RegionPlan
 from .solver.regions import Region, candidate_regions, forward_order, outermost
 from .solver.remat import remat_candidates
 from .solver.simulate import SimResult, simulate
@@ -230,9 +231,9 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
 
     check_options(reserve=reserve, gap=gap)
     try:
-        goal = cpsat.Objective(objective)
+        goal = Objective(objective)
     except ValueError:
-        raise InputError(f"objective must be one of {[o.value for o in cpsat.Objective]}, not {objective!r}") from None
+        raise InputError(f"objective must be one of {[o.value for o in Objective]}, not {objective!r}") from None
     if profile is not None:  # priced here: the graph then carries the profile to a server too
         graph = _priced(graph, profile)
     if server is not None:
@@ -254,20 +255,20 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     everything: dict[str, frozenset[int]] = {r.path: frozenset() for r in outermost(regions)}
     full = shapes.simulate(everything)
 
-    def make(saved: dict[str, frozenset[int]], sim: SimResult, status: str, gap: float,
+    def make(saved: dict[str, frozenset[int]], sim: SimResult, status: PlanStatus, gap: float,
              stats: dict[str, int]) -> Plan:
         return _plan(shapes, saved, sim, budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
-                     baseline=baseline, full=full, status=status, gap=gap, objective=goal.value,
+                     baseline=baseline, full=full, status=status, gap=gap, objective=goal,
                      solve_time_s=time.monotonic() - started, stats=stats)
 
     if usable >= baseline.peak_bytes:
-        return make({}, baseline, "optimal", 0.0, {})
+        return make({}, baseline, PlanStatus.OPTIMAL, 0.0, {})
 
     model = cpsat.build(shapes.graphs, shapes.regions, scale_to=usable)
     # the last simulation and the plan record come after the search: keep 2% of the limit for them
     deadline = started + 0.98 * time_limit_s * wall_slack()
     work = DETERMINISTIC_PER_SECOND * time_limit_s  # deterministic seconds for all solves together
-    unit = "flops" if goal is cpsat.Objective.FLOPS else "ns"  # of the objective the progress line shows
+    unit = "flops" if goal is Objective.FLOPS else "ns"  # of the objective the progress line shows
 
     # ---- phase 1: the lowest peak any plan reaches (only needed when full checkpointing does not fit:
     # otherwise the budget is feasible and full checkpointing is the first solution) ----------------------
@@ -361,7 +362,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         hint = min_saved
     if best is None:
         if usable >= min_peak:  # the minimum-peak plan fits; with no proven bound the gap is 100%
-            return make(min_saved, shapes.simulate(min_saved), "feasible", 1.0, stats)
+            return make(min_saved, shapes.simulate(min_saved), PlanStatus.FEASIBLE, 1.0, stats)
         if last is cpsat.Status.INFEASIBLE:
             raise infeasible
         raise SolverTimeout(
@@ -369,13 +370,13 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             f"the lowest peak found is {format_bytes(min_peak)} ({source}; not proven minimal). Try "
             f"--time-limit {int(2 * time_limit_s)} or a budget of at least {format_bytes(minimum)}")
     saved, sim, sol = best
-    status = "optimal" if sol.status is cpsat.Status.OPTIMAL else "feasible"
+    status = PlanStatus.OPTIMAL if sol.status is cpsat.Status.OPTIMAL else PlanStatus.FEASIBLE
     return make(saved, sim, status, sol.gap, stats)
 
 
 def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
-          budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult, status: str,
-          gap: float, objective: str, solve_time_s: float, stats: dict[str, int]) -> Plan:
+          budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult,
+          status: PlanStatus, gap: float, objective: Objective, solve_time_s: float, stats: dict[str, int]) -> Plan:
     graph, regions = shapes.primary, shapes.regions[0]
     out = []
     for r in regions:
@@ -396,7 +397,7 @@ def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
                 nbytes=sum(graph.storages[s].nbytes for s in op.allocates),
                 decision=Decision.SAVE if i in keep else Decision.RECOMPUTE,
                 recompute_flops=op.flops if reruns else 0, recompute_ns=op.cost_ns if reruns else 0,
-                forced=reason.value if isinstance(reason, Forced) else None))
+                forced=reason if isinstance(reason, Forced) else None))
         prefix = r.path + "."
         target = _target(graph, r) if r.remat else None
         out.append(RegionPlan(path=r.path, type_name=r.type_name, ops=tuple(ops), target=target,
@@ -452,7 +453,7 @@ def plan_decisions(graph: Graph, plan: Plan) -> tuple[tuple[Region, ...], dict[s
         region = by_path.get(rp.path)
         # from a data-dependent op on, the number of ops is the routing's (graph.py's NOTE [ Data-dependent
         # spans ]): the ops before it must agree
-        varies = next((i for i, o in enumerate(rp.ops) if o.forced == Forced.DATA_DEPENDENT.value), None)
+        varies = next((i for i, o in enumerate(rp.ops) if o.forced is Forced.DATA_DEPENDENT), None)
         own = None if region is None else next(
             (p - region.first_op for p, why in region.forced if why is Forced.DATA_DEPENDENT), None)
         if region is None or (len(rp.ops) != len(region.ops) if varies is None and own is None else varies != own) \

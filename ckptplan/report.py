@@ -25,8 +25,8 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "extra_forward_flops": plan.extra_forward_flops,
         "extra_forward_percent": round(100 * plan.extra_forward_fraction, 3),
         "estimated_recompute_ns": plan.extra_cost_ns,
-        "objective": plan.objective,
-        "status": plan.status,
+        "objective": plan.objective.value,
+        "status": plan.status.value,
         "gap": plan.gap,
         "solve_time_s": round(plan.solve_time_s, 3),
         "checkpointed_regions": [r.path for r in plan.regions if not r.remat],
@@ -48,7 +48,7 @@ def summary_table(plan: Plan, path: str | None = None) -> Table:
     t.add_row("estimated recompute time", f"{plan.extra_cost_ns / 1e6:.2f} ms")
     t.add_row("checkpointed regions", f"{sum(not r.remat for r in plan.regions)}")
     t.add_row("rematerialized tensors", f"{sum(r.remat for r in plan.regions)}")
-    t.add_row("solver", f"{plan.status} (minimising {plan.objective}), gap {100 * plan.gap:.2f}%, "
+    t.add_row("solver", f"{plan.status.value} (minimising {plan.objective.value}), gap {100 * plan.gap:.2f}%, "
               f"{plan.solve_time_s:.1f} s")
     if path:
         t.add_row("plan file", path)
@@ -75,7 +75,7 @@ def decisions_table(plan: Plan, *, sort: str = "order", fold: bool = True) -> Ta
                       ", ".join("x".join(map(str, s)) for s in o.shape),
                       o.dtype, format_bytes(o.nbytes), f"[{color}]{o.decision.value}[/{color}]",
                       format_flops(o.recompute_flops) if o.recompute_flops else "",
-                      f"{o.recompute_ns / 1e3:.1f}" if o.recompute_ns else "", o.forced or "")
+                      f"{o.recompute_ns / 1e3:.1f}" if o.recompute_ns else "", o.forced.value if o.forced else "")
         t.add_section()
     return t
 

@@ -10,13 +10,14 @@ import torch
 
 import ckptplan
 from ckptplan.solver import bound, cpsat
+from ckptplan.solver.linear import LinearForm
 from ckptplan.solver.regions import candidate_regions, nested_pairs, outermost
 from ckptplan.solver.simulate import simulate
 
 from .test_compare import _Chain
 
 
-def _brute_force(regions, row: bound.LinearForm, capacity: int, cost: bound.LinearForm) -> int | None:
+def _brute_force(regions, row: LinearForm, capacity: int, cost: LinearForm) -> int | None:
     """The least cost over every decision (checkpoint sets with no nesting, every subset of saved ops)
     whose row value fits ``capacity``; z terms at the least value their constraint allows."""
     nested = set(nested_pairs(regions))

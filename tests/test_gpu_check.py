@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.py and gpu_calibrate.py in --smoke mode: the GPU check's code, run on tiny CPU models
-so that it cannot rot between the sessions that have a GPU."""
+"""benchmarks/gpu_check.py and calibration/gpu_calibrate.py in --smoke mode: the GPU check's code, run on
+tiny CPU models so that it cannot rot between the sessions that have a GPU."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from .conftest import ROOT
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"ckptplan_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    """A benchmark script by its path under benchmarks/ ("gpu_check", "calibration/gpu_calibrate")."""
+    spec = importlib.util.spec_from_file_location(f"ckptplan_bench_{name.replace('/', '_')}",
+                                                  ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -47,7 +49,7 @@ def test_gpu_check_smoke(tmp_path):
 
 
 def test_gpu_calibrate_smoke_writes_a_profile_solve_takes(tmp_path):
-    path = _script("gpu_calibrate").main(["--smoke", "--out", str(tmp_path / "cpu.yaml")])
+    path = _script("calibration/gpu_calibrate").main(["--smoke", "--out", str(tmp_path / "cpu.yaml")])
     profile = costmodel.load_profile(path)
     assert profile.flops_per_s > 0 and profile.op_overhead_ns > 0
     sys.path.insert(0, str(ROOT / "examples"))

@@ -126,7 +126,7 @@ def test_one_plan_trains_on_every_routing_bitwise(moe):
     plan = ckptplan.solve(graph, int(0.6 * graph.baseline_peak_bytes), time_limit_s=3)
     assert plan.regions, "the budget must force checkpointing"
     for r in plan.regions:  # nothing inside the routing is saved by position or rematerialized
-        varies = next((i for i, o in enumerate(r.ops) if o.forced == Forced.DATA_DEPENDENT.value), len(r.ops))
+        varies = next((i for i, o in enumerate(r.ops) if o.forced is Forced.DATA_DEPENDENT), len(r.ops))
         assert all(o.decision is Decision.RECOMPUTE for o in r.ops[varies:])
     assert not any(r.remat and ".experts" in r.path for r in plan.regions)
     batches = [_batch(s) for s in range(1, 7)]

@@ -13,7 +13,9 @@ from hypothesis import given, strategies as st
 
 import ckptplan
 from ckptplan.errors import InputError
-from ckptplan.plan import Decision, expand_paths, fold_paths, load_plan
+from ckptplan.graph import Forced
+from ckptplan.objective import Objective
+from ckptplan.plan import Decision, PlanStatus, expand_paths, fold_paths, load_plan
 
 
 def _gpt2_tiny():
@@ -72,6 +74,21 @@ def test_yaml_round_trip_field_by_field(plan, saved):
     assert {r.path: r for r in loaded.regions} == {r.path: r for r in plan.regions}
     assert {o.decision for r in loaded.regions for o in r.ops} == {Decision.SAVE, Decision.RECOMPUTE}
     assert saved.read_text(encoding="utf-8") == plan.to_yaml()
+
+
+def test_choices_are_enums_written_and_formatted_as_their_values(plan, saved):
+    """Status, objective and each op's forced-by are enums; in the file, in f-strings and compared, each is
+    its value, as the plain strings they replaced were (on Python 3.11+ a plain str Enum formats as its
+    name)."""
+    loaded = load_plan(saved)
+    assert isinstance(loaded.status, PlanStatus) and loaded.objective is Objective.FLOPS
+    assert f"{loaded.objective}" == "flops" and f"{loaded.status}" == str(loaded.status) == loaded.status.value
+    text = saved.read_text(encoding="utf-8")
+    assert "\n  objective: flops  #" in text and f"\n  status: {loaded.status.value}\n" in text
+    forced = [o.forced for r in loaded.regions for o in r.ops if o.forced is not None]
+    assert forced and all(isinstance(f, Forced) for f in forced)
+    built = dataclasses.replace(plan, status="feasible", objective="time")  # strings, as older callers pass
+    assert built.status is PlanStatus.FEASIBLE and built.objective is Objective.TIME
 
 
 def test_yaml_round_trip_is_exact_for_regions_in_path_order(plan, tmp_path):

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 import ckptplan
+from ckptplan.objective import Objective
 from ckptplan.serve import wire
-from ckptplan.serve.store import Entry, Status, Store
+from ckptplan.serve.store import Entry, Kind, Status, Store
 
 from .serve_util import ROOT, LiveServer, solve_body
 
@@ -87,9 +88,9 @@ def test_gunzip_stops_at_the_limit():
 
 # ---- the store --------------------------------------------------------------------------------------
 def _entry(key: str, **kw) -> Entry:
-    base = dict(key=key, kind="solve", created=1.0, model="m", fingerprint="f", budget="8GB", budget_bytes=8 * 10**9,
-                objective="time", status=Status.OPTIMAL, predicted_peak_bytes=1, extra_forward_flops=2,
-                extra_cost_ns=3, solve_seconds=0.5, body="schema: 1\n")
+    base = dict(key=key, kind=Kind.SOLVE, created=1.0, model="m", fingerprint="f", budget="8GB",
+                budget_bytes=8 * 10**9, objective=Objective.TIME, status=Status.OPTIMAL, predicted_peak_bytes=1,
+                extra_forward_flops=2, extra_cost_ns=3, solve_seconds=0.5, body="schema: 1\n")
     return Entry(**{**base, **kw})
 
 
@@ -127,13 +128,14 @@ def test_a_database_of_another_schema_is_set_aside(tmp_path):
 
 WRITER = """
 import sys
-from ckptplan.serve.store import Entry, Status, Store
+from ckptplan.objective import Objective
+from ckptplan.serve.store import Entry, Kind, Status, Store
 s = Store(sys.argv[1])
 i = 0
 while True:
-    s.put(Entry(key=f"k{i}", kind="solve", created=float(i), model="m", fingerprint="f", budget="1", budget_bytes=1,
-                objective="time", status=Status.OPTIMAL, predicted_peak_bytes=1, extra_forward_flops=1,
-                extra_cost_ns=1, solve_seconds=0.0, body="x" * 200_000 + str(i)))
+    s.put(Entry(key=f"k{i}", kind=Kind.SOLVE, created=float(i), model="m", fingerprint="f", budget="1",
+                budget_bytes=1, objective=Objective.TIME, status=Status.OPTIMAL, predicted_peak_bytes=1,
+                extra_forward_flops=1, extra_cost_ns=1, solve_seconds=0.0, body="x" * 200_000 + str(i)))
     i += 1
 """
 

@@ -15,8 +15,8 @@ Then, in the device call (the folder is git-ignored, so ``carry`` must name it):
     run(carry=[".whl"], command=DEVICE_COMMAND)
 
 where DEVICE_COMMAND, printed at the end, installs ortools from the carried wheels with no index and
-runs benchmarks/gpu_calibrate.py (the card's cost profile) and benchmarks/gpu_check.py from the source tree with
-``PYTHONPATH=.``. docs/gpu.md has the details.
+runs benchmarks/calibration/gpu_calibrate.py (the card's cost profile) and benchmarks/gpu_check.py from
+the source tree with ``PYTHONPATH=.``. docs/gpu.md has the details.
 
     python tools/device_wheels.py                  # download, check, fill .whl/
     python tools/device_wheels.py --offline        # check and fill from the cache only
@@ -119,7 +119,7 @@ def device_command(dest: str, requirement: str) -> str:
     pip resolves ortools' needs against the machine's own packages (numpy, pandas) and the carried wheels.
     """
     return (f"python3 -m pip install -q --no-index --find-links {dest} '{requirement}' && "
-            "PYTHONPATH=. python3 benchmarks/gpu_calibrate.py --out $OUT/gpu_check/profile.yaml && "
+            "PYTHONPATH=. python3 benchmarks/calibration/gpu_calibrate.py --out $OUT/gpu_check/profile.yaml && "
             "PYTHONPATH=. python3 benchmarks/gpu_check.py --out $OUT/gpu_check")
 
 

@@ -267,7 +267,7 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
             raise Refusal(404, "NotFound", f"no stored plan has key {key!r}")
         if not entry.ok:
             return JSONResponse(entry.error(), status_code=422)
-        if entry.kind == Kind.SWEEP.value:
+        if entry.kind is Kind.SWEEP:
             return JSONResponse({"key": key, "cache": "hit", **json.loads(entry.body)})
         return JSONResponse({"key": key, "cache": "hit", "status": entry.status.value, "plan": entry.body,
                              "solve_seconds": entry.solve_seconds})
@@ -300,7 +300,7 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
     @app.get("/plans/{key}/yaml", response_class=PlainTextResponse, include_in_schema=False)
     async def plan_yaml(key: str) -> Response:
         entry = state["store"].get(key)
-        if entry is None or not entry.ok or entry.kind != Kind.SOLVE.value:
+        if entry is None or not entry.ok or entry.kind is not Kind.SOLVE:
             raise Refusal(404, "NotFound", f"no stored plan has key {key!r}")
         return Response(entry.body, media_type="text/plain; charset=utf-8")
 
@@ -309,7 +309,7 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
         store: Store = state["store"]
         ea, eb = store.get(a), store.get(b)
         for key, e in ((a, ea), (b, eb)):
-            if e is None or not e.ok or e.kind != Kind.SOLVE.value:
+            if e is None or not e.ok or e.kind is not Kind.SOLVE:
                 return HTMLResponse(pages.not_found(f"no stored plan has key {key}"), status_code=404)
         assert ea is not None and eb is not None  # checked in the loop above
         return HTMLResponse(pages.diff_page(ea, eb))

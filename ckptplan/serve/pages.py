@@ -17,7 +17,7 @@ import yaml
 from .. import report
 from ..plan import Decision, Plan, fold_paths, fold_regions, plan_from_dict
 from ..units import format_bytes, format_flops
-from .store import Entry
+from .store import Entry, Kind
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
@@ -62,11 +62,11 @@ def index(entries: list[Entry]) -> str:
                      _opt(e.extra_forward_flops, format_flops),
                      "" if e.extra_cost_ns is None else f"{e.extra_cost_ns / 1e6:.2f} ms",
                      f"<span class=\"status-{escape(e.status.value)}\">{escape(e.status.value)}</span>",
-                     escape(e.objective), escape(_when(e.created))])
+                     escape(e.objective.value), escape(_when(e.created))])
     table = _table(["model", "budget", "predicted peak", "extra FLOPs", "est. recompute time", "status", "objective",
                     "when"], rows, numeric={2, 3, 4}, id_="plans") if rows else "<p id=\"empty\">No plans yet.</p>"
     options = "".join(f"<option value=\"{escape(e.key)}\">{escape(e.model)} at {escape(e.budget)} "
-                      f"({escape(_when(e.created))})</option>" for e in entries if e.ok and e.kind == "solve")
+                      f"({escape(_when(e.created))})</option>" for e in entries if e.ok and e.kind is Kind.SOLVE)
     form = ("<h2>Compare two plans</h2><form action=\"/diff\" method=\"get\" id=\"diff-form\">"
             f"<label>A <select name=\"a\">{options}</select></label> "
             f"<label>B <select name=\"b\">{options}</select></label> <button type=\"submit\">diff</button></form>"
@@ -80,7 +80,7 @@ def load(entry: Entry) -> Plan:
 
 def plan_page(entry: Entry) -> str:
     title = f"{entry.model} at {entry.budget}"
-    if entry.kind == "sweep" and entry.ok:
+    if entry.kind is Kind.SWEEP and entry.ok:
         return sweep_page(entry)
     if not entry.ok:
         err = entry.error()
@@ -99,7 +99,7 @@ def plan_page(entry: Entry) -> str:
             ("estimated recompute time", f"{plan.extra_cost_ns / 1e6:.2f} ms"),
             ("checkpointed regions", str(len(s["checkpointed_regions"]))),
             ("rematerialized tensors", str(len(s["rematerialized"]))),
-            ("solver", f"{plan.status} (minimising {plan.objective}), gap {100 * plan.gap:.2f}%, "
+            ("solver", f"{plan.status.value} (minimising {plan.objective.value}), gap {100 * plan.gap:.2f}%, "
                        f"{entry.solve_seconds:.1f} s"),
             ("stored", _when(entry.created)), ("key", entry.key)]
     summary = _table(["what", "value"], [[escape(k), escape(v)] for k, v in head], id_="summary")
@@ -111,7 +111,7 @@ def plan_page(entry: Entry) -> str:
                  escape(format_bytes(o.nbytes)),
                  f"<span class=\"{o.decision.value}\">{escape(o.decision.value)}</span>",
                  escape(format_flops(o.recompute_flops)) if o.recompute_flops else "",
-                 f"{o.recompute_ns / 1e3:.1f}" if o.recompute_ns else "", escape(o.forced or "")]
+                 f"{o.recompute_ns / 1e3:.1f}" if o.recompute_ns else "", escape(o.forced.value if o.forced else "")]
                 for i, o in enumerate(r.ops)]
         saved = sum(o.decision is Decision.SAVE for o in r.ops)
         groups.append(f"<details class=\"group\" open><summary>{escape(label)}: {saved} of {len(r.ops)} ops saved"

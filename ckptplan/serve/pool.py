@@ -28,20 +28,11 @@ from typing import Any
 
 from .. import __version__
 from ..errors import BudgetError, CkptplanError, InfeasibleBudget, InputError, SolverTimeout
+from ..objective import Objective
 from . import wire
-from .store import Entry, Status, Store, now
+from .store import Entry, Kind, Status, Store, now
 
 log = logging.getLogger("ckptplan.serve")
-
-
-class Objective(str, Enum):
-    TIME = "time"
-    FLOPS = "flops"
-
-
-class Kind(str, Enum):
-    SOLVE = "solve"  # one plan (planner.solve)
-    SWEEP = "sweep"  # ckptplan and the baseline policies at several budgets (compare.sweep)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,7 +110,7 @@ def run_job(graph_bytes: bytes, options: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # a planner bug: reported by name and message, the traceback stays in the log
         log.exception("solve failed")
         return {"error": "InternalError", "message": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - started}
-    return {"yaml": plan.to_yaml(), "status": plan.status, "budget_bytes": plan.budget_bytes,
+    return {"yaml": plan.to_yaml(), "status": plan.status.value, "budget_bytes": plan.budget_bytes,
             "predicted_peak_bytes": plan.predicted_peak_bytes, "extra_forward_flops": plan.extra_forward_flops,
             "extra_cost_ns": plan.extra_cost_ns, "seconds": plan.solve_time_s}
 
@@ -240,8 +231,8 @@ class Planner:
         self.metrics.solve_seconds += out["seconds"]
         o = job.options
         budget = ",".join(map(str, o.budget)) if isinstance(o.budget, tuple) else str(o.budget)
-        common = dict(key=job.key, kind=o.kind.value, created=now(), model=job.model, fingerprint=job.fingerprint,
-                      budget=budget, objective=o.objective.value, solve_seconds=round(out["seconds"], 3))
+        common = dict(key=job.key, kind=o.kind, created=now(), model=job.model, fingerprint=job.fingerprint,
+                      budget=budget, objective=o.objective, solve_seconds=round(out["seconds"], 3))
         if "sweep" in out:
             entry = Entry(**common, budget_bytes=None, status=Status.SWEPT, predicted_peak_bytes=None,
                           extra_forward_flops=None, extra_cost_ns=None, body=json.dumps(out["sweep"]))

@@ -23,12 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..objective import Objective
 
 log = logging.getLogger("ckptplan.serve")
 
 SCHEMA = 1
 _COLUMNS = ("key", "kind", "created", "model", "fingerprint", "budget", "budget_bytes", "objective", "status",
             "predicted_peak_bytes", "extra_forward_flops", "extra_cost_ns", "solve_seconds", "body")
+
+
+class Kind(str, Enum):
+    SOLVE = "solve"  # one plan (planner.solve)
+    SWEEP = "sweep"  # ckptplan and the baseline policies at several budgets (compare.sweep)
 
 
 class Status(str, Enum):
@@ -42,13 +48,13 @@ class Status(str, Enum):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Entry:
     key: str
-    kind: str  # "solve" or "sweep"
+    kind: Kind
     created: float  # unix seconds
     model: str
     fingerprint: str
     budget: str  # as given (a sweep's, comma-separated)
     budget_bytes: int | None
-    objective: str
+    objective: Objective
     status: Status
     predicted_peak_bytes: int | None
     extra_forward_flops: int | None
@@ -136,7 +142,7 @@ class Store:
         return _entry(row) if row else None
 
     def put(self, entry: Entry) -> None:
-        values = tuple(entry.status.value if c == "status" else getattr(entry, c) for c in _COLUMNS)
+        values = tuple(_column(getattr(entry, c)) for c in _COLUMNS)
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(f"INSERT OR REPLACE INTO plans ({', '.join(_COLUMNS)}) "
@@ -156,8 +162,13 @@ class Store:
 
 def _entry(row: tuple) -> Entry:
     d = dict(zip(_COLUMNS, row))
-    d["status"] = Status(d["status"])
+    d["kind"], d["objective"], d["status"] = Kind(d["kind"]), Objective(d["objective"]), Status(d["status"])
     return Entry(**d)
+
+
+def _column(value: Any) -> Any:
+    """An entry's field as its column holds it: an enum by its value."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def now() -> float:

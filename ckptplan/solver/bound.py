@@ -8,7 +8,7 @@ minutes, even on this one row alone.
 
 Here the row is solved exactly as a knapsack over *families*. A family is an outermost candidate region
 and every candidate nested in it: a transformer block with its attention and MLP. Two choices make up a
-family's configuration:
+family's configuration (enumerated in families.py):
 
 * its *mode*: which of its regions are checkpointed (never two nested ones);
 * which ops of those regions are saved: a 0/1 knapsack item each, costing row bytes and saving recompute
@@ -25,7 +25,7 @@ is a valid lower bound on the full model):
 * a "z" term (a storage that one region's checkpoint holds as its input while another region recomputes
   it) links two families; it is dropped when its two regions are in different families, since a term
   that adds bytes can only make the row harder;
-* past ``MAX_SELECTIVE`` charged regions in one mode, the variants are replaced by one that may cache in
+* past ``families.MAX_SELECTIVE`` charged regions in one mode, the variants are replaced by one that may cache in
   every region and pays no dispatch time (a cheaper, so still valid, relaxation);
 * bytes are rounded down: each saved op to 1/``FINE`` of its family's range, each family to
   1/``BUCKETS`` of the row's free range. That costs less than one saved activation, but a tight row can
@@ -37,23 +37,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
-from itertools import product
-from typing import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .families import Mode, build_mode, checkpoint_sets, families, variants
+from .linear import LinearForm
 from .regions import Region
 
 BUCKETS = 40_000  # resolution of the row's free range (rounding down: a valid bound, slightly weaker)
 FINE_BUCKETS = 160_000  # the same, for a second look at the best row when the first does not prove the gap
 FINE = 1 << 16  # resolution of one family's own range, for the knapsack over its saved ops
-MAX_MODES = 4_096  # a family with more checkpoint sets than this (deep nesting) gives no bound
-MAX_SELECTIVE = 4  # a mode with more regions whose dispatch modes cost time drops that cost (2^4 variants)
 # what each region of a shared cost branched off costs more (ns): above any plan's cost, and exact in the
 # tables' float64 even summed over a few hundred regions
 OFF = 1 << 44
-MAX_GROUP = 6  # rematerializations linked by z terms solved together (every subset: 2^6 options) up to this
 
 clock = time.monotonic  # what a deadline is read against (a test gives a fake one)
 
@@ -68,58 +65,6 @@ def _check(deadline: float) -> None:
     steps of a fraction of a millisecond each."""
     if deadline != math.inf and clock() >= deadline:
         raise _OutOfTime
-
-
-@dataclass(frozen=True, slots=True)
-class LinearForm:
-    """A linear function of the decision literals, in model units (bytes) or nanoseconds (cost)."""
-
-    c: dict[int, int]  # region -> coefficient of c[region]
-    k: dict[tuple[int, int], int]  # (region, op) -> coefficient of k[region, op]
-    z: dict[tuple[int, int, int, bool], int]  # (region, op, holder region, op is forced) -> coefficient of z
-    constant: int = 0
-    # region -> coefficient of sel[region]: 1 iff it caches any op (selective checkpointing's dispatch
-    # modes); costs only, never a memory row
-    s: dict[int, int] = field(default_factory=dict)
-    # (coefficient, regions): paid once when any of the regions is checkpointed (Region.shared); costs
-    # only. The row bounds here do not see them: ``spread`` charges each region its share instead
-    shared: tuple[tuple[int, tuple[int, ...]], ...] = ()
-
-    def value(self, saved: dict[int, frozenset[int]]) -> int:
-        """The form's value for a plan without z terms (a cost): ``saved`` maps each checkpointed region to
-        the ops it caches."""
-        return (self.constant + sum(a for j, a in self.c.items() if j in saved)
-                + sum(a for (j, p), a in self.k.items() if j in saved and p in saved[j])
-                + sum(a for j, a in self.s.items() if saved.get(j))
-                + sum(a for a, members in self.shared if any(j in saved for j in members)))
-
-    def spread(self) -> "LinearForm":
-        """The form with each shared cost split evenly over its regions' c (rounded down), never above
-        the form on any plan (all of a group's regions on pay the whole cost, fewer pay less): what the
-        row bounds, which see regions one by one, minimise for a valid lower bound."""
-        if not self.shared:
-            return self
-        c = dict(self.c)
-        for a, members in self.shared:
-            for j in members:
-                c[j] = c.get(j, 0) + a // len(members)
-        return LinearForm(c=c, k=self.k, z=self.z, constant=self.constant, s=self.s)
-
-
-@dataclass(frozen=True, slots=True)
-class _Mode:
-    weight: int  # row units with no knapsack item taken
-    cost: int
-    items: tuple[tuple[int, int], ...]  # (row units > 0, cost < 0): save this op
-    on: frozenset[int] = frozenset()  # the regions this mode checkpoints
-    ops: tuple[tuple[int, int], ...] = ()  # (region, op) of each item, in ``items`` order; (j, -1): remat j off
-    free: tuple[tuple[int, int], ...] = ()  # (region, op) saved at no cost in row bytes
-    remats: tuple[int, ...] = ()  # rematerializations on with no item taken (each item (j, -1) turns j off)
-    # rematerializations whose z terms link them (one recipe holds what another drops): one group each,
-    # whose options replace the group's base set of rematerializations on; at most one option is taken
-    groups: tuple[tuple[tuple[int, int], ...], ...] = ()  # per group: (row units >= 0, cost) of each option
-    group_sets: tuple[tuple[frozenset[int], ...], ...] = ()  # per group: the set on with each option
-    own: int = 0  # items[:own] save ops; items[own:] turn rematerializations off (shared by many modes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,22 +130,23 @@ def _solve_shared(regions: tuple[Region, ...], row: LinearForm, capacity: int, c
 def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
                buckets: int, plan: bool, deadline: float = math.inf) -> RowSolution | None:
     """``solve_row`` for a cost without shared terms; raises ``_OutOfTime`` past ``deadline``."""
-    families = _families(regions)
-    family_of = {j: root for root, members in families for j in members}
+    grouped = families(regions)
+    family_of = {j: root for root, members in grouped for j in members}
     z_of: dict[int, list[tuple[tuple[int, int, int, bool], int]]] = {}  # family -> its z terms
     for key, a in row.z.items():
         z_of.setdefault(family_of[key[0]], []).append((key, a))
-    tables: list[tuple[int, list[_Mode]]] = []
-    for root, members in families:
+    tables: list[tuple[int, list[Mode]]] = []
+    for root, members in grouped:
         _check(deadline)
         # rematerializations are knapsack items (or groups) of each mode around them, never a mode
         leaves = [j for j in members if regions[j].remat]
-        sets = [frozenset()] if root in leaves else _modes(root, [j for j in members if j not in leaves], regions)
+        plain = [j for j in members if j not in leaves]
+        sets = [frozenset()] if root in leaves else checkpoint_sets(root, plain, regions)
         if sets is None:
             return None
         memo: dict = {}  # the rematerialization items of each checkpoint set, shared by its variants
-        modes = [_mode(on, may, paid, regions, row, z_of.get(root, []), cost, leaves, memo)
-                 for on in sets for may, paid in _variants(on, regions, cost)]
+        modes = [build_mode(on, may, paid, regions, row, z_of.get(root, []), cost, leaves, memo)
+                 for on in sets for may, paid in variants(on, regions, cost)]
         tables.append((min(m.weight for m in modes), modes))
     low = sum(w for w, _ in tables) + row.constant
     span = capacity - low
@@ -250,174 +196,7 @@ def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost
     return RowSolution(bound=int(np.floor(run[-1])), saved=saved, work=work)
 
 
-def _families(regions: tuple[Region, ...]) -> list[tuple[int, list[int]]]:
-    """(outermost region, every region nested in it), in forward order of the outermost. Nesting is by
-    path: a longer recipe (remat.py) nests under its shorter one though its ops may start before it."""
-    paths = {r.path: j for j, r in enumerate(regions)}
-    members: dict[int, list[int]] = {}
-    for j, r in enumerate(regions):
-        parts = r.path.split(".")
-        root = next((paths[p] for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in paths), j)
-        members.setdefault(root, []).append(j)
-    return sorted(members.items())
-
-
-def _modes(root: int, members: list[int], regions: tuple[Region, ...]) -> list[frozenset[int]] | None:
-    """Every set of the family's regions with no two nested (the empty set included)."""
-    parent: dict[int, int | None] = {}
-    for j in members:
-        above = [i for i in members if i != j and regions[j].path.startswith(regions[i].path + ".")]
-        parent[j] = max(above, key=lambda i: len(regions[i].path)) if above else None
-    children: dict[int | None, list[int]] = {}
-    for j, p in parent.items():
-        children.setdefault(p, []).append(j)
-
-    def of(j: int) -> list[frozenset[int]] | None:
-        below: list[frozenset[int]] = [frozenset()]
-        for child in children.get(j, ()):
-            sub = of(child)
-            if sub is None:
-                return None
-            below = [a | b for a, b in product(below, sub)]
-            if len(below) > MAX_MODES:
-                return None
-        return [frozenset(), frozenset({j})] + [s for s in below if s]
-
-    return of(root)
-
-
-def _variants(on: frozenset[int], regions: tuple[Region, ...],
-              cost: LinearForm) -> list[tuple[frozenset[int], frozenset[int]]]:
-    """(regions that may cache ops, regions paying selective checkpointing's time) for each variant of
-    checkpointing ``on``: a region whose dispatch modes cost time is selective or plain; the others may
-    always cache."""
-    free = frozenset(j for j in on if regions[j].choices and not cost.s.get(j))
-    charged = sorted(j for j in on if regions[j].choices and cost.s.get(j))
-    if len(charged) > MAX_SELECTIVE:
-        return [(free | frozenset(charged), frozenset())]  # relaxed: every region may cache, for free
-    out = []
-    for flags in product((False, True), repeat=len(charged)):
-        paid = frozenset(j for j, f in zip(charged, flags) if f)
-        out.append((free | paid, paid))
-    return out
-
-
-def _mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], regions: tuple[Region, ...],
-          row: LinearForm, z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm,
-          remats: Sequence[int] = (), memo: dict | None = None) -> _Mode:
-    """The row weight and cost of checkpointing ``on`` with nothing saved, and the knapsack items: the ops
-    of the regions in ``may``; ``paid``: the regions charged selective checkpointing's time.
-    ``z_terms``: the row's z terms whose recomputed op belongs to this family.
-
-    ``remats``: the family's rematerializations, items or groups of every mode (``_remat_items``);
-    ``memo`` keeps them per checkpoint set, which its variants share."""
-    weight = sum(row.c.get(j, 0) for j in on)
-    value = sum(cost.c.get(j, 0) for j in on) + sum(cost.s[j] for j in paid)
-    item_weight = {(j, p): row.k.get((j, p), 0) for j in may for p in regions[j].choices}
-    for (j, p, holder, forced), a in z_terms:
-        if a < 0:
-            weight += a  # nothing forces z to 0: at 1 it frees the most
-        elif j in on and holder in on:  # z >= recomputed(p) + c[holder] - 1 = recomputed(p)
-            weight += a
-            if not forced and (j, p) in item_weight:
-                item_weight[(j, p)] -= a  # saving p clears it
-        # else z = 0 is allowed (a region not checkpointed here, or the holder in another family)
-    items, free = [], []
-    for key, w in item_weight.items():
-        c = cost.k.get(key, 0)
-        if w <= 0 and c <= 0:
-            weight, value = weight + w, value + c  # saving it is free: no bytes, less time
-            free.append(key)
-        elif c < 0:
-            items.append((w, c, key))
-    items.sort()
-    own = len(items)
-    memo = {} if memo is None else memo
-    if on not in memo:
-        off: list = []
-        memo[on] = (_remat_items(on, regions, row, z_terms, cost, remats, off), sorted(off))
-    (started, groups, group_sets), off = memo[on]
-    items += off
-    return _Mode(weight=weight + sum(w for w, _ in started.values()), cost=value + sum(c for _, c in started.values()),
-                 items=tuple((w, c) for w, c, _ in items), on=on, ops=tuple(key for _, _, key in items),
-                 free=tuple(free), remats=tuple(sorted(j for j in started if j >= 0)),
-                 groups=groups, group_sets=group_sets, own=own)
-
-
-def _remat_items(on: frozenset[int], regions: tuple[Region, ...], row: LinearForm,
-                 z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm, remats: Sequence[int],
-                 items: list) -> tuple[dict[int, tuple[int, int]], tuple, tuple]:
-    """The rematerializations of a mode: (base weight and cost of each one on at the start, keyed by
-    region; -1 - g for group g's base), appending an item that turns off each lone one, and the groups.
-
-    A rematerialization no region of ``on`` contains is eligible; its weight is its row coefficient plus
-    its z terms with a holder in ``on`` (exact). Eligible ones linked by z terms (one holds what the
-    other drops) or by nesting (a longer recipe and the shorter one: one at most) form groups of at most
-    ``MAX_GROUP``, every allowed subset an option with its exact weight; past that size their links are
-    dropped (a relaxation: they only add bytes) and their exclusions kept."""
-    eligible = [j for j in remats if not any(regions[j].path.startswith(regions[i].path + ".") for i in on)]
-    weight = {j: row.c.get(j, 0) for j in eligible}
-    links: dict[tuple[int, int], int] = {}
-    for (j, _p, holder, _forced), a in z_terms:
-        if j in weight and holder in on:
-            weight[j] += a
-        elif j in weight and holder in weight and a > 0:
-            links[(j, holder)] = links.get((j, holder), 0) + a
-    nested = {(a, b) for a in eligible for b in eligible if regions[b].path.startswith(regions[a].path + ".")}
-    started: dict[int, tuple[int, int]] = {}
-    groups: list[tuple[tuple[int, int], ...]] = []
-    group_sets: list[tuple[frozenset[int], ...]] = []
-
-    def add(group: list[int], linked: dict[tuple[int, int], int]) -> None:
-        if len(group) == 1:  # alone: on when it frees bytes, with an item that turns it off
-            j = group[0]
-            w, c = weight[j], cost.c.get(j, 0)
-            if w < 0:
-                started[j] = (w, c)
-                if c > 0:
-                    items.append((-w, -c, (j, -1)))
-            return
-        subsets = []
-        for mask in range(1 << len(group)):
-            chosen = frozenset(j for i, j in enumerate(group) if mask >> i & 1)
-            if any(x in chosen and y in chosen for x, y in nested):
-                continue  # a longer recipe and the shorter one it nests under: one at most
-            w = sum(weight[j] for j in chosen) + sum(a for (x, y), a in linked.items() if x in chosen and y in chosen)
-            subsets.append((w, sum(cost.c.get(j, 0) for j in chosen), sorted(chosen), chosen))
-        base = min(subsets)
-        started[-1 - len(groups)] = (base[0], base[1])
-        options = [(w - base[0], c - base[1], chosen)
-                   for w, c, _, chosen in subsets if chosen != base[3] and c < base[1]]
-        group_sets.append((base[3], *(chosen for _, _, chosen in options)))
-        groups.append(tuple((w, c) for w, c, _ in options))
-
-    for group in _components(eligible, [*links, *nested]):
-        if len(group) <= MAX_GROUP:
-            add(group, links)
-        else:  # too many to enumerate: their z links dropped (a relaxation), their exclusions kept
-            for part in _components(group, [p for p in nested if p[0] in group]):
-                add(part, {})
-    return started, tuple(groups), tuple(group_sets)
-
-
-def _components(nodes: list[int], edges: list[tuple[int, int]]) -> list[list[int]]:
-    """Connected components of ``nodes`` under ``edges``, each sorted, in order of their first node."""
-    parent = {j: j for j in nodes}
-
-    def find(j: int) -> int:
-        while parent[j] != j:
-            j = parent[j]
-        return j
-
-    for a, b in edges:
-        parent[find(a)] = find(b)
-    out: dict[int, list[int]] = {}
-    for j in nodes:
-        out.setdefault(find(j), []).append(j)
-    return sorted(out.values())
-
-
-def _family_table(w_min: int, modes: list[_Mode], step: int, n: int, deadline: float = math.inf) -> np.ndarray:
+def _family_table(w_min: int, modes: list[Mode], step: int, n: int, deadline: float = math.inf) -> np.ndarray:
     """table[b]: least cost of the family with weight below ``(b + 1) * step`` above ``w_min``.
 
     The knapsack inside the family runs at a finer resolution (``FINE`` buckets over the family's own
@@ -433,7 +212,7 @@ def _family_table(w_min: int, modes: list[_Mode], step: int, n: int, deadline: f
     return best[_row_ends(fine, size, step, min(n, top // step + 1))]
 
 
-def _fine(w_min: int, modes: list[_Mode]) -> tuple[int, int, int]:
+def _fine(w_min: int, modes: list[Mode]) -> tuple[int, int, int]:
     """The family's own resolution: bytes per fine bucket, the number of fine buckets, and the family's
     range (its heaviest configuration above ``w_min``)."""
     top = max(m.weight - w_min + sum(w for w, _ in m.items) + sum(max((w for w, _ in g), default=0) for g in m.groups)
@@ -448,7 +227,7 @@ def _row_ends(fine: int, size: int, step: int, count: int) -> np.ndarray:
     return np.minimum(((np.arange(count) + 1) * step - 1) // fine, size - 1)
 
 
-def _knapsack(m: _Mode, w_min: int, fine: int, size: int) -> list[np.ndarray]:
+def _knapsack(m: Mode, w_min: int, fine: int, size: int) -> list[np.ndarray]:
     """The 0/1 knapsack over one mode's items (weights rounded down to whole fine buckets): the table
     before any item and after each one (least cost at exactly each fine weight)."""
     table = np.full(size, np.inf)
@@ -467,13 +246,13 @@ def _knapsack(m: _Mode, w_min: int, fine: int, size: int) -> list[np.ndarray]:
     return out
 
 
-def _knapsack_last(m: _Mode, w_min: int, fine: int, size: int, shared: dict[tuple, np.ndarray]) -> np.ndarray:
+def _knapsack_last(m: Mode, w_min: int, fine: int, size: int, shared: dict[tuple, np.ndarray]) -> np.ndarray:
     """``_knapsack``'s last table. The rematerialization items and groups are the same in most of a
     family's modes: their knapsack, from weight and cost 0, is computed once (``shared``), then shifted to
     the mode's own weight and cost and given its op items (the knapsack does not depend on item order)."""
     key = (m.items[m.own:], m.groups)
     if key not in shared:
-        shared[key] = _knapsack(_Mode(weight=w_min, cost=0, items=key[0], groups=m.groups), w_min, fine, size)[-1]
+        shared[key] = _knapsack(Mode(weight=w_min, cost=0, items=key[0], groups=m.groups), w_min, fine, size)[-1]
     start = (m.weight - w_min) // fine
     table = np.full(size, np.inf)
     table[start:] = shared[key][:size - start] + m.cost
@@ -487,7 +266,7 @@ def _take(table: np.ndarray, b: int, c: int, size: int) -> np.ndarray:
     return table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[:size - b] + c)))
 
 
-def _family_config(w_min: int, modes: list[_Mode], step: int, beta: int,
+def _family_config(w_min: int, modes: list[Mode], step: int, beta: int,
                    deadline: float = math.inf) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """The mode (its index), the items (their indices) and each group's set (index into ``group_sets``,
     0 for its base) of the cheapest configuration counted in row bucket ``beta`` of ``_family_table``."""

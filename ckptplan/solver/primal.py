@@ -19,7 +19,7 @@ keep that plan from fitting the whole model, each handled here:
 
 The first row solved is the tightest with nothing checkpointed (the top of the step's memory, in
 practice the binding one on a chain). Every row is checked in the model's exact terms
-(``_Model.evaluate``): a plan returned here is a solution of the CP-SAT model. The bound of each row
+(``Formulation.evaluate``): a plan returned here is a solution of the CP-SAT model. The bound of each row
 (or weighted sum) solved at the full capacity is a valid lower bound on the cost, returned with it.
 """
 
@@ -31,19 +31,22 @@ from typing import Protocol
 
 from ..graph import Graph
 from . import bound
+from .families import families
+from .linear import LinearForm
 from .regions import Region
 from .rows import Evaluation
 
 
 class _Model(Protocol):
-    """What the first plan reads of cpsat's model (cpsat.py builds it; primal.py must not import it)."""
+    """What the first plan reads of the CP-SAT model (formulation.py's ``Formulation``; cpsat.py, which
+    searches it, calls primal.py, so primal.py never imports cpsat.py)."""
 
     graphs: list[Graph]
     regions: tuple[Region, ...]
-    cost_form: bound.LinearForm
+    cost_form: LinearForm
     row_exprs: list
 
-    def row_form(self, index: int) -> bound.LinearForm: ...
+    def row_form(self, index: int) -> LinearForm: ...
 
     def evaluate(self, saved: dict[int, frozenset[int]]) -> Evaluation: ...
 
@@ -162,7 +165,7 @@ class _Search:
                 over_lo = result[2]
         return False
 
-    def _solve(self, form: bound.LinearForm, cap: int, buckets: int, *,
+    def _solve(self, form: LinearForm, cap: int, buckets: int, *,
                bounds: bool = False) -> tuple[bool, int, int] | None:
         """One knapsack and its plan tried (``_try``'s result); None when the work limit forbids it (its
         cells predicted by the last round at that resolution), the deadline has passed or passes during it,
@@ -207,11 +210,11 @@ class _Search:
             self.best = (cost, saved)
 
 
-def _weighted(a: bound.LinearForm, wa: int, b: bound.LinearForm, wb: int) -> bound.LinearForm:
+def _weighted(a: LinearForm, wa: int, b: LinearForm, wb: int) -> LinearForm:
     """wa * a + wb * b."""
     def add(x: dict, y: dict) -> dict:
         return {key: wa * x.get(key, 0) + wb * y.get(key, 0) for key in sorted({*x, *y})}
-    return bound.LinearForm(c=add(a.c, b.c), k=add(a.k, b.k), z=add(a.z, b.z), s=add(a.s, b.s),
+    return LinearForm(c=add(a.c, b.c), k=add(a.k, b.k), z=add(a.z, b.z), s=add(a.s, b.s),
                             constant=wa * a.constant + wb * b.constant)
 
 
@@ -251,7 +254,7 @@ def _classes(model: _Model) -> list[list[tuple[int, list[int]]]]:
     later layer is not). A configuration moves between them by offset."""
     graph, regions = model.graphs[0], model.regions
     out: dict[tuple, list[tuple[int, list[int]]]] = {}
-    for root, members in bound._families(regions):
+    for root, members in families(regions):
         r0 = regions[root]
         key = (tuple((regions[j].path[len(r0.path):], regions[j].first_op - r0.first_op,
                       regions[j].end_op - r0.first_op, regions[j].recompute_end - r0.first_op,

@@ -115,7 +115,7 @@ def candidate_regions(graph: Graph) -> tuple[Region, ...]:
     if "" in types:
         walk("")
     frontier += [p for path in list(frontier) for p in repeated(path)]
-    # Candidates at three granularities; the solver picks, never two nested ones (see cpsat.py).
+    # Candidates at three granularities; the solver picks, never two nested ones (see formulation.py).
     paths = set(frontier)
     for path in frontier:
         paths.update(a for a in _ancestors(path))

@@ -4,7 +4,7 @@
    before the backward event that triggers its recomputation) and the baseline live bytes at each.
 2. ``terms``: every way a decision changes memory, as (bytes, literal expression, [lo, hi) positions).
 
-cpsat.py turns them into CP-SAT's memory constraints.
+formulation.py turns them into CP-SAT's memory constraints.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Run by hand (about 2 minutes on 2 cores):
     pip install -c constraints.txt -e ".[bench]"
-    python benchmarks/runtime_overhead.py --out benchmarks/results/runtime_overhead
+    python benchmarks/calibration/runtime_overhead.py --out benchmarks/results/runtime_overhead
 
 ckptplan's runtime wraps a region that saves some ops in ``torch.utils.checkpoint`` with PyTorch's
 selective-checkpointing dispatch modes (its policy checks the op sequence against the plan; a second
@@ -24,7 +24,7 @@ mode counts the FLOPs actually recomputed), and a region that saves nothing in p
    hence the real models below (``sac_ns_per_op_visit``).
 
 These are the forward-pass rates and tight-loop overheads. ``costmodel.CPU`` takes them scaled as
-benchmarks/region_costs.py measures them paid in real steps (a recomputation reads cold inputs; the
+calibration/region_costs.py measures them paid in real steps (a recomputation reads cold inputs; the
 runtime's Python runs between large kernels): the table's costmodel.CPU column differs from the fit by
 those factors.
 3. Real models, interleaved in rounds so that drift of the machine cancels, the median step time of:
@@ -58,7 +58,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import SAC_IGNORED_OPS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
 from ckptplan import costmodel, planner
@@ -68,10 +69,10 @@ from ckptplan.trace import default_loss
 
 import gpt2
 import llama
-import policies  # benchmarks/, beside this file
-from machine import describe  # benchmarks/ too
+import policies
+from common import describe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 MODELS = {  # the policy benchmark's sizes
     "gpt2": lambda: gpt2.gpt2_tiny(batch_size=8, seq_len=128),
@@ -313,7 +314,7 @@ def main() -> None:
     rows = [one(name, a.rounds, a.steps) for name in MODELS]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python benchmarks/runtime_overhead.py --out benchmarks/results/runtime_overhead",
+    result = {"command": "python benchmarks/calibration/runtime_overhead.py --out benchmarks/results/runtime_overhead",
               "machine": describe(),
               "rates": rates, "calibration": calibration, "rows": rows}
     (out / "runtime_overhead.json").write_text(json.dumps(result, indent=2) + "\n")

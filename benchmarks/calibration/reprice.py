@@ -5,14 +5,14 @@ A change to the cost model changes ckptplan's plans, so judging it by a new pair
 model to price it, run by hand (seconds to a few minutes), with the changed code: every configuration
 priced again, the pairs counted as rank_agreement.py does:
 
-    python benchmarks/reprice.py price RUN.json RUN2.json --out reprice.md
+    python benchmarks/calibration/reprice.py price RUN.json RUN2.json --out reprice.md
 
 run.py records each plan's decisions. For runs made before it did, first dump them with the code that
 made the runs: each ckptplan plan of the runs solved again (solves are deterministic: the costs must
 equal the recorded predictions), then pass the dump:
 
-    python benchmarks/reprice.py dump benchmarks/results/policies/results.json --out plans.json
-    python benchmarks/reprice.py price RUN.json RUN2.json --plans plans.json --out reprice.md
+    python benchmarks/calibration/reprice.py dump benchmarks/results/policies/results.json --out plans.json
+    python benchmarks/calibration/reprice.py price RUN.json RUN2.json --plans plans.json --out reprice.md
 
 Anchors are priced by the simulator as run.py prices them; ckptplan's plans by simulating their recorded (or dumped)
 decisions. A dump whose solve does not reproduce the recorded prediction is refused.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
 from ckptplan import planner
@@ -150,7 +150,7 @@ def main() -> None:
     p.add_argument("--plans", help="the dump of the runs' plans, for runs that record no decisions")
     p.add_argument("--out", required=True, help="Markdown file to write (a .json beside it)")
     a = ap.parse_args()
-    command = "python benchmarks/reprice.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/calibration/reprice.py " + " ".join(sys.argv[1:])
     if a.step == "dump":
         plans = dump(json.loads(Path(a.run).read_text()))
         Path(a.out).write_text(json.dumps({"command": command, "plans": plans}, indent=1) + "\n")

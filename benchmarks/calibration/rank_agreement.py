@@ -1,7 +1,7 @@
 """How well measured step time follows the cost model, against how well the measurement follows itself.
 
 Run by hand after two or more runs of the policy benchmark with the same code (seconds):
-    python benchmarks/rank_agreement.py benchmarks/results/policies/results.json \
+    python benchmarks/calibration/rank_agreement.py benchmarks/results/policies/results.json \
         benchmarks/results/policies/repeat/results.json --out benchmarks/results/policies/rank_agreement.md
 
 On tiny CPU models one configuration's step-time ratio moves by ~10% from run to run, as much as many
@@ -33,9 +33,10 @@ import sys
 from itertools import combinations
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
-from run import _spearman, step_ratio, timed_configs
+from common import spearman
+from run import step_ratio, timed_configs
 
 Z = 2.0  # standard errors apart, in every run: a distinct pair
 
@@ -49,9 +50,9 @@ def compare(runs: list[list[dict]]) -> list[dict]:
         predicted = [configs[0][k]["predicted_cost_ns"] for k in keys]
         mean = [statistics.mean(m[i] for m in measured) for i in range(len(keys))]
         out.append({"model": results[0]["model"], "configs": len(keys),
-                    "run_vs_run": [round(_spearman(a, b), 3) for a, b in combinations(measured, 2)],
-                    "predicted_vs_run": [round(_spearman(predicted, m), 3) for m in measured],
-                    "predicted_vs_mean": round(_spearman(predicted, mean), 3),
+                    "run_vs_run": [round(spearman(a, b), 3) for a, b in combinations(measured, 2)],
+                    "predicted_vs_run": [round(spearman(predicted, m), 3) for m in measured],
+                    "predicted_vs_mean": round(spearman(predicted, mean), 3),
                     **settled_pairs(predicted, measured),
                     **distinct_pairs(predicted, [[c[k] for k in keys] for c in configs])})
     return out
@@ -118,7 +119,7 @@ def main() -> None:
         print("warning: the runs were made with different options", file=sys.stderr)
     rows = compare([d["results"] for d in data])
     out = Path(a.out)
-    command = "python benchmarks/rank_agreement.py " + " ".join(a.runs) + f" --out {a.out}"
+    command = "python benchmarks/calibration/rank_agreement.py " + " ".join(a.runs) + f" --out {a.out}"
     out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": a.runs, "rows": rows}, indent=1) + "\n")
     lines = ["# Rank agreement: cost model against measured step time\n", f"`{command}`\n",
              f"Runs: {', '.join(f'`{p}`' for p in a.runs)} ({data[0]['command']}; {data[0]['machine']}). "

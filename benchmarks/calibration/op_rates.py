@@ -1,7 +1,7 @@
 """Op rates: each forward op with FLOPs of the zoo, timed in its forward pass, against the cost model.
 
 Run by hand (under a minute on 2 cores, nothing else running):
-    python benchmarks/op_rates.py --passes 45 --out benchmarks/results/op_rates
+    python benchmarks/calibration/op_rates.py --passes 45 --out benchmarks/results/op_rates
 
 costmodel.CPU prices an op with FLOPs at its class's rate (a roofline: its FLOPs at ``flops_per_s``, or
 its traffic at ``bytes_per_s`` if slower), a class average from real steps, unless it has a line of its
@@ -9,13 +9,13 @@ own (``costmodel.OpRate``). This lists the ops, so that one priced far from its 
 the line of each op in ``LINED`` (convolutions: on the CPU their time is mostly a fixed part and their
 traffic, and the class's rate charged the zoo's thin ones a twentieth of it and less): each op timed in
 the model's forward pass as runtime_overhead.py times it (``_OpTimer``: the kernel and the dispatch,
-median of ``--passes``), glibc's trimming off as the other benchmarks run (benchmarks/allocator.py:
-without it a 2 MB output page-faults in again and a thin convolution reads twice as slow). Identical ops
-of a model (same name, output, FLOPs and traffic: a repeated layer) are folded into one row. Columns:
-the forward time, its FLOP and byte rates, the estimate (``OpNode.cost_ns``: what a rerun is charged,
-its forward rate over the rerun factor the fit found) and forward time / estimate. Matmuls read alike
-(the class's ratio); a row far from them is an op the class misprices. Attention is left out (its FLOPs
-are not counted on CPU).
+median of ``--passes``), glibc's trimming off as the other benchmarks run (common.py's
+steady_allocator): without it a 2 MB output page-faults in again and a thin convolution reads twice as
+slow). Identical ops of a model (same name, output, FLOPs and traffic: a repeated layer) are folded into
+one row. Columns: the forward time, its FLOP and byte rates, the estimate (``OpNode.cost_ns``: what a
+rerun is charged, its forward rate over the rerun factor the fit found) and forward time / estimate.
+Matmuls read alike (the class's ratio); a row far from them is an op the class misprices. Attention is
+left out (its FLOPs are not counted on CPU).
 ``--reprice JSON`` times nothing: it prices an earlier run's rows again under the present cost model.
 Writes op_rates.json and op_rates.md.
 """
@@ -31,18 +31,16 @@ from pathlib import Path
 import numpy
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
 from ckptplan import costmodel
 
-from allocator import steady_allocator
-from earlier import load_again
-from machine import describe
+from common import describe, load_again, steady_allocator
 from run import zoo
 from runtime_overhead import forward_op_ns
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def one_model(name: str, passes: int) -> dict:
@@ -150,7 +148,7 @@ def main() -> None:
     ap.add_argument("--reprice", metavar="JSON", help="time nothing: price the rows of this op_rates.json "
                     "again under the present cost model")
     a = ap.parse_args()
-    command = "python benchmarks/op_rates.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/calibration/op_rates.py " + " ".join(sys.argv[1:])
     if a.reprice:
         run = load_again(a.reprice, "--reprice", "op_rates.py", "price", reprice)
         results, machine = run["results"], run.get("machine", "")

@@ -1,7 +1,7 @@
 """Region costs: what checkpointing decisions add to a real step, against the cost model's estimate.
 
 Run by hand (about 15 minutes on 2 cores, nothing else running):
-    python benchmarks/region_costs.py --out benchmarks/results/region_costs
+    python benchmarks/calibration/region_costs.py --out benchmarks/results/region_costs
 
 The policy benchmark compares whole plans, whose differences mix many decisions. Here decisions are
 applied to a copy of each zoo model, alone and in small random sets: every candidate of a sample
@@ -47,7 +47,7 @@ from typing import Any
 import numpy
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
 from ckptplan import costmodel, planner
@@ -55,9 +55,7 @@ from ckptplan.graph import Forced
 from ckptplan.solver import remat
 from ckptplan.solver.simulate import simulate
 
-from allocator import steady_allocator
-from earlier import load_again
-from machine import describe
+from common import describe, load_again, steady_allocator
 from run import Bench, zoo
 from runtime_overhead import plan_for
 
@@ -466,7 +464,7 @@ def main() -> None:
     ap.add_argument("--refit", metavar="JSON", help="measure nothing: count the rows of this region_costs.json "
                     "again under the present cost model, and fit them again")
     a = ap.parse_args()
-    command = "python benchmarks/region_costs.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/calibration/region_costs.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     if a.refit:
         run = load_again(a.refit, "--refit", "region_costs.py", "count", recount)

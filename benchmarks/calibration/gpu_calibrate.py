@@ -1,7 +1,7 @@
 """Measure a device's cost profile (ckptplan.costmodel.DeviceProfile) and write it as a profile file.
 
-    PYTHONPATH=. python benchmarks/gpu_calibrate.py --out OUT/h100.yaml      # a CUDA GPU, under 3 minutes
-    python benchmarks/gpu_calibrate.py --smoke --out /tmp/cpu.yaml             # tiny sizes on the CPU
+    PYTHONPATH=. python benchmarks/calibration/gpu_calibrate.py --out OUT/h100.yaml      # a CUDA GPU, under 3 minutes
+    python benchmarks/calibration/gpu_calibrate.py --smoke --out /tmp/cpu.yaml             # tiny sizes on the CPU
 
 Then plan with it: ``ckptplan solve --budget ... --profile OUT/h100.yaml`` (or ``solve(graph, budget,
 profile=...)``). It times, at the model's dtype (``--dtype``, default bfloat16 on CUDA):
@@ -32,11 +32,11 @@ import yaml
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ckptplan import costmodel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _timer(device: str, repeat: int) -> Callable[[Callable[[], object]], float]:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> Path:
     header = (f"# ckptplan device profile: {device}"
               f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, dtype {dtype}, torch "
               f"{torch.__version__}, measured in {time.perf_counter() - started:.0f} s "
-              "by benchmarks/gpu_calibrate.py\n")
+              "by benchmarks/calibration/gpu_calibrate.py\n")
     a.out.write_text(header + yaml.safe_dump(data, sort_keys=False))
     print(f"wrote {a.out}", file=sys.stderr)
     return a.out

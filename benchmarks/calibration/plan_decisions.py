@@ -1,7 +1,8 @@
 """Plan decisions: what each decision of a ckptplan plan adds to a real step, alone and together.
 
 Run by hand (1-2 minutes a model on 2 cores, nothing else running):
-    python benchmarks/plan_decisions.py --models unet,resnet --budgets 0.65 --out benchmarks/results/plan_decisions
+    python benchmarks/calibration/plan_decisions.py --models unet,resnet --budgets 0.65 \
+        --out benchmarks/results/plan_decisions
 
 region_costs.py calibrates the cost model on candidates drawn at random; the solver then picks the
 decisions it prices cheapest, and where the calibration sampled few of their kind (rematerializations
@@ -25,15 +26,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
 from ckptplan.plan import Decision
 from ckptplan.planner import plan_decisions
 from ckptplan.solver.simulate import simulate
 
-from allocator import steady_allocator
-from machine import describe
+from common import describe, steady_allocator
 from region_costs import Paired, rerun_by_class
 from run import zoo
 
@@ -101,7 +101,7 @@ def main() -> None:
                for name in a.models.split(",") for f in a.budgets.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/plan_decisions.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/calibration/plan_decisions.py " + " ".join(sys.argv[1:])
     machine = describe(allocator)
     (out / "plan_decisions.json").write_text(json.dumps({"command": command, "machine": machine,
                                                          "results": results}, indent=1) + "\n")
