@@ -2,12 +2,12 @@
 
 1. The simulator gives the no-checkpointing and full-checkpointing peaks.
 2. A budget at or above the no-checkpointing peak needs no plan: nothing is recomputed.
-3. When full checkpointing does not fit, CP-SAT minimises the peak; the simulator checks that plan; a
-   budget below it raises ``InfeasibleBudget`` with the minimum. When that search proves nothing (its
-   time limit), the simulator checks plans that need no search (every module at one depth) and the
-   search runs again without rematerializations; the minimum is the lowest peak checked, reported as an
-   upper bound (NOTE [ Minimum without a proof ]). Whichever checked plan peaks lowest is the first
-   solution (hint) of step 4.
+3. When full checkpointing does not fit, CP-SAT minimises the peak, stopping at the first plan that fits
+   the budget; the simulator checks that plan; a budget below the proven minimum, or below the search's
+   proven bound, raises ``InfeasibleBudget``. When that search proves nothing (its time limit), the
+   simulator checks plans that need no search (every module at one depth) and the search runs again
+   without rematerializations; the minimum is the lowest peak checked, reported as an upper bound (NOTE
+   [ Minimum without a proof ]). Whichever checked plan peaks lowest is the first solution (hint) of step 4.
 4. Recompute time is minimised under the budget, to within ``gap``: solver/primal.py's first plan (the
    knapsack of solver/bound.py, checked on every memory row) when its own bound proves it, otherwise
    CP-SAT's search from that plan (proven by CP-SAT's bound or the knapsack's); the simulator checks
@@ -140,6 +140,19 @@ def _levels(regions: tuple[Region, ...]) -> list[tuple[int, dict[str, frozenset[
     return out
 
 
+def _floor(model: "cpsat._Model", peak_bound: int) -> int:
+    """A lower bound in bytes on every plan's simulated peak, from a lower bound on the model's peak
+    (units). The model rounds each row's base and every term up to a unit, so a row's true bytes are at
+    most one unit per term, and one for the base, below its value in units."""
+    if peak_bound <= 0:
+        return 0
+    terms, most = model.terms, 0
+    for shape, steady, others in model.row_terms:
+        gap_terms = terms[shape][1]
+        most = max(most, len(others) + sum(len(gap_terms[j]) for j in steady))
+    return max(0, (peak_bound - 1 - most) * model.unit)
+
+
 def default_reserve(graph: Graph) -> float:
     """The reserve ``solve`` keeps when none is given: none for one process on CPU, else 2%."""
     return CPU_RESERVE if graph.device == "cpu" and not graph.parallel else DEFAULT_RESERVE
@@ -232,35 +245,41 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     checked = [(full.peak_bytes, everything, "full checkpointing")]
     proven = False  # the minimum-peak search proved its plan lowest
     remat = any(r.remat for regs in shapes.regions for r in regs)
+    floor = 0  # a proven lower bound on every plan's simulated peak (0: none)
     if usable < full.peak_bytes:
         note("minimum peak", {})
         # with rematerializations, half the wall-clock time left at most: the fallback below needs some
         # on a loaded machine (an idle one reaches the deterministic limit first)
         left = (deadline - time.monotonic()) / (2 if remat else 1)
-        low = model.solve(budget_bytes=None, time_limit_s=max(1.0, left),
-                          hint=everything, workers=workers, deterministic_limit=0.3 * work)
+        # the search stops at the first plan that fits: the budget is then feasible, and phase 2 starts
+        # from it (the exact minimum only matters to a budget below it)
+        low = model.solve(budget_bytes=None, time_limit_s=max(1.0, left), hint=everything, workers=workers,
+                          deterministic_limit=0.3 * work, stop_at=usable)
         work -= low.deterministic_s
         if low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
             checked.append((shapes.simulate(low.saved).peak_bytes, low.saved, "the minimum-peak search"))
         proven = low.status is cpsat.Status.OPTIMAL
+        floor = _floor(model, low.peak_bound)
+        fits = min(c[0] for c in checked) <= usable
         # NOTE [ Minimum without a proof ]: the minimum-peak search can end without a plan (HF Mamba: none
         # in 30 s with rematerializations, on a loaded machine none without), and the minimum would fall
         # back to full checkpointing, whose one outermost region (a whole backbone) can peak as high as
         # no checkpointing. The simulator then checks plans that need no search, checkpointing every
         # candidate module at one depth of the module tree, and with rematerializations the search runs
         # again over checkpoints only (a far smaller model), from the lowest of them. The lowest peak
-        # checked is an upper bound on the minimum, reported as unproven.
-        if not proven:
+        # checked is an upper bound on the minimum, reported as unproven; the search's bound, when it is
+        # above the budget, still proves the budget infeasible.
+        if not proven and not fits:
             for depth, level in _levels(regions):
                 checked.append((shapes.simulate(level).peak_bytes, level,
                                 f"checkpointing every module at depth {depth}"))
-        if not proven and remat:
+        if not proven and remat and floor <= usable and min(c[0] for c in checked) > usable:
             note("minimum peak", {"rematerialize": False})
             plain = cpsat.build(shapes.graphs, [tuple(r for r in regs if not r.remat) for regs in shapes.regions],
                                 scale_to=usable)
             alt = plain.solve(budget_bytes=None, time_limit_s=max(1.0, (deadline - time.monotonic()) / 2),
                               hint=min(checked, key=lambda c: c[0])[1], workers=workers,
-                              deterministic_limit=0.3 * work)
+                              deterministic_limit=0.3 * work, stop_at=usable)
             work -= alt.deterministic_s
             if alt.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
                 checked.append((shapes.simulate(alt.saved).peak_bytes, alt.saved,
@@ -274,6 +293,14 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             f"reaches for this model and input (parameters, gradients and the largest working set stay"
             f"{reserve_note}); try --budget {suggest_budget(minimum)} or a smaller batch",
             budget_bytes=budget_bytes, minimum_bytes=minimum)
+    elif floor > usable:
+        infeasible = InfeasibleBudget(
+            f"budget {format_bytes(budget_bytes)} is below what any plan reaches for this model and input: "
+            f"every plan peaks above {format_bytes(floor)}{reserve_note} (proven by the minimum-peak search's "
+            f"bound); the lowest peak found needs {format_bytes(minimum)} ({source}), an upper bound on the "
+            f"minimum. Try --budget {suggest_budget(minimum)} or a smaller batch",
+            budget_bytes=budget_bytes, minimum_bytes=minimum, minimum_proven=False, minimum_source=source,
+            minimum_lower_bytes=floor)
     else:
         infeasible = InfeasibleBudget(
             f"no plan fits budget {format_bytes(budget_bytes)} for this model and input; the lowest peak found "
@@ -281,8 +308,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             f"minimum-peak search reached its time limit before proving one lower. Try --budget "
             f"{suggest_budget(minimum)}, a smaller batch, or --time-limit {int(2 * time_limit_s)} for a lower "
             "minimum", budget_bytes=budget_bytes, minimum_bytes=minimum, minimum_proven=False,
-            minimum_source=source)
-    if usable < min_peak and proven:
+            minimum_source=source, minimum_lower_bytes=floor)
+    if usable < min_peak and (proven or floor > usable):
         raise infeasible
 
     # ---- phase 2: cheapest plan under the budget, checked by the simulator ------------------------

@@ -72,6 +72,7 @@ class Solution:
     num_variables: int
     num_constraints: int
     searched: bool = True  # False: primal.py's first plan, proven within the gap with no CP-SAT search
+    peak_bound: int = 0  # minimum-peak search: its proven lower bound on the model's peak (model units)
 
     @property
     def gap(self) -> float:
@@ -412,8 +413,13 @@ class _Model:
     def solve(self, *, budget_bytes: int | None, time_limit_s: float, hint: dict[str, frozenset[int]] | None,
               workers: int = 1, deterministic_limit: float | None = None,
               on_solution: Callable[[float, float], None] | None = None,
-              objective: Objective = Objective.TIME, gap_limit: float = 0.0, first_plan: bool = True) -> Solution:
+              objective: Objective = Objective.TIME, gap_limit: float = 0.0, first_plan: bool = True,
+              stop_at: int | None = None) -> Solution:
         """Minimise ``objective`` under ``budget_bytes``; with ``None``, minimise the peak instead.
+
+        ``stop_at`` (bytes, minimum-peak search only) ends that search at the first solution whose peak is
+        within it: the budget is then feasible, and the exact minimum not needed. Its ``peak_bound`` is the
+        search's proven lower bound on the peak (model units).
 
         ``deterministic_limit`` stops the search on CP-SAT's deterministic clock, so that a solve cut short
         returns the same plan on every run; ``time_limit_s`` is a wall-clock backstop. ``on_solution`` is
@@ -431,8 +437,14 @@ class _Model:
             m.add(base + e <= peak)
         if budget_bytes is None:
             m.minimize(peak)
-            solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers, on_solution)
-            return self._solution(m, solver, status, time_minimised=False)
+            target = None if stop_at is None else stop_at // self.unit
+            solver, status = self._run(
+                m, hint, time_limit_s, deterministic_limit, workers, on_solution,
+                check=None if target is None else lambda found: (0, found.objective_value <= target))
+            sol = self._solution(m, solver, status, time_minimised=False)
+            lower = solver.best_objective_bound  # before a search begins: the objective's domain, or none
+            bounded = math.isfinite(lower) and status is not Status.INFEASIBLE
+            return replace(sol, peak_bound=int(lower) if bounded else 0)
         # [Constraint] the step's peak stays within the budget
         m.add(peak <= budget_bytes // self.unit)
         first: tuple[int, int, float, float] | None = None  # FLOPs stage: value, bound, wall s, deterministic s
