@@ -132,3 +132,25 @@ def test_the_search_solves_no_bound_row_after_its_deadline(traced):
     timely = cpsat._KnapsackCheck(model, capacity, 0.0)
     timely(Solution())
     assert timely.rows
+
+
+def test_too_many_modes_are_refused_before_they_are_formed(monkeypatch):
+    """Issue 34: a family of two wide subtrees (2,049 checkpoint sets each) formed their 4.2M unions before
+    counting them; the first plan then spent seconds past the time limit (HF Whisper). The count is
+    known before: no more than MAX_MODES sets are formed."""
+    from itertools import product as real_product
+    from types import SimpleNamespace
+
+    paths = ["f"] + [f"f.{c}" for c in "ab"] + [f"f.{c}.{i}" for c in "ab" for i in range(11)]
+    regions = tuple(SimpleNamespace(path=p) for p in paths)
+    formed = []
+
+    def counting(*its):
+        formed.append(0)
+        for pair in real_product(*its):
+            formed[-1] += 1
+            yield pair
+
+    monkeypatch.setattr(bound, "product", counting)
+    assert bound._modes(0, list(range(len(paths))), regions) is None  # 2,049 x 2,049 > MAX_MODES
+    assert max(formed) <= bound.MAX_MODES  # the sets of one node, at most
