@@ -141,16 +141,18 @@ def _levels(regions: tuple[Region, ...]) -> list[tuple[int, dict[str, frozenset[
 
 
 def _floor(model: "cpsat._Model", peak_bound: int) -> int:
-    """A lower bound in bytes on every plan's simulated peak, from a lower bound on the model's peak
-    (units). The model rounds each row's base and every term up to a unit, so a row's true bytes are at
-    most one unit per term, and one for the base, below its value in units."""
-    if peak_bound <= 0:
-        return 0
-    terms, most = model.terms, 0
-    for shape, steady, others in model.row_terms:
-        gap_terms = terms[shape][1]
-        most = max(most, len(others) + sum(len(gap_terms[j]) for j in steady))
-    return max(0, (peak_bound - 1 - most) * model.unit)
+    """A lower bound in bytes on every plan's simulated peak: the higher of ``peak_bound`` (a search's bound
+    on the model's peak, in units) and what every row reaches with only its freeing terms on (no search:
+    a budget of 1 byte is refused on a machine too busy to search). The model rounds each row's base and
+    every term up to a unit, so a row's true bytes are at most one unit per term, and one for the base,
+    below its value in units."""
+    most = static = 0
+    for row, (shape, steady, others) in enumerate(model.row_terms):
+        terms, gap_terms = model.terms[shape]
+        active = [i for j in steady for i in gap_terms[j]] + list(others)
+        most = max(most, len(active))
+        static = max(static, model.row_exprs[row][0] + sum(min(0, model.coef(terms[i])) for i in active))
+    return max(0, (max(peak_bound, static) - 1 - most) * model.unit)
 
 
 def default_reserve(graph: Graph) -> float:
@@ -273,7 +275,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             for depth, level in _levels(regions):
                 checked.append((shapes.simulate(level).peak_bytes, level,
                                 f"checkpointing every module at depth {depth}"))
-        if not proven and remat and floor <= usable and min(c[0] for c in checked) > usable:
+        if not proven and remat and min(c[0] for c in checked) > usable:
             note("minimum peak", {"rematerialize": False})
             plain = cpsat.build(shapes.graphs, [tuple(r for r in regs if not r.remat) for regs in shapes.regions],
                                 scale_to=usable)

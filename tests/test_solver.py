@@ -265,3 +265,22 @@ def test_the_minimum_peak_search_stops_at_a_plan_that_fits(traced, monkeypatch):
     plan = ckptplan.solve(g, budget, time_limit_s=UNHURRIED_S)
     assert plan.status == "feasible" and plan.predicted_peak_bytes <= budget
     assert len(seen) == 1 and seen[0].status is cpsat.Status.FEASIBLE  # stopped there, not proven minimal
+
+
+def test_a_one_byte_budget_is_infeasible_with_no_search(traced, monkeypatch):
+    """Issues 29/34: on a machine too busy for any search to end (HF Mamba's presolve alone under load), a
+    budget no plan can reach ended in SolverTimeout. Every row's base with only its freeing terms on is a
+    lower bound no search is needed for."""
+    _, _, g = traced("resnet")
+    real_solve = cpsat._Model.solve
+
+    def nothing(self, **kwargs):
+        return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0, wall_s=0.0,
+                              deterministic_s=kwargs["deterministic_limit"], num_variables=0, num_constraints=0)
+
+    monkeypatch.setattr(cpsat._Model, "solve", nothing)
+    with pytest.raises(ckptplan.InfeasibleBudget) as info:
+        ckptplan.solve(g, 1, time_limit_s=UNHURRIED_S)
+    assert not info.value.minimum_proven and info.value.minimum_lower_bytes > 1
+    monkeypatch.setattr(cpsat._Model, "solve", real_solve)
+    assert info.value.minimum_lower_bytes <= minimum_of(g)
