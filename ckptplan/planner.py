@@ -255,7 +255,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         left = (deadline - time.monotonic()) / (2 if remat else 1)
         # the search stops at the first plan that fits: the budget is then feasible, and phase 2 starts
         # from it (the exact minimum only matters to a budget below it)
-        low = model.solve(budget_bytes=None, time_limit_s=max(1.0, left), hint=everything, workers=workers,
+        low = model.solve(budget_bytes=None, time_limit_s=max(0.1, left), hint=everything, workers=workers,
                           deterministic_limit=0.3 * work, stop_at=usable)
         work -= low.deterministic_s
         if low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
@@ -275,11 +275,12 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             for depth, level in _levels(regions):
                 checked.append((shapes.simulate(level).peak_bytes, level,
                                 f"checkpointing every module at depth {depth}"))
-        if not proven and remat and min(c[0] for c in checked) > usable:
+        # (not once the wall-clock limit is past: the limit holds, and the floor may still decide)
+        if not proven and remat and min(c[0] for c in checked) > usable and time.monotonic() < deadline:
             note("minimum peak", {"rematerialize": False})
             plain = cpsat.build(shapes.graphs, [tuple(r for r in regs if not r.remat) for regs in shapes.regions],
                                 scale_to=usable)
-            alt = plain.solve(budget_bytes=None, time_limit_s=max(1.0, (deadline - time.monotonic()) / 2),
+            alt = plain.solve(budget_bytes=None, time_limit_s=max(0.1, (deadline - time.monotonic()) / 2),
                               hint=min(checked, key=lambda c: c[0])[1], workers=workers,
                               deterministic_limit=0.3 * work, stop_at=usable)
             work -= alt.deterministic_s
