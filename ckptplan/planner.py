@@ -146,12 +146,14 @@ def _floor(model: "cpsat._Model", peak_bound: int) -> int:
     a budget of 1 byte is refused on a machine too busy to search). The model rounds each row's base and
     every term up to a unit, so a row's true bytes are at most one unit per term, and one for the base,
     below its value in units."""
+    freed = [[min(0, model.coef(t)) for t in terms] for terms, _ in model.terms]  # per shape, per term
+    steady_freed = [[sum(f[i] for i in idx) for idx in gap_terms] for f, (_, gap_terms) in zip(freed, model.terms)]
     most = static = 0
     for row, (shape, steady, others) in enumerate(model.row_terms):
-        terms, gap_terms = model.terms[shape]
-        active = [i for j in steady for i in gap_terms[j]] + list(others)
-        most = max(most, len(active))
-        static = max(static, model.row_exprs[row][0] + sum(min(0, model.coef(terms[i])) for i in active))
+        gap_terms, f = model.terms[shape][1], freed[shape]
+        most = max(most, len(others) + sum(len(gap_terms[j]) for j in steady))
+        static = max(static, model.row_exprs[row][0] + sum(steady_freed[shape][j] for j in steady)
+                     + sum(f[i] for i in others))
     return max(0, (max(peak_bound, static) - 1 - most) * model.unit)
 
 
