@@ -154,3 +154,30 @@ def test_too_many_modes_are_refused_before_they_are_formed(monkeypatch):
     monkeypatch.setattr(bound, "product", counting)
     assert bound._modes(0, list(range(len(paths))), regions) is None  # 2,049 x 2,049 > MAX_MODES
     assert max(formed) <= bound.MAX_MODES  # the sets of one node, at most
+
+
+def test_a_family_config_walks_back_one_mode_only(monkeypatch):
+    """Issue 34: the first plan's walk back kept every knapsack table of every mode of a family to pick
+    one (HF BERT: 55 of 80 s of the first plan, past any time limit). The cheapest mode is found from
+    last tables alone; only its tables are kept, and the configuration is the one the old walk found."""
+    import random
+
+    rng = random.Random(0)
+    modes = [bound._Mode(weight=rng.randrange(0, 400), cost=rng.randrange(1000, 5000),
+                         items=tuple((rng.randrange(1, 200), -rng.randrange(1, 900)) for _ in range(6)), own=6)
+             for _ in range(40)]
+    w_min, step = min(m.weight for m in modes), 7
+    fine, size, _ = bound._fine(w_min, modes)
+    end = int(bound._row_ends(fine, size, step, 31)[-1])
+    # the old walk: the cheapest mode by every table of every mode, first on a tie
+    lasts = [bound._knapsack(m, w_min, fine, size)[-1] for m in modes]
+    want = min(range(len(modes)), key=lambda i: (float(lasts[i][:end + 1].min()), i))
+    full = []
+    real = bound._knapsack
+    monkeypatch.setattr(bound, "_knapsack", lambda m, *a: (full.append(m) if m.items else None, real(m, *a))[1])
+    index, taken, _ = bound._family_config(w_min, modes, step, 30)
+    assert index == want and len(full) == 1
+    f = int(lasts[index][:end + 1].argmin())
+    chosen = modes[index]
+    assert (chosen.weight - w_min) // fine + sum(chosen.items[i][0] // fine for i in taken) == f
+    assert chosen.cost + sum(chosen.items[i][1] for i in taken) == lasts[index][f]
