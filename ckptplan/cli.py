@@ -113,6 +113,7 @@ def _fail(e: CkptplanError, as_json: bool) -> None:
             payload["minimum_bytes"] = e.minimum_bytes
             payload["minimum_proven"] = e.minimum_proven
             payload["minimum_source"] = e.minimum_source
+            payload["minimum_lower_bytes"] = e.minimum_lower_bytes
         print(json.dumps(payload, indent=2))
     err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
     raise typer.Exit(e.exit_code)

@@ -27,13 +27,16 @@ class InfeasibleBudget(CkptplanError):
     ``minimum_bytes`` is the smallest budget known to fit a plan. ``minimum_proven``: the solver proved
     no plan peaks lower; when False it is an upper bound on the minimum (the lowest peak of the plans the
     search checked before its time limit), and ``minimum_source`` says which plan reached it.
+    ``minimum_lower_bytes``: a proven lower bound on every plan's peak (0: none known); above the budget,
+    it proves the budget infeasible even when the minimum itself is not proven.
     """
 
     exit_code = 3
 
     def __init__(self, message: str, *, budget_bytes: int, minimum_bytes: int, minimum_proven: bool = True,
-                 minimum_source: str = "minimum-peak search") -> None:
+                 minimum_source: str = "minimum-peak search", minimum_lower_bytes: int = 0) -> None:
         super().__init__(message)
+        self.minimum_lower_bytes = minimum_lower_bytes
         self.budget_bytes = budget_bytes
         self.minimum_bytes = minimum_bytes
         self.minimum_proven = minimum_proven

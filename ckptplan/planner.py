@@ -2,12 +2,12 @@
 
 1. The simulator gives the no-checkpointing and full-checkpointing peaks.
 2. A budget at or above the no-checkpointing peak needs no plan: nothing is recomputed.
-3. When full checkpointing does not fit, CP-SAT minimises the peak; the simulator checks that plan; a
-   budget below it raises ``InfeasibleBudget`` with the minimum. When that search proves nothing (its
-   time limit), the simulator checks plans that need no search (every module at one depth) and the
-   search runs again without rematerializations; the minimum is the lowest peak checked, reported as an
-   upper bound (NOTE [ Minimum without a proof ]). Whichever checked plan peaks lowest is the first
-   solution (hint) of step 4.
+3. When full checkpointing does not fit, CP-SAT minimises the peak, stopping at the first plan that fits
+   the budget; the simulator checks that plan; a budget below the proven minimum, or below the search's
+   proven bound, raises ``InfeasibleBudget``. When that search proves nothing (its time limit), the
+   simulator checks plans that need no search (every module at one depth) and the search runs again
+   without rematerializations; the minimum is the lowest peak checked, reported as an upper bound (NOTE
+   [ Minimum without a proof ]). Whichever checked plan peaks lowest is the first solution (hint) of step 4.
 4. Recompute time is minimised under the budget, to within ``gap``: solver/primal.py's first plan (the
    knapsack of solver/bound.py, checked on every memory row) when its own bound proves it, otherwise
    CP-SAT's search from that plan (proven by CP-SAT's bound or the knapsack's); the simulator checks
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ._version import __version__
@@ -28,8 +27,8 @@ from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Forced, Graph, parse_path
 from .objective import Objective
 from .plan import Decision, OpDecision, Plan, PlanStatus, RegionPlan
-from .solver.regions import Region, candidate_regions, forward_order, outermost
-from .solver.remat import remat_candidates
+from .shapes import Shapes, candidates
+from .solver.regions import Region, outermost
 from .solver.simulate import SimResult, simulate
 from .units import format_bytes, parse_budget, suggest_budget
 
@@ -82,93 +81,6 @@ def _priced(graph: Graph | Sequence[Graph], profile: DeviceProfile | str | os.Pa
     return [price(g, profile) for g in graphs]
 
 
-class _Shapes:
-    """The same step traced at one or more input shapes; the largest (by peak) comes first.
-
-    Graphs that run other ops than the largest only inside data-dependent spans (a mixture of experts
-    routing another batch: graph.py's NOTE [ Data-dependent spans ]) are ``variants``: the plan is made
-    for the others and checked on these by the simulator, so its peak fits every routing traced."""
-
-    def __init__(self, graphs: Graph | Sequence[Graph], *, rematerialize: bool = True) -> None:
-        graphs = [graphs] if isinstance(graphs, Graph) else list(graphs)
-        if not graphs:
-            raise InputError("solve() needs at least one traced graph")
-        ordered = sorted(graphs, key=lambda g: -g.baseline_peak_bytes)
-        self.primary = ordered[0]
-        for g in ordered[1:]:
-            if g.signature != self.primary.signature:
-                raise InputError(f"the model traced for inputs {list(g.inputs)} is not the one traced for "
-                                 f"{list(self.primary.inputs)} (parameters or buffers differ: does the factory "
-                                 "size them from the sequence length? fix the maximum length instead)")
-        key = _ops_key(self.primary)
-        self.graphs = [g for g in ordered if _ops_key(g) == key]
-        self.variants = [g for g in ordered if _ops_key(g) != key]
-        self.regions = [candidates(g, rematerialize=rematerialize) for g in self.graphs]
-        if len(self.graphs) > 1:  # rematerializations the shapes share (each shape sizes its own)
-            shared = set.intersection(*({(r.path, r.first_op, r.end_op) for r in regs if r.remat}
-                                        for regs in self.regions))
-            self.regions = [tuple(r for r in regs if not r.remat or (r.path, r.first_op, r.end_op) in shared)
-                            for regs in self.regions]
-        ref = self.regions[0]
-        for g, regs in zip(self.graphs[1:], self.regions[1:]):
-            aligned = [(r.path, r.choices, r.forced, r.recompute_end) for r in regs] == [
-                (r.path, r.choices, r.forced, r.recompute_end) for r in ref]
-            if not aligned:
-                raise InputError(f"inputs {list(g.inputs)} and {list(self.primary.inputs)} run different ops; "
-                                 "one plan cannot serve both: solve a plan per shape")
-        self.variant_regions = []
-        for g in self.variants:
-            if not g.data_dependent_ops or _stable_key(g) != _stable_key(self.primary):
-                raise InputError(f"inputs {list(g.inputs)} and {list(self.primary.inputs)} run different ops "
-                                 "outside data-dependent routing; one plan cannot serve both: solve a plan per "
-                                 "shape")
-            self.variant_regions.append({r.path: r for r in candidates(g, rematerialize=rematerialize)})
-
-    def simulate(self, saved: dict[str, frozenset[int]]) -> SimResult:
-        """The worst peak over the shapes and the routing variants; FLOPs and time of the largest shape."""
-        sims = [simulate(g, regs, saved) for g, regs in zip(self.graphs, self.regions)]
-        by_path = {r.path: r for r in self.regions[0]}
-        for g, own in zip(self.variants, self.variant_regions):
-            sims.append(simulate(g, tuple(own.values()), _translate(saved, by_path, own)))
-        worst = max(sims, key=lambda r: r.peak_bytes)
-        return replace(sims[0], peak_bytes=worst.peak_bytes, peak_at=worst.peak_at)
-
-
-def _ops_key(g: Graph) -> list[tuple[str, str]]:
-    return [(o.name, o.module) for o in g.ops]
-
-
-def _stable_key(g: Graph) -> list[tuple[str, str]]:
-    """The ops outside data-dependent spans, which every routing runs alike."""
-    inside = {i for sp in g.data_dependent_spans() for i in range(sp.start, sp.end)}
-    return [(o.name, o.module) for o in g.ops if o.index not in inside]
-
-
-def _translate(saved: dict[str, frozenset[int]], ref: dict[str, Region],
-               own: dict[str, Region]) -> dict[str, frozenset[int]]:
-    """A plan's decisions for another routing's graph: an op a region saves sits before the region's
-    data-dependent ops, at the same offset from the region's first op. A decision the other graph has no
-    candidate for (or no such op) is left out: that graph is checked as the plan runs it there."""
-    out = {}
-    for path, ops in saved.items():
-        r, o = ref.get(path), own.get(path)
-        if r is None or o is None:
-            continue
-        moved = frozenset(o.first_op + (i - r.first_op) for i in ops)
-        if moved <= set(o.choices) | set(o.kept):
-            out[path] = moved
-    return out
-
-
-def candidates(graph: Graph, *, rematerialize: bool = True) -> tuple[Region, ...]:
-    """What a plan may decide: the checkpoint candidates and (unless ``rematerialize`` is False) the
-    rematerializations, in forward order."""
-    regions = candidate_regions(graph)
-    if not rematerialize:
-        return regions
-    return tuple(sorted(regions + remat_candidates(graph, regions), key=forward_order))
-
-
 def _levels(regions: tuple[Region, ...]) -> list[tuple[int, dict[str, frozenset[int]]]]:
     """(depth, plan) for each depth of the module tree below the outermost candidates: every checkpoint
     candidate at that depth, or above it where nothing below it is that shallow (never two nested)."""
@@ -182,6 +94,23 @@ def _levels(regions: tuple[Region, ...]) -> list[tuple[int, dict[str, frozenset[
         if level and (not out or level != out[-1][1]):
             out.append((d, level))
     return out
+
+
+def _floor(model: "cpsat._Model", peak_bound: int) -> int:
+    """A lower bound in bytes on every plan's simulated peak: the higher of ``peak_bound`` (a search's bound
+    on the model's peak, in units) and what every row reaches with only its freeing terms on (no search:
+    a budget of 1 byte is refused on a machine too busy to search). The model rounds each row's base and
+    every term up to a unit, so a row's true bytes are at most one unit per term, and one for the base,
+    below its value in units."""
+    freed = [[min(0, model.coef(t)) for t in terms] for terms, _ in model.terms]  # per shape, per term
+    steady_freed = [[sum(f[i] for i in idx) for idx in gap_terms] for f, (_, gap_terms) in zip(freed, model.terms)]
+    most = static = 0
+    for row, (shape, steady, others) in enumerate(model.row_terms):
+        gap_terms, f = model.terms[shape][1], freed[shape]
+        most = max(most, len(others) + sum(len(gap_terms[j]) for j in steady))
+        static = max(static, model.row_exprs[row][0] + sum(steady_freed[shape][j] for j in steady)
+                     + sum(f[i] for i in others))
+    return max(0, (max(peak_bound, static) - 1 - most) * model.unit)
 
 
 def default_reserve(graph: Graph) -> float:
@@ -243,7 +172,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
                             objective=objective, gap=gap, rematerialize=rematerialize)
     started = time.monotonic()
     note = progress or (lambda phase, info: None)
-    shapes = _Shapes(graph, rematerialize=rematerialize)
+    shapes = Shapes(graph, rematerialize=rematerialize)
     graph, regions = shapes.primary, shapes.regions[0]
     reserve = default_reserve(graph) if reserve is None else reserve
     note("simulate", {"regions": len(regions)})
@@ -276,36 +205,44 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     checked = [(full.peak_bytes, everything, "full checkpointing")]
     proven = False  # the minimum-peak search proved its plan lowest
     remat = any(r.remat for regs in shapes.regions for r in regs)
+    floor = 0  # a proven lower bound on every plan's simulated peak (0: none)
     if usable < full.peak_bytes:
         note("minimum peak", {})
         # with rematerializations, half the wall-clock time left at most: the fallback below needs some
         # on a loaded machine (an idle one reaches the deterministic limit first)
         left = (deadline - time.monotonic()) / (2 if remat else 1)
-        low = model.solve(budget_bytes=None, time_limit_s=max(1.0, left),
-                          hint=everything, workers=workers, deterministic_limit=0.3 * work)
+        # the search stops at the first plan that fits: the budget is then feasible, and phase 2 starts
+        # from it (the exact minimum only matters to a budget below it)
+        low = model.solve(budget_bytes=None, time_limit_s=max(0.1, left), hint=everything, workers=workers,
+                          deterministic_limit=0.3 * work, stop_at=usable)
         work -= low.deterministic_s
         if low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
             checked.append((shapes.simulate(low.saved).peak_bytes, low.saved, "the minimum-peak search"))
-        # proven for the graphs the model holds; the routing variants are only simulated
+        # proven for the graphs the model holds; the routing variants are only simulated (a lower bound
+        # for those graphs is one for the worst routing too)
         proven = low.status is cpsat.Status.OPTIMAL and not shapes.variants
+        floor = _floor(model, low.peak_bound)
+        fits = min(c[0] for c in checked) <= usable
         # NOTE [ Minimum without a proof ]: the minimum-peak search can end without a plan (HF Mamba: none
         # in 30 s with rematerializations, on a loaded machine none without), and the minimum would fall
         # back to full checkpointing, whose one outermost region (a whole backbone) can peak as high as
         # no checkpointing. The simulator then checks plans that need no search, checkpointing every
         # candidate module at one depth of the module tree, and with rematerializations the search runs
         # again over checkpoints only (a far smaller model), from the lowest of them. The lowest peak
-        # checked is an upper bound on the minimum, reported as unproven.
-        if not proven:
+        # checked is an upper bound on the minimum, reported as unproven; the search's bound, when it is
+        # above the budget, still proves the budget infeasible.
+        if not proven and not fits:
             for depth, level in _levels(regions):
                 checked.append((shapes.simulate(level).peak_bytes, level,
                                 f"checkpointing every module at depth {depth}"))
-        if not proven and remat:
+        # (not once the wall-clock limit is past: the limit holds, and the floor may still decide)
+        if not proven and remat and min(c[0] for c in checked) > usable and time.monotonic() < deadline:
             note("minimum peak", {"rematerialize": False})
             plain = cpsat.build(shapes.graphs, [tuple(r for r in regs if not r.remat) for regs in shapes.regions],
                                 scale_to=usable)
-            alt = plain.solve(budget_bytes=None, time_limit_s=max(1.0, (deadline - time.monotonic()) / 2),
+            alt = plain.solve(budget_bytes=None, time_limit_s=max(0.1, (deadline - time.monotonic()) / 2),
                               hint=min(checked, key=lambda c: c[0])[1], workers=workers,
-                              deterministic_limit=0.3 * work)
+                              deterministic_limit=0.3 * work, stop_at=usable)
             work -= alt.deterministic_s
             if alt.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
                 checked.append((shapes.simulate(alt.saved).peak_bytes, alt.saved,
@@ -319,6 +256,14 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             f"reaches for this model and input (parameters, gradients and the largest working set stay"
             f"{reserve_note}); try --budget {suggest_budget(minimum)} or a smaller batch",
             budget_bytes=budget_bytes, minimum_bytes=minimum)
+    elif floor > usable:
+        infeasible = InfeasibleBudget(
+            f"budget {format_bytes(budget_bytes)} is below what any plan reaches for this model and input: "
+            f"every plan peaks above {format_bytes(floor)}{reserve_note} (proven by the minimum-peak search's "
+            f"bound); the lowest peak found needs {format_bytes(minimum)} ({source}), an upper bound on the "
+            f"minimum. Try --budget {suggest_budget(minimum)} or a smaller batch",
+            budget_bytes=budget_bytes, minimum_bytes=minimum, minimum_proven=False, minimum_source=source,
+            minimum_lower_bytes=floor)
     else:
         infeasible = InfeasibleBudget(
             f"no plan fits budget {format_bytes(budget_bytes)} for this model and input; the lowest peak found "
@@ -329,8 +274,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             + f"Try --budget "
             f"{suggest_budget(minimum)}, a smaller batch, or --time-limit {int(2 * time_limit_s)} for a lower "
             "minimum", budget_bytes=budget_bytes, minimum_bytes=minimum, minimum_proven=False,
-            minimum_source=source)
-    if usable < min_peak and proven:
+            minimum_source=source, minimum_lower_bytes=floor)
+    if usable < min_peak and (proven or floor > usable):
         raise infeasible
 
     # ---- phase 2: cheapest plan under the budget, checked by the simulator ------------------------
@@ -374,7 +319,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     return make(saved, sim, status, sol.gap, stats)
 
 
-def _plan(shapes: _Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
+def _plan(shapes: Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
           budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult,
           status: PlanStatus, gap: float, objective: Objective, solve_time_s: float, stats: dict[str, int]) -> Plan:
     graph, regions = shapes.primary, shapes.regions[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckptplan
-from ckptplan.solver import bound, cpsat
+from ckptplan.solver import bound, cpsat, families
 from ckptplan.solver.linear import LinearForm
 from ckptplan.solver.regions import candidate_regions, nested_pairs, outermost
 from ckptplan.solver.simulate import simulate
@@ -133,3 +133,52 @@ def test_the_search_solves_no_bound_row_after_its_deadline(traced):
     timely = cpsat._KnapsackCheck(model, capacity, 0.0)
     timely(Solution())
     assert timely.rows
+
+
+def test_too_many_modes_are_refused_before_they_are_formed(monkeypatch):
+    """Issue 34: a family of two wide subtrees (2,049 checkpoint sets each) formed their 4.2M unions before
+    counting them; the first plan then spent seconds past the time limit (HF Whisper). The count is
+    known before: no more than MAX_MODES sets are formed."""
+    from itertools import product as real_product
+    from types import SimpleNamespace
+
+    paths = ["f"] + [f"f.{c}" for c in "ab"] + [f"f.{c}.{i}" for c in "ab" for i in range(11)]
+    regions = tuple(SimpleNamespace(path=p) for p in paths)
+    formed = []
+
+    def counting(*its):
+        formed.append(0)
+        for pair in real_product(*its):
+            formed[-1] += 1
+            yield pair
+
+    monkeypatch.setattr(families, "product", counting)
+    assert families.checkpoint_sets(0, list(range(len(paths))), regions) is None  # 2,049 x 2,049 > MAX_MODES
+    assert max(formed) <= families.MAX_MODES  # the sets of one node, at most
+
+
+def test_a_family_config_walks_back_one_mode_only(monkeypatch):
+    """Issue 34: the first plan's walk back kept every knapsack table of every mode of a family to pick
+    one (HF BERT: 55 of 80 s of the first plan, past any time limit). The cheapest mode is found from
+    last tables alone; only its tables are kept, and the configuration is the one the old walk found."""
+    import random
+
+    rng = random.Random(0)
+    modes = [families.Mode(weight=rng.randrange(0, 400), cost=rng.randrange(1000, 5000),
+                         items=tuple((rng.randrange(1, 200), -rng.randrange(1, 900)) for _ in range(6)), own=6)
+             for _ in range(40)]
+    w_min, step = min(m.weight for m in modes), 7
+    fine, size, _ = bound._fine(w_min, modes)
+    end = int(bound._row_ends(fine, size, step, 31)[-1])
+    # the old walk: the cheapest mode by every table of every mode, first on a tie
+    lasts = [bound._knapsack(m, w_min, fine, size)[-1] for m in modes]
+    want = min(range(len(modes)), key=lambda i: (float(lasts[i][:end + 1].min()), i))
+    full = []
+    real = bound._knapsack
+    monkeypatch.setattr(bound, "_knapsack", lambda m, *a: (full.append(m) if m.items else None, real(m, *a))[1])
+    index, taken, _ = bound._family_config(w_min, modes, step, 30)
+    assert index == want and len(full) == 1
+    f = int(lasts[index][:end + 1].argmin())
+    chosen = modes[index]
+    assert (chosen.weight - w_min) // fine + sum(chosen.items[i][0] // fine for i in taken) == f
+    assert chosen.cost + sum(chosen.items[i][1] for i in taken) == lasts[index][f]

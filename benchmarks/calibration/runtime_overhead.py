@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
-from ckptplan import costmodel, planner
+from ckptplan import costmodel, planner, shapes as shapes_mod
 from ckptplan.solver import baselines
 from ckptplan.solver.regions import candidate_regions
 from ckptplan.trace import default_loss
@@ -82,7 +82,7 @@ MODELS = {  # the policy benchmark's sizes
 
 def plan_for(graph, saved: dict[str, frozenset[int]]) -> ckptplan.Plan:
     """A plan with exactly these decisions (planner._plan is what solve() writes its answer with)."""
-    shapes = planner._Shapes(graph)
+    shapes = shapes_mod.Shapes(graph)
     sim, base = shapes.simulate(saved), shapes.simulate({})
     return planner._plan(shapes, saved, sim, budget_bytes=sim.peak_bytes, budget_text=str(sim.peak_bytes),
                          reserve=0.0, baseline=base, full=sim, status="feasible", gap=1.0, objective="time",

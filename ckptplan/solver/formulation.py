@@ -185,13 +185,22 @@ class Formulation:
             self.m.add(var == prefix[-1] + g[j])
             prefix.append(var)
             self.prefix[gi].append((var, j))
+        # each term's coefficient, and its coefficient x literal made once at its first row (in the same order
+        # as before, so the same variables): a term is in hundreds of rows (HF Mamba: 575k row terms from
+        # 2.6k terms; building them one by one was 3.5 s of CPU)
+        coefs = [self.coef(t) for t in terms]
+        made: dict[int, cp_model.LinearExpr] = {}
+
+        def product(i: int) -> cp_model.LinearExpr:
+            if i not in made:
+                made[i] = coefs[i] * self.expr(terms[i])
+            return made[i]
+
         # [Constraint] per row: base (max over the row's positions) + steady regions + other active terms <= peak
         for (steady, others), base in sorted(rows.items(), key=lambda kv: kv[0]):
             runs = _runs(sorted(order[j] for j in steady))
-            e = sum(prefix[b] - prefix[a] for a, b in runs) + sum(
-                self.coef(terms[i]) * self.expr(terms[i]) for i in others)
-            ub = self.scale(base) + sum(steady_hi[j] for j in steady) + sum(
-                max(0, self.coef(terms[i])) for i in others)
+            e = sum(prefix[b] - prefix[a] for a, b in runs) + sum(product(i) for i in others)
+            ub = self.scale(base) + sum(steady_hi[j] for j in steady) + sum(max(0, coefs[i]) for i in others)
             self.row_exprs.append((self.scale(base), e, ub))
             self.row_terms.append((gi, steady, others))
 
