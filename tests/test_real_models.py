@@ -71,6 +71,17 @@ def _routing_broke(row: dict) -> bool:
 MOE = Bug(reason="issue 29: a plan holds for the traced routing only (data-dependent expert token counts)",
           seen=_routing_broke)
 
+
+def _over_prediction(row: dict) -> bool:
+    return row.get("measured_bytes", 0) > row.get("predicted_bytes", float("inf"))
+
+
+# Whisper's encoder makes its positions with torch.arange, detaches them (an op the recipe mode ignores) and
+# embeds them: the recipe of the positions' sum records the detached tensor, another Python object than the
+# arange it made, as an input of its own, and holds the forward's copy until the rerun (256 B at the minimum).
+DETACHED_INPUT = Bug(reason="rematerialize.py: a recipe holds a tensor it made when it reaches a later op through "
+                            "detach (Whisper's encoder positions)", seen=_over_prediction)
+
 # (model of hf_zoo.ZOO, slow, known bug or None): the fast half covers one of each kind but state-space
 FAST, SLOW = False, True
 CASES = [
@@ -90,7 +101,7 @@ CASES = [
     ("opt", SLOW, None),
     ("roberta", SLOW, None),
     ("t5", SLOW, None),
-    ("whisper", SLOW, None),  # a frozen parameter (encoder embed_positions)
+    ("whisper", SLOW, DETACHED_INPUT),  # a frozen parameter (encoder embed_positions)
     ("swin", SLOW, None),  # shifted windows, blocks nested two levels deep
     ("convnext", SLOW, None),  # depthwise convolutions, layer scale
     ("clip", SLOW, None),  # multimodal: a text and a vision tower
