@@ -1,9 +1,9 @@
-"""Tiny Hugging Face ``transformers`` architectures and PyTorch's ``nn.TransformerEncoder``, one factory each.
+"""Tiny Hugging Face ``transformers`` architectures and PyTorch's own transformer modules, one factory each.
 
 The real-models suite (tests/test_real_models.py, benchmarks/real_models.py) runs ckptplan on models
 nobody here wrote. ``ZOO[name]()`` returns ``(model, args, kwargs)`` built on CPU from a tiny config with
 a seeded random init, in train mode, such that ``default_loss(model(*args, **kwargs))`` is the step's
-loss (``out.loss`` for every Hugging Face model, a sum for the PyTorch module). Nothing is downloaded;
+loss (``out.loss`` for every Hugging Face model, a mean of squares for the PyTorch modules). Nothing is downloaded;
 ``transformers`` is imported inside the factories.
 
 Every decoder config sets ``use_cache=False`` (see examples/hf_models.py: a recomputed layer would append
@@ -37,6 +37,10 @@ def _ids(seed: int, batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB) -> t
 
 def _floats(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _images(seed: int, size: int = 32) -> dict:
+    return {"pixel_values": _floats(seed, BATCH, 3, size, size), "labels": torch.arange(BATCH) % 10}
 
 
 def _build(model_cls: type, config: Any, kwargs: dict, seed: int) -> Built:
@@ -147,8 +151,7 @@ def vit(seed: int = 0) -> Built:
 
     config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                        image_size=32, patch_size=4, num_labels=10)
-    kwargs = {"pixel_values": _floats(seed, BATCH, 3, 32, 32), "labels": torch.arange(BATCH) % 10}
-    return _build(ViTForImageClassification, config, kwargs, seed)
+    return _build(ViTForImageClassification, config, _images(seed), seed)
 
 
 def swin(seed: int = 0) -> Built:
@@ -156,8 +159,7 @@ def swin(seed: int = 0) -> Built:
 
     config = SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                         window_size=4, num_labels=10)
-    kwargs = {"pixel_values": _floats(seed, BATCH, 3, 32, 32), "labels": torch.arange(BATCH) % 10}
-    return _build(SwinForImageClassification, config, kwargs, seed)
+    return _build(SwinForImageClassification, config, _images(seed), seed)
 
 
 def clip(seed: int = 0) -> Built:
@@ -210,6 +212,24 @@ def qwen2_moe(seed: int = 0) -> Built:
     return _causal(Qwen2MoeForCausalLM, config, seed)
 
 
+def resnet(seed: int = 0) -> Built:
+    """Convolutional: bottleneck blocks, BatchNorm (its statistics are buffers the step updates)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="bottleneck",
+                          num_labels=10)
+    return _build(ResNetForImageClassification, config, _images(seed), seed)
+
+
+def convnext(seed: int = 0) -> Built:
+    """Convolutional: depthwise 7x7 convolutions, LayerNorm over channels, layer scale."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    config = ConvNextConfig(hidden_sizes=[16, 32], depths=[2, 2], num_stages=2, image_size=32, patch_size=2,
+                            num_labels=10)
+    return _build(ConvNextForImageClassification, config, _images(seed), seed)
+
+
 class EncoderClassifier(nn.Module):
     """PyTorch's stock ``nn.TransformerEncoder`` (batch_first) over a (B, T, d) input; loss: mean of squares."""
 
@@ -228,9 +248,51 @@ def torch_encoder(seed: int = 0) -> Built:
     return model, (_floats(seed, BATCH, SEQ, 128),), {}
 
 
+class DecoderLM(nn.Module):
+    """PyTorch's stock ``nn.TransformerDecoder`` (batch_first, causal self-attention, cross-attention to a
+    memory) over (B, T, d) targets; loss: mean of squares."""
+
+    def __init__(self, d: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        layer = nn.TransformerDecoderLayer(d, nhead=4, dim_feedforward=2 * d, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, layers)
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.decoder(tgt, memory, tgt_mask=mask, tgt_is_causal=True).pow(2).mean()
+
+
+def torch_decoder(seed: int = 0) -> Built:
+    torch.manual_seed(seed)
+    model = DecoderLM().train()
+    return model, (_floats(seed, BATCH, SEQ, 64), _floats(seed + 1, BATCH, SEQ // 2, 64)), {}
+
+
+class AttentionStack(nn.Module):
+    """Stock ``nn.MultiheadAttention`` layers (batch_first, dropout) with residuals; loss: mean of squares."""
+
+    def __init__(self, d: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        self.attn = nn.ModuleList(nn.MultiheadAttention(d, 4, dropout=0.1, batch_first=True) for _ in range(layers))
+        self.norm = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn, norm in zip(self.attn, self.norm):
+            h = norm(x)
+            x = x + attn(h, h, h, need_weights=False)[0]
+        return x.pow(2).mean()
+
+
+def torch_mha(seed: int = 0) -> Built:
+    torch.manual_seed(seed)
+    model = AttentionStack().train()
+    return model, (_floats(seed, BATCH, SEQ, 64),), {}
+
+
 # name -> factory; decoder, encoder, encoder-decoder, vision, multimodal, state-space, mixture-of-experts
 ZOO: dict[str, Callable[[], Built]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "gemma2": gemma2, "gpt2": gpt2, "gpt_neox": gpt_neox,
     "opt": opt, "bert": bert, "roberta": roberta, "t5": t5, "bart": bart, "vit": vit, "swin": swin, "clip": clip,
-    "whisper": whisper, "mamba": mamba, "mixtral": mixtral, "qwen2_moe": qwen2_moe, "torch_encoder": torch_encoder,
+    "whisper": whisper, "mamba": mamba, "mixtral": mixtral, "qwen2_moe": qwen2_moe, "resnet": resnet,
+    "convnext": convnext, "torch_encoder": torch_encoder, "torch_decoder": torch_decoder, "torch_mha": torch_mha,
 }
