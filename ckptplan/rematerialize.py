@@ -136,6 +136,7 @@ class _Recording:
         self.ops: list[tuple[Any, list[Any], Any]] = []
         self.made: dict[int, tuple[int, int]] = {}  # id of a tensor an op made -> (op, output)
         self.outs: list[list[torch.Tensor]] = []  # keeps those ids valid while the recipe is recorded
+        self.aliases: list[torch.Tensor] = []  # detached views of what it made (their ids in ``made``)
 
 
 class _RecipeMode(TorchDispatchMode):
@@ -160,8 +161,16 @@ class _RecipeMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         owner = self.owner
-        if func in SAC_IGNORED_OPS or owner.counter.suspended:
+        if owner.counter.suspended:
             return func(*args, **kwargs)
+        if func in SAC_IGNORED_OPS:  # not counted; a detach of a tensor a recipe made is that tensor to it
+            out = func(*args, **kwargs)
+            for rec in self.active:
+                made = [rec.made[id(a)] for a in args if isinstance(a, torch.Tensor) and id(a) in rec.made]
+                if made and isinstance(out, torch.Tensor):
+                    rec.made.setdefault(id(out), made[0])
+                    rec.aliases.append(out)
+            return out
         pos = self.position
         self.position += 1
         for plan in self.starts.get(pos, ()):
