@@ -526,8 +526,11 @@ def fit_cmd(
 @app.command("trace")
 def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOpt = None,
               parallel: ParallelOpt = None, world_size: WorldOpt = 1, target: TargetOpt = None,
-              gpu: GpuOpt = None, sdpa: SdpaOpt = None, autocast: AutocastOpt = None, as_json: JsonOpt = False,
-              quiet: QuietOpt = False) -> None:
+              gpu: GpuOpt = None, sdpa: SdpaOpt = None, autocast: AutocastOpt = None,
+              breakdown: Annotated[bool, typer.Option(
+                  "--breakdown", help="Also print what is alive at the peak: by kind, activations by module, "
+                                      "the largest tensors (as `ckptplan explain` does for a plan).")] = False,
+              as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Trace one training step and print its memory facts: peaks, FLOPs, candidate regions and
     rematerializations."""
     from .solver.regions import candidate_regions, outermost
@@ -546,10 +549,64 @@ def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOp
     full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)})
     info = report.graph_summary(graph, regions=len(regions), full_peak=full.peak_bytes,
                                 remats=len(remat_candidates(graph, regions)))
+    peak = None
+    if breakdown:
+        from .explain import as_dict, explain as explain_peak
+
+        peak = explain_peak(graph)[0]
+        info["breakdown"] = as_dict(peak)
     if as_json:
         print(json.dumps(info, indent=2))
     elif not quiet:
+        info.pop("breakdown", None)
         err.print(report.graph_table(info))
+        for part in report.explain_tables(graph, peak) if peak is not None else ():
+            err.print(part, highlight=False)
+
+
+@app.command()
+def explain(
+    plan_file: Annotated[Path, typer.Argument(help="A plan written by `ckptplan solve`.")],
+    model: ModelOpt = None,
+    arg: ArgOpt = None,
+    depth: Annotated[Optional[int], typer.Option(
+        help="Charge activations to modules this many path components deep (3: transformer.h.3).",
+        show_default=False)] = None,
+    top: Annotated[int, typer.Option(help="How many of the largest tensors alive at the peak to list.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """What makes the peak, with and without the plan: parameters, gradients, optimizer state, activations
+    by module (identical layers folded), and the largest tensors alive there. Traces the model the plan is
+    for (--model, -a as for solve); the parts sum to the plan's predicted peak."""
+    from .explain import as_dict, explain as explain_peak
+    from .planner import check_plan
+
+    try:
+        _check_depth(depth)
+        plan = load_plan(plan_file)
+        mode, _, world = plan.parallel.partition(":")
+        _, graph = _trace(model, arg, plan.optimizer, as_json, mode or None, int(world or 1),
+                          where=_plan_where(plan))
+        check_plan(graph, plan)
+        without, planned = explain_peak(graph, plan, depth=depth, top=top)
+    except CkptplanError as e:
+        _fail(e, as_json)
+        return
+    except KeyboardInterrupt:
+        _interrupted("nothing explained")
+    assert planned is not None  # explain() was given the plan
+    if as_json:
+        print(json.dumps({"model": graph.model_name, "budget_bytes": plan.budget_bytes,
+                          "no_checkpointing": as_dict(without), "plan": as_dict(planned)}, indent=2))
+        return
+    out = _console()
+    for part in report.explain_tables(graph, without, planned, plan=plan, depth=depth):
+        out.print(part, highlight=False)
+
+
+def _check_depth(depth: int | None) -> None:
+    if depth is not None and depth < 1:
+        raise typer.BadParameter(f"give a depth of 1 or more, e.g. 3 (not {depth})", param_hint="--depth")
 
 
 @app.command()
@@ -601,6 +658,11 @@ def diff(a: Annotated[Path, typer.Argument(help="First plan.")],
         print(json.dumps(d, indent=2))
     else:
         _wide().print(report.diff_table(d))
+
+
+def _console() -> Console:
+    """Rich output on stderr at the terminal's width (COLUMNS where set; 80 when piped)."""
+    return err
 
 
 def _wide() -> Console:

@@ -235,3 +235,45 @@ def fit_table(result: Any) -> Table:
                   f"+{100 * plan.extra_forward_fraction:.1f}%" if plan else "",
                   style="bold" if trial is result.best else None)
     return t
+
+
+def explain_tables(graph: Graph, without: Any, planned: Any = None, *, plan: Plan | None = None,
+                   depth: int | None = None) -> list[Any]:
+    """``explain.explain``'s breakdowns: the answer in one line, then bytes by kind, activations by module
+    (identical layers folded) and the largest tensors alive at the peak, without and with the plan."""
+    from .explain import Kind, module_rows
+
+    shown = [without] + ([planned] if planned is not None else [])
+    heads = ["no checkpointing"] + (["this plan"] if planned is not None else [])
+    if planned is not None and plan is not None:
+        acts = [dict(b.by_kind)[Kind.ACTIVATIONS] for b in shown]
+        lead = (f"peak {format_bytes(planned.peak_bytes)} with the plan (budget {format_bytes(plan.budget_bytes)}), "
+                f"{format_bytes(without.peak_bytes)} without: {format_bytes(acts[0] - acts[1])} fewer activations "
+                f"alive at the peak")
+    else:
+        lead = f"peak {format_bytes(without.peak_bytes)} without checkpointing ({without.peak_at})"
+    kinds = Table(title="alive at the peak, by kind", title_justify="left")
+    kinds.add_column("kind")
+    for h in heads:
+        kinds.add_column(h, justify="right")
+    for i, (kind, _) in enumerate(without.by_kind):
+        values = [b.by_kind[i][1] for b in shown]
+        if any(values):
+            kinds.add_row(kind.value, *map(format_bytes, values))
+    kinds.add_section()
+    kinds.add_row("[bold]peak[/bold]", *(f"[bold]{format_bytes(b.peak_bytes)}[/bold]" for b in shown))
+    kinds.add_row("where", *(b.peak_at for b in shown))
+    modules = Table(title="activations alive at the peak, by module (identical layers folded)", title_justify="left")
+    modules.add_column("module", overflow="fold")
+    modules.add_column("#", justify="right")
+    for h in heads:
+        modules.add_column(h, justify="right")
+    for row in module_rows(graph, *shown, depth=depth):
+        modules.add_row(row.label, str(row.modules), *(format_bytes(n) if n else "-" for n in row.nbytes))
+    last = shown[-1]
+    largest = Table(title=f"largest tensors alive at the peak ({heads[-1]})", title_justify="left")
+    for name, justify in [("kind", "left"), ("tensor", "left"), ("shape", "left"), ("bytes", "right")]:
+        largest.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]  # str, not a Literal
+    for t in last.largest:
+        largest.add_row(t.kind.value, t.name, f"{t.dtype}[{t.shape}]" if t.shape else "", format_bytes(t.nbytes))
+    return [lead, kinds, modules, largest]
