@@ -327,12 +327,12 @@ def solve(
         print(json.dumps({**report.plan_summary(plan), "fits_without_checkpointing": not plan.regions,
                           "plan_file": str(path)}, indent=2))
     elif not quiet:
-        if not plan.regions:
-            err.print(_fits_without(plan, path), highlight=False)
-        err.print(report.summary_table(plan, str(path)))
+        primary = graph if not isinstance(graph, list) else graph[0]
+        err.print(_fits_without(plan, path) if not plan.regions else escape(
+            report.answer(plan, forward_cost_ns=primary.forward_cost_ns)), highlight=False)
+        err.print(report.summary_table(plan, str(path), forward_cost_ns=primary.forward_cost_ns))
         if plan.device == "cuda":
-            err.print(report.cuda_memory_note(graph if not isinstance(graph, list) else graph[0], plan),
-                      highlight=False)
+            err.print(report.cuda_memory_note(primary, plan), highlight=False)
 
 
 def _fits_without(plan: Any, path: Path) -> str:
@@ -414,7 +414,9 @@ def sweep(
                           "no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
                           "rows": [asdict(r) for r in rows], "plot": str(plot) if plot else None}, indent=2))
     elif not quiet:
-        _wide().print(report.sweep_table(rows, forward_flops=graph.forward_flops))
+        for line in report.sweep_answer(rows, forward_flops=graph.forward_flops):
+            err.print(escape(line), highlight=False)
+        err.print(report.sweep_table(rows, forward_flops=graph.forward_flops))
         if plot is not None:
             err.print(f"plot written to {plot}")
 
@@ -612,7 +614,8 @@ def _check_depth(depth: int | None) -> None:
 @app.command()
 def show(
     plan_file: Annotated[Path, typer.Argument(help="A plan written by `ckptplan solve`.")],
-    sort: Annotated[str, typer.Option(help="Row order inside a region: order, bytes or flops.")] = "order",
+    ops: Annotated[bool, typer.Option("--ops", help="Also list every op of each region and its decision.")] = False,
+    sort: Annotated[str, typer.Option(help="Op row order inside a region (--ops): order, bytes or flops.")] = "order",
     fold: Annotated[bool, typer.Option(help="Fold identical layers into one group.")] = True,
     model: Annotated[Optional[str], typer.Option(
         "--model", "-m", help="Also trace this model and re-simulate the plan's decisions on it "
@@ -620,35 +623,47 @@ def show(
     arg: ArgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print a plan: its header, then its decisions grouped by module with identical layers folded."""
+    """Print a plan: the answer in one line, its header, its regions with identical layers folded and, with
+    --ops, every op's decision."""
     if sort not in ("order", "bytes", "flops"):
         raise typer.BadParameter("choose order, bytes or flops", param_hint="--sort")
+    resimulated, forward_ns = None, 0
     try:
         plan = load_plan(plan_file)
         if model is not None:
             from .planner import check_plan
 
             mode, _, world = plan.parallel.partition(":")
-            _, graph = _trace(model, arg, plan.optimizer, True, mode or None, int(world or 1),
-                              where=_plan_where(plan))
-            check_plan(graph, plan)
+            loaded, graph = _trace(model, arg, plan.optimizer, True, mode or None, int(world or 1),
+                                   where=_plan_where(plan))
+            resimulated, forward_ns = (loaded.name, check_plan(graph, plan)), graph.forward_cost_ns
     except CkptplanError as e:
         _fail(e, as_json)
         return
     except KeyboardInterrupt:
         _interrupted("nothing shown")
     if as_json:
-        print(json.dumps(report.plan_summary(plan), indent=2))
+        extra = {} if resimulated is None else {"resimulated_peak_bytes": resimulated[1].peak_bytes}
+        print(json.dumps({**report.plan_summary(plan), **extra}, indent=2))
         return
-    out = _wide()
-    out.print(report.summary_table(plan, str(plan_file)))
-    out.print(report.decisions_table(plan, sort=sort, fold=fold))
+    out = _console()
+    out.print(escape(report.answer(plan, forward_cost_ns=forward_ns)), highlight=False)
+    if resimulated is not None:
+        name, sim = resimulated
+        out.print(escape(f"re-simulated on {name} as traced now: peak {format_bytes(sim.peak_bytes)} (the plan "
+                         f"says {format_bytes(plan.predicted_peak_bytes)}), within its budget"), highlight=False)
+    out.print(report.summary_table(plan, str(plan_file), forward_cost_ns=forward_ns))
+    out.print(report.regions_table(plan, fold=fold))
+    for table in report.decisions_tables(plan, sort=sort, fold=fold) if ops else ():
+        out.print(table)
 
 
 @app.command()
 def diff(a: Annotated[Path, typer.Argument(help="First plan.")],
-         b: Annotated[Path, typer.Argument(help="Second plan.")], as_json: JsonOpt = False) -> None:
-    """Show what changed between two plans: peaks, FLOPs, checkpointed regions, op decisions."""
+         b: Annotated[Path, typer.Argument(help="Second plan.")],
+         ops: Annotated[bool, typer.Option("--ops", help="List every op whose decision changed.")] = False,
+         as_json: JsonOpt = False) -> None:
+    """Show what changed between two plans: peaks, FLOPs, checkpointed regions (folded), op decisions."""
     try:
         d = report.diff_plans(load_plan(a), load_plan(b))
     except CkptplanError as e:
@@ -657,17 +672,12 @@ def diff(a: Annotated[Path, typer.Argument(help="First plan.")],
     if as_json:
         print(json.dumps(d, indent=2))
     else:
-        _wide().print(report.diff_table(d))
+        _console().print(report.diff_table(d, ops=ops))
 
 
 def _console() -> Console:
     """Rich output on stderr at the terminal's width (COLUMNS where set; 80 when piped)."""
     return err
-
-
-def _wide() -> Console:
-    """Tables of op rows need room: at least 160 columns, even when piped. Like all rich output, stderr."""
-    return Console(stderr=True, width=max(err.width, 160))
 
 
 @app.command()

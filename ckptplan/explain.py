@@ -12,13 +12,12 @@ traced here.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Mapping
 
 from .graph import Graph, StorageKind
-from .plan import Plan, fold_paths
+from .plan import Plan, fold_names
 from .solver.regions import Region
 from .solver.simulate import alive_at_peak
 
@@ -140,21 +139,10 @@ def module_rows(graph: Graph, *breakdowns: Breakdown, depth: int | None = None) 
     order = _model_order(graph, depth)
     per = [dict(b.by_module) for b in breakdowns]
     modules = sorted({m for p in per for m in p}, key=lambda m: (order.get(m, (len(graph.ops), 0)), m))
-    groups: dict[str, list[str]] = {}
-    for module in modules:
-        groups.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", module), []).append(module)
-    rows = []
-    for pattern, members in groups.items():
-        folded = fold_paths(sorted(members, key=_numeric)) if len(members) > 1 else members[0]
-        label = folded if "," not in folded else pattern  # more than one varying number: h.*.blocks.*
-        rows.append(ModuleRow(label=label or "<root>", modules=len(members),
-                              nbytes=tuple(sum(p.get(m, 0) for m in members) for p in per)))
+    rows = [ModuleRow(label=label or "<root>", modules=len(members),
+                      nbytes=tuple(sum(p.get(m, 0) for m in members) for p in per))
+            for label, members in fold_names(modules)]
     return tuple(rows)
-
-
-def _numeric(path: str) -> list[tuple[int, str]]:
-    """Sort key of a module path: ``h.2`` before ``h.10``."""
-    return [(int(p), "") if p.isdigit() else (-1, p) for p in path.split(".")]
 
 
 def _tensor(graph: Graph, sid: int) -> Tensor:
