@@ -520,8 +520,9 @@ def fit_cmd(
         more = f"; the largest value tried (--max {result.limit}): larger ones may fit" if result.at_limit else ""
         err.print(escape(f"largest {vary} that fits {format_bytes(result.budget_bytes)}: {best.value} (peak "
                          f"{format_bytes(plan.predicted_peak_bytes)}, +{100 * fraction:.1f}% "
-                         f"estimated step time, +{100 * plan.extra_forward_fraction:.1f}% forward FLOPs)"
-                         f"{more}; plan written to {path}"), highlight=False)
+                         f"estimated step time, +{100 * plan.extra_forward_fraction:.1f}% forward FLOPs; "
+                         f"checkpoints {report.regions_text(plan) if plan.regions else 'nothing'}){more}; plan "
+                         f"written to {path}"), highlight=False)
         err.print(report.fit_table(result))
 
 
@@ -535,7 +536,8 @@ def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOp
               as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Trace one training step and print its memory facts: peaks, FLOPs, candidate regions and
     rematerializations."""
-    from .solver.regions import candidate_regions, outermost
+    from .planner import full_checkpointing
+    from .solver.regions import candidate_regions
     from .solver.remat import remat_candidates
     from .solver.simulate import simulate
 
@@ -548,7 +550,7 @@ def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOp
     except KeyboardInterrupt:
         _interrupted("nothing traced")
     regions = candidate_regions(graph)
-    full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)})
+    full = simulate(graph, regions, full_checkpointing(graph, regions))
     info = report.graph_summary(graph, regions=len(regions), full_peak=full.peak_bytes,
                                 remats=len(remat_candidates(graph, regions)))
     peak = None

@@ -83,7 +83,7 @@ class Plan:
     budget_text: str
     reserve: float  # fraction of the budget kept free as headroom
     baseline_peak_bytes: int  # no checkpointing
-    full_peak_bytes: int  # every candidate region checkpointed, nothing saved
+    full_peak_bytes: int  # each repeated block checkpointed, nothing saved (planner.full_checkpointing)
     predicted_peak_bytes: int  # this plan, by the simulator
     forward_flops: int
     extra_forward_flops: int

@@ -27,6 +27,7 @@ from .costmodel import DeviceProfile, load_profile, price
 from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
 from .graph import Forced, Graph, parse_path
 from .plan import Decision, OpDecision, Plan, RegionPlan
+from .solver.baselines import Policy, decisions
 from .solver.regions import Region, candidate_regions, forward_order, outermost
 from .solver.remat import remat_candidates
 from .solver.simulate import SimResult, simulate
@@ -125,6 +126,12 @@ def candidates(graph: Graph, *, rematerialize: bool = True) -> tuple[Region, ...
     return tuple(sorted(regions + remat_candidates(graph, regions), key=forward_order))
 
 
+def full_checkpointing(graph: Graph, regions: tuple[Region, ...]) -> dict[str, frozenset[int]]:
+    """Each repeated block checkpointed, nothing saved (``baselines.block_paths``: GPT-2's ``h.N``, an encoder's
+    ``layers.N``, at any depth); the outermost candidates for a model without blocks."""
+    return decisions(graph, regions, Policy.FULL) or {r.path: frozenset() for r in outermost(regions)}
+
+
 def _levels(regions: tuple[Region, ...]) -> list[tuple[int, dict[str, frozenset[int]]]]:
     """(depth, plan) for each depth of the module tree below the outermost candidates: every checkpoint
     candidate at that depth, or above it where nothing below it is that shallow (never two nested)."""
@@ -210,11 +217,15 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     budget_text = budget if isinstance(budget, str) else str(budget)
     everything: dict[str, frozenset[int]] = {r.path: frozenset() for r in outermost(regions)}
     full = shapes.simulate(everything)
+    # what users call full checkpointing, reported in the plan: each repeated block checkpointed, as
+    # gradient_checkpointing_enable() and torchtitan do (the outermost candidates where there are no blocks)
+    blocks = full_checkpointing(graph, regions)
+    full_blocks = shapes.simulate(blocks) if blocks and blocks != everything else full
 
     def make(saved: dict[str, frozenset[int]], sim: SimResult, status: str, gap: float,
              stats: dict[str, int]) -> Plan:
         return _plan(shapes, saved, sim, budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
-                     baseline=baseline, full=full, status=status, gap=gap, objective=goal.value,
+                     baseline=baseline, full=full_blocks, status=status, gap=gap, objective=goal.value,
                      solve_time_s=time.monotonic() - started, stats=stats)
 
     if usable >= baseline.peak_bytes:
