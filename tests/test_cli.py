@@ -213,6 +213,21 @@ def test_verify_matching_model_fits_and_measures_the_predicted_flops(plan_min):
     assert v["fits"] is True
     assert 0 < v["measured_peak_bytes"] <= v["budget_bytes"] == payload["budget_bytes"]
     assert v["measured_extra_forward_flops"] == v["predicted_extra_forward_flops"] > 0
+    # step time against the unplanned model: present and positive (no timing assertion)
+    assert v["steps_timed"] == 3 and v["step_ns_without_plan"] > 0 and v["step_ns_with_plan"] > 0
+    assert isinstance(v["measured_step_time_percent"], float) and v["estimated_step_time_percent"] > 0
+
+
+def test_verify_human_output_reports_step_time(plan_min):
+    path, _ = plan_min
+    result = run("verify", str(path), "-m", GPT2, *ARGS, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    text = flat(result.stderr)
+    assert re.search(r"step time: [\d.]+ [mµ]?s without the plan, [\d.]+ [mµ]?s with it: [+-][\d.]+% "
+                     r"\(median of 1 steps each; estimated \+[\d.]+%\)", text), text
+    no_timing = json.loads(run("verify", str(path), "-m", GPT2, *ARGS, "--steps", "0", "--json").stdout)
+    assert no_timing["step_ns_without_plan"] is None and no_timing["fits"] is True
+    assert run("verify", str(path), "-m", GPT2, *ARGS, "--steps", "-1").exit_code == 2
 
 
 def test_verify_against_another_model_exits_5(plan_min):
