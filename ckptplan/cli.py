@@ -356,8 +356,9 @@ def sweep(
         help="Fraction of each budget kept free, applied to every policy alike (default: as solve's).",
         show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(
-        help="Also write a Pareto plot (peak vs extra FLOPs) to this PNG file (needs matplotlib: "
-             "pip install 'ckptplan\\[plot]').")] = None,
+        help="Also write a plot to this file (.png, .pdf, .svg, ...): estimated step-time overhead and extra "
+             "FLOPs against peak memory, budgets as lines (needs matplotlib: pip install 'ckptplan\\[plot]').")
+    ] = None,
     remat: RematOpt = True,
     target: TargetOpt = None,
     gpu: GpuOpt = None,
@@ -403,7 +404,8 @@ def sweep(
                                     objective=objective, rematerialize=remat)
         if plot is not None:
             _write(plot, "--plot", lambda: pareto_plot(rows, plot, title=f"{graph.model_name}: predicted",
-                                                       forward_flops=graph.forward_flops))
+                                                       forward_flops=graph.forward_flops,
+                                                       forward_cost_ns=graph.forward_cost_ns))
     except CkptplanError as e:
         _fail(e, as_json)
         return
