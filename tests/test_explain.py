@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,11 @@ def test_trace_breakdown_json_sums_to_the_unplanned_peak():
     b = d["breakdown"]
     assert sum(b["by_kind"].values()) == b["peak_bytes"] == d["no_checkpointing_peak_bytes"]
     assert b["by_kind"]["optimizer state"] == d["optimizer_state_bytes"] > 0
+
+
+def test_trace_leads_with_the_peaks():
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["trace", "-m", GPT2, *ARGS])
+    assert result.exit_code == 0, result.output
+    first = result.stderr.splitlines()[0]
+    assert re.match(r"peak [\d.]+ [KMG]iB without checkpointing, [\d.]+ [KMG]iB with each block checkpointed "
+                    r"\(\+[\d.]+% FLOPs\); \d+ candidate regions$", first), first

@@ -73,6 +73,10 @@ def trace_cmd(model: ModelOpt = None, arg: ArgOpt = None, optimizer: OptimizerOp
         print(json.dumps(info, indent=2))
     elif not quiet:
         info.pop("breakdown", None)
+        err.print(escape(f"peak {format_bytes(graph.baseline_peak_bytes)} without checkpointing, "
+                         f"{format_bytes(full.peak_bytes)} with each block checkpointed (+"
+                         f"{100 * full.extra_forward_flops / max(graph.forward_flops, 1):.1f}% FLOPs); "
+                         f"{len(regions)} candidate regions"), highlight=False)
         err.print(report.graph_table(info))
         for part in report.explain_tables(graph, peak) if peak is not None else ():
             err.print(part, highlight=False)
