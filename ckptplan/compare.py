@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import InfeasibleBudget, InputError
 from .graph import Graph
@@ -72,8 +72,30 @@ def sweep(graph: Graph, budgets: Sequence[str | int], *, time_limit_s: float = 3
     return rows
 
 
-def pareto_plot(rows: Sequence[SweepRow], path: str | Path, *, title: str, forward_flops: int) -> Path:
-    """Peak memory against extra forward FLOPs (% of forward), one line per policy. Needs matplotlib."""
+def memory_unit(nbytes: int) -> tuple[str, int]:
+    """The binary unit a memory axis reads best in for values up to ``nbytes``: ("MiB", 2**20), ..."""
+    for name, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return name, size
+    return "B", 1
+
+
+def pareto_plot(rows: Sequence[SweepRow], path: str | Path, *, title: str, forward_flops: int,
+                forward_cost_ns: int = 0) -> Path:
+    """Two panels against peak memory, one line per policy: estimated step-time overhead (% of a step, or
+    ms when the step's time is unknown) and extra forward FLOPs (% of forward); the budgets as vertical
+    lines, memory in the model's own unit. ckptplan appears only on the panel of the objective it minimised
+    (its SweepRow knob): on the other it is not optimal, and a policy below it there says nothing. Needs
+    matplotlib."""
+    path = Path(path)
+    fig = pareto_figure(rows, title=title, forward_flops=forward_flops, forward_cost_ns=forward_cost_ns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -81,20 +103,38 @@ def pareto_plot(rows: Sequence[SweepRow], path: str | Path, *, title: str, forwa
         import matplotlib.pyplot as plt
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install 'ckptplan[plot]' (or pip install matplotlib)") from None
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for policy in dict.fromkeys(r.policy for r in rows):
-        pts = sorted({(r.peak_bytes / 2**30, 100 * r.extra_forward_flops / max(forward_flops, 1))
-                      for r in rows if r.policy == policy and r.fits and r.peak_bytes is not None
-                      and r.extra_forward_flops is not None})
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if policy == CKPTPLAN else "s--",
-                    label=policy, linewidth=2.2 if policy == CKPTPLAN else 1.2)
-    ax.set(xlabel="peak memory (GiB)", ylabel="extra forward FLOPs (% of forward)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    return plt
+
+
+def pareto_figure(rows: Sequence[SweepRow], *, title: str, forward_flops: int, forward_cost_ns: int = 0) -> Any:
+    """``pareto_plot``'s matplotlib figure (two axes), not saved."""
+    plt = _pyplot()
+    fitting = [r for r in rows if r.fits and r.peak_bytes is not None and r.extra_forward_flops is not None
+               and r.extra_cost_ns is not None]
+    unit, size = memory_unit(max([r.peak_bytes or 0 for r in fitting] + [r.budget_bytes for r in rows] + [1]))
+    step_ns = 3 * forward_cost_ns  # forward and a backward of about twice its cost, as report.STEP_PER_FORWARD
+    objective = next((r.knob for r in rows if r.policy == CKPTPLAN), "time")
+    panels = [("time", "est. step-time overhead (% of step)" if step_ns else "est. recompute time (ms)",
+               lambda r: 100 * r.extra_cost_ns / step_ns if step_ns else r.extra_cost_ns / 1e6),
+              ("flops", "extra forward FLOPs (% of forward)",
+               lambda r: 100 * r.extra_forward_flops / max(forward_flops, 1))]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (goal, ylabel, value) in zip(axes, panels):
+        for policy in dict.fromkeys(r.policy for r in rows):
+            if policy == CKPTPLAN and goal != objective:
+                continue
+            pts = sorted({((r.peak_bytes or 0) / size, value(r)) for r in fitting if r.policy == policy})
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if policy == CKPTPLAN else "s--",
+                        label=f"ckptplan (minimises {goal})" if policy == CKPTPLAN else policy,
+                        linewidth=2.2 if policy == CKPTPLAN else 1.2)
+        for b in dict.fromkeys(r.budget_bytes for r in rows):
+            ax.axvline(b / size, color="grey", linestyle=":", linewidth=1)
+        note = "" if goal == objective else f" (ckptplan minimised {objective}: not shown)"
+        ax.set(xlabel=f"peak memory ({unit}); dotted: budgets", ylabel=ylabel, title=f"{ylabel.split(' (')[0]}{note}")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

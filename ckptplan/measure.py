@@ -7,6 +7,8 @@ the peak of full per-block checkpointing on a small Llama), so memory is never m
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 from typing import Any, Callable
 
 import torch
@@ -161,3 +163,21 @@ def measure_flops(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **k
     with FlopCounterMode(display=False) as flops:
         _step(model, args, kwargs, loss_fn, autocast)
     return int(flops.get_total_flops())
+
+
+def measure_step_ns(model: nn.Module, *args: Any, steps: int = 3, loss_fn=None, autocast=None,
+                    **kwargs: Any) -> int:
+    """Median wall time of ``steps`` training steps (forward, loss, backward) after one warm-up step, in ns.
+    CUDA work is waited for at the end of each step."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    cuda = any(p.device.type == "cuda" for p in model.parameters())
+    times = []
+    for i in range(steps + 1):
+        started = time.perf_counter_ns()
+        _step(model, args, kwargs, loss_fn, autocast)
+        if cuda:
+            torch.cuda.synchronize()
+        if i:  # the first step warms caches and allocators up
+            times.append(time.perf_counter_ns() - started)
+    return int(statistics.median(times))

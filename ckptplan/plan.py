@@ -111,7 +111,7 @@ class Plan:
     budget_text: str
     reserve: float  # fraction of the budget kept free as headroom
     baseline_peak_bytes: int  # no checkpointing
-    full_peak_bytes: int  # every candidate region checkpointed, nothing saved
+    full_peak_bytes: int  # each repeated block checkpointed, nothing saved (planner.full_checkpointing)
     predicted_peak_bytes: int  # this plan, by the simulator
     forward_flops: int
     extra_forward_flops: int
@@ -234,6 +234,25 @@ def fold_paths(paths: list[str]) -> str:
                         start = b
                 return ".".join(parts[0][:i] + [f"{{{','.join(runs)}}}"] + parts[0][i + 1:])
     return ",".join(paths)
+
+
+def path_order(path: str) -> list[tuple[int, str]]:
+    """Sort key of module paths in their numeric order: ``h.2`` before ``h.10``."""
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in path.split(".")]
+
+
+def fold_names(paths: list[str]) -> list[tuple[str, list[str]]]:
+    """(label, members) of paths grouped by their layer numbers, in the order each group first appears:
+    ``h.0.attn, h.0.mlp, h.1.attn`` -> ``[("h.{0-1}.attn", [h.0.attn, h.1.attn]), ("h.0.mlp", [h.0.mlp])]``;
+    a group with two varying numbers is labelled with ``*`` (``layers.*.blocks.*``)."""
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        groups.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", p), []).append(p)
+    out = []
+    for pattern, members in groups.items():
+        folded = fold_paths(sorted(set(members), key=path_order)) if len(members) > 1 else members[0]
+        out.append((folded if "{" in folded or len(members) == 1 else pattern, members))
+    return out
 
 
 def expand_paths(text: str) -> list[str]:

@@ -28,6 +28,7 @@ from .graph import Forced, Graph, parse_path
 from .objective import Objective
 from .plan import Decision, OpDecision, Plan, PlanStatus, RegionPlan
 from .shapes import Shapes, candidates
+from .solver.baselines import Policy, decisions
 from .solver.regions import Region, outermost
 from .solver.simulate import SimResult, simulate
 from .units import format_bytes, parse_budget, suggest_budget
@@ -79,6 +80,12 @@ def _priced(graph: Graph | Sequence[Graph], profile: DeviceProfile | str | os.Pa
             raise InputError(f"{e}; write one with benchmarks/gpu_calibrate.py") from None
     graphs = [graph] if isinstance(graph, Graph) else list(graph)
     return [price(g, profile) for g in graphs]
+
+
+def full_checkpointing(graph: Graph, regions: tuple[Region, ...]) -> dict[str, frozenset[int]]:
+    """Each repeated block checkpointed, nothing saved (``baselines.block_paths``: GPT-2's ``h.N``, an encoder's
+    ``layers.N``, at any depth); the outermost candidates for a model without blocks."""
+    return decisions(graph, regions, Policy.FULL) or {r.path: frozenset() for r in outermost(regions)}
 
 
 def _levels(regions: tuple[Region, ...]) -> list[tuple[int, dict[str, frozenset[int]]]]:
@@ -183,11 +190,15 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     budget_text = budget if isinstance(budget, str) else str(budget)
     everything: dict[str, frozenset[int]] = {r.path: frozenset() for r in outermost(regions)}
     full = shapes.simulate(everything)
+    # what users call full checkpointing, reported in the plan: each repeated block checkpointed, as
+    # gradient_checkpointing_enable() and torchtitan do (the outermost candidates where there are no blocks)
+    blocks = full_checkpointing(graph, regions)
+    full_blocks = shapes.simulate(blocks) if blocks and blocks != everything else full
 
     def make(saved: dict[str, frozenset[int]], sim: SimResult, status: PlanStatus, gap: float,
              stats: dict[str, int]) -> Plan:
         return _plan(shapes, saved, sim, budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
-                     baseline=baseline, full=full, status=status, gap=gap, objective=goal,
+                     baseline=baseline, full=full_blocks, status=status, gap=gap, objective=goal,
                      solve_time_s=time.monotonic() - started, stats=stats)
 
     if usable >= baseline.peak_bytes:

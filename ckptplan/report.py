@@ -7,7 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from .graph import Graph
-from .plan import Decision, Plan, fold_paths, fold_regions
+from .plan import Decision, Plan, fold_names, fold_paths, fold_regions, path_order
 from .units import describe_budget, format_bytes, format_flops
 
 
@@ -34,59 +34,118 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
     }
 
 
-def summary_table(plan: Plan, path: str | None = None) -> Table:
+STEP_PER_FORWARD = 3  # a step's estimated time: forward and a backward of about twice its cost (auto.py's)
+
+
+def answer(plan: Plan, *, forward_cost_ns: int = 0) -> str:
+    """The plan in one line: memory saved, peak against budget, estimated step-time cost, extra FLOPs and
+    the regions it checkpoints (identical layers folded)."""
+    budget = format_bytes(plan.budget_bytes)
+    if not plan.regions:
+        return (f"fits without checkpointing: peak {format_bytes(plan.baseline_peak_bytes)} within budget {budget}; "
+                "nothing checkpointed")
+    cost = [f"+{100 * step_fraction(plan, forward_cost_ns):.1f}% est. step time"] if forward_cost_ns > 0 else []
+    cost += [f"est. recompute {format_ns(plan.extra_cost_ns)}", f"+{100 * plan.extra_forward_fraction:.1f}% FLOPs"]
+    return (f"saves {format_bytes(plan.baseline_peak_bytes - plan.predicted_peak_bytes)}: peak "
+            f"{format_bytes(plan.predicted_peak_bytes)} of budget {budget} ({format_bytes(plan.baseline_peak_bytes)} "
+            f"without checkpointing); {', '.join(cost)}; checkpoints {regions_text(plan)}")
+
+
+def step_fraction(plan: Plan, forward_cost_ns: int) -> float:
+    """The plan's estimated recompute time as a fraction of the step's (forward and backward)."""
+    return plan.extra_cost_ns / (STEP_PER_FORWARD * forward_cost_ns) if forward_cost_ns > 0 else 0.0
+
+
+def regions_text(plan: Plan, *, most: int = 4) -> str:
+    """The plan's checkpointed regions, folded ('transformer.h.{0-11}.mlp (12), ...'), and its remats."""
+    names = fold_names(sorted((r.path for r in plan.regions if not r.remat), key=path_order))
+    parts = [f"{label} ({len(members)})" if len(members) > 1 else label for label, members in names]
+    more = f", and {len(parts) - most} more groups" if len(parts) > most else ""
+    remats = sum(r.remat for r in plan.regions)
+    text = (", ".join(parts[:most]) + more) if parts else "no module"
+    return text + (f"; rematerializes {remats} tensors" if remats else "")
+
+
+def format_ns(ns: int) -> str:
+    """A duration for humans: '36.7 ms', '820 µs', '2.41 s'."""
+    if ns >= 10**9:
+        return f"{ns / 1e9:.2f} s"
+    if ns >= 10**6:
+        return f"{ns / 1e6:.1f} ms"
+    return f"{ns / 1e3:.0f} µs"
+
+
+def summary_table(plan: Plan, path: str | None = None, *, forward_cost_ns: int = 0) -> Table:
     t = Table(title=f"ckptplan: {plan.model}", show_header=False, title_justify="left")
     t.add_column("what", style="bold")
-    t.add_column("value")
+    t.add_column("value", overflow="fold")
     t.add_row("budget", f"{plan.budget_text} = {describe_budget(plan.budget_bytes)}"
               + (f" ({plan.reserve:.0%} kept free)" if plan.reserve else ""))
+    t.add_row("peak, this plan", f"[green]{format_bytes(plan.predicted_peak_bytes)}[/green], saves "
+              f"{format_bytes(plan.baseline_peak_bytes - plan.predicted_peak_bytes)}")
     t.add_row("peak, no checkpointing", format_bytes(plan.baseline_peak_bytes))
     t.add_row("peak, full checkpointing", format_bytes(plan.full_peak_bytes))
-    t.add_row("peak, this plan", f"[green]{format_bytes(plan.predicted_peak_bytes)}[/green]")
-    t.add_row("extra forward FLOPs", f"{format_flops(plan.extra_forward_flops)} "
-              f"({100 * plan.extra_forward_fraction:.1f}% of {format_flops(plan.forward_flops)} forward)")
-    t.add_row("estimated recompute time", f"{plan.extra_cost_ns / 1e6:.2f} ms")
-    t.add_row("checkpointed regions", f"{sum(not r.remat for r in plan.regions)}")
-    t.add_row("rematerialized tensors", f"{sum(r.remat for r in plan.regions)}")
-    t.add_row("solver", f"{plan.status.value} (minimising {plan.objective.value}), gap {100 * plan.gap:.2f}%, "
-              f"{plan.solve_time_s:.1f} s")
+    if forward_cost_ns > 0:
+        t.add_row("est. step time", f"+{100 * step_fraction(plan, forward_cost_ns):.1f}%")
+    t.add_row("est. recompute", format_ns(plan.extra_cost_ns))
+    t.add_row("extra forward FLOPs", f"+{100 * plan.extra_forward_fraction:.1f}%: "
+              f"{format_flops(plan.extra_forward_flops)} of {format_flops(plan.forward_flops)}")
+    t.add_row("checkpointed", f"{sum(not r.remat for r in plan.regions)} regions: {regions_text(plan, most=8)}")
+    t.add_row("solver", f"{plan.status.value} (minimising {plan.objective.value}), gap {100 * plan.gap:.2f}%"
+              + (f", {plan.solve_time_s:.1f} s" if plan.solve_time_s > 0 else ""))  # 0: loaded from a file
     if path:
         t.add_row("plan file", path)
     return t
 
 
-def decisions_table(plan: Plan, *, sort: str = "order", fold: bool = True) -> Table:
-    t = Table(title="decisions (op rows of each group of identical regions)", title_justify="left")
-    for name, justify in [("regions", "left"), ("#", "right"), ("op", "left"), ("module", "left"),
-                          ("shape", "left"), ("dtype", "left"), ("bytes", "right"), ("decision", "left"),
-                          ("recompute FLOPs", "right"), ("recompute µs", "right"), ("forced by", "left")]:
-        t.add_column(name, justify=justify)  # type: ignore[arg-type]  # str, not rich's JustifyMethod literal
+def regions_table(plan: Plan, *, fold: bool = True) -> Table:
+    """One row per group of identical regions (same ops, same decisions), in model order."""
+    t = Table(title="regions (identical layers folded; --ops lists their ops)", title_justify="left")
+    t.add_column("regions", overflow="fold", ratio=1)  # the room the numbers leave
+    t.add_column("type", overflow="fold", max_width=18)
+    for name in ("#", "rerun ops", "saved ops", "est. recompute"):
+        t.add_column(name, justify="right", no_wrap=True)
+    groups = fold_regions(plan.regions) if fold else [([r.path], r) for r in plan.regions]
+    for paths, r in groups:  # forward order: model order
+        rerun = sum(o.decision is Decision.RECOMPUTE for o in r.ops)
+        t.add_row(fold_paths(paths), "remat" if r.remat else r.type_name, str(len(paths)), str(rerun),
+                  str(len(r.ops) - rerun), format_ns(sum(o.recompute_ns for o in r.ops)))
+    return t
+
+
+def decisions_tables(plan: Plan, *, sort: str = "order", fold: bool = True) -> list[Table]:
+    """One table per group of identical regions, titled by the group: its ops and their decisions."""
+    out = []
     groups = fold_regions(plan.regions) if fold else [([r.path], r) for r in plan.regions]
     for paths, r in groups:
+        t = Table(title=f"{fold_paths(paths)} ({'remat' if r.remat else r.type_name} x{len(paths)})",
+                  title_justify="left")
+        for name, justify in [("#", "right"), ("op", "left"), ("module", "left"), ("shape", "left"),
+                              ("bytes", "right"), ("decision", "left"), ("µs", "right"), ("forced by", "left")]:
+            t.add_column(name, justify=justify, overflow="fold",  # type: ignore[arg-type]  # str, not a Literal
+                         no_wrap=name in ("#", "shape", "bytes", "decision", "µs"))
         rows = list(enumerate(r.ops))
         if sort == "bytes":
             rows.sort(key=lambda x: -x[1].nbytes)
         elif sort == "flops":
             rows.sort(key=lambda x: -x[1].recompute_flops)
-        label = f"{fold_paths(paths)} ({r.type_name} x{len(paths)})"
-        for n, (i, o) in enumerate(rows):
+        for i, o in rows:
             color = "green" if o.decision is Decision.SAVE else "yellow"
-            t.add_row(label if n == 0 else "", str(i), o.op.removeprefix("aten."), o.module or ".",
-                      ", ".join("x".join(map(str, s)) for s in o.shape),
-                      o.dtype, format_bytes(o.nbytes), f"[{color}]{o.decision.value}[/{color}]",
-                      format_flops(o.recompute_flops) if o.recompute_flops else "",
-                      f"{o.recompute_ns / 1e3:.1f}" if o.recompute_ns else "", o.forced.value if o.forced else "")
-        t.add_section()
-    return t
+            t.add_row(str(i), o.op.removeprefix("aten.").removesuffix(".default"), o.module or ".",
+                      ", ".join("x".join(map(str, s)) for s in o.shape), format_bytes(o.nbytes),
+                      f"[{color}]{o.decision.value}[/{color}]", f"{o.recompute_ns / 1e3:.1f}" if o.recompute_ns else "",
+                      o.forced.value if o.forced else "")
+        out.append(t)
+    return out
 
 
 def diff_plans(a: Plan, b: Plan) -> dict[str, Any]:
-    """What changed from plan ``a`` to plan ``b``: header numbers, regions, op decisions."""
+    """What changed from plan ``a`` to plan ``b``: header numbers, regions (model order), op decisions."""
     sa, sb = plan_summary(a), plan_summary(b)
     header = {k: [sa[k], sb[k]] for k in sa if k not in ("checkpointed_regions", "rematerialized") and sa[k] != sb[k]}
     ra, rb = {r.path: r for r in a.regions}, {r.path: r for r in b.regions}
     ops = []
-    for path in sorted(set(ra) & set(rb)):
+    for path in sorted(set(ra) & set(rb), key=path_order):
         for i, (x, y) in enumerate(zip(ra[path].ops, rb[path].ops)):
             if x.decision is not y.decision or x.op != y.op:
                 ops.append({"region": path, "index": i, "op": y.op, "module": y.module,
@@ -94,27 +153,60 @@ def diff_plans(a: Plan, b: Plan) -> dict[str, Any]:
     return {
         "same_model": a.fingerprint == b.fingerprint,
         "header": header,
-        "regions_added": sorted(set(rb) - set(ra)),
-        "regions_removed": sorted(set(ra) - set(rb)),
+        "regions_added": sorted(set(rb) - set(ra), key=path_order),
+        "regions_removed": sorted(set(ra) - set(rb), key=path_order),
         "ops_changed": ops,
     }
 
 
-def diff_table(d: dict[str, Any]) -> Table:
+# plan_summary's keys as a user names them, and how their values read
+_HEADER_NAMES = {
+    "budget_bytes": "budget", "budget": "budget as given", "no_checkpointing_peak_bytes": "peak, no checkpointing",
+    "full_checkpointing_peak_bytes": "peak, full checkpointing", "predicted_peak_bytes": "peak, this plan",
+    "forward_flops": "forward FLOPs", "extra_forward_flops": "extra forward FLOPs",
+    "extra_forward_percent": "extra forward FLOPs %", "estimated_recompute_ns": "est. recompute",
+    "solve_time_s": "solve time", "gap": "proven gap",
+}
+
+
+def _header_value(key: str, value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    if key.endswith("bytes"):
+        return format_bytes(int(value))
+    if key.endswith("flops"):
+        return format_flops(int(value))
+    if key.endswith("_ns"):
+        return format_ns(int(value))
+    if key.endswith("percent"):
+        return f"{value:.1f}%"
+    if key in ("gap", "reserve"):
+        return f"{100 * value:.2f}%"
+    return f"{value:.1f} s" if key.endswith("_s") else str(value)
+
+
+def diff_table(d: dict[str, Any], *, ops: bool = False) -> Table:
+    """``diff_plans`` for humans: header changes by name, regions folded; op changes counted, or listed
+    with ``ops``."""
     t = Table(title="plan diff", title_justify="left")
-    t.add_column("what")
-    t.add_column("A")
-    t.add_column("B")
+    t.add_column("what", overflow="fold", max_width=24)
+    t.add_column("A", overflow="fold")
+    t.add_column("B", overflow="fold")
     if not d["same_model"]:
         t.add_row("[red]fingerprint[/red]", "differs", "plans are for different models or inputs")
     for k, (x, y) in d["header"].items():
-        fmt = format_bytes if k.endswith("bytes") else format_flops if k.endswith("flops") else str
-        t.add_row(k, fmt(x) if isinstance(x, int) else str(x), fmt(y) if isinstance(y, int) else str(y))
+        t.add_row(_HEADER_NAMES.get(k, k.replace("_", " ")), _header_value(k, x), _header_value(k, y))
+
+    def folded(paths: list[str]) -> str:
+        return ", ".join(f"{label} ({len(m)})" if len(m) > 1 else label for label, m in fold_names(paths))
+
     if d["regions_added"]:
-        t.add_row("checkpointed only in B", "", fold_paths(d["regions_added"]))
+        t.add_row("regions only in B", "", folded(d["regions_added"]))
     if d["regions_removed"]:
-        t.add_row("checkpointed only in A", fold_paths(d["regions_removed"]), "")
-    for o in d["ops_changed"]:
+        t.add_row("regions only in A", folded(d["regions_removed"]), "")
+    if d["ops_changed"] and not ops:
+        t.add_row("op decisions changed", "", f"{len(d['ops_changed'])} (--ops lists them)")
+    for o in d["ops_changed"] if ops else ():
         t.add_row(f"{o['region']} #{o['index']} {o['op'].removeprefix('aten.')} {o['module']}",
                   o["from"], o["to"])
     return t
@@ -163,12 +255,11 @@ def graph_table(info: dict[str, Any]) -> Table:
 
 def sweep_table(rows: list, *, forward_flops: int) -> Table:
     """``compare.sweep`` rows: one section per budget, ckptplan first."""
-    t = Table(title="predicted, per budget: ckptplan and the cheapest fitting knob of each policy "
-                    "(fits = peak under the budget less the reserve)", title_justify="left")
-    for name, justify in [("budget", "left"), ("policy", "left"), ("knob", "left"), ("peak", "right"),
-                          ("extra forward FLOPs", "right"), ("% of forward", "right"),
-                          ("est. recompute ms", "right"), ("note", "left")]:
-        t.add_column(name, justify=justify)  # type: ignore[arg-type]  # str, not rich's JustifyMethod literal
+    t = Table(title="predicted, per budget: ckptplan and the cheapest fitting knob of each policy",
+              title_justify="left")
+    for name, justify in [("budget", "left"), ("policy", "left"), ("peak", "right"), ("+FLOPs", "right"),
+                          ("est. recompute", "right"), ("note", "left")]:
+        t.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]  # str, not a Literal
     last = None
     for r in rows:
         if last is not None and r.budget != last:
@@ -176,14 +267,39 @@ def sweep_table(rows: list, *, forward_flops: int) -> Table:
         first = r.budget != last
         last = r.budget
         label = f"{r.budget} = {format_bytes(r.budget_bytes)}" if first else ""
-        name = f"[bold]{r.policy}[/bold]" if r.policy == "ckptplan" else r.policy
+        name = (f"[bold]{r.policy}[/bold]" if r.policy == "ckptplan" else r.policy) + (f" {r.knob}" if r.knob else "")
         if not r.fits:
-            t.add_row(label, name, r.knob, "[red]does not fit[/red]", "", "", "", r.note)
+            t.add_row(label, name, "[red]does not fit[/red]", "", "", r.note)
             continue
-        t.add_row(label, name, r.knob, format_bytes(r.peak_bytes), format_flops(r.extra_forward_flops),
-                  f"{100 * r.extra_forward_flops / forward_flops:.1f}" if forward_flops else "",
-                  f"{r.extra_cost_ns / 1e6:.2f}", r.note)
+        t.add_row(label, name, format_bytes(r.peak_bytes),
+                  f"{100 * r.extra_forward_flops / forward_flops:.1f}%" if forward_flops else "",
+                  format_ns(r.extra_cost_ns), r.note)
     return t
+
+
+def sweep_answer(rows: list, *, forward_flops: int) -> list[str]:
+    """One line per budget: ckptplan's peak and costs, and how it compares with the cheapest other policy
+    that fits (estimated recompute time, what ckptplan minimises by default)."""
+    out = []
+    for budget in dict.fromkeys(r.budget for r in rows):
+        mine = next((r for r in rows if r.budget == budget and r.policy == "ckptplan"), None)
+        others = [r for r in rows if r.budget == budget and r.policy != "ckptplan" and r.fits]
+        if mine is None:
+            continue
+        head = f"{budget} = {format_bytes(mine.budget_bytes)}: "
+        if not mine.fits:
+            out.append(head + f"nothing fits ({mine.note})" if mine.note else head + "nothing fits")
+            continue
+        line = (head + f"ckptplan peak {format_bytes(mine.peak_bytes)}, est. recompute {format_ns(mine.extra_cost_ns)}"
+                + (f", +{100 * mine.extra_forward_flops / forward_flops:.1f}% FLOPs" if forward_flops else ""))
+        if others:
+            best = min(others, key=lambda r: r.extra_cost_ns)
+            line += (f"; cheapest other policy: {best.policy}{' ' + best.knob if best.knob else ''}, "
+                     f"{format_ns(best.extra_cost_ns)}")
+        else:
+            line += "; no other policy fits"
+        out.append(line)
+    return out
 
 
 def cuda_memory_note(graph: Graph, plan: Plan) -> str:
@@ -235,3 +351,45 @@ def fit_table(result: Any) -> Table:
                   f"+{100 * plan.extra_forward_fraction:.1f}%" if plan else "",
                   style="bold" if trial is result.best else None)
     return t
+
+
+def explain_tables(graph: Graph, without: Any, planned: Any = None, *, plan: Plan | None = None,
+                   depth: int | None = None) -> list[Any]:
+    """``explain.explain``'s breakdowns: the answer in one line, then bytes by kind, activations by module
+    (identical layers folded) and the largest tensors alive at the peak, without and with the plan."""
+    from .explain import Kind, module_rows
+
+    shown = [without] + ([planned] if planned is not None else [])
+    heads = ["no checkpointing"] + (["this plan"] if planned is not None else [])
+    if planned is not None and plan is not None:
+        acts = [dict(b.by_kind)[Kind.ACTIVATIONS] for b in shown]
+        lead = (f"peak {format_bytes(planned.peak_bytes)} with the plan (budget {format_bytes(plan.budget_bytes)}), "
+                f"{format_bytes(without.peak_bytes)} without: {format_bytes(acts[0] - acts[1])} fewer activations "
+                f"alive at the peak")
+    else:
+        lead = f"peak {format_bytes(without.peak_bytes)} without checkpointing ({without.peak_at})"
+    kinds = Table(title="alive at the peak, by kind", title_justify="left")
+    kinds.add_column("kind")
+    for h in heads:
+        kinds.add_column(h, justify="right")
+    for i, (kind, _) in enumerate(without.by_kind):
+        values = [b.by_kind[i][1] for b in shown]
+        if any(values):
+            kinds.add_row(kind.value, *map(format_bytes, values))
+    kinds.add_section()
+    kinds.add_row("[bold]peak[/bold]", *(f"[bold]{format_bytes(b.peak_bytes)}[/bold]" for b in shown))
+    kinds.add_row("where", *(b.peak_at for b in shown))
+    modules = Table(title="activations alive at the peak, by module (identical layers folded)", title_justify="left")
+    modules.add_column("module", overflow="fold")
+    modules.add_column("#", justify="right")
+    for h in heads:
+        modules.add_column(h, justify="right")
+    for row in module_rows(graph, *shown, depth=depth):
+        modules.add_row(row.label, str(row.modules), *(format_bytes(n) if n else "-" for n in row.nbytes))
+    last = shown[-1]
+    largest = Table(title=f"largest tensors alive at the peak ({heads[-1]})", title_justify="left")
+    for name, justify in [("kind", "left"), ("tensor", "left"), ("shape", "left"), ("bytes", "right")]:
+        largest.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]  # str, not a Literal
+    for t in last.largest:
+        largest.add_row(t.kind.value, t.name, f"{t.dtype}[{t.shape}]" if t.shape else "", format_bytes(t.nbytes))
+    return [lead, kinds, modules, largest]

@@ -213,6 +213,21 @@ def test_verify_matching_model_fits_and_measures_the_predicted_flops(plan_min):
     assert v["fits"] is True
     assert 0 < v["measured_peak_bytes"] <= v["budget_bytes"] == payload["budget_bytes"]
     assert v["measured_extra_forward_flops"] == v["predicted_extra_forward_flops"] > 0
+    # step time against the unplanned model: present and positive (no timing assertion)
+    assert v["steps_timed"] == 3 and v["step_ns_without_plan"] > 0 and v["step_ns_with_plan"] > 0
+    assert isinstance(v["measured_step_time_percent"], float) and v["estimated_step_time_percent"] > 0
+
+
+def test_verify_human_output_reports_step_time(plan_min):
+    path, _ = plan_min
+    result = run("verify", str(path), "-m", GPT2, *ARGS, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    text = flat(result.stderr)
+    assert re.search(r"step time: [\d.]+ [mµ]?s without the plan, [\d.]+ [mµ]?s with it: [+-][\d.]+% "
+                     r"\(median of 1 steps each; estimated \+[\d.]+%\)", text), text
+    no_timing = json.loads(run("verify", str(path), "-m", GPT2, *ARGS, "--steps", "0", "--json").stdout)
+    assert no_timing["step_ns_without_plan"] is None and no_timing["fits"] is True
+    assert run("verify", str(path), "-m", GPT2, *ARGS, "--steps", "-1").exit_code == 2
 
 
 def test_verify_against_another_model_exits_5(plan_min):
@@ -232,39 +247,67 @@ def test_verify_with_another_batch_size_exits_5_naming_the_shape(plan_min):
 
 
 # ---- show ------------------------------------------------------------------------------------------
-def _first_row_index(output: str, label: str) -> int:
-    """The '#' cell of the row that carries a group's label (its first row)."""
-    line = next(ln for ln in output.splitlines() if label in ln)
-    return int(line.split("│")[2])
+def _first_row_index(output: str, title: str) -> int:
+    """The '#' cell of the first op row of the group whose table has this title."""
+    lines = output.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.strip() == title)
+    row = next(ln for ln in lines[at + 1:] if ln.startswith("│"))
+    return int(row.split("│")[1])
 
 
-def test_show_prints_header_and_folded_decisions(plan_min_flops):
-    path, _ = plan_min_flops
+def _title(paths: list[str], r) -> str:
+    return f"{fold_paths(paths)} ({'remat' if r.remat else r.type_name} x{len(paths)})"
+
+
+def test_show_leads_with_the_answer_and_lists_ops_on_request(plan_min_flops):
+    path, payload = plan_min_flops
     result = run("show", str(path))
     assert result.exit_code == 0, result.output
     out = result.stderr  # rich output goes to stderr; stdout is for --json
     assert result.stdout == ""
-    assert "gpt2_tiny" in out and "recompute" in out and "save" in out
+    saved = payload["no_checkpointing_peak_bytes"] - payload["predicted_peak_bytes"]
+    assert flat(out).startswith(f"saves {format_bytes(saved)}: peak {format_bytes(payload['predicted_peak_bytes'])}")
+    assert "gpt2_tiny" in out and "est. recompute" in out and "decision" not in out  # no op rows
+    with_ops = run("show", str(path), "--ops").stderr
+    assert "recompute" in with_ops and "save" in with_ops
     # identical layers share one group, labelled with all their paths and the count
     groups = fold_regions(load_plan(path).regions)
     folded = [(paths, r) for paths, r in groups if len(paths) > 1]
     assert folded, "the plan at the minimum checkpoints identical layers"
     for paths, r in folded:
-        assert f"{fold_paths(paths)} ({r.type_name} x{len(paths)})" in out
-    assert re.search(r"transformer\.h\.\S* \(\w+ x[2-9]\)", out)
+        assert fold_paths(paths) in out
+        assert _title(paths, r) in with_ops
+    assert re.search(r"transformer\.h\.\S* \(\w+ x[2-9]\)", with_ops)
 
 
 @pytest.mark.parametrize("sort, key", [("order", None), ("bytes", "nbytes"), ("flops", "recompute_flops")])
 def test_show_sorts_rows_inside_each_group(plan_min, sort, key):
     path, _ = plan_min
-    result = run("show", str(path), "--sort", sort)
+    result = run("show", str(path), "--ops", "--sort", sort)
     assert result.exit_code == 0, result.output
     for paths, r in fold_regions(load_plan(path).regions):
-        label = f"{fold_paths(paths)} ({r.type_name} x{len(paths)})"
         values = [getattr(o, key) for o in r.ops] if key else None
         # stable sort, largest first: the first row is the first op with the largest value
         want = values.index(max(values)) if key else 0
-        assert _first_row_index(result.stderr, label) == want
+        assert _first_row_index(result.stderr, _title(paths, r)) == want
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_show_and_diff_fit_the_terminal(plan_min, plan_roomy, width):
+    narrow = CliRunner(env={"COLUMNS": str(width)})
+    for args in (["show", str(plan_min[0]), "--ops"], ["diff", str(plan_roomy[0]), str(plan_min[0]), "--ops"]):
+        result = narrow.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert max(map(len, result.stderr.splitlines())) <= width, args
+        assert "…" not in result.stderr  # nothing cut: long names wrap
+
+
+def test_show_with_the_model_says_it_resimulated(plan_min):
+    path, payload = plan_min
+    result = run("show", str(path), "-m", GPT2, *ARGS)
+    assert result.exit_code == 0, result.output
+    assert (f"re-simulated on gpt2_tiny as traced now: peak {format_bytes(payload['predicted_peak_bytes'])}"
+            in flat(result.stderr))
 
 
 def test_show_unknown_sort_exits_2(plan_min):
@@ -314,7 +357,11 @@ def test_diff_of_two_budgets(plan_min, plan_roomy):
 
     human = run("diff", str(a), str(b))
     assert human.exit_code == 0
-    assert "predicted_peak_bytes" in human.stderr
+    text = flat(human.stderr)
+    assert f"peak, this plan │ {format_bytes(pa['predicted_peak_bytes'])}" in text
+    assert "est. recompute" in text and "_ns" not in text and "_bytes" not in text
+    if d["ops_changed"]:
+        assert f"op decisions changed │ │ {len(d['ops_changed'])} (--ops lists them)" in text
 
 
 def test_diff_of_a_plan_with_itself_is_empty(plan_min):
@@ -354,3 +401,16 @@ def test_budget_above_the_peak_says_it_fits_without_checkpointing(tmp_path):
             f"is within the budget 1.00 TiB; the plan {out} checkpoints nothing") in text
     as_json = run("solve", "-m", GPT2, *ARGS, "-b", "1TiB", "-o", str(out), "--json")
     assert json.loads(as_json.stdout)["fits_without_checkpointing"] is True
+
+
+# ---- sweep, for humans ------------------------------------------------------------------------------
+def test_sweep_leads_with_the_answer_and_fits_80_columns():
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["sweep", "-m", GPT2, *ARGS, "--budgets", "65%",
+                                                           "--time-limit", "600"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert max(map(len, lines)) <= 80
+    first = flat(result.stderr)
+    assert re.match(r"65% = [\d.]+ [KMG]iB: ckptplan peak [\d.]+ [KMG]iB, est\. recompute [\d.]+ [mµ]?s, "
+                    r"\+[\d.]+% FLOPs; cheapest other policy: ", first), first
+    assert "…" not in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,7 @@ def test_cli_writes_the_plan_of_the_largest_batch(tmp_path):
     text = flat(result.stderr)
     assert f"largest batch_size that fits 1.00 MiB: {best} (peak {format_bytes(plan.predicted_peak_bytes)}," in text
     assert f"plan written to {out}" in text
+    assert re.search(r"% forward FLOPs; checkpoints (blocks\.\{[\d,-]+\}|blocks\.\d+|nothing)", text), text
     assert "values of batch_size tried, budget 1.00 MiB" in text
     rows = [line.split("│")[1:-1] for line in result.stderr.splitlines() if line.startswith("│")]
     values = [int(r[0]) for r in rows]

@@ -89,6 +89,35 @@ def test_full_checkpointing_bounds(traced):
     assert 0 < full.extra_forward_flops < g.forward_flops
 
 
+def test_full_checkpointing_is_each_block_of_a_stock_encoder():
+    # the encoder, called as one module, is the outermost candidate: checkpointing it whole peaks as high as
+    # no checkpointing. Full checkpointing, as HF and torchtitan do it, is each of its layers.
+    import torch
+    from torch import nn
+
+    from ckptplan.planner import full_checkpointing
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=256, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(x))
+
+    torch.manual_seed(0)
+    g = ckptplan.trace(Classifier(), torch.randn(8, 128, 64))
+    regions = candidates(g)
+    assert [r.path for r in outermost(regions)] == ["encoder"]
+    assert full_checkpointing(g, regions) == {f"encoder.layers.{i}": frozenset() for i in range(4)}
+    plan = ckptplan.solve(g, "60%", time_limit_s=20)
+    whole = simulate(g, regions, {"encoder": frozenset()}).peak_bytes
+    assert plan.full_peak_bytes < plan.predicted_peak_bytes < whole  # the outermost one was above the plan
+    assert plan.full_peak_bytes == simulate(g, regions, full_checkpointing(g, regions)).peak_bytes
+
+
 def test_simulator_rejects_nested_regions(traced):
     _, _, g = traced("gpt2")
     regions = candidate_regions(g)

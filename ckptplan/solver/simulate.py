@@ -46,8 +46,65 @@ class SimResult:
     recomputed_ops: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lifetimes:
+    """Every storage's lifetime under a plan, on the timeline of positions, and the plan's costs."""
+
+    labels: tuple[str, ...]  # what happens at each position
+    intervals: dict[int, list[tuple[int, int]]]  # storage -> [lo, hi) positions it is alive (may overlap)
+    copies: tuple[tuple[int, int, int], ...]  # (from, to, bytes) of buffer copies a recipe's rerun writes
+    extra_forward_flops: int
+    extra_cost_ns: int
+    recomputed_ops: int
+
+
 def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, frozenset[int]]) -> SimResult:
     """Peak memory and recompute cost of checkpointing ``saved``'s regions, caching the ops listed."""
+    life = lifetimes(graph, regions, saved)
+    peak, peak_pos = _sweep(graph, life)
+    return SimResult(peak_bytes=peak, peak_at=life.labels[peak_pos] if life.labels else "",
+                     extra_forward_flops=life.extra_forward_flops, extra_cost_ns=life.extra_cost_ns,
+                     recomputed_ops=life.recomputed_ops)
+
+
+def alive_at_peak(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, frozenset[int]]
+                  ) -> tuple[SimResult, list[int], int]:
+    """``simulate``'s result, the storages alive at its peak (by id), and the bytes of the buffer copies
+    alive there: with the optimizer state and the fixed bytes, they sum to the peak exactly."""
+    life = lifetimes(graph, regions, saved)
+    peak, pos = _sweep(graph, life)
+    sim = SimResult(peak_bytes=peak, peak_at=life.labels[pos] if life.labels else "",
+                    extra_forward_flops=life.extra_forward_flops, extra_cost_ns=life.extra_cost_ns,
+                    recomputed_ops=life.recomputed_ops)
+    if not life.labels:
+        return sim, [], 0
+    alive = [s.id for s in graph.storages if any(lo <= pos < hi for lo, hi in _union(life.intervals[s.id]))]
+    copies = sum(nbytes for lo, hi, nbytes in life.copies if lo <= pos < hi)
+    return sim, alive, copies
+
+
+def _sweep(graph: Graph, life: Lifetimes) -> tuple[int, int]:
+    """(peak bytes, the first position it is reached) of the lifetimes, optimizer state and fixed bytes in."""
+    n = len(life.labels)
+    delta = [0] * (n + 1)
+    for s in graph.storages:
+        for lo, hi in _union(life.intervals[s.id]):
+            delta[lo] += s.nbytes
+            delta[hi] -= s.nbytes
+    for lo, hi, nbytes in life.copies:
+        delta[lo] += nbytes
+        delta[hi] -= nbytes
+    fixed = graph.optimizer_state_bytes + graph.extra_fixed_bytes
+    live, peak, peak_pos = fixed, -1, 0
+    for pos in range(n):
+        live += delta[pos]
+        if live > peak:
+            peak, peak_pos = live, pos
+    return max(peak, fixed), peak_pos
+
+
+def lifetimes(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, frozenset[int]]) -> Lifetimes:
+    """Lay out every storage's lifetime under the plan ``saved`` (see the module's docstring)."""
     by_path = {r.path: r for r in regions}
     unknown = sorted(set(saved) - set(by_path))
     if unknown:
@@ -76,7 +133,6 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
         sample_pos[e] = len(labels)
         labels.append(_event_label(graph, e))
     first_pos[graph.num_events] = len(labels)
-    n = len(labels)
 
     def start(alloc: int) -> int:
         return 0 if alloc < 0 else sample_pos[alloc]
@@ -157,22 +213,8 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
         for sid in r.input_storages:
             intervals[sid].append((start(graph.storages[sid].alloc_event), release))
 
-    delta = [0] * (n + 1)
-    for s in graph.storages:
-        for lo, hi in _union(intervals[s.id]):
-            delta[lo] += s.nbytes
-            delta[hi] -= s.nbytes
-    for lo, hi, nbytes in copies:
-        delta[lo] += nbytes
-        delta[hi] -= nbytes
-    fixed = graph.optimizer_state_bytes + graph.extra_fixed_bytes
-    live, peak, peak_pos = fixed, -1, 0
-    for pos in range(n):
-        live += delta[pos]
-        if live > peak:
-            peak, peak_pos = live, pos
-    return SimResult(peak_bytes=max(peak, fixed), peak_at=labels[peak_pos] if n else "",
-                     extra_forward_flops=extra_flops, extra_cost_ns=extra_cost, recomputed_ops=recomputed)
+    return Lifetimes(labels=tuple(labels), intervals=intervals, copies=tuple(copies), extra_forward_flops=extra_flops,
+                     extra_cost_ns=extra_cost, recomputed_ops=recomputed)
 
 
 def _event_label(graph: Graph, e: int) -> str:

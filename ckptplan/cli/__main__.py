@@ -1,0 +1,5 @@
+"""``python -m ckptplan.cli``: the ``ckptplan`` command."""
+
+from . import main
+
+main()
