@@ -77,7 +77,7 @@ def _priced(graph: Graph | Sequence[Graph], profile: DeviceProfile | str | os.Pa
         try:
             profile = load_profile(profile)
         except ValueError as e:
-            raise InputError(f"{e}; write one with benchmarks/gpu_calibrate.py") from None
+            raise InputError(f"{e}; write one with benchmarks/calibration/gpu_calibrate.py") from None
     graphs = [graph] if isinstance(graph, Graph) else list(graph)
     return [price(g, profile) for g in graphs]
 
@@ -153,7 +153,7 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     ``gap`` ends the search once the plan is proven within that fraction of the cheapest (0: optimal).
 
     ``profile``: the device's costs (a ``costmodel.DeviceProfile`` or a profile file, as
-    benchmarks/gpu_calibrate.py writes one) the recompute time is estimated with; None keeps the graph's
+    benchmarks/calibration/gpu_calibrate.py writes one) the recompute time is estimated with; None keeps the graph's
     own (the default profile of its device type).
 
     ``rematerialize``: besides checkpointing module calls, the plan may drop tensors that backward would

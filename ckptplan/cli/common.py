@@ -65,7 +65,7 @@ AutocastOpt = Annotated[Optional[str], typer.Option(
     help="The step runs forward and loss under torch.autocast with this dtype: bf16 or fp16 (a meta trace then "
          "makes the casts CUDA's autocast makes; a real model runs torch's autocast).", show_default=False)]
 ProfileOpt = Annotated[Optional[Path], typer.Option(
-    help="Device cost profile (YAML/JSON, as benchmarks/gpu_calibrate.py writes it) the recompute time is "
+    help="Device cost profile (YAML/JSON, as benchmarks/calibration/gpu_calibrate.py writes it) the recompute time is "
          "estimated with (default: the built-in profile of the target).", show_default=False)]
 
 
