@@ -24,8 +24,14 @@ def describe(*extra: str) -> str:
     """What a benchmark ran on, as its results record it: ``"x86_64, 2 cores, 2 threads, Python 3.11.7,
     torch 2.13.0+cpu"`` then ``extra`` (the allocator, say), comma-separated. Threads are torch's intra-op
     threads at the time of the call."""
-    fields = [platform.machine(), f"{os.cpu_count()} cores", f"{torch.get_num_threads()} threads",
-              f"Python {platform.python_version()}", f"torch {torch.__version__}", *extra]
+    fields = [
+        platform.machine(),
+        f"{os.cpu_count()} cores",
+        f"{torch.get_num_threads()} threads",
+        f"Python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        *extra,
+    ]
     return ", ".join(fields)
 
 
@@ -65,14 +71,17 @@ def load_again(path: str, option: str, script: str, verb: str, redo: Callable[[l
         redo(run["results"])
         return run
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-        raise SystemExit(f"{option} {path}: this code cannot {verb} it again ({type(e).__name__}: {e}); "
-                         f"give it the {name} a run of {script} wrote") from None
+        raise SystemExit(
+            f"{option} {path}: this code cannot {verb} it again ({type(e).__name__}: {e}); "
+            f"give it the {name} a run of {script} wrote"
+        ) from None
 
 
 # ---- statistics ------------------------------------------------------------------------------------
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman's rank correlation of two equal-length lists (ties share their mean rank); 0 when either
     is constant."""
+
     def ranks(x: list[float]) -> list[float]:
         order = sorted(range(len(x)), key=lambda i: x[i])
         r = [0.0] * len(x)

@@ -67,8 +67,9 @@ def compiled_saves(name: str, knob: float) -> dict[str, int]:
     torch._dynamo.reset()
     config.activation_memory_budget = knob
     try:  # aot_eager's own partitioner, with a forward compiler that looks at the partitioned graph
-        backend = aot_autograd(fw_compiler=forward, bw_compiler=lambda gm, _: gm.forward,
-                               partition_fn=min_cut_rematerialization_partition)
+        backend = aot_autograd(
+            fw_compiler=forward, bw_compiler=lambda gm, _: gm.forward, partition_fn=min_cut_rematerialization_partition
+        )
         torch.compile(model, backend=backend)(*args, **kwargs)
     finally:
         config.activation_memory_budget = previous
@@ -78,10 +79,10 @@ def compiled_saves(name: str, knob: float) -> dict[str, int]:
 
 def zero_flop_floor(graph, *, rematerialize: bool) -> dict:
     """The lowest budget (to 16 KiB) at which ckptplan's FLOPs-optimal plan recomputes nothing."""
+
     def zero_at(budget: int):
         try:
-            plan = ckptplan.solve(graph, budget, reserve=0.0, objective="flops", gap=0.0,
-                                  rematerialize=rematerialize)
+            plan = ckptplan.solve(graph, budget, reserve=0.0, objective="flops", gap=0.0, rematerialize=rematerialize)
         except ckptplan.InfeasibleBudget:
             return None
         return plan if plan.extra_forward_flops == 0 else None
@@ -91,9 +92,12 @@ def zero_flop_floor(graph, *, rematerialize: bool) -> dict:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if zero_at(mid) is not None else (mid, hi)
     plan = zero_at(hi)
-    return {"budget_bytes": hi, "predicted_peak_bytes": plan.predicted_peak_bytes,
-            "regions": [r.path for r in plan.regions if not r.remat],
-            "rematerialized": [r.path for r in plan.regions if r.remat]}
+    return {
+        "budget_bytes": hi,
+        "predicted_peak_bytes": plan.predicted_peak_bytes,
+        "regions": [r.path for r in plan.regions if not r.remat],
+        "rematerialized": [r.path for r in plan.regions if r.remat],
+    }
 
 
 def sequential_runs(graph) -> dict:
@@ -103,12 +107,13 @@ def sequential_runs(graph) -> dict:
     for path, kind in graph.module_tree:
         if kind != "Sequential":
             continue
-        elements = [p for p in types if p.startswith(path + ".") and "." not in p[len(path) + 1:]]
+        elements = [p for p in types if p.startswith(path + ".") and "." not in p[len(path) + 1 :]]
         for i, p in enumerate(elements):
             if types[p].startswith("BatchNorm"):
-                end = next((j for j in range(i + 1, len(elements)) if types[elements[j]].startswith("Conv")),
-                           len(elements) - 1)
-                runs.append(elements[i:end + 1])
+                end = next(
+                    (j for j in range(i + 1, len(elements)) if types[elements[j]].startswith("Conv")), len(elements) - 1
+                )
+                runs.append(elements[i : end + 1])
     regions = [r for r in (_run_region(graph, run) for run in runs) if r is not None]
     if not regions:
         return {"runs": 0}
@@ -127,12 +132,21 @@ def _run_region(graph, paths: list[str]) -> Region | None:
     if not unpacks:
         return None
     rerun_end = max(c.recompute_end_op for c in calls)
-    return Region(path=f"{paths[0]}..{paths[-1]}", type_name="run", first_op=first, end_op=end,
-                  recompute_end=rerun_end, recompute_event=min(unpacks),
-                  release_event=max(c.last_unpack_event for c in calls if c.last_unpack_event is not None),
-                  input_storages=tuple(dict.fromkeys(s for c in calls for s in c.input_storages if s not in made)),
-                  choices=(), forced=(), mutated_buffers=(), members=tuple(paths),
-                  checkpoint_ns=_overheads(graph, first, end, rerun_end)[0])
+    return Region(
+        path=f"{paths[0]}..{paths[-1]}",
+        type_name="run",
+        first_op=first,
+        end_op=end,
+        recompute_end=rerun_end,
+        recompute_event=min(unpacks),
+        release_event=max(c.last_unpack_event for c in calls if c.last_unpack_event is not None),
+        input_storages=tuple(dict.fromkeys(s for c in calls for s in c.input_storages if s not in made)),
+        choices=(),
+        forced=(),
+        mutated_buffers=(),
+        members=tuple(paths),
+        checkpoint_ns=_overheads(graph, first, end, rerun_end)[0],
+    )
 
 
 def main() -> None:
@@ -143,39 +157,56 @@ def main() -> None:
     for name, knob in KNOBS.items():
         model, args, kwargs = bench.zoo()[name]()
         graph = ckptplan.trace(model, *args, **kwargs)
-        rows.append({"model": name, "compile_knob": knob, "compiled_forward_keeps": compiled_saves(name, knob),
-                     "eager_no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
-                     "eager_zero_flop_floor": zero_flop_floor(graph, rematerialize=False),
-                     "eager_zero_flop_floor_rematerializing": zero_flop_floor(graph, rematerialize=True),
-                     "sequential_runs": sequential_runs(graph)})
+        rows.append(
+            {
+                "model": name,
+                "compile_knob": knob,
+                "compiled_forward_keeps": compiled_saves(name, knob),
+                "eager_no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
+                "eager_zero_flop_floor": zero_flop_floor(graph, rematerialize=False),
+                "eager_zero_flop_floor_rematerializing": zero_flop_floor(graph, rematerialize=True),
+                "sequential_runs": sequential_runs(graph),
+            }
+        )
         print(rows[-1], flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/compile_vs_eager.py " + " ".join(sys.argv[1:])
     machine = describe()
-    (out / "compile_vs_eager.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows},
-                                                          indent=1) + "\n")
-    lines = ["# torch.compile's memory budget against eager checkpointing at 0 extra FLOPs\n",
-             f"`{command}` on {machine}. Predicted peaks are ckptplan's simulator's (MiB); the compiled "
-             "forward's outputs are the loss and every tensor it saves for backward.\n",
-             "| model | compile knob | compiled forward keeps (MiB, by op) | eager, no checkpointing | "
-             "eager 0-FLOP floor, checkpoints only (`--no-remat`): budget / predicted peak | its regions | "
-             "eager 0-FLOP floor, rematerializing (the default): budget / predicted peak | its regions, "
-             "rematerializations | Sequential runs (experiment): peak, extra FLOPs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    (out / "compile_vs_eager.json").write_text(
+        json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1) + "\n"
+    )
+    lines = [
+        "# torch.compile's memory budget against eager checkpointing at 0 extra FLOPs\n",
+        f"`{command}` on {machine}. Predicted peaks are ckptplan's simulator's (MiB); the compiled "
+        "forward's outputs are the loss and every tensor it saves for backward.\n",
+        "| model | compile knob | compiled forward keeps (MiB, by op) | eager, no checkpointing | "
+        "eager 0-FLOP floor, checkpoints only (`--no-remat`): budget / predicted peak | its regions | "
+        "eager 0-FLOP floor, rematerializing (the default): budget / predicted peak | its regions, "
+        "rematerializations | Sequential runs (experiment): peak, extra FLOPs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        keeps = ", ".join(f"{op.removeprefix('aten.').removesuffix('.default')} {b / MiB:.2f}"
-                          for op, b in r["compiled_forward_keeps"].items() if b >= MiB // 100)
+        keeps = ", ".join(
+            f"{op.removeprefix('aten.').removesuffix('.default')} {b / MiB:.2f}"
+            for op, b in r["compiled_forward_keeps"].items()
+            if b >= MiB // 100
+        )
         total = sum(r["compiled_forward_keeps"].values()) / MiB
         floor, runs = r["eager_zero_flop_floor"], r["sequential_runs"]
         remat = r["eager_zero_flop_floor_rematerializing"]
-        seq = (f"{runs['runs']} runs: {runs['peak_bytes'] / MiB:.2f}, {runs['extra_forward_flops']}"
-               if runs.get("runs") else "none")
-        lines.append(f"| {r['model']} | {r['compile_knob']} | {total:.2f}: {keeps} | "
-                     f"{r['eager_no_checkpointing_peak_bytes'] / MiB:.2f} | {floor['budget_bytes'] / MiB:.2f} / "
-                     f"{floor['predicted_peak_bytes'] / MiB:.2f} | {', '.join(floor['regions'])} | "
-                     f"{remat['budget_bytes'] / MiB:.2f} / {remat['predicted_peak_bytes'] / MiB:.2f} | "
-                     f"{', '.join(remat['regions']) or 'none'}; {len(remat['rematerialized'])} | {seq} |")
+        seq = (
+            f"{runs['runs']} runs: {runs['peak_bytes'] / MiB:.2f}, {runs['extra_forward_flops']}"
+            if runs.get("runs")
+            else "none"
+        )
+        lines.append(
+            f"| {r['model']} | {r['compile_knob']} | {total:.2f}: {keeps} | "
+            f"{r['eager_no_checkpointing_peak_bytes'] / MiB:.2f} | {floor['budget_bytes'] / MiB:.2f} / "
+            f"{floor['predicted_peak_bytes'] / MiB:.2f} | {', '.join(floor['regions'])} | "
+            f"{remat['budget_bytes'] / MiB:.2f} / {remat['predicted_peak_bytes'] / MiB:.2f} | "
+            f"{', '.join(remat['regions']) or 'none'}; {len(remat['rematerialized'])} | {seq} |"
+        )
     (out / "compile_vs_eager.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

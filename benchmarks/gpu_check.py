@@ -79,9 +79,18 @@ def _models(smoke: bool) -> list[Model]:
     import vit
 
     if smoke:
+
         def tiny_llama(device, dtype):
-            config = llama.LlamaConfig(dim=64, n_layer=2, n_heads=4, n_kv_heads=2, vocab_size=128,
-                                       hidden_dim=128, max_seq_len=32, sdpa_gqa=True)
+            config = llama.LlamaConfig(
+                dim=64,
+                n_layer=2,
+                n_heads=4,
+                n_kv_heads=2,
+                vocab_size=128,
+                hidden_dim=128,
+                max_seq_len=32,
+                sdpa_gqa=True,
+            )
             return llama.build(config, device=device, batch_size=2, seq_len=32, dtype=dtype)
 
         return [
@@ -89,23 +98,27 @@ def _models(smoke: bool) -> list[Model]:
             Model("gpt2", lambda d, t: _cast(*gpt2.gpt2_tiny(device=d, n_layer=2, seq_len=32), t)),
             Model("vit", lambda d, t: _cast(*vit.vit_tiny(device=d, n_layer=2, batch_size=4), t)),
             Model("resnet", lambda d, t: _cast(*resnet.resnet_tiny(device=d, batch_size=4), t)),
-            Model("gpt2_amp", lambda d, t: gpt2.gpt2_tiny(device=d, n_layer=2, seq_len=64, batch_size=4),
-                  torch.bfloat16),
+            Model(
+                "gpt2_amp", lambda d, t: gpt2.gpt2_tiny(device=d, n_layer=2, seq_len=64, batch_size=4), torch.bfloat16
+            ),
         ]
 
     def gpt2_medium(device, dtype):
-        config = gpt2.GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024,
-                                dropout=0.1, bias=True)
+        config = gpt2.GPTConfig(
+            n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024, dropout=0.1, bias=True
+        )
         return _cast(*gpt2.build(config, device=device, batch_size=8, seq_len=1024), dtype)
 
     def gpt2_medium_amp(device, dtype):  # float32 weights under autocast
-        config = gpt2.GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024,
-                                dropout=0.1, bias=True)
+        config = gpt2.GPTConfig(
+            n_layer=24, n_head=16, n_embd=1024, vocab_size=50304, block_size=1024, dropout=0.1, bias=True
+        )
         return gpt2.build(config, device=device, batch_size=8, seq_len=1024)
 
     def vit_l16(device, dtype):
-        config = vit.ViTConfig(image_size=224, patch_size=16, num_classes=1000, n_layer=24, n_head=16,
-                               n_embd=1024, dropout=0.0)
+        config = vit.ViTConfig(
+            image_size=224, patch_size=16, num_classes=1000, n_layer=24, n_head=16, n_embd=1024, dropout=0.0
+        )
         return _cast(*vit.build(config, device=device, batch_size=32), dtype)
 
     return [
@@ -121,15 +134,22 @@ def _plan_path(model: str, fraction: float) -> Path:
     return PLANS / f"{model}-{round(100 * fraction)}.yaml"
 
 
-def laptop_plans(models: list[Model], *, target: str, dtype: torch.dtype, time_limit: float,
-                 write: bool) -> dict[tuple[str, float], ckptplan.Plan]:
+def laptop_plans(
+    models: list[Model], *, target: str, dtype: torch.dtype, time_limit: float, write: bool
+) -> dict[tuple[str, float], ckptplan.Plan]:
     """Plans made from meta tensors, as a laptop makes them; written to plans/gpu/ with ``write``."""
     out = {}
     for m in models:
         # autocast on meta stands in for CUDA's; a CPU plan under autocast traces real CPU tensors
         model, args = m.build("cpu" if m.autocast is not None and target == "cpu" else "meta", dtype)
-        graph = ckptplan.trace(model, *args, target=target, gpu=LAPTOP_GPU if target == "cuda" else None,
-                               model_name=m.name, autocast=m.autocast)
+        graph = ckptplan.trace(
+            model,
+            *args,
+            target=target,
+            gpu=LAPTOP_GPU if target == "cuda" else None,
+            model_name=m.name,
+            autocast=m.autocast,
+        )
         for f in BUDGETS:
             budget = int(f * graph.baseline_peak_bytes)
             try:
@@ -145,6 +165,7 @@ def laptop_plans(models: list[Model], *, target: str, dtype: torch.dtype, time_l
 
 
 # ---- one step, measured ----------------------------------------------------------------------------------
+
 
 def _sync(device: str) -> None:
     if device == "cuda":
@@ -179,8 +200,9 @@ def _grad_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[bool, flo
     return equal, worst
 
 
-def _peak(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, seed: int,
-          autocast: torch.dtype | None) -> int:
+def _peak(
+    model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, seed: int, autocast: torch.dtype | None
+) -> int:
     model.zero_grad(set_to_none=True)
     _seed(seed)
     peak = measure_peak(step_model, *args, autocast=autocast)
@@ -188,8 +210,7 @@ def _peak(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, seed
     return peak
 
 
-def _time(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, device: str, steps: int,
-          amp: Any) -> float:
+def _time(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, device: str, steps: int, amp: Any) -> float:
     """Median seconds of a training step (forward, backward; gradients dropped), after one warm-up."""
     times = []
     for i in range(steps + 1):
@@ -209,8 +230,18 @@ def _time(model: torch.nn.Module, step_model: torch.nn.Module, args: tuple, devi
 
 # ---- the check -------------------------------------------------------------------------------------------
 
-def check_model(m: Model, laptop: dict, *, device: str, dtype: torch.dtype, steps: int, time_limit: float,
-                anchors: tuple[str, ...], compile_knobs: tuple[float, ...]) -> dict[str, Any]:
+
+def check_model(
+    m: Model,
+    laptop: dict,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    steps: int,
+    time_limit: float,
+    anchors: tuple[str, ...],
+    compile_knobs: tuple[float, ...],
+) -> dict[str, Any]:
     from policies import KNOBS, NotApplicable, apply_policy
 
     model, args = m.build(device, dtype)
@@ -219,16 +250,22 @@ def check_model(m: Model, laptop: dict, *, device: str, dtype: torch.dtype, step
     ref = _grads(model, model, args, seed, amp)
     noise_equal, noise = _grad_error(ref, _grads(model, model, args, seed, amp))
     graph = ckptplan.trace(model, *args, model_name=m.name, autocast=m.autocast)
-    result: dict[str, Any] = {"model": m.name, "parameters": sum(p.numel() for p in model.parameters()),
-                              "inputs": list(graph.inputs), "unplanned_repeat_bitwise": noise_equal,
-                              "unplanned_repeat_rel_error": noise, "predicted_no_ckpt_peak": graph.baseline_peak_bytes,
-                              "plans": [], "anchors": []}
+    result: dict[str, Any] = {
+        "model": m.name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "inputs": list(graph.inputs),
+        "unplanned_repeat_bitwise": noise_equal,
+        "unplanned_repeat_rel_error": noise,
+        "predicted_no_ckpt_peak": graph.baseline_peak_bytes,
+        "plans": [],
+        "anchors": [],
+    }
     result["autocast"] = str(m.autocast).removeprefix("torch.") if m.autocast is not None else ""
     result["measured_no_ckpt_peak"] = _peak(model, model, args, seed, m.autocast)
 
     # anchors first, at every knob: each budget then takes the fastest knob that fits
     for name in anchors + (("compile_budget",) if compile_knobs else ()):
-        for knob in (compile_knobs if name == "compile_budget" else KNOBS[name]):
+        for knob in compile_knobs if name == "compile_budget" else KNOBS[name]:
             row: dict[str, Any] = {"policy": name, "knob": knob}
             try:
                 applied = apply_policy(name, model, args, {}, knob)
@@ -257,9 +294,15 @@ def check_model(m: Model, laptop: dict, *, device: str, dtype: torch.dtype, step
         for source, plan in (("laptop", laptop_plan), ("gpu", made_here)):
             if plan is None:
                 continue
-            row = {"source": source, "fraction": fraction, "budget": plan.budget_bytes,
-                   "predicted_peak": plan.predicted_peak_bytes, "extra_forward_flops": plan.extra_forward_flops,
-                   "estimated_recompute_ns": plan.extra_cost_ns, "regions": len(plan.regions)}
+            row = {
+                "source": source,
+                "fraction": fraction,
+                "budget": plan.budget_bytes,
+                "predicted_peak": plan.predicted_peak_bytes,
+                "extra_forward_flops": plan.extra_forward_flops,
+                "estimated_recompute_ns": plan.extra_cost_ns,
+                "regions": len(plan.regions),
+            }
             try:
                 handle = ckptplan.apply(model, plan)
             except ckptplan.PlanMismatch as e:
@@ -293,11 +336,17 @@ def best_anchors(result: dict[str, Any], budget: int) -> dict[str, dict]:
 
 def summarize(results: list[dict], header: dict[str, Any]) -> str:
     mib = 2**20
-    lines = [f"# GPU check: {header['device']}", "", f"Command: `{header['command']}`", "",
-             f"torch {header['torch']}, ckptplan {header['ckptplan']}, {header['when']}", "",
-             "| model | plan | budget MiB | predicted MiB | measured MiB | error | fits | grads (rel. err; "
-             "unplanned repeat) | step ms | best anchor that fits (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check: {header['device']}",
+        "",
+        f"Command: `{header['command']}`",
+        "",
+        f"torch {header['torch']}, ckptplan {header['ckptplan']}, {header['when']}",
+        "",
+        "| model | plan | budget MiB | predicted MiB | measured MiB | error | fits | grads (rel. err; "
+        "unplanned repeat) | step ms | best anchor that fits (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     totals = {"violations": 0, "mismatches": 0, "worst_peak_error": 0.0, "slower_than_anchor": 0}
     for r in results:
         for p in r["plans"]:
@@ -317,11 +366,21 @@ def summarize(results: list[dict], header: dict[str, Any]) -> str:
                 f"| {r['model']} | {label} | {p['budget'] / mib:.0f} | {p['predicted_peak'] / mib:.0f} | "
                 f"{p['peak'] / mib:.0f} | {100 * p['peak_error']:+.2f}% | {'yes' if p['fits'] else 'NO'} | "
                 f"{grads}; {r['unplanned_repeat_rel_error']:.1e} | {1e3 * p['step_s']:.1f} | "
-                + (f"{anchor['policy']} {anchor['knob'] if anchor['knob'] is not None else ''} "
-                   f"{1e3 * anchor['step_s']:.1f}" if anchor else "none fits") + " |")
-    lines += ["", f"Budget violations: {totals['violations']}; PlanMismatch: {totals['mismatches']}; "
-              f"largest |measured/predicted - 1|: {100 * totals['worst_peak_error']:.2f}%; plans slower than "
-              f"the best anchor that fits: {totals['slower_than_anchor']}.", ""]
+                + (
+                    f"{anchor['policy']} {anchor['knob'] if anchor['knob'] is not None else ''} "
+                    f"{1e3 * anchor['step_s']:.1f}"
+                    if anchor
+                    else "none fits"
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        f"Budget violations: {totals['violations']}; PlanMismatch: {totals['mismatches']}; "
+        f"largest |measured/predicted - 1|: {100 * totals['worst_peak_error']:.2f}%; plans slower than "
+        f"the best anchor that fits: {totals['slower_than_anchor']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -349,19 +408,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.smoke:  # a laptop plan for the device the smoke run trains on
         laptop = laptop_plans(models, target="cpu", dtype=dtype, time_limit=a.time_limit, write=False)
     else:
-        laptop = {(m.name, f): ckptplan.load_plan(_plan_path(m.name, f))
-                  for m in models for f in BUDGETS if _plan_path(m.name, f).exists()}
+        laptop = {
+            (m.name, f): ckptplan.load_plan(_plan_path(m.name, f))
+            for m in models
+            for f in BUDGETS
+            if _plan_path(m.name, f).exists()
+        }
     knobs = tuple(float(k) for k in a.compile.split(",") if k.strip())
-    header = {"command": " ".join(["python benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
-              "torch": torch.__version__, "ckptplan": ckptplan.__version__,
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    header = {
+        "command": " ".join(["python benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+        "ckptplan": ckptplan.__version__,
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     results = []
     a.out.mkdir(parents=True, exist_ok=True)
     for m in models:
         started = time.perf_counter()
-        results.append(check_model(m, laptop, device=device, dtype=dtype, steps=a.steps, time_limit=a.time_limit,
-                                   anchors=ANCHORS, compile_knobs=knobs))
+        results.append(
+            check_model(
+                m,
+                laptop,
+                device=device,
+                dtype=dtype,
+                steps=a.steps,
+                time_limit=a.time_limit,
+                anchors=ANCHORS,
+                compile_knobs=knobs,
+            )
+        )
         results[-1]["seconds"] = round(time.perf_counter() - started, 1)
         payload = {"header": header, "results": results}
         (a.out / "gpu_check.json").write_text(json.dumps(payload, indent=1, default=str))  # as it goes

@@ -34,7 +34,7 @@ def build():
 
 def shard(args, rank):
     n = BATCH // WORLD
-    return tuple(a[rank * n:(rank + 1) * n] for a in args)
+    return tuple(a[rank * n : (rank + 1) * n] for a in args)
 
 
 def measure(rank, port, mode, plan_yaml, out):
@@ -95,13 +95,29 @@ def main() -> None:
             measured = int(tmp.read_text())
             tmp.unlink()
             predicted = plan.predicted_peak_bytes if plan else g.baseline_peak_bytes
-            rows.append({"mode": mode, "budget": plan.budget_bytes if plan else None, "predicted": predicted,
-                         "measured": measured, "ratio": round(measured / predicted, 4),
-                         "fits": plan is None or measured <= plan.budget_bytes})
+            rows.append(
+                {
+                    "mode": mode,
+                    "budget": plan.budget_bytes if plan else None,
+                    "predicted": predicted,
+                    "measured": measured,
+                    "ratio": round(measured / predicted, 4),
+                    "fits": plan is None or measured <= plan.budget_bytes,
+                }
+            )
             print(rows[-1], flush=True)
-    out.write_text(json.dumps({"command": "python benchmarks/parallel_memory.py", "machine": "2-core CPU, gloo",
-                               "model": f"llama_tiny batch {BATCH} seq {SEQ} layers {LAYERS}, world {WORLD}",
-                               "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/parallel_memory.py",
+                "machine": "2-core CPU, gloo",
+                "model": f"llama_tiny batch {BATCH} seq {SEQ} layers {LAYERS}, world {WORLD}",
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

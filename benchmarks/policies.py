@@ -128,16 +128,16 @@ def block_paths(model: nn.Module) -> list[str]:
     return baselines.block_paths([(n, type(m).__name__) for n, m in model.named_modules()])
 
 
-def apply_policy(name: str, model: nn.Module, args: tuple, kwargs: dict, knob: Any, *,
-                 budget_bytes: int | None = None) -> Applied:
+def apply_policy(
+    name: str, model: nn.Module, args: tuple, kwargs: dict, knob: Any, *, budget_bytes: int | None = None
+) -> Applied:
     """Apply policy ``name`` with ``knob`` to ``model`` in place; ``undo()`` on the result reverts it."""
     if name not in _POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(_POLICIES)}")
     start = time.perf_counter()
     patches = _Patches()
     try:
-        step_model, undo, label = _POLICIES[name](model, tuple(args), dict(kwargs or {}), knob, patches,
-                                                  budget_bytes)
+        step_model, undo, label = _POLICIES[name](model, tuple(args), dict(kwargs or {}), knob, patches, budget_bytes)
     except BaseException:
         patches.undo()
         raise
@@ -145,6 +145,7 @@ def apply_policy(name: str, model: nn.Module, args: tuple, kwargs: dict, knob: A
 
 
 # ---- patching forwards ------------------------------------------------------------------------------
+
 
 class _Patches:
     """Forwards installed as instance attributes; ``undo()`` puts back exactly what was there before."""
@@ -157,8 +158,10 @@ class _Patches:
     def forward(self, module: nn.Module, fn: Callable) -> None:
         previous = module.__dict__.get("forward", self._MISSING)
         if getattr(previous, "_anchor_policy", False):
-            raise RuntimeError(f"{type(module).__name__} already runs an anchor policy's forward: "
-                               "call undo() on the previous Applied first")
+            raise RuntimeError(
+                f"{type(module).__name__} already runs an anchor policy's forward: "
+                "call undo() on the previous Applied first"
+            )
         fn._anchor_policy = True  # type: ignore[attr-defined]
         module.forward = fn
         self._done.append((module, fn, previous))
@@ -175,11 +178,12 @@ class _Patches:
 
 def _checkpointed(forward: Callable, context_fn: Callable = noop_context_fn) -> Callable:
     """``forward`` under non-reentrant checkpoint (RNG preserved) when gradients are on."""
+
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)  # evaluation: nothing is saved, nothing to recompute
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=context_fn, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn, **kwargs)
+
     return run
 
 
@@ -190,14 +194,16 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(p, model.get_submodule(p)) for p in paths]
 
 
-def _wrap_blocks(model: nn.Module, patches: _Patches, chosen: Callable[[int], bool],
-                 context_fn: Callable = noop_context_fn) -> None:
+def _wrap_blocks(
+    model: nn.Module, patches: _Patches, chosen: Callable[[int], bool], context_fn: Callable = noop_context_fn
+) -> None:
     for i, (_path, block) in enumerate(_blocks(model)):
         if chosen(i):
             patches.forward(block, _checkpointed(block.forward, context_fn))
 
 
 # ---- layer policies ---------------------------------------------------------------------------------
+
 
 def _none(model, args, kwargs, knob, patches, budget_bytes):
     return model, patches.undo, ""
@@ -216,6 +222,7 @@ def _every_k(model, args, kwargs, knob, patches, budget_bytes):
 
 
 # ---- sqrt(n) segments -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Link:
@@ -244,8 +251,10 @@ def _sqrt_n(model, args, kwargs, knob, patches, budget_bytes):
     with _restored(model), torch.no_grad():
         got = model(*args, **kwargs)
     if not _same_output(got, expected):
-        raise NotApplicable("the model's output changes when a segment's later blocks pass their input "
-                            "through: the parent uses block outputs for more than the next block")
+        raise NotApplicable(
+            "the model's output changes when a segment's later blocks pass their input "
+            "through: the parent uses block outputs for more than the next block"
+        )
     return model, patches.undo, f"segments={segments}x{size}"
 
 
@@ -255,7 +264,7 @@ def _install_segments(chain: list[_Link], patches: _Patches) -> tuple[int, int]:
     segments = math.ceil(math.sqrt(n))
     size = n // segments
     for start in range(0, size * (segments - 1), size):
-        segment = chain[start:start + size]
+        segment = chain[start : start + size]
         _check_same_extras(segment)
         inside = [False]  # True while the segment's first block runs the segment
         first = segment[0].module
@@ -271,8 +280,10 @@ def _trace_chain(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[_Lin
     calls: list[_Link] = []
     hooks = []
     for path, block in _blocks(model):
+
         def record(module: nn.Module, a: tuple, kw: dict, out: Any, path: str = path) -> None:
             calls.append(_Link(path=path, module=module, args=a, kwargs=kw, output=out))
+
         hooks.append(block.register_forward_hook(record, with_kwargs=True))
     try:
         with _restored(model), torch.no_grad():
@@ -285,16 +296,20 @@ def _trace_chain(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[_Lin
         seen[link.path] = seen.get(link.path, 0) + 1
     repeated = [p for p, count in seen.items() if count > 1]
     if repeated:
-        raise NotApplicable(f"block {repeated[0]} is called {seen[repeated[0]]} times in one forward; "
-                            "sqrt_n needs each block called once")
+        raise NotApplicable(
+            f"block {repeated[0]} is called {seen[repeated[0]]} times in one forward; "
+            "sqrt_n needs each block called once"
+        )
     if len(calls) < 2:
         raise NotApplicable(f"{len(calls)} block call(s) in a forward: nothing to segment")
     for prev, link in zip([None, *calls], calls):
         if not link.args or not isinstance(link.args[0], torch.Tensor):
             raise NotApplicable(f"block {link.path} does not take a tensor as its first positional argument")
         if prev is not None and link.args[0] is not _chain_tensor(prev):
-            raise NotApplicable(f"block {link.path}'s input is not block {prev.path}'s output: the blocks "
-                                "are not one chain (the parent changes the tensor between them)")
+            raise NotApplicable(
+                f"block {link.path}'s input is not block {prev.path}'s output: the blocks "
+                "are not one chain (the parent changes the tensor between them)"
+            )
     return calls, expected
 
 
@@ -304,19 +319,23 @@ def _chain_tensor(link: _Link) -> torch.Tensor:
         return out[0]
     if isinstance(out, torch.Tensor):
         return out
-    raise NotApplicable(f"block {link.path} returns {type(out).__name__}, not a tensor or a tuple "
-                        "starting with one")
+    raise NotApplicable(f"block {link.path} returns {type(out).__name__}, not a tensor or a tuple starting with one")
 
 
 def _check_same_extras(segment: list[_Link]) -> None:
     head = segment[0]
     for link in segment[1:]:
-        same = len(link.args) == len(head.args) and link.kwargs.keys() == head.kwargs.keys() and all(
-            _same_value(a, b) for a, b in zip(link.args[1:], head.args[1:])) and all(
-            _same_value(link.kwargs[k], head.kwargs[k]) for k in head.kwargs)
+        same = (
+            len(link.args) == len(head.args)
+            and link.kwargs.keys() == head.kwargs.keys()
+            and all(_same_value(a, b) for a, b in zip(link.args[1:], head.args[1:]))
+            and all(_same_value(link.kwargs[k], head.kwargs[k]) for k in head.kwargs)
+        )
         if not same:
-            raise NotApplicable(f"blocks {head.path} and {link.path} receive different extra arguments; "
-                                "a segment passes the same ones to all its blocks")
+            raise NotApplicable(
+                f"blocks {head.path} and {link.path} receive different extra arguments; "
+                "a segment passes the same ones to all its blocks"
+            )
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -340,12 +359,14 @@ def _segment_runner(first_forward: Callable, rest: list[nn.Module], inside: list
         finally:
             inside[0] = False
         return out
+
     return run
 
 
 def _pass_through(link: _Link, inside: list[bool]) -> Callable:
     forward, out = link.module.forward, link.output
     if isinstance(out, torch.Tensor):
+
         def shape(x: torch.Tensor) -> Any:
             return x
     elif isinstance(out, (tuple, list)) and all(o is None for o in out[1:]):
@@ -354,13 +375,16 @@ def _pass_through(link: _Link, inside: list[bool]) -> Callable:
         def shape(x: torch.Tensor) -> Any:
             return kind([x, *nones])
     else:
-        raise NotApplicable(f"block {link.path} returns {type(out).__name__} with more than one tensor: a "
-                            "block that passes its input through cannot reproduce it")
+        raise NotApplicable(
+            f"block {link.path} returns {type(out).__name__} with more than one tensor: a "
+            "block that passes its input through cannot reproduce it"
+        )
 
     def run(x: torch.Tensor, *extra: Any, **kwargs: Any) -> Any:
         if inside[0]:
             return forward(x, *extra, **kwargs)  # called by the segment's first block
         return shape(x)  # x is already the segment's output
+
     return run
 
 
@@ -369,8 +393,9 @@ def _same_output(a: Any, b: Any) -> bool:
     fb, spec_b = tree_flatten(b)
     if spec_a != spec_b:
         return False
-    return all(torch.equal(x, y) and x.dtype == y.dtype if isinstance(x, torch.Tensor) else x == y
-               for x, y in zip(fa, fb))
+    return all(
+        torch.equal(x, y) and x.dtype == y.dtype if isinstance(x, torch.Tensor) else x == y for x, y in zip(fa, fb)
+    )
 
 
 @contextmanager
@@ -380,8 +405,9 @@ def _restored(model: nn.Module, *, grads: bool = False) -> Iterator[None]:
     cuda = any(p.is_cuda for p in model.parameters())
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
-    saved_grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()] \
-        if grads else []
+    saved_grads = (
+        [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()] if grads else []
+    )
     try:
         yield
     finally:
@@ -396,6 +422,7 @@ def _restored(model: nn.Module, *, grads: bool = False) -> Iterator[None]:
 
 
 # ---- op-level selective checkpointing ---------------------------------------------------------------
+
 
 def _op_sac_policy(rule: baselines.OpSacRule, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     # the rule is the one ckptplan's predicted baseline uses (baselines.op_sac_keeps)
@@ -412,6 +439,7 @@ def _op_sac(model, args, kwargs, knob, patches, budget_bytes):
 
 
 # ---- torch.compile with an activation memory budget --------------------------------------------------
+
 
 class _CompileProbe(nn.Module):
     """A tiny module compiled once to see whether ckptplan.measure.measure_peak runs compiled graphs."""
@@ -437,6 +465,7 @@ def _why_measure_peak_misses_compiled_graphs() -> str | None:
         def run(inputs: list) -> Any:
             runs[0] += 1
             return gm(*inputs)
+
         run._boxed_call = True  # type: ignore[attr-defined]
         return run
 
@@ -447,10 +476,12 @@ def _why_measure_peak_misses_compiled_graphs() -> str | None:
     measure_peak(probe, x)
     if runs[0] > before:
         return None
-    return ("off CUDA, ckptplan.measure.measure_peak cannot see a compiled step: its MemTracker is a "
-            "TorchDispatchMode without ignore_compile_internals(), so dynamo skips the compiled frame "
-            "('non-infra torch dispatch mode present') and runs the model eagerly, reporting the eager "
-            "peak for every budget (a MemTracker subclass with ignore_compile_internals() -> True sees it)")
+    return (
+        "off CUDA, ckptplan.measure.measure_peak cannot see a compiled step: its MemTracker is a "
+        "TorchDispatchMode without ignore_compile_internals(), so dynamo skips the compiled frame "
+        "('non-infra torch dispatch mode present') and runs the model eagerly, reporting the eager "
+        "peak for every budget (a MemTracker subclass with ignore_compile_internals() -> True sees it)"
+    )
 
 
 def _dynamo_refuses_current_modes() -> bool:
@@ -460,6 +491,7 @@ def _dynamo_refuses_current_modes() -> bool:
         any_torch_dispatch_mode_on_stack,
         is_in_any_mode_without_ignore_compile_internals,
     )
+
     if dynamo_config.inline_torch_dispatch_torch_compile:
         return any_torch_dispatch_mode_on_stack()
     return is_in_any_mode_without_ignore_compile_internals()
@@ -477,7 +509,8 @@ class _CompiledStep(nn.Module):
             raise RuntimeError(
                 "a TorchDispatchMode without ignore_compile_internals() is active (MemTracker, "
                 "FlopCounterMode, ...): dynamo would run this step eagerly, and keep running the model's "
-                "forward eagerly until torch._dynamo.reset(); measure a compiled step without such a mode")
+                "forward eagerly until torch._dynamo.reset(); measure a compiled step without such a mode"
+            )
         return self.compiled(*args, **kwargs)
 
 
@@ -511,7 +544,8 @@ def _compile_budget(model, args, kwargs, knob, patches, budget_bytes):
         raise NotApplicable(
             f"at budget {knob:g} the partitioner recomputes {', '.join(sorted(redrawn))} in backward, which "
             "draws new random numbers (torch._functorch.config.functionalize_rng_ops is off): the gradients "
-            "would not match the forward's dropout masks")
+            "would not match the forward's dropout masks"
+        )
     return step, undo, f"budget={knob:g}"
 
 
@@ -522,13 +556,17 @@ def _aot_eager_noting_redraws(redrawn: set[str]) -> Callable:
     def bw_compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
         redrawn.update(str(n.target) for n in gm.graph.nodes if _draws_random_numbers(n))
         return boxed_nop(gm, example_inputs)
+
     return functools.partial(aot_eager, bw_compiler=bw_compiler)
 
 
 def _draws_random_numbers(node: torch.fx.Node) -> bool:
     op = node.target
-    if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) \
-            or torch.Tag.nondeterministic_seeded not in op.tags:
+    if (
+        node.op != "call_function"
+        or not isinstance(op, torch._ops.OpOverload)
+        or torch.Tag.nondeterministic_seeded not in op.tags
+    ):
         return False
     for i, arg in enumerate(op._schema.arguments):  # dropout with p=0 or train=False draws nothing
         value = node.kwargs.get(arg.name, node.args[i] if i < len(node.args) else arg.default_value)
@@ -539,6 +577,7 @@ def _draws_random_numbers(node: torch.fx.Node) -> bool:
 
 # ---- PyTorch's SAC MILP ---------------------------------------------------------------------------
 
+
 def _why_sac_ilp_cannot_run(model: nn.Module) -> str | None:
     """None if torch's SAC MILP pipeline can run on ``model`` here; else the concrete reasons."""
     problems = []
@@ -548,9 +587,12 @@ def _why_sac_ilp_cannot_run(model: nn.Module) -> str | None:
             "'operator-level-cost-model', the one torch's tests use) asserts torch.cuda.is_available() "
             "('Roofline estimation needs to access CUDA capabilities to make estimations'), and mode "
             "'operator-level-benchmark' times kernels with torch.cuda.Event ('Tried to instantiate "
-            "dummy base class Event' on this CPU build)")
-    for package, why in (("pulp", "sac_ilp solves its MILPs with PuLP"),
-                         ("pwlf", "ilp_utils.aggregate_stats fits trade-off curves with pwlf")):
+            "dummy base class Event' on this CPU build)"
+        )
+    for package, why in (
+        ("pulp", "sac_ilp solves its MILPs with PuLP"),
+        ("pwlf", "ilp_utils.aggregate_stats fits trade-off curves with pwlf"),
+    ):
         try:
             __import__(package)
         except ImportError:
@@ -642,8 +684,10 @@ def _sac_ilp(model, args, kwargs, knob, patches, budget_bytes):
     info, sac = _sac_ilp_estimators(model, args, kwargs)
     order = info["mod_order"]["fw_pre_order"]
     if repeated := sorted({fqn for fqn in order if order.count(fqn) > 1}):
-        raise NotApplicable(f"module {repeated[0]} runs {order.count(repeated[0])} times in one forward; "
-                            "torch's SAC MILP (ilp_utils.parse_module_info) needs each module run once")
+        raise NotApplicable(
+            f"module {repeated[0]} runs {order.count(repeated[0])} times in one forward; "
+            "torch's SAC MILP (ilp_utils.parse_module_info) needs each module run once"
+        )
     budget_gib = budget_bytes / 2**30
     decisions, _recompute_ms, peak = sac_milp(parse_module_info(info), memory_budget=budget_gib)
     if peak == -1:  # sac_milp's "no solution"

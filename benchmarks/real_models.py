@@ -70,8 +70,9 @@ class Step:
         """Gradients and buffers (``buffer:`` names) after one step; the model reset afterwards."""
         self.reset()
         try:
-            default_loss(self.model(*(self.args if args is None else args),
-                                    **(self.kwargs if kwargs is None else kwargs))).backward()
+            default_loss(
+                self.model(*(self.args if args is None else args), **(self.kwargs if kwargs is None else kwargs))
+            ).backward()
             out = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
             out.update({f"buffer:{n}": b.clone() for n, b in self.model.named_buffers()})
             return out
@@ -82,8 +83,9 @@ class Step:
         """MemTracker's peak of one step (on other inputs when given); the model reset afterwards."""
         self.reset()
         try:
-            return measure_peak(self.model, *(self.args if args is None else args),
-                                **(self.kwargs if kwargs is None else kwargs))
+            return measure_peak(
+                self.model, *(self.args if args is None else args), **(self.kwargs if kwargs is None else kwargs)
+            )
         finally:
             self.reset()
 
@@ -98,13 +100,26 @@ def minimum_of(graph: ckptplan.Graph, time_limit: float) -> dict[str, Any]:
     try:
         ckptplan.solve(graph, 1, time_limit_s=time_limit)
     except ckptplan.InfeasibleBudget as e:
-        return {"minimum_bytes": e.minimum_bytes, "proven": e.minimum_proven, "source": e.minimum_source,
-                "solve_s": round(time.monotonic() - t, 1)}
+        return {
+            "minimum_bytes": e.minimum_bytes,
+            "proven": e.minimum_proven,
+            "source": e.minimum_source,
+            "solve_s": round(time.monotonic() - t, 1),
+        }
     raise AssertionError("a 1-byte budget was not refused")
 
 
-def run_budget(graph: ckptplan.Graph, step: Step, second: Step, ref: dict, ref2: dict, label: str,
-               budget: int, minimum: dict | None, time_limit: float) -> dict[str, Any]:
+def run_budget(
+    graph: ckptplan.Graph,
+    step: Step,
+    second: Step,
+    ref: dict,
+    ref2: dict,
+    label: str,
+    budget: int,
+    minimum: dict | None,
+    time_limit: float,
+) -> dict[str, Any]:
     row: dict[str, Any] = {"budget": label, "budget_bytes": budget}
     if minimum is not None and minimum["proven"] and budget < minimum["minimum_bytes"]:
         row["error"] = "below the proven minimum (not solved)"
@@ -117,9 +132,14 @@ def run_budget(graph: ckptplan.Graph, step: Step, second: Step, ref: dict, ref2:
         if isinstance(e, ckptplan.InfeasibleBudget):
             row["minimum_bytes"] = e.minimum_bytes
         return row
-    row.update(solve_s=round(time.monotonic() - t, 1), status=plan.status, gap=plan.gap,
-               regions=len(plan.regions), predicted_bytes=plan.predicted_peak_bytes,
-               remats=sum(1 for r in plan.regions if r.target is not None))
+    row.update(
+        solve_s=round(time.monotonic() - t, 1),
+        status=plan.status,
+        gap=plan.gap,
+        regions=len(plan.regions),
+        predicted_bytes=plan.predicted_peak_bytes,
+        remats=sum(1 for r in plan.regions if r.target is not None),
+    )
     handle = None
     try:
         handle = ckptplan.apply(step.model, plan)
@@ -174,39 +194,60 @@ def mib(n: Any) -> str:
 
 
 def markdown(header: dict, records: list[dict]) -> str:
-    out = ["# Real models: trace, solve, apply, step", "",
-           *(f"Earlier run (its models kept): `{c}`  " for c in header.get("earlier_commands", [])),
-           f"Command: `{header['command']}`  ",
-           f"Machine: {header['machine']}  ",
-           f"Load average at start: {header['load_start']}, at the last write: {header['load_now']}  ",
-           (f"torch {header['torch']}, transformers {header['transformers']}, solver time limit "
-            f"{header['time_limit_s']} s, CKPTPLAN_WALL_SLACK={header['wall_slack']}  "),
-           f"State: {header['state']} ({len(records)} of {header['models']} models)", "",
-           ("MiB throughout. *fits*: MemTracker's peak of the planned step <= budget. *bitwise*: gradients and "
-            "buffers equal to the unplanned step (same seed); *new batch*: bitwise, and fits, on other inputs."), "",
-           ("| model | budget | budget MiB | status | gap | predicted | measured | meas/pred | fits | bitwise "
-            "| new batch | solve s | error |"), "|" + "---|" * 13]
+    out = [
+        "# Real models: trace, solve, apply, step",
+        "",
+        *(f"Earlier run (its models kept): `{c}`  " for c in header.get("earlier_commands", [])),
+        f"Command: `{header['command']}`  ",
+        f"Machine: {header['machine']}  ",
+        f"Load average at start: {header['load_start']}, at the last write: {header['load_now']}  ",
+        (
+            f"torch {header['torch']}, transformers {header['transformers']}, solver time limit "
+            f"{header['time_limit_s']} s, CKPTPLAN_WALL_SLACK={header['wall_slack']}  "
+        ),
+        f"State: {header['state']} ({len(records)} of {header['models']} models)",
+        "",
+        (
+            "MiB throughout. *fits*: MemTracker's peak of the planned step <= budget. *bitwise*: gradients and "
+            "buffers equal to the unplanned step (same seed); *new batch*: bitwise, and fits, on other inputs."
+        ),
+        "",
+        (
+            "| model | budget | budget MiB | status | gap | predicted | measured | meas/pred | fits | bitwise "
+            "| new batch | solve s | error |"
+        ),
+        "|" + "---|" * 13,
+    ]
     for rec in records:
         if "error" in rec and not rec["rows"]:
-            out.append(f"| {rec['model']} | - | - | - | - | - | - | - | - | - | - | - | {rec['error']} "
-                       f"(in {rec.get('where')}) |")
+            out.append(
+                f"| {rec['model']} | - | - | - | - | - | - | - | - | - | - | - | {rec['error']} "
+                f"(in {rec.get('where')}) |"
+            )
             continue
         m = rec.get("minimum", {})
-        out.append(f"| {rec['model']} | none | - | - | - | {mib(rec.get('baseline_predicted_bytes'))} | "
-                   f"{mib(rec.get('baseline_measured_bytes'))} | "
-                   + (f"{rec['baseline_measured_bytes'] / rec['baseline_predicted_bytes']:.5f}"
-                      if 'baseline_measured_bytes' in rec else "-")
-                   + f" | - | - | - | {m.get('solve_s', '-')} | minimum {mib(m.get('minimum_bytes'))}"
-                   f"{'' if m.get('proven', True) else ' (upper bound: ' + str(m.get('source')) + ')'} |")
+        out.append(
+            f"| {rec['model']} | none | - | - | - | {mib(rec.get('baseline_predicted_bytes'))} | "
+            f"{mib(rec.get('baseline_measured_bytes'))} | "
+            + (
+                f"{rec['baseline_measured_bytes'] / rec['baseline_predicted_bytes']:.5f}"
+                if "baseline_measured_bytes" in rec
+                else "-"
+            )
+            + f" | - | - | - | {m.get('solve_s', '-')} | minimum {mib(m.get('minimum_bytes'))}"
+            f"{'' if m.get('proven', True) else ' (upper bound: ' + str(m.get('source')) + ')'} |"
+        )
         for r in rec["rows"]:
             err = r.get("error", "")
             if r.get("differs"):
                 err = (err + " differs: " + ", ".join(r["differs"])).strip()
-            out.append(f"| {rec['model']} | {r['budget']} | {mib(r['budget_bytes'])} | {r.get('status', '-')} | "
-                       f"{r.get('gap', '-')} | {mib(r.get('predicted_bytes'))} | {mib(r.get('measured_bytes'))} | "
-                       f"{r.get('measured_over_predicted', '-')} | {r.get('fits', '-')} | {r.get('bitwise', '-')} | "
-                       f"{r.get('bitwise_new_batch', '-')}, {r.get('fits_new_batch', '-')} | "
-                       f"{r.get('solve_s', '-')} | {err} |")
+            out.append(
+                f"| {rec['model']} | {r['budget']} | {mib(r['budget_bytes'])} | {r.get('status', '-')} | "
+                f"{r.get('gap', '-')} | {mib(r.get('predicted_bytes'))} | {mib(r.get('measured_bytes'))} | "
+                f"{r.get('measured_over_predicted', '-')} | {r.get('fits', '-')} | {r.get('bitwise', '-')} | "
+                f"{r.get('bitwise_new_batch', '-')}, {r.get('fits_new_batch', '-')} | "
+                f"{r.get('solve_s', '-')} | {err} |"
+            )
         if "error" in rec:
             out.append(f"| {rec['model']} | - | - | - | - | - | - | - | - | - | - | - | {rec['error']} |")
     return "\n".join(out) + "\n"
@@ -218,8 +259,11 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(hf_zoo.ZOO), help="comma-separated names of hf_zoo.ZOO")
     parser.add_argument("--budgets", default="0.8,0.6", help="fractions of the no-checkpointing peak")
     parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit per solve, seconds")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the models of an earlier run's real_models.json in --out and probe the rest")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the models of an earlier run's real_models.json in --out and probe the rest",
+    )
     ns = parser.parse_args()
     torch.set_num_threads(1)
     import transformers
@@ -227,11 +271,19 @@ def main() -> None:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     names = ns.models.split(",")
-    header = {"command": "CKPTPLAN_WALL_SLACK=" + os.environ.get("CKPTPLAN_WALL_SLACK", "") + " python "
-              + " ".join(shlex.quote(a) for a in sys.argv), "machine": describe(),
-              "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()), "torch": torch.__version__,
-              "transformers": transformers.__version__, "time_limit_s": ns.time_limit,
-              "wall_slack": os.environ.get("CKPTPLAN_WALL_SLACK"), "models": len(names)}
+    header = {
+        "command": "CKPTPLAN_WALL_SLACK="
+        + os.environ.get("CKPTPLAN_WALL_SLACK", "")
+        + " python "
+        + " ".join(shlex.quote(a) for a in sys.argv),
+        "machine": describe(),
+        "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "time_limit_s": ns.time_limit,
+        "wall_slack": os.environ.get("CKPTPLAN_WALL_SLACK"),
+        "models": len(names),
+    }
     records: list[dict] = []
     path = out / "real_models.json"
     if ns.resume and path.exists():  # same options assumed: the earlier header's command is kept beside

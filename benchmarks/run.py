@@ -129,8 +129,9 @@ class Bench:
         _loss(step_model(*self.args, **self.kwargs)).backward()
         return time.perf_counter() - t
 
-    def interleaved(self, configs: list[tuple[dict, Callable[[], tuple[Any, Callable[[], None]]]]],
-                    rounds: int) -> None:
+    def interleaved(
+        self, configs: list[tuple[dict, Callable[[], tuple[Any, Callable[[], None]]]]], rounds: int
+    ) -> None:
         """Time each configuration in ``rounds`` rounds (the order reversed every other round, so that a
         steady drift of the machine's speed falls alike on all), applying it afresh each time: ``apply()``
         returns (step model, undo). After a warm-up step, its steps alternate one by one with steps of an
@@ -146,7 +147,7 @@ class Bench:
         diffs: list[list[float]] = [[] for _ in configs]  # each step less the plain steps either side of it
         for k in range(rounds):
             order = list(range(len(configs)))
-            for i in (order if k % 2 == 0 else order[::-1]):
+            for i in order if k % 2 == 0 else order[::-1]:
                 step_model, undo = configs[i][1]()
                 try:
                     self.one_step(step_model)  # warm-up: ckptplan's first step checks the plan's ops
@@ -161,8 +162,13 @@ class Bench:
                     self.reset()
                     undo()
         for (row, _), t, p, d in zip(configs, times, plain, diffs):
-            row.update(step_s=statistics.median(t), plain_step_s=statistics.median(p), timed_steps=len(t),
-                       extra_step_s=statistics.median(d), extra_step_se_s=1.2533 * statistics.stdev(d) / len(d) ** 0.5)
+            row.update(
+                step_s=statistics.median(t),
+                plain_step_s=statistics.median(p),
+                timed_steps=len(t),
+                extra_step_s=statistics.median(d),
+                extra_step_se_s=1.2533 * statistics.stdev(d) / len(d) ** 0.5,
+            )
 
 
 def _loss(out):
@@ -171,8 +177,9 @@ def _loss(out):
     return default_loss(out)
 
 
-def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None,
-               later: list | None = None) -> dict[str, Any]:
+def run_policy(
+    bench: Bench, name: str, knob, *, budget_bytes: int | None = None, later: list | None = None
+) -> dict[str, Any]:
     """One anchor: measured now; its step timed now, or in ``bench.interleaved`` when ``later`` is a list
     (the row and how to apply the policy again are appended to it)."""
     row: dict[str, Any] = {"policy": name, "knob": str(knob) if knob is not None else ""}
@@ -195,6 +202,7 @@ def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None
         traceback.print_exc(limit=2)
     finally:
         applied.undo()
+
     def reapply() -> tuple[Any, Callable[[], None]]:
         again = apply()
         return again.step_model, again.undo
@@ -204,8 +212,7 @@ def run_policy(bench: Bench, name: str, knob, *, budget_bytes: int | None = None
     return row
 
 
-def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s: float,
-                 later: list) -> dict[str, Any]:
+def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s: float, later: list) -> dict[str, Any]:
     """ckptplan solved at ``budget_bytes`` and measured; its step is timed in ``bench.interleaved``."""
     row: dict[str, Any] = {"policy": "ckptplan" if objective == "time" else f"ckptplan-{objective}", "knob": ""}
     t = time.perf_counter()
@@ -213,9 +220,16 @@ def run_ckptplan(bench: Bench, graph, budget_bytes: int, objective: str, trace_s
         plan = ckptplan.solve(graph, budget_bytes, time_limit_s=30, objective=objective, gap=0.0)  # proven optimal
     except ckptplan.InfeasibleBudget as e:
         return {**row, "error": f"below the minimum {e.minimum_bytes}"}
-    row.update(setup_s=round(trace_s + time.perf_counter() - t, 3), predicted_peak_bytes=plan.predicted_peak_bytes,
-               predicted_extra_flops=plan.extra_forward_flops, predicted_cost_ns=plan.extra_cost_ns,
-               status=plan.status, gap=plan.gap, regions=len(plan.regions), saved=saved_positions(plan))
+    row.update(
+        setup_s=round(trace_s + time.perf_counter() - t, 3),
+        predicted_peak_bytes=plan.predicted_peak_bytes,
+        predicted_extra_flops=plan.extra_forward_flops,
+        predicted_cost_ns=plan.extra_cost_ns,
+        status=plan.status,
+        gap=plan.gap,
+        regions=len(plan.regions),
+        saved=saved_positions(plan),
+    )
     with ckptplan.apply(bench.model, plan) as handle:
         row.update(bench.measure(bench.model))
         row["runtime_extra_flops"] = handle.stats.extra_forward_flops
@@ -236,9 +250,11 @@ def saved_positions(plan: ckptplan.Plan) -> dict[str, list[int]]:
 
 def saved_ops(candidates: dict[str, Any], positions: dict[str, list[int]]) -> dict[str, frozenset[int]]:
     """``saved_positions``' record back as the simulator's decisions (region path -> graph op indices it
-    saves), given the candidate regions by path (``planner.candidates``)."""
-    return {path: frozenset() if candidates[path].remat else frozenset(candidates[path].first_op + k for k in pos)
-            for path, pos in positions.items()}
+    saves), given the candidate regions by path (``shapes.candidates``)."""
+    return {
+        path: frozenset() if candidates[path].remat else frozenset(candidates[path].first_op + k for k in pos)
+        for path, pos in positions.items()
+    }
 
 
 def predicted_cost(graph, regions, row: dict) -> int | None:
@@ -259,9 +275,15 @@ def bench_model(name: str, factory, steps: int, points: int, rounds: int) -> dic
     trace_s = time.perf_counter() - t
     regions = candidate_regions(graph)
     plain = run_policy(bench, "none", None)
-    out: dict[str, Any] = {"model": name, "forward_flops": graph.forward_flops, "trace_s": round(trace_s, 3),
-                           "predicted_no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
-                           "no_checkpointing": plain, "fixed": [], "budgets": []}
+    out: dict[str, Any] = {
+        "model": name,
+        "forward_flops": graph.forward_flops,
+        "trace_s": round(trace_s, 3),
+        "predicted_no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
+        "no_checkpointing": plain,
+        "fixed": [],
+        "budgets": [],
+    }
     print(f"[{name}] no checkpointing: {plain}", flush=True)
     later: list = []  # (row, apply) timed in interleaved rounds once everything is measured
 
@@ -308,15 +330,17 @@ def bench_model(name: str, factory, steps: int, points: int, rounds: int) -> dic
         for row in entry["rows"]:
             print(f"[{name}] budget {budget}: {finish(row)}", flush=True)
         for policy in dict.fromkeys(r["policy"] for r in out["fixed"]):
-            fitting = [r for r in out["fixed"] if r["policy"] == policy and "error" not in r
-                       and r["peak_bytes"] <= budget]
+            fitting = [
+                r for r in out["fixed"] if r["policy"] == policy and "error" not in r and r["peak_bytes"] <= budget
+            ]
             errors = [r["error"] for r in out["fixed"] if r["policy"] == policy and "error" in r]
             if fitting:
                 best = min(fitting, key=lambda r: (r["extra_flops"], r["step_s"]))
                 entry["rows"].append({**best, "best_of": len(fitting)})
             else:
-                entry["rows"].append({"policy": policy, "knob": "", "fits": False,
-                                      "error": errors[0] if errors else "no knob fits"})
+                entry["rows"].append(
+                    {"policy": policy, "knob": "", "fits": False, "error": errors[0] if errors else "no knob fits"}
+                )
         for r in entry["rows"]:
             if "peak_bytes" in r:
                 r["fits"] = r["peak_bytes"] <= budget
@@ -327,8 +351,11 @@ def bench_model(name: str, factory, steps: int, points: int, rounds: int) -> dic
 def timed_configs(result: dict) -> dict[tuple, dict]:
     """The configurations with a predicted time and a measured step: each anchor knob the simulator can
     predict, and ckptplan's plans (by budget index and objective)."""
-    out: dict[tuple, dict] = {("anchor", r["policy"], r["knob"]): r for r in result["fixed"]
-                              if r.get("predicted_cost_ns") is not None and "step_s" in r}
+    out: dict[tuple, dict] = {
+        ("anchor", r["policy"], r["knob"]): r
+        for r in result["fixed"]
+        if r.get("predicted_cost_ns") is not None and "step_s" in r
+    }
     for i, b in enumerate(result["budgets"]):
         for r in b["rows"]:
             if r["policy"].startswith("ckptplan") and "step_s" in r and "best_of" not in r:
@@ -376,12 +403,19 @@ def targets(res: dict) -> dict[str, Any]:
             if r["policy"].startswith("ckptplan") or not r.get("fits"):
                 continue
             if r["extra_flops"] < best_flops:
-                out["flops_losses"].append([b["budget_bytes"], f"{r['policy']} {r['knob']}".strip(),
-                                            r["extra_flops"], best_flops])
+                out["flops_losses"].append(
+                    [b["budget_bytes"], f"{r['policy']} {r['knob']}".strip(), r["extra_flops"], best_flops]
+                )
             cost = predicted.get((r["policy"], r["knob"]))
             if cost is not None and "ckptplan" in mine and cost < mine["ckptplan"]["predicted_cost_ns"]:
-                out["time_losses"].append([b["budget_bytes"], f"{r['policy']} {r['knob']}".strip(), cost,
-                                           mine["ckptplan"]["predicted_cost_ns"]])
+                out["time_losses"].append(
+                    [
+                        b["budget_bytes"],
+                        f"{r['policy']} {r['knob']}".strip(),
+                        cost,
+                        mine["ckptplan"]["predicted_cost_ns"],
+                    ]
+                )
     out["max_gap"] = max((g for g in out["gaps"] if g is not None), default=None)
     del out["gaps"]
     return out
@@ -389,17 +423,21 @@ def targets(res: dict) -> dict[str, Any]:
 
 # ---- output ----------------------------------------------------------------------------------------
 def markdown(results: list[dict], command: str, machine: str) -> str:
-    lines = [f"# Policy benchmark\n\n`{command}` on {machine}. Measured on real CPU steps: peak by MemTracker, "
-             "extra forward FLOPs by FlopCounterMode (whole step minus the no-checkpointing step, separate "
-             "steps), step time as a ratio to no checkpointing timed step by step between its steps (medians; "
-             "spread over interleaved rounds, except the compiled policy's). Per budget, each anchor's best knob "
-             "that fits (fewest extra FLOPs); `-` = nothing fits.\n"]
+    lines = [
+        f"# Policy benchmark\n\n`{command}` on {machine}. Measured on real CPU steps: peak by MemTracker, "
+        "extra forward FLOPs by FlopCounterMode (whole step minus the no-checkpointing step, separate "
+        "steps), step time as a ratio to no checkpointing timed step by step between its steps (medians; "
+        "spread over interleaved rounds, except the compiled policy's). Per budget, each anchor's best knob "
+        "that fits (fewest extra FLOPs); `-` = nothing fits.\n"
+    ]
     for res in results:
         mib = 2**20
         lines.append(f"## {res['model']}\n")
-        lines.append(f"no checkpointing: {res['no_checkpointing'].get('peak_bytes', 0) / mib:.1f} MiB; "
-                     f"rank agreement predicted vs measured recompute time (Spearman): "
-                     f"{res['rank_agreement']['spearman']} over {res['rank_agreement']['configs']} configs\n")
+        lines.append(
+            f"no checkpointing: {res['no_checkpointing'].get('peak_bytes', 0) / mib:.1f} MiB; "
+            f"rank agreement predicted vs measured recompute time (Spearman): "
+            f"{res['rank_agreement']['spearman']} over {res['rank_agreement']['configs']} configs\n"
+        )
         policies_seen = list(dict.fromkeys(r["policy"] for b in res["budgets"] for r in b["rows"]))
         lines.append("| budget MiB | " + " | ".join(policies_seen) + " |")
         lines.append("|---" * (len(policies_seen) + 1) + "|")
@@ -411,17 +449,27 @@ def markdown(results: list[dict], command: str, machine: str) -> str:
                     cells.append("-")
                 else:
                     knob = f" {r['knob']}" if r.get("knob") else ""
-                    cells.append(f"{r['peak_bytes'] / mib:.1f} MiB, +{r['extra_flops_percent']:.0f}% FLOPs, "
-                                 f"x{r['time_ratio']:.2f}{knob}")
+                    cells.append(
+                        f"{r['peak_bytes'] / mib:.1f} MiB, +{r['extra_flops_percent']:.0f}% FLOPs, "
+                        f"x{r['time_ratio']:.2f}{knob}"
+                    )
             lines.append(f"| {b['budget_bytes'] / mib:.1f} | " + " | ".join(cells) + " |")
         t = targets(res)
-        lines.append(f"\ntargets: {len(t['violations'])} budget violations by ckptplan; max proven gap "
-                     f"{t['max_gap']}; anchors with fewer measured extra FLOPs than ckptplan's better plan: "
-                     f"{t['flops_losses'] or 'none'}; with a lower estimated recompute time: "
-                     f"{t['time_losses'] or 'none'}")
+        lines.append(
+            f"\ntargets: {len(t['violations'])} budget violations by ckptplan; max proven gap "
+            f"{t['max_gap']}; anchors with fewer measured extra FLOPs than ckptplan's better plan: "
+            f"{t['flops_losses'] or 'none'}; with a lower estimated recompute time: "
+            f"{t['time_losses'] or 'none'}"
+        )
         errors = {r["policy"]: r["error"] for r in res["fixed"] if "error" in r}
-        errors.update({r["policy"]: r["error"] for b in res["budgets"] for r in b["rows"]
-                       if "error" in r and not r["policy"].startswith("ckptplan") and r["error"] != "no knob fits"})
+        errors.update(
+            {
+                r["policy"]: r["error"]
+                for b in res["budgets"]
+                for r in b["rows"]
+                if "error" in r and not r["policy"].startswith("ckptplan") and r["error"] != "no knob fits"
+            }
+        )
         for p, e in sorted(errors.items()):
             lines.append(f"\n- {p}: {e}")
         lines.append("")
@@ -436,8 +484,7 @@ def pareto(results: list[dict], path: Path) -> None:
 
     n = len(results)
     cols = min(3, n)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(5.2 * cols, 3.8 * math.ceil(n / cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(5.2 * cols, 3.8 * math.ceil(n / cols)), squeeze=False)
     for ax, res in zip(axes.flat, results):
         points: dict[str, set] = {}
         rows = list(res["fixed"]) + [r for b in res["budgets"] for r in b["rows"] if "best_of" not in r]
@@ -447,8 +494,14 @@ def pareto(results: list[dict], path: Path) -> None:
         for policy, pts in sorted(points.items()):
             pts = sorted(pts)
             mine = policy.startswith("ckptplan")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if mine else "s:", label=policy,
-                    linewidth=2 if mine else 1, markersize=4)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                "o-" if mine else "s:",
+                label=policy,
+                linewidth=2 if mine else 1,
+                markersize=4,
+            )
         ax.set(title=res["model"], xlabel="measured peak (MiB)", ylabel="extra forward FLOPs (%)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
@@ -481,8 +534,9 @@ def main() -> None:
             res["targets"] = targets(res)
         command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
         machine = describe(allocator)
-        (out / "results.json").write_text(json.dumps({"command": command, "machine": machine,
-                                                     "results": results}, indent=1) + "\n")
+        (out / "results.json").write_text(
+            json.dumps({"command": command, "machine": machine, "results": results}, indent=1) + "\n"
+        )
     (out / "results.md").write_text(markdown(results, command, machine))
     pareto(results, out / "pareto.png")
     print(f"wrote {out}/results.json, results.md, pareto.png")

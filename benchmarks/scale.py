@@ -47,25 +47,38 @@ def one(model: str, n_layer: int, time_limit: float, check_memory: bool, at: flo
         m, args = factory(device="cpu", n_layer=n_layer)
         t = time.monotonic()
         graph = ckptplan.trace(m, *args)
-        row.update(trace_s=round(time.monotonic() - t, 2), forward_ops=graph.num_forward,
-                   events=graph.num_events, baseline_peak_bytes=graph.baseline_peak_bytes)
+        row.update(
+            trace_s=round(time.monotonic() - t, 2),
+            forward_ops=graph.num_forward,
+            events=graph.num_events,
+            baseline_peak_bytes=graph.baseline_peak_bytes,
+        )
         row["rss_after_trace_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         regions = candidate_regions(graph)
         full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)}).peak_bytes
         budget = full + int(at * (graph.baseline_peak_bytes - full))
         t = time.monotonic()
         plan = ckptplan.solve(graph, budget, time_limit_s=time_limit)
-        row.update(solve_s=round(time.monotonic() - t, 2), status=plan.status, gap=plan.gap,
-                   variables=plan.solver_stats.get("variables"), constraints=plan.solver_stats.get("constraints"),
-                   cp_sat_search=plan.solver_stats.get("cp_sat_search"), estimated_recompute_ns=plan.extra_cost_ns,
-                   budget_bytes=plan.budget_bytes, predicted_peak_bytes=plan.predicted_peak_bytes,
-                   full_peak_bytes=plan.full_peak_bytes,
-                   extra_forward_percent=round(100 * plan.extra_forward_fraction, 2))
+        row.update(
+            solve_s=round(time.monotonic() - t, 2),
+            status=plan.status,
+            gap=plan.gap,
+            variables=plan.solver_stats.get("variables"),
+            constraints=plan.solver_stats.get("constraints"),
+            cp_sat_search=plan.solver_stats.get("cp_sat_search"),
+            estimated_recompute_ns=plan.extra_cost_ns,
+            budget_bytes=plan.budget_bytes,
+            predicted_peak_bytes=plan.predicted_peak_bytes,
+            full_peak_bytes=plan.full_peak_bytes,
+            extra_forward_percent=round(100 * plan.extra_forward_fraction, 2),
+        )
         if check_memory:
             with ckptplan.apply(m, plan):
                 measured = measure_peak(m, *args)
-            row.update(memtracker_fake_peak_bytes=measured,
-                       measured_over_predicted=round(measured / plan.predicted_peak_bytes, 4))
+            row.update(
+                memtracker_fake_peak_bytes=measured,
+                measured_over_predicted=round(measured / plan.predicted_peak_bytes, 4),
+            )
     row["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return row
 
@@ -94,14 +107,20 @@ def main() -> None:
     runs += [("llama7b", 32, 50, 0, at) for at in (0.05, 0.25, 0.75, 0.95)]
     rows = []
     for model, n, limit, check, at in runs:
-        res = subprocess.run([sys.executable, __file__, "--one", f"{model},{n},{limit},{check},{at}"],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "--one", f"{model},{n},{limit},{check},{at}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    result = {"command": "python benchmarks/scale.py --out benchmarks/results/scale",
-              "machine": describe(),
-              "note": "each row in a fresh process; times are wall clock; FakeTensorMode with CPU kernels' shapes",
-              "rows": rows}
+    result = {
+        "command": "python benchmarks/scale.py --out benchmarks/results/scale",
+        "machine": describe(),
+        "note": "each row in a fresh process; times are wall clock; FakeTensorMode with CPU kernels' shapes",
+        "rows": rows,
+    }
     (out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out / "scale_depth.png")
 
@@ -114,8 +133,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for model, label in (("llama7b", "Llama-7B shape, seq 4096"), ("gpt2xl", "GPT-2-XL shape, seq 1024")):
-        depth = sorted((r for r in rows if r["model"] == model and r.get("budget_at", 0.5) == 0.5),
-                       key=lambda r: r["n_layer"])
+        depth = sorted(
+            (r for r in rows if r["model"] == model and r.get("budget_at", 0.5) == 0.5), key=lambda r: r["n_layer"]
+        )
         x = [r["n_layer"] for r in depth]
         axes[0].plot(x, [r["solve_s"] for r in depth], "s-", label=f"solve, {label}")
         axes[0].plot(x, [r["trace_s"] for r in depth], "o--", label=f"trace, {label}")

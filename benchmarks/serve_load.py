@@ -76,11 +76,22 @@ def run(url: str, body: bytes, *, requests: int, clients: int) -> dict:
         return round(1e3 * lat[min(len(lat) - 1, int(p / 100 * len(lat)))], 2) if lat else float("nan")
 
     errors_total = len(errors) + sum(n for s, n in statuses.items() if s != "200")
-    return {"requests": requests, "clients": clients, "wall_s": round(wall, 3),
-            "throughput_rps": round(requests / wall, 1), "statuses": statuses, "errors": errors_total,
-            "error_samples": errors[:5],
-            "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": pct(100),
-                           "mean": round(1e3 * sum(lat) / len(lat), 2) if lat else float("nan")}}
+    return {
+        "requests": requests,
+        "clients": clients,
+        "wall_s": round(wall, 3),
+        "throughput_rps": round(requests / wall, 1),
+        "statuses": statuses,
+        "errors": errors_total,
+        "error_samples": errors[:5],
+        "latency_ms": {
+            "p50": pct(50),
+            "p90": pct(90),
+            "p99": pct(99),
+            "max": pct(100),
+            "mean": round(1e3 * sum(lat) / len(lat), 2) if lat else float("nan"),
+        },
+    }
 
 
 def upload_sizes() -> dict:
@@ -93,8 +104,10 @@ def upload_sizes() -> dict:
     import llama
 
     out = {}
-    for name, make in (("gpt2_tiny batch 8 x 128 (cpu)", lambda: gpt2.gpt2_tiny(batch_size=8, seq_len=128)),
-                       ("llama_7b batch 1 x 4096 (meta)", lambda: llama.llama_7b())):
+    for name, make in (
+        ("gpt2_tiny batch 8 x 128 (cpu)", lambda: gpt2.gpt2_tiny(batch_size=8, seq_len=128)),
+        ("llama_7b batch 1 x 4096 (meta)", lambda: llama.llama_7b()),
+    ):
         model, args = make()
         t = time.perf_counter()
         g = trace(model, *args)
@@ -105,9 +118,15 @@ def upload_sizes() -> dict:
         encode_s = time.perf_counter() - t
         t = time.perf_counter()
         wire.decode(json.loads(wire.decompress(gz, limit=2**31)))
-        out[name] = {"forward_ops": g.num_forward, "storages": len(g.storages), "json_bytes": len(raw),
-                     "gzip_bytes": len(gz), "trace_s": round(traced, 2), "encode_s": round(encode_s, 3),
-                     "decode_and_validate_s": round(time.perf_counter() - t, 3)}
+        out[name] = {
+            "forward_ops": g.num_forward,
+            "storages": len(g.storages),
+            "json_bytes": len(raw),
+            "gzip_bytes": len(gz),
+            "trace_s": round(traced, 2),
+            "encode_s": round(encode_s, 3),
+            "decode_and_validate_s": round(time.perf_counter() - t, 3),
+        }
         del model
         torch.manual_seed(0)
     return out
@@ -154,32 +173,49 @@ def main() -> None:
             run(server.url, body, requests=100, clients=a.clients)  # warm: connections, caches
             rounds = []
             for _ in range(a.rounds):
-                rounds.append({**run(server.url, body, requests=a.requests, clients=a.clients),
-                               "load_average_1min": round(os.getloadavg()[0], 2)})
+                rounds.append(
+                    {
+                        **run(server.url, body, requests=a.requests, clients=a.clients),
+                        "load_average_1min": round(os.getloadavg()[0], 2),
+                    }
+                )
             before = server.metrics()["ckptplan_solves_total"]
             burst = run(server.url, request_body(graph, "75%", gap=0.0), requests=a.burst, clients=a.burst)
             burst["solves"] = int(server.metrics()["ckptplan_solves_total"] - before)
         finally:
             server.stop()
     met = [r["latency_ms"]["p99"] < 50 and r["errors"] == 0 for r in rounds]
-    result = {"command": "python " + " ".join(sys.argv), "machine": describe(f"{_uvicorn()}"),
-              "cached_rounds": rounds, "single_flight_burst": burst, "upload_sizes": sizes,
-              "target": {"cached_p99_ms_under": 50, "rounds_met": sum(met), "rounds": len(met)}}
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": describe(f"{_uvicorn()}"),
+        "cached_rounds": rounds,
+        "single_flight_burst": burst,
+        "upload_sizes": sizes,
+        "target": {"cached_p99_ms_under": 50, "rounds_met": sum(met), "rounds": len(met)},
+    }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# serve load\n\n`{result['command']}` on {result['machine']}\n",
-             "| requests | clients | throughput | p50 | p90 | p99 | max | errors | load average (1 min, after) |",
-             "|---|---|---|---|---|---|---|---|---|",
-             *[f"| {r['requests']} | {r['clients']} | {r['throughput_rps']} req/s | {r['latency_ms']['p50']} ms | "
-               f"{r['latency_ms']['p90']} ms | {r['latency_ms']['p99']} ms | {r['latency_ms']['max']} ms | "
-               f"{r['errors']} | {r['load_average_1min']} |" for r in rounds],
-             f"\np99 under 50 ms with no error in {sum(met)} of {len(met)} rounds.",
-             f"\n{burst['requests']} identical concurrent uncached requests: {burst['solves']} solve, "
-             f"{burst['errors']} errors, p99 {burst['latency_ms']['p99']} ms.\n",
-             "| upload | forward ops | storages | JSON | gzip |", "|---|---|---|---|---|"]
+    lines = [
+        f"# serve load\n\n`{result['command']}` on {result['machine']}\n",
+        "| requests | clients | throughput | p50 | p90 | p99 | max | errors | load average (1 min, after) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[
+            f"| {r['requests']} | {r['clients']} | {r['throughput_rps']} req/s | {r['latency_ms']['p50']} ms | "
+            f"{r['latency_ms']['p90']} ms | {r['latency_ms']['p99']} ms | {r['latency_ms']['max']} ms | "
+            f"{r['errors']} | {r['load_average_1min']} |"
+            for r in rounds
+        ],
+        f"\np99 under 50 ms with no error in {sum(met)} of {len(met)} rounds.",
+        f"\n{burst['requests']} identical concurrent uncached requests: {burst['solves']} solve, "
+        f"{burst['errors']} errors, p99 {burst['latency_ms']['p99']} ms.\n",
+        "| upload | forward ops | storages | JSON | gzip |",
+        "|---|---|---|---|---|",
+    ]
     for name, s in sizes.items():
-        lines.append(f"| {name} | {s['forward_ops']:,} | {s['storages']:,} | {s['json_bytes'] / 1e6:.2f} MB | "
-                     f"{s['gzip_bytes'] / 1e6:.2f} MB |")
+        lines.append(
+            f"| {name} | {s['forward_ops']:,} | {s['storages']:,} | {s['json_bytes'] / 1e6:.2f} MB | "
+            f"{s['gzip_bytes'] / 1e6:.2f} MB |"
+        )
     (a.out / "serve_load.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

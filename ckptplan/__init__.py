@@ -34,16 +34,40 @@ from .units import format_bytes, parse_budget
 
 # public name -> the submodule that defines it, imported on first use
 _LAZY = {
-    "auto": ".auto", "Graph": ".graph", "Decision": ".plan", "Plan": ".plan", "load_plan": ".plan",
-    "check_plan": ".planner", "solve": ".planner", "Handle": ".runtime", "StepStats": ".runtime",
-    "apply": ".runtime", "trace": ".trace",
+    "auto": ".auto",
+    "Graph": ".graph",
+    "Decision": ".plan",
+    "Plan": ".plan",
+    "load_plan": ".plan",
+    "check_plan": ".planner",
+    "solve": ".planner",
+    "Handle": ".runtime",
+    "StepStats": ".runtime",
+    "apply": ".runtime",
+    "trace": ".trace",
 }
 
 __all__ = [
-    "BudgetError", "CkptplanError", "check_plan", "Decision", "Graph", "Handle", "InfeasibleBudget", "InputError",
+    "BudgetError",
+    "CkptplanError",
+    "check_plan",
+    "Decision",
+    "Graph",
+    "Handle",
+    "InfeasibleBudget",
+    "InputError",
     "OutputError",
-    "Plan", "PlanMismatch", "SolverTimeout", "StepStats", "apply", "auto", "format_bytes", "load_plan",
-    "parse_budget", "solve", "trace",
+    "Plan",
+    "PlanMismatch",
+    "SolverTimeout",
+    "StepStats",
+    "apply",
+    "auto",
+    "format_bytes",
+    "load_plan",
+    "parse_budget",
+    "solve",
+    "trace",
 ]
 
 

@@ -129,11 +129,15 @@ def check_torch(group: str = "core") -> None:
             f"ckptplan needs torch{SUPPORTED}; this torch {torch.__version__} lacks what it uses: "
             + "; ".join(problems)
             + f". Install a supported release, e.g. pip install 'torch{SUPPORTED}' "
-            "(docs/torch-compat.md lists the releases checked)")
+            "(docs/torch-compat.md lists the releases checked)"
+        )
     version = torch_version()
     if group == "core" and not _OLDEST <= version < (_NEXT_MAJOR, 0):
-        warnings.warn(f"ckptplan is tested on torch{SUPPORTED}, not {torch.__version__}: every internal it "
-                      "uses is present, but plans and the runtime are untested here", stacklevel=3)
+        warnings.warn(
+            f"ckptplan is tested on torch{SUPPORTED}, not {torch.__version__}: every internal it "
+            "uses is present, but plans and the runtime are untested here",
+            stacklevel=3,
+        )
 
 
 def _sdpa_counts_grouped_query() -> bool:

@@ -49,19 +49,28 @@ def summary(plan: Plan, *, forward_cost_ns: int = 0) -> str:
         return f"fits without checkpointing: peak {baseline} within budget {budget}; no region checkpointed"
     saved = plan.baseline_peak_bytes - plan.predicted_peak_bytes
     remats = sum(r.remat for r in plan.regions)
-    what = f"{len(plan.regions) - remats} regions checkpointed" + (f", {remats} tensors rematerialized"
-                                                                    if remats else "")
+    what = f"{len(plan.regions) - remats} regions checkpointed" + (
+        f", {remats} tensors rematerialized" if remats else ""
+    )
     cost = []
     if forward_cost_ns > 0:
-        cost.append(f"+{100 * plan.extra_cost_ns / (STEP_PER_FORWARD * forward_cost_ns):.1f}% estimated step "
-                    "time")
+        cost.append(f"+{100 * plan.extra_cost_ns / (STEP_PER_FORWARD * forward_cost_ns):.1f}% estimated step time")
     cost.append(f"+{100 * plan.extra_forward_fraction:.1f}% forward FLOPs")
-    return (f"saves {format_bytes(saved)} (peak {format_bytes(plan.predicted_peak_bytes)} of budget {budget}, "
-            f"{baseline} without checkpointing); {', '.join(cost)}; {what}")
+    return (
+        f"saves {format_bytes(saved)} (peak {format_bytes(plan.predicted_peak_bytes)} of budget {budget}, "
+        f"{baseline} without checkpointing); {', '.join(cost)}; {what}"
+    )
 
 
-def auto(model: nn.Module, *example_args: Any, budget: int | str, loss_fn: LossFn | None = None,
-         optimizer: Any = None, time_limit_s: float = 30.0, **example_kwargs: Any) -> Handle:
+def auto(
+    model: nn.Module,
+    *example_args: Any,
+    budget: int | str,
+    loss_fn: LossFn | None = None,
+    optimizer: Any = None,
+    time_limit_s: float = 30.0,
+    **example_kwargs: Any,
+) -> Handle:
     """Plan and apply activation checkpointing for ``model`` under ``budget``; returns the ``Handle``.
 
         handle = ckptplan.auto(model, input_ids, labels=input_ids, budget="8GB", optimizer=opt)

@@ -39,30 +39,126 @@ PROMOTE = "promote"
 # The CUDA lists of autocast_mode.h (torch 2.13), by the name an op has in Python. Overloads share the
 # policy of their op except pow, whose three overloads all are fp32.
 CUDA_POLICY: dict[str, str] = {
-    **dict.fromkeys((
-        "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d", "conv_transpose2d",
-        "conv_transpose3d", "convolution", "prelu", "addmm", "addmv", "addr", "matmul", "einsum", "mm", "mv",
-        "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot",
-        "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell", "rnn_tanh_cell",
-        "rnn_relu_cell", "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
-        "cudnn_convolution", "cudnn_convolution_transpose"), LOWER),
-    **dict.fromkeys((
-        "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
-        "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "rms_norm",
-        "group_norm", "frobenius_norm", "nuclear_norm", "cosine_similarity", "poisson_nll_loss",
-        "cosine_embedding_loss", "nll_loss", "nll_loss2d", "hinge_embedding_loss", "kl_div", "l1_loss",
-        "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss", "multilabel_margin_loss",
-        "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits",
-        "dist", "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d", "_upsample_nearest_exact1d",
-        "upsample_nearest2d", "_upsample_nearest_exact2d", "upsample_nearest3d", "_upsample_nearest_exact3d",
-        "upsample_linear1d", "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_trilinear3d",
-        "upsample_bicubic2d", "_upsample_bicubic2d_aa"), FP32),
-    **dict.fromkeys((
-        "prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm", "linalg_matrix_norm",
-        "sum"), FP32_SET_OPT_DTYPE),
-    **dict.fromkeys((
-        "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put",
-        "tensordot", "scatter_add"), PROMOTE),
+    **dict.fromkeys(
+        (
+            "_convolution",
+            "conv1d",
+            "conv2d",
+            "conv3d",
+            "conv_tbc",
+            "conv_transpose1d",
+            "conv_transpose2d",
+            "conv_transpose3d",
+            "convolution",
+            "prelu",
+            "addmm",
+            "addmv",
+            "addr",
+            "matmul",
+            "einsum",
+            "mm",
+            "mv",
+            "linalg_vecdot",
+            "linear",
+            "addbmm",
+            "baddbmm",
+            "bmm",
+            "chain_matmul",
+            "linalg_multi_dot",
+            "_thnn_fused_lstm_cell",
+            "_thnn_fused_gru_cell",
+            "lstm_cell",
+            "gru_cell",
+            "rnn_tanh_cell",
+            "rnn_relu_cell",
+            "_scaled_dot_product_flash_attention",
+            "scaled_dot_product_attention",
+            "cudnn_convolution",
+            "cudnn_convolution_transpose",
+        ),
+        LOWER,
+    ),
+    **dict.fromkeys(
+        (
+            "acos",
+            "asin",
+            "cosh",
+            "erfinv",
+            "exp",
+            "expm1",
+            "log",
+            "log10",
+            "log2",
+            "log1p",
+            "reciprocal",
+            "rsqrt",
+            "sinh",
+            "tan",
+            "pow",
+            "softplus",
+            "layer_norm",
+            "native_layer_norm",
+            "rms_norm",
+            "group_norm",
+            "frobenius_norm",
+            "nuclear_norm",
+            "cosine_similarity",
+            "poisson_nll_loss",
+            "cosine_embedding_loss",
+            "nll_loss",
+            "nll_loss2d",
+            "hinge_embedding_loss",
+            "kl_div",
+            "l1_loss",
+            "smooth_l1_loss",
+            "huber_loss",
+            "mse_loss",
+            "margin_ranking_loss",
+            "multilabel_margin_loss",
+            "soft_margin_loss",
+            "triplet_margin_loss",
+            "multi_margin_loss",
+            "binary_cross_entropy_with_logits",
+            "dist",
+            "pdist",
+            "cdist",
+            "renorm",
+            "logsumexp",
+            "upsample_nearest1d",
+            "_upsample_nearest_exact1d",
+            "upsample_nearest2d",
+            "_upsample_nearest_exact2d",
+            "upsample_nearest3d",
+            "_upsample_nearest_exact3d",
+            "upsample_linear1d",
+            "upsample_bilinear2d",
+            "_upsample_bilinear2d_aa",
+            "upsample_trilinear3d",
+            "upsample_bicubic2d",
+            "_upsample_bicubic2d_aa",
+        ),
+        FP32,
+    ),
+    **dict.fromkeys(
+        ("prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm", "linalg_matrix_norm", "sum"),
+        FP32_SET_OPT_DTYPE,
+    ),
+    **dict.fromkeys(
+        (
+            "addcdiv",
+            "addcmul",
+            "atan2",
+            "bilinear",
+            "cross",
+            "dot",
+            "vdot",
+            "grid_sampler",
+            "index_put",
+            "tensordot",
+            "scatter_add",
+        ),
+        PROMOTE,
+    ),
 }
 
 # C++ composites a Python call reaches whole, whose policy op takes the same tensors: F.nll_loss calls
@@ -129,7 +225,7 @@ class Autocast:
         keys = list(kwargs)
         values = [*args, *(kwargs[k] for k in keys)]
         cast = [self._cast_any(v, to, lower) for v in reversed(values)][::-1]
-        return tuple(cast[:len(args)]), dict(zip(keys, cast[len(args):]))
+        return tuple(cast[: len(args)]), dict(zip(keys, cast[len(args) :]))
 
     def _cast_any(self, value: object, to: torch.dtype, lower: torch.dtype) -> object:
         if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
@@ -139,8 +235,14 @@ class Autocast:
         return self._cast(value, to, lower)
 
     def _cast(self, t: Tensor, to: torch.dtype, lower: torch.dtype) -> Tensor:
-        cacheable = (to == lower and t.dtype is torch.float32 and t.requires_grad and t.is_leaf
-                     and not t._is_view() and torch.is_autocast_cache_enabled())
+        cacheable = (
+            to == lower
+            and t.dtype is torch.float32
+            and t.requires_grad
+            and t.is_leaf
+            and not t._is_view()
+            and torch.is_autocast_cache_enabled()
+        )
         if cacheable:
             hit = self._cache.get(id(t))
             if hit is not None and hit[0] is t:
@@ -166,8 +268,13 @@ def _tensors(values: tuple) -> list[Tensor]:
     return out
 
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def parse_autocast(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -178,8 +285,10 @@ def parse_autocast(value: str | torch.dtype | None) -> torch.dtype | None:
         return value
     found = _DTYPES.get(str(value).lower().removeprefix("torch."))
     if found is None:
-        raise InputError(f"autocast dtype {value!r} is not one autocast runs: give bf16 or fp16 "
-                         f"(torch.autocast's dtype), or leave it out for a float32 step")
+        raise InputError(
+            f"autocast dtype {value!r} is not one autocast runs: give bf16 or fp16 "
+            f"(torch.autocast's dtype), or leave it out for a float32 step"
+        )
     return found
 
 

@@ -27,9 +27,13 @@ from .plan import Decision, RegionPlan
 from .rematerialize import shapes_equal
 
 # CUDA's fused attention kernels (kernels.py): interchangeable where the plan names one of them
-FUSED_ATTENTION = frozenset({"aten._scaled_dot_product_flash_attention.default",
-                             "aten._scaled_dot_product_efficient_attention.default",
-                             "aten._scaled_dot_product_cudnn_attention.default"})
+FUSED_ATTENTION = frozenset(
+    {
+        "aten._scaled_dot_product_flash_attention.default",
+        "aten._scaled_dot_product_efficient_attention.default",
+        "aten._scaled_dot_product_cudnn_attention.default",
+    }
+)
 
 
 class Counter:
@@ -110,7 +114,8 @@ class _SelectiveRecompute(TorchDispatchMode):
                 f"{region.plan.path}: recomputing it in backward ran {func} as op #{pos} where its forward ran "
                 f"{want or 'nothing'}. The region's forward depends on state that changed between forward "
                 "and backward: a Hugging Face model called with use_cache=True (pass use_cache=False for "
-                "training), a global flag, or a module that counts its calls; make its forward repeatable")
+                "training), a global flag, or a module that counts its calls; make its forward repeatable"
+            )
         cached = self.cache.pop(pos, _MISSING)
         if cached is not _MISSING:
             return tree_map(lambda x: x.get_val(False), cached)  # raises if it was mutated since
@@ -122,16 +127,14 @@ class _SelectiveRecompute(TorchDispatchMode):
 class RegionRuntime:
     """One checkpointed module: its plan, its position in the op sequence, its wrapper."""
 
-    def __init__(self, module: nn.Module, plan: RegionPlan, counter: Counter, *, strict: bool,
-                 one_shape: bool) -> None:
+    def __init__(self, module: nn.Module, plan: RegionPlan, counter: Counter, *, strict: bool, one_shape: bool) -> None:
         self.module, self.plan, self.counter = module, plan, counter
         self.position = 0
         self.in_forward = False
         self.saves = [o.decision is Decision.SAVE for o in plan.ops]  # by op position
         # the first op whose position and shape change with the data (graph.py's NOTE [ Data-dependent
         # spans ]): ops are checked up to it only, and their number is not checked
-        self.varies = next((i for i, o in enumerate(plan.ops) if o.forced is Forced.DATA_DEPENDENT),
-                           len(plan.ops))
+        self.varies = next((i for i, o in enumerate(plan.ops) if o.forced is Forced.DATA_DEPENDENT), len(plan.ops))
         # saves some ops: selective checkpointing at every step; otherwise plain checkpoint once checked
         self.check_every_step = strict or any(self.saves)
         self.flops = plan.extra_forward_flops  # what one recomputation of a plain region reruns
@@ -196,8 +199,9 @@ class RegionRuntime:
         self.counter.suspended += 1
         try:
             fn, args, kwargs = _shared_inputs(self._run, args, kwargs)
-            out = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
-                             context_fn=self._contexts, **kwargs)
+            out = checkpoint(
+                fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=self._contexts, **kwargs
+            )
         finally:
             self.in_forward = False
             self.counter.suspended -= 1
@@ -205,7 +209,8 @@ class RegionRuntime:
             raise PlanMismatch(
                 f"{self.plan.path} ran {self.position} ops but the plan was traced with "
                 f"{len(self.plan.ops)}; the model takes another path than the traced step: "
-                "trace and solve again for these inputs")
+                "trace and solve again for these inputs"
+            )
         if not self.check_every_step:  # checked: from the next step on, plain checkpoint
             self.plain = True
             if self.one_shape:
@@ -265,9 +270,11 @@ class RegionRuntime:
                     if self.funcs[pos] is None and self.saves[pos] and torch.Tag.nondeterministic_seeded in func.tags:
                         # caching a random op's output would shift the RNG stream of the random ops the
                         # recomputation reruns after it: their masks, and the gradients, would differ
-                        raise PlanMismatch(f"{self.plan.path} op #{pos} {func} draws random numbers and cannot be "
-                                           "saved; the plan was edited by hand: set it back to recompute or "
-                                           "regenerate it with `ckptplan solve`")
+                        raise PlanMismatch(
+                            f"{self.plan.path} op #{pos} {func} draws random numbers and cannot be "
+                            "saved; the plan was edited by hand: set it back to recompute or "
+                            "regenerate it with `ckptplan solve`"
+                        )
                     self.funcs[pos] = func  # the op object: later steps compare identity, not names
                     return pos
             elif self.funcs[pos] is None and str(func) in FUSED_ATTENTION and want.op in FUSED_ATTENTION:
@@ -280,14 +287,17 @@ class RegionRuntime:
         shapes = [list(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         where = f"{self.plan.path}.{module}" if module else self.plan.path
         if pos >= len(self.plan.ops):
-            raise PlanMismatch(f"{where}: op #{pos} {func} is not in the plan, which has "
-                               f"{len(self.plan.ops)} ops for {self.plan.path}; trace and solve again")
+            raise PlanMismatch(
+                f"{where}: op #{pos} {func} is not in the plan, which has "
+                f"{len(self.plan.ops)} ops for {self.plan.path}; trace and solve again"
+            )
         want = self.plan.ops[pos]
         raise PlanMismatch(
             f"{where}: op #{pos} is {func} with output shapes {shapes}, but the plan "
             f"expects {want.op} in '{want.module or self.plan.path}' with {[list(s) for s in want.shape]}. "
             "The model now takes another path (input shape, a flag, data-dependent routing) than the "
-            "traced step: trace and solve again for these inputs")
+            "traced step: trace and solve again for these inputs"
+        )
 
 
 # NOTE [ One tensor passed twice ]
@@ -320,7 +330,8 @@ def _shared_inputs(run: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, 
     return partial(_call_shared, run, tuple(layout), tuple(aliased.items())), tuple(unique), rest
 
 
-def _call_shared(run: Any, layout: tuple[int, ...], aliased: tuple[tuple[str, int], ...], *unique: Any,
-                 **kwargs: Any) -> Any:
+def _call_shared(
+    run: Any, layout: tuple[int, ...], aliased: tuple[tuple[str, int], ...], *unique: Any, **kwargs: Any
+) -> Any:
     """``run`` with the arguments ``_shared_inputs`` took apart: one object wherever the caller passed one."""
     return run(*(unique[i] for i in layout), **kwargs, **{k: unique[i] for k, i in aliased})

@@ -42,11 +42,21 @@ from typing import Any
 # below the rate of an add (their measured rates: docs/calibration.md). Aten op names, without namespace and
 # overload.
 BATCH_NORMS = ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training")
-SLOW_OPS = frozenset({
-    *BATCH_NORMS,
-    "native_layer_norm", "native_group_norm", "_softmax", "_safe_softmax", "_log_softmax", "gelu",
-    "max_pool2d_with_indices", "avg_pool2d", "mean", "embedding",
-})
+SLOW_OPS = frozenset(
+    {
+        *BATCH_NORMS,
+        "native_layer_norm",
+        "native_group_norm",
+        "_softmax",
+        "_safe_softmax",
+        "_log_softmax",
+        "gelu",
+        "max_pool2d_with_indices",
+        "avg_pool2d",
+        "mean",
+        "embedding",
+    }
+)
 
 
 def is_slow(op_name: str) -> bool:
@@ -71,8 +81,10 @@ class OpRate:
 
     def __post_init__(self) -> None:
         if not self.op or "." in self.op:
-            raise ValueError(f"op rate {self.op!r}: name the aten op without namespace and overload "
-                             "('convolution', not 'aten.convolution.default')")
+            raise ValueError(
+                f"op rate {self.op!r}: name the aten op without namespace and overload "
+                "('convolution', not 'aten.convolution.default')"
+            )
         for field, value in (("bytes_per_s", self.bytes_per_s), ("flops_per_s", self.flops_per_s or 1)):
             if value <= 0:
                 raise ValueError(f"op rate {self.op!r}: {field} must be > 0, got {value}")
@@ -113,9 +125,21 @@ class DeviceProfile:
     op_rates: tuple[OpRate, ...] = ()
 
     def __post_init__(self) -> None:
-        if min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s, self.slow_bytes_per_s or 1) <= 0 or min(
-                self.op_overhead_ns, self.checkpoint_call_ns, self.checkpoint_op_ns, self.sac_forward_ns,
-                self.sac_replay_ns, self.sac_call_ns, self.remat_visit_ns, self.remat_pack_ns, self.remat_op_ns) < 0:
+        if (
+            min(self.flops_per_s, self.bytes_per_s, self.random_bytes_per_s, self.slow_bytes_per_s or 1) <= 0
+            or min(
+                self.op_overhead_ns,
+                self.checkpoint_call_ns,
+                self.checkpoint_op_ns,
+                self.sac_forward_ns,
+                self.sac_replay_ns,
+                self.sac_call_ns,
+                self.remat_visit_ns,
+                self.remat_pack_ns,
+                self.remat_op_ns,
+            )
+            < 0
+        ):
             raise ValueError(f"device profile {self.name!r} needs positive rates and overheads >= 0")
         names = [r.op for r in self.op_rates]
         if len(set(names)) != len(names):
@@ -158,8 +182,11 @@ class DeviceProfile:
         rematerialization's recipe, which pays ``remat_ns`` instead of a checkpoint call and
         ``remat_op_ns`` an op."""
         eager = (num_ops + num_rerun) * self.op_overhead_ns
-        plain = (self.remat_ns + num_ops * (self.checkpoint_op_ns + self.remat_op_ns) if remat
-                 else self.checkpoint_call_ns + num_ops * self.checkpoint_op_ns)
+        plain = (
+            self.remat_ns + num_ops * (self.checkpoint_op_ns + self.remat_op_ns)
+            if remat
+            else self.checkpoint_call_ns + num_ops * self.checkpoint_op_ns
+        )
         selective = self.sac_call_ns + num_ops * self.sac_forward_ns + num_rerun * self.sac_replay_ns
         if not self.asynchronous:
             return plain, selective
@@ -167,8 +194,7 @@ class DeviceProfile:
         def exposed(host: int) -> int:  # host time the device does not hide
             return max(0, host - device_ns)
 
-        return (exposed(eager + plain) - exposed(eager),
-                exposed(eager + plain + selective) - exposed(eager + plain))
+        return (exposed(eager + plain) - exposed(eager), exposed(eager + plain + selective) - exposed(eager + plain))
 
 
 # NOTE [ CPU calibration ]
@@ -181,21 +207,45 @@ class DeviceProfile:
 # most. The runtime's overheads (checkpoint_call_ns to remat_pack_ns) are fitted to what those steps add
 # beyond the reruns. What each constant measured, the fit's error and how to check it on another CPU:
 # docs/calibration.md.
-CPU = DeviceProfile(name="cpu", flops_per_s=123e9, bytes_per_s=70e9, random_bytes_per_s=0.85e9,
-                    op_overhead_ns=5_000, checkpoint_call_ns=473_000, checkpoint_op_ns=8_000,
-                    sac_forward_ns=14_800, sac_replay_ns=14_800, sac_call_ns=700_000, remat_call_ns=132_000,
-                    remat_op_ns=131_000, remat_visit_ns=6_100, remat_pack_ns=6_300, slow_bytes_per_s=2.4e9,
-                    op_rates=(OpRate(op="gelu", bytes_per_s=8e9),
-                              OpRate(op="convolution", fixed_ns=117_000, flops_per_s=443e9, bytes_per_s=7.58e9),
-                              *(OpRate(op=bn, bytes_per_s=3.4e9) for bn in BATCH_NORMS)))
+CPU = DeviceProfile(
+    name="cpu",
+    flops_per_s=123e9,
+    bytes_per_s=70e9,
+    random_bytes_per_s=0.85e9,
+    op_overhead_ns=5_000,
+    checkpoint_call_ns=473_000,
+    checkpoint_op_ns=8_000,
+    sac_forward_ns=14_800,
+    sac_replay_ns=14_800,
+    sac_call_ns=700_000,
+    remat_call_ns=132_000,
+    remat_op_ns=131_000,
+    remat_visit_ns=6_100,
+    remat_pack_ns=6_300,
+    slow_bytes_per_s=2.4e9,
+    op_rates=(
+        OpRate(op="gelu", bytes_per_s=8e9),
+        OpRate(op="convolution", fixed_ns=117_000, flops_per_s=443e9, bytes_per_s=7.58e9),
+        *(OpRate(op=bn, bytes_per_s=3.4e9) for bn in BATCH_NORMS),
+    ),
+)
 # An H100-class GPU in eager mode, from its datasheet orders of magnitude (uncalibrated;
 # benchmarks/calibration/gpu_calibrate.py measures a card): bf16 dense ~600 TFLOP/s sustained, ~2.5 TB/s (random numbers
 # at that rate too), ~8 us a launch. The runtime's overheads are Python on the host, charged where they are
 # longer than the kernels they launch; the host's caches are not shared with the device's kernels, so they
 # are the CPU's tight-loop figures (benchmarks/calibration/runtime_overhead.py), not its in-step ones.
-GPU = DeviceProfile(name="cuda", flops_per_s=600e12, bytes_per_s=2.5e12, random_bytes_per_s=2.5e12,
-                    op_overhead_ns=8_000, checkpoint_call_ns=90_000, checkpoint_op_ns=10_000,
-                    sac_forward_ns=30_000, sac_replay_ns=30_000, asynchronous=True)
+GPU = DeviceProfile(
+    name="cuda",
+    flops_per_s=600e12,
+    bytes_per_s=2.5e12,
+    random_bytes_per_s=2.5e12,
+    op_overhead_ns=8_000,
+    checkpoint_call_ns=90_000,
+    checkpoint_op_ns=10_000,
+    sac_forward_ns=30_000,
+    sac_replay_ns=30_000,
+    asynchronous=True,
+)
 
 
 def profile_for(device_type: str) -> DeviceProfile:
@@ -213,10 +263,19 @@ def price(graph: Any, profile: DeviceProfile) -> Any:
     (FLOPs, bytes, views, random numbers), a profile says what that costs on a device."""
     if profile is graph.profile:
         return graph
-    ops = tuple(replace(op, cost_ns=profile.cost_ns(
-        flops=op.flops if op.cost_flops is None else op.cost_flops, bytes_moved=op.bytes_moved, is_view=op.view,
-        random_bytes=max((o.nbytes for o in op.outputs), default=0) if op.random else 0,
-        op=op.name.split(".")[1] if "." in op.name else op.name)) for op in graph.ops)
+    ops = tuple(
+        replace(
+            op,
+            cost_ns=profile.cost_ns(
+                flops=op.flops if op.cost_flops is None else op.cost_flops,
+                bytes_moved=op.bytes_moved,
+                is_view=op.view,
+                random_bytes=max((o.nbytes for o in op.outputs), default=0) if op.random else 0,
+                op=op.name.split(".")[1] if "." in op.name else op.name,
+            ),
+        )
+        for op in graph.ops
+    )
     return replace(graph, ops=ops, profile=profile, _cache={})
 
 

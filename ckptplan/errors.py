@@ -33,8 +33,16 @@ class InfeasibleBudget(CkptplanError):
 
     exit_code = 3
 
-    def __init__(self, message: str, *, budget_bytes: int, minimum_bytes: int, minimum_proven: bool = True,
-                 minimum_source: str = "minimum-peak search", minimum_lower_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget_bytes: int,
+        minimum_bytes: int,
+        minimum_proven: bool = True,
+        minimum_source: str = "minimum-peak search",
+        minimum_lower_bytes: int = 0,
+    ) -> None:
         super().__init__(message)
         self.minimum_lower_bytes = minimum_lower_bytes
         self.budget_bytes = budget_bytes

@@ -17,7 +17,8 @@ from enum import Enum
 from typing import Mapping
 
 from .graph import Graph, StorageKind
-from .plan import Plan, fold_names
+from .names import fold_names
+from .plan import Plan
 from .solver.regions import Region
 from .solver.simulate import alive_at_peak
 
@@ -39,9 +40,14 @@ class Kind(str, Enum):
         return _KINDS[kind]
 
 
-_KINDS = {StorageKind.PARAM: Kind.PARAMETERS, StorageKind.GRAD: Kind.GRADIENTS, StorageKind.BUFFER: Kind.BUFFERS,
-          StorageKind.INPUT: Kind.INPUTS, StorageKind.ACTIVATION: Kind.ACTIVATIONS,
-          StorageKind.BACKWARD: Kind.BACKWARD}
+_KINDS = {
+    StorageKind.PARAM: Kind.PARAMETERS,
+    StorageKind.GRAD: Kind.GRADIENTS,
+    StorageKind.BUFFER: Kind.BUFFERS,
+    StorageKind.INPUT: Kind.INPUTS,
+    StorageKind.ACTIVATION: Kind.ACTIVATIONS,
+    StorageKind.BACKWARD: Kind.BACKWARD,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,8 +84,14 @@ class Breakdown:
             raise ValueError(f"by_kind sums to {total} bytes, not the peak {self.peak_bytes}")
 
 
-def breakdown(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, frozenset[int]], *,
-              depth: int | None = None, top: int = 10) -> Breakdown:
+def breakdown(
+    graph: Graph,
+    regions: tuple[Region, ...],
+    saved: Mapping[str, frozenset[int]],
+    *,
+    depth: int | None = None,
+    top: int = 10,
+) -> Breakdown:
     """The peak of checkpointing ``saved``'s regions (as ``simulate`` takes them), split by kind and module.
 
     ``depth`` cuts module paths to that many components (``transformer.h.3`` at 3) before folding; ``top``
@@ -98,22 +110,28 @@ def breakdown(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, fro
             module = _cut(graph.ops[s.producer].module, depth)
             per_module[module] = per_module.get(module, 0) + s.nbytes
     order, last = _model_order(graph, depth), (len(graph.ops), 0)
-    return Breakdown(peak_bytes=sim.peak_bytes, peak_at=sim.peak_at, by_kind=tuple(kinds.items()),
-                     by_module=tuple(sorted(per_module.items(), key=lambda kv: (order.get(kv[0], last), kv[0]))),
-                     largest=tuple(_tensor(graph, sid) for sid in sorted(
-                         alive, key=lambda i: (-graph.storages[i].nbytes, i))[:max(top, 0)]))
+    return Breakdown(
+        peak_bytes=sim.peak_bytes,
+        peak_at=sim.peak_at,
+        by_kind=tuple(kinds.items()),
+        by_module=tuple(sorted(per_module.items(), key=lambda kv: (order.get(kv[0], last), kv[0]))),
+        largest=tuple(
+            _tensor(graph, sid) for sid in sorted(alive, key=lambda i: (-graph.storages[i].nbytes, i))[: max(top, 0)]
+        ),
+    )
 
 
-def explain(graph: Graph, plan: Plan | None = None, *, depth: int | None = None, top: int = 10
-            ) -> tuple[Breakdown, Breakdown | None]:
+def explain(
+    graph: Graph, plan: Plan | None = None, *, depth: int | None = None, top: int = 10
+) -> tuple[Breakdown, Breakdown | None]:
     """The breakdown without checkpointing and (given a plan for ``graph``) with the plan's decisions."""
-    from .planner import candidates, plan_decisions  # the solver's candidates (no OR-Tools import)
+    from .decisions import plan_decisions
+    from .shapes import candidates  # the solver's candidates (no OR-Tools import)
 
     if plan is None:
         return breakdown(graph, candidates(graph), {}, depth=depth, top=top), None
     regions, saved = plan_decisions(graph, plan)
-    return (breakdown(graph, regions, {}, depth=depth, top=top),
-            breakdown(graph, regions, saved, depth=depth, top=top))
+    return (breakdown(graph, regions, {}, depth=depth, top=top), breakdown(graph, regions, saved, depth=depth, top=top))
 
 
 def _cut(module: str, depth: int | None) -> str:
@@ -122,6 +140,7 @@ def _cut(module: str, depth: int | None) -> str:
 
 def _model_order(graph: Graph, depth: int | None) -> dict[str, tuple[int, int]]:
     """Module path -> (first op run inside it, depth): a block before its children, h.2 before h.10."""
+
     def compute() -> dict[str, tuple[int, int]]:
         first: dict[str, tuple[int, int]] = {}
         for op in graph.ops:
@@ -139,9 +158,12 @@ def module_rows(graph: Graph, *breakdowns: Breakdown, depth: int | None = None) 
     order = _model_order(graph, depth)
     per = [dict(b.by_module) for b in breakdowns]
     modules = sorted({m for p in per for m in p}, key=lambda m: (order.get(m, (len(graph.ops), 0)), m))
-    rows = [ModuleRow(label=label or "<root>", modules=len(members),
-                      nbytes=tuple(sum(p.get(m, 0) for m in members) for p in per))
-            for label, members in fold_names(modules)]
+    rows = [
+        ModuleRow(
+            label=label or "<root>", modules=len(members), nbytes=tuple(sum(p.get(m, 0) for m in members) for p in per)
+        )
+        for label, members in fold_names(modules)
+    ]
     return tuple(rows)
 
 
@@ -162,8 +184,13 @@ def _tensor(graph: Graph, sid: int) -> Tensor:
 
 def as_dict(b: Breakdown) -> dict:
     """A breakdown as JSON: bytes by kind, activations by module, the largest tensors."""
-    return {"peak_bytes": b.peak_bytes, "peak_at": b.peak_at,
-            "by_kind": {k.value: n for k, n in b.by_kind},
-            "activations_by_module": {m or "<root>": n for m, n in b.by_module},
-            "largest": [{"kind": t.kind.value, "name": t.name, "shape": t.shape, "dtype": t.dtype,
-                         "bytes": t.nbytes} for t in b.largest]}
+    return {
+        "peak_bytes": b.peak_bytes,
+        "peak_at": b.peak_at,
+        "by_kind": {k.value: n for k, n in b.by_kind},
+        "activations_by_module": {m or "<root>": n for m, n in b.by_module},
+        "largest": [
+            {"kind": t.kind.value, "name": t.name, "shape": t.shape, "dtype": t.dtype, "bytes": t.nbytes}
+            for t in b.largest
+        ],
+    }

@@ -90,10 +90,21 @@ class FitResult:
         return tuple(sorted(self.trials, key=lambda t: t.value))
 
 
-def fit(build: Callable[[int], Graph], budget: int | str, *, argument: str = "batch_size", start: int = 1,
-        limit: int = DEFAULT_LIMIT, multiple_of: int = 1, time_limit_s: float = 30.0, reserve: float | None = None,
-        objective: str = "time", gap: float = DEFAULT_GAP, rematerialize: bool = True,
-        progress: Callable[[Trial], None] | None = None) -> FitResult:
+def fit(
+    build: Callable[[int], Graph],
+    budget: int | str,
+    *,
+    argument: str = "batch_size",
+    start: int = 1,
+    limit: int = DEFAULT_LIMIT,
+    multiple_of: int = 1,
+    time_limit_s: float = 30.0,
+    reserve: float | None = None,
+    objective: str = "time",
+    gap: float = DEFAULT_GAP,
+    rematerialize: bool = True,
+    progress: Callable[[Trial], None] | None = None,
+) -> FitResult:
     """The largest value of ``argument`` (a multiple of ``multiple_of`` in ``[start, limit]``) whose step,
     as ``build(value)`` traces it, has a plan under ``budget``, with that plan.
 
@@ -105,8 +116,10 @@ def fit(build: Callable[[int], Graph], budget: int | str, *, argument: str = "ba
     and ``SolverTimeout`` (exit 4) when the time limit found no plan at ``start``.
     """
     if isinstance(budget, str) and budget.strip().endswith("%"):
-        raise InputError(f"budget {budget!r} is a percentage of the unplanned peak, which changes with "
-                         f"{argument}: give an absolute size such as 80GB or 7.5GiB")
+        raise InputError(
+            f"budget {budget!r} is a percentage of the unplanned peak, which changes with "
+            f"{argument}: give an absolute size such as 80GB or 7.5GiB"
+        )
     budget_bytes = parse_budget(budget)
     for name, value in (("start", start), ("limit", limit), ("multiple_of", multiple_of)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -119,8 +132,16 @@ def fit(build: Callable[[int], Graph], budget: int | str, *, argument: str = "ba
     tried: dict[int, Trial] = {}
 
     def run(value: int) -> Trial:
-        trial = _try(build(value), value, budget_bytes, time_limit_s=time_limit_s, reserve=reserve,
-                     objective=objective, gap=gap, rematerialize=rematerialize)
+        trial = _try(
+            build(value),
+            value,
+            budget_bytes,
+            time_limit_s=time_limit_s,
+            reserve=reserve,
+            objective=objective,
+            gap=gap,
+            rematerialize=rematerialize,
+        )
         tried[value] = trial
         note(trial)
         return trial
@@ -145,15 +166,26 @@ def fit(build: Callable[[int], Graph], budget: int | str, *, argument: str = "ba
                 fits = value
             else:
                 fails = value
-    return FitResult(argument=argument, budget_bytes=budget_bytes, trials=tuple(tried.values()),
-                     best=tried[fits], limit=limit)
+    return FitResult(
+        argument=argument, budget_bytes=budget_bytes, trials=tuple(tried.values()), best=tried[fits], limit=limit
+    )
 
 
-def _try(graph: Graph, value: int, budget_bytes: int, *, time_limit_s: float, reserve: float | None,
-         objective: str, gap: float, rematerialize: bool) -> Trial:
+def _try(
+    graph: Graph,
+    value: int,
+    budget_bytes: int,
+    *,
+    time_limit_s: float,
+    reserve: float | None,
+    objective: str,
+    gap: float,
+    rematerialize: bool,
+) -> Trial:
     """Solve one value: the minimum-peak search, then (unless it proved the budget too low) the plan."""
-    options = dict(time_limit_s=time_limit_s, reserve=reserve, objective=objective, gap=gap,
-                   rematerialize=rematerialize)
+    options = dict(
+        time_limit_s=time_limit_s, reserve=reserve, objective=objective, gap=gap, rematerialize=rematerialize
+    )
     minimum: int | None = None
     proven = False
     try:
@@ -170,8 +202,14 @@ def _try(graph: Graph, value: int, budget_bytes: int, *, time_limit_s: float, re
             plan = None
     if plan is not None and (minimum is None or minimum > budget_bytes):  # the budget itself is known to fit
         minimum, proven = budget_bytes, False
-    return Trial(value=value, no_checkpointing_peak_bytes=graph.baseline_peak_bytes, minimum_bytes=minimum,
-                 minimum_proven=proven, forward_cost_ns=graph.forward_cost_ns, plan=plan)
+    return Trial(
+        value=value,
+        no_checkpointing_peak_bytes=graph.baseline_peak_bytes,
+        minimum_bytes=minimum,
+        minimum_proven=proven,
+        forward_cost_ns=graph.forward_cost_ns,
+        plan=plan,
+    )
 
 
 def _nothing_fits(trial: Trial, argument: str, budget_bytes: int, time_limit_s: float) -> Exception:
@@ -179,10 +217,14 @@ def _nothing_fits(trial: Trial, argument: str, budget_bytes: int, time_limit_s: 
         return SolverTimeout(
             f"nothing fits budget {format_bytes(budget_bytes)}: at {argument}={trial.value} the solver found no "
             f"plan in its time limit of {time_limit_s:g} s; try --time-limit {int(2 * time_limit_s)} or a "
-            "larger budget")
+            "larger budget"
+        )
     what = "the minimum" if trial.minimum_proven else "the lowest budget known to fit (not proven minimal)"
     return InfeasibleBudget(
         f"nothing fits budget {format_bytes(budget_bytes)}: even at {argument}={trial.value}, {what} is "
         f"{format_bytes(trial.minimum_bytes)}; try --budget {suggest_budget(trial.minimum_bytes)} or a smaller "
-        "model", budget_bytes=budget_bytes, minimum_bytes=trial.minimum_bytes,
-        minimum_proven=trial.minimum_proven)
+        "model",
+        budget_bytes=budget_bytes,
+        minimum_bytes=trial.minimum_bytes,
+        minimum_proven=trial.minimum_proven,
+    )

@@ -38,13 +38,13 @@ def _repeat_kv_heads(args: tuple, q: int) -> tuple:
     """``args`` with key and value as shapes with the query's heads, as torch >= 2.12 counts grouped-query
     attention; torch 2.11's formulas refuse fewer key/value heads. The formulas take a shape where a
     tensor would be, so no tensor is made."""
-    query, key, value = args[q:q + 3]
+    query, key, value = args[q : q + 3]
     heads = query.shape[1]
     if key.shape[1] == heads or heads % key.shape[1]:
         return args
     key_shape = (key.shape[0], heads, *key.shape[2:])
     value_shape = (value.shape[0], heads, *value.shape[2:])
-    return (*args[:q + 1], torch.Size(key_shape), torch.Size(value_shape), *args[q + 3:])
+    return (*args[: q + 1], torch.Size(key_shape), torch.Size(value_shape), *args[q + 3 :])
 
 
 def _shape(x: Any) -> tuple[int, ...]:

@@ -168,8 +168,7 @@ class Graph:
 
     @property
     def param_bytes(self) -> int:
-        return self._memo("param_bytes", lambda: sum(
-            s.nbytes for s in self.storages if s.kind is StorageKind.PARAM))
+        return self._memo("param_bytes", lambda: sum(s.nbytes for s in self.storages if s.kind is StorageKind.PARAM))
 
     @property
     def forward_flops(self) -> int:
@@ -208,8 +207,11 @@ class Graph:
         for i in self.data_dependent_ops:
             if out and out[-1].start <= i < out[-1].end:
                 continue  # inside the span of an earlier data-dependent op of the same call
-            owner = min((m for m in self.modules if m.path == self.ops[i].module and m.first_op <= i < m.end_op),
-                        key=lambda m: m.end_op - m.first_op, default=None)
+            owner = min(
+                (m for m in self.modules if m.path == self.ops[i].module and m.first_op <= i < m.end_op),
+                key=lambda m: m.end_op - m.first_op,
+                default=None,
+            )
             if owner is None:  # outside every module call (the loss): to the end of the forward
                 out.append(Span(start=i, end=len(self.ops), owner=self.ops[i].module))
             else:
@@ -280,7 +282,7 @@ def parse_path(path: str) -> tuple[str, int]:
     if ".~" in head:
         under, levels = head.rsplit(".~", 1)
         parts = module_parts(parse_path(under)[0])
-        return ".".join(parts[:len(parts) - int(levels)]), offset
+        return ".".join(parts[: len(parts) - int(levels)]), offset
     return (head[:-1] if head.endswith(".") else head), offset
 
 

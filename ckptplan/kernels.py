@@ -45,6 +45,7 @@ aten = torch.ops.aten
 
 # ---- SDPA backend choice ------------------------------------------------------------------------------
 
+
 def _priority(gpu: GpuSpec) -> tuple[SdpaBackend, ...]:
     """``priority_order``: cuDNN first on sm90 and sm10x (with the cuDNN >= 9.15 that CUDA 13 builds ship),
     else flash, memory-efficient, math, cuDNN."""
@@ -121,8 +122,9 @@ def _gemm_alignment(gpu: GpuSpec, half: bool) -> int:
 def _can_efficient(gpu: GpuSpec, q, k, v, enable_gqa: bool) -> bool:
     if not (5, 0) <= gpu.capability <= (12, 1):
         return False
-    allowed = ((torch.float16, torch.float32, torch.bfloat16) if gpu.capability[0] >= 8
-               else (torch.float16, torch.float32))
+    allowed = (
+        (torch.float16, torch.float32, torch.bfloat16) if gpu.capability[0] >= 8 else (torch.float16, torch.float32)
+    )
     if q.dtype not in allowed or not _dense_ok(q, k, v, ignore_singleton=False):
         return False
     # the memory-efficient kernel's meta backward does not reduce a grouped-query gradient: plan such a
@@ -140,8 +142,17 @@ def _can_efficient(gpu: GpuSpec, q, k, v, enable_gqa: bool) -> bool:
     return True
 
 
-def choose_sdpa(gpu: GpuSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                dropout_p: float, is_causal: bool, enable_gqa: bool, grad: bool) -> SdpaBackend:
+def choose_sdpa(
+    gpu: GpuSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    enable_gqa: bool,
+    grad: bool,
+) -> SdpaBackend:
     """The backend ``select_sdp_backend`` picks on ``gpu`` for these inputs (all backends enabled)."""
     for backend in _priority(gpu):
         if backend is SdpaBackend.CUDNN and _can_cudnn(gpu, q, k, v, mask, dropout_p, grad, enable_gqa):
@@ -156,6 +167,7 @@ def choose_sdpa(gpu: GpuSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 # ---- the CUDA kernels, on meta or fake tensors ---------------------------------------------------------
+
 
 def _bool_mask_to_float(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``convert_boolean_attn_mask``: True takes part (0), False is -inf; the same three ops as torch's."""
@@ -188,8 +200,9 @@ def _efficient_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tor
 # as 1, in float32 for half inputs, as torch's own decomposition of the op gives it) and whose backward is
 # aten's ``_fused_rms_norm_backward``; the recorder files it under aten's name (``STANDS_FOR``).
 @torch.library.custom_op("ckptplan::fused_rms_norm", mutates_args=())
-def _fused_rms_norm(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None,
-                    eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_rms_norm(
+    input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None, eps: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     raise RuntimeError("ckptplan::fused_rms_norm stands in for CUDA's kernel on meta or fake tensors only")
 
 
@@ -198,7 +211,7 @@ def _fused_rms_norm_fake(input, normalized_shape, weight, eps):
     n = len(normalized_shape)
     acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
-    rstd = input.new_empty((*input.shape[:input.dim() - n], *([1] * n)), dtype=acc)
+    rstd = input.new_empty((*input.shape[: input.dim() - n], *([1] * n)), dtype=acc)
     return out, rstd
 
 
@@ -266,14 +279,25 @@ class CpuKernels(_KernelMode):
 
     @staticmethod
     def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        flash = (dropout_p == 0.0 and _dense_ok(q, k, v, ignore_singleton=True) and _heads_ok(q, k, v, enable_gqa)
-                 and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+        flash = (
+            dropout_p == 0.0
+            and _dense_ok(q, k, v, ignore_singleton=True)
+            and _heads_ok(q, k, v, enable_gqa)
+            and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        )
         if not flash:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
         mask = _bool_mask_to_float(attn_mask, q.dtype)
-        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask,
-                                                                scale=scale)[0]
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
 
 
 class CudaKernels(_KernelMode):
@@ -329,8 +353,13 @@ class CudaKernels(_KernelMode):
         defaults = {"weight": None, "reduction": 1, "ignore_index": -100, "label_smoothing": 0.0}
         b = defaults | dict(zip(names, args)) | kwargs
         x, target = b["input"], b["target"]
-        if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or target.is_floating_point()
-                or b["label_smoothing"] or x.dim() not in (1, 2, 4)):
+        if (
+            not isinstance(x, torch.Tensor)
+            or not x.is_floating_point()
+            or target.is_floating_point()
+            or b["label_smoothing"]
+            or x.dim() not in (1, 2, 4)
+        ):
             return func(*args, **kwargs)
         logp = torch.log_softmax(x, 0 if x.dim() == 1 else 1, dtype=x.dtype)
         weight, logp = self.autocast.cast_args("nll_loss", (b["weight"], logp), {})[0]
@@ -353,16 +382,28 @@ class CudaKernels(_KernelMode):
     #                              scale=None, enable_gqa=False)
     def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        backend = self.sdpa if self.sdpa is not SdpaBackend.AUTO else choose_sdpa(
-            self.gpu, q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, grad)
+        backend = (
+            self.sdpa
+            if self.sdpa is not SdpaBackend.AUTO
+            else choose_sdpa(self.gpu, q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, grad)
+        )
         self.chosen.append(backend)
         if backend is SdpaBackend.MATH:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
         if backend is SdpaBackend.CUDNN:
             mask = _bool_mask_to_float(attn_mask, q.dtype)
-            return aten._scaled_dot_product_cudnn_attention(q, k, v, mask, grad, dropout_p, is_causal, False,
-                                                            scale=scale)[0]
+            return aten._scaled_dot_product_cudnn_attention(
+                q, k, v, mask, grad, dropout_p, is_causal, False, scale=scale
+            )[0]
         if backend is SdpaBackend.FLASH:
             d = q.shape[-1]
             scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -373,8 +414,7 @@ class CudaKernels(_KernelMode):
         mask = _bool_mask_to_float(attn_mask, q.dtype)
         if mask is not None:
             mask = _efficient_mask(mask, q, k)
-        return aten._scaled_dot_product_efficient_attention(q, k, v, mask, grad, dropout_p, is_causal,
-                                                            scale=scale)[0]
+        return aten._scaled_dot_product_efficient_attention(q, k, v, mask, grad, dropout_p, is_causal, scale=scale)[0]
 
     @staticmethod
     def _dropout(func, args, kwargs):
@@ -397,13 +437,21 @@ class CudaKernels(_KernelMode):
         x, w, bias, rm, rv = b["input"], b["weight"], b["bias"], b["running_mean"], b["running_var"]
         stats = rm is not None and rv is not None
         # _batch_norm_impl_index's use_cudnn (cuDNN's minimum epsilon is 1e-5)
-        if (x.dtype is not torch.float64 and w is not None and bias is not None and x.dim() >= 3
-                and (stats or (rm is None and rv is None and b["training"]))
-                and (x.dtype is not torch.float16 or w.dtype is torch.float32)
-                and ((x.shape[0] <= 880801 and b["training"]) or (x.shape[0] <= 65535 and not b["training"]))
-                and b["eps"] >= 1e-5 and torch.backends.cudnn.enabled and x.numel() < 2**31 - 1):
+        if (
+            x.dtype is not torch.float64
+            and w is not None
+            and bias is not None
+            and x.dim() >= 3
+            and (stats or (rm is None and rv is None and b["training"]))
+            and (x.dtype is not torch.float16 or w.dtype is torch.float32)
+            and ((x.shape[0] <= 880801 and b["training"]) or (x.shape[0] <= 65535 and not b["training"]))
+            and b["eps"] >= 1e-5
+            and torch.backends.cudnn.enabled
+            and x.numel() < 2**31 - 1
+        ):
             if b["training"] and stats:
                 F._verify_batch_size(x.size())
-            return aten.cudnn_batch_norm(x, w, bias, rm, rv, bool(b["training"]), float(b["momentum"] or 0.0),
-                                         float(b["eps"]))[0]
+            return aten.cudnn_batch_norm(
+                x, w, bias, rm, rv, bool(b["training"]), float(b["momentum"] or 0.0), float(b["eps"])
+            )[0]
         return func(*args, **kwargs)

@@ -110,8 +110,13 @@ class _FlopCounter(TorchDispatchMode):
         return out
 
 
-def _step(model: nn.Module, args: tuple, kwargs: dict, loss_fn: Callable[[Any], torch.Tensor] | None,
-          autocast: str | torch.dtype | None = None) -> None:
+def _step(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    loss_fn: Callable[[Any], torch.Tensor] | None,
+    autocast: str | torch.dtype | None = None,
+) -> None:
     model.zero_grad(set_to_none=True)
     dtype = parse_autocast(autocast)
     device = next((p.device.type for p in model.parameters()), "cpu")
@@ -154,8 +159,7 @@ def measure_flops(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **k
     so is every model on a torch whose FlopCounterMode refuses grouped-query attention (2.11), with
     ``op_flops`` counting it as later releases do.
     """
-    if not SDPA_COUNTS_GQA or any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
-                                  for m in model.modules()):
+    if not SDPA_COUNTS_GQA or any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules()):
         counter = _FlopCounter()
         with counter:
             _step(model, args, kwargs, loss_fn, autocast)
@@ -165,8 +169,7 @@ def measure_flops(model: nn.Module, *args: Any, loss_fn=None, autocast=None, **k
     return int(flops.get_total_flops())
 
 
-def measure_step_ns(model: nn.Module, *args: Any, steps: int = 3, loss_fn=None, autocast=None,
-                    **kwargs: Any) -> int:
+def measure_step_ns(model: nn.Module, *args: Any, steps: int = 3, loss_fn=None, autocast=None, **kwargs: Any) -> int:
     """Median wall time of ``steps`` training steps (forward, loss, backward) after one warm-up step, in ns.
     CUDA work is waited for at the end of each step."""
     if steps < 1:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from .errors import InputError
-from .plan import NoAliasLoader
+from .safeyaml import NoAliasLoader
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,8 +38,10 @@ def bundled_example() -> str:
     root = Path(__file__).resolve().parent.parent
     path = root / "examples" / "gpt2.py"
     if not path.exists():
-        raise InputError("the bundled example examples/gpt2.py is not next to this installation; "
-                         "pass --model path/to/file.py:factory")
+        raise InputError(
+            "the bundled example examples/gpt2.py is not next to this installation; "
+            "pass --model path/to/file.py:factory"
+        )
     return f"{path}:gpt2_small"
 
 
@@ -85,19 +87,26 @@ def check_factory_argument(name: str, factory: Callable[..., Any], argument: str
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # no signature to read (a builtin): calling it will tell
         return
-    if argument in params and params[argument].kind not in (inspect.Parameter.POSITIONAL_ONLY,
-                                                             inspect.Parameter.VAR_POSITIONAL):
+    if argument in params and params[argument].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.VAR_POSITIONAL,
+    ):
         return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    takes = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                        inspect.Parameter.KEYWORD_ONLY)]
-    raise InputError(f"the factory {name} takes no argument {argument!r}; it takes: "
-                     f"{', '.join(takes) or 'no keyword arguments'}")
+    takes = [
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    raise InputError(
+        f"the factory {name} takes no argument {argument!r}; it takes: {', '.join(takes) or 'no keyword arguments'}"
+    )
 
 
-def call_factory(factory_name: str, factory: Callable[..., Any],
-                 factory_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+def call_factory(
+    factory_name: str, factory: Callable[..., Any], factory_kwargs: dict[str, Any] | None = None
+) -> LoadedModel:
     """Call a factory and check what it returns: (model, args) or (model, args, kwargs)."""
     from torch import nn
 
@@ -108,8 +117,10 @@ def call_factory(factory_name: str, factory: Callable[..., Any],
     except (Exception, SystemExit) as e:  # a user's factory may raise anything; say which and why
         raise InputError(f"the factory {factory_name} raised {_what(e)}") from None
     if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], nn.Module):
-        raise InputError(f"the factory {factory_name} must return (model, args) or (model, args, kwargs) "
-                         f"with an nn.Module first; it returned {type(result).__name__}")
+        raise InputError(
+            f"the factory {factory_name} must return (model, args) or (model, args, kwargs) "
+            f"with an nn.Module first; it returned {type(result).__name__}"
+        )
     args = result[1]
     kwargs = result[2] if len(result) == 3 else {}
     if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
@@ -144,8 +155,7 @@ def _import(target: str) -> Any:
 
 def _what(e: BaseException) -> str:
     if isinstance(e, SystemExit):  # sys.exit() in a model file: its code would read as one of ckptplan's
-        return (f"SystemExit({e.code!r}): it calls sys.exit(); guard its script part with "
-                "`if __name__ == \"__main__\":`")
+        return f'SystemExit({e.code!r}): it calls sys.exit(); guard its script part with `if __name__ == "__main__":`'
     return f"{type(e).__name__}: {e}"
 
 

@@ -25,9 +25,11 @@ def kv_cache_off(model: nn.Module) -> bool:
     if not getattr(config, "use_cache", False) or not model.training:
         return False
     assert config is not None  # getattr(None, "use_cache", False) is False
-    log.warning("ckptplan: use_cache=True is incompatible with checkpointing a training step; "
-                "setting model.config.use_cache = False while it runs (as Hugging Face's gradient "
-                "checkpointing does)")
+    log.warning(
+        "ckptplan: use_cache=True is incompatible with checkpointing a training step; "
+        "setting model.config.use_cache = False while it runs (as Hugging Face's gradient "
+        "checkpointing does)"
+    )
     config.use_cache = False
     return True
 

@@ -40,8 +40,14 @@ def default_units(graph: Graph) -> list[str]:
     return units
 
 
-def for_ranks(graph: Graph, *, world_size: int, mode: str | Parallel, units: Sequence[str] | None = None,
-              bucket_view: bool = False) -> Graph:
+def for_ranks(
+    graph: Graph,
+    *,
+    world_size: int,
+    mode: str | Parallel,
+    units: Sequence[str] | None = None,
+    bucket_view: bool = False,
+) -> Graph:
     """What one of ``world_size`` ranks holds when ``graph``'s step runs under DDP or FSDP2."""
     mode = Parallel(mode) if isinstance(mode, str) else mode
     if world_size < 1:
@@ -52,8 +58,9 @@ def for_ranks(graph: Graph, *, world_size: int, mode: str | Parallel, units: Seq
     grads = [s for s in graph.storages if s.kind is StorageKind.GRAD]
     if mode is Parallel.DDP:
         buckets = 0 if bucket_view else sum(s.nbytes for s in grads)
-        return replace(graph, extra_fixed_bytes=graph.extra_fixed_bytes + buckets,
-                       parallel=f"ddp:{world_size}", _cache={})
+        return replace(
+            graph, extra_fixed_bytes=graph.extra_fixed_bytes + buckets, parallel=f"ddp:{world_size}", _cache={}
+        )
     names = dict(graph.tensor_names)
     units = sorted(default_units(graph) if units is None else units, key=len, reverse=True)
 
@@ -72,6 +79,11 @@ def for_ranks(graph: Graph, *, world_size: int, mode: str | Parallel, units: Seq
     # after forward). Beside them, in a unit's backward: its parameters all-gathered, its unsharded
     # gradients before the reduce-scatter, and the next unit's parameters, prefetched.
     gathered = root + 3 * largest
-    return replace(graph, storages=storages, extra_fixed_bytes=graph.extra_fixed_bytes + gathered,
-                   optimizer_state_bytes=-(-graph.optimizer_state_bytes // world_size),
-                   parallel=f"fsdp:{world_size}", _cache={})
+    return replace(
+        graph,
+        storages=storages,
+        extra_fixed_bytes=graph.extra_fixed_bytes + gathered,
+        optimizer_state_bytes=-(-graph.optimizer_state_bytes // world_size),
+        parallel=f"fsdp:{world_size}",
+        _cache={},
+    )

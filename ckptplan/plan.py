@@ -23,7 +23,9 @@ import yaml
 
 from .errors import InputError
 from .graph import Forced
+from .names import expand_paths, fold_paths
 from .objective import Objective
+from .safeyaml import MAX_FLOW_DEPTH, NoAliasLoader, flow_depth
 from .units import format_bytes, format_flops
 
 SCHEMA_VERSION = 1
@@ -93,8 +95,14 @@ class RegionPlan:
 
     def pattern(self) -> str:
         """Equal for identical layers: same ops, shapes and decisions."""
-        return json.dumps([self.type_name, list(self.mutated_buffers), self.target and list(self.target),
-                           [_op_row(o) for o in self.ops]])
+        return json.dumps(
+            [
+                self.type_name,
+                list(self.mutated_buffers),
+                self.target and list(self.target),
+                [_op_row(o) for o in self.ops],
+            ]
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,8 +145,9 @@ class Plan:
         if not self.fingerprints:
             object.__setattr__(self, "fingerprints", (self.fingerprint,))
         if not re.fullmatch(r"((ddp|fsdp):[1-9][0-9]{0,6})?", self.parallel):
-            raise InputError(f"plan field parallel must be \"\" (one process), \"ddp:N\" or \"fsdp:N\" with N "
-                             f"ranks, not {self.parallel!r}")
+            raise InputError(
+                f'plan field parallel must be "" (one process), "ddp:N" or "fsdp:N" with N ranks, not {self.parallel!r}'
+            )
         # a plan built with strings holds the enums all the same
         object.__setattr__(self, "objective", _objective(self.objective))
         object.__setattr__(self, "status", _status(self.status))
@@ -185,7 +194,7 @@ def _remove_stale_temporaries(path: Path) -> None:
     (SIGKILL, power loss). A temporary is ``.NAME.PID.XXXXXXXX.tmp``; one whose process still runs is another
     writer's, in flight, and is left alone."""
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
@@ -202,8 +211,17 @@ def glob_escape(name: str) -> str:
 
 def _op_row(o: OpDecision) -> list[Any]:
     shape = [list(s) for s in o.shape]
-    return [o.op, o.module, shape[0] if len(shape) == 1 else shape, o.dtype, o.nbytes, o.decision.value,
-            o.recompute_flops, o.recompute_ns, o.forced.value if o.forced is not None else None]
+    return [
+        o.op,
+        o.module,
+        shape[0] if len(shape) == 1 else shape,
+        o.dtype,
+        o.nbytes,
+        o.decision.value,
+        o.recompute_flops,
+        o.recompute_ns,
+        o.forced.value if o.forced is not None else None,
+    ]
 
 
 def fold_regions(regions: tuple[RegionPlan, ...]) -> list[tuple[list[str], RegionPlan]]:
@@ -212,58 +230,6 @@ def fold_regions(regions: tuple[RegionPlan, ...]) -> list[tuple[list[str], Regio
     for r in regions:
         groups.setdefault(r.pattern(), ([], r))[0].append(r.path)
     return list(groups.values())
-
-
-def fold_paths(paths: list[str]) -> str:
-    """Fold paths that differ in one numeric component: ``h.0.attn, h.1.attn, h.3.attn`` -> ``h.{0-1,3}.attn``.
-
-    Anything else is joined with commas. ``expand_paths`` inverts it.
-    """
-    parts = [p.split(".") for p in paths]
-    if len(paths) > 1 and len({len(x) for x in parts}) == 1:
-        varying = [i for i in range(len(parts[0])) if len({x[i] for x in parts}) > 1]
-        if len(varying) == 1 and all(x[varying[0]].isdigit() for x in parts):
-            i = varying[0]
-            nums = [int(x[i]) for x in parts]
-            if nums == sorted(set(nums)) and all(str(n) == x[i] for n, x in zip(nums, parts)):
-                runs: list[str] = []
-                start: int | None = nums[0]
-                for a, b in zip(nums, [*nums[1:], None]):
-                    if b != a + 1:
-                        runs.append(str(start) if start == a else f"{start}-{a}")
-                        start = b
-                return ".".join(parts[0][:i] + [f"{{{','.join(runs)}}}"] + parts[0][i + 1:])
-    return ",".join(paths)
-
-
-def path_order(path: str) -> list[tuple[int, str]]:
-    """Sort key of module paths in their numeric order: ``h.2`` before ``h.10``."""
-    return [(int(p), "") if p.isdigit() else (-1, p) for p in path.split(".")]
-
-
-def fold_names(paths: list[str]) -> list[tuple[str, list[str]]]:
-    """(label, members) of paths grouped by their layer numbers, in the order each group first appears:
-    ``h.0.attn, h.0.mlp, h.1.attn`` -> ``[("h.{0-1}.attn", [h.0.attn, h.1.attn]), ("h.0.mlp", [h.0.mlp])]``;
-    a group with two varying numbers is labelled with ``*`` (``layers.*.blocks.*``)."""
-    groups: dict[str, list[str]] = {}
-    for p in paths:
-        groups.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", p), []).append(p)
-    out = []
-    for pattern, members in groups.items():
-        folded = fold_paths(sorted(set(members), key=path_order)) if len(members) > 1 else members[0]
-        out.append((folded if "{" in folded or len(members) == 1 else pattern, members))
-    return out
-
-
-def expand_paths(text: str) -> list[str]:
-    m = re.fullmatch(r"(.*)\{([\d,\-]+)\}(.*)", text)
-    if not m:
-        return [p for p in text.split(",") if p]
-    out = []
-    for part in m.group(2).split(","):
-        lo, _, hi = part.partition("-")
-        out += [f"{m.group(1)}{i}{m.group(3)}" for i in range(int(lo), int(hi or lo) + 1)]
-    return out
 
 
 def _q(v: Any) -> str:
@@ -287,10 +253,16 @@ def dump_yaml(plan: Plan) -> str:
         f"fingerprints: {_q(list(plan.fingerprints))}",
         f"device: {_q(plan.device)}",
         *([f"gpu: {_q(plan.gpu)}  # its kernels and allocator are the ones planned for"] if plan.gpu else []),
-        *([f"eval_modules: {_q(list(plan.eval_modules))}  # in eval mode in the traced step"]
-          if plan.eval_modules else []),
-        *([f"autocast: {_q(plan.autocast)}  # forward and loss run under torch.autocast with this dtype"]
-          if plan.autocast else []),
+        *(
+            [f"eval_modules: {_q(list(plan.eval_modules))}  # in eval mode in the traced step"]
+            if plan.eval_modules
+            else []
+        ),
+        *(
+            [f"autocast: {_q(plan.autocast)}  # forward and loss run under torch.autocast with this dtype"]
+            if plan.autocast
+            else []
+        ),
         f"optimizer: {_q(plan.optimizer)}",
         f"parallel: {_q(plan.parallel)}  # the budget is per rank",
         "budget:",
@@ -328,10 +300,17 @@ def dump_yaml(plan: Plan) -> str:
         lines.append(f"    at: {_q([order[p] for p in paths])}  # positions in forward order")
         lines.append(f"    num_ops: {len(r.ops)}")
         kept = ", reading the outputs of the saved ones" if saved else ""
-        how = (f"rematerialized: the tensor is rebuilt from its recipe at its first unpack{kept}" if r.remat
-               else "selective checkpointing" if saved else "plain checkpoint")
-        lines.append(f"    extra_forward_flops_each: {r.extra_forward_flops}"
-                     f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved ({how})")
+        how = (
+            f"rematerialized: the tensor is rebuilt from its recipe at its first unpack{kept}"
+            if r.remat
+            else "selective checkpointing"
+            if saved
+            else "plain checkpoint"
+        )
+        lines.append(
+            f"    extra_forward_flops_each: {r.extra_forward_flops}"
+            f"  # {format_flops(r.extra_forward_flops)}; {saved} of {len(r.ops)} ops saved ({how})"
+        )
         lines.append(f"    restores_buffers: {_q(list(r.mutated_buffers))}")
         if r.remat:
             assert r.target is not None  # a rematerialization names its target (RegionPlan)
@@ -343,34 +322,6 @@ def dump_yaml(plan: Plan) -> str:
 
 
 # ---- reading --------------------------------------------------------------------------------------
-class NoAliasLoader(yaml.SafeLoader):
-    """safe_load without anchors and aliases: ckptplan never writes them, and a few hundred bytes of nested
-    aliases (an alias bomb) expand into billions of rows once read as plain lists."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None) is not None:
-            mark = self.peek_event().start_mark
-            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed "
-                                              "in a plan file", mark)
-        return super().compose_node(parent, index)
-
-
-MAX_FLOW_DEPTH = 16  # a plan nests [ ] three deep (an op row's shapes); PyYAML's scan is quadratic in depth
-
-
-def _flow_depth(text: str) -> int:
-    """How deep ``[`` and ``{`` nest outside double-quoted strings (where a plan puts any text)."""
-    depth = deepest = 0
-    for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}]', text):
-        c = m.group()
-        if c in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in "]}":
-            depth = max(0, depth - 1)
-    return deepest
-
-
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read a plan file. Every problem raises InputError naming the file and what to do.
 
@@ -380,25 +331,31 @@ def load_plan(path: str | os.PathLike) -> Plan:
     path = Path(path)
     try:
         if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
-            raise InputError(f"plan file {path} is not a regular file; give the path of a plan written by "
-                             "`ckptplan solve`")
+            raise InputError(
+                f"plan file {path} is not a regular file; give the path of a plan written by `ckptplan solve`"
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"plan file {path} does not exist; create one with `ckptplan solve -o {path}`") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read plan file {path}: {e}") from None
-    if _flow_depth(text) > MAX_FLOW_DEPTH:
-        raise InputError(f"plan file {path} nests brackets more than {MAX_FLOW_DEPTH} deep; it is not a ckptplan "
-                         "plan: regenerate it with `ckptplan solve`")
+    if flow_depth(text) > MAX_FLOW_DEPTH:
+        raise InputError(
+            f"plan file {path} nests brackets more than {MAX_FLOW_DEPTH} deep; it is not a ckptplan "
+            "plan: regenerate it with `ckptplan solve`"
+        )
     try:
         data = yaml.load(text, Loader=NoAliasLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise InputError(f"plan file {path} is not valid YAML ({str(e).splitlines()[0]}); "
-                         "regenerate it with `ckptplan solve`") from None
+        raise InputError(
+            f"plan file {path} is not valid YAML ({str(e).splitlines()[0]}); regenerate it with `ckptplan solve`"
+        ) from None
     except (ValueError, RecursionError) as e:  # an integer over Python's digit limit; nesting too deep
-        raise InputError(f"plan file {path} is not a ckptplan plan ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'too deeply nested'}); "
-                         "regenerate it with `ckptplan solve`") from None
+        raise InputError(
+            f"plan file {path} is not a ckptplan plan ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'too deeply nested'}); "
+            "regenerate it with `ckptplan solve`"
+        ) from None
     return plan_from_dict(data, source=str(path))
 
 
@@ -406,54 +363,85 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
     if not isinstance(data, dict):
         raise InputError(f"{source} is not a ckptplan plan (expected a mapping at the top level)")
     if data.get("schema") != SCHEMA_VERSION:
-        raise InputError(f"{source} has schema {data.get('schema')!r}; this ckptplan reads schema "
-                         f"{SCHEMA_VERSION}: regenerate the plan with `ckptplan solve`")
+        raise InputError(
+            f"{source} has schema {data.get('schema')!r}; this ckptplan reads schema "
+            f"{SCHEMA_VERSION}: regenerate the plan with `ckptplan solve`"
+        )
     try:
         placed: list[tuple[int, RegionPlan]] = []
         for block in data["regions"] or []:
             ops = tuple(_op_from_row(row) for row in block["ops"])
             paths = expand_paths(block["modules"])
             if len(paths) != block["count"] or len(block["at"]) != len(paths) or len(ops) != block["num_ops"]:
-                raise InputError(f"{source}: region block {block['modules']!r} has {len(paths)} modules and "
-                                 f"{len(ops)} op rows but says count {block['count']} and num_ops "
-                                 f"{block['num_ops']}: the file is truncated or was edited inconsistently")
+                raise InputError(
+                    f"{source}: region block {block['modules']!r} has {len(paths)} modules and "
+                    f"{len(ops)} op rows but says count {block['count']} and num_ops "
+                    f"{block['num_ops']}: the file is truncated or was edited inconsistently"
+                )
             for at, p in zip(block["at"], paths):
                 target = block.get("target")
                 if target is not None and (len(target) != 2 or not 0 <= int(target[0]) < len(ops)):
-                    raise InputError(f"{source}: block {block['modules']!r} has target {target!r}, which is not "
-                                     "[op row, tensor output] of its rows: the file was edited inconsistently")
+                    raise InputError(
+                        f"{source}: block {block['modules']!r} has target {target!r}, which is not "
+                        "[op row, tensor output] of its rows: the file was edited inconsistently"
+                    )
                 where = None if target is None else (int(target[0]), int(target[1]))
-                placed.append((int(at), RegionPlan(path=p, type_name=block["type"], ops=ops,
-                                                   mutated_buffers=tuple(block.get("restores_buffers") or ()),
-                                                   target=where)))
+                placed.append(
+                    (
+                        int(at),
+                        RegionPlan(
+                            path=p,
+                            type_name=block["type"],
+                            ops=ops,
+                            mutated_buffers=tuple(block.get("restores_buffers") or ()),
+                            target=where,
+                        ),
+                    )
+                )
         regions = tuple(r for _, r in sorted(placed, key=lambda x: x[0]))
         for r in regions:
             check_decisions(r)
         if len(regions) != data["checkpointed_regions"] or sorted(a for a, _ in placed) != list(range(len(placed))):
-            raise InputError(f"{source}: it lists {len(regions)} checkpointed regions but says "
-                             f"{data['checkpointed_regions']}: the file is truncated or was edited inconsistently")
+            raise InputError(
+                f"{source}: it lists {len(regions)} checkpointed regions but says "
+                f"{data['checkpointed_regions']}: the file is truncated or was edited inconsistently"
+            )
         flops = data["flops"]
         if sum(r.extra_forward_flops for r in regions) != int(flops["extra_forward"]):
-            raise InputError(f"{source}: its op rows add up to {sum(r.extra_forward_flops for r in regions)} extra "
-                             f"FLOPs but the header says {flops['extra_forward']}: the file was edited inconsistently")
+            raise InputError(
+                f"{source}: its op rows add up to {sum(r.extra_forward_flops for r in regions)} extra "
+                f"FLOPs but the header says {flops['extra_forward']}: the file was edited inconsistently"
+            )
         solver = data["solver"]
         stats = {k: int(v) for k, v in solver.items() if k not in ("objective", "status", "gap")}
         return Plan(
-            model=str(data["model"]), fingerprint=str(data["fingerprint"]), signature=str(data["signature"]),
+            model=str(data["model"]),
+            fingerprint=str(data["fingerprint"]),
+            signature=str(data["signature"]),
             num_parameters=int(data["parameters"]),
-            inputs=tuple(data["inputs"]), device=str(data["device"]), optimizer=data["optimizer"],
+            inputs=tuple(data["inputs"]),
+            device=str(data["device"]),
+            optimizer=data["optimizer"],
             parallel=str(data["parallel"]),
-            shapes=tuple(tuple(x) for x in data["shapes"]), fingerprints=tuple(data["fingerprints"]),
-            budget_bytes=data["budget"]["bytes"], budget_text=str(data["budget"]["given"]),
+            shapes=tuple(tuple(x) for x in data["shapes"]),
+            fingerprints=tuple(data["fingerprints"]),
+            budget_bytes=data["budget"]["bytes"],
+            budget_text=str(data["budget"]["given"]),
             reserve=float(data["budget"]["reserve"]),
-            baseline_peak_bytes=data["peak"]["no_checkpointing"], full_peak_bytes=data["peak"]["full_checkpointing"],
-            predicted_peak_bytes=data["peak"]["plan"], forward_flops=int(flops["forward"]),
-            extra_forward_flops=int(flops["extra_forward"]), extra_cost_ns=int(flops["estimated_recompute_ns"]),
-            status=_status(str(solver["status"])), gap=float(solver["gap"]),
+            baseline_peak_bytes=data["peak"]["no_checkpointing"],
+            full_peak_bytes=data["peak"]["full_checkpointing"],
+            predicted_peak_bytes=data["peak"]["plan"],
+            forward_flops=int(flops["forward"]),
+            extra_forward_flops=int(flops["extra_forward"]),
+            extra_cost_ns=int(flops["estimated_recompute_ns"]),
+            status=_status(str(solver["status"])),
+            gap=float(solver["gap"]),
             objective=_objective(str(solver.get("objective", "time"))),
             regions=regions,
-            ckptplan_version=str(data.get("ckptplan", "")), torch_version=str(data.get("torch", "")),
-            solver_stats=stats, gpu=str(data.get("gpu", "") or ""),
+            ckptplan_version=str(data.get("ckptplan", "")),
+            torch_version=str(data.get("torch", "")),
+            solver_stats=stats,
+            gpu=str(data.get("gpu", "") or ""),
             eval_modules=tuple(str(m) for m in data.get("eval_modules", ()) or ()),
             autocast=_autocast_field(data.get("autocast", "") or ""),
         )
@@ -461,32 +449,44 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> Plan:
         msg = str(e)
         raise InputError(msg if msg.startswith(source) else f"{source}: {msg}") from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise InputError(f"{source} is malformed ({type(e).__name__}: {e}); "
-                         "regenerate it with `ckptplan solve`") from None
+        raise InputError(
+            f"{source} is malformed ({type(e).__name__}: {e}); regenerate it with `ckptplan solve`"
+        ) from None
 
 
 def _op_from_row(row: Any) -> OpDecision:
     op, module, shape, dtype, nbytes, decision, flops, ns, forced = row
     shapes = shape if shape and isinstance(shape[0], list) else [shape]
     if forced is not None and forced not in {f.value for f in Forced}:
-        raise InputError(f"op {op}: forced-by {forced!r} is not one of "
-                         f"{', '.join(f.value for f in Forced)} or null; regenerate the plan with `ckptplan solve`")
-    return OpDecision(op=str(op), module=str(module), shape=tuple(tuple(int(d) for d in s) for s in shapes),
-                      dtype=str(dtype), nbytes=int(nbytes), decision=Decision(decision),
-                      recompute_flops=int(flops), recompute_ns=int(ns),
-                      forced=None if forced is None else Forced(forced))
+        raise InputError(
+            f"op {op}: forced-by {forced!r} is not one of "
+            f"{', '.join(f.value for f in Forced)} or null; regenerate the plan with `ckptplan solve`"
+        )
+    return OpDecision(
+        op=str(op),
+        module=str(module),
+        shape=tuple(tuple(int(d) for d in s) for s in shapes),
+        dtype=str(dtype),
+        nbytes=int(nbytes),
+        decision=Decision(decision),
+        recompute_flops=int(flops),
+        recompute_ns=int(ns),
+        forced=None if forced is None else Forced(forced),
+    )
 
 
 def check_decisions(region: RegionPlan) -> None:
     """InputError for an op row whose decision its own row contradicts (a hand edit): an op forced to be
     recomputed (random, view, in-place, ...) marked save, or a rematerialization's kept op marked
     recompute. Other edits (saving a free op) are allowed; ``verify`` and ``show --model`` check them
-    against a fresh trace (planner.check_plan), whose peak may no longer fit."""
+    against a fresh trace (decisions.check_plan), whose peak may no longer fit."""
     for i, o in enumerate(region.ops):
         where = f"{region.path} op #{i} {o.op}"
         if o.forced is Forced.KEPT and o.decision is not Decision.SAVE:
-            raise InputError(f"{where} is kept: the recipe reads its outputs, which backward keeps anyway, instead "
-                             "of rerunning it; set it back to save")
+            raise InputError(
+                f"{where} is kept: the recipe reads its outputs, which backward keeps anyway, instead "
+                "of rerunning it; set it back to save"
+            )
         if o.decision is Decision.SAVE and o.forced is not None and o.forced is not Forced.KEPT:
             raise InputError(f"{where} cannot be saved ({o.forced.value}); set it back to recompute")
 

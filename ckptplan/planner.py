@@ -21,16 +21,16 @@ import os
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from ._version import __version__
 from .costmodel import DeviceProfile, load_profile, price
-from .errors import InfeasibleBudget, InputError, PlanMismatch, SolverTimeout
-from .graph import Forced, Graph, parse_path
+from .decisions import RESERVE_SCALE, make_plan
+from .errors import InfeasibleBudget, InputError, SolverTimeout
+from .graph import Graph
 from .objective import Objective
-from .plan import Decision, OpDecision, Plan, PlanStatus, RegionPlan
-from .shapes import Shapes, candidates
+from .plan import Plan, PlanStatus
+from .shapes import Shapes
 from .solver.baselines import Policy, decisions
 from .solver.regions import Region, outermost
-from .solver.simulate import SimResult, simulate
+from .solver.simulate import SimResult
 from .units import format_bytes, parse_budget, suggest_budget
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ MAX_REPAIRS = 6
 # margins: docs/benchmarks.md.
 CPU_RESERVE = 0.0
 DEFAULT_RESERVE = 0.02
-RESERVE_SCALE = 10**6  # the reserve is applied in millionths
 # The search is cut on CP-SAT's deterministic clock, this many units per second of the time limit
 # (measured: ~0.3 units per wall second on a 2-core CI machine), so a solve stopped by its limit still
 # gives a byte-identical plan on every run. The wall-clock limit stays as a hard backstop.
@@ -64,8 +63,11 @@ def wall_slack() -> float:
     try:
         return max(1.0, float(os.environ.get(WALL_SLACK_ENV, "1")))
     except ValueError:
-        raise InputError(f"{WALL_SLACK_ENV}={os.environ[WALL_SLACK_ENV]!r} is not a number; unset it or give "
-                         "a factor such as 10") from None
+        raise InputError(
+            f"{WALL_SLACK_ENV}={os.environ[WALL_SLACK_ENV]!r} is not a number; unset it or give a factor such as 10"
+        ) from None
+
+
 # The search stops once the plan is proven within this fraction of the cheapest (estimated recompute
 # time), by CP-SAT's bound or by the knapsack bound (solver/bound.py). The cost model's own error is
 # larger than that, and proving the last fraction of a percent can still take CP-SAT minutes.
@@ -96,8 +98,11 @@ def _levels(regions: tuple[Region, ...]) -> list[tuple[int, dict[str, frozenset[
     top = min(depth.values(), default=0)
     out: list[tuple[int, dict[str, frozenset[int]]]] = []
     for d in range(top + 1, max(depth.values(), default=0) + 1):
-        level: dict[str, frozenset[int]] = {r.path: frozenset() for r in plain if depth[r.path] <= d and not any(
-            o.path.startswith(r.path + ".") and depth[o.path] <= d for o in plain)}
+        level: dict[str, frozenset[int]] = {
+            r.path: frozenset()
+            for r in plain
+            if depth[r.path] <= d and not any(o.path.startswith(r.path + ".") and depth[o.path] <= d for o in plain)
+        }
         if level and (not out or level != out[-1][1]):
             out.append((d, level))
     return out
@@ -115,8 +120,9 @@ def _floor(model: "cpsat._Model", peak_bound: int) -> int:
     for row, (shape, steady, others) in enumerate(model.row_terms):
         gap_terms, f = model.terms[shape][1], freed[shape]
         most = max(most, len(others) + sum(len(gap_terms[j]) for j in steady))
-        static = max(static, model.row_exprs[row][0] + sum(steady_freed[shape][j] for j in steady)
-                     + sum(f[i] for i in others))
+        static = max(
+            static, model.row_exprs[row][0] + sum(steady_freed[shape][j] for j in steady) + sum(f[i] for i in others)
+        )
     return max(0, (max(peak_bound, static) - 1 - most) * model.unit)
 
 
@@ -133,10 +139,20 @@ def check_options(*, reserve: float | None, gap: float) -> None:
         raise InputError(f"gap must be a fraction in [0, 1), got {gap}")
 
 
-def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: float = 30.0,
-          reserve: float | None = None, workers: int = 1, progress: Progress | None = None, objective: str = "time",
-          gap: float = DEFAULT_GAP, rematerialize: bool = True,
-          profile: DeviceProfile | str | os.PathLike | None = None, server: str | None = None) -> Plan:
+def solve(
+    graph: Graph | Sequence[Graph],
+    budget: int | str,
+    *,
+    time_limit_s: float = 30.0,
+    reserve: float | None = None,
+    workers: int = 1,
+    progress: Progress | None = None,
+    objective: str = "time",
+    gap: float = DEFAULT_GAP,
+    rematerialize: bool = True,
+    profile: DeviceProfile | str | os.PathLike | None = None,
+    server: str | None = None,
+) -> Plan:
     """The cheapest plan (estimated recompute time) whose simulated peak fits ``budget``.
 
     ``objective="flops"`` minimises the recomputed FLOPs instead, then the estimated time among the plans
@@ -175,8 +191,16 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     if server is not None:
         from .serve.client import solve_remote
 
-        return solve_remote(graph, budget, server=server, time_limit_s=time_limit_s, reserve=reserve,
-                            objective=objective, gap=gap, rematerialize=rematerialize)
+        return solve_remote(
+            graph,
+            budget,
+            server=server,
+            time_limit_s=time_limit_s,
+            reserve=reserve,
+            objective=objective,
+            gap=gap,
+            rematerialize=rematerialize,
+        )
     started = time.monotonic()
     note = progress or (lambda phase, info: None)
     shapes = Shapes(graph, rematerialize=rematerialize)
@@ -195,11 +219,24 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
     blocks = full_checkpointing(graph, regions)
     full_blocks = shapes.simulate(blocks) if blocks and blocks != everything else full
 
-    def make(saved: dict[str, frozenset[int]], sim: SimResult, status: PlanStatus, gap: float,
-             stats: dict[str, int]) -> Plan:
-        return _plan(shapes, saved, sim, budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
-                     baseline=baseline, full=full_blocks, status=status, gap=gap, objective=goal,
-                     solve_time_s=time.monotonic() - started, stats=stats)
+    def make(
+        saved: dict[str, frozenset[int]], sim: SimResult, status: PlanStatus, gap: float, stats: dict[str, int]
+    ) -> Plan:
+        return make_plan(
+            shapes,
+            saved,
+            sim,
+            budget_bytes=budget_bytes,
+            budget_text=budget_text,
+            reserve=reserve,
+            baseline=baseline,
+            full=full_blocks,
+            status=status,
+            gap=gap,
+            objective=goal,
+            solve_time_s=time.monotonic() - started,
+            stats=stats,
+        )
 
     if usable >= baseline.peak_bytes:
         return make({}, baseline, PlanStatus.OPTIMAL, 0.0, {})
@@ -224,8 +261,14 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         left = (deadline - time.monotonic()) / (2 if remat else 1)
         # the search stops at the first plan that fits: the budget is then feasible, and phase 2 starts
         # from it (the exact minimum only matters to a budget below it)
-        low = model.solve(budget_bytes=None, time_limit_s=max(0.1, left), hint=everything, workers=workers,
-                          deterministic_limit=0.3 * work, stop_at=usable)
+        low = model.solve(
+            budget_bytes=None,
+            time_limit_s=max(0.1, left),
+            hint=everything,
+            workers=workers,
+            deterministic_limit=0.3 * work,
+            stop_at=usable,
+        )
         work -= low.deterministic_s
         if low.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
             checked.append((shapes.simulate(low.saved).peak_bytes, low.saved, "the minimum-peak search"))
@@ -244,20 +287,32 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         # above the budget, still proves the budget infeasible.
         if not proven and not fits:
             for depth, level in _levels(regions):
-                checked.append((shapes.simulate(level).peak_bytes, level,
-                                f"checkpointing every module at depth {depth}"))
+                checked.append(
+                    (shapes.simulate(level).peak_bytes, level, f"checkpointing every module at depth {depth}")
+                )
         # (not once the wall-clock limit is past: the limit holds, and the floor may still decide)
         if not proven and remat and min(c[0] for c in checked) > usable and time.monotonic() < deadline:
             note("minimum peak", {"rematerialize": False})
-            plain = cpsat.build(shapes.graphs, [tuple(r for r in regs if not r.remat) for regs in shapes.regions],
-                                scale_to=usable)
-            alt = plain.solve(budget_bytes=None, time_limit_s=max(0.1, (deadline - time.monotonic()) / 2),
-                              hint=min(checked, key=lambda c: c[0])[1], workers=workers,
-                              deterministic_limit=0.3 * work, stop_at=usable)
+            plain = cpsat.build(
+                shapes.graphs, [tuple(r for r in regs if not r.remat) for regs in shapes.regions], scale_to=usable
+            )
+            alt = plain.solve(
+                budget_bytes=None,
+                time_limit_s=max(0.1, (deadline - time.monotonic()) / 2),
+                hint=min(checked, key=lambda c: c[0])[1],
+                workers=workers,
+                deterministic_limit=0.3 * work,
+                stop_at=usable,
+            )
             work -= alt.deterministic_s
             if alt.status in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
-                checked.append((shapes.simulate(alt.saved).peak_bytes, alt.saved,
-                                "the minimum-peak search without rematerialization"))
+                checked.append(
+                    (
+                        shapes.simulate(alt.saved).peak_bytes,
+                        alt.saved,
+                        "the minimum-peak search without rematerialization",
+                    )
+                )
     min_peak, min_saved, source = min(checked, key=lambda c: c[0])  # the first on a tie
     minimum = -(-min_peak * RESERVE_SCALE // keep)  # the smallest budget whose usable part fits min_peak
     reserve_note = f", plus the {reserve:.0%} reserve" if reserve else ""
@@ -266,26 +321,39 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
             f"budget {format_bytes(budget_bytes)} is below the minimum {format_bytes(minimum)} any plan "
             f"reaches for this model and input (parameters, gradients and the largest working set stay"
             f"{reserve_note}); try --budget {suggest_budget(minimum)} or a smaller batch",
-            budget_bytes=budget_bytes, minimum_bytes=minimum)
+            budget_bytes=budget_bytes,
+            minimum_bytes=minimum,
+        )
     elif floor > usable:
         infeasible = InfeasibleBudget(
             f"budget {format_bytes(budget_bytes)} is below what any plan reaches for this model and input: "
             f"every plan peaks above {format_bytes(floor)}{reserve_note} (proven by the minimum-peak search's "
             f"bound); the lowest peak found needs {format_bytes(minimum)} ({source}), an upper bound on the "
             f"minimum. Try --budget {suggest_budget(minimum)} or a smaller batch",
-            budget_bytes=budget_bytes, minimum_bytes=minimum, minimum_proven=False, minimum_source=source,
-            minimum_lower_bytes=floor)
+            budget_bytes=budget_bytes,
+            minimum_bytes=minimum,
+            minimum_proven=False,
+            minimum_source=source,
+            minimum_lower_bytes=floor,
+        )
     else:
         infeasible = InfeasibleBudget(
             f"no plan fits budget {format_bytes(budget_bytes)} for this model and input; the lowest peak found "
             f"needs {format_bytes(minimum)}{reserve_note} ({source}), an upper bound on the minimum: "
-            + (f"planned for one routing and checked on {len(shapes.variants)} more, not proven over them. "
-               if shapes.variants else
-               "the minimum-peak search reached its time limit before proving one lower. ")
+            + (
+                f"planned for one routing and checked on {len(shapes.variants)} more, not proven over them. "
+                if shapes.variants
+                else "the minimum-peak search reached its time limit before proving one lower. "
+            )
             + f"Try --budget "
             f"{suggest_budget(minimum)}, a smaller batch, or --time-limit {int(2 * time_limit_s)} for a lower "
-            "minimum", budget_bytes=budget_bytes, minimum_bytes=minimum, minimum_proven=False,
-            minimum_source=source, minimum_lower_bytes=floor)
+            "minimum",
+            budget_bytes=budget_bytes,
+            minimum_bytes=minimum,
+            minimum_proven=False,
+            minimum_source=source,
+            minimum_lower_bytes=floor,
+        )
     if usable < min_peak and (proven or floor > usable):
         raise infeasible
 
@@ -299,13 +367,23 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         if left <= 0.2 or work <= 0:
             break
         note("solve", {"attempt": attempt, "budget": target})
-        sol = model.solve(budget_bytes=target, time_limit_s=left, hint=hint, workers=workers,
-                          deterministic_limit=work, objective=goal, gap_limit=gap,
-                          on_solution=lambda obj, bound: note("improved", {f"objective_{unit}": obj,
-                                                                           f"bound_{unit}": bound}))
+        sol = model.solve(
+            budget_bytes=target,
+            time_limit_s=left,
+            hint=hint,
+            workers=workers,
+            deterministic_limit=work,
+            objective=goal,
+            gap_limit=gap,
+            on_solution=lambda obj, bound: note("improved", {f"objective_{unit}": obj, f"bound_{unit}": bound}),
+        )
         work -= sol.deterministic_s
-        stats = {"variables": sol.num_variables, "constraints": sol.num_constraints, "repairs": attempt,
-                 "cp_sat_search": int(sol.searched)}  # 0: the knapsack's first plan was proven as it is
+        stats = {
+            "variables": sol.num_variables,
+            "constraints": sol.num_constraints,
+            "repairs": attempt,
+            "cp_sat_search": int(sol.searched),
+        }  # 0: the knapsack's first plan was proven as it is
         last = sol.status
         if sol.status not in (cpsat.Status.OPTIMAL, cpsat.Status.FEASIBLE):
             break
@@ -324,132 +402,8 @@ def solve(graph: Graph | Sequence[Graph], budget: int | str, *, time_limit_s: fl
         raise SolverTimeout(
             f"time limit {time_limit_s:g}s reached before any plan fit {format_bytes(budget_bytes)}; "
             f"the lowest peak found is {format_bytes(min_peak)} ({source}; not proven minimal). Try "
-            f"--time-limit {int(2 * time_limit_s)} or a budget of at least {format_bytes(minimum)}")
+            f"--time-limit {int(2 * time_limit_s)} or a budget of at least {format_bytes(minimum)}"
+        )
     saved, sim, sol = best
     status = PlanStatus.OPTIMAL if sol.status is cpsat.Status.OPTIMAL else PlanStatus.FEASIBLE
     return make(saved, sim, status, sol.gap, stats)
-
-
-def _plan(shapes: Shapes, saved: dict[str, frozenset[int]], sim: SimResult, *,
-          budget_bytes: int, budget_text: str, reserve: float, baseline: SimResult, full: SimResult,
-          status: PlanStatus, gap: float, objective: Objective, solve_time_s: float, stats: dict[str, int]) -> Plan:
-    graph, regions = shapes.primary, shapes.regions[0]
-    out = []
-    for r in regions:
-        if r.path not in saved:
-            continue
-        keep, forced = saved[r.path] | frozenset(r.kept), dict(r.forced)
-        ops = []
-        for i in r.ops:
-            op = graph.ops[i]
-            reruns = i < r.recompute_end and i not in keep
-            base = parse_path(r.path)[0] if r.remat else r.path
-            rel = op.module[len(base) + 1:] if base and op.module.startswith(base + ".") else (
-                op.module if not base else "")
-            reason = forced.get(i)
-            ops.append(OpDecision(
-                op=op.name, module=rel, shape=tuple(t.shape for t in op.outputs) or ((),),
-                dtype=op.outputs[0].dtype if op.outputs else "none",
-                nbytes=sum(graph.storages[s].nbytes for s in op.allocates),
-                decision=Decision.SAVE if i in keep else Decision.RECOMPUTE,
-                recompute_flops=op.flops if reruns else 0, recompute_ns=op.cost_ns if reruns else 0,
-                forced=reason if isinstance(reason, Forced) else None))
-        prefix = r.path + "."
-        target = _target(graph, r) if r.remat else None
-        out.append(RegionPlan(path=r.path, type_name=r.type_name, ops=tuple(ops), target=target,
-                              mutated_buffers=tuple(b[len(prefix):] if b.startswith(prefix) else b
-                                                    for b in r.mutated_buffers)))
-    traced: dict[tuple[str, ...], str] = {}  # input shapes -> fingerprint (routings of one shape share it)
-    for g in shapes.graphs + shapes.variants:
-        traced.setdefault(g.inputs, g.fingerprint)
-    return Plan(
-        model=graph.model_name, fingerprint=graph.fingerprint, signature=graph.signature,
-        num_parameters=graph.num_parameters,
-        inputs=graph.inputs, shapes=tuple(traced), fingerprints=tuple(traced.values()),
-        device=graph.device, gpu=graph.gpu,
-        eval_modules=graph.eval_modules,
-        autocast=graph.autocast,
-        optimizer=graph.optimizer, parallel=graph.parallel,
-        budget_bytes=budget_bytes, budget_text=budget_text, reserve=reserve,
-        baseline_peak_bytes=baseline.peak_bytes,
-        full_peak_bytes=full.peak_bytes, predicted_peak_bytes=sim.peak_bytes,
-        forward_flops=graph.forward_flops, extra_forward_flops=sim.extra_forward_flops,
-        extra_cost_ns=sim.extra_cost_ns, status=status, gap=round(gap, 6), objective=objective,
-        solve_time_s=solve_time_s,
-        regions=tuple(out), ckptplan_version=__version__, torch_version=graph.torch_version,
-        solver_stats=stats,
-    )
-
-
-def check_plan(graph: Graph, plan: Plan) -> SimResult:
-    """Re-simulate ``plan``'s decisions on ``graph``; refuse a plan for another model or one that no
-    longer fits its budget (a hand edit), saying what differs or by how much it overshoots."""
-    if graph.fingerprint not in plan.fingerprints:
-        raise PlanMismatch(f"the plan was traced from another model or input (fingerprint {plan.fingerprint}, "
-                           f"this step {graph.fingerprint}): {_first_difference(graph, plan)}")
-    regions, saved = plan_decisions(graph, plan)
-    sim = simulate(graph, regions, saved)
-    usable = plan.budget_bytes * round((1 - plan.reserve) * RESERVE_SCALE) // RESERVE_SCALE
-    if sim.peak_bytes > usable:
-        raise InputError(
-            f"the plan's decisions no longer fit its budget: simulated peak {format_bytes(sim.peak_bytes)} "
-            f"exceeds {format_bytes(usable)} ({plan.budget_text} less the {plan.reserve:.0%} reserve) by "
-            f"{format_bytes(sim.peak_bytes - usable)} ({sim.peak_at}); was it edited by hand? "
-            "Regenerate it with `ckptplan solve`")
-    return sim
-
-
-def plan_decisions(graph: Graph, plan: Plan) -> tuple[tuple[Region, ...], dict[str, frozenset[int]]]:
-    """Every candidate of ``graph`` and ``plan``'s decisions on them as the simulator takes them (region
-    path -> the graph's op indices it saves); InputError for a decision that is not a candidate's."""
-    regions = candidates(graph)
-    by_path = {r.path: r for r in regions}
-    saved: dict[str, frozenset[int]] = {}
-    for rp in plan.regions:
-        region = by_path.get(rp.path)
-        # from a data-dependent op on, the number of ops is the routing's (graph.py's NOTE [ Data-dependent
-        # spans ]): the ops before it must agree
-        varies = next((i for i, o in enumerate(rp.ops) if o.forced is Forced.DATA_DEPENDENT), None)
-        own = None if region is None else next(
-            (p - region.first_op for p, why in region.forced if why is Forced.DATA_DEPENDENT), None)
-        if region is None or (len(rp.ops) != len(region.ops) if varies is None and own is None else varies != own) \
-                or rp.remat != region.remat:
-            what = "rematerialization" if rp.remat else "checkpointable region"
-            raise InputError(f"the plan names {rp.path}, which is not a {what} of this step (or has another "
-                             "number of ops); regenerate it with `ckptplan solve`")
-        if rp.remat and rp.target != _target(graph, region):
-            assert rp.target is not None  # rp.remat: it names a target
-            raise InputError(f"the plan's {rp.path} rebuilds output {list(rp.target)} of its recipe, but this step's "
-                             f"candidate rebuilds {list(_target(graph, region))}; regenerate it with `ckptplan solve`")
-        forced = dict(region.forced)
-        keep = set()
-        for i, o in enumerate(rp.ops):
-            reason = Forced.DATA_DEPENDENT if varies is not None and i >= varies else forced.get(region.first_op + i)
-            if reason is Forced.KEPT:  # the recipe reads its outputs: never rerun (nor a decision to save)
-                if o.decision is not Decision.SAVE:
-                    raise InputError(f"{rp.path} op #{i} {o.op} is kept: the recipe reads its outputs, which "
-                                     "backward keeps anyway, instead of rerunning it; set it back to save")
-            elif o.decision is Decision.SAVE:
-                if reason is not None:
-                    raise InputError(f"{rp.path} op #{i} {o.op} cannot be saved "
-                                     f"({reason.value}); set it back to recompute")
-                keep.add(region.first_op + i)
-        saved[rp.path] = frozenset(keep)
-    return regions, saved
-
-
-def _target(graph: Graph, region: Region) -> tuple[int, int]:
-    """(recipe op, tensor output) a rematerialization rebuilds, as the plan file names it."""
-    made_by = graph.storages[region.target].producer
-    assert made_by is not None  # a recipe's target is made by a forward op (remat.py)
-    producer = graph.ops[made_by]
-    return producer.index - region.first_op, next(k for k, t in enumerate(producer.outputs)
-                                                   if t.storage == region.target)
-
-
-def _first_difference(graph: Graph, plan: Plan) -> str:
-    if tuple(plan.inputs) != graph.inputs:
-        return f"inputs {list(plan.inputs)} vs {list(graph.inputs)}"
-    if plan.signature != graph.signature:
-        return f"parameters differ ({plan.num_parameters:,} vs {graph.num_parameters:,} parameters)"
-    return "the op sequence differs (another torch version, device type or code path)"

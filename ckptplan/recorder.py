@@ -161,20 +161,26 @@ class Recorder(TorchDispatchMode):
             if new:
                 allocates.append(sid)
             if not self.backward:
-                outputs.append(TensorInfo(storage=sid, shape=tuple(int(d) for d in t.shape),
-                                          dtype=str(t.dtype).removeprefix("torch."),
-                                          nbytes=t.numel() * t.element_size()))
+                outputs.append(
+                    TensorInfo(
+                        storage=sid,
+                        shape=tuple(int(d) for d in t.shape),
+                        dtype=str(t.dtype).removeprefix("torch."),
+                        nbytes=t.numel() * t.element_size(),
+                    )
+                )
         if not self.backward:
             if data_dependent(func, args):
                 self.data_dependent.append(index)
-            self.ops.append(self._op_node(func, args, kwargs, out, index, in_tensors, in_ids,
-                                          tuple(outputs), tuple(allocates)))
+            self.ops.append(
+                self._op_node(func, args, kwargs, out, index, in_tensors, in_ids, tuple(outputs), tuple(allocates))
+            )
         self.event += 1
         return out
 
     def _op_node(self, func, args, kwargs, out, index, in_tensors, in_ids, outputs, allocates) -> OpNode:
         mutated = []
-        flat_args = list(args) + [kwargs.get(a.name) for a in func._schema.arguments[len(args):]]
+        flat_args = list(args) + [kwargs.get(a.name) for a in func._schema.arguments[len(args) :]]
         for a, v in zip(func._schema.arguments, flat_args):
             if a.alias_info is not None and a.alias_info.is_write and isinstance(v, torch.Tensor):
                 mutated.append(self.ids[v.untyped_storage()])
@@ -190,12 +196,21 @@ class Recorder(TorchDispatchMode):
         drawn = max((o.nbytes for o in outputs), default=0) if random else 0  # dropout: its output, not its mask
         priced = cost_flops(func, args, kwargs, out, flops)
         return OpNode(
-            index=index, name=STANDS_FOR.get(str(func), str(func)), module=self.current_module(), outputs=outputs,
-            inputs=tuple(dict.fromkeys(in_ids)), allocates=allocates, mutates=tuple(mutated),
-            flops=flops, bytes_moved=moved,
-            cost_ns=self.profile.cost_ns(flops=priced, bytes_moved=moved, is_view=is_view, random_bytes=drawn,
-                                         op=func._opname),
-            random=random, view=is_view, cost_flops=None if priced == flops else priced,
+            index=index,
+            name=STANDS_FOR.get(str(func), str(func)),
+            module=self.current_module(),
+            outputs=outputs,
+            inputs=tuple(dict.fromkeys(in_ids)),
+            allocates=allocates,
+            mutates=tuple(mutated),
+            flops=flops,
+            bytes_moved=moved,
+            cost_ns=self.profile.cost_ns(
+                flops=priced, bytes_moved=moved, is_view=is_view, random_bytes=drawn, op=func._opname
+            ),
+            random=random,
+            view=is_view,
+            cost_flops=None if priced == flops else priced,
         )
 
 

@@ -38,9 +38,11 @@ from .opfacts import HIDDEN_WRITES
 from .plan import Decision, RegionPlan
 
 KEPT = Forced.KEPT.value  # an op of a recipe that the rerun reads instead of running (solver/remat.py)
-_COMPILED = ("Under torch.compile a plan cannot rematerialize: the compiled graph runs other ops than the traced "
-             "step. For a compiled model solve with `ckptplan solve --no-remat` (solve(..., rematerialize=False)); "
-             "torch.compile's memory budget recomputes such tensors itself")
+_COMPILED = (
+    "Under torch.compile a plan cannot rematerialize: the compiled graph runs other ops than the traced "
+    "step. For a compiled model solve with `ckptplan solve --no-remat` (solve(..., rematerialize=False)); "
+    "torch.compile's memory budget recomputes such tensors itself"
+)
 
 
 class _Ref:
@@ -77,8 +79,10 @@ class _Recipe:
                     if func is None:  # a kept op: its outputs, held since forward
                         outs.append(flat)
                         continue
-                    leaves = [outs[a.i][a.k] if isinstance(a, _Ref) else a.t.clone() if isinstance(a, _Copy) else a
-                              for a in flat]
+                    leaves = [
+                        outs[a.i][a.k] if isinstance(a, _Ref) else a.t.clone() if isinstance(a, _Copy) else a
+                        for a in flat
+                    ]
                     args, kwargs = tree_unflatten(leaves, spec)
                     out = func(*args, **kwargs)
                     self.counter.flops += op_flops(func, args, kwargs, out)
@@ -107,9 +111,11 @@ class _Packed:
 
     def unpack(self) -> torch.Tensor:
         if torch.is_grad_enabled():  # backward(create_graph=True): the rebuilt tensor would have no history
-            raise PlanMismatch(f"{self.recipe.plan.path}: a rematerialized tensor cannot take part in a "
-                               "higher-order gradient (backward with create_graph=True, torch.autograd.grad of "
-                               "a gradient); solve the plan with `ckptplan solve --no-remat` for that training")
+            raise PlanMismatch(
+                f"{self.recipe.plan.path}: a rematerialized tensor cannot take part in a "
+                "higher-order gradient (backward with create_graph=True, torch.autograd.grad of "
+                "a gradient); solve the plan with `ckptplan solve --no-remat` for that training"
+            )
         value = self.recipe.rebuild()
         if self.open:
             self.open = False
@@ -185,22 +191,31 @@ class _RecipeMode(TorchDispatchMode):
         for rec in list(self.active):
             i = pos - rec.start
             want = rec.plan.ops[i]
-            if str(func) != want.op or module != want.module or (
-                    owner.counter.check_shapes and not shapes_equal(out, want.shape)):
+            if (
+                str(func) != want.op
+                or module != want.module
+                or (owner.counter.check_shapes and not shapes_equal(out, want.shape))
+            ):
                 shapes = [list(t.shape) for t in outs]
                 raise PlanMismatch(
                     f"{rec.plan.path}: op #{i} of the recipe is {func} in '{module}' with output shapes {shapes}, "
                     f"but the plan expects {want.op} in '{want.module}' with {[list(x) for x in want.shape]}. "
                     "The model now takes another path than the traced step: trace and solve again for these inputs."
-                    f"{_compile_note()}")
+                    f"{_compile_note()}"
+                )
             if want.decision is Decision.SAVE:  # kept: the rerun reads its outputs instead of running it
                 rec.ops.append((None, [t.detach() for t in outs], None))
             else:
                 recorded: list[Any] = []
                 for a in flat:
                     if isinstance(a, torch.Tensor):
-                        a = (_Ref(*rec.made[id(a)]) if id(a) in rec.made
-                             else _Copy(a.detach()) if id(a) in writes else a.detach())
+                        a = (
+                            _Ref(*rec.made[id(a)])
+                            if id(a) in rec.made
+                            else _Copy(a.detach())
+                            if id(a) in writes
+                            else a.detach()
+                        )
                     recorded.append(a)
                 rec.ops.append((func, recorded, spec))
             for k, t in enumerate(outs):
@@ -248,7 +263,7 @@ def shapes_equal(out: Any, want: tuple[tuple[int, ...], ...]) -> bool:
 def _written(func: Any, args: tuple, kwargs: dict) -> set[int]:
     """Ids of the buffers ``func`` writes in place (its schema's writes, BatchNorm's hidden ones)."""
     schema = func._schema.arguments
-    values = list(args) + [kwargs.get(a.name) for a in schema[len(args):]]
+    values = list(args) + [kwargs.get(a.name) for a in schema[len(args) :]]
     written = {n for n, a in enumerate(schema) if a.alias_info is not None and a.alias_info.is_write}
     positions, training = HIDDEN_WRITES.get(func, ((), None))
     if training is not None and len(args) > training and args[training]:
@@ -269,9 +284,11 @@ class Rematerializer:
             for i, o in enumerate(p.ops):
                 # a recipe keeps exactly its kept ops (their outputs read as inputs) and reruns the others
                 if (o.decision is Decision.SAVE) != (o.forced == KEPT):
-                    raise InputError(f"{p.path} op #{i} {o.op}: a rematerialization saves exactly its ops marked "
-                                     f"{KEPT!r} and reruns the others; set it back to "
-                                     f"{'save' if o.forced == KEPT else 'recompute'}, or regenerate the plan")
+                    raise InputError(
+                        f"{p.path} op #{i} {o.op}: a rematerialization saves exactly its ops marked "
+                        f"{KEPT!r} and reruns the others; set it back to "
+                        f"{'save' if o.forced == KEPT else 'recompute'}, or regenerate the plan"
+                    )
             anchor, offset = parse_path(p.path)
             by_module.setdefault(anchor, []).append((offset, p))
         # the saved-tensor hooks last the model's forward (whatever it raises); registered first, so they
@@ -358,9 +375,11 @@ class Rematerializer:
         if mode.registered != mode.expected and sys.exc_info()[0] is None:  # not while forward raises already
             first = next(iter(mode.active), None)
             path = first.plan.path if first else mode.starts[max(mode.starts)][0].path
-            raise PlanMismatch(f"{path}: the module ran {mode.position} ops, fewer than the plan's recipe needs; the "
-                               "model takes another path than the traced step: trace and solve again for these "
-                               f"inputs.{_compile_note()}")
+            raise PlanMismatch(
+                f"{path}: the module ran {mode.position} ops, fewer than the plan's recipe needs; the "
+                "model takes another path than the traced step: trace and solve again for these "
+                f"inputs.{_compile_note()}"
+            )
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -381,8 +400,14 @@ class Rematerializer:
 
     def __getstate__(self) -> dict[str, Any]:
         # between steps nothing is in flight: a copy starts with no registered targets
-        return {**self.__dict__, "targets": None, "modes": [], "running": {}, "saved_hooks": None,
-                "inner": self.inner if self.own_forward else None}  # the class's forward: bound again
+        return {
+            **self.__dict__,
+            "targets": None,
+            "modes": [],
+            "running": {},
+            "saved_hooks": None,
+            "inner": self.inner if self.own_forward else None,
+        }  # the class's forward: bound again
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, targets=WeakIdKeyDictionary())

@@ -7,7 +7,8 @@ from typing import Any
 from rich.table import Table
 
 from .graph import Graph
-from .plan import Decision, Plan, fold_names, fold_paths, fold_regions, path_order
+from .names import fold_names, fold_paths, path_order
+from .plan import Decision, Plan, fold_regions
 from .units import describe_budget, format_bytes, format_flops
 
 
@@ -42,13 +43,17 @@ def answer(plan: Plan, *, forward_cost_ns: int = 0) -> str:
     the regions it checkpoints (identical layers folded)."""
     budget = format_bytes(plan.budget_bytes)
     if not plan.regions:
-        return (f"fits without checkpointing: peak {format_bytes(plan.baseline_peak_bytes)} within budget {budget}; "
-                "nothing checkpointed")
+        return (
+            f"fits without checkpointing: peak {format_bytes(plan.baseline_peak_bytes)} within budget {budget}; "
+            "nothing checkpointed"
+        )
     cost = [f"+{100 * step_fraction(plan, forward_cost_ns):.1f}% est. step time"] if forward_cost_ns > 0 else []
     cost += [f"est. recompute {format_ns(plan.extra_cost_ns)}", f"+{100 * plan.extra_forward_fraction:.1f}% FLOPs"]
-    return (f"saves {format_bytes(plan.baseline_peak_bytes - plan.predicted_peak_bytes)}: peak "
-            f"{format_bytes(plan.predicted_peak_bytes)} of budget {budget} ({format_bytes(plan.baseline_peak_bytes)} "
-            f"without checkpointing); {', '.join(cost)}; checkpoints {regions_text(plan)}")
+    return (
+        f"saves {format_bytes(plan.baseline_peak_bytes - plan.predicted_peak_bytes)}: peak "
+        f"{format_bytes(plan.predicted_peak_bytes)} of budget {budget} ({format_bytes(plan.baseline_peak_bytes)} "
+        f"without checkpointing); {', '.join(cost)}; checkpoints {regions_text(plan)}"
+    )
 
 
 def step_fraction(plan: Plan, forward_cost_ns: int) -> float:
@@ -79,20 +84,32 @@ def summary_table(plan: Plan, path: str | None = None, *, forward_cost_ns: int =
     t = Table(title=f"ckptplan: {plan.model}", show_header=False, title_justify="left")
     t.add_column("what", style="bold")
     t.add_column("value", overflow="fold")
-    t.add_row("budget", f"{plan.budget_text} = {describe_budget(plan.budget_bytes)}"
-              + (f" ({plan.reserve:.0%} kept free)" if plan.reserve else ""))
-    t.add_row("peak, this plan", f"[green]{format_bytes(plan.predicted_peak_bytes)}[/green], saves "
-              f"{format_bytes(plan.baseline_peak_bytes - plan.predicted_peak_bytes)}")
+    t.add_row(
+        "budget",
+        f"{plan.budget_text} = {describe_budget(plan.budget_bytes)}"
+        + (f" ({plan.reserve:.0%} kept free)" if plan.reserve else ""),
+    )
+    t.add_row(
+        "peak, this plan",
+        f"[green]{format_bytes(plan.predicted_peak_bytes)}[/green], saves "
+        f"{format_bytes(plan.baseline_peak_bytes - plan.predicted_peak_bytes)}",
+    )
     t.add_row("peak, no checkpointing", format_bytes(plan.baseline_peak_bytes))
     t.add_row("peak, full checkpointing", format_bytes(plan.full_peak_bytes))
     if forward_cost_ns > 0:
         t.add_row("est. step time", f"+{100 * step_fraction(plan, forward_cost_ns):.1f}%")
     t.add_row("est. recompute", format_ns(plan.extra_cost_ns))
-    t.add_row("extra forward FLOPs", f"+{100 * plan.extra_forward_fraction:.1f}%: "
-              f"{format_flops(plan.extra_forward_flops)} of {format_flops(plan.forward_flops)}")
+    t.add_row(
+        "extra forward FLOPs",
+        f"+{100 * plan.extra_forward_fraction:.1f}%: "
+        f"{format_flops(plan.extra_forward_flops)} of {format_flops(plan.forward_flops)}",
+    )
     t.add_row("checkpointed", f"{sum(not r.remat for r in plan.regions)} regions: {regions_text(plan, most=8)}")
-    t.add_row("solver", f"{plan.status.value} (minimising {plan.objective.value}), gap {100 * plan.gap:.2f}%"
-              + (f", {plan.solve_time_s:.1f} s" if plan.solve_time_s > 0 else ""))  # 0: loaded from a file
+    t.add_row(
+        "solver",
+        f"{plan.status.value} (minimising {plan.objective.value}), gap {100 * plan.gap:.2f}%"
+        + (f", {plan.solve_time_s:.1f} s" if plan.solve_time_s > 0 else ""),
+    )  # 0: loaded from a file
     if path:
         t.add_row("plan file", path)
     return t
@@ -108,8 +125,14 @@ def regions_table(plan: Plan, *, fold: bool = True) -> Table:
     groups = fold_regions(plan.regions) if fold else [([r.path], r) for r in plan.regions]
     for paths, r in groups:  # forward order: model order
         rerun = sum(o.decision is Decision.RECOMPUTE for o in r.ops)
-        t.add_row(fold_paths(paths), "remat" if r.remat else r.type_name, str(len(paths)), str(rerun),
-                  str(len(r.ops) - rerun), format_ns(sum(o.recompute_ns for o in r.ops)))
+        t.add_row(
+            fold_paths(paths),
+            "remat" if r.remat else r.type_name,
+            str(len(paths)),
+            str(rerun),
+            str(len(r.ops) - rerun),
+            format_ns(sum(o.recompute_ns for o in r.ops)),
+        )
     return t
 
 
@@ -118,12 +141,25 @@ def decisions_tables(plan: Plan, *, sort: str = "order", fold: bool = True) -> l
     out = []
     groups = fold_regions(plan.regions) if fold else [([r.path], r) for r in plan.regions]
     for paths, r in groups:
-        t = Table(title=f"{fold_paths(paths)} ({'remat' if r.remat else r.type_name} x{len(paths)})",
-                  title_justify="left")
-        for name, justify in [("#", "right"), ("op", "left"), ("module", "left"), ("shape", "left"),
-                              ("bytes", "right"), ("decision", "left"), ("µs", "right"), ("forced by", "left")]:
-            t.add_column(name, justify=justify, overflow="fold",  # type: ignore[arg-type]  # str, not a Literal
-                         no_wrap=name in ("#", "shape", "bytes", "decision", "µs"))
+        t = Table(
+            title=f"{fold_paths(paths)} ({'remat' if r.remat else r.type_name} x{len(paths)})", title_justify="left"
+        )
+        for name, justify in [
+            ("#", "right"),
+            ("op", "left"),
+            ("module", "left"),
+            ("shape", "left"),
+            ("bytes", "right"),
+            ("decision", "left"),
+            ("µs", "right"),
+            ("forced by", "left"),
+        ]:
+            t.add_column(
+                name,
+                justify=justify,  # type: ignore[arg-type]  # str, not a Literal
+                overflow="fold",
+                no_wrap=name in ("#", "shape", "bytes", "decision", "µs"),
+            )
         rows = list(enumerate(r.ops))
         if sort == "bytes":
             rows.sort(key=lambda x: -x[1].nbytes)
@@ -131,10 +167,16 @@ def decisions_tables(plan: Plan, *, sort: str = "order", fold: bool = True) -> l
             rows.sort(key=lambda x: -x[1].recompute_flops)
         for i, o in rows:
             color = "green" if o.decision is Decision.SAVE else "yellow"
-            t.add_row(str(i), o.op.removeprefix("aten.").removesuffix(".default"), o.module or ".",
-                      ", ".join("x".join(map(str, s)) for s in o.shape), format_bytes(o.nbytes),
-                      f"[{color}]{o.decision.value}[/{color}]", f"{o.recompute_ns / 1e3:.1f}" if o.recompute_ns else "",
-                      o.forced.value if o.forced else "")
+            t.add_row(
+                str(i),
+                o.op.removeprefix("aten.").removesuffix(".default"),
+                o.module or ".",
+                ", ".join("x".join(map(str, s)) for s in o.shape),
+                format_bytes(o.nbytes),
+                f"[{color}]{o.decision.value}[/{color}]",
+                f"{o.recompute_ns / 1e3:.1f}" if o.recompute_ns else "",
+                o.forced.value if o.forced else "",
+            )
         out.append(t)
     return out
 
@@ -148,8 +190,17 @@ def diff_plans(a: Plan, b: Plan) -> dict[str, Any]:
     for path in sorted(set(ra) & set(rb), key=path_order):
         for i, (x, y) in enumerate(zip(ra[path].ops, rb[path].ops)):
             if x.decision is not y.decision or x.op != y.op:
-                ops.append({"region": path, "index": i, "op": y.op, "module": y.module,
-                            "from": x.decision.value, "to": y.decision.value, "bytes": y.nbytes})
+                ops.append(
+                    {
+                        "region": path,
+                        "index": i,
+                        "op": y.op,
+                        "module": y.module,
+                        "from": x.decision.value,
+                        "to": y.decision.value,
+                        "bytes": y.nbytes,
+                    }
+                )
     return {
         "same_model": a.fingerprint == b.fingerprint,
         "header": header,
@@ -161,11 +212,17 @@ def diff_plans(a: Plan, b: Plan) -> dict[str, Any]:
 
 # plan_summary's keys as a user names them, and how their values read
 _HEADER_NAMES = {
-    "budget_bytes": "budget", "budget": "budget as given", "no_checkpointing_peak_bytes": "peak, no checkpointing",
-    "full_checkpointing_peak_bytes": "peak, full checkpointing", "predicted_peak_bytes": "peak, this plan",
-    "forward_flops": "forward FLOPs", "extra_forward_flops": "extra forward FLOPs",
-    "extra_forward_percent": "extra forward FLOPs %", "estimated_recompute_ns": "est. recompute",
-    "solve_time_s": "solve time", "gap": "proven gap",
+    "budget_bytes": "budget",
+    "budget": "budget as given",
+    "no_checkpointing_peak_bytes": "peak, no checkpointing",
+    "full_checkpointing_peak_bytes": "peak, full checkpointing",
+    "predicted_peak_bytes": "peak, this plan",
+    "forward_flops": "forward FLOPs",
+    "extra_forward_flops": "extra forward FLOPs",
+    "extra_forward_percent": "extra forward FLOPs %",
+    "estimated_recompute_ns": "est. recompute",
+    "solve_time_s": "solve time",
+    "gap": "proven gap",
 }
 
 
@@ -207,8 +264,7 @@ def diff_table(d: dict[str, Any], *, ops: bool = False) -> Table:
     if d["ops_changed"] and not ops:
         t.add_row("op decisions changed", "", f"{len(d['ops_changed'])} (--ops lists them)")
     for o in d["ops_changed"] if ops else ():
-        t.add_row(f"{o['region']} #{o['index']} {o['op'].removeprefix('aten.')} {o['module']}",
-                  o["from"], o["to"])
+        t.add_row(f"{o['region']} #{o['index']} {o['op'].removeprefix('aten.')} {o['module']}", o["from"], o["to"])
     return t
 
 
@@ -255,10 +311,17 @@ def graph_table(info: dict[str, Any]) -> Table:
 
 def sweep_table(rows: list, *, forward_flops: int) -> Table:
     """``compare.sweep`` rows: one section per budget, ckptplan first."""
-    t = Table(title="predicted, per budget: ckptplan and the cheapest fitting knob of each policy",
-              title_justify="left")
-    for name, justify in [("budget", "left"), ("policy", "left"), ("peak", "right"), ("+FLOPs", "right"),
-                          ("est. recompute", "right"), ("note", "left")]:
+    t = Table(
+        title="predicted, per budget: ckptplan and the cheapest fitting knob of each policy", title_justify="left"
+    )
+    for name, justify in [
+        ("budget", "left"),
+        ("policy", "left"),
+        ("peak", "right"),
+        ("+FLOPs", "right"),
+        ("est. recompute", "right"),
+        ("note", "left"),
+    ]:
         t.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]  # str, not a Literal
     last = None
     for r in rows:
@@ -271,9 +334,14 @@ def sweep_table(rows: list, *, forward_flops: int) -> Table:
         if not r.fits:
             t.add_row(label, name, "[red]does not fit[/red]", "", "", r.note)
             continue
-        t.add_row(label, name, format_bytes(r.peak_bytes),
-                  f"{100 * r.extra_forward_flops / forward_flops:.1f}%" if forward_flops else "",
-                  format_ns(r.extra_cost_ns), r.note)
+        t.add_row(
+            label,
+            name,
+            format_bytes(r.peak_bytes),
+            f"{100 * r.extra_forward_flops / forward_flops:.1f}%" if forward_flops else "",
+            format_ns(r.extra_cost_ns),
+            r.note,
+        )
     return t
 
 
@@ -290,12 +358,17 @@ def sweep_answer(rows: list, *, forward_flops: int) -> list[str]:
         if not mine.fits:
             out.append(head + f"nothing fits ({mine.note})" if mine.note else head + "nothing fits")
             continue
-        line = (head + f"ckptplan peak {format_bytes(mine.peak_bytes)}, est. recompute {format_ns(mine.extra_cost_ns)}"
-                + (f", +{100 * mine.extra_forward_flops / forward_flops:.1f}% FLOPs" if forward_flops else ""))
+        line = (
+            head
+            + f"ckptplan peak {format_bytes(mine.peak_bytes)}, est. recompute {format_ns(mine.extra_cost_ns)}"
+            + (f", +{100 * mine.extra_forward_flops / forward_flops:.1f}% FLOPs" if forward_flops else "")
+        )
         if others:
             best = min(others, key=lambda r: r.extra_cost_ns)
-            line += (f"; cheapest other policy: {best.policy}{' ' + best.knob if best.knob else ''}, "
-                     f"{format_ns(best.extra_cost_ns)}")
+            line += (
+                f"; cheapest other policy: {best.policy}{' ' + best.knob if best.knob else ''}, "
+                f"{format_ns(best.extra_cost_ns)}"
+            )
         else:
             line += "; no other policy fits"
         out.append(line)
@@ -311,10 +384,12 @@ def cuda_memory_note(graph: Graph, plan: Plan) -> str:
     live = [s.nbytes for s in graph.storages if max(s.alloc_event, 0) <= at < s.free_event]
     slack = max(0, reserved_estimate(live) - sum(live))  # segment rounding at the unplanned peak
     gpu = f" on {plan.gpu}" if plan.gpu else ""
-    return (f"CUDA{gpu}: the peak is what torch.cuda.max_memory_allocated() reports (blocks rounded to 512 B, "
-            f"cuBLAS workspace {format_bytes(graph.extra_fixed_bytes)} included); max_memory_reserved() about "
-            f"{format_bytes(plan.predicted_peak_bytes + slack)} or more (allocator segments, estimate); the CUDA "
-            f"context, about {format_bytes(CUDA_CONTEXT_BYTES)}, is counted by neither.")
+    return (
+        f"CUDA{gpu}: the peak is what torch.cuda.max_memory_allocated() reports (blocks rounded to 512 B, "
+        f"cuBLAS workspace {format_bytes(graph.extra_fixed_bytes)} included); max_memory_reserved() about "
+        f"{format_bytes(plan.predicted_peak_bytes + slack)} or more (allocator segments, estimate); the CUDA "
+        f"context, about {format_bytes(CUDA_CONTEXT_BYTES)}, is counted by neither."
+    )
 
 
 def fit_summary(result: Any) -> dict[str, Any]:
@@ -324,37 +399,61 @@ def fit_summary(result: Any) -> dict[str, Any]:
         "budget_bytes": result.budget_bytes,
         "best": result.best.value,
         "at_limit": result.at_limit,
-        "trials": [{"value": t.value, "no_checkpointing_peak_bytes": t.no_checkpointing_peak_bytes,
-                    "minimum_bytes": t.minimum_bytes, "minimum_proven": t.minimum_proven, "fits": t.fits,
-                    "estimated_recompute_ns": t.plan.extra_cost_ns if t.plan else None,
-                    "estimated_step_time_percent": round(100 * t.step_time_fraction, 3) if t.plan else None,
-                    "extra_forward_percent": round(100 * t.plan.extra_forward_fraction, 3) if t.plan else None}
-                   for t in result.by_value()],
+        "trials": [
+            {
+                "value": t.value,
+                "no_checkpointing_peak_bytes": t.no_checkpointing_peak_bytes,
+                "minimum_bytes": t.minimum_bytes,
+                "minimum_proven": t.minimum_proven,
+                "fits": t.fits,
+                "estimated_recompute_ns": t.plan.extra_cost_ns if t.plan else None,
+                "estimated_step_time_percent": round(100 * t.step_time_fraction, 3) if t.plan else None,
+                "extra_forward_percent": round(100 * t.plan.extra_forward_fraction, 3) if t.plan else None,
+            }
+            for t in result.by_value()
+        ],
     }
 
 
 def fit_table(result: Any) -> Table:
     """The values a ``fit`` search tried, by value, the answer's row in bold: the no-checkpointing peak, the
     lowest budget a plan fits ("<=": not proven minimal), and the cost of the cheapest plan under the budget."""
-    t = Table(title=f"values of {result.argument} tried, budget {format_bytes(result.budget_bytes)}",
-              title_justify="left")
-    for name, justify in [(result.argument, "right"), ("unplanned peak", "right"), ("minimum budget", "right"),
-                          ("fits", "left"), ("est. step time", "right"), ("forward FLOPs", "right")]:
+    t = Table(
+        title=f"values of {result.argument} tried, budget {format_bytes(result.budget_bytes)}", title_justify="left"
+    )
+    for name, justify in [
+        (result.argument, "right"),
+        ("unplanned peak", "right"),
+        ("minimum budget", "right"),
+        ("fits", "left"),
+        ("est. step time", "right"),
+        ("forward FLOPs", "right"),
+    ]:
         t.add_column(name, justify=justify)  # type: ignore[arg-type]  # str, not rich's JustifyMethod literal
     for trial in result.by_value():
-        minimum = "none found" if trial.minimum_bytes is None else (
-            format_bytes(trial.minimum_bytes) if trial.minimum_proven else f"<= {format_bytes(trial.minimum_bytes)}")
+        minimum = (
+            "none found"
+            if trial.minimum_bytes is None
+            else (
+                format_bytes(trial.minimum_bytes) if trial.minimum_proven else f"<= {format_bytes(trial.minimum_bytes)}"
+            )
+        )
         plan = trial.plan
-        t.add_row(str(trial.value), format_bytes(trial.no_checkpointing_peak_bytes), minimum,
-                  "[green]yes[/green]" if plan else "[red]no[/red]",
-                  f"+{100 * trial.step_time_fraction:.1f}%" if plan else "",
-                  f"+{100 * plan.extra_forward_fraction:.1f}%" if plan else "",
-                  style="bold" if trial is result.best else None)
+        t.add_row(
+            str(trial.value),
+            format_bytes(trial.no_checkpointing_peak_bytes),
+            minimum,
+            "[green]yes[/green]" if plan else "[red]no[/red]",
+            f"+{100 * trial.step_time_fraction:.1f}%" if plan else "",
+            f"+{100 * plan.extra_forward_fraction:.1f}%" if plan else "",
+            style="bold" if trial is result.best else None,
+        )
     return t
 
 
-def explain_tables(graph: Graph, without: Any, planned: Any = None, *, plan: Plan | None = None,
-                   depth: int | None = None) -> list[Any]:
+def explain_tables(
+    graph: Graph, without: Any, planned: Any = None, *, plan: Plan | None = None, depth: int | None = None
+) -> list[Any]:
     """``explain.explain``'s breakdowns: the answer in one line, then bytes by kind, activations by module
     (identical layers folded) and the largest tensors alive at the peak, without and with the plan."""
     from .explain import Kind, module_rows
@@ -363,9 +462,11 @@ def explain_tables(graph: Graph, without: Any, planned: Any = None, *, plan: Pla
     heads = ["no checkpointing"] + (["this plan"] if planned is not None else [])
     if planned is not None and plan is not None:
         acts = [dict(b.by_kind)[Kind.ACTIVATIONS] for b in shown]
-        lead = (f"peak {format_bytes(planned.peak_bytes)} with the plan (budget {format_bytes(plan.budget_bytes)}), "
-                f"{format_bytes(without.peak_bytes)} without: {format_bytes(acts[0] - acts[1])} fewer activations "
-                f"alive at the peak")
+        lead = (
+            f"peak {format_bytes(planned.peak_bytes)} with the plan (budget {format_bytes(plan.budget_bytes)}), "
+            f"{format_bytes(without.peak_bytes)} without: {format_bytes(acts[0] - acts[1])} fewer activations "
+            f"alive at the peak"
+        )
     else:
         lead = f"peak {format_bytes(without.peak_bytes)} without checkpointing ({without.peak_at})"
     kinds = Table(title="alive at the peak, by kind", title_justify="left")

@@ -55,6 +55,7 @@ from .units import format_bytes, format_flops
 
 log = logging.getLogger("ckptplan")
 
+
 @dataclass
 class StepStats:
     """What the last training step paid, updated at the end of each backward."""
@@ -68,8 +69,6 @@ class StepStats:
     @property
     def extra_forward_fraction(self) -> float:
         return self.extra_forward_flops / self.forward_flops if self.forward_flops else 0.0
-
-
 
 
 # NOTE [ Copying a planned model ]
@@ -91,8 +90,11 @@ class Handle:
         self.model, self.plan = model, plan
         self.stats = StepStats(forward_flops=plan.forward_flops)
         self._counter = Counter()
-        self._regions = [RegionRuntime(model.get_submodule(r.path), r, self._counter, strict=strict,
-                                        one_shape=len(plan.shapes) == 1) for r in plan.regions if not r.remat]
+        self._regions = [
+            RegionRuntime(model.get_submodule(r.path), r, self._counter, strict=strict, one_shape=len(plan.shapes) == 1)
+            for r in plan.regions
+            if not r.remat
+        ]
         remats = [r for r in plan.regions if r.remat]
         try:
             self._remat = Rematerializer(model, remats, self._counter) if remats else None
@@ -131,19 +133,26 @@ class Handle:
         if self._counter.aside:  # model.eval() with gradients on, or other modules frozen: run unplanned
             self._counter.flops = self._counter.regions = 0
             if not self._warned_aside:
-                log.warning("ckptplan: the model runs with %s in eval mode, the plan was made for %s: this "
-                            "step runs without the plan (trace and solve in this mode to plan it)",
-                            _describe_modules(modes, "no module"),
-                            _describe_modules(tuple(self.plan.eval_modules), "a training step"))
+                log.warning(
+                    "ckptplan: the model runs with %s in eval mode, the plan was made for %s: this "
+                    "step runs without the plan (trace and solve in this mode to plan it)",
+                    _describe_modules(modes, "no module"),
+                    _describe_modules(tuple(self.plan.eval_modules), "a training step"),
+                )
                 self._warned_aside = True
             return
         self._check_autocast()
-        got = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
-               for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        got = [
+            f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        ]
         if tuple(got) not in {tuple(x) for x in self.plan.shapes}:
             made_for = " or ".join(str(list(x)) for x in self.plan.shapes)
-            raise PlanMismatch(f"input {got} is not a shape the plan was made for ({made_for}); "
-                               "trace and solve a plan for this input shape (or list it with --seq-len)")
+            raise PlanMismatch(
+                f"input {got} is not a shape the plan was made for ({made_for}); "
+                "trace and solve a plan for this input shape (or list it with --seq-len)"
+            )
         self._counter.flops = self._counter.regions = 0
         # the op rows are the largest shape's: at another listed shape, ops and modules are compared
         self._counter.check_shapes = tuple(got) == tuple(self.plan.inputs)
@@ -154,12 +163,17 @@ class Handle:
         on = torch.is_autocast_enabled(device)
         running = dtype_name(torch.get_autocast_dtype(device) if on else None)
         if running != self.plan.autocast:
-            planned = f"under torch.autocast({device!r}, dtype=torch.{self.plan.autocast})" if self.plan.autocast \
+            planned = (
+                f"under torch.autocast({device!r}, dtype=torch.{self.plan.autocast})"
+                if self.plan.autocast
                 else "without autocast"
+            )
             now = f"under torch.autocast({device!r}, dtype=torch.{running})" if running else "without autocast"
             fix = f"--autocast {'bf16' if running == 'bfloat16' else 'fp16'}" if running else "no --autocast"
-            raise PlanMismatch(f"the plan was made for a step {planned}, this step runs {now}: run the step as "
-                               f"planned, or trace and solve again with {fix}")
+            raise PlanMismatch(
+                f"the plan was made for a step {planned}, this step runs {now}: run the step as "
+                f"planned, or trace and solve again with {fix}"
+            )
 
     def _after_forward(self, _m: nn.Module, _a: Any, output: Any) -> None:
         outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -183,12 +197,19 @@ class Handle:
             measured = ""
             if plan.device == "cuda" and torch.cuda.is_available() and torch.cuda.is_initialized():
                 measured = f", CUDA max_memory_allocated so far {format_bytes(torch.cuda.max_memory_allocated())}"
-            log.info("ckptplan step %d: recomputed %d regions, %s extra forward (+%.1f%% of forward, estimated "
-                     "%.1f ms); plan peak %s of %s budget, %s below no checkpointing%s", s.steps,
-                     s.recomputed_regions, format_flops(s.extra_forward_flops), 100 * s.extra_forward_fraction,
-                     plan.extra_cost_ns / 1e6,
-                     format_bytes(plan.predicted_peak_bytes), format_bytes(plan.budget_bytes),
-                     format_bytes(max(0, plan.baseline_peak_bytes - plan.predicted_peak_bytes)), measured)
+            log.info(
+                "ckptplan step %d: recomputed %d regions, %s extra forward (+%.1f%% of forward, estimated "
+                "%.1f ms); plan peak %s of %s budget, %s below no checkpointing%s",
+                s.steps,
+                s.recomputed_regions,
+                format_flops(s.extra_forward_flops),
+                100 * s.extra_forward_fraction,
+                plan.extra_cost_ns / 1e6,
+                format_bytes(plan.predicted_peak_bytes),
+                format_bytes(plan.budget_bytes),
+                format_bytes(max(0, plan.baseline_peak_bytes - plan.predicted_peak_bytes)),
+                measured,
+            )
 
     def remove(self) -> None:
         """Put the model back to plain behaviour."""
@@ -246,20 +267,26 @@ def check_model(model: nn.Module, plan: Plan) -> None:
         raise PlanMismatch(
             f"this plan is for a {made_for} step, but the model is on {device}: its kernels, saved tensors and "
             f"memory differ. Plan for this device: `ckptplan solve --target {device} ...` (a {device} model "
-            f"traced as it is, or built on the meta device with --target {device})")
+            f"traced as it is, or built on the meta device with --target {device})"
+        )
     for r in plan.regions:
         path = parse_path(r.path)[0] if r.remat else r.path
         try:
             sub = model.get_submodule(path)
         except AttributeError:
-            raise PlanMismatch(f"the plan {'rematerializes inside' if r.remat else 'checkpoints'} module '{path}', "
-                               f"which this model does not have; the plan was made for {plan.model}") from None
+            raise PlanMismatch(
+                f"the plan {'rematerializes inside' if r.remat else 'checkpoints'} module '{path}', "
+                f"which this model does not have; the plan was made for {plan.model}"
+            ) from None
         if not r.remat and type(sub).__name__ != r.type_name:
-            raise PlanMismatch(f"module '{r.path}' is a {type(sub).__name__} but the plan expects a "
-                               f"{r.type_name}; the plan was made for another model")
+            raise PlanMismatch(
+                f"module '{r.path}' is a {type(sub).__name__} but the plan expects a "
+                f"{r.type_name}; the plan was made for another model"
+            )
     sig = model_signature(model)
     if sig != plan.signature:
         raise PlanMismatch(
             f"the model's parameters, buffers or module types differ from the traced {plan.model}: "
             f"model has {num_parameters(model):,} parameters (signature {sig}), the plan was made for "
-            f"{plan.num_parameters:,} (signature {plan.signature}); trace and solve this model")
+            f"{plan.num_parameters:,} (signature {plan.signature}); trace and solve this model"
+        )

@@ -32,31 +32,41 @@ class Shapes:
         self.primary = ordered[0]
         for g in ordered[1:]:
             if g.signature != self.primary.signature:
-                raise InputError(f"the model traced for inputs {list(g.inputs)} is not the one traced for "
-                                 f"{list(self.primary.inputs)} (parameters or buffers differ: does the factory "
-                                 "size them from the sequence length? fix the maximum length instead)")
+                raise InputError(
+                    f"the model traced for inputs {list(g.inputs)} is not the one traced for "
+                    f"{list(self.primary.inputs)} (parameters or buffers differ: does the factory "
+                    "size them from the sequence length? fix the maximum length instead)"
+                )
         key = _ops_key(self.primary)
         self.graphs = [g for g in ordered if _ops_key(g) == key]
         self.variants = [g for g in ordered if _ops_key(g) != key]
         self.regions = [candidates(g, rematerialize=rematerialize) for g in self.graphs]
         if len(self.graphs) > 1:  # rematerializations the shapes share (each shape sizes its own)
-            shared = set.intersection(*({(r.path, r.first_op, r.end_op) for r in regs if r.remat}
-                                        for regs in self.regions))
-            self.regions = [tuple(r for r in regs if not r.remat or (r.path, r.first_op, r.end_op) in shared)
-                            for regs in self.regions]
+            shared = set.intersection(
+                *({(r.path, r.first_op, r.end_op) for r in regs if r.remat} for regs in self.regions)
+            )
+            self.regions = [
+                tuple(r for r in regs if not r.remat or (r.path, r.first_op, r.end_op) in shared)
+                for regs in self.regions
+            ]
         ref = self.regions[0]
         for g, regs in zip(self.graphs[1:], self.regions[1:]):
             aligned = [(r.path, r.choices, r.forced, r.recompute_end) for r in regs] == [
-                (r.path, r.choices, r.forced, r.recompute_end) for r in ref]
+                (r.path, r.choices, r.forced, r.recompute_end) for r in ref
+            ]
             if not aligned:
-                raise InputError(f"inputs {list(g.inputs)} and {list(self.primary.inputs)} run different ops; "
-                                 "one plan cannot serve both: solve a plan per shape")
+                raise InputError(
+                    f"inputs {list(g.inputs)} and {list(self.primary.inputs)} run different ops; "
+                    "one plan cannot serve both: solve a plan per shape"
+                )
         self.variant_regions = []
         for g in self.variants:
             if not g.data_dependent_ops or _stable_key(g) != _stable_key(self.primary):
-                raise InputError(f"inputs {list(g.inputs)} and {list(self.primary.inputs)} run different ops "
-                                 "outside data-dependent routing; one plan cannot serve both: solve a plan per "
-                                 "shape")
+                raise InputError(
+                    f"inputs {list(g.inputs)} and {list(self.primary.inputs)} run different ops "
+                    "outside data-dependent routing; one plan cannot serve both: solve a plan per "
+                    "shape"
+                )
             self.variant_regions.append({r.path: r for r in candidates(g, rematerialize=rematerialize)})
 
     def simulate(self, saved: dict[str, frozenset[int]]) -> SimResult:
@@ -79,8 +89,9 @@ def _stable_key(g: Graph) -> list[tuple[str, str]]:
     return [(o.name, o.module) for o in g.ops if o.index not in inside]
 
 
-def _translate(saved: dict[str, frozenset[int]], ref: dict[str, Region],
-               own: dict[str, Region]) -> dict[str, frozenset[int]]:
+def _translate(
+    saved: dict[str, frozenset[int]], ref: dict[str, Region], own: dict[str, Region]
+) -> dict[str, frozenset[int]]:
     """A plan's decisions for another routing's graph: an op a region saves sits before the region's
     data-dependent ops, at the same offset from the region's first op. A decision the other graph has no
     candidate for (or no such op) is left out: that graph is checked as the plan runs it there."""

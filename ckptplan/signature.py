@@ -9,10 +9,8 @@ from torch import nn
 
 
 def signature_items(model: nn.Module) -> list[list[str]]:
-    items = [["param", n, str(list(p.shape)), str(p.dtype).removeprefix("torch.")]
-             for n, p in model.named_parameters()]
-    items += [["buffer", n, str(list(b.shape)), str(b.dtype).removeprefix("torch.")]
-              for n, b in model.named_buffers()]
+    items = [["param", n, str(list(p.shape)), str(p.dtype).removeprefix("torch.")] for n, p in model.named_parameters()]
+    items += [["buffer", n, str(list(b.shape)), str(b.dtype).removeprefix("torch.")] for n, b in model.named_buffers()]
     items += [["module", n, type(m).__name__] for n, m in model.named_modules()]
     return items
 

@@ -65,8 +65,11 @@ def reserved_estimate(live_blocks: list[int]) -> int:
     small = sum(b for b in live_blocks if b <= CUDA_SMALL_SIZE)
     medium = sum(b for b in live_blocks if CUDA_SMALL_SIZE < b < CUDA_MIN_LARGE_ALLOC)
     large = sum(-(-b // CUDA_ROUND_LARGE) * CUDA_ROUND_LARGE for b in live_blocks if b >= CUDA_MIN_LARGE_ALLOC)
-    return (large + -(-medium // CUDA_LARGE_SEGMENT) * CUDA_LARGE_SEGMENT
-            + -(-small // CUDA_SMALL_SEGMENT) * CUDA_SMALL_SEGMENT)
+    return (
+        large
+        + -(-medium // CUDA_LARGE_SEGMENT) * CUDA_LARGE_SEGMENT
+        + -(-small // CUDA_SMALL_SEGMENT) * CUDA_SMALL_SEGMENT
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,28 +100,33 @@ class GpuSpec:
         """The budget ``--budget card`` stands for: the card's memory less the CUDA context and the
         allocator's fragmentation (estimates)."""
         if not self.memory_bytes:
-            raise InputError(f"the memory of GPU {self.name!r} is unknown; give --gpu a named card "
-                             f"({', '.join(sorted(GPUS))}) or a budget in bytes")
+            raise InputError(
+                f"the memory of GPU {self.name!r} is unknown; give --gpu a named card "
+                f"({', '.join(sorted(GPUS))}) or a budget in bytes"
+            )
         return int((self.memory_bytes - CUDA_CONTEXT_BYTES) * (1 - CUDA_FRAGMENTATION))
 
 
 _MiB = 1 << 20
 # Total memory as torch.cuda.get_device_properties(0).total_memory reports it on common SKUs (approximate).
-GPUS: dict[str, GpuSpec] = {g.name: g for g in (
-    GpuSpec(name="h100", capability=(9, 0), memory_bytes=81_559 * _MiB),
-    GpuSpec(name="h100-80gb", capability=(9, 0), memory_bytes=81_559 * _MiB),
-    GpuSpec(name="h200", capability=(9, 0), memory_bytes=143_771 * _MiB),
-    GpuSpec(name="b200", capability=(10, 0), memory_bytes=183_359 * _MiB),
-    GpuSpec(name="a100", capability=(8, 0), memory_bytes=81_251 * _MiB),
-    GpuSpec(name="a100-80gb", capability=(8, 0), memory_bytes=81_251 * _MiB),
-    GpuSpec(name="a100-40gb", capability=(8, 0), memory_bytes=40_536 * _MiB),
-    GpuSpec(name="l4", capability=(8, 9), memory_bytes=22_491 * _MiB),
-    GpuSpec(name="l40s", capability=(8, 9), memory_bytes=45_589 * _MiB),
-    GpuSpec(name="a10g", capability=(8, 6), memory_bytes=22_731 * _MiB),
-    GpuSpec(name="rtx4090", capability=(8, 9), memory_bytes=24_080 * _MiB),
-    GpuSpec(name="v100", capability=(7, 0), memory_bytes=32_510 * _MiB),
-    GpuSpec(name="t4", capability=(7, 5), memory_bytes=15_095 * _MiB),
-)}
+GPUS: dict[str, GpuSpec] = {
+    g.name: g
+    for g in (
+        GpuSpec(name="h100", capability=(9, 0), memory_bytes=81_559 * _MiB),
+        GpuSpec(name="h100-80gb", capability=(9, 0), memory_bytes=81_559 * _MiB),
+        GpuSpec(name="h200", capability=(9, 0), memory_bytes=143_771 * _MiB),
+        GpuSpec(name="b200", capability=(10, 0), memory_bytes=183_359 * _MiB),
+        GpuSpec(name="a100", capability=(8, 0), memory_bytes=81_251 * _MiB),
+        GpuSpec(name="a100-80gb", capability=(8, 0), memory_bytes=81_251 * _MiB),
+        GpuSpec(name="a100-40gb", capability=(8, 0), memory_bytes=40_536 * _MiB),
+        GpuSpec(name="l4", capability=(8, 9), memory_bytes=22_491 * _MiB),
+        GpuSpec(name="l40s", capability=(8, 9), memory_bytes=45_589 * _MiB),
+        GpuSpec(name="a10g", capability=(8, 6), memory_bytes=22_731 * _MiB),
+        GpuSpec(name="rtx4090", capability=(8, 9), memory_bytes=24_080 * _MiB),
+        GpuSpec(name="v100", capability=(7, 0), memory_bytes=32_510 * _MiB),
+        GpuSpec(name="t4", capability=(7, 5), memory_bytes=15_095 * _MiB),
+    )
+}
 DEFAULT_GPU = "h100"
 
 
@@ -132,8 +140,9 @@ def parse_gpu(text: str | GpuSpec | None) -> GpuSpec:
     m = re.fullmatch(r"(?:sm_?)?(\d{1,2})\.?(\d)", key)
     if m:
         return GpuSpec(name=f"sm{m[1]}{m[2]}", capability=(int(m[1]), int(m[2])))
-    raise InputError(f"unknown GPU {text!r}: give one of {', '.join(sorted(GPUS))} or a compute capability "
-                     "such as 9.0 or sm90")
+    raise InputError(
+        f"unknown GPU {text!r}: give one of {', '.join(sorted(GPUS))} or a compute capability such as 9.0 or sm90"
+    )
 
 
 def parse_target(text: str | Target | None) -> Target | None:
@@ -151,5 +160,6 @@ def parse_sdpa(text: str | SdpaBackend | None) -> SdpaBackend:
     try:
         return SdpaBackend(text.strip().lower())
     except ValueError:
-        raise InputError(f"unknown attention backend {text!r}: choose one of "
-                         f"{', '.join(b.value for b in SdpaBackend)}") from None
+        raise InputError(
+            f"unknown attention backend {text!r}: choose one of {', '.join(b.value for b in SdpaBackend)}"
+        ) from None

@@ -59,8 +59,9 @@ class _StepState:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.grads = {p: p.grad for p in model.parameters()}
-        self.real = not any(t.device.type == "meta" or _is_fake(t)
-                            for t in list(model.parameters()) + list(model.buffers()))
+        self.real = not any(
+            t.device.type == "meta" or _is_fake(t) for t in list(model.parameters()) + list(model.buffers())
+        )
         self.buffers = {b: b.detach().clone() for b in model.buffers()} if self.real else {}
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -120,9 +121,19 @@ def _autocast(where: "_Where", dtype: torch.dtype | None, kernels: CudaKernels |
         kernels.autocast.clear()
 
 
-def _run_pass(model, args, kwargs, loss_fn, names, profile, kernels: CudaKernels | CpuKernels | None,
-              where: "_Where", autocast: torch.dtype | None, *,
-              keep_saved: bool):
+def _run_pass(
+    model,
+    args,
+    kwargs,
+    loss_fn,
+    names,
+    profile,
+    kernels: CudaKernels | CpuKernels | None,
+    where: "_Where",
+    autocast: torch.dtype | None,
+    *,
+    keep_saved: bool,
+):
     # Each pass sees what one step sees: autocast casts the weights again (its cache lives per context).
     torch.clear_autocast_cache()
     rec = Recorder(names, profile, where.target)
@@ -144,13 +155,15 @@ def _run_pass(model, args, kwargs, loss_fn, names, profile, kernels: CudaKernels
             hooks = torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack)
         else:
             hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: None, _no_unpack)
-        with hooks, (kernels if kernels is not None else contextlib.nullcontext()), rec:
+        with hooks, kernels if kernels is not None else contextlib.nullcontext(), rec:
             with _autocast(where, autocast, kernels):
                 out = model(*args, **kwargs)
                 if getattr(out, "past_key_values", None) is not None:
-                    raise InputError("the model returned a KV cache (Hugging Face use_cache=True): a recomputed "
-                                     "layer would append to it again and rerun other ops. Call it with "
-                                     "use_cache=False (or set model.config.use_cache = False) for training")
+                    raise InputError(
+                        "the model returned a KV cache (Hugging Face use_cache=True): a recomputed "
+                        "layer would append to it again and rerun other ops. Call it with "
+                        "use_cache=False (or set model.config.use_cache = False) for training"
+                    )
                 loss = loss_fn(out)
                 del out
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -161,8 +174,11 @@ def _run_pass(model, args, kwargs, loss_fn, names, profile, kernels: CudaKernels
             if keep_saved:
                 rec.backward = True
                 loss.backward()
-                rec.grads = {rec.ids[p.grad.untyped_storage()] for p in model.parameters()
-                             if p.grad is not None and p.grad.untyped_storage() in rec.ids}
+                rec.grads = {
+                    rec.ids[p.grad.untyped_storage()]
+                    for p in model.parameters()
+                    if p.grad is not None and p.grad.untyped_storage() in rec.ids
+                }
             del loss
     finally:
         for h in hooks_on:
@@ -183,8 +199,9 @@ class _Where:
     gpu: GpuSpec | None  # the GPU whose kernels a meta or fake trace stands in for
 
 
-def _resolve_target(model: nn.Module, tensors: list[torch.Tensor], target: str | Target | None,
-                    gpu: str | GpuSpec | None) -> _Where:
+def _resolve_target(
+    model: nn.Module, tensors: list[torch.Tensor], target: str | Target | None, gpu: str | GpuSpec | None
+) -> _Where:
     every = tensors + list(model.parameters()) + list(model.buffers())
     if any(_is_fake(t) for t in every):
         traced_on = "fake"
@@ -195,12 +212,16 @@ def _resolve_target(model: nn.Module, tensors: list[torch.Tensor], target: str |
     abstract = traced_on in ("meta", "fake")
     chosen = parse_target(target) or (Target.CUDA if abstract or traced_on == "cuda" else Target.CPU)
     if traced_on == "cuda" and chosen is not Target.CUDA:
-        raise InputError("a model on a CUDA device traces as itself: drop target= (or --target), or build the "
-                         "model on the meta device to plan for another device type")
+        raise InputError(
+            "a model on a CUDA device traces as itself: drop target= (or --target), or build the "
+            "model on the meta device to plan for another device type"
+        )
     if traced_on not in ("cuda", "meta", "fake") and chosen is Target.CUDA:
-        raise InputError(f"target cuda needs the model on the meta device (or FakeTensorMode, or a real GPU), "
-                         f"not real {traced_on} tensors: build it with device='meta' (ckptplan's CLI: "
-                         f"-a device=meta) or plan for --target {traced_on}")
+        raise InputError(
+            f"target cuda needs the model on the meta device (or FakeTensorMode, or a real GPU), "
+            f"not real {traced_on} tensors: build it with device='meta' (ckptplan's CLI: "
+            f"-a device=meta) or plan for --target {traced_on}"
+        )
     if chosen is Target.CUDA:
         spec = parse_gpu(gpu) if gpu is not None or traced_on != "cuda" else _local_gpu()
         return _Where(traced_on, chosen, spec)
@@ -216,10 +237,18 @@ def _local_gpu() -> GpuSpec:
     return GpuSpec(name=name, capability=(props.major, props.minor), memory_bytes=int(props.total_memory))
 
 
-def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer: str | None = None,
-          model_name: str | None = None, target: str | Target | None = None, gpu: str | GpuSpec | None = None,
-          sdpa: str | SdpaBackend | None = None, autocast: str | torch.dtype | None = None,
-          **kwargs: Any) -> Graph:
+def trace(
+    model: nn.Module,
+    *args: Any,
+    loss_fn: LossFn | None = None,
+    optimizer: str | None = None,
+    model_name: str | None = None,
+    target: str | Target | None = None,
+    gpu: str | GpuSpec | None = None,
+    sdpa: str | SdpaBackend | None = None,
+    autocast: str | torch.dtype | None = None,
+    **kwargs: Any,
+) -> Graph:
     """Trace one training step of ``model(*args, **kwargs)`` and return its activation graph.
 
     ``loss_fn`` maps the model output to the scalar to backpropagate (default: ``default_loss``).
@@ -244,15 +273,19 @@ def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer
     if backend is not SdpaBackend.AUTO and where.target is not Target.CUDA:
         raise InputError("sdpa= chooses among CUDA's attention kernels: it needs a cuda target")
     if backend is not SdpaBackend.AUTO and where.traced_on not in ("meta", "fake"):
-        raise InputError("sdpa= chooses the attention kernel of a meta or fake trace; a real model runs "
-                         "the kernel torch picks (choose it with torch.nn.attention.sdpa_kernel)")
+        raise InputError(
+            "sdpa= chooses the attention kernel of a meta or fake trace; a real model runs "
+            "the kernel torch picks (choose it with torch.nn.attention.sdpa_kernel)"
+        )
     amp = parse_autocast(autocast)
     ambient = None  # trace() called inside the user's own torch.autocast on real tensors: the step runs in it
     if amp is None and where.traced_on in ("cpu", "cuda") and torch.is_autocast_enabled(where.traced_on):
         ambient = parse_autocast(torch.get_autocast_dtype(where.traced_on))
     if amp is not None and where.traced_on in ("meta", "fake") and where.target is not Target.CUDA:
-        raise InputError("autocast on meta or fake tensors stands in for CUDA's autocast: plan for --target "
-                         "cuda, or trace real CPU tensors to plan a CPU step under torch.autocast('cpu')")
+        raise InputError(
+            "autocast on meta or fake tensors stands in for CUDA's autocast: plan for --target "
+            "cuda, or trace real CPU tensors to plan a CPU step under torch.autocast('cpu')"
+        )
     profile = costmodel.profile_for(where.target.value)
     names = _module_names(model)
     state = _StepState(model)
@@ -268,24 +301,38 @@ def trace(model: nn.Module, *args: Any, loss_fn: LossFn | None = None, optimizer
     with no_kv_cache(model):
         try:
             state.clear_grads()
-            life, n_life = _run_pass(model, args, kwargs, loss_fn, names, profile, kernels(), where, amp,
-                                     keep_saved=False)
+            life, n_life = _run_pass(
+                model, args, kwargs, loss_fn, names, profile, kernels(), where, amp, keep_saved=False
+            )
             python_free = _python_free_by_position(life, n_life)
             del life
             state.reset_rng()
             step_kernels = kernels()
-            rec, n_fwd = _run_pass(model, args, kwargs, loss_fn, names, profile, step_kernels, where, amp,
-                                   keep_saved=True)
+            rec, n_fwd = _run_pass(
+                model, args, kwargs, loss_fn, names, profile, step_kernels, where, amp, keep_saved=True
+            )
             state.clear_grads()  # drop the traced gradients so their storages die inside the trace
         finally:
             state.restore()
     if n_fwd != n_life:
-        raise InputError("the model ran a different number of ops in two identical forwards; "
-                         "ckptplan needs a forward whose op sequence does not change between calls")
+        raise InputError(
+            "the model ran a different number of ops in two identical forwards; "
+            "ckptplan needs a forward whose op sequence does not change between calls"
+        )
     chosen = getattr(step_kernels, "chosen", [])
     sdpa_used = sorted({b.value for b in chosen})
-    return _build_graph(model, rec, n_fwd, python_free, tensors, where, optimizer,
-                        model_name or type(model).__name__, sdpa_used, dtype_name(amp or ambient))
+    return _build_graph(
+        model,
+        rec,
+        n_fwd,
+        python_free,
+        tensors,
+        where,
+        optimizer,
+        model_name or type(model).__name__,
+        sdpa_used,
+        dtype_name(amp or ambient),
+    )
 
 
 def _python_free_by_position(rec: Recorder, n_fwd: int) -> dict[tuple[int, int], int]:
@@ -301,8 +348,18 @@ def _python_free_by_position(rec: Recorder, n_fwd: int) -> dict[tuple[int, int],
 MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution"})
 
 
-def _build_graph(model, rec: Recorder, n_fwd: int, python_free, tensors, where: _Where, optimizer, name,
-                 sdpa_used: list[str], autocast: str) -> Graph:
+def _build_graph(
+    model,
+    rec: Recorder,
+    n_fwd: int,
+    python_free,
+    tensors,
+    where: _Where,
+    optimizer,
+    name,
+    sdpa_used: list[str],
+    autocast: str,
+) -> Graph:
     num_events = rec.event
     position: dict[int, tuple[int, int]] = {}
     for op in rec.ops:
@@ -312,18 +369,35 @@ def _build_graph(model, rec: Recorder, n_fwd: int, python_free, tensors, where: 
     for sid, s in enumerate(rec.storages):
         free = num_events if s.free_event is None else s.free_event
         pyfree = python_free.get(position.get(sid), free if free <= n_fwd else n_fwd)
-        storages.append(StorageInfo(
-            id=sid, nbytes=s.nbytes, kind=StorageKind.GRAD if sid in rec.grads else s.kind, alloc_event=s.alloc_event,
-            free_event=free,
-            producer=s.producer, saved_by=tuple(sorted(s.saved_by)), python_free_op=pyfree,
-            first_pack_event=s.first_pack, last_pack_event=s.last_pack, first_unpack_event=s.first_unpack))
+        storages.append(
+            StorageInfo(
+                id=sid,
+                nbytes=s.nbytes,
+                kind=StorageKind.GRAD if sid in rec.grads else s.kind,
+                alloc_event=s.alloc_event,
+                free_event=free,
+                producer=s.producer,
+                saved_by=tuple(sorted(s.saved_by)),
+                python_free_op=pyfree,
+                first_pack_event=s.first_pack,
+                last_pack_event=s.last_pack,
+                first_unpack_event=s.first_unpack,
+            )
+        )
     modules = tuple(
-        ModuleCall(path=c.path, type_name=c.type_name, call_index=c.call_index, first_op=c.first_op,
-                   end_op=c.end_op if c.end_op >= 0 else n_fwd, input_storages=c.input_storages,
-                   recompute_end_op=max(c.last_pack, c.first_op),
-                   first_unpack_event=min(c.unpacks) if c.unpacks else None,
-                   last_unpack_event=max(c.unpacks) if c.unpacks else None)
-        for c in rec.calls)
+        ModuleCall(
+            path=c.path,
+            type_name=c.type_name,
+            call_index=c.call_index,
+            first_op=c.first_op,
+            end_op=c.end_op if c.end_op >= 0 else n_fwd,
+            input_storages=c.input_storages,
+            recompute_end_op=max(c.last_pack, c.first_op),
+            first_unpack_event=min(c.unpacks) if c.unpacks else None,
+            last_unpack_event=max(c.unpacks) if c.unpacks else None,
+        )
+        for c in rec.calls
+    )
     names = []
     for pname, p in model.named_parameters(remove_duplicate=True):
         names.append((rec.ids[p.untyped_storage()], pname))
@@ -332,19 +406,34 @@ def _build_graph(model, rec: Recorder, n_fwd: int, python_free, tensors, where: 
     param_bytes = sum(s.nbytes for s in storages if s.kind is StorageKind.PARAM)
     opt = optimizer.lower() if optimizer else None
     # cuBLAS's workspace comes from the caching allocator at a stream's first matmul and stays
-    workspace = where.gpu.cublas_workspace_bytes if where.gpu is not None and any(
-        op.name.split(".")[1] in MATMULS for op in rec.ops) else 0
+    workspace = (
+        where.gpu.cublas_workspace_bytes
+        if where.gpu is not None and any(op.name.split(".")[1] in MATMULS for op in rec.ops)
+        else 0
+    )
     return Graph(
-        model_name=name, signature=model_signature(model), num_parameters=num_parameters(model),
+        model_name=name,
+        signature=model_signature(model),
+        num_parameters=num_parameters(model),
         inputs=tuple(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors),
-        device=where.target.value, gpu=where.gpu.name if where.gpu else "",
-        gpu_capability=where.gpu.capability if where.gpu else None, traced_on=where.traced_on,
-        sdpa_backends=tuple(sdpa_used), autocast=autocast, extra_fixed_bytes=workspace, ops=tuple(rec.ops),
-        storages=tuple(storages), modules=modules,
-        num_events=num_events, optimizer=opt, tensor_names=tuple(sorted(names)),
+        device=where.target.value,
+        gpu=where.gpu.name if where.gpu else "",
+        gpu_capability=where.gpu.capability if where.gpu else None,
+        traced_on=where.traced_on,
+        sdpa_backends=tuple(sdpa_used),
+        autocast=autocast,
+        extra_fixed_bytes=workspace,
+        ops=tuple(rec.ops),
+        storages=tuple(storages),
+        modules=modules,
+        num_events=num_events,
+        optimizer=opt,
+        tensor_names=tuple(sorted(names)),
         module_tree=tuple((path, type(m).__name__) for path, m in model.named_modules()),
-        eval_modules=eval_modules(model), data_dependent_ops=tuple(rec.data_dependent),
+        eval_modules=eval_modules(model),
+        data_dependent_ops=tuple(rec.data_dependent),
         optimizer_state_bytes=OPTIMIZER_STATE_FACTOR.get(opt, 0) * param_bytes if opt else 0,
-        torch_version=torch.__version__, saved_tensors=sum(1 for stack in rec.packs if stack),
+        torch_version=torch.__version__,
+        saved_tensors=sum(1 for stack in rec.packs if stack),
         profile=rec.profile,
     )

@@ -31,8 +31,12 @@ _UNITS: dict[str, int] = {"b": 1} | {
     for suffix, base in (("", 1000), ("b", 1000), ("i", 1024), ("ib", 1024))
 }
 
-_BIT_NAMES = dict(zip(["", "k", "m", "g", "t", "ki", "mi", "gi", "ti"], ["bits", "kilobits", "megabits",
-                  "gigabits", "terabits", "kibibits", "mebibits", "gibibits", "tebibits"]))
+_BIT_NAMES = dict(
+    zip(
+        ["", "k", "m", "g", "t", "ki", "mi", "gi", "ti"],
+        ["bits", "kilobits", "megabits", "gigabits", "terabits", "kibibits", "mebibits", "gibibits", "tebibits"],
+    )
+)
 _MAX_NUMBER_CHARS = 40  # beyond this a "size" is nonsense, and int() refuses > 4300 digits anyway
 
 _NUMBER = r"[0-9]+(?:_[0-9]+)*(?:\.[0-9]+)?"
@@ -46,8 +50,10 @@ _BITS = re.compile(r"(?P<p>[KMGT][iI]?)b|(?i:(?P<q>(?:[kmgt]i?)?)bits?)", re.ASC
 def parse_budget(text: str | int, *, reference_bytes: int | None = None) -> int:
     """Parse a memory budget into a positive int number of bytes; raise BudgetError otherwise."""
     if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise BudgetError(f"a budget must be a string such as '8GB' or an int number of bytes, "
-                          f"not {type(text).__name__}; accepted forms: {ACCEPTED_FORMS}")
+        raise BudgetError(
+            f"a budget must be a string such as '8GB' or an int number of bytes, "
+            f"not {type(text).__name__}; accepted forms: {ACCEPTED_FORMS}"
+        )
     if isinstance(text, int):
         return _positive(text, Fraction(text))
     s = text.strip()
@@ -65,14 +71,18 @@ def parse_budget(text: str | int, *, reference_bytes: int | None = None) -> int:
         raise BudgetError(f"budget {text!r} has too many digits to be a memory size; try e.g. 80GiB")
     if not unit:
         if "." in number:
-            raise BudgetError(f"budget {text!r} is ambiguous: a bare decimal has no unit; "
-                              f"write e.g. 8GB (10^9 bytes), 8GiB (2^30 bytes) or 50%")
+            raise BudgetError(
+                f"budget {text!r} is ambiguous: a bare decimal has no unit; "
+                f"write e.g. 8GB (10^9 bytes), 8GiB (2^30 bytes) or 50%"
+            )
         return _positive(text, Fraction(int(number.replace("_", ""))))
     _reject_bits(text, number, unit)
     factor = _UNITS.get(unit.lower())
     if factor is None:
-        raise BudgetError(f"budget {text!r} has unknown unit {unit!r}; use B, KB/MB/GB/TB (powers of 1000) "
-                          f"or KiB/MiB/GiB/TiB (powers of 1024); accepted forms: {ACCEPTED_FORMS}")
+        raise BudgetError(
+            f"budget {text!r} has unknown unit {unit!r}; use B, KB/MB/GB/TB (powers of 1000) "
+            f"or KiB/MiB/GiB/TiB (powers of 1024); accepted forms: {ACCEPTED_FORMS}"
+        )
     return _positive(text, Fraction(number.replace("_", "")) * factor)
 
 
@@ -81,11 +91,15 @@ def _parse_percent(text: str, s: str, reference_bytes: int | None) -> int:
     if match is None or len(match.group(1)) > _MAX_NUMBER_CHARS:
         raise _explain_junk(text, s)
     if reference_bytes is None:
-        raise BudgetError(f"budget {text!r} is a percentage of the no-checkpointing peak, which needs a "
-                          f"traced model; trace the model first or give an absolute size such as 8GiB")
+        raise BudgetError(
+            f"budget {text!r} is a percentage of the no-checkpointing peak, which needs a "
+            f"traced model; trace the model first or give an absolute size such as 8GiB"
+        )
     if isinstance(reference_bytes, bool) or not isinstance(reference_bytes, int) or reference_bytes < 1:
-        raise BudgetError(f"cannot take {text!r} of reference peak {reference_bytes!r}: "
-                          f"the reference must be a positive int number of bytes")
+        raise BudgetError(
+            f"cannot take {text!r} of reference peak {reference_bytes!r}: "
+            f"the reference must be a positive int number of bytes"
+        )
     return _positive(text, reference_bytes * Fraction(match.group(1)) / 100)
 
 
@@ -114,11 +128,13 @@ def _explain_junk(text: str, s: str) -> BudgetError:
     sci = _SCIENTIFIC.fullmatch(s)
     if sci is not None:
         value = Fraction(sci.group(1)) * Fraction(10) ** int(sci.group(2))
-        return BudgetError(f"budget {text!r} uses scientific notation; "
-                           f"write {_plain_suggestion(value, sci.group(3))} instead")
+        return BudgetError(
+            f"budget {text!r} uses scientific notation; write {_plain_suggestion(value, sci.group(3))} instead"
+        )
     if re.fullmatch(r"[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?[ \t]*[A-Za-z]*", s, re.ASCII):
-        return BudgetError(f"budget {text!r} has thousands commas; write {s.replace(',', '_')!r} "
-                           f"or {s.replace(',', '')!r}")
+        return BudgetError(
+            f"budget {text!r} has thousands commas; write {s.replace(',', '_')!r} or {s.replace(',', '')!r}"
+        )
     if s.lower().lstrip("+") in {"nan", "inf", "infinity"}:
         return BudgetError(f"budget {text!r} is not a finite size; accepted forms: {ACCEPTED_FORMS}")
     return BudgetError(f"cannot read budget {text!r}; accepted forms: {ACCEPTED_FORMS}")
@@ -135,8 +151,7 @@ def _plain_suggestion(value: Fraction, unit: str) -> str:
 
 
 _BYTE_UNITS = (("B", 1), ("KiB", 1024), ("MiB", 1024**2), ("GiB", 1024**3), ("TiB", 1024**4))
-_FLOP_UNITS = (("FLOP", 1), ("kFLOP", 10**3), ("MFLOP", 10**6), ("GFLOP", 10**9), ("TFLOP", 10**12),
-               ("PFLOP", 10**15))
+_FLOP_UNITS = (("FLOP", 1), ("kFLOP", 10**3), ("MFLOP", 10**6), ("GFLOP", 10**9), ("TFLOP", 10**12), ("PFLOP", 10**15))
 
 
 def _human(value: Fraction, units: tuple[tuple[str, int], ...], precision: int) -> str:

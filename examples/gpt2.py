@@ -92,13 +92,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the output projection shares the token embedding matrix
         self.transformer.wte.weight = self.lm_head.weight
@@ -158,23 +160,36 @@ def build(config: GPTConfig, *, device="cpu", seed=0, batch_size=8, seq_len=None
 
 def gpt2_small(device: str = "meta", seed: int = 0, batch_size: int = 8, seq_len: int = 1024):
     """GPT-2 small: 12 layers, 12 heads, 768 wide, 124M parameters (tied embeddings)."""
-    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257,
-                       block_size=1024, dropout=0.1, bias=True)
+    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, dropout=0.1, bias=True)
     return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len)
 
 
-def gpt2_xl(device: str = "meta", seed: int = 0, batch_size: int = 1, seq_len: int = 1024,
-            n_layer: int = 48):
+def gpt2_xl(device: str = "meta", seed: int = 0, batch_size: int = 1, seq_len: int = 1024, n_layer: int = 48):
     """GPT-2 XL: 48 layers, 25 heads, 1600 wide, 1.56B parameters (tied embeddings)."""
-    config = GPTConfig(n_layer=n_layer, n_head=25, n_embd=1600, vocab_size=50257,
-                       block_size=1024, dropout=0.1, bias=True)
+    config = GPTConfig(
+        n_layer=n_layer, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024, dropout=0.1, bias=True
+    )
     return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len)
 
 
-def gpt2_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 2, seq_len: int = 64,
-              n_layer: int = 4, dropout: float = 0.1, block_size: int | None = None):
+def gpt2_tiny(
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 2,
+    seq_len: int = 64,
+    n_layer: int = 4,
+    dropout: float = 0.1,
+    block_size: int | None = None,
+):
     """A GPT-2 shaped toy: 128 wide, 4 heads, vocab 512; one step takes milliseconds on CPU.
     ``block_size`` (default: max(seq_len, 64)) fixes the model across several sequence lengths."""
-    config = GPTConfig(n_layer=n_layer, n_head=4, n_embd=128, vocab_size=512,
-                       block_size=block_size or max(seq_len, 64), dropout=dropout, bias=True)
+    config = GPTConfig(
+        n_layer=n_layer,
+        n_head=4,
+        n_embd=128,
+        vocab_size=512,
+        block_size=block_size or max(seq_len, 64),
+        dropout=dropout,
+        bias=True,
+    )
     return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len)

@@ -51,43 +51,56 @@ def build(model_cls, config, *, device="cpu", seed=0, batch_size=4, seq_len=128)
     return model, (input_ids,), {"labels": input_ids}
 
 
-def hf_llama_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 4, seq_len: int = 128,
-                  n_layer: int = 4):
+def hf_llama_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 4, seq_len: int = 128, n_layer: int = 4):
     """LlamaForCausalLM toy: 128 wide, 4 heads sharing 2 kv heads (grouped-query attention),
     SwiGLU 344, vocab 1024, SDPA attention, untied output; 988k parameters with 4 layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=128, num_hidden_layers=n_layer, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=344, vocab_size=1024, max_position_embeddings=max(seq_len, 128),
-        bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
+        hidden_size=128,
+        num_hidden_layers=n_layer,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=344,
+        vocab_size=1024,
+        max_position_embeddings=max(seq_len, 128),
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="sdpa",
         # With use_cache=True (the default) every forward builds a DynamicCache that a recomputed
         # layer appends to again, so recomputation sees other key lengths than the forward and
         # selective checkpointing crashes in backward ("aten.slice.Tensor invocation index 4
         # encountered during backward but not found in storage"). Training needs no cache.
         use_cache=False,
     )
-    return build(LlamaForCausalLM, config, device=device, seed=seed, batch_size=batch_size,
-                 seq_len=seq_len)
+    return build(LlamaForCausalLM, config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len)
 
 
-def hf_gpt2_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 4, seq_len: int = 128,
-                 n_layer: int = 4, dropout: float = 0.1):
+def hf_gpt2_tiny(
+    device: str = "cpu", seed: int = 0, batch_size: int = 4, seq_len: int = 128, n_layer: int = 4, dropout: float = 0.1
+):
     """GPT2LMHeadModel toy: 128 wide, 4 heads, MLP 512, vocab 1024, SDPA attention, dropout
     (embedding, attention, residual), tied embeddings; 941k parameters with 4 layers."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     vocab_size = 1024
     config = GPT2Config(
-        n_embd=128, n_layer=n_layer, n_head=4, vocab_size=vocab_size, n_positions=max(seq_len, 128),
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        n_embd=128,
+        n_layer=n_layer,
+        n_head=4,
+        vocab_size=vocab_size,
+        n_positions=max(seq_len, 128),
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
         # GPT-2's default special token (50256) lies outside this vocab: use its last id instead
-        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, attn_implementation="sdpa",
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+        attn_implementation="sdpa",
         # With use_cache=True (the default) every forward builds a DynamicCache that a recomputed
         # layer appends to again, so recomputation sees other key lengths than the forward and
         # selective checkpointing crashes in backward ("aten.slice.Tensor invocation index 4
         # encountered during backward but not found in storage"). Training needs no cache.
         use_cache=False,
     )
-    return build(GPT2LMHeadModel, config, device=device, seed=seed, batch_size=batch_size,
-                 seq_len=seq_len)
+    return build(GPT2LMHeadModel, config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len)

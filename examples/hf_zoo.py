@@ -56,9 +56,19 @@ def _causal(model_cls: type, config: Any, seed: int) -> Built:
     return _build(model_cls, config, {"input_ids": ids, "labels": ids}, seed)
 
 
-_DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=SEQ, use_cache=False,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_DECODER = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=VOCAB,
+    max_position_embeddings=SEQ,
+    use_cache=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def llama(seed: int = 0) -> Built:
@@ -91,24 +101,49 @@ def gemma2(seed: int = 0) -> Built:
 def gpt_neox(seed: int = 0) -> Built:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    config = GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                           vocab_size=VOCAB, max_position_embeddings=SEQ, use_cache=False, bos_token_id=1,
-                           eos_token_id=2)
+    config = GPTNeoXConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        use_cache=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return _causal(GPTNeoXForCausalLM, config, seed)
 
 
 def opt(seed: int = 0) -> Built:
     from transformers import OPTConfig, OPTForCausalLM
 
-    config = OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                       word_embed_proj_dim=64, vocab_size=VOCAB, max_position_embeddings=SEQ, use_cache=False,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = OPTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=128,
+        word_embed_proj_dim=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return _causal(OPTForCausalLM, config, seed)
 
 
 def _encoder_config(config_cls: type) -> Any:
-    return config_cls(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                      vocab_size=VOCAB, max_position_embeddings=SEQ + 2, pad_token_id=0)
+    return config_cls(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ + 2,
+        pad_token_id=0,
+    )
 
 
 def bert(seed: int = 0) -> Built:
@@ -128,9 +163,19 @@ def roberta(seed: int = 0) -> Built:
 def t5(seed: int = 0) -> Built:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-                      vocab_size=VOCAB, use_cache=False, pad_token_id=0, eos_token_id=2,
-                      decoder_start_token_id=0)
+    config = T5Config(
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        vocab_size=VOCAB,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    )
     ids = _ids(seed)
     return _build(T5ForConditionalGeneration, config, {"input_ids": ids, "labels": _ids(seed + 1)}, seed)
 
@@ -138,10 +183,23 @@ def t5(seed: int = 0) -> Built:
 def bart(seed: int = 0) -> Built:
     from transformers import BartConfig, BartForConditionalGeneration
 
-    config = BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
-                        max_position_embeddings=SEQ, use_cache=False, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    config = BartConfig(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
     ids = _ids(seed)
     return _build(BartForConditionalGeneration, config, {"input_ids": ids, "labels": _ids(seed + 1)}, seed)
 
@@ -149,29 +207,46 @@ def bart(seed: int = 0) -> Built:
 def vit(seed: int = 0) -> Built:
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                       image_size=32, patch_size=4, num_labels=10)
+    config = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=4,
+        num_labels=10,
+    )
     return _build(ViTForImageClassification, config, _images(seed), seed)
 
 
 def swin(seed: int = 0) -> Built:
     from transformers import SwinConfig, SwinForImageClassification
 
-    config = SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                        window_size=4, num_labels=10)
+    config = SwinConfig(
+        image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=10
+    )
     return _build(SwinForImageClassification, config, _images(seed), seed)
 
 
 def clip(seed: int = 0) -> Built:
     from transformers import CLIPConfig, CLIPModel
 
-    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                vocab_size=VOCAB, max_position_embeddings=SEQ, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  image_size=32, patch_size=4)
+    text = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=4
+    )
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
-    kwargs = {"input_ids": _ids(seed, seq=16), "pixel_values": _floats(seed, BATCH, 3, 32, 32),
-              "return_loss": True}
+    kwargs = {"input_ids": _ids(seed, seq=16), "pixel_values": _floats(seed, BATCH, 3, 32, 32), "return_loss": True}
     return _build(CLIPModel, config, kwargs, seed)
 
 
@@ -179,11 +254,26 @@ def whisper(seed: int = 0) -> Built:
     """Whisper's encoder position embedding is a frozen parameter (requires_grad=False)."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    config = WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
-                           num_mel_bins=16, max_source_positions=32, max_target_positions=SEQ, use_cache=False,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-                           suppress_tokens=None, begin_suppress_tokens=None)
+    config = WhisperConfig(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        vocab_size=VOCAB,
+        num_mel_bins=16,
+        max_source_positions=32,
+        max_target_positions=SEQ,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
     kwargs = {"input_features": _floats(seed, BATCH, 16, 64), "labels": _ids(seed, seq=16)}
     return _build(WhisperForConditionalGeneration, config, kwargs, seed)
 
@@ -191,24 +281,37 @@ def whisper(seed: int = 0) -> Built:
 def mamba(seed: int = 0) -> Built:
     from transformers import MambaConfig, MambaForCausalLM
 
-    config = MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2, vocab_size=VOCAB, use_cache=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = MambaConfig(
+        hidden_size=64,
+        state_size=8,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return _causal(MambaForCausalLM, config, seed)
 
 
 def mixtral(seed: int = 0) -> Built:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2,
-                           experts_implementation="eager")
+    config = MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager")
     return _causal(MixtralForCausalLM, config, seed)
 
 
 def qwen2_moe(seed: int = 0) -> Built:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    config = Qwen2MoeConfig(**_DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                            shared_expert_intermediate_size=128, experts_implementation="eager")
+    config = Qwen2MoeConfig(
+        **_DECODER,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        experts_implementation="eager",
+    )
     return _causal(Qwen2MoeForCausalLM, config, seed)
 
 
@@ -216,8 +319,9 @@ def resnet(seed: int = 0) -> Built:
     """Convolutional: bottleneck blocks, BatchNorm (its statistics are buffers the step updates)."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="bottleneck",
-                          num_labels=10)
+    config = ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="bottleneck", num_labels=10
+    )
     return _build(ResNetForImageClassification, config, _images(seed), seed)
 
 
@@ -225,8 +329,9 @@ def convnext(seed: int = 0) -> Built:
     """Convolutional: depthwise 7x7 convolutions, LayerNorm over channels, layer scale."""
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    config = ConvNextConfig(hidden_sizes=[16, 32], depths=[2, 2], num_stages=2, image_size=32, patch_size=2,
-                            num_labels=10)
+    config = ConvNextConfig(
+        hidden_sizes=[16, 32], depths=[2, 2], num_stages=2, image_size=32, patch_size=2, num_labels=10
+    )
     return _build(ConvNextForImageClassification, config, _images(seed), seed)
 
 
@@ -291,8 +396,27 @@ def torch_mha(seed: int = 0) -> Built:
 
 # name -> factory; decoder, encoder, encoder-decoder, vision, multimodal, state-space, mixture-of-experts
 ZOO: dict[str, Callable[[], Built]] = {
-    "llama": llama, "mistral": mistral, "qwen2": qwen2, "gemma2": gemma2, "gpt2": gpt2, "gpt_neox": gpt_neox,
-    "opt": opt, "bert": bert, "roberta": roberta, "t5": t5, "bart": bart, "vit": vit, "swin": swin, "clip": clip,
-    "whisper": whisper, "mamba": mamba, "mixtral": mixtral, "qwen2_moe": qwen2_moe, "resnet": resnet,
-    "convnext": convnext, "torch_encoder": torch_encoder, "torch_decoder": torch_decoder, "torch_mha": torch_mha,
+    "llama": llama,
+    "mistral": mistral,
+    "qwen2": qwen2,
+    "gemma2": gemma2,
+    "gpt2": gpt2,
+    "gpt_neox": gpt_neox,
+    "opt": opt,
+    "bert": bert,
+    "roberta": roberta,
+    "t5": t5,
+    "bart": bart,
+    "vit": vit,
+    "swin": swin,
+    "clip": clip,
+    "whisper": whisper,
+    "mamba": mamba,
+    "mixtral": mixtral,
+    "qwen2_moe": qwen2_moe,
+    "resnet": resnet,
+    "convnext": convnext,
+    "torch_encoder": torch_encoder,
+    "torch_decoder": torch_decoder,
+    "torch_mha": torch_mha,
 }

@@ -86,7 +86,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, _ = x.size()
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -174,8 +174,7 @@ def _token_batch(batch_size, seq_len, vocab_size, device, seed):
     return tokens.to(device), targets.to(device)
 
 
-def build(config: LlamaConfig, *, device="cpu", seed=0, batch_size=1, seq_len=None,
-          dtype=torch.float32):
+def build(config: LlamaConfig, *, device="cpu", seed=0, batch_size=1, seq_len=None, dtype=torch.float32):
     """Build the model on ``device`` (meta: no memory) with a seeded init, plus a batch.
     ``dtype`` casts parameters and the rotary tables after the float32 init."""
     seq_len = config.max_seq_len if seq_len is None else seq_len
@@ -188,29 +187,62 @@ def build(config: LlamaConfig, *, device="cpu", seed=0, batch_size=1, seq_len=No
     return model, _token_batch(batch_size, seq_len, config.vocab_size, device, seed)
 
 
-def llama_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 2, seq_len: int = 64,
-               n_layer: int = 4, dtype: torch.dtype = torch.float32):
+def llama_tiny(
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 2,
+    seq_len: int = 64,
+    n_layer: int = 4,
+    dtype: torch.dtype = torch.float32,
+):
     """A Llama-shaped toy: 128 wide, 4 heads over 2 kv heads, SwiGLU 344, vocab 512."""
-    config = LlamaConfig(dim=128, n_layer=n_layer, n_heads=4, n_kv_heads=2, vocab_size=512,
-                         hidden_dim=344, max_seq_len=max(seq_len, 64))
-    return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len,
-                 dtype=dtype)
-
-
-def llama_1b(device: str = "meta", seed: int = 0, batch_size: int = 1, seq_len: int = 4096,
-             n_layer: int = 16, dtype: torch.dtype = torch.float32):
-    """A Llama-3.2-1B-like shape: 2048 wide, 32 heads over 8 kv heads handed to SDPA (enable_gqa), SwiGLU
-    8192, vocab 32000, untied output; 1.10B parameters with 16 layers."""
-    config = LlamaConfig(dim=2048, n_layer=n_layer, n_heads=32, n_kv_heads=8, vocab_size=32000,
-                         hidden_dim=8192, max_seq_len=max(seq_len, 4096), sdpa_gqa=True)
+    config = LlamaConfig(
+        dim=128, n_layer=n_layer, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=344, max_seq_len=max(seq_len, 64)
+    )
     return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
 
 
-def llama_7b(device: str = "meta", seed: int = 0, batch_size: int = 1, seq_len: int = 4096,
-             n_layer: int = 32, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None):
+def llama_1b(
+    device: str = "meta",
+    seed: int = 0,
+    batch_size: int = 1,
+    seq_len: int = 4096,
+    n_layer: int = 16,
+    dtype: torch.dtype = torch.float32,
+):
+    """A Llama-3.2-1B-like shape: 2048 wide, 32 heads over 8 kv heads handed to SDPA (enable_gqa), SwiGLU
+    8192, vocab 32000, untied output; 1.10B parameters with 16 layers."""
+    config = LlamaConfig(
+        dim=2048,
+        n_layer=n_layer,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=32000,
+        hidden_dim=8192,
+        max_seq_len=max(seq_len, 4096),
+        sdpa_gqa=True,
+    )
+    return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
+
+
+def llama_7b(
+    device: str = "meta",
+    seed: int = 0,
+    batch_size: int = 1,
+    seq_len: int = 4096,
+    n_layer: int = 32,
+    dtype: torch.dtype = torch.float32,
+    max_seq_len: int | None = None,
+):
     """Llama 7B shape: 4096 wide, 32 heads (no GQA), SwiGLU 11008, vocab 32000; 6.74B params.
     ``max_seq_len`` (default: max(seq_len, 4096)) fixes the rotary tables across sequence lengths."""
-    config = LlamaConfig(dim=4096, n_layer=n_layer, n_heads=32, n_kv_heads=32, vocab_size=32000,
-                         hidden_dim=11008, max_seq_len=max_seq_len or max(seq_len, 4096))
-    return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len,
-                 dtype=dtype)
+    config = LlamaConfig(
+        dim=4096,
+        n_layer=n_layer,
+        n_heads=32,
+        n_kv_heads=32,
+        vocab_size=32000,
+        hidden_dim=11008,
+        max_seq_len=max_seq_len or max(seq_len, 4096),
+    )
+    return build(config, device=device, seed=seed, batch_size=batch_size, seq_len=seq_len, dtype=dtype)

@@ -31,8 +31,10 @@ class ResNetConfig:
 
     def __post_init__(self):
         if len(self.blocks) != len(self.widths) or not self.blocks:
-            raise ValueError(f"blocks={self.blocks} and widths={self.widths} must be non-empty "
-                             "and of the same length (one entry per stage)")
+            raise ValueError(
+                f"blocks={self.blocks} and widths={self.widths} must be non-empty "
+                "and of the same length (one entry per stage)"
+            )
         if any(n < 1 for n in self.blocks):
             raise ValueError(f"blocks={self.blocks}: every stage needs at least one block")
 
@@ -106,8 +108,7 @@ class ResNet(nn.Module):
                 nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
             )
         else:
-            self.stem = nn.Sequential(conv3x3(config.in_channels, c0), nn.BatchNorm2d(c0),
-                                      nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(conv3x3(config.in_channels, c0), nn.BatchNorm2d(c0), nn.ReLU(inplace=True))
         c_in = c0
         block = Bottleneck if config.bottleneck else BasicBlock
         grow = Bottleneck.expansion if config.bottleneck else 1
@@ -160,29 +161,42 @@ def build(config: ResNetConfig, *, device="cpu", seed=0, batch_size=8, image_siz
     return model, batch
 
 
-def resnet_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 8, image_size: int = 32,
-                blocks: tuple[int, ...] = (2, 2, 2), widths: tuple[int, ...] = (16, 32, 64),
-                num_classes: int = 10):
+def resnet_tiny(
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 8,
+    image_size: int = 32,
+    blocks: tuple[int, ...] = (2, 2, 2),
+    widths: tuple[int, ...] = (16, 32, 64),
+    num_classes: int = 10,
+):
     """CIFAR-style ResNet (ResNet-14 with the defaults) on 32x32 images."""
     config = ResNetConfig(blocks=tuple(blocks), widths=tuple(widths), num_classes=num_classes)
     return build(config, device=device, seed=seed, batch_size=batch_size, image_size=image_size)
 
 
-def resnet18ish(device: str = "meta", seed: int = 0, batch_size: int = 64, image_size: int = 224,
-                num_classes: int = 1000):
+def resnet18ish(
+    device: str = "meta", seed: int = 0, batch_size: int = 64, image_size: int = 224, num_classes: int = 1000
+):
     """ResNet-18 layout (2,2,2,2 blocks of 64/128/256/512) with the ImageNet stem; with 1000
     classes it has torchvision resnet18's 11,689,512 parameters."""
-    config = ResNetConfig(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512),
-                          num_classes=num_classes, imagenet_stem=True)
+    config = ResNetConfig(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), num_classes=num_classes, imagenet_stem=True)
     return build(config, device=device, seed=seed, batch_size=batch_size, image_size=image_size)
 
 
-def resnet50ish(device: str = "meta", seed: int = 0, batch_size: int = 64, image_size: int = 224,
-                num_classes: int = 1000, dtype: torch.dtype = torch.float32):
+def resnet50ish(
+    device: str = "meta",
+    seed: int = 0,
+    batch_size: int = 64,
+    image_size: int = 224,
+    num_classes: int = 1000,
+    dtype: torch.dtype = torch.float32,
+):
     """ResNet-50 layout (3,4,6,3 bottleneck blocks of width 64/128/256/512) with the ImageNet stem; with
     1000 classes it has torchvision resnet50's 25,557,032 parameters."""
-    config = ResNetConfig(blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes=num_classes,
-                          imagenet_stem=True, bottleneck=True)
+    config = ResNetConfig(
+        blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes=num_classes, imagenet_stem=True, bottleneck=True
+    )
     model, (x, y) = build(config, device=device, seed=seed, batch_size=batch_size, image_size=image_size)
     if dtype != torch.float32:
         model.to(dtype=dtype)

@@ -79,12 +79,12 @@ class UNet(nn.Module):
         self.config = config
         b = config.base
         self.enc1 = DoubleConv(config.in_channels, b)  # H
-        self.enc2 = Down(b, 2 * b)                     # H/2
-        self.enc3 = Down(2 * b, 4 * b)                 # H/4
-        self.bottleneck = Down(4 * b, 8 * b)           # H/8
-        self.up3 = Up(8 * b, 4 * b)                    # H/4, with enc3's output
-        self.up2 = Up(4 * b, 2 * b)                    # H/2, with enc2's output
-        self.up1 = Up(2 * b, b)                        # H,   with enc1's output
+        self.enc2 = Down(b, 2 * b)  # H/2
+        self.enc3 = Down(2 * b, 4 * b)  # H/4
+        self.bottleneck = Down(4 * b, 8 * b)  # H/8
+        self.up3 = Up(8 * b, 4 * b)  # H/4, with enc3's output
+        self.up2 = Up(4 * b, 2 * b)  # H/2, with enc2's output
+        self.up1 = Up(2 * b, b)  # H,   with enc1's output
         self.head = nn.Conv2d(b, config.num_classes, kernel_size=1)
 
     def forward(self, x, targets):
@@ -92,14 +92,14 @@ class UNet(nn.Module):
         Returns the mean per-pixel cross-entropy loss (scalar)."""
         if x.size(-1) % 8 or x.size(-2) % 8:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by 8 (3 poolings)")
-        s1 = self.enc1(x)            # (N, b, H, W)
-        s2 = self.enc2(s1)           # (N, 2b, H/2, W/2)
-        s3 = self.enc3(s2)           # (N, 4b, H/4, W/4)
-        x = self.bottleneck(s3)      # (N, 8b, H/8, W/8)
-        x = self.up3(x, s3)          # (N, 4b, H/4, W/4)
-        x = self.up2(x, s2)          # (N, 2b, H/2, W/2)
-        x = self.up1(x, s1)          # (N, b, H, W)
-        logits = self.head(x)        # (N, num_classes, H, W)
+        s1 = self.enc1(x)  # (N, b, H, W)
+        s2 = self.enc2(s1)  # (N, 2b, H/2, W/2)
+        s3 = self.enc3(s2)  # (N, 4b, H/4, W/4)
+        x = self.bottleneck(s3)  # (N, 8b, H/8, W/8)
+        x = self.up3(x, s3)  # (N, 4b, H/4, W/4)
+        x = self.up2(x, s2)  # (N, 2b, H/2, W/2)
+        x = self.up1(x, s1)  # (N, b, H, W)
+        logits = self.head(x)  # (N, num_classes, H, W)
         return F.cross_entropy(logits, targets)
 
 
@@ -115,8 +115,9 @@ def _segmentation_batch(batch_size, image_size, in_channels, num_classes, device
     return x.to(device), y.to(device)
 
 
-def unet_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 2, image_size: int = 32,
-              base: int = 8, num_classes: int = 3):
+def unet_tiny(
+    device: str = "cpu", seed: int = 0, batch_size: int = 2, image_size: int = 32, base: int = 8, num_classes: int = 3
+):
     """U-Net with 3 levels down and up, ``base`` channels at full resolution."""
     if image_size % 8:
         raise ValueError(f"image_size={image_size} must be divisible by 8 (3 poolings)")

@@ -104,8 +104,9 @@ class ViT(nn.Module):
         super().__init__()
         self.config = config
         # a patch_size-strided convolution is a Linear applied to each non-overlapping patch
-        self.patch_embed = nn.Conv2d(config.in_channels, config.n_embd, kernel_size=config.patch_size,
-                                     stride=config.patch_size, bias=True)
+        self.patch_embed = nn.Conv2d(
+            config.in_channels, config.n_embd, kernel_size=config.patch_size, stride=config.patch_size, bias=True
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.n_embd))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.n_embd))
         self.drop = nn.Dropout(config.dropout)
@@ -127,8 +128,9 @@ class ViT(nn.Module):
         """images: (B, C, H, W) float; labels: (B,) class ids. Returns the mean cross-entropy loss."""
         B, _, H, W = images.size()
         if H != self.config.image_size or W != self.config.image_size:
-            raise ValueError(f"images are {H}x{W}, the model was built for "
-                             f"{self.config.image_size}x{self.config.image_size}")
+            raise ValueError(
+                f"images are {H}x{W}, the model was built for {self.config.image_size}x{self.config.image_size}"
+            )
         x = self.patch_embed(images)  # (B, C, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, C), N = (H/p) * (W/p) patches
         cls = self.cls_token.expand(B, -1, -1)  # (B, 1, C)
@@ -160,24 +162,51 @@ def build(config: ViTConfig, *, device="cpu", seed=0, batch_size=8):
     with torch.device(device):
         model = ViT(config)
     model.train()
-    batch = _image_batch(batch_size, config.image_size, config.in_channels, config.num_classes,
-                         device, seed)
+    batch = _image_batch(batch_size, config.image_size, config.in_channels, config.num_classes, device, seed)
     return model, batch
 
 
-def vit_tiny(device: str = "cpu", seed: int = 0, batch_size: int = 16, image_size: int = 32,
-             patch_size: int = 4, n_layer: int = 4, dropout: float = 0.0, num_classes: int = 10):
+def vit_tiny(
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 16,
+    image_size: int = 32,
+    patch_size: int = 4,
+    n_layer: int = 4,
+    dropout: float = 0.0,
+    num_classes: int = 10,
+):
     """A ViT-shaped toy: 4x4 patches of 32x32 images (64 patches + class token), 96 wide,
     4 heads, MLP 384, 10 classes; 4 blocks have 458k parameters."""
-    config = ViTConfig(image_size=image_size, patch_size=patch_size, num_classes=num_classes,
-                       n_layer=n_layer, n_head=4, n_embd=96, dropout=dropout)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_classes=num_classes,
+        n_layer=n_layer,
+        n_head=4,
+        n_embd=96,
+        dropout=dropout,
+    )
     return build(config, device=device, seed=seed, batch_size=batch_size)
 
 
-def vit_base(device: str = "meta", seed: int = 0, batch_size: int = 64, image_size: int = 224,
-             n_layer: int = 12, num_classes: int = 1000):
+def vit_base(
+    device: str = "meta",
+    seed: int = 0,
+    batch_size: int = 64,
+    image_size: int = 224,
+    n_layer: int = 12,
+    num_classes: int = 1000,
+):
     """ViT-B/16: 16x16 patches of 224x224 images (196 patches + class token), 12 blocks,
     12 heads, 768 wide, MLP 3072; with 1000 classes 86,567,656 parameters (timm's vit_base_patch16_224)."""
-    config = ViTConfig(image_size=image_size, patch_size=16, num_classes=num_classes,
-                       n_layer=n_layer, n_head=12, n_embd=768, dropout=0.0)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=16,
+        num_classes=num_classes,
+        n_layer=n_layer,
+        n_head=12,
+        n_embd=768,
+        dropout=0.0,
+    )
     return build(config, device=device, seed=seed, batch_size=batch_size)

@@ -32,6 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """ruff and mypy (test_lint.py) first: CI reports lint and type errors before the long tests."""
     items.sort(key=lambda item: item.path.name != "test_lint.py")  # stable: the rest keep their order
 
+
 # name -> factory of (model, args); each a different shape of model
 MODELS = {
     "gpt2": lambda: gpt2.gpt2_tiny(batch_size=8, seq_len=128),  # dropout, SDPA, tied weights

@@ -37,8 +37,22 @@ class LiveServer:
         env.pop("CKPTPLAN_TOKEN", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ckptplan.cli", "serve", "--port", str(self.port), "--store", str(self.store),
-                 *self.args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                [
+                    sys.executable,
+                    "-m",
+                    "ckptplan.cli",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--store",
+                    str(self.store),
+                    *self.args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -68,8 +82,14 @@ class LiveServer:
                 self.proc.wait(30)
 
     # ---- requests ----------------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 300.0) -> tuple[int, dict, bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 300.0,
+    ) -> tuple[int, dict, bytes]:
         req = urllib.request.Request(self.url + path, data=body, headers=headers or {}, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -81,10 +101,10 @@ class LiveServer:
         status, headers, raw = self.request("GET", path)
         return status, json.loads(raw), headers
 
-    def post_solve(self, body: bytes, *, gzipped: bool = True, headers: dict[str, str] | None = None,
-                   timeout: float = 300.0) -> tuple[int, dict, dict]:
-        h = {"Content-Type": "application/json", **({"Content-Encoding": "gzip"} if gzipped else {}),
-             **(headers or {})}
+    def post_solve(
+        self, body: bytes, *, gzipped: bool = True, headers: dict[str, str] | None = None, timeout: float = 300.0
+    ) -> tuple[int, dict, dict]:
+        h = {"Content-Type": "application/json", **({"Content-Encoding": "gzip"} if gzipped else {}), **(headers or {})}
         status, rh, raw = self.request("POST", "/v1/solve", body, h, timeout)
         return status, json.loads(raw), rh
 

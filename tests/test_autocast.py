@@ -46,7 +46,7 @@ class _Mixed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.a(x))
-        h = self.b(h) @ self.w                      # a parameter cast once, an activation every time
+        h = self.b(h) @ self.w  # a parameter cast once, an activation every time
         h = torch.bmm(h.view(2, 4, 16), h.view(2, 16, 4)).reshape(8, 4)
         h = self.a(torch.cat([h, h, h, h], dim=1))  # reused weights come from the cast cache
         return torch.mm(h, self.w)
@@ -81,10 +81,14 @@ def test_cuda_policy_is_the_installed_torchs() -> None:
         pytest.skip("this torch ships without its C++ headers")
     text = header.read_text()
     want: dict[str, str] = {}
-    for macro, policy in (("AT_FORALL_LOWER_PRECISION_FP", LOWER), ("AT_FORALL_FP32", FP32),
-                          ("AT_FORALL_FP32_SET_OPT_DTYPE", FP32_SET_OPT_DTYPE), ("AT_FORALL_PROMOTE", PROMOTE)):
+    for macro, policy in (
+        ("AT_FORALL_LOWER_PRECISION_FP", LOWER),
+        ("AT_FORALL_FP32", FP32),
+        ("AT_FORALL_FP32_SET_OPT_DTYPE", FP32_SET_OPT_DTYPE),
+        ("AT_FORALL_PROMOTE", PROMOTE),
+    ):
         start = text.index(f"#define {macro}(_)")
-        block = text[start:text.index("\n\n", start)]
+        block = text[start : text.index("\n\n", start)]
         for name in re.findall(r"_\((\w+)", block):
             want[name] = policy
     listed = {k: v for k, v in CUDA_POLICY.items() if k not in ("cudnn_convolution", "cudnn_convolution_transpose")}
@@ -157,11 +161,19 @@ def test_cross_entropy_under_autocast_is_log_softmax_then_float32_nll() -> None:
             return F.cross_entropy(self.lin(x), y)
 
     model = Head().to("meta")
-    g = ckptplan.trace(model, torch.empty(8, 16, device="meta"), torch.empty(8, dtype=torch.long, device="meta"),
-                       autocast="bf16", loss_fn=lambda out: out)
+    g = ckptplan.trace(
+        model,
+        torch.empty(8, 16, device="meta"),
+        torch.empty(8, dtype=torch.long, device="meta"),
+        autocast="bf16",
+        loss_fn=lambda out: out,
+    )
     tail = [(op.name, op.outputs[0].dtype) for op in g.ops if op.outputs][-3:]
-    assert tail == [("aten._log_softmax.default", "bfloat16"), ("aten._to_copy.default", "float32"),
-                    ("aten.nll_loss_forward.default", "float32")]
+    assert tail == [
+        ("aten._log_softmax.default", "bfloat16"),
+        ("aten._to_copy.default", "float32"),
+        ("aten.nll_loss_forward.default", "float32"),
+    ]
 
 
 def test_multihead_attention_inside_python_functions_takes_cuda_attention() -> None:
@@ -215,8 +227,9 @@ def test_cli_solves_and_verifies_a_step_under_autocast(tmp_path: Path) -> None:
     spec = f"{Path(gpt2.__file__)}:gpt2_tiny"
     args = ["-m", spec, "-a", "seq_len=64", "-a", "n_layer=2", "-a", "dropout=0.0"]
     out = tmp_path / "plan.yaml"
-    solved = runner.invoke(app, ["solve", *args, "-b", "90%", "--autocast", "bf16", "-o", str(out), "--json",
-                                 "--time-limit", "10"])
+    solved = runner.invoke(
+        app, ["solve", *args, "-b", "90%", "--autocast", "bf16", "-o", str(out), "--json", "--time-limit", "10"]
+    )
     assert solved.exit_code == 0, solved.output
     assert ckptplan.load_plan(out).autocast == "bfloat16"
     verified = runner.invoke(app, ["verify", str(out), *args, "--json"])
@@ -237,7 +250,12 @@ def test_nll_loss_runs_in_float32_under_autocast() -> None:
             return F.nll_loss(logits - logits.detach().amax(-1, keepdim=True), y)
 
     model = Head().to("meta")
-    g = ckptplan.trace(model, torch.empty(8, 16, device="meta"), torch.empty(8, dtype=torch.long, device="meta"),
-                       autocast="bf16", loss_fn=lambda out: out)
+    g = ckptplan.trace(
+        model,
+        torch.empty(8, 16, device="meta"),
+        torch.empty(8, dtype=torch.long, device="meta"),
+        autocast="bf16",
+        loss_fn=lambda out: out,
+    )
     tail = [(op.name, op.outputs[0].dtype) for op in g.ops if op.outputs][-2:]
     assert tail == [("aten._to_copy.default", "float32"), ("aten.nll_loss_forward.default", "float32")]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import ckptplan
-from ckptplan.solver import bound, cpsat, families
+import ckptplan.shapes
+from ckptplan.solver import bound, callbacks, cpsat, families
 from ckptplan.solver.linear import LinearForm
 from ckptplan.solver.regions import candidate_regions, nested_pairs, outermost
 from ckptplan.solver.simulate import simulate
@@ -36,8 +37,11 @@ def _brute_force(regions, row: LinearForm, capacity: int, cost: LinearForm) -> i
                     weight += a * (at_least if a > 0 else 1)
                 if weight > capacity:
                     continue
-                value = (sum(cost.c.get(j, 0) for j in on) + sum(cost.k.get(op, 0) for op in k)
-                         + sum(a for j, a in cost.s.items() if any(op[0] == j for op in k)))
+                value = (
+                    sum(cost.c.get(j, 0) for j in on)
+                    + sum(cost.k.get(op, 0) for op in k)
+                    + sum(a for j, a in cost.s.items() if any(op[0] == j for op in k))
+                )
                 best = value if best is None else min(best, value)
     return best
 
@@ -79,8 +83,11 @@ def test_bound_never_exceeds_the_optimum(traced, name, strong):
     assert solution.status is cpsat.Status.OPTIMAL
     capacity = budget // model.unit
     cost = model.cost_form
-    bounds = [bound.lower_bound(regions, model.row_form(i), capacity, cost)
-              for i, (_, _, ub) in enumerate(model.row_exprs) if ub > capacity]
+    bounds = [
+        bound.lower_bound(regions, model.row_form(i), capacity, cost)
+        for i, (_, _, ub) in enumerate(model.row_exprs)
+        if ub > capacity
+    ]
     assert bounds and all(b is None or b <= solution.objective_ns for b in bounds)
     assert max(b or 0 for b in bounds) > (0.9 if strong else 0.5) * solution.objective_ns
 
@@ -91,7 +98,7 @@ def test_with_costs_shared_by_rematerializations_the_bound_never_exceeds_the_opt
     plan costs what the simulator charges it, and no more than the best plan without rematerializations."""
     torch.manual_seed(0)
     graph = ckptplan.trace(_Chain(2, 16), torch.randn(4, 32, 16))
-    regions = ckptplan.planner.candidates(graph)
+    regions = ckptplan.shapes.candidates(graph)
     assert any(r.remat for r in regions)
     full = simulate(graph, regions, {r.path: frozenset() for r in outermost(regions)}).peak_bytes
     checked = 0
@@ -128,9 +135,9 @@ def test_the_search_solves_no_bound_row_after_its_deadline(traced):
         def value(expr) -> int:
             return 1
 
-    late = cpsat._KnapsackCheck(model, capacity, 0.0, deadline=time.monotonic() - 1)
+    late = callbacks.KnapsackCheck(model, capacity, 0.0, deadline=time.monotonic() - 1)
     assert late(Solution()) == (0, False) and not late.rows
-    timely = cpsat._KnapsackCheck(model, capacity, 0.0)
+    timely = callbacks.KnapsackCheck(model, capacity, 0.0)
     timely(Solution())
     assert timely.rows
 
@@ -164,21 +171,27 @@ def test_a_family_config_walks_back_one_mode_only(monkeypatch):
     import random
 
     rng = random.Random(0)
-    modes = [families.Mode(weight=rng.randrange(0, 400), cost=rng.randrange(1000, 5000),
-                         items=tuple((rng.randrange(1, 200), -rng.randrange(1, 900)) for _ in range(6)), own=6)
-             for _ in range(40)]
+    modes = [
+        families.Mode(
+            weight=rng.randrange(0, 400),
+            cost=rng.randrange(1000, 5000),
+            items=tuple((rng.randrange(1, 200), -rng.randrange(1, 900)) for _ in range(6)),
+            own=6,
+        )
+        for _ in range(40)
+    ]
     w_min, step = min(m.weight for m in modes), 7
     fine, size, _ = bound._fine(w_min, modes)
     end = int(bound._row_ends(fine, size, step, 31)[-1])
     # the old walk: the cheapest mode by every table of every mode, first on a tie
     lasts = [bound._knapsack(m, w_min, fine, size)[-1] for m in modes]
-    want = min(range(len(modes)), key=lambda i: (float(lasts[i][:end + 1].min()), i))
+    want = min(range(len(modes)), key=lambda i: (float(lasts[i][: end + 1].min()), i))
     full = []
     real = bound._knapsack
     monkeypatch.setattr(bound, "_knapsack", lambda m, *a: (full.append(m) if m.items else None, real(m, *a))[1])
     index, taken, _ = bound._family_config(w_min, modes, step, 30)
     assert index == want and len(full) == 1
-    f = int(lasts[index][:end + 1].argmin())
+    f = int(lasts[index][: end + 1].argmin())
     chosen = modes[index]
     assert (chosen.weight - w_min) // fine + sum(chosen.items[i][0] // fine for i in taken) == f
     assert chosen.cost + sum(chosen.items[i][1] for i in taken) == lasts[index][f]

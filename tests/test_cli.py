@@ -67,8 +67,7 @@ def infeasible_human(plans_dir):
 def _solve(plans_dir: Path, name: str, budget: int, *extra: str):
     out = plans_dir / f"{name}.yaml"
     # a wall-clock limit no busy machine reaches: the plan is the one CP-SAT's deterministic clock gives
-    result = run("solve", "-m", GPT2, *ARGS, "-b", str(budget), "-o", str(out), "--json", "--time-limit", "600",
-                 *extra)
+    result = run("solve", "-m", GPT2, *ARGS, "-b", str(budget), "-o", str(out), "--json", "--time-limit", "600", *extra)
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 
@@ -117,8 +116,10 @@ def test_solve_human_output_goes_to_stderr(plans_dir, minimum_bytes):
 
 
 def test_out_of_range_gap_or_reserve_exits_2_before_tracing(tmp_path):
-    for option, message in ((["--gap", "1.5"], "gap must be a fraction in [0, 1)"),
-                            (["--reserve", "-0.1"], "reserve must be a fraction in [0, 0.5)")):
+    for option, message in (
+        (["--gap", "1.5"], "gap must be a fraction in [0, 1)"),
+        (["--reserve", "-0.1"], "reserve must be a fraction in [0, 0.5)"),
+    ):
         out = tmp_path / "plan.yaml"
         result = run("solve", "-m", "no/such/file.py:factory", "-b", "8GB", *option, "-o", str(out))
         assert result.exit_code == 2  # the spec would fail to load: the range check came first
@@ -126,11 +127,14 @@ def test_out_of_range_gap_or_reserve_exits_2_before_tracing(tmp_path):
         assert not out.exists()
 
 
-@pytest.mark.parametrize("budget, hint", [
-    ("8Gb", "gigabits"),  # bits, not bytes
-    ("abc", "accepted forms"),
-    ("0.5", "ambiguous"),  # a bare decimal has no unit
-])
+@pytest.mark.parametrize(
+    "budget, hint",
+    [
+        ("8Gb", "gigabits"),  # bits, not bytes
+        ("abc", "accepted forms"),
+        ("0.5", "ambiguous"),  # a bare decimal has no unit
+    ],
+)
 def test_unparseable_budget_exits_2_with_a_hint(tmp_path, budget, hint):
     out = tmp_path / "plan.yaml"
     result = run("solve", "-m", GPT2, *ARGS, "-b", budget, "-o", str(out))
@@ -150,7 +154,6 @@ def test_infeasible_budget_exits_3_naming_the_minimum_and_a_command(infeasible_h
     assert parse_budget(m.group(1)) >= minimum_bytes  # the suggested budget is enough
     assert f"--model {GPT2}" in msg
     assert not out.exists()
-
 
 
 def test_infeasible_suggestion_keeps_the_factory_arguments(infeasible_human):
@@ -223,8 +226,11 @@ def test_verify_human_output_reports_step_time(plan_min):
     result = run("verify", str(path), "-m", GPT2, *ARGS, "--steps", "1")
     assert result.exit_code == 0, result.output
     text = flat(result.stderr)
-    assert re.search(r"step time: [\d.]+ [mµ]?s without the plan, [\d.]+ [mµ]?s with it: [+-][\d.]+% "
-                     r"\(median of 1 steps each; estimated \+[\d.]+%\)", text), text
+    assert re.search(
+        r"step time: [\d.]+ [mµ]?s without the plan, [\d.]+ [mµ]?s with it: [+-][\d.]+% "
+        r"\(median of 1 steps each; estimated \+[\d.]+%\)",
+        text,
+    ), text
     no_timing = json.loads(run("verify", str(path), "-m", GPT2, *ARGS, "--steps", "0", "--json").stdout)
     assert no_timing["step_ns_without_plan"] is None and no_timing["fits"] is True
     assert run("verify", str(path), "-m", GPT2, *ARGS, "--steps", "-1").exit_code == 2
@@ -251,7 +257,7 @@ def _first_row_index(output: str, title: str) -> int:
     """The '#' cell of the first op row of the group whose table has this title."""
     lines = output.splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.strip() == title)
-    row = next(ln for ln in lines[at + 1:] if ln.startswith("│"))
+    row = next(ln for ln in lines[at + 1 :] if ln.startswith("│"))
     return int(row.split("│")[1])
 
 
@@ -306,8 +312,9 @@ def test_show_with_the_model_says_it_resimulated(plan_min):
     path, payload = plan_min
     result = run("show", str(path), "-m", GPT2, *ARGS)
     assert result.exit_code == 0, result.output
-    assert (f"re-simulated on gpt2_tiny as traced now: peak {format_bytes(payload['predicted_peak_bytes'])}"
-            in flat(result.stderr))
+    assert f"re-simulated on gpt2_tiny as traced now: peak {format_bytes(payload['predicted_peak_bytes'])}" in flat(
+        result.stderr
+    )
 
 
 def test_show_unknown_sort_exits_2(plan_min):
@@ -317,13 +324,16 @@ def test_show_unknown_sort_exits_2(plan_min):
     assert "order, bytes or flops" in result.output
 
 
-@pytest.mark.parametrize("content", [
-    None,  # missing file
-    "half",  # truncated in the middle of a line
-    "schema99",
-    "::: [",  # not YAML
-    "- just\n- a list\n",  # YAML, but not a mapping
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        None,  # missing file
+        "half",  # truncated in the middle of a line
+        "schema99",
+        "::: [",  # not YAML
+        "- just\n- a list\n",  # YAML, but not a mapping
+    ],
+)
 def test_show_bad_plan_file_exits_2_naming_it(tmp_path, plan_min, content):
     good, _ = plan_min
     bad = tmp_path / "bad.yaml"
@@ -367,8 +377,7 @@ def test_diff_of_two_budgets(plan_min, plan_roomy):
 def test_diff_of_a_plan_with_itself_is_empty(plan_min):
     path, _ = plan_min
     d = json.loads(run("diff", str(path), str(path), "--json").stdout)
-    assert d == {"same_model": True, "header": {}, "regions_added": [], "regions_removed": [],
-                 "ops_changed": []}
+    assert d == {"same_model": True, "header": {}, "regions_added": [], "regions_removed": [], "ops_changed": []}
 
 
 def test_diff_with_a_missing_plan_exits_2(tmp_path, plan_min):
@@ -397,20 +406,26 @@ def test_budget_above_the_peak_says_it_fits_without_checkpointing(tmp_path):
     plan = load_plan(out)
     assert plan.regions == ()
     text = flat(result.stderr)
-    assert (f"fits without checkpointing: the peak without checkpointing, {format_bytes(plan.baseline_peak_bytes)}, "
-            f"is within the budget 1.00 TiB; the plan {out} checkpoints nothing") in text
+    assert (
+        f"fits without checkpointing: the peak without checkpointing, {format_bytes(plan.baseline_peak_bytes)}, "
+        f"is within the budget 1.00 TiB; the plan {out} checkpoints nothing"
+    ) in text
     as_json = run("solve", "-m", GPT2, *ARGS, "-b", "1TiB", "-o", str(out), "--json")
     assert json.loads(as_json.stdout)["fits_without_checkpointing"] is True
 
 
 # ---- sweep, for humans ------------------------------------------------------------------------------
 def test_sweep_leads_with_the_answer_and_fits_80_columns():
-    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["sweep", "-m", GPT2, *ARGS, "--budgets", "65%",
-                                                           "--time-limit", "600"])
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(
+        app, ["sweep", "-m", GPT2, *ARGS, "--budgets", "65%", "--time-limit", "600"]
+    )
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert max(map(len, lines)) <= 80
     first = flat(result.stderr)
-    assert re.match(r"65% = [\d.]+ [KMG]iB: ckptplan peak [\d.]+ [KMG]iB, est\. recompute [\d.]+ [mµ]?s, "
-                    r"\+[\d.]+% FLOPs; cheapest other policy: ", first), first
+    assert re.match(
+        r"65% = [\d.]+ [KMG]iB: ckptplan peak [\d.]+ [KMG]iB, est\. recompute [\d.]+ [mµ]?s, "
+        r"\+[\d.]+% FLOPs; cheapest other policy: ",
+        first,
+    ), first
     assert "…" not in result.stderr

@@ -30,19 +30,31 @@ for args in (["--help"], ["solve", "--help"], ["sweep", "--help"], ["fit", "--he
         pass
 print("loaded:", *sorted(m for m in %r if m in sys.modules))
 """ % (HEAVY,)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "", "COLUMNS": "120"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "", "COLUMNS": "120"},
+    )
     assert r.returncode == 0, r.stderr
     assert "Usage: ckptplan fit" in r.stdout
     assert r.stdout.strip().splitlines()[-1] == "loaded:"
 
 
 def test_import_ckptplan_binds_its_api_on_first_use():
-    code = ("import sys, ckptplan; before = 'torch' in sys.modules; f = ckptplan.trace; import ckptplan.trace; "
-            "print(before, callable(f), ckptplan.trace is f, ckptplan.auto.__name__, 'solve' in dir(ckptplan), "
-            "ckptplan.plan.__name__, hasattr(ckptplan, 'nothing'))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    code = (
+        "import sys, ckptplan; before = 'torch' in sys.modules; f = ckptplan.trace; import ckptplan.trace; "
+        "print(before, callable(f), ckptplan.trace is f, ckptplan.auto.__name__, 'solve' in dir(ckptplan), "
+        "ckptplan.plan.__name__, hasattr(ckptplan, 'nothing'))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True", "True", "auto", "True", "ckptplan.plan", "False"]
 
@@ -50,8 +62,9 @@ def test_import_ckptplan_binds_its_api_on_first_use():
 def test_plot_without_matplotlib_fails_before_any_work(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package imports as
     # the model file does not exist: the check must come before the model is even loaded
-    result = runner.invoke(app, ["sweep", "--budgets", "50%", "-m", f"{tmp_path / 'absent.py'}:f",
-                                 "--plot", str(tmp_path / "p.png")])
+    result = runner.invoke(
+        app, ["sweep", "--budgets", "50%", "-m", f"{tmp_path / 'absent.py'}:f", "--plot", str(tmp_path / "p.png")]
+    )
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "--plot needs matplotlib" in text and "pip install 'ckptplan[plot]'" in text

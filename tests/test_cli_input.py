@@ -22,7 +22,7 @@ from ckptplan.plan import Plan
 
 SECONDS_PER_CASE = 20  # far above what any case needs (well under a second), far below a hang
 
-MODEL_FILE = textwrap.dedent('''
+MODEL_FILE = textwrap.dedent("""
     import sys
     import torch
     from torch import nn
@@ -57,12 +57,13 @@ MODEL_FILE = textwrap.dedent('''
 
     def interrupted():
         return Interrupted(), (torch.randn(2, 4),)
-''')
+""")
 
 
 @contextmanager
 def bounded(seconds: float = SECONDS_PER_CASE):
     """Fail (TimeoutError) instead of hanging: SIGALRM interrupts a blocking open or a Python loop."""
+
     def expire(*_):
         raise TimeoutError(f"still running after {seconds} s: a hang")
 
@@ -104,12 +105,15 @@ def plan_text(model_file, tmp_path_factory) -> str:
 
 
 # ---- the model's own code --------------------------------------------------------------------------------
-@pytest.mark.parametrize("factory, expect", [
-    ("wrong_shape", "mat1 and mat2 shapes cannot be multiplied"),
-    ("exits", "SystemExit(3)"),  # 3 would read as "budget below the minimum"
-    ("exits_in_forward", "SystemExit(0)"),  # 0 would read as success, with no plan written
-    ("not_a_model", "must return (model, args)"),
-])
+@pytest.mark.parametrize(
+    "factory, expect",
+    [
+        ("wrong_shape", "mat1 and mat2 shapes cannot be multiplied"),
+        ("exits", "SystemExit(3)"),  # 3 would read as "budget below the minimum"
+        ("exits_in_forward", "SystemExit(0)"),  # 0 would read as success, with no plan written
+        ("not_a_model", "must return (model, args)"),
+    ],
+)
 def test_a_model_whose_step_fails_or_exits_gets_exit_2(model_file, tmp_path, factory, expect):
     out = tmp_path / "p.yaml"
     for command in (["solve", "-b", "1GB", "-o", out], ["trace"]):
@@ -139,8 +143,12 @@ def test_ctrl_c_during_the_trace_exits_130(model_file, command):
 @pytest.mark.parametrize("where", ["directory", "empty", "under-a-file", "proc"])
 def test_an_output_path_that_cannot_be_a_file_exits_7_before_tracing(model_file, tmp_path, where):
     (tmp_path / "file").write_text("x")
-    output = {"directory": str(tmp_path), "empty": "", "under-a-file": str(tmp_path / "file" / "p.yaml"),
-              "proc": "/proc/ckptplan-test/p.yaml"}[where]
+    output = {
+        "directory": str(tmp_path),
+        "empty": "",
+        "under-a-file": str(tmp_path / "file" / "p.yaml"),
+        "proc": "/proc/ckptplan-test/p.yaml",
+    }[where]
     # the model would fail its step: exit 7, not 2, shows the path is refused before the trace. /proc refuses
     # the write itself (even to root, whom os.access lets through): the model runs, the write fails
     factory = "tiny" if where == "proc" else "wrong_shape"
@@ -194,17 +202,21 @@ def _write(path: Path, text: str) -> Path:
 
 
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+)
 
 
-@pytest.mark.parametrize("edit, expect", [
-    (lambda t: ALIAS_BOMB + t, "aliases"),
-    (lambda t: t.replace("model:", "model: &m") + "extra: *m\n", "aliases"),
-    (lambda t: t.replace("\nparameters: ", "\nparameters: " + "9" * 5000 + "#"), "digits"),
-    (lambda t: t.replace('parallel: ""', 'parallel: "ddp:two"'), "parallel"),
-    (lambda t: t.replace('parallel: ""', 'parallel: "fsdp"'), "parallel"),
-    (lambda t: "[" * 3000 + "]" * 3000, "regenerate"),
-])
+@pytest.mark.parametrize(
+    "edit, expect",
+    [
+        (lambda t: ALIAS_BOMB + t, "aliases"),
+        (lambda t: t.replace("model:", "model: &m") + "extra: *m\n", "aliases"),
+        (lambda t: t.replace("\nparameters: ", "\nparameters: " + "9" * 5000 + "#"), "digits"),
+        (lambda t: t.replace('parallel: ""', 'parallel: "ddp:two"'), "parallel"),
+        (lambda t: t.replace('parallel: ""', 'parallel: "fsdp"'), "parallel"),
+        (lambda t: "[" * 3000 + "]" * 3000, "regenerate"),
+    ],
+)
 def test_a_hostile_plan_file_exits_2_quickly(plan_text, model_file, tmp_path, edit, expect):
     path = _write(tmp_path / "p.yaml", edit(plan_text))
     for command in (["show", path], ["show", path, "-m", f"{model_file}:tiny"], ["diff", path, path]):
@@ -221,9 +233,20 @@ def test_a_fifo_as_plan_file_is_refused_without_blocking(tmp_path):
 
 
 # ---- fuzz: plan files and model specs ---------------------------------------------------------------------
-SCALARS = st.one_of(st.integers(), st.integers(min_value=10**40, max_value=10**60), st.just("9" * 5000), st.floats(),
-                    st.text(max_size=8), st.none(), st.booleans(), st.just("*a"), st.just("&a x"),
-                    st.just("!!python/object:os.system"), st.just("[1, [2, [3]]]"), st.just("{a: 1}"))
+SCALARS = st.one_of(
+    st.integers(),
+    st.integers(min_value=10**40, max_value=10**60),
+    st.just("9" * 5000),
+    st.floats(),
+    st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.just("*a"),
+    st.just("&a x"),
+    st.just("!!python/object:os.system"),
+    st.just("[1, [2, [3]]]"),
+    st.just("{a: 1}"),
+)
 
 
 @st.composite
@@ -253,8 +276,12 @@ def edited_plans(draw, text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @FUZZ
@@ -269,14 +296,21 @@ def test_fuzzed_plan_files_get_a_message_never_a_traceback_or_hang(plan_text, tm
 
 
 @FUZZ
-@given(factory=st.sampled_from(["tiny", "wrong_shape", "exits", "exits_in_forward", "not_a_model", "nothing",
-                                "", "1x", "sys"]),
-       where=st.sampled_from(["file", "missing", "module", "text"]),
-       text=st.text(max_size=20),
-       args=st.lists(st.tuples(st.sampled_from(["code", "batch", "x", "1", ""]), SCALARS), max_size=2))
+@given(
+    factory=st.sampled_from(
+        ["tiny", "wrong_shape", "exits", "exits_in_forward", "not_a_model", "nothing", "", "1x", "sys"]
+    ),
+    where=st.sampled_from(["file", "missing", "module", "text"]),
+    text=st.text(max_size=20),
+    args=st.lists(st.tuples(st.sampled_from(["code", "batch", "x", "1", ""]), SCALARS), max_size=2),
+)
 def test_fuzzed_model_specs_get_a_message_never_a_traceback_or_hang(model_file, factory, where, text, args):
-    target = {"file": str(model_file), "missing": str(model_file.parent / "nope.py"),
-              "module": "no_such_package_ckptplan.models", "text": text.replace(":", "")}[where]
+    target = {
+        "file": str(model_file),
+        "missing": str(model_file.parent / "nope.py"),
+        "module": "no_such_package_ckptplan.models",
+        "text": text.replace(":", ""),
+    }[where]
     argv = ["trace", "-m", f"{target}:{factory}", "-q"]
     for name, value in args:
         argv += ["-a", f"{name}={value}"]

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 import ckptplan
+from ckptplan.decisions import RESERVE_SCALE
 from ckptplan.measure import measure_flops, measure_peak
-from ckptplan.planner import RESERVE_SCALE
 from ckptplan.solver import baselines
 from ckptplan.solver.regions import candidate_regions
 from ckptplan.solver.simulate import simulate
@@ -72,7 +72,9 @@ def test_sqrt_n_prediction_matches_checkpoint_sequential():
     segments, count = baselines.sqrt_n_segments(graph, regions)
     # checkpoint_sequential(model, 3, x): blocks 0-2 and 3-5 checkpointed, 6-8 plain
     assert count == 3 and [s.members for s in segments] == [
-        ("blocks.0", "blocks.1", "blocks.2"), ("blocks.3", "blocks.4", "blocks.5")]
+        ("blocks.0", "blocks.1", "blocks.2"),
+        ("blocks.3", "blocks.4", "blocks.5"),
+    ]
     predicted = baselines.evaluate(graph, regions, baselines.Policy.SQRT_N)
     assert predicted.knob == "segments=3x3" and set(predicted.saved) == {"blocks.0..blocks.2", "blocks.3..blocks.5"}
     plain_peak, plain_flops = measure_peak(model, x), measure_flops(model, x)

@@ -45,16 +45,26 @@ def _covered(module: str, name: str) -> bool:
     for group in REQUIRED.values():
         for req_module, req_path, _ in group:
             full = f"{req_module}.{req_path}"
-            if (req_module == module and req_path.split(".")[0] == name.split(".")[0]) \
-                    or full.startswith(f"{module}.{name}") or f"{module}.{name}".startswith(full):
+            if (
+                (req_module == module and req_path.split(".")[0] == name.split(".")[0])
+                or full.startswith(f"{module}.{name}")
+                or f"{module}.{name}".startswith(full)
+            ):
                 return True
     return False
 
 
 def test_every_private_torch_use_is_required():
     files = sorted((ROOT / "ckptplan").rglob("*.py"))
-    missing = sorted({f"{f.relative_to(ROOT)}: {m}.{n}" for f in files if f.name != "_compat.py"
-                      for m, n in _private_uses(f) if not _covered(m, n)})
+    missing = sorted(
+        {
+            f"{f.relative_to(ROOT)}: {m}.{n}"
+            for f in files
+            if f.name != "_compat.py"
+            for m, n in _private_uses(f)
+            if not _covered(m, n)
+        }
+    )
     assert not missing, f"add these to ckptplan/_compat.py's REQUIRED and docs/torch-compat.md: {missing}"
 
 
@@ -113,8 +123,9 @@ def test_detach_cached_keeps_storage_and_version():
     assert d._version == t._version  # a mutation after caching is seen (_VersionWrapper raises on it)
 
 
-@pytest.mark.parametrize(("version", "warns"), [("2.11.0+cu130", False), ("2.13.0+cpu", False),
-                                                ("2.10.0", True), ("3.0.0", True)])
+@pytest.mark.parametrize(
+    ("version", "warns"), [("2.11.0+cu130", False), ("2.13.0+cpu", False), ("2.10.0", True), ("3.0.0", True)]
+)
 def test_release_outside_the_range_warns(monkeypatch, version, warns):
     monkeypatch.setattr(torch, "__version__", version)
     with warnings.catch_warnings(record=True) as seen:
@@ -125,14 +136,22 @@ def test_release_outside_the_range_warns(monkeypatch, version, warns):
         assert "untested" in str(seen[0].message)
 
 
-@pytest.mark.parametrize("use", [
-    "import ckptplan; ckptplan.trace",  # the package binds its torch names on first use (NOTE [ Lazy package ])
-    "from ckptplan.modelspec import load_model; load_model('x.py:f')",  # the CLI's way into torch
-])
+@pytest.mark.parametrize(
+    "use",
+    [
+        "import ckptplan; ckptplan.trace",  # the package binds its torch names on first use (NOTE [ Lazy package ])
+        "from ckptplan.modelspec import load_model; load_model('x.py:f')",  # the CLI's way into torch
+    ],
+)
 def test_first_use_names_what_is_missing(use):
     code = f"import torch.utils.checkpoint as c; del c.SAC_IGNORED_OPS; {use}"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+    )
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("ckptplan._compat.UnsupportedTorch") and "SAC_IGNORED_OPS is missing" in last

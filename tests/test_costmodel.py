@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ckptplan
+import ckptplan.shapes
 from ckptplan import costmodel
 from ckptplan.solver import cpsat, remat
 from ckptplan.solver.regions import candidate_regions
@@ -45,13 +46,15 @@ def test_a_rematerialization_pays_its_own_call_and_its_hooks_and_shares_its_mode
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packs.append(1) or t, lambda t: t):
         model(x)  # the forward alone: the loss's saved tensors are outside the hook's reach
     assert graph.saved_tensors == len(packs) > 0
-    remats = [r for r in ckptplan.planner.candidates(graph) if r.remat]
+    remats = [r for r in ckptplan.shapes.candidates(graph) if r.remat]
     assert remats
     for r in remats:
         call = remat.anchor(graph, r.first_op, r.end_op)
         assert r.checkpoint_ns == cpu.remat_ns + (r.end_op - r.first_op) * per_op
-        assert dict(r.shared) == {f"{remat.SHARED_MODE}{call.path}": (call.end_op - call.first_op) * cpu.remat_visit_ns,
-                                  remat.SHARED_HOOK: len(packs) * cpu.remat_pack_ns}
+        assert dict(r.shared) == {
+            f"{remat.SHARED_MODE}{call.path}": (call.end_op - call.first_op) * cpu.remat_visit_ns,
+            remat.SHARED_HOOK: len(packs) * cpu.remat_pack_ns,
+        }
 
 
 def test_rematerializations_in_one_module_call_pay_its_mode_and_the_hook_once():
@@ -60,7 +63,7 @@ def test_rematerializations_in_one_module_call_pay_its_mode_and_the_hook_once():
     mode, not the hook again."""
     torch.manual_seed(0)
     graph = ckptplan.trace(_Chain(2, 16), torch.randn(4, 32, 16))
-    regions = ckptplan.planner.candidates(graph)
+    regions = ckptplan.shapes.candidates(graph)
     index = {r.path: j for j, r in enumerate(regions)}
     a, b, other = (regions[index[p]] for p in ("blocks.0.@4", "blocks.0.@7", "blocks.1.@4"))
     mode, hook = dict(a.shared)[f"{remat.SHARED_MODE}blocks.0"], dict(a.shared)[remat.SHARED_HOOK]
@@ -163,7 +166,8 @@ def test_an_op_with_a_line_of_its_own_pays_its_fixed_part_its_flops_and_its_traf
     assert gelu is not None and gelu.flops_per_s is None and gelu.fixed_ns == 0
     for f in (0, 10**12):  # a line without a FLOP rate charges no FLOPs
         assert cpu.cost_ns(flops=f, bytes_moved=moved, is_view=False, op="gelu") == cpu.op_overhead_ns + round(
-            moved / gelu.bytes_per_s * 1e9)
+            moved / gelu.bytes_per_s * 1e9
+        )
     assert costmodel.GPU.op_rate("convolution") is None
     with pytest.raises(ValueError, match="bytes_per_s must be > 0, got 0"):
         costmodel.OpRate(op="convolution", bytes_per_s=0)
@@ -179,8 +183,13 @@ def test_a_traced_convolution_is_priced_by_its_line():
     """The tracer prices each op with its aten name: a CPU convolution's and a training BatchNorm's
     estimates are their own lines', a matmul's and a LayerNorm's their class's."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
-                                torch.nn.LayerNorm(8 * 16 * 16), torch.nn.Linear(8 * 16 * 16, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Flatten(),
+        torch.nn.LayerNorm(8 * 16 * 16),
+        torch.nn.Linear(8 * 16 * 16, 4),
+    )
     graph = ckptplan.trace(model, torch.randn(2, 8, 16, 16))
     cpu = costmodel.CPU
 

@@ -29,7 +29,7 @@ def _model():
 
 def _shard(args, rank):
     n = BATCH // WORLD
-    return tuple(a[rank * n:(rank + 1) * n] for a in args)
+    return tuple(a[rank * n : (rank + 1) * n] for a in args)
 
 
 def _worker(rank: int, port: int, wrapper: str, plan_yaml: str, out_dir: str) -> None:
@@ -67,8 +67,10 @@ def _worker(rank: int, port: int, wrapper: str, plan_yaml: str, out_dir: str) ->
             g = p.grad
             grads[n] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
         if rank == 0:
-            torch.save({"grads": grads, "extra": handle.stats.extra_forward_flops, "peak": peak},
-                       os.path.join(out_dir, "r0.pt"))
+            torch.save(
+                {"grads": grads, "extra": handle.stats.extra_forward_flops, "peak": peak},
+                os.path.join(out_dir, "r0.pt"),
+            )
     finally:
         dist.destroy_process_group()
 
@@ -122,8 +124,9 @@ def test_per_rank_transformation(reference):
     sizes = {}
     for s in graph.storages:
         if s.kind.value == "param":
-            unit = next((u for u in ("layers.0", "layers.1", "layers.2", "layers.3")
-                         if names[s.id].startswith(u + ".")), "")
+            unit = next(
+                (u for u in ("layers.0", "layers.1", "layers.2", "layers.3") if names[s.id].startswith(u + ".")), ""
+            )
             sizes[unit] = sizes.get(unit, 0) + s.nbytes
     root = sizes.pop("")
     assert fsdp.extra_fixed_bytes == root + 3 * max(sizes.values())
@@ -141,8 +144,22 @@ def test_cli_parallel_options(tmp_path):
     from ckptplan.cli import app
 
     spec = ["-m", str(ROOT / "examples" / "llama.py") + ":llama_tiny", "-a", "batch_size=8", "-a", "seq_len=128"]
-    ok = CliRunner().invoke(app, ["solve", "-b", "60%", *spec, "--parallel", "fsdp", "--world-size", "2",
-                                  "-o", str(tmp_path / "p.yaml"), "--json"])
+    ok = CliRunner().invoke(
+        app,
+        [
+            "solve",
+            "-b",
+            "60%",
+            *spec,
+            "--parallel",
+            "fsdp",
+            "--world-size",
+            "2",
+            "-o",
+            str(tmp_path / "p.yaml"),
+            "--json",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert ckptplan.load_plan(tmp_path / "p.yaml").parallel == "fsdp:2"
     for bad in (["--parallel", "zero"], ["--world-size", "2"], ["--world-size", "0", "--parallel", "ddp"]):

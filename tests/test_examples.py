@@ -80,6 +80,7 @@ def test_same_seed_same_loss(spec):
 @pytest.mark.parametrize("spec", ["llama:llama_tiny", "resnet:resnet_tiny", "unet:unet_tiny"])
 def test_train_mode_step_is_deterministic_without_dropout(spec):
     """These models have no dropout, so even a train-mode step (BN batch stats) repeats exactly."""
+
     def step(seed):
         model, args, kwargs = unpack(factory(spec)(device="cpu", seed=seed))
         loss = model(*args, **kwargs)
@@ -116,8 +117,8 @@ def test_resnet_stage_count_follows_blocks(blocks, widths):
 
 BIG = [
     # (factory, exact parameter count)
-    ("gpt2:gpt2_small", 124_439_808),    # nanoGPT's GPT-2 small (124M) with tied lm_head
-    ("llama:llama_7b", 6_738_415_616),   # Llama-2 7B
+    ("gpt2:gpt2_small", 124_439_808),  # nanoGPT's GPT-2 small (124M) with tied lm_head
+    ("llama:llama_7b", 6_738_415_616),  # Llama-2 7B
     ("resnet:resnet18ish", 11_689_512),  # torchvision resnet18
     ("resnet:resnet50ish", 25_557_032),  # torchvision resnet50
 ]
@@ -159,8 +160,7 @@ def test_llama_gqa_matches_enable_gqa():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 16, 32, generator=g)
     k, v = torch.randn(2, 2, 16, 32, generator=g), torch.randn(2, 2, 16, 32, generator=g)
-    ours = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                          is_causal=True)
+    ours = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     builtin = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.allclose(ours, builtin, atol=1e-6)
 

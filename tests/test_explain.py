@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from ckptplan.cli import app
 from ckptplan.explain import Kind, breakdown, explain, module_rows
-from ckptplan.planner import candidates
+from ckptplan.shapes import candidates
 
 from .conftest import solve_at
 
@@ -55,8 +55,9 @@ def test_module_rows_fold_identical_layers_in_model_order(traced):
 @pytest.fixture(scope="module")
 def plan_file(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("explain") / "plan.yaml"
-    result = CliRunner().invoke(app, ["solve", "-m", GPT2, *ARGS, "-b", "70%", "-o", str(out), "--time-limit",
-                                      "600", "--quiet"])
+    result = CliRunner().invoke(
+        app, ["solve", "-m", GPT2, *ARGS, "-b", "70%", "-o", str(out), "--time-limit", "600", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -69,8 +70,11 @@ def test_explain_json_sums_to_the_plans_peaks(plan_file):
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)
     assert sum(d["plan"]["by_kind"].values()) == d["plan"]["peak_bytes"] == plan.predicted_peak_bytes
-    assert (sum(d["no_checkpointing"]["by_kind"].values()) == d["no_checkpointing"]["peak_bytes"]
-            == plan.baseline_peak_bytes)
+    assert (
+        sum(d["no_checkpointing"]["by_kind"].values())
+        == d["no_checkpointing"]["peak_bytes"]
+        == plan.baseline_peak_bytes
+    )
     assert sum(d["plan"]["activations_by_module"].values()) == d["plan"]["by_kind"]["activations"]
 
 
@@ -85,8 +89,7 @@ def test_explain_fits_the_terminal_and_leads_with_the_answer(plan_file, width):
 
 
 def test_explain_with_another_model_exits_5(plan_file):
-    result = CliRunner().invoke(app, ["explain", str(plan_file), "-m", GPT2, "-a", "batch_size=2",
-                                      "-a", "seq_len=64"])
+    result = CliRunner().invoke(app, ["explain", str(plan_file), "-m", GPT2, "-a", "batch_size=2", "-a", "seq_len=64"])
     assert result.exit_code == 5, result.output
 
 
@@ -103,5 +106,8 @@ def test_trace_leads_with_the_peaks():
     result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["trace", "-m", GPT2, *ARGS])
     assert result.exit_code == 0, result.output
     first = result.stderr.splitlines()[0]
-    assert re.match(r"peak [\d.]+ [KMG]iB without checkpointing, [\d.]+ [KMG]iB with each block checkpointed "
-                    r"\(\+[\d.]+% FLOPs\); \d+ candidate regions$", first), first
+    assert re.match(
+        r"peak [\d.]+ [KMG]iB without checkpointing, [\d.]+ [KMG]iB with each block checkpointed "
+        r"\(\+[\d.]+% FLOPs\); \d+ candidate regions$",
+        first,
+    ), first

@@ -30,6 +30,7 @@ def build(**fixed):
     def traced(value: int):
         model, args = stack(**{**fixed, "batch_size": value})
         return ckptplan.trace(model, *args)
+
     return traced
 
 
@@ -48,8 +49,14 @@ def flat(text: str) -> str:
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 13, 100, 1000])
 def test_search_finds_the_largest_value_in_logarithmic_trials(monkeypatch, k):
     def oracle(graph, value, budget_bytes, **_):
-        return Trial(value=value, no_checkpointing_peak_bytes=1, minimum_bytes=1, minimum_proven=True,
-                     forward_cost_ns=1, plan=object() if value <= k else None)  # type: ignore[arg-type]
+        return Trial(
+            value=value,
+            no_checkpointing_peak_bytes=1,
+            minimum_bytes=1,
+            minimum_proven=True,
+            forward_cost_ns=1,
+            plan=object() if value <= k else None,
+        )  # type: ignore[arg-type]
 
     monkeypatch.setattr(fit_module, "_try", oracle)
     result = fit(lambda value: None, "1GB", limit=4096)  # type: ignore[arg-type,return-value]
@@ -57,23 +64,37 @@ def test_search_finds_the_largest_value_in_logarithmic_trials(monkeypatch, k):
     assert result.best.value == k and not result.at_limit
     assert len(set(values)) == len(values)  # never the same value twice
     assert len(values) <= 2 * math.ceil(math.log2(k + 1)) + 1
-    doubling = values[:values.index(2 ** math.ceil(math.log2(k + 1))) + 1]
+    doubling = values[: values.index(2 ** math.ceil(math.log2(k + 1))) + 1]
     assert doubling == [2**i for i in range(len(doubling))]  # exponential first, then bisection
 
 
-@pytest.mark.parametrize(("k", "start", "limit", "multiple", "best", "at_limit"), [
-    (100, 1, 40, 1, 40, True),  # everything fits up to the limit
-    (70, 16, 1000, 16, 64, False),  # multiples of 16 only, from 16
-    (70, 10, 1000, 16, 64, False),  # start rounds up to a multiple
-])
+@pytest.mark.parametrize(
+    ("k", "start", "limit", "multiple", "best", "at_limit"),
+    [
+        (100, 1, 40, 1, 40, True),  # everything fits up to the limit
+        (70, 16, 1000, 16, 64, False),  # multiples of 16 only, from 16
+        (70, 10, 1000, 16, 64, False),  # start rounds up to a multiple
+    ],
+)
 def test_search_bounds(monkeypatch, k, start, limit, multiple, best, at_limit):
     def oracle(graph, value, budget_bytes, **_):
-        return Trial(value=value, no_checkpointing_peak_bytes=1, minimum_bytes=1, minimum_proven=True,
-                     forward_cost_ns=1, plan=object() if value <= k else None)  # type: ignore[arg-type]
+        return Trial(
+            value=value,
+            no_checkpointing_peak_bytes=1,
+            minimum_bytes=1,
+            minimum_proven=True,
+            forward_cost_ns=1,
+            plan=object() if value <= k else None,
+        )  # type: ignore[arg-type]
 
     monkeypatch.setattr(fit_module, "_try", oracle)
-    result = fit(lambda value: None, "1GB", start=start, limit=limit,  # type: ignore[arg-type,return-value]
-                 multiple_of=multiple)
+    result = fit(
+        lambda value: None,
+        "1GB",
+        start=start,
+        limit=limit,  # type: ignore[arg-type,return-value]
+        multiple_of=multiple,
+    )
     assert (result.best.value, result.at_limit) == (best, at_limit)
     assert all(t.value % multiple == 0 and start <= t.value <= limit for t in result.trials)
 
@@ -107,8 +128,11 @@ def test_largest_batch_on_the_tiny_stack_is_the_last_that_solves():
 
 
 def test_nothing_fits_names_the_minimum_at_the_start():
-    with pytest.raises(InfeasibleBudget, match=r"nothing fits budget 100\.00 KiB: even at batch_size=1, the "
-                                               r"minimum is .* KiB; try --budget") as e:
+    with pytest.raises(
+        InfeasibleBudget,
+        match=r"nothing fits budget 100\.00 KiB: even at batch_size=1, the "
+        r"minimum is .* KiB; try --budget",
+    ) as e:
         fit(build(), "100KiB", time_limit_s=LIMIT)
     assert e.value.minimum_bytes > 100 * 1024 and e.value.minimum_proven
 
@@ -116,8 +140,7 @@ def test_nothing_fits_names_the_minimum_at_the_start():
 # ---- the CLI --------------------------------------------------------------------------------------
 def test_cli_writes_the_plan_of_the_largest_batch(tmp_path):
     out = tmp_path / "fit.yaml"
-    result = run("fit", "-m", STACK, "--vary", "batch_size", "-b", "1MiB", "-o", str(out),
-                 "--time-limit", str(LIMIT))
+    result = run("fit", "-m", STACK, "--vary", "batch_size", "-b", "1MiB", "-o", str(out), "--time-limit", str(LIMIT))
     assert result.exit_code == 0, result.output
     plan = load_plan(out)
     best = plan.inputs[0].split("[")[1].split(",")[0]  # float32[B, T, W]
@@ -135,8 +158,26 @@ def test_cli_writes_the_plan_of_the_largest_batch(tmp_path):
 
 def test_cli_json_varies_seq_len_up_to_the_limit(tmp_path):
     out = tmp_path / "seq.yaml"
-    result = run("fit", "-m", STACK, "--vary", "seq_len", "--start", "16", "--max", "64", "--multiple-of", "16",
-                 "-b", "1MiB", "-o", str(out), "--time-limit", str(LIMIT), "--json")
+    result = run(
+        "fit",
+        "-m",
+        STACK,
+        "--vary",
+        "seq_len",
+        "--start",
+        "16",
+        "--max",
+        "64",
+        "--multiple-of",
+        "16",
+        "-b",
+        "1MiB",
+        "-o",
+        str(out),
+        "--time-limit",
+        str(LIMIT),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)
     assert (d["argument"], d["best"], d["at_limit"], d["plan_file"]) == ("seq_len", 64, True, str(out))
@@ -144,14 +185,24 @@ def test_cli_json_varies_seq_len_up_to_the_limit(tmp_path):
     assert load_plan(out).inputs == ("float32[2, 64, 32]",)
 
 
-@pytest.mark.parametrize(("args", "code", "message"), [
-    (["--vary", "batchsize", "-b", "1MiB"], 2,
-     "the factory stack takes no argument 'batchsize'; it takes: batch_size, seq_len, width, depth, seed"),
-    (["--vary", "batch_size", "-b", "50%"], 2, "budget '50%' is a percentage of the unplanned peak"),
-    (["--vary", "batch_size", "-b", "1MiB", "-a", "batch_size=4"], 2, "--vary batch_size sets batch_size; drop -a"),
-    (["--vary", "batch size", "-b", "1MiB"], 2, "--vary 'batch size' must name a factory argument"),
-    (["--vary", "batch_size", "-b", "100KiB"], 3, "nothing fits budget 100.00 KiB: even at batch_size=1, the minimum"),
-])
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ["--vary", "batchsize", "-b", "1MiB"],
+            2,
+            "the factory stack takes no argument 'batchsize'; it takes: batch_size, seq_len, width, depth, seed",
+        ),
+        (["--vary", "batch_size", "-b", "50%"], 2, "budget '50%' is a percentage of the unplanned peak"),
+        (["--vary", "batch_size", "-b", "1MiB", "-a", "batch_size=4"], 2, "--vary batch_size sets batch_size; drop -a"),
+        (["--vary", "batch size", "-b", "1MiB"], 2, "--vary 'batch size' must name a factory argument"),
+        (
+            ["--vary", "batch_size", "-b", "100KiB"],
+            3,
+            "nothing fits budget 100.00 KiB: even at batch_size=1, the minimum",
+        ),
+    ],
+)
 def test_cli_errors(args, code, message):
     result = run("fit", "-m", STACK, *args, "--time-limit", str(LIMIT))
     assert result.exit_code == code, result.output

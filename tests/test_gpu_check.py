@@ -17,8 +17,9 @@ from .conftest import ROOT
 
 def _script(name: str):
     """A benchmark script by its path under benchmarks/ ("gpu_check", "calibration/gpu_calibrate")."""
-    spec = importlib.util.spec_from_file_location(f"ckptplan_bench_{name.replace('/', '_')}",
-                                                  ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"ckptplan_bench_{name.replace('/', '_')}", ROOT / "benchmarks" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -27,8 +28,9 @@ def _script(name: str):
 
 @pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
-    out = _script("gpu_check").main(["--smoke", "--out", str(tmp_path), "--models", "llama,gpt2,gpt2_amp",
-                                     "--steps", "1", "--time-limit", "20"])
+    out = _script("gpu_check").main(
+        ["--smoke", "--out", str(tmp_path), "--models", "llama,gpt2,gpt2_amp", "--steps", "1", "--time-limit", "20"]
+    )
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["model"] for r in saved["results"]] == ["llama", "gpt2", "gpt2_amp"]
     assert [r["autocast"] for r in saved["results"]] == ["", "", "bfloat16"]

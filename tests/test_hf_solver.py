@@ -8,7 +8,7 @@ import torch
 
 import ckptplan
 from ckptplan.measure import measure_peak
-from ckptplan.planner import candidates
+from ckptplan.shapes import candidates
 from ckptplan.solver.regions import candidate_regions, outermost
 from ckptplan.solver.simulate import simulate
 
@@ -17,8 +17,9 @@ from ckptplan.solver.simulate import simulate
 def swin():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-                                     window_size=4, num_labels=10)
+    config = transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=10
+    )
     model = transformers.SwinForImageClassification(config)
     pixels, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     return model, pixels, labels, ckptplan.trace(model, pixels, labels=labels)
@@ -63,16 +64,25 @@ def test_mamba_minimum_without_a_proof_is_what_checkpoints_reach(monkeypatch):
     from ckptplan.solver import cpsat
 
     torch.manual_seed(0)
-    model = transformers.MambaForCausalLM(transformers.MambaConfig(hidden_size=32, num_hidden_layers=2,
-                                                                   vocab_size=100, state_size=8))
+    model = transformers.MambaForCausalLM(
+        transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=100, state_size=8)
+    )
     ids = torch.randint(0, 100, (2, 64))
     graph = ckptplan.trace(model, ids, labels=ids)
     real_solve = cpsat._Model.solve
 
     def no_minimum(self, **kwargs):  # every minimum-peak search ends at its limit with nothing
         if kwargs["budget_bytes"] is None:
-            return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0, wall_s=0.0,
-                                  deterministic_s=kwargs["deterministic_limit"], num_variables=0, num_constraints=0)
+            return cpsat.Solution(
+                status=cpsat.Status.UNKNOWN,
+                saved={},
+                objective_ns=0,
+                bound_ns=0,
+                wall_s=0.0,
+                deterministic_s=kwargs["deterministic_limit"],
+                num_variables=0,
+                num_constraints=0,
+            )
         return real_solve(self, **kwargs)
 
     monkeypatch.setattr(cpsat._Model, "solve", no_minimum)

@@ -135,8 +135,9 @@ def test_callback_with_a_given_shape(gpt2):
 def test_callback_refuses_hf_checkpointing_and_half_a_shape(gpt2):
     model, _, budget = gpt2
     with pytest.raises(ckptplan.InputError, match="gradient_checkpointing"):
-        CkptplanCallback(budget=budget).on_train_begin(SimpleNamespace(gradient_checkpointing=True), None, None,
-                                                       model=model)
+        CkptplanCallback(budget=budget).on_train_begin(
+            SimpleNamespace(gradient_checkpointing=True), None, None, model=model
+        )
     with pytest.raises(ckptplan.InputError, match="both"):
         CkptplanCallback(budget=budget, batch_size=B)
     with pytest.raises(ckptplan.InputError, match="train_dataloader"):

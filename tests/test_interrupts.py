@@ -148,13 +148,17 @@ def test_apply_refuses_to_cache_a_random_op_whatever_its_row_says():
     torch.manual_seed(0)
     model, args = _gpt2()
     plan = ckptplan.solve(ckptplan.trace(model, *args), "60%", objective="flops")
-    region = next(r for r in plan.regions if not r.remat and any(o.decision is Decision.SAVE for o in r.ops)
-                  and any(o.forced == "random" for o in r.ops))
+    region = next(
+        r
+        for r in plan.regions
+        if not r.remat and any(o.decision is Decision.SAVE for o in r.ops) and any(o.forced == "random" for o in r.ops)
+    )
     i = next(i for i, o in enumerate(region.ops) if o.forced == "random")
     ops = list(region.ops)
     ops[i] = dataclasses.replace(ops[i], decision=Decision.SAVE, forced=None, recompute_flops=0, recompute_ns=0)
-    edited = plan.with_regions(tuple(dataclasses.replace(r, ops=tuple(ops)) if r is region else r
-                                     for r in plan.regions))
+    edited = plan.with_regions(
+        tuple(dataclasses.replace(r, ops=tuple(ops)) if r is region else r for r in plan.regions)
+    )
     with ckptplan.apply(model, edited):
         with pytest.raises(ckptplan.PlanMismatch, match="draws random numbers"):
             model(*args)

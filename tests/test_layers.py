@@ -54,7 +54,7 @@ def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
         state[m] = 1
         for d in sorted(edges[m]):
             if state.get(d) == 1:
-                return path[path.index(d):] + [d]
+                return path[path.index(d) :] + [d]
             if d not in state and (found := visit(d, path + [d])):
                 return found
         state[m] = 2

@@ -1,4 +1,4 @@
-"""The tree passes ruff's lint and mypy, as pyproject.toml configures them ([tool.ruff], [tool.mypy]).
+"""The tree passes ruff's lint and format check and mypy, as pyproject.toml configures them ([tool.ruff], [tool.mypy]).
 
 conftest.py runs these first, so CI (.ci/run runs README's test command) checks lint and types before
 the other tests. Both tools come with the `test` extra; without them the tests skip and say how to get them.
@@ -29,6 +29,12 @@ def test_ruff_check_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format_is_clean():
+    """The tree is formatted as `ruff format` writes it ([tool.ruff.format]); fix with `ruff format .`."""
+    result = _run("ruff", "format", "--check", "--no-cache", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mypy_is_clean():
     """mypy over the ckptplan package (`mypy` from the repository root)."""
     result = _run("mypy")
@@ -37,6 +43,9 @@ def test_mypy_is_clean():
 
 def test_no_module_is_over_500_lines():
     """One job per module, a few hundred lines each: none of ckptplan's modules is over 500 lines."""
-    long = {str(p.relative_to(ROOT / "ckptplan")): n for p in sorted((ROOT / "ckptplan").rglob("*.py"))
-            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
+    long = {
+        str(p.relative_to(ROOT / "ckptplan")): n
+        for p in sorted((ROOT / "ckptplan").rglob("*.py"))
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500
+    }
     assert not long, long

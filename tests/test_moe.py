@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import ckptplan
+from ckptplan.decisions import check_plan
 from ckptplan.graph import Forced
 from ckptplan.measure import measure_peak
 from ckptplan.plan import Decision
-from ckptplan.planner import check_plan
 from ckptplan.trace import default_loss
 
 D, HIDDEN, EXPERTS, TOP_K, TOKENS = 32, 256, 4, 2, 512
@@ -114,7 +114,8 @@ def test_the_routing_is_traced_as_data_dependent(moe):
     # another routing: other ops in the spans, the same fingerprint (what a plan depends on)
     other = ckptplan.trace(model, _batch(7))
     assert [(o.name, o.outputs[0].shape if o.outputs else ()) for o in other.ops] != [
-        (o.name, o.outputs[0].shape if o.outputs else ()) for o in graph.ops]
+        (o.name, o.outputs[0].shape if o.outputs else ()) for o in graph.ops
+    ]
     assert other.fingerprint == graph.fingerprint
 
 

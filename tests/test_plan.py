@@ -96,10 +96,10 @@ def test_yaml_round_trip_is_exact_for_regions_in_path_order(plan, tmp_path):
     ordered = plan.with_regions(tuple(sorted(plan.regions, key=lambda r: _natural(r.path))))
     path = ordered.save(tmp_path / "ordered.yaml")
     loaded = load_plan(path)
-    assert dataclasses.replace(loaded, solve_time_s=ordered.solve_time_s,
-                               extra_cost_ns=ordered.extra_cost_ns) == ordered
+    assert (
+        dataclasses.replace(loaded, solve_time_s=ordered.solve_time_s, extra_cost_ns=ordered.extra_cost_ns) == ordered
+    )
     assert loaded.to_yaml() == path.read_text(encoding="utf-8")  # byte-identical when written again
-
 
 
 def test_round_trip_keeps_forward_order_of_regions(plan, saved):
@@ -223,8 +223,9 @@ def test_bad_decision_in_an_op_row_is_refused(saved):
     assert str(saved) in str(info.value)
 
 
-@pytest.mark.parametrize("line", ["model:", "fingerprint:", "signature:", "inputs:", "  plan:", "  forward:",
-                                  "  status:", "    type:"])
+@pytest.mark.parametrize(
+    "line", ["model:", "fingerprint:", "signature:", "inputs:", "  plan:", "  forward:", "  status:", "    type:"]
+)
 def test_missing_key_is_refused_naming_the_file(saved, line):
     text = saved.read_text(encoding="utf-8")
     kept = [ln for ln in text.splitlines(keepends=True) if not ln.startswith(line)]
@@ -236,17 +237,19 @@ def test_missing_key_is_refused_naming_the_file(saved, line):
     assert line.strip().rstrip(":") in str(info.value)  # the KeyError names the key
 
 
-@pytest.mark.parametrize("old, new, field", [
-    ("  status: optimal", "  status: done", "status"),
-    ("\n  bytes: ", "\n  bytes: -", "budget_bytes"),
-])
+@pytest.mark.parametrize(
+    "old, new, field",
+    [
+        ("  status: optimal", "  status: done", "status"),
+        ("\n  bytes: ", "\n  bytes: -", "budget_bytes"),
+    ],
+)
 def test_invalid_values_are_refused(saved, plan, old, new, field):
     if old.strip() == "status: optimal" and plan.status != "optimal":
         old = f"  status: {plan.status}"
     _edit(saved, old, new)
     with pytest.raises(InputError, match=field):
         load_plan(saved)
-
 
 
 def test_invalid_value_error_names_the_file(saved):
@@ -256,14 +259,13 @@ def test_invalid_value_error_names_the_file(saved):
     assert str(saved) in str(info.value)
 
 
-
 @pytest.mark.parametrize("cut", ["last op row", "last region block"])
 def test_plan_cut_at_a_line_boundary_is_refused(saved, cut):
     lines = saved.read_text(encoding="utf-8").splitlines(keepends=True)
     if cut == "last op row":
         lines = lines[:-1]
     else:
-        lines = lines[:max(i for i, ln in enumerate(lines) if ln.startswith("  - modules:"))]
+        lines = lines[: max(i for i, ln in enumerate(lines) if ln.startswith("  - modules:"))]
     saved.write_text("".join(lines), encoding="utf-8")
     with pytest.raises(InputError):
         load_plan(saved)

@@ -10,14 +10,35 @@ MiB = 2**20
 
 
 def _row(budget: int, policy: str, peak: int, flops: int, ns: int, knob: str = "") -> SweepRow:
-    return SweepRow(budget=f"{budget}MiB", budget_bytes=budget * MiB, policy=policy, knob=knob, fits=True,
-                    peak_bytes=peak * MiB, extra_forward_flops=flops, extra_cost_ns=ns)
+    return SweepRow(
+        budget=f"{budget}MiB",
+        budget_bytes=budget * MiB,
+        policy=policy,
+        knob=knob,
+        fits=True,
+        peak_bytes=peak * MiB,
+        extra_forward_flops=flops,
+        extra_cost_ns=ns,
+    )
 
 
-ROWS = [_row(12, "ckptplan", 11, 400, 2_000_000, "time"), _row(12, "op_sac", 11, 300, 3_000_000),
-        _row(10, "ckptplan", 9, 700, 5_000_000, "time"), _row(10, "op_sac", 9, 600, 6_000_000),
-        SweepRow(budget="8MiB", budget_bytes=8 * MiB, policy="ckptplan", knob="time", fits=False, peak_bytes=None,
-                 extra_forward_flops=None, extra_cost_ns=None, note="below the minimum")]
+ROWS = [
+    _row(12, "ckptplan", 11, 400, 2_000_000, "time"),
+    _row(12, "op_sac", 11, 300, 3_000_000),
+    _row(10, "ckptplan", 9, 700, 5_000_000, "time"),
+    _row(10, "op_sac", 9, 600, 6_000_000),
+    SweepRow(
+        budget="8MiB",
+        budget_bytes=8 * MiB,
+        policy="ckptplan",
+        knob="time",
+        fits=False,
+        peak_bytes=None,
+        extra_forward_flops=None,
+        extra_cost_ns=None,
+        note="below the minimum",
+    ),
+]
 
 
 def test_memory_unit_is_the_models_own():

@@ -30,8 +30,11 @@ def test_evaluate_is_what_cp_sat_computes(traced, name):
     regions, budget, model = _model_at(graph, 0.5)
     rng = random.Random(0)
     for _ in range(3):
-        saved = {j: frozenset(p for p in r.choices if rng.random() < 0.3)
-                 for j, r in enumerate(regions) if r in outermost(regions) and rng.random() < 0.7}
+        saved = {
+            j: frozenset(p for p in r.choices if rng.random() < 0.3)
+            for j, r in enumerate(regions)
+            if r in outermost(regions) and rng.random() < 0.7
+        }
         ev = model.evaluate(saved)
         m = model.m.clone()
         peak = m.get_int_var_from_proto_index(model.peak.index)
@@ -139,8 +142,16 @@ def test_a_search_ended_without_a_plan_returns_the_first_plan(traced, monkeypatc
     assert start.saved is not None and start.bound < start.cost  # found, not proven optimal
 
     def out_of_time(self, m, *args, **kwargs):
-        return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0, wall_s=1.0,
-                              deterministic_s=0.5, num_variables=0, num_constraints=0)
+        return cpsat.Solution(
+            status=cpsat.Status.UNKNOWN,
+            saved={},
+            objective_ns=0,
+            bound_ns=0,
+            wall_s=1.0,
+            deterministic_s=0.5,
+            num_variables=0,
+            num_constraints=0,
+        )
 
     monkeypatch.setattr(cpsat._Model, "_search_branches", out_of_time)
     sol = model.solve(budget_bytes=budget, time_limit_s=60, hint=None)

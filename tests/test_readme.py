@@ -21,9 +21,18 @@ def command_after(marker: str) -> str:
 
 
 def test_ci_runs_the_readme_test_command():
-    out = subprocess.run(["awk", r"/<!-- test-command -->/ {found=1; next} found && /^```/ "
-                          r"{if (inblock) exit; inblock=1; next} inblock {print}", "README.md"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [
+            "awk",
+            r"/<!-- test-command -->/ {found=1; next} found && /^```/ "
+            r"{if (inblock) exit; inblock=1; next} inblock {print}",
+            "README.md",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert out == command_after("test-command")
     assert "awk '/<!-- test-command -->/" in (ROOT / ".ci" / "run").read_text()
     assert "constraints.txt" in out and "pytest" in out
@@ -48,12 +57,18 @@ def test_training_loop_snippet_runs(tmp_path, monkeypatch):
     m = re.search(r"<!-- training-loop -->\s*```python\n(.+?)\n```", README, re.S)
     assert m, "README.md has no ```python block after <!-- training-loop -->"
     model, (x, y) = gpt2_tiny(batch_size=8, seq_len=128)  # activations dominate its peak
-    scope = {"model": model, "x": x, "y": y, "loader": [(x, y)] * 2,
-             "opt": torch.optim.SGD(model.parameters(), lr=1e-3)}
+    scope = {
+        "model": model,
+        "x": x,
+        "y": y,
+        "loader": [(x, y)] * 2,
+        "opt": torch.optim.SGD(model.parameters(), lr=1e-3),
+    }
     monkeypatch.chdir(tmp_path)
     exec(compile(m.group(1), "README.md", "exec"), scope)
     assert (tmp_path / "plans" / "model.yaml").is_file()
     handle = scope["handle"]
     assert handle.stats.steps == 2 and handle.stats.extra_forward_flops > 0  # the 70% plan recomputes
     from ckptplan import Handle
+
     assert Handle.of(model) is None  # handle.remove() left the plain model

@@ -81,8 +81,7 @@ CASES = [
 
 
 def _budgets(baseline: int, minimum: int) -> list[tuple[str, int]]:
-    return [*((f"{f:.2f} of the way", minimum + int(f * (baseline - minimum))) for f in BETWEEN),
-            ("minimum", minimum)]
+    return [*((f"{f:.2f} of the way", minimum + int(f * (baseline - minimum))) for f in BETWEEN), ("minimum", minimum)]
 
 
 def _hf_peak(model, step) -> int | None:
@@ -100,8 +99,10 @@ def _hf_peak(model, step) -> int | None:
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
 
 
-@pytest.mark.parametrize("name,routed", [
-    pytest.param(n, routed, id=n, marks=[pytest.mark.slow] if slow else []) for n, slow, routed in CASES])
+@pytest.mark.parametrize(
+    "name,routed",
+    [pytest.param(n, routed, id=n, marks=[pytest.mark.slow] if slow else []) for n, slow, routed in CASES],
+)
 def test_three_budgets_down_to_the_minimum(name, routed):
     bench = _bench()
     model, args, kwargs = bench.hf_zoo.ZOO[name]()

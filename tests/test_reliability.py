@@ -287,8 +287,9 @@ def edit_rows(text: str, pick, new: str, limit: int) -> str:
 
 def test_hand_edit_that_no_longer_fits_is_caught_with_the_overshoot(plan_file, tmp_path):
     edited = tmp_path / "edited.yaml"
-    edited.write_text(edit_rows(plan_file.read_text(), lambda row: '"recompute"' in row and row.endswith("null]"),
-                                "save", 40))
+    edited.write_text(
+        edit_rows(plan_file.read_text(), lambda row: '"recompute"' in row and row.endswith("null]"), "save", 40)
+    )
     for command in ("verify", "show"):
         result = run(command, str(edited), *ARGS)
         assert result.exit_code == 2, result.output
@@ -310,9 +311,16 @@ def test_time_limit_with_no_plan_exits_4(monkeypatch, tmp_path):
 
     def never(self, **kwargs):
         sol = real(self, **kwargs)
-        return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0,
-                              wall_s=sol.wall_s, deterministic_s=sol.deterministic_s,
-                              num_variables=0, num_constraints=0)
+        return cpsat.Solution(
+            status=cpsat.Status.UNKNOWN,
+            saved={},
+            objective_ns=0,
+            bound_ns=0,
+            wall_s=sol.wall_s,
+            deterministic_s=sol.deterministic_s,
+            num_variables=0,
+            num_constraints=0,
+        )
 
     monkeypatch.setattr(cpsat._Model, "solve", never)
     out = tmp_path / "p.yaml"
@@ -326,9 +334,12 @@ def test_time_limit_with_no_plan_exits_4(monkeypatch, tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(text=st.one_of(st.text(max_size=12),
-                      st.from_regex(r"[ -]?[0-9]{0,4}(\.[0-9]{0,3})?[ ]?(|[kKmMgGtT]i?[bB]?|%|bit|[eE][0-9])",
-                                    fullmatch=True)))
+@given(
+    text=st.one_of(
+        st.text(max_size=12),
+        st.from_regex(r"[ -]?[0-9]{0,4}(\.[0-9]{0,3})?[ ]?(|[kKmMgGtT]i?[bB]?|%|bit|[eE][0-9])", fullmatch=True),
+    )
+)
 def test_any_budget_string_gets_exit_2_and_a_message_never_a_traceback(text):
     """Valid budgets go on to load the (missing) model; invalid ones stop at the budget. Both exit 2."""
     result = run("solve", "-b", text, "-m", "no/such/model.py:factory", "-q")
@@ -351,10 +362,30 @@ def test_ctrl_c_writes_the_best_plan_or_nothing(tmp_path):
     from pathlib import Path
 
     out = tmp_path / "plan.yaml"
-    proc = subprocess.Popen([sys.executable, "-m", "ckptplan.cli", "solve", "-m", "examples/gpt2.py:gpt2_xl",
-                             "-b", "85%", "--gap", "0", "--time-limit", "60", "-o", str(out), "-q",
-                             "--target", "cpu"],  # a CPU step: its attention matrices leave much to plan
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ckptplan.cli",
+            "solve",
+            "-m",
+            "examples/gpt2.py:gpt2_xl",
+            "-b",
+            "85%",
+            "--gap",
+            "0",
+            "--time-limit",
+            "60",
+            "-o",
+            str(out),
+            "-q",
+            "--target",
+            "cpu",
+        ],  # a CPU step: its attention matrices leave much to plan
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # Python's default SIGINT handler would end the imports with a traceback: wait until the solve command
     # runs (it loads OR-Tools before the trace, ~8 s, and the search), however long a busy machine takes
     maps = Path(f"/proc/{proc.pid}/maps")

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 import ckptplan
+from ckptplan.decisions import plan_decisions
 from ckptplan.graph import Forced, parse_path
 from ckptplan.measure import measure_peak
 from ckptplan.plan import load_plan
-from ckptplan.planner import candidates, plan_decisions
+from ckptplan.shapes import candidates
 from ckptplan.solver.regions import candidate_regions
 from ckptplan.solver.remat import remat_candidates
 from ckptplan.solver.simulate import simulate
@@ -26,8 +27,10 @@ def grads_and_buffers(model: nn.Module, args: tuple) -> tuple[dict, dict]:
     model.zero_grad(set_to_none=True)
     out = model(*args)
     (out if out.dim() == 0 else out.sum()).backward()
-    return ({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-            {n: b.clone() for n, b in model.named_buffers()})
+    return (
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        {n: b.clone() for n, b in model.named_buffers()},
+    )
 
 
 class ConvBlock(nn.Module):
@@ -133,7 +136,7 @@ def test_plan_file_round_trip_and_a_wrong_target_is_refused(conv_block, tmp_path
     plan = ckptplan.solve(graph, "90%", objective="flops")
     path = plan.save(tmp_path / "p.yaml")
     again = load_plan(path)
-    assert again == plan and "type: \"rematerialize\"" in path.read_text()
+    assert again == plan and 'type: "rematerialize"' in path.read_text()
     assert plan_decisions(graph, again)[1] == plan_decisions(graph, plan)[1]
     text = path.read_text().replace("target: [0, 0]", "target: [0, 1]", 1)
     assert text != path.read_text()
@@ -167,10 +170,18 @@ def test_a_keyword_input_is_held_by_the_checkpoint_of_its_module():
     assert norm_out in graph.module_call("blocks.0").input_storages
     assert any(r.remat and r.target == norm_out for r in candidates(graph))
     # the block checkpointed and its keyword input rematerialized: the checkpoint keeps the input anyway
-    remat = next(r for b in ("95%", "85%", "75%") for r in ckptplan.solve(graph, b, objective="flops").regions
-                 if r.remat and r.path.startswith("norms.1"))
-    block = next(r for b in ("80%", "70%", "60%") for r in ckptplan.solve(graph, b, rematerialize=False).regions
-                 if r.path == "blocks.1")
+    remat = next(
+        r
+        for b in ("95%", "85%", "75%")
+        for r in ckptplan.solve(graph, b, objective="flops").regions
+        if r.remat and r.path.startswith("norms.1")
+    )
+    block = next(
+        r
+        for b in ("80%", "70%", "60%")
+        for r in ckptplan.solve(graph, b, rematerialize=False).regions
+        if r.path == "blocks.1"
+    )
     plan = dataclasses.replace(ckptplan.solve(graph, "85%"), regions=(remat, block))
     regions, saved = plan_decisions(graph, plan)
     predicted = simulate(graph, regions, saved).peak_bytes
@@ -192,8 +203,9 @@ def test_higher_order_gradients_are_refused(conv_block):
 
 def only(graph, path: str, budgets: tuple[str, ...]) -> ckptplan.Plan:
     """The first FLOPs-optimal plan at ``budgets`` that rematerializes ``path``, with only that decision."""
-    plan = next(p for p in (ckptplan.solve(graph, b, objective="flops") for b in budgets)
-                if path in {r.path for r in p.regions})
+    plan = next(
+        p for p in (ckptplan.solve(graph, b, objective="flops") for b in budgets) if path in {r.path for r in p.regions}
+    )
     return dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.path == path))
 
 
@@ -234,8 +246,11 @@ def test_a_recipe_reads_a_kept_convolution_instead_of_rerunning_it(tmp_path):
     model, x = Downsample(), torch.randn(8, 4, 16, 16)
     state = copy.deepcopy(model.state_dict())
     graph = ckptplan.trace(model, x)
-    out = next(r for r in candidates(graph) if r.remat and graph.ops[graph.storages[r.target].producer].name
-               == "aten.add.Tensor")
+    out = next(
+        r
+        for r in candidates(graph)
+        if r.remat and graph.ops[graph.storages[r.target].producer].name == "aten.add.Tensor"
+    )
     kept = [graph.ops[i].name for i in out.kept]
     assert kept == ["aten.convolution.default"]  # the shortcut conv: read, not rerun
     assert graph.ops[out.kept[0]].module == "shortcut.0" and out.first_op < out.kept[0]
@@ -291,14 +306,21 @@ def test_a_holding_recipe_keeps_the_costly_half_of_a_concatenation():
     model, x = UpCat(), torch.randn(8, 3, 32, 32)
     state = copy.deepcopy(model.state_dict())
     graph = ckptplan.trace(model, x)
-    cats = [r for r in candidates(graph) if r.remat and graph.ops[graph.storages[r.target].producer].name
-            == "aten.cat.default"]
+    cats = [
+        r
+        for r in candidates(graph)
+        if r.remat and graph.ops[graph.storages[r.target].producer].name == "aten.cat.default"
+    ]
     held = next(r for r in cats if [graph.ops[i].name for i in r.recipe] == ["aten.cat.default"])
     others = [r for r in cats if r is not held]
     assert others and all(any(graph.ops[i].flops for i in r.recipe) for r in others)  # rerun the transposed conv
     assert all(held.path.startswith(r.path + ".") and held.target == r.target for r in others)  # one at most
-    up_out = next(s for s in graph.ops[held.first_op].inputs if graph.storages[s].producer is not None
-                  and graph.ops[graph.storages[s].producer].name == "aten.convolution.default")
+    up_out = next(
+        s
+        for s in graph.ops[held.first_op].inputs
+        if graph.storages[s].producer is not None
+        and graph.ops[graph.storages[s].producer].name == "aten.convolution.default"
+    )
     assert not graph.storages[up_out].saved_by and up_out in held.input_storages
     regions = candidates(graph)
     saved = {held.path: frozenset()}
@@ -315,8 +337,9 @@ def test_a_mismatch_in_an_eager_model_does_not_blame_torch_compile(conv_block):
     torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))  # something else in the process is compiled
     plan = ckptplan.solve(ckptplan.trace(model, *args), "90%", objective="flops")
     region = next(r for r in plan.regions if r.remat)
-    edited = dataclasses.replace(region, ops=(dataclasses.replace(region.ops[0], op="aten.sin.default"),
-                                              *region.ops[1:]))
+    edited = dataclasses.replace(
+        region, ops=(dataclasses.replace(region.ops[0], op="aten.sin.default"), *region.ops[1:])
+    )
     plan = dataclasses.replace(plan, regions=tuple(edited if r is region else r for r in plan.regions))
     with ckptplan.apply(model, plan), pytest.raises(ckptplan.PlanMismatch, match="another path") as info:
         model(*args).backward()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ckptplan import report
-from ckptplan.plan import expand_paths, fold_names, load_plan, path_order
+from ckptplan.names import expand_paths, fold_names, path_order
+from ckptplan.plan import load_plan
 
 from .conftest import ROOT
 
@@ -18,8 +19,7 @@ def test_path_order_is_numeric():
 def test_fold_names_groups_layers_in_first_seen_order():
     paths = [f"h.{i}.{part}" for i in (0, 1, 2, 10, 11) for part in ("attn", "mlp")] + ["ln_f"]
     got = fold_names(paths)
-    assert [(label, len(m)) for label, m in got] == [("h.{0-2,10-11}.attn", 5), ("h.{0-2,10-11}.mlp", 5),
-                                                     ("ln_f", 1)]
+    assert [(label, len(m)) for label, m in got] == [("h.{0-2,10-11}.attn", 5), ("h.{0-2,10-11}.mlp", 5), ("ln_f", 1)]
     assert expand_paths(got[0][0]) == [p for p in paths if p.endswith("attn")]
     nested = fold_names(["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0"])
     assert nested == [("layers.*.blocks.*", ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0"])]
@@ -33,7 +33,9 @@ def test_format_ns(ns, text):
 def test_answer_leads_with_saved_memory_costs_and_folded_regions():
     plan = load_plan(ROOT / "plans" / "gpt2_small-8GB.yaml")
     text = report.answer(plan, forward_cost_ns=plan.extra_cost_ns)  # recompute = one forward: 33.3% of a step
-    assert text.startswith("saves 2.50 GiB: peak 7.30 GiB of budget 7.45 GiB (9.80 GiB without checkpointing); "
-                           "+33.3% est. step time, est. recompute 3.6 ms, +33.5% FLOPs; checkpoints ")
+    assert text.startswith(
+        "saves 2.50 GiB: peak 7.30 GiB of budget 7.45 GiB (9.80 GiB without checkpointing); "
+        "+33.3% est. step time, est. recompute 3.6 ms, +33.5% FLOPs; checkpoints "
+    )
     assert "transformer.h.{0-5}.mlp (6)" in text
     assert "estimated_recompute_ns" not in str(report.summary_table(plan).columns)

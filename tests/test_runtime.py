@@ -232,8 +232,9 @@ def test_a_model_with_frozen_parameters_is_measured_and_fits_to_the_byte():
         def __init__(self) -> None:
             super().__init__()
             self.emb = nn.Embedding(100, 64)
-            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
-                                        for _ in range(4))
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(4)
+            )
 
         def forward(self, x):
             h = self.emb(x)

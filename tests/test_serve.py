@@ -50,22 +50,26 @@ def _set(path, value):
             target = target[k]
         target[path[-1]] = value
         return doc
+
     return edit
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_set(["version"], 2), "graph format version 2 is not supported"),
-    (_set(["format"], "pickle"), "format must be 'ckptplan-graph'"),
-    (_set(["graphs"], []), "graphs must be a list of 1 to 16"),
-    (_set(["graphs", 0, "ops", 3, 3], [10**6]), "graphs[0].ops[3][3][0]: 1000000 is out of range"),
-    (_set(["graphs", 0, "ops", 3, 6], True), "graphs[0].ops[3][6]: expected an integer, got bool"),
-    (_set(["graphs", 0, "ops", 3, 6], 1.5), "graphs[0].ops[3][6]: expected an integer, got float"),
-    (_set(["graphs", 0, "storages", 2, 1], "heap"), "graphs[0].storages[2][1]: storage kind must be one of"),
-    (_set(["graphs", 0, "ops", 5], [1, 2]), "graphs[0].ops[5]: an op row has 11 or 12 fields, got 2"),
-    (_set(["graphs", 0, "num_events"], 1), "graphs[0].num_events: 1 is out of range"),
-    (_set(["graphs", 0, "fingerprint"], "0" * 16), "graphs[0].fingerprint: the ops hash to"),
-    (_set(["graphs", 0, "extra"], 1), "graphs[0]: unknown fields ['extra']"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_set(["version"], 2), "graph format version 2 is not supported"),
+        (_set(["format"], "pickle"), "format must be 'ckptplan-graph'"),
+        (_set(["graphs"], []), "graphs must be a list of 1 to 16"),
+        (_set(["graphs", 0, "ops", 3, 3], [10**6]), "graphs[0].ops[3][3][0]: 1000000 is out of range"),
+        (_set(["graphs", 0, "ops", 3, 6], True), "graphs[0].ops[3][6]: expected an integer, got bool"),
+        (_set(["graphs", 0, "ops", 3, 6], 1.5), "graphs[0].ops[3][6]: expected an integer, got float"),
+        (_set(["graphs", 0, "storages", 2, 1], "heap"), "graphs[0].storages[2][1]: storage kind must be one of"),
+        (_set(["graphs", 0, "ops", 5], [1, 2]), "graphs[0].ops[5]: an op row has 11 or 12 fields, got 2"),
+        (_set(["graphs", 0, "num_events"], 1), "graphs[0].num_events: 1 is out of range"),
+        (_set(["graphs", 0, "fingerprint"], "0" * 16), "graphs[0].fingerprint: the ops hash to"),
+        (_set(["graphs", 0, "extra"], 1), "graphs[0]: unknown fields ['extra']"),
+    ],
+)
 def test_wire_refuses_a_bad_document_naming_the_field(traced, edit, message):
     with pytest.raises(wire.WireError) as e:
         wire.decode(edit(copy.deepcopy(_doc(traced))))
@@ -88,9 +92,22 @@ def test_gunzip_stops_at_the_limit():
 
 # ---- the store --------------------------------------------------------------------------------------
 def _entry(key: str, **kw) -> Entry:
-    base = dict(key=key, kind=Kind.SOLVE, created=1.0, model="m", fingerprint="f", budget="8GB",
-                budget_bytes=8 * 10**9, objective=Objective.TIME, status=Status.OPTIMAL, predicted_peak_bytes=1,
-                extra_forward_flops=2, extra_cost_ns=3, solve_seconds=0.5, body="schema: 1\n")
+    base = dict(
+        key=key,
+        kind=Kind.SOLVE,
+        created=1.0,
+        model="m",
+        fingerprint="f",
+        budget="8GB",
+        budget_bytes=8 * 10**9,
+        objective=Objective.TIME,
+        status=Status.OPTIMAL,
+        predicted_peak_bytes=1,
+        extra_forward_flops=2,
+        extra_cost_ns=3,
+        solve_seconds=0.5,
+        body="schema: 1\n",
+    )
     return Entry(**{**base, **kw})
 
 
@@ -178,18 +195,30 @@ def _post(client, body: bytes, **headers):
     return client.post("/v1/solve", content=body, headers={"Content-Type": "application/json", **headers})
 
 
-@pytest.mark.parametrize("mutate, status, error, message", [
-    (lambda d: b"{not json", 400, "InputError", "the body is not JSON"),
-    (lambda d: json.dumps({k: v for k, v in d.items() if k != "budget"}).encode(), 422, "InputError",
-     "budget: Field required"),
-    (lambda d: json.dumps({**d, "budget": "8XB"}).encode(), 422, "BudgetError", "8XB"),
-    (lambda d: json.dumps({**d, "objective": "speed"}).encode(), 422, "InputError", "objective"),
-    (lambda d: json.dumps({**d, "gap": 2}).encode(), 422, "InputError", "gap must be a fraction in [0, 1)"),
-    (lambda d: json.dumps({**d, "time_limit_s": -1}).encode(), 422, "InputError", "time_limit_s"),
-    (lambda d: json.dumps({**d, "workers": 8}).encode(), 422, "InputError", "workers: Extra inputs are not permitted"),
-    (lambda d: json.dumps({**d, "graph": {**d["graph"], "version": 9}}).encode(), 422, "WireError", "version 9"),
-    (lambda d: json.dumps({**d, "graph": 7}).encode(), 422, "InputError", "graph"),
-])
+@pytest.mark.parametrize(
+    "mutate, status, error, message",
+    [
+        (lambda d: b"{not json", 400, "InputError", "the body is not JSON"),
+        (
+            lambda d: json.dumps({k: v for k, v in d.items() if k != "budget"}).encode(),
+            422,
+            "InputError",
+            "budget: Field required",
+        ),
+        (lambda d: json.dumps({**d, "budget": "8XB"}).encode(), 422, "BudgetError", "8XB"),
+        (lambda d: json.dumps({**d, "objective": "speed"}).encode(), 422, "InputError", "objective"),
+        (lambda d: json.dumps({**d, "gap": 2}).encode(), 422, "InputError", "gap must be a fraction in [0, 1)"),
+        (lambda d: json.dumps({**d, "time_limit_s": -1}).encode(), 422, "InputError", "time_limit_s"),
+        (
+            lambda d: json.dumps({**d, "workers": 8}).encode(),
+            422,
+            "InputError",
+            "workers: Extra inputs are not permitted",
+        ),
+        (lambda d: json.dumps({**d, "graph": {**d["graph"], "version": 9}}).encode(), 422, "WireError", "version 9"),
+        (lambda d: json.dumps({**d, "graph": 7}).encode(), 422, "InputError", "graph"),
+    ],
+)
 def test_bad_requests_get_a_4xx_naming_the_problem(client, traced, mutate, status, error, message):
     doc = json.loads(gzip.decompress(solve_body(traced("gpt2")[2], "80%")))
     r = _post(client, mutate(doc))
@@ -221,8 +250,13 @@ def test_openapi_healthz_and_metrics(client):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["plans"] == 0 and h["recovered_corrupt_store"] is None
     text = client.get("/metrics").text
-    for name in ("ckptplan_requests_total{", "ckptplan_cache_hits_total 0", "ckptplan_solves_total 0",
-                 "ckptplan_solve_seconds_total 0", "ckptplan_queue_depth 0"):
+    for name in (
+        "ckptplan_requests_total{",
+        "ckptplan_cache_hits_total 0",
+        "ckptplan_solves_total 0",
+        "ckptplan_solve_seconds_total 0",
+        "ckptplan_queue_depth 0",
+    ):
         assert name in text
     assert 'route="/healthz",status="200"} 1' in text
 
@@ -249,8 +283,9 @@ def test_the_cli_refuses_a_public_address_without_a_token(tmp_path):
 
     from ckptplan.cli import app
 
-    r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--store", str(tmp_path / "s.sqlite")],
-                           env={"CKPTPLAN_TOKEN": ""})
+    r = CliRunner().invoke(
+        app, ["serve", "--host", "0.0.0.0", "--store", str(tmp_path / "s.sqlite")], env={"CKPTPLAN_TOKEN": ""}
+    )
     assert r.exit_code == 2 and "--token" in r.output
 
 
@@ -260,8 +295,15 @@ def test_review_pages_escape_what_they_show(tmp_path):
     from ckptplan.serve.app import Config, create_app
 
     evil = "<script>alert(1)</script>"
-    Store(tmp_path / "s.sqlite").put(_entry("k1", model=evil, budget=evil, status=Status.INFEASIBLE,
-                                           body=json.dumps({"error": "InfeasibleBudget", "message": evil})))
+    Store(tmp_path / "s.sqlite").put(
+        _entry(
+            "k1",
+            model=evil,
+            budget=evil,
+            status=Status.INFEASIBLE,
+            body=json.dumps({"error": "InfeasibleBudget", "message": evil}),
+        )
+    )
     with TestClient(create_app(Config(store=str(tmp_path / "s.sqlite"), warm=False))) as c:
         for path in ("/", "/plans/k1"):
             page = c.get(path).text
@@ -294,8 +336,19 @@ def test_cli_solve_with_server_writes_the_local_file(server, tmp_path):
 
     from ckptplan.cli import app
 
-    spec = ["--model", str(ROOT / "examples" / "gpt2.py") + ":gpt2_tiny", "-a", "batch_size=2", "-a", "seq_len=64",
-            "--budget", "85%", "--objective", "flops", "-q"]
+    spec = [
+        "--model",
+        str(ROOT / "examples" / "gpt2.py") + ":gpt2_tiny",
+        "-a",
+        "batch_size=2",
+        "-a",
+        "seq_len=64",
+        "--budget",
+        "85%",
+        "--objective",
+        "flops",
+        "-q",
+    ]
     runner = CliRunner()
     r1 = runner.invoke(app, ["solve", *spec, "-o", str(tmp_path / "local.yaml")])
     r2 = runner.invoke(app, ["solve", *spec, "-o", str(tmp_path / "remote.yaml"), "--server", server.url])

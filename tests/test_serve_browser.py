@@ -18,8 +18,15 @@ from ckptplan.serve.client import sweep_remote
 from .serve_util import LiveServer, solve_body
 
 CHROMIUM = Path(os.environ.get("CKPTPLAN_CHROMIUM", "/usr/bin/chromium"))
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def _need(ok: bool, why: str) -> None:
@@ -36,7 +43,7 @@ except ImportError as e:
     _need(False, f"{e.name} is not installed (pip install -e '.[test]')")
 _need(CHROMIUM.exists(), f"no chromium at {CHROMIUM} (apt-get install -y chromium)")
 
-EVIL = "<img src=x onerror=\"window.pwned=1\">"
+EVIL = '<img src=x onerror="window.pwned=1">'
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +64,8 @@ def server(tmp_path_factory, traced):
 def page(tmp_path_factory):
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
-            args=ARGS)
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True, args=ARGS
+        )
         try:
             yield context.new_page()
         finally:
@@ -71,8 +78,16 @@ def test_index_lists_the_plans_with_their_numbers(server, page):
     rows = page.locator("#plans tr")
     expect(rows).to_have_count(5)  # header and four answers
     header = page.locator("#plans th").all_inner_texts()
-    assert header == ["model", "budget", "predicted peak", "extra FLOPs", "est. recompute time", "status",
-                      "objective", "when"]
+    assert header == [
+        "model",
+        "budget",
+        "predicted peak",
+        "extra FLOPs",
+        "est. recompute time",
+        "status",
+        "objective",
+        "when",
+    ]
     texts = [r.inner_text() for r in rows.all()[1:]]
     assert sum(bool(re.search(r"^GPT\t.*\t(optimal|feasible)\t", t)) for t in texts) == 2, texts
     assert any("infeasible" in t and "10%" in t for t in texts)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import ckptplan
+from ckptplan.decisions import plan_decisions
 from ckptplan.measure import measure_peak
 from ckptplan.plan import Decision
-from ckptplan.planner import plan_decisions
 from ckptplan.solver.simulate import simulate
 
 

@@ -8,8 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ckptplan
+from ckptplan.decisions import plan_decisions
 from ckptplan.plan import Decision
-from ckptplan.planner import candidates, default_reserve, plan_decisions
+from ckptplan.planner import default_reserve
+from ckptplan.shapes import candidates
 from ckptplan.solver import cpsat
 from ckptplan.solver.regions import candidate_regions, nested_pairs, outermost
 from ckptplan.solver.simulate import simulate
@@ -134,8 +136,12 @@ def test_forced_reasons_in_plans(traced):
     dropout = [o for o in rows if "bernoulli" in o.op]  # dropout on CPU: empty_like, bernoulli_, div_
     assert dropout and all(o.forced == "random" for o in dropout)
     # a view is forced as one in a checkpointed region; a rematerialization's recipe reruns every op it holds
-    assert all(o.forced == ("recipe" if r.remat else "view") for r in plan.regions for o in r.ops
-               if o.op in ("aten.view.default", "aten.t.default"))
+    assert all(
+        o.forced == ("recipe" if r.remat else "view")
+        for r in plan.regions
+        for o in r.ops
+        if o.op in ("aten.view.default", "aten.t.default")
+    )
     _, _, r = traced("resnet")
     # the ReLUs inside checkpointed blocks
     rplan = ckptplan.solve(r, minimum_of(r, rematerialize=False), rematerialize=False)
@@ -149,9 +155,16 @@ def test_time_limit_without_any_plan_raises_solver_timeout(traced, monkeypatch):
 
     def no_answer(self, **kwargs):
         sol = real_solve(self, **kwargs)
-        return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0,
-                              wall_s=sol.wall_s, deterministic_s=sol.deterministic_s,
-                              num_variables=0, num_constraints=0)
+        return cpsat.Solution(
+            status=cpsat.Status.UNKNOWN,
+            saved={},
+            objective_ns=0,
+            bound_ns=0,
+            wall_s=sol.wall_s,
+            deterministic_s=sol.deterministic_s,
+            num_variables=0,
+            num_constraints=0,
+        )
 
     monkeypatch.setattr(cpsat._Model, "solve", no_answer)
     full = simulate(g, candidate_regions(g), {r.path: frozenset() for r in outermost(candidate_regions(g))})
@@ -217,8 +230,16 @@ def _no_remat_minimum_peak_answer(monkeypatch):
 
     def stuck(self, **kwargs):
         if kwargs["budget_bytes"] is None and any(r.remat for r in self.regions):
-            return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0, wall_s=0.0,
-                                  deterministic_s=kwargs["deterministic_limit"], num_variables=0, num_constraints=0)
+            return cpsat.Solution(
+                status=cpsat.Status.UNKNOWN,
+                saved={},
+                objective_ns=0,
+                bound_ns=0,
+                wall_s=0.0,
+                deterministic_s=kwargs["deterministic_limit"],
+                num_variables=0,
+                num_constraints=0,
+            )
         return real_solve(self, **kwargs)
 
     monkeypatch.setattr(cpsat._Model, "solve", stuck)
@@ -257,8 +278,16 @@ def _searches_cut(monkeypatch, *, minimum_peak_work: float | None = None):
 
     def cut(self, **kwargs):
         if kwargs["budget_bytes"] is not None:
-            return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0, wall_s=0.0,
-                                  deterministic_s=kwargs["deterministic_limit"], num_variables=0, num_constraints=0)
+            return cpsat.Solution(
+                status=cpsat.Status.UNKNOWN,
+                saved={},
+                objective_ns=0,
+                bound_ns=0,
+                wall_s=0.0,
+                deterministic_s=kwargs["deterministic_limit"],
+                num_variables=0,
+                num_constraints=0,
+            )
         if minimum_peak_work is not None:
             kwargs["deterministic_limit"] = minimum_peak_work
         seen.append(real_solve(self, **kwargs))
@@ -304,8 +333,16 @@ def test_a_one_byte_budget_is_infeasible_with_no_search(traced, monkeypatch):
     real_solve = cpsat._Model.solve
 
     def nothing(self, **kwargs):
-        return cpsat.Solution(status=cpsat.Status.UNKNOWN, saved={}, objective_ns=0, bound_ns=0, wall_s=0.0,
-                              deterministic_s=kwargs["deterministic_limit"], num_variables=0, num_constraints=0)
+        return cpsat.Solution(
+            status=cpsat.Status.UNKNOWN,
+            saved={},
+            objective_ns=0,
+            bound_ns=0,
+            wall_s=0.0,
+            deterministic_s=kwargs["deterministic_limit"],
+            num_variables=0,
+            num_constraints=0,
+        )
 
     monkeypatch.setattr(cpsat._Model, "solve", nothing)
     with pytest.raises(ckptplan.InfeasibleBudget) as info:
@@ -322,8 +359,12 @@ def test_the_minimum_peak_is_proven_on_a_small_deterministic_budget(traced):
     _, _, g = traced("resnet")
     regions = candidates(g)
     model = cpsat.build(g, regions, scale_to=g.baseline_peak_bytes)
-    low = model.solve(budget_bytes=None, time_limit_s=UNHURRIED_S, deterministic_limit=0.1,
-                      hint={r.path: frozenset() for r in outermost(regions)})
+    low = model.solve(
+        budget_bytes=None,
+        time_limit_s=UNHURRIED_S,
+        deterministic_limit=0.1,
+        hint={r.path: frozenset() for r in outermost(regions)},
+    )
     assert low.status is cpsat.Status.OPTIMAL
     assert simulate(g, regions, low.saved).peak_bytes <= minimum_of(g)
 

@@ -28,8 +28,11 @@ import vit
 ROOT = Path(__file__).resolve().parent.parent
 
 aten = torch.ops.aten
-FUSED = ("aten._scaled_dot_product_flash_attention.default", "aten._scaled_dot_product_cudnn_attention.default",
-         "aten._scaled_dot_product_efficient_attention.default")
+FUSED = (
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+)
 
 
 def _bf16(model: nn.Module, args: tuple) -> tuple[nn.Module, tuple]:
@@ -51,26 +54,30 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
 
 # ---- the backend torch picks ---------------------------------------------------------------------------
 
+
 def _qkv(b=2, h=8, t=128, d=64, dtype=torch.bfloat16, kv_heads=None, s=None):
     q = torch.empty(b, h, t, d, dtype=dtype, device="meta")
     k = torch.empty(b, kv_heads or h, s or t, d, dtype=dtype, device="meta")
     return q, k, k.clone()
 
 
-@pytest.mark.parametrize("gpu, kw, dropout, mask, causal, want", [
-    ("h100", {}, 0.0, None, True, SdpaBackend.CUDNN),  # cuDNN first on sm90
-    ("h100", {}, 0.1, None, True, SdpaBackend.FLASH),  # cuDNN's dropout comes in sixteenths
-    ("h100", {}, 0.125, None, True, SdpaBackend.CUDNN),
-    ("a100", {}, 0.0, None, True, SdpaBackend.FLASH),
-    ("a100", {"dtype": torch.float32}, 0.0, None, True, SdpaBackend.EFFICIENT),  # flash is half only
-    ("a100", {}, 0.0, "mask", False, SdpaBackend.EFFICIENT),  # flash takes no mask
-    ("a100", {"s": 64}, 0.0, None, True, SdpaBackend.EFFICIENT),  # causal flash needs L == S
-    ("a100", {"d": 320}, 0.0, None, False, SdpaBackend.EFFICIENT),  # flash: head dim <= 256
-    ("a100", {"kv_heads": 2}, 0.0, None, True, SdpaBackend.MATH),  # grouped without enable_gqa
-    ("t4", {"dtype": torch.float16}, 0.0, None, True, SdpaBackend.EFFICIENT),  # no flash before sm80
-    ("t4", {}, 0.0, None, True, SdpaBackend.MATH),  # no bf16 before sm80
-    ("l4", {"d": 200}, 0.0, None, False, SdpaBackend.EFFICIENT),  # sm89 flash backward: head dim <= 192
-])
+@pytest.mark.parametrize(
+    "gpu, kw, dropout, mask, causal, want",
+    [
+        ("h100", {}, 0.0, None, True, SdpaBackend.CUDNN),  # cuDNN first on sm90
+        ("h100", {}, 0.1, None, True, SdpaBackend.FLASH),  # cuDNN's dropout comes in sixteenths
+        ("h100", {}, 0.125, None, True, SdpaBackend.CUDNN),
+        ("a100", {}, 0.0, None, True, SdpaBackend.FLASH),
+        ("a100", {"dtype": torch.float32}, 0.0, None, True, SdpaBackend.EFFICIENT),  # flash is half only
+        ("a100", {}, 0.0, "mask", False, SdpaBackend.EFFICIENT),  # flash takes no mask
+        ("a100", {"s": 64}, 0.0, None, True, SdpaBackend.EFFICIENT),  # causal flash needs L == S
+        ("a100", {"d": 320}, 0.0, None, False, SdpaBackend.EFFICIENT),  # flash: head dim <= 256
+        ("a100", {"kv_heads": 2}, 0.0, None, True, SdpaBackend.MATH),  # grouped without enable_gqa
+        ("t4", {"dtype": torch.float16}, 0.0, None, True, SdpaBackend.EFFICIENT),  # no flash before sm80
+        ("t4", {}, 0.0, None, True, SdpaBackend.MATH),  # no bf16 before sm80
+        ("l4", {"d": 200}, 0.0, None, False, SdpaBackend.EFFICIENT),  # sm89 flash backward: head dim <= 192
+    ],
+)
 def test_backend_choice(gpu, kw, dropout, mask, causal, want):
     q, k, v = _qkv(**kw)
     m = torch.empty(q.shape[2], k.shape[2], dtype=torch.bool, device="meta") if mask else None
@@ -99,9 +106,11 @@ def test_fused_kernels_save_what_their_meta_functions_give(backend):
     q, k, v = (t.requires_grad_() for t in _qkv(t=96, d=64))
     with CudaKernels(parse_gpu("h100"), SdpaBackend(backend)):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    fn = {"flash": lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=0.125),
-          "cudnn": lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False),
-          "efficient": lambda: aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True)}
+    fn = {
+        "flash": lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=0.125),
+        "cudnn": lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False),
+        "efficient": lambda: aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True),
+    }
     ref = fn[backend]()
     assert out.shape == ref[0].shape and out.dtype == ref[0].dtype
     assert type(out.grad_fn).__name__ == type(ref[0].grad_fn).__name__
@@ -117,6 +126,7 @@ def test_flash_pads_an_odd_head_dim_and_slices_back():
 
 
 # ---- traces of the zoo -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def zoo_traces():
@@ -168,8 +178,12 @@ def test_cpu_target_on_meta_is_the_cpu_step(name):
     """A plan for the CPU made on meta tensors has exactly the ops, shapes and peak of the real CPU step
     (the CPU's flash attention where the CPU picks it)."""
     meta_model, meta_args = ZOO[name]()
-    cpu_model, cpu_args = {"gpt2": lambda: gpt2.gpt2_tiny(), "llama": lambda: llama.llama_tiny(),
-                           "vit": lambda: vit.vit_tiny(), "resnet": lambda: resnet.resnet_tiny()}[name]()
+    cpu_model, cpu_args = {
+        "gpt2": lambda: gpt2.gpt2_tiny(),
+        "llama": lambda: llama.llama_tiny(),
+        "vit": lambda: vit.vit_tiny(),
+        "resnet": lambda: resnet.resnet_tiny(),
+    }[name]()
     meta = ckptplan.trace(meta_model, *meta_args, target="cpu")
     cpu = ckptplan.trace(cpu_model, *cpu_args)
     assert [op.name for op in meta.ops] == [op.name for op in cpu.ops]
@@ -201,6 +215,7 @@ def test_allocator_rounding():
 
 # ---- plans: device recorded, refused elsewhere -----------------------------------------------------------
 
+
 def test_cuda_plan_records_the_gpu_and_is_refused_on_cpu(tmp_path):
     meta_model, args = gpt2.gpt2_tiny(device="meta", batch_size=8, seq_len=256)
     graph = ckptplan.trace(meta_model, *args, gpu="l4")
@@ -215,6 +230,7 @@ def test_cuda_plan_records_the_gpu_and_is_refused_on_cpu(tmp_path):
 
 
 # ---- the cost profile is passed into solve ---------------------------------------------------------------
+
 
 def test_price_reproduces_the_trace_and_profile_changes_the_estimate(tmp_path):
     model, args = gpt2.gpt2_tiny(device="cpu")
@@ -232,12 +248,15 @@ def test_price_reproduces_the_trace_and_profile_changes_the_estimate(tmp_path):
     assert graph.ops[0].cost_ns == again.ops[0].cost_ns  # the traced graph itself is not re-priced
 
 
-@pytest.mark.parametrize("content, match", [
-    ("name: x\nbogus: 1\n", "unknown profile fields"),
-    ("[1, 2]", "mapping"),
-    ("name: x\nflops_per_s: .nan\n", "finite"),
-    ("{{{", "not YAML"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("name: x\nbogus: 1\n", "unknown profile fields"),
+        ("[1, 2]", "mapping"),
+        ("name: x\nflops_per_s: .nan\n", "finite"),
+        ("{{{", "not YAML"),
+    ],
+)
 def test_bad_profile_files(tmp_path, content, match):
     f = tmp_path / "p.yaml"
     f.write_text(content)

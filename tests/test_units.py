@@ -12,15 +12,36 @@ GiB = 2**30
 
 # (suffix, bytes per unit): written out here, independently of the module's table.
 UNIT_TABLE = [
-    ("B", 1), ("b", 1),
-    ("K", 10**3), ("KB", 10**3), ("kB", 10**3), ("kb", 10**3),
-    ("M", 10**6), ("MB", 10**6), ("mb", 10**6),
-    ("G", 10**9), ("GB", 10**9), ("gb", 10**9), ("gB", 10**9),
-    ("T", 10**12), ("TB", 10**12), ("tb", 10**12),
-    ("Ki", 2**10), ("KiB", 2**10), ("kib", 2**10), ("KIB", 2**10),
-    ("Mi", 2**20), ("MiB", 2**20), ("mib", 2**20),
-    ("Gi", 2**30), ("GiB", 2**30), ("gib", 2**30), ("GIB", 2**30),
-    ("Ti", 2**40), ("TiB", 2**40), ("tib", 2**40),
+    ("B", 1),
+    ("b", 1),
+    ("K", 10**3),
+    ("KB", 10**3),
+    ("kB", 10**3),
+    ("kb", 10**3),
+    ("M", 10**6),
+    ("MB", 10**6),
+    ("mb", 10**6),
+    ("G", 10**9),
+    ("GB", 10**9),
+    ("gb", 10**9),
+    ("gB", 10**9),
+    ("T", 10**12),
+    ("TB", 10**12),
+    ("tb", 10**12),
+    ("Ki", 2**10),
+    ("KiB", 2**10),
+    ("kib", 2**10),
+    ("KIB", 2**10),
+    ("Mi", 2**20),
+    ("MiB", 2**20),
+    ("mib", 2**20),
+    ("Gi", 2**30),
+    ("GiB", 2**30),
+    ("gib", 2**30),
+    ("GIB", 2**30),
+    ("Ti", 2**40),
+    ("TiB", 2**40),
+    ("tib", 2**40),
 ]
 
 
@@ -54,8 +75,14 @@ def test_parse_exact_values(text: str | int, expected: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "reference", "expected"),
-    [("70%", 1000, 700), ("70 %", 1000, 700), ("33.3%", 1000, 333), ("150%", 1000, 1500),
-     ("100%", 8 * GiB, 8 * GiB), ("0.5%", 999, 4)],
+    [
+        ("70%", 1000, 700),
+        ("70 %", 1000, 700),
+        ("33.3%", 1000, 333),
+        ("150%", 1000, 1500),
+        ("100%", 8 * GiB, 8 * GiB),
+        ("0.5%", 999, 4),
+    ],
 )
 def test_parse_percent_of_reference(text: str, reference: int, expected: int) -> None:
     assert parse_budget(text, reference_bytes=reference) == expected
@@ -125,9 +152,20 @@ def test_parse_rejects_non_positive_and_non_str_int(value: object) -> None:
 
 @pytest.mark.parametrize(
     ("n", "expected"),
-    [(0, "0 B"), (1, "1 B"), (512, "512 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (1536, "1.50 KiB"),
-     (8 * 10**9, "7.45 GiB"), (8 * GiB, "8.00 GiB"), (3 * 2**40, "3.00 TiB"), (2**60, "1048576.00 TiB"),
-     (-1536, "-1.50 KiB"), (2**20 - 1, "1.00 MiB")],
+    [
+        (0, "0 B"),
+        (1, "1 B"),
+        (512, "512 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (1536, "1.50 KiB"),
+        (8 * 10**9, "7.45 GiB"),
+        (8 * GiB, "8.00 GiB"),
+        (3 * 2**40, "3.00 TiB"),
+        (2**60, "1048576.00 TiB"),
+        (-1536, "-1.50 KiB"),
+        (2**20 - 1, "1.00 MiB"),
+    ],
 )
 def test_format_bytes(n: int, expected: str) -> None:
     assert format_bytes(n) == expected
@@ -146,9 +184,18 @@ def test_describe_budget() -> None:
 
 @pytest.mark.parametrize(
     ("n", "expected"),
-    [(0, "0 FLOP"), (512, "512 FLOP"), (1.23e12, "1.23 TFLOP"), (1500, "1.50 kFLOP"), (2e6, "2.00 MFLOP"),
-     (3.5e9, "3.50 GFLOP"), (4e15, "4.00 PFLOP"), (4e18, "4000.00 PFLOP"), (-2e9, "-2.00 GFLOP"),
-     (999.6, "1.00 kFLOP")],
+    [
+        (0, "0 FLOP"),
+        (512, "512 FLOP"),
+        (1.23e12, "1.23 TFLOP"),
+        (1500, "1.50 kFLOP"),
+        (2e6, "2.00 MFLOP"),
+        (3.5e9, "3.50 GFLOP"),
+        (4e15, "4.00 PFLOP"),
+        (4e18, "4000.00 PFLOP"),
+        (-2e9, "-2.00 GFLOP"),
+        (999.6, "1.00 kFLOP"),
+    ],
 )
 def test_format_flops(n: int | float, expected: str) -> None:
     assert format_flops(n) == expected

@@ -110,8 +110,10 @@ def test_plan_fits_measured_and_keeps_gradients(zoo, name, fraction):
         stats_extra = handle.stats.extra_forward_flops
     finally:
         handle.remove()
-    print(f"{name} @ {fraction}: measured/predicted {measured / plan.predicted_peak_bytes:.4f}, "
-          f"extra forward FLOPs {plan.extra_forward_flops}, regions {[r.path for r in plan.regions]}")
+    print(
+        f"{name} @ {fraction}: measured/predicted {measured / plan.predicted_peak_bytes:.4f}, "
+        f"extra forward FLOPs {plan.extra_forward_flops}, regions {[r.path for r in plan.regions]}"
+    )
 
     # memory: under the budget, and the prediction within 10%
     assert measured <= plan.budget_bytes, f"measured {measured} > budget {plan.budget_bytes}"
@@ -131,6 +133,7 @@ def test_plan_fits_measured_and_keeps_gradients(zoo, name, fraction):
 # backward but not found in storage". The runtime raises ckptplan.PlanMismatch naming use_cache there
 # instead (_SelectiveRecompute compares each recomputed op with the plan's forward), and trace refuses a
 # model that returns a cache; these tests pin that.
+
 
 class LossOnly(nn.Module):
     """A training wrapper that calls the model with use_cache=True but returns only the loss, so the
@@ -182,6 +185,7 @@ def test_hf_use_cache_true_against_a_plan_traced_without_it_raises_in_forward(zo
 
 # ---- full-size factories on meta ----------------------------------------------------------------------
 
+
 def test_vit_base_traces_on_meta():
     model, args = vit.vit_base()  # meta is the default device
     assert model.training
@@ -211,8 +215,18 @@ def hf_t5_tiny() -> tuple[nn.Module, dict]:
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    config = T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=3,
-                      num_heads=4, use_cache=False, decoder_start_token_id=0, pad_token_id=0)
+    config = T5Config(
+        vocab_size=256,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=3,
+        num_decoder_layers=3,
+        num_heads=4,
+        use_cache=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     model = T5ForConditionalGeneration(config).train()
     g = torch.Generator().manual_seed(0)
     ids, labels = (torch.randint(3, 256, (4, 64), generator=g) for _ in range(2))

@@ -37,8 +37,14 @@ from pathlib import Path
 
 PYTHON_VERSION = "3.12"  # the GPU machine's python3
 # manylinux tags its glibc accepts (pip matches each tag exactly; ortools ships manylinux_2_27/2_28)
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
-             "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 # What ortools needs that the GPU machine's image already holds in an accepted version
 # (numpy 2.5.2 >= 2.0.2; pandas with its own needs): not carried, they are the largest wheels.
 DEVICE_HAS = frozenset({"numpy", "pandas", "python-dateutil", "tzdata", "pytz", "six"})
@@ -83,12 +89,26 @@ def check(folder: Path, requirement: str) -> list[str]:
     running Python, not ``--python-version``): ``download`` already chose wheels for Python 3.12.
     """
     with tempfile.TemporaryDirectory() as target:
-        r = _pip("install", "--disable-pip-version-check", "--dry-run", "--no-index", "--find-links",
-                 str(folder), "--target", target, "--ignore-installed", "--ignore-requires-python",
-                 *_target_args(), requirement, own_config=False)
+        r = _pip(
+            "install",
+            "--disable-pip-version-check",
+            "--dry-run",
+            "--no-index",
+            "--find-links",
+            str(folder),
+            "--target",
+            target,
+            "--ignore-installed",
+            "--ignore-requires-python",
+            *_target_args(),
+            requirement,
+            own_config=False,
+        )
     if r.returncode != 0:
-        sys.exit(f"device_wheels: {folder} does not hold a complete install set for {requirement} "
-                 f"(cp{PYTHON_VERSION.replace('.', '')} manylinux); pip says:\n{r.stdout}{r.stderr}")
+        sys.exit(
+            f"device_wheels: {folder} does not hold a complete install set for {requirement} "
+            f"(cp{PYTHON_VERSION.replace('.', '')} manylinux); pip says:\n{r.stdout}{r.stderr}"
+        )
     m = re.search(r"Would install (.*)", r.stdout)
     return sorted(m.group(1).split()) if m else []
 
@@ -108,8 +128,10 @@ def fill(cache: Path, dest: Path, max_mib: float) -> list[Path]:
         shutil.copy2(w, dest / w.name)
     mib = sum(w.stat().st_size for w in carried) / 2**20
     if mib > max_mib:
-        sys.exit(f"device_wheels: {dest} holds {mib:.1f} MiB, over --max-mib {max_mib:g}; the device call "
-                 "carries at most 64 MiB with the working tree")
+        sys.exit(
+            f"device_wheels: {dest} holds {mib:.1f} MiB, over --max-mib {max_mib:g}; the device call "
+            "carries at most 64 MiB with the working tree"
+        )
     return carried
 
 
@@ -118,20 +140,27 @@ def device_command(dest: str, requirement: str) -> str:
 
     pip resolves ortools' needs against the machine's own packages (numpy, pandas) and the carried wheels.
     """
-    return (f"python3 -m pip install -q --no-index --find-links {dest} '{requirement}' && "
-            "PYTHONPATH=. python3 benchmarks/calibration/gpu_calibrate.py --out $OUT/gpu_check/profile.yaml && "
-            "PYTHONPATH=. python3 benchmarks/gpu_check.py --out $OUT/gpu_check")
+    return (
+        f"python3 -m pip install -q --no-index --find-links {dest} '{requirement}' && "
+        "PYTHONPATH=. python3 benchmarks/calibration/gpu_calibrate.py --out $OUT/gpu_check/profile.yaml && "
+        "PYTHONPATH=. python3 benchmarks/gpu_check.py --out $OUT/gpu_check"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dest", default=".whl", help="the folder the device call carries (default .whl)")
     parser.add_argument("--cache", default=".whl-cache", help="every downloaded wheel (default .whl-cache)")
     parser.add_argument("--ortools", help="ortools version (default: the one installed here)")
     parser.add_argument("--offline", action="store_true", help="use the cache as it is; download nothing")
-    parser.add_argument("--max-mib", type=float, default=DEFAULT_MAX_MIB,
-                        help=f"largest carried folder allowed, MiB (default {DEFAULT_MAX_MIB})")
+    parser.add_argument(
+        "--max-mib",
+        type=float,
+        default=DEFAULT_MAX_MIB,
+        help=f"largest carried folder allowed, MiB (default {DEFAULT_MAX_MIB})",
+    )
     parser.add_argument("--check", metavar="DIR", help="only check that DIR resolves ortools offline")
     args = parser.parse_args(argv)
     version = args.ortools
@@ -153,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     mib = sum(w.stat().st_size for w in carried) / 2**20
     print(f"resolved offline for cp{PYTHON_VERSION.replace('.', '')} manylinux: {' '.join(resolved)}")
     print(f"{dest}/: {len(carried)} wheels, {mib:.1f} MiB ({', '.join(w.name for w in carried)})")
-    print("device call: carry=[\"" + str(dest) + "\"], command:")
+    print('device call: carry=["' + str(dest) + '"], command:')
     print("  " + device_command(str(dest), requirement))
     return 0
 

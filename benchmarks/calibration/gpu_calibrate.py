@@ -80,8 +80,15 @@ class _Chain(nn.Module):
             elif mode == "checkpoint":
                 x = checkpoint(self.block, i, x, use_reentrant=False)
             else:  # selective: nothing saved, every op walked by the policy
-                x = checkpoint(self.block, i, x, use_reentrant=False, context_fn=lambda: (
-                    create_selective_checkpoint_contexts(lambda ctx, op, *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)))
+                x = checkpoint(
+                    self.block,
+                    i,
+                    x,
+                    use_reentrant=False,
+                    context_fn=lambda: create_selective_checkpoint_contexts(
+                        lambda ctx, op, *a, **k: CheckpointPolicy.PREFER_RECOMPUTE
+                    ),
+                )
         return x.sum()
 
 
@@ -95,8 +102,10 @@ def calibrate(device: str, dtype: torch.dtype, smoke: bool) -> tuple[costmodel.D
     bytes_per_s = 3 * x.nbytes / t(lambda: x + y)
     rows = x.view(-1, 4096) if big % 4096 == 0 else x.view(1, -1)
     w = torch.ones(rows.shape[-1], device=device, dtype=dtype)
-    slow = [2 * rows.nbytes / t(lambda: F.layer_norm(rows, w.shape, w, w)),
-            2 * rows.nbytes / t(lambda: torch.softmax(rows, -1))]
+    slow = [
+        2 * rows.nbytes / t(lambda: F.layer_norm(rows, w.shape, w, w)),
+        2 * rows.nbytes / t(lambda: torch.softmax(rows, -1)),
+    ]
     random_bytes = x.nbytes / t(lambda: torch.ops.aten.native_dropout(x, 0.1, True))
     one = torch.ones(1, device=device)
     k = 200
@@ -118,16 +127,32 @@ def calibrate(device: str, dtype: torch.dtype, smoke: bool) -> tuple[costmodel.D
 
     base = costmodel.GPU if device == "cuda" else costmodel.CPU
     values = costmodel.profile_to_dict(base) | {
-        "name": f"{device}-{torch.cuda.get_device_name().lower().replace(' ', '-')}" if device == "cuda"
+        "name": f"{device}-{torch.cuda.get_device_name().lower().replace(' ', '-')}"
+        if device == "cuda"
         else "cpu-measured",
-        "flops_per_s": float(flops), "bytes_per_s": float(bytes_per_s), "slow_bytes_per_s": float(min(slow)),
-        "random_bytes_per_s": float(random_bytes), "op_overhead_ns": int(op_ns),
-        "checkpoint_call_ns": int(checkpoint_call_ns), "checkpoint_op_ns": int(checkpoint_op_ns),
-        "sac_forward_ns": int(sac_op_ns), "sac_replay_ns": int(sac_op_ns),
-        "asynchronous": device == "cuda", "op_rates": [],
+        "flops_per_s": float(flops),
+        "bytes_per_s": float(bytes_per_s),
+        "slow_bytes_per_s": float(min(slow)),
+        "random_bytes_per_s": float(random_bytes),
+        "op_overhead_ns": int(op_ns),
+        "checkpoint_call_ns": int(checkpoint_call_ns),
+        "checkpoint_op_ns": int(checkpoint_op_ns),
+        "sac_forward_ns": int(sac_op_ns),
+        "sac_replay_ns": int(sac_op_ns),
+        "asynchronous": device == "cuda",
+        "op_rates": [],
     }
-    measured = ["flops_per_s", "bytes_per_s", "slow_bytes_per_s", "random_bytes_per_s", "op_overhead_ns",
-                "checkpoint_call_ns", "checkpoint_op_ns", "sac_forward_ns", "sac_replay_ns"]
+    measured = [
+        "flops_per_s",
+        "bytes_per_s",
+        "slow_bytes_per_s",
+        "random_bytes_per_s",
+        "op_overhead_ns",
+        "checkpoint_call_ns",
+        "checkpoint_op_ns",
+        "sac_forward_ns",
+        "sac_replay_ns",
+    ]
     return costmodel.profile_from_dict(values), measured
 
 
@@ -145,10 +170,12 @@ def main(argv: list[str] | None = None) -> Path:
     profile, measured = calibrate(device, dtype, a.smoke)
     data = costmodel.profile_to_dict(profile) | {"measured": measured}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# ckptplan device profile: {device}"
-              f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, dtype {dtype}, torch "
-              f"{torch.__version__}, measured in {time.perf_counter() - started:.0f} s "
-              "by benchmarks/calibration/gpu_calibrate.py\n")
+    header = (
+        f"# ckptplan device profile: {device}"
+        f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, dtype {dtype}, torch "
+        f"{torch.__version__}, measured in {time.perf_counter() - started:.0f} s "
+        "by benchmarks/calibration/gpu_calibrate.py\n"
+    )
     a.out.write_text(header + yaml.safe_dump(data, sort_keys=False))
     print(f"wrote {a.out}", file=sys.stderr)
     return a.out

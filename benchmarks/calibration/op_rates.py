@@ -59,9 +59,20 @@ def one_model(name: str, passes: int) -> dict:
     rows = []
     for (op, shapes, flops, moved, est), times in groups.items():
         t = statistics.median(times)
-        rows.append({"op": op, "output": [list(s) for s in shapes], "count": len(times), "flops": flops,
-                     "bytes_moved": moved, "forward_ns": round(t), "gflop_per_s": round(flops / t, 1),
-                     "gb_per_s": round(moved / t, 2), "estimate_ns": est, "forward_over_estimate": round(t / est, 2)})
+        rows.append(
+            {
+                "op": op,
+                "output": [list(s) for s in shapes],
+                "count": len(times),
+                "flops": flops,
+                "bytes_moved": moved,
+                "forward_ns": round(t),
+                "gflop_per_s": round(flops / t, 1),
+                "gb_per_s": round(moved / t, 2),
+                "estimate_ns": est,
+                "forward_over_estimate": round(t / est, 2),
+            }
+        )
     return {"model": name, "rows": rows}
 
 
@@ -70,8 +81,9 @@ def reprice(results: list[dict]) -> None:
     of a run made with other constants)."""
     for res in results:
         for r in res.get("rows", []):
-            est = costmodel.CPU.cost_ns(flops=r["flops"], bytes_moved=r["bytes_moved"], is_view=False,
-                                        op=r["op"].split(".")[1])
+            est = costmodel.CPU.cost_ns(
+                flops=r["flops"], bytes_moved=r["bytes_moved"], is_view=False, op=r["op"].split(".")[1]
+            )
             r.update(estimate_ns=est, forward_over_estimate=round(r["forward_ns"] / est, 2))
 
 
@@ -81,8 +93,10 @@ def summary(results: list[dict]) -> list[dict]:
     for res in results:
         for r in res.get("rows", []):
             by_op.setdefault(r["op"], []).extend([r["forward_over_estimate"]] * r["count"])
-    return [{"op": op, "ops": len(v), "median": round(statistics.median(v), 2), "min": min(v), "max": max(v)}
-            for op, v in sorted(by_op.items())]
+    return [
+        {"op": op, "ops": len(v), "median": round(statistics.median(v), 2), "min": min(v), "max": max(v)}
+        for op, v in sorted(by_op.items())
+    ]
 
 
 LINED = ("aten.convolution.default",)  # ops costmodel.CPU prices by a line of their own (costmodel.OpRate)
@@ -103,40 +117,61 @@ def own_lines(results: list[dict]) -> list[dict]:
         w = numpy.sqrt(numpy.array([float(r["count"]) for r in rows]))
         (fixed, per_flop, per_byte), *_ = numpy.linalg.lstsq(x * w[:, None], t * w, rcond=None)
         ratio = t / (x @ numpy.array([fixed, per_flop, per_byte]))
-        out.append({"op": op, "rows": len(rows), "fixed_ns": round(float(fixed)),
-                    "gflop_per_s": round(1 / float(per_flop), 1) if per_flop > 0 else None,
-                    "gb_per_s": round(1 / float(per_byte), 2) if per_byte > 0 else None,
-                    "forward_over_line_min": round(float(ratio.min()), 2),
-                    "forward_over_line_max": round(float(ratio.max()), 2)})
+        out.append(
+            {
+                "op": op,
+                "rows": len(rows),
+                "fixed_ns": round(float(fixed)),
+                "gflop_per_s": round(1 / float(per_flop), 1) if per_flop > 0 else None,
+                "gb_per_s": round(1 / float(per_byte), 2) if per_byte > 0 else None,
+                "forward_over_line_min": round(float(ratio.min()), 2),
+                "forward_over_line_max": round(float(ratio.max()), 2),
+            }
+        )
     return out
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Op rates\n", f"`{result['command']}` on {result['machine']}.\n",
-             "Each forward op with FLOPs timed in its forward pass (median of the passes), against its "
-             "estimate (what costmodel.CPU charges its rerun: its class's rate, or its own line). Forward / "
-             "estimate alike for all: the cost model prices them right relative to each other.\n",
-             "## Per aten op\n", "| op | ops | forward / estimate: median | min | max |", "|---|---|---|---|---|"]
+    lines = [
+        "# Op rates\n",
+        f"`{result['command']}` on {result['machine']}.\n",
+        "Each forward op with FLOPs timed in its forward pass (median of the passes), against its "
+        "estimate (what costmodel.CPU charges its rerun: its class's rate, or its own line). Forward / "
+        "estimate alike for all: the cost model prices them right relative to each other.\n",
+        "## Per aten op\n",
+        "| op | ops | forward / estimate: median | min | max |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {s['op']} | {s['ops']} | {s['median']} | {s['min']} | {s['max']} |" for s in result["summary"]]
-    lines += ["\n## Lines of their own\n",
-              "Forward time = fixed + FLOPs / rate + bytes moved / rate, fitted over every model's rows of the op "
-              "(costmodel.OpRate; the CPU profile scales it by the rerun factor region_costs.py reads).\n",
-              "| op | rows | fixed (us) | GFLOP/s | GB/s | forward / line: min | max |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {ln['op']} | {ln['rows']} | {ln['fixed_ns'] / 1e3:.0f} | {ln['gflop_per_s']} | {ln['gb_per_s']} | "
-              f"{ln['forward_over_line_min']} | {ln['forward_over_line_max']} |" for ln in result.get("lines", [])]
+    lines += [
+        "\n## Lines of their own\n",
+        "Forward time = fixed + FLOPs / rate + bytes moved / rate, fitted over every model's rows of the op "
+        "(costmodel.OpRate; the CPU profile scales it by the rerun factor region_costs.py reads).\n",
+        "| op | rows | fixed (us) | GFLOP/s | GB/s | forward / line: min | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {ln['op']} | {ln['rows']} | {ln['fixed_ns'] / 1e3:.0f} | {ln['gflop_per_s']} | {ln['gb_per_s']} | "
+        f"{ln['forward_over_line_min']} | {ln['forward_over_line_max']} |"
+        for ln in result.get("lines", [])
+    ]
     for res in result["results"]:
         lines += [f"\n## {res['model']}\n"]
         if "skipped" in res:
             lines.append(f"skipped: {res['skipped']}")
             continue
-        lines += ["| op | output | count | MFLOP | MB moved | forward (us) | GFLOP/s | GB/s | estimate (us) "
-                  "| forward / estimate |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| op | output | count | MFLOP | MB moved | forward (us) | GFLOP/s | GB/s | estimate (us) "
+            "| forward / estimate |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["rows"]:
             out = ", ".join("x".join(map(str, s)) for s in r["output"])
-            lines.append(f"| {r['op']} | {out} | {r['count']} | {r['flops'] / 1e6:.1f} | {r['bytes_moved'] / 1e6:.2f} "
-                         f"| {r['forward_ns'] / 1e3:.0f} | {r['gflop_per_s']} | {r['gb_per_s']} | "
-                         f"{r['estimate_ns'] / 1e3:.0f} | {r['forward_over_estimate']} |")
+            lines.append(
+                f"| {r['op']} | {out} | {r['count']} | {r['flops'] / 1e6:.1f} | {r['bytes_moved'] / 1e6:.2f} "
+                f"| {r['forward_ns'] / 1e3:.0f} | {r['gflop_per_s']} | {r['gb_per_s']} | "
+                f"{r['estimate_ns'] / 1e3:.0f} | {r['forward_over_estimate']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -145,8 +180,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "op_rates"))
     ap.add_argument("--models", default=",".join(zoo()), help="comma-separated subset of the zoo")
     ap.add_argument("--passes", type=int, default=15, help="timed forward passes (median), after one warm-up")
-    ap.add_argument("--reprice", metavar="JSON", help="time nothing: price the rows of this op_rates.json "
-                    "again under the present cost model")
+    ap.add_argument(
+        "--reprice",
+        metavar="JSON",
+        help="time nothing: price the rows of this op_rates.json again under the present cost model",
+    )
     a = ap.parse_args()
     command = "python benchmarks/calibration/op_rates.py " + " ".join(sys.argv[1:])
     if a.reprice:
@@ -157,8 +195,13 @@ def main() -> None:
         allocator = steady_allocator()
         results = [one_model(n, a.passes) for n in a.models.split(",")]
         machine = describe(allocator)
-    result = {"command": command, "machine": machine,
-              "summary": summary(results), "lines": own_lines(results), "results": results}
+    result = {
+        "command": command,
+        "machine": machine,
+        "summary": summary(results),
+        "lines": own_lines(results),
+        "results": results,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "op_rates.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
+from ckptplan.decisions import plan_decisions
 from ckptplan.plan import Decision
-from ckptplan.planner import plan_decisions
 from ckptplan.solver.simulate import simulate
 
 from common import describe, steady_allocator
@@ -51,38 +51,61 @@ def bench(name: str, fraction: float, pairs: int, objective: str = "time") -> di
     for r in plan.regions:
         alone = replace(plan, regions=(r,))
         s, s_se = paired.extra_s(alone, pairs)
-        rows.append({"decision": r.path, "kind": "rematerialize" if r.remat else "checkpoint",
-                     "saved_ops": sum(o.decision is Decision.SAVE for o in r.ops),
-                     "rerun_flops": r.extra_forward_flops, "rerun_ns": sum(rerun_by_class(alone).values()),
-                     "predicted_ns": simulate(graph, regions, {r.path: saved[r.path]}).extra_cost_ns,
-                     "measured_ms": round(s * 1e3, 3), "measured_se_ms": round(s_se * 1e3, 3)})
+        rows.append(
+            {
+                "decision": r.path,
+                "kind": "rematerialize" if r.remat else "checkpoint",
+                "saved_ops": sum(o.decision is Decision.SAVE for o in r.ops),
+                "rerun_flops": r.extra_forward_flops,
+                "rerun_ns": sum(rerun_by_class(alone).values()),
+                "predicted_ns": simulate(graph, regions, {r.path: saved[r.path]}).extra_cost_ns,
+                "measured_ms": round(s * 1e3, 3),
+                "measured_se_ms": round(s_se * 1e3, 3),
+            }
+        )
         print(f"[{name}] {rows[-1]}", flush=True)
-    return {"model": name, "budget_bytes": budget, "budget_fraction": fraction, "objective": objective,
-            "status": plan.status,
-            "predicted_ns": plan.extra_cost_ns, "measured_ms": round(measured * 1e3, 3),
-            "measured_se_ms": round(se * 1e3, 3), "decisions": rows}
+    return {
+        "model": name,
+        "budget_bytes": budget,
+        "budget_fraction": fraction,
+        "objective": objective,
+        "status": plan.status,
+        "predicted_ns": plan.extra_cost_ns,
+        "measured_ms": round(measured * 1e3, 3),
+        "measured_se_ms": round(se * 1e3, 3),
+        "decisions": rows,
+    }
 
 
 def markdown(results: list[dict], command: str, machine: str) -> str:
-    lines = [f"# Plan decisions\n\n`{command}` on {machine}. What the plan adds to a step, "
-             "whole and one decision at a time (median of steps timed between plain ones, ± the standard "
-             "error of their mean), against the simulator's estimate; a decision alone also pays the costs that "
-             "rematerializations share.\n"]
+    lines = [
+        f"# Plan decisions\n\n`{command}` on {machine}. What the plan adds to a step, "
+        "whole and one decision at a time (median of steps timed between plain ones, ± the standard "
+        "error of their mean), against the simulator's estimate; a decision alone also pays the costs that "
+        "rematerializations share.\n"
+    ]
     for res in results:
         objective = res.get("objective", "time")
-        lines.append(f"## {res['model']} at {res['budget_fraction']:.0%} ({res['budget_bytes']} B), "
-                     f"{objective} objective\n")
-        lines.append(f"whole plan ({len(res['decisions'])} decisions, {res['status']}): estimated "
-                     f"{res['predicted_ns'] / 1e6:.2f} ms, measured {res['measured_ms']:.2f} ± "
-                     f"{res['measured_se_ms']:.2f} ms\n")
-        lines.append("| decision | kind | saved ops | rerun MFLOP | reruns estimated (ms) | estimated alone (ms) "
-                     "| measured alone (ms) | measured / estimated |")
+        lines.append(
+            f"## {res['model']} at {res['budget_fraction']:.0%} ({res['budget_bytes']} B), {objective} objective\n"
+        )
+        lines.append(
+            f"whole plan ({len(res['decisions'])} decisions, {res['status']}): estimated "
+            f"{res['predicted_ns'] / 1e6:.2f} ms, measured {res['measured_ms']:.2f} ± "
+            f"{res['measured_se_ms']:.2f} ms\n"
+        )
+        lines.append(
+            "| decision | kind | saved ops | rerun MFLOP | reruns estimated (ms) | estimated alone (ms) "
+            "| measured alone (ms) | measured / estimated |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
         for d in res["decisions"]:
             est = d["predicted_ns"] / 1e6
             measured = f"{d['measured_ms']:.2f} ± {d['measured_se_ms']:.2f}"
-            lines.append(f"| `{d['decision']}` | {d['kind']} | {d['saved_ops']} | {d['rerun_flops'] / 1e6:.1f} | "
-                         f"{d['rerun_ns'] / 1e6:.2f} | {est:.2f} | {measured} | {d['measured_ms'] / est:.2f} |")
+            lines.append(
+                f"| `{d['decision']}` | {d['kind']} | {d['saved_ops']} | {d['rerun_flops'] / 1e6:.1f} | "
+                f"{d['rerun_ns'] / 1e6:.2f} | {est:.2f} | {measured} | {d['measured_ms'] / est:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -97,14 +120,16 @@ def main() -> None:
     a = ap.parse_args()
     allocator = steady_allocator()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    results = [bench(name, float(f), a.pairs, a.objective)
-               for name in a.models.split(",") for f in a.budgets.split(",")]
+    results = [
+        bench(name, float(f), a.pairs, a.objective) for name in a.models.split(",") for f in a.budgets.split(",")
+    ]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/calibration/plan_decisions.py " + " ".join(sys.argv[1:])
     machine = describe(allocator)
-    (out / "plan_decisions.json").write_text(json.dumps({"command": command, "machine": machine,
-                                                         "results": results}, indent=1) + "\n")
+    (out / "plan_decisions.json").write_text(
+        json.dumps({"command": command, "machine": machine, "results": results}, indent=1) + "\n"
+    )
     (out / "plan_decisions.md").write_text(markdown(results, command, machine))
     print(f"wrote {out}/plan_decisions.json, plan_decisions.md")
 

@@ -49,12 +49,17 @@ def compare(runs: list[list[dict]]) -> list[dict]:
         measured = [[step_ratio(c[k]) for k in keys] for c in configs]
         predicted = [configs[0][k]["predicted_cost_ns"] for k in keys]
         mean = [statistics.mean(m[i] for m in measured) for i in range(len(keys))]
-        out.append({"model": results[0]["model"], "configs": len(keys),
-                    "run_vs_run": [round(spearman(a, b), 3) for a, b in combinations(measured, 2)],
-                    "predicted_vs_run": [round(spearman(predicted, m), 3) for m in measured],
-                    "predicted_vs_mean": round(spearman(predicted, mean), 3),
-                    **settled_pairs(predicted, measured),
-                    **distinct_pairs(predicted, [[c[k] for k in keys] for c in configs])})
+        out.append(
+            {
+                "model": results[0]["model"],
+                "configs": len(keys),
+                "run_vs_run": [round(spearman(a, b), 3) for a, b in combinations(measured, 2)],
+                "predicted_vs_run": [round(spearman(predicted, m), 3) for m in measured],
+                "predicted_vs_mean": round(spearman(predicted, mean), 3),
+                **settled_pairs(predicted, measured),
+                **distinct_pairs(predicted, [[c[k] for k in keys] for c in configs]),
+            }
+        )
     return out
 
 
@@ -121,22 +126,27 @@ def main() -> None:
     out = Path(a.out)
     command = "python benchmarks/calibration/rank_agreement.py " + " ".join(a.runs) + f" --out {a.out}"
     out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": a.runs, "rows": rows}, indent=1) + "\n")
-    lines = ["# Rank agreement: cost model against measured step time\n", f"`{command}`\n",
-             f"Runs: {', '.join(f'`{p}`' for p in a.runs)} ({data[0]['command']}; {data[0]['machine']}). "
-             "Spearman rank correlation over the configurations every run measured; then the pairs of "
-             "configurations every run orders the same way (settled), and how many of those the cost model "
-             "orders the same way (a tie: it prices the pair alike); then the pairs whose extra step times "
-             f"differ by more than {Z:g} standard errors the same way in every run (distinct), and how many of "
-             "those the cost model orders the same way.\n",
-             "| model | configs | measured run vs run | predicted vs each run | predicted vs mean of runs "
-             "| settled pairs / pairs | prediction agrees | prediction ties | distinct pairs | prediction agrees |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Rank agreement: cost model against measured step time\n",
+        f"`{command}`\n",
+        f"Runs: {', '.join(f'`{p}`' for p in a.runs)} ({data[0]['command']}; {data[0]['machine']}). "
+        "Spearman rank correlation over the configurations every run measured; then the pairs of "
+        "configurations every run orders the same way (settled), and how many of those the cost model "
+        "orders the same way (a tie: it prices the pair alike); then the pairs whose extra step times "
+        f"differ by more than {Z:g} standard errors the same way in every run (distinct), and how many of "
+        "those the cost model orders the same way.\n",
+        "| model | configs | measured run vs run | predicted vs each run | predicted vs mean of runs "
+        "| settled pairs / pairs | prediction agrees | prediction ties | distinct pairs | prediction agrees |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         share = f"{r['predicted_agrees']} ({100 * r['predicted_agrees'] / max(1, r['settled_pairs']):.0f}%)"
-        lines.append(f"| {r['model']} | {r['configs']} | {', '.join(map(str, r['run_vs_run']))} | "
-                     f"{', '.join(map(str, r['predicted_vs_run']))} | {r['predicted_vs_mean']} | "
-                     f"{r['settled_pairs']} / {r['pairs']} | {share} | {r['predicted_ties']} | "
-                     f"{_share(r['distinct_pairs'], r['predicted_agrees_distinct'])}")
+        lines.append(
+            f"| {r['model']} | {r['configs']} | {', '.join(map(str, r['run_vs_run']))} | "
+            f"{', '.join(map(str, r['predicted_vs_run']))} | {r['predicted_vs_mean']} | "
+            f"{r['settled_pairs']} / {r['pairs']} | {share} | {r['predicted_ties']} | "
+            f"{_share(r['distinct_pairs'], r['predicted_agrees_distinct'])}"
+        )
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -50,7 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
-from ckptplan import costmodel, planner
+from ckptplan import costmodel, shapes
+from ckptplan.decisions import plan_decisions
 from ckptplan.graph import Forced
 from ckptplan.solver import remat
 from ckptplan.solver.simulate import simulate
@@ -198,9 +199,11 @@ def picked_sets(graph, regions: tuple, fractions: tuple[float, ...]) -> list[lis
     out: list[list[tuple[Any, str, frozenset[int]]]] = []
     for fraction in fractions:
         plan = ckptplan.solve(graph, round(fraction * graph.baseline_peak_bytes), time_limit_s=30, gap=0.0)
-        _, saved = planner.plan_decisions(graph, plan)
-        decisions = [(by_path[path], _kind(by_path[path], ops), ops)
-                     for path, ops in sorted(saved.items(), key=lambda kv: by_path[kv[0]].first_op)]
+        _, saved = plan_decisions(graph, plan)
+        decisions = [
+            (by_path[path], _kind(by_path[path], ops), ops)
+            for path, ops in sorted(saved.items(), key=lambda kv: by_path[kv[0]].first_op)
+        ]
         whole = [d for d in decisions if d[1] is not None]
         out += [[d] for d in whole if [d] not in out]
         if len(whole) == len(decisions) > 1:
@@ -215,12 +218,13 @@ def _kind(region, ops: frozenset[int]) -> str | None:
     return "checkpoint" if not ops else "save-all" if ops == frozenset(region.choices) else None
 
 
-def one_model(name: str, factory, per_model: int, mixes: int, pairs: int,
-              picked: tuple[float, ...] = ()) -> dict[str, Any]:
+def one_model(
+    name: str, factory, per_model: int, mixes: int, pairs: int, picked: tuple[float, ...] = ()
+) -> dict[str, Any]:
     torch.manual_seed(0)
     model, args, kwargs = factory()
     graph = ckptplan.trace(model, *args, **kwargs)
-    regions = planner.candidates(graph)
+    regions = shapes.candidates(graph)
     paired = Paired(name, model, args, kwargs)
     plain_s = paired.plain_s(9)
     empty, empty_se = paired.extra_s(plan_for(graph, {}), pairs)  # the runtime's hooks, and a copy of the model
@@ -239,43 +243,75 @@ def one_model(name: str, factory, per_model: int, mixes: int, pairs: int,
         predicted = prediction(graph, plan, [(r, kind) for r, kind, _ in decisions])
         median, se = paired.extra_s(plan, pairs)
         label = " + ".join(f"{r.path} {kind}" for r, kind, _ in decisions)
-        rows.append({"decisions": label, "kind": decisions[0][1] if len(decisions) == 1 else "mix",
-                     "source": "sample" if index < sampled else "picked",
-                     "checkpoints": sum(k == "checkpoint" for _, k, _ in decisions),
-                     "selective": sum(k == "save-all" for _, k, _ in decisions),
-                     "remats": sum(k == "remat" for _, k, _ in decisions),
-                     "ops": sum(len(r.ops) for r, _, _ in decisions),
-                     "rerun_ops": sum(o.recompute_ns > 0 for r in plan.regions for o in r.ops), **predicted,
-                     "measured_ns": round(median * 1e9), "measured_se_ns": round(se * 1e9)})
-        print(f"[{name}] {label}: predicted {plan.extra_cost_ns / 1e6:.2f} ms "
-              f"(rerun {predicted['predicted_rerun_ns'] / 1e6:.2f}), measured {median * 1e3:.2f} +- {se * 1e3:.2f} ms",
-              flush=True)
+        rows.append(
+            {
+                "decisions": label,
+                "kind": decisions[0][1] if len(decisions) == 1 else "mix",
+                "source": "sample" if index < sampled else "picked",
+                "checkpoints": sum(k == "checkpoint" for _, k, _ in decisions),
+                "selective": sum(k == "save-all" for _, k, _ in decisions),
+                "remats": sum(k == "remat" for _, k, _ in decisions),
+                "ops": sum(len(r.ops) for r, _, _ in decisions),
+                "rerun_ops": sum(o.recompute_ns > 0 for r in plan.regions for o in r.ops),
+                **predicted,
+                "measured_ns": round(median * 1e9),
+                "measured_se_ns": round(se * 1e9),
+            }
+        )
+        print(
+            f"[{name}] {label}: predicted {plan.extra_cost_ns / 1e6:.2f} ms "
+            f"(rerun {predicted['predicted_rerun_ns'] / 1e6:.2f}), measured {median * 1e3:.2f} +- {se * 1e3:.2f} ms",
+            flush=True,
+        )
     splits = []
     for parent, children in split_candidates(regions):
         whole = plan_for(graph, {parent.path: frozenset()})
         parts = plan_for(graph, {c.path: frozenset() for c in children})
         (mw, sw), (mp, sp) = paired.extra_s(whole, 2 * pairs), paired.extra_s(parts, 2 * pairs)
         split = split_call(whole, parts, len(children), mw, mp)
-        splits.append({"parent": parent.path, "children": len(children), "whole_ns": round(mw * 1e9),
-                       "parts_ns": round(mp * 1e9), "se_ns": round(1e9 * (sw * sw + sp * sp) ** 0.5), **split})
-        print(f"[{name}] {parent.path} whole {mw * 1e3:.2f} ms, its {len(children)} children one by one "
-              f"{mp * 1e3:.2f} ms: {split['call_ns'] / 1e6:.3f} ms a call", flush=True)
-    return {"model": name, "plain_step_s": plain_s, "empty_plan_ns": round(empty * 1e9),
-            "empty_plan_se_ns": round(empty_se * 1e9), "candidates": len(regions), "rows": rows, "splits": splits,
-            "summary": summarise(rows)}
+        splits.append(
+            {
+                "parent": parent.path,
+                "children": len(children),
+                "whole_ns": round(mw * 1e9),
+                "parts_ns": round(mp * 1e9),
+                "se_ns": round(1e9 * (sw * sw + sp * sp) ** 0.5),
+                **split,
+            }
+        )
+        print(
+            f"[{name}] {parent.path} whole {mw * 1e3:.2f} ms, its {len(children)} children one by one "
+            f"{mp * 1e3:.2f} ms: {split['call_ns'] / 1e6:.3f} ms a call",
+            flush=True,
+        )
+    return {
+        "model": name,
+        "plain_step_s": plain_s,
+        "empty_plan_ns": round(empty * 1e9),
+        "empty_plan_se_ns": round(empty_se * 1e9),
+        "candidates": len(regions),
+        "rows": rows,
+        "splits": splits,
+        "summary": summarise(rows),
+    }
 
 
 def prediction(graph, plan: ckptplan.Plan, decisions: list[tuple[Any, str]]) -> dict[str, Any]:
     """A row's predictions: the simulator's recompute time for ``plan`` (these (candidate, kind)
     decisions), split into the ops rerun by class and the rest, and the row's ``counts``."""
     rerun = rerun_by_class(plan)
-    return {**{f"predicted_rerun_{c}_ns": v for c, v in rerun.items()}, "predicted_rerun_ns": sum(rerun.values()),
-            "predicted_overhead_ns": plan.extra_cost_ns - sum(rerun.values()), "predicted_ns": plan.extra_cost_ns,
-            "counts": counts(graph, plan, decisions)}
+    return {
+        **{f"predicted_rerun_{c}_ns": v for c, v in rerun.items()},
+        "predicted_rerun_ns": sum(rerun.values()),
+        "predicted_overhead_ns": plan.extra_cost_ns - sum(rerun.values()),
+        "predicted_ns": plan.extra_cost_ns,
+        "counts": counts(graph, plan, decisions),
+    }
 
 
-def split_call(whole: ckptplan.Plan, parts: ckptplan.Plan, children: int, whole_s: float,
-               parts_s: float) -> dict[str, int]:
+def split_call(
+    whole: ckptplan.Plan, parts: ckptplan.Plan, children: int, whole_s: float, parts_s: float
+) -> dict[str, int]:
     """What one more checkpoint call costs: a module call's ``children`` checkpointed one by one
     (``parts``, ``parts_s`` added to a step) against the call whole (``whole``, ``whole_s``), less the gap
     the cost model predicts in what they rerun."""
@@ -290,7 +326,7 @@ def split_candidates(regions: tuple, limit: int = 3) -> list[tuple[Any, list]]:
     calls = [r for r in regions if not r.remat and not r.members]
     out = []
     for r in calls:
-        children = [c for c in calls if c.path.startswith(r.path + ".") and "." not in c.path[len(r.path) + 1:]]
+        children = [c for c in calls if c.path.startswith(r.path + ".") and "." not in c.path[len(r.path) + 1 :]]
         if len(children) >= 2:
             out.append((r, children))
     return sorted(out, key=lambda rc: (-len(rc[1]), rc[0].first_op))[:limit]
@@ -306,8 +342,11 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, Any]]:
     for kind, rs in groups.items():
         pred, meas = sum(r["predicted_ns"] for r in rs), sum(r["measured_ns"] for r in rs)
         ratios = [r["measured_ns"] / r["predicted_ns"] for r in rs if r["predicted_ns"] > 0]
-        out[kind] = {"n": len(rs), "measured_over_predicted": round(meas / pred, 3) if pred else None,
-                     "median_single_ratio": round(statistics.median(ratios), 3) if ratios else None}
+        out[kind] = {
+            "n": len(rs),
+            "measured_over_predicted": round(meas / pred, 3) if pred else None,
+            "median_single_ratio": round(statistics.median(ratios), 3) if ratios else None,
+        }
     return out
 
 
@@ -328,11 +367,18 @@ SCALED = ("conv", "batchnorm")
 
 def predicted_ns(c: dict[str, int], profile: costmodel.DeviceProfile = costmodel.CPU) -> int:
     """What the simulator charges for a row with these counts (``counts``), in ``profile``'s terms."""
-    return (sum(c[f"rerun_{k}_ns"] for k in CLASSES) + c["rerun_ops"] * profile.op_overhead_ns
-            + c["calls"] * profile.checkpoint_call_ns + c["hook_ops"] * profile.checkpoint_op_ns
-            + c["sac_calls"] * profile.sac_call_ns + c["sac_ops"] * profile.sac_forward_ns
-            + c["remats"] * profile.remat_ns + c["recipe_ops"] * profile.remat_op_ns
-            + c["visit_ops"] * profile.remat_visit_ns + c["packs"] * profile.remat_pack_ns)
+    return (
+        sum(c[f"rerun_{k}_ns"] for k in CLASSES)
+        + c["rerun_ops"] * profile.op_overhead_ns
+        + c["calls"] * profile.checkpoint_call_ns
+        + c["hook_ops"] * profile.checkpoint_op_ns
+        + c["sac_calls"] * profile.sac_call_ns
+        + c["sac_ops"] * profile.sac_forward_ns
+        + c["remats"] * profile.remat_ns
+        + c["recipe_ops"] * profile.remat_op_ns
+        + c["visit_ops"] * profile.remat_visit_ns
+        + c["packs"] * profile.remat_pack_ns
+    )
 
 
 def calibrate(results: list[dict]) -> dict[str, Any]:
@@ -348,23 +394,43 @@ def calibrate(results: list[dict]) -> dict[str, Any]:
     calls = [s["call_ns"] for res in results for s in res["splits"]]
     call = statistics.median(calls) if calls else float(cpu.checkpoint_call_ns)
     rows = [r for res in results for r in res["rows"]]
-    x = numpy.array([[float(r["counts"][c]) for c in COLUMNS] + [float(r["counts"][f"rerun_{k}_ns"]) for k in SCALED]
-                     for r in rows])
+    x = numpy.array(
+        [[float(r["counts"][c]) for c in COLUMNS] + [float(r["counts"][f"rerun_{k}_ns"]) for k in SCALED] for r in rows]
+    )
     measured = numpy.array([float(r["measured_ns"]) for r in rows])
-    free = dataclasses.replace(cpu, checkpoint_call_ns=round(call), sac_call_ns=0, sac_forward_ns=0, sac_replay_ns=0,
-                               remat_call_ns=0, remat_op_ns=0, remat_visit_ns=0, remat_pack_ns=0)
-    y = measured - numpy.array([float(predicted_ns(r["counts"], free)) for r in rows]) + x[:, len(COLUMNS):].sum(axis=1)
+    free = dataclasses.replace(
+        cpu,
+        checkpoint_call_ns=round(call),
+        sac_call_ns=0,
+        sac_forward_ns=0,
+        sac_replay_ns=0,
+        remat_call_ns=0,
+        remat_op_ns=0,
+        remat_visit_ns=0,
+        remat_pack_ns=0,
+    )
+    y = (
+        measured
+        - numpy.array([float(predicted_ns(r["counts"], free)) for r in rows])
+        + x[:, len(COLUMNS) :].sum(axis=1)
+    )
     w = 1 / numpy.maximum(numpy.array([float(r["measured_se_ns"]) for r in rows]), 1e5)
     coef, *_ = numpy.linalg.lstsq(x * w[:, None], y * w, rcond=None)
     fit = dict(zip(TERMS, (float(c) for c in coef)))
-    scales = {f"{k}_rerun_scale": round(float(c), 2) for k, c in zip(SCALED, coef[len(COLUMNS):])}
+    scales = {f"{k}_rerun_scale": round(float(c), 2) for k, c in zip(SCALED, coef[len(COLUMNS) :])}
     left = y - x @ coef
     per_plan = float(numpy.sum(left * w * w) / numpy.sum(w * w))
     as_is = measured - numpy.array([float(predicted_ns(r["counts"])) for r in rows])
-    return {"rows": len(rows), "splits": len(calls), "call_ns": round(call), **{t: round(v) for t, v in fit.items()},
-            **scales, "left_per_plan_ns": round(per_plan),
-            "rms_error_ms_as_is": round(float(numpy.sqrt(numpy.mean(as_is ** 2))) / 1e6, 3),
-            "rms_error_ms_fitted": round(float(numpy.sqrt(numpy.mean(left ** 2))) / 1e6, 3)}
+    return {
+        "rows": len(rows),
+        "splits": len(calls),
+        "call_ns": round(call),
+        **{t: round(v) for t, v in fit.items()},
+        **scales,
+        "left_per_plan_ns": round(per_plan),
+        "rms_error_ms_as_is": round(float(numpy.sqrt(numpy.mean(as_is**2))) / 1e6, 3),
+        "rms_error_ms_fitted": round(float(numpy.sqrt(numpy.mean(left**2))) / 1e6, 3),
+    }
 
 
 def _term(fitted: dict[str, Any], t: str) -> str:
@@ -380,7 +446,7 @@ def recount(results: list[dict]) -> None:
         torch.manual_seed(0)
         model, args, kwargs = models[res["model"]]()
         graph = ckptplan.trace(model, *args, **kwargs)
-        by_path = {r.path: r for r in planner.candidates(graph)}
+        by_path = {r.path: r for r in shapes.candidates(graph)}
         for row in res["rows"]:
             decisions = [(by_path[p], kind) for p, kind in (d.rsplit(" ", 1) for d in row["decisions"].split(" + "))]
             saved = {r.path: frozenset(r.choices) if kind == "save-all" else frozenset() for r, kind in decisions}
@@ -395,54 +461,73 @@ def recount(results: list[dict]) -> None:
 
 
 def markdown(results: list[dict], fitted: dict[str, Any], command: str, machine: str) -> str:
-    lines = [f"# Region costs\n\n`{command}` on {machine}. Decisions applied to a copy of the model, alone and "
-             "in random mixes; measured: the step time they add (the plain model timed just before and after "
-             "each step, median of the differences, +- the standard error of their mean); predicted: the "
-             "simulator's recompute time, split into the ops rerun and the rest.\n",
-             "## Calibration (every row of every model)\n",
-             "One checkpoint call: the median over the splits below. Then, that and the reruns and hooks charged "
-             "as costmodel.CPU does, weighted least squares of what remains against the regions selective "
-             "checkpointing runs, the ops under its modes, the rematerializations and their recipes' ops, the ops "
-             "their recipe modes visit, the tensors the saved-tensor hook looks up and the reruns of the ops "
-             "priced at their own rates; what it leaves, on average, every plan pays. "
-             "Right: the figures costmodel.CPU holds "
-             f"({_ms(costmodel.CPU.checkpoint_call_ns)} ms a call, {_ms(costmodel.CPU.sac_call_ns)} ms a "
-             f"selective region, {costmodel.CPU.sac_forward_ns / 1e3:.1f} us an op under its modes, "
-             f"{_ms(costmodel.CPU.remat_ns)} ms a rematerialization, {_ms(costmodel.CPU.remat_op_ns)} ms an op "
-             "of its recipe, "
-             f"{costmodel.CPU.remat_visit_ns / 1e3:.1f} us a visit, {costmodel.CPU.remat_pack_ns / 1e3:.1f} us a "
-             "tensor the hook looks up; scales 1 on the reruns of "
-             + ", ".join(SCALED) + ", which costmodel.CPU prices at rates of their own).\n",
-             "| rows | splits | call | " + " | ".join(TERMS) + " | " + " | ".join(f"{k} scale" for k in SCALED)
-             + " | left per plan | rms error as is (ms) | rms error fitted (ms) |",
-             "|---" * (len(TERMS) + len(SCALED) + 6) + "|",
-             f"| {fitted['rows']} | {fitted['splits']} | {_ms(fitted['call_ns'])} ms | "
-             + " | ".join(_term(fitted, t) for t in TERMS) + " | "
-             + " | ".join(str(fitted.get(f"{k}_rerun_scale", "")) for k in SCALED)
-             + f" | {_ms(fitted['left_per_plan_ns'])} ms | {fitted['rms_error_ms_as_is']} "
-             + f"| {fitted['rms_error_ms_fitted']} |",
-             "\n## Per model\n",
-             "| model | plain step (ms) | empty plan (ms) | kind | rows | measured / predicted (sums) "
-             "| median row ratio |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Region costs\n\n`{command}` on {machine}. Decisions applied to a copy of the model, alone and "
+        "in random mixes; measured: the step time they add (the plain model timed just before and after "
+        "each step, median of the differences, +- the standard error of their mean); predicted: the "
+        "simulator's recompute time, split into the ops rerun and the rest.\n",
+        "## Calibration (every row of every model)\n",
+        "One checkpoint call: the median over the splits below. Then, that and the reruns and hooks charged "
+        "as costmodel.CPU does, weighted least squares of what remains against the regions selective "
+        "checkpointing runs, the ops under its modes, the rematerializations and their recipes' ops, the ops "
+        "their recipe modes visit, the tensors the saved-tensor hook looks up and the reruns of the ops "
+        "priced at their own rates; what it leaves, on average, every plan pays. "
+        "Right: the figures costmodel.CPU holds "
+        f"({_ms(costmodel.CPU.checkpoint_call_ns)} ms a call, {_ms(costmodel.CPU.sac_call_ns)} ms a "
+        f"selective region, {costmodel.CPU.sac_forward_ns / 1e3:.1f} us an op under its modes, "
+        f"{_ms(costmodel.CPU.remat_ns)} ms a rematerialization, {_ms(costmodel.CPU.remat_op_ns)} ms an op "
+        "of its recipe, "
+        f"{costmodel.CPU.remat_visit_ns / 1e3:.1f} us a visit, {costmodel.CPU.remat_pack_ns / 1e3:.1f} us a "
+        "tensor the hook looks up; scales 1 on the reruns of "
+        + ", ".join(SCALED)
+        + ", which costmodel.CPU prices at rates of their own).\n",
+        "| rows | splits | call | "
+        + " | ".join(TERMS)
+        + " | "
+        + " | ".join(f"{k} scale" for k in SCALED)
+        + " | left per plan | rms error as is (ms) | rms error fitted (ms) |",
+        "|---" * (len(TERMS) + len(SCALED) + 6) + "|",
+        f"| {fitted['rows']} | {fitted['splits']} | {_ms(fitted['call_ns'])} ms | "
+        + " | ".join(_term(fitted, t) for t in TERMS)
+        + " | "
+        + " | ".join(str(fitted.get(f"{k}_rerun_scale", "")) for k in SCALED)
+        + f" | {_ms(fitted['left_per_plan_ns'])} ms | {fitted['rms_error_ms_as_is']} "
+        + f"| {fitted['rms_error_ms_fitted']} |",
+        "\n## Per model\n",
+        "| model | plain step (ms) | empty plan (ms) | kind | rows | measured / predicted (sums) | median row ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for res in results:
         for kind, s in res["summary"].items():
-            lines.append(f"| {res['model']} | {res['plain_step_s'] * 1e3:.1f} | {_ms(res['empty_plan_ns'])} | "
-                         f"{kind} | {s['n']} | {s['measured_over_predicted']} | {s['median_single_ratio']} |")
-    lines += ["\n## Splits: a module call checkpointed whole, against its children one by one\n",
-              "| model | module | children | whole (ms) | one by one (ms) | +- (ms) | rerun gap predicted (ms) "
-              "| one call (ms) |", "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {res['model']} | {res['plain_step_s'] * 1e3:.1f} | {_ms(res['empty_plan_ns'])} | "
+                f"{kind} | {s['n']} | {s['measured_over_predicted']} | {s['median_single_ratio']} |"
+            )
+    lines += [
+        "\n## Splits: a module call checkpointed whole, against its children one by one\n",
+        "| model | module | children | whole (ms) | one by one (ms) | +- (ms) | rerun gap predicted (ms) "
+        "| one call (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for res in results:
         for sp in res["splits"]:
-            lines.append(f"| {res['model']} | {sp['parent']} | {sp['children']} | {_ms(sp['whole_ns'])} | "
-                         f"{_ms(sp['parts_ns'])} | {_ms(sp['se_ns'])} | {_ms(sp['predicted_rerun_gap_ns'])} | "
-                         f"{_ms(sp['call_ns'])} |")
+            lines.append(
+                f"| {res['model']} | {sp['parent']} | {sp['children']} | {_ms(sp['whole_ns'])} | "
+                f"{_ms(sp['parts_ns'])} | {_ms(sp['se_ns'])} | {_ms(sp['predicted_rerun_gap_ns'])} | "
+                f"{_ms(sp['call_ns'])} |"
+            )
     for res in results:
-        lines += [f"\n## {res['model']}\n", "| decisions | ops (rerun) | predicted rerun (ms) "
-                  "| predicted other (ms) | measured (ms) |", "|---|---|---|---|---|"]
+        lines += [
+            f"\n## {res['model']}\n",
+            "| decisions | ops (rerun) | predicted rerun (ms) | predicted other (ms) | measured (ms) |",
+            "|---|---|---|---|---|",
+        ]
         for r in res["rows"]:
-            lines.append(f"| {r['decisions']} | {r['ops']} ({r['rerun_ops']}) | "
-                         f"{r['predicted_rerun_ns'] / 1e6:.3f} | {r['predicted_overhead_ns'] / 1e6:.3f} | "
-                         f"{r['measured_ns'] / 1e6:.3f} +- {r['measured_se_ns'] / 1e6:.3f} |")
+            lines.append(
+                f"| {r['decisions']} | {r['ops']} ({r['rerun_ops']}) | "
+                f"{r['predicted_rerun_ns'] / 1e6:.3f} | {r['predicted_overhead_ns'] / 1e6:.3f} | "
+                f"{r['measured_ns'] / 1e6:.3f} +- {r['measured_se_ns'] / 1e6:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -457,12 +542,20 @@ def main() -> None:
     ap.add_argument("--per-model", type=int, default=16, help="candidates measured per model")
     ap.add_argument("--mixes", type=int, default=16, help="random sets of 2-8 of those decisions per model")
     ap.add_argument("--pairs", type=int, default=30, help="steps with the candidate, each between two plain ones")
-    ap.add_argument("--picked", default="", metavar="FRACTIONS",
-                    help="also every decision of the time objective's plan at these budgets (comma-separated "
-                         "fractions of the no-checkpointing peak), alone and whole")
+    ap.add_argument(
+        "--picked",
+        default="",
+        metavar="FRACTIONS",
+        help="also every decision of the time objective's plan at these budgets (comma-separated "
+        "fractions of the no-checkpointing peak), alone and whole",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch's intra-op threads")
-    ap.add_argument("--refit", metavar="JSON", help="measure nothing: count the rows of this region_costs.json "
-                    "again under the present cost model, and fit them again")
+    ap.add_argument(
+        "--refit",
+        metavar="JSON",
+        help="measure nothing: count the rows of this region_costs.json "
+        "again under the present cost model, and fit them again",
+    )
     a = ap.parse_args()
     command = "python benchmarks/calibration/region_costs.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
@@ -483,10 +576,20 @@ def main() -> None:
     fitted = calibrate(results)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "region_costs.json").write_text(json.dumps(
-        {"command": command, "measured_by": measured_by, "machine": machine, "elapsed_s": elapsed,
-         "calibration": fitted, "results": results},
-        indent=1) + "\n")
+    (out / "region_costs.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "measured_by": measured_by,
+                "machine": machine,
+                "elapsed_s": elapsed,
+                "calibration": fitted,
+                "results": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     text = markdown(results, fitted, command, machine)
     (out / "region_costs.md").write_text(text)
     print(text)

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
-from ckptplan import planner
+from ckptplan import shapes
 from ckptplan.solver.regions import candidate_regions
 from ckptplan.solver.simulate import simulate
 
@@ -58,11 +58,15 @@ def dump(run: dict) -> dict[str, dict]:
                 objective = "time" if row["policy"] == "ckptplan" else row["policy"].removeprefix("ckptplan-")
                 plan = ckptplan.solve(graph, b["budget_bytes"], time_limit_s=30, objective=objective, gap=0.0)
                 if plan.extra_cost_ns != row["predicted_cost_ns"]:
-                    raise SystemExit(f"{res['model']} budget {i} {row['policy']}: the solve costs "
-                                     f"{plan.extra_cost_ns} ns, the run recorded {row['predicted_cost_ns']}: dump "
-                                     "with the code that made it")
-                out[f"{res['model']}|{i}|{row['policy']}"] = {"saved": saved_positions(plan),
-                                                               "cost_ns": plan.extra_cost_ns}
+                    raise SystemExit(
+                        f"{res['model']} budget {i} {row['policy']}: the solve costs "
+                        f"{plan.extra_cost_ns} ns, the run recorded {row['predicted_cost_ns']}: dump "
+                        "with the code that made it"
+                    )
+                out[f"{res['model']}|{i}|{row['policy']}"] = {
+                    "saved": saved_positions(plan),
+                    "cost_ns": plan.extra_cost_ns,
+                }
                 print(f"[{res['model']}] budget {i} {row['policy']}: {plan.extra_cost_ns / 1e6:.2f} ms", flush=True)
     return out
 
@@ -73,7 +77,7 @@ def price(plans: dict[str, dict] | None, runs: list[dict]) -> list[dict]:
     for results in zip(*(r["results"] for r in runs)):
         name = results[0]["model"]
         graph = _traced(name)
-        candidates = {r.path: r for r in planner.candidates(graph)}
+        candidates = {r.path: r for r in shapes.candidates(graph)}
         regions = candidate_regions(graph)
         configs = [timed_configs(res) for res in results]
         keys = sorted(set.intersection(*(set(c) for c in configs)), key=str)
@@ -102,8 +106,10 @@ def decisions(plans: dict[str, dict] | None, name: str, key: tuple, row: dict) -
     if "saved" in row:
         return row["saved"]
     if plans is None:
-        raise SystemExit(f"{name} budget {key[1]} {key[2]}: the run records no decisions (made before run.py "
-                         "recorded them): dump its plans with the code that made it and pass the dump")
+        raise SystemExit(
+            f"{name} budget {key[1]} {key[2]}: the run records no decisions (made before run.py "
+            "recorded them): dump its plans with the code that made it and pass the dump"
+        )
     return plans[f"{name}|{key[1]}|{key[2]}"]["saved"]
 
 
@@ -113,8 +119,13 @@ def misses(keys: list[tuple], predicted: list[int], rows: list[list[dict]]) -> l
     for i, j in combinations(range(len(keys)), 2):
         sign = distinct_sign(rows, i, j)
         if sign and ((predicted[i] > predicted[j]) - (predicted[i] < predicted[j])) != sign:
-            out.append(" against ".join(f"{'/'.join(map(str, keys[x]))} (predicted {predicted[x] / 1e6:.1f} ms, "
-                                        f"measured {_ms(run[x] for run in rows)} ms)" for x in (i, j)))
+            out.append(
+                " against ".join(
+                    f"{'/'.join(map(str, keys[x]))} (predicted {predicted[x] / 1e6:.1f} ms, "
+                    f"measured {_ms(run[x] for run in rows)} ms)"
+                    for x in (i, j)
+                )
+            )
     return out
 
 
@@ -123,17 +134,23 @@ def _ms(rows) -> str:
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    lines = ["# Measured runs, priced again\n", f"`{command}`\n",
-             "Distinct pairs: more than 2 standard errors apart, the same way, in every run; settled: every "
-             "run orders them alike. 'recorded': the runs' own predictions; 'present': the present cost "
-             "model's, of the same measured configurations.\n",
-             "| model | configs | distinct: recorded agrees | distinct: present agrees | settled: recorded agrees "
-             "| settled: present agrees |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Measured runs, priced again\n",
+        f"`{command}`\n",
+        "Distinct pairs: more than 2 standard errors apart, the same way, in every run; settled: every "
+        "run orders them alike. 'recorded': the runs' own predictions; 'present': the present cost "
+        "model's, of the same measured configurations.\n",
+        "| model | configs | distinct: recorded agrees | distinct: present agrees | settled: recorded agrees "
+        "| settled: present agrees |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         a, b = r["recorded"], r["present"]
-        lines.append(f"| {r['model']} | {r['configs']} | {a['predicted_agrees_distinct']} of {a['distinct_pairs']} | "
-                     f"{b['predicted_agrees_distinct']} of {b['distinct_pairs']} | {a['predicted_agrees']} of "
-                     f"{a['settled_pairs']} | {b['predicted_agrees']} of {b['settled_pairs']} |")
+        lines.append(
+            f"| {r['model']} | {r['configs']} | {a['predicted_agrees_distinct']} of {a['distinct_pairs']} | "
+            f"{b['predicted_agrees_distinct']} of {b['distinct_pairs']} | {a['predicted_agrees']} of "
+            f"{a['settled_pairs']} | {b['predicted_agrees']} of {b['settled_pairs']} |"
+        )
     lines.append("\nDistinct pairs the present model misorders:\n")
     lines += [f"- {r['model']}: {m}" for r in rows for m in r["misses"]] or ["- none"]
     return "\n".join(lines) + "\n"

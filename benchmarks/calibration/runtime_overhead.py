@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, run.py, policies.py
 
 import ckptplan
-from ckptplan import costmodel, planner, shapes as shapes_mod
+from ckptplan import costmodel, decisions, shapes as shapes_mod
 from ckptplan.solver import baselines
 from ckptplan.solver.regions import candidate_regions
 from ckptplan.trace import default_loss
@@ -81,12 +81,24 @@ MODELS = {  # the policy benchmark's sizes
 
 
 def plan_for(graph, saved: dict[str, frozenset[int]]) -> ckptplan.Plan:
-    """A plan with exactly these decisions (planner._plan is what solve() writes its answer with)."""
+    """A plan with exactly these decisions (decisions.make_plan is what solve() writes its answer with)."""
     shapes = shapes_mod.Shapes(graph)
     sim, base = shapes.simulate(saved), shapes.simulate({})
-    return planner._plan(shapes, saved, sim, budget_bytes=sim.peak_bytes, budget_text=str(sim.peak_bytes),
-                         reserve=0.0, baseline=base, full=sim, status="feasible", gap=1.0, objective="time",
-                         solve_time_s=0.0, stats={})
+    return decisions.make_plan(
+        shapes,
+        saved,
+        sim,
+        budget_bytes=sim.peak_bytes,
+        budget_text=str(sim.peak_bytes),
+        reserve=0.0,
+        baseline=base,
+        full=sim,
+        status="feasible",
+        gap=1.0,
+        objective="time",
+        solve_time_s=0.0,
+        stats={},
+    )
 
 
 class _Tiny(nn.Module):
@@ -132,8 +144,10 @@ def _chain_times(blocks: int, k: int, rounds: int, steps: int) -> dict[str, tupl
     model, x = _TinyChain(blocks, k), torch.randn(4, 8)
     graph = ckptplan.trace(model, x)
     chosen = [r for r in candidate_regions(graph) if r.path.startswith("blocks.")]
-    plans = {"plain": plan_for(graph, {r.path: frozenset() for r in chosen}),
-             "selective": plan_for(graph, {r.path: frozenset(r.choices) for r in chosen})}
+    plans = {
+        "plain": plan_for(graph, {r.path: frozenset() for r in chosen}),
+        "selective": plan_for(graph, {r.path: frozenset(r.choices) for r in chosen}),
+    }
     runs: dict[str, list[tuple[float, float]]] = {"none": [], "plain": [], "selective": []}
     for _ in range(rounds):
         runs["none"].append(_split_times(model, x, steps))
@@ -157,12 +171,20 @@ def calibrate(rounds: int, steps: int) -> dict:
     op = t[large]["none"][0] / n  # one tiny op, forward
     sac_forward = (t[large]["selective"][0] - t[large]["plain"][0]) / n
     sac_replay = (t[large]["selective"][1] - t[large]["plain"][1]) / n + op  # the walk, less the rerun op
-    fitted = {"checkpoint_call_ns": call, "checkpoint_op_ns": slope - op, "sac_forward_ns": sac_forward,
-              "sac_replay_ns": sac_replay, "tiny_op_ns": op}
-    return {"chains": {f"{b}x{k}": {key: [round(1e6 * x, 1) for x in v] for key, v in t[(b, k)].items()}
-                       for b, k in (small, large)},
-            "fitted_ns": {key: round(1e9 * v) for key, v in fitted.items()},
-            "costmodel_cpu_ns": {key: getattr(costmodel.CPU, key) for key in fitted if key != "tiny_op_ns"}}
+    fitted = {
+        "checkpoint_call_ns": call,
+        "checkpoint_op_ns": slope - op,
+        "sac_forward_ns": sac_forward,
+        "sac_replay_ns": sac_replay,
+        "tiny_op_ns": op,
+    }
+    return {
+        "chains": {
+            f"{b}x{k}": {key: [round(1e6 * x, 1) for x in v] for key, v in t[(b, k)].items()} for b, k in (small, large)
+        },
+        "fitted_ns": {key: round(1e9 * v) for key, v in fitted.items()},
+        "costmodel_cpu_ns": {key: getattr(costmodel.CPU, key) for key in fitted if key != "tiny_op_ns"},
+    }
 
 
 class _OpTimer(TorchDispatchMode):
@@ -198,8 +220,13 @@ def calibrate_rates(passes: int) -> dict:
     """The cost model's rates on this machine, from the zoo's forward ops (see the module docstring)."""
     import run as policy_benchmark  # benchmarks/run.py: the zoo
 
-    classes: dict[str, list[tuple[int, float]]] = {"view": [], "flops": [], "bytes": [], "slow_bytes": [],
-                                                   "random": []}  # work, ns
+    classes: dict[str, list[tuple[int, float]]] = {
+        "view": [],
+        "flops": [],
+        "bytes": [],
+        "slow_bytes": [],
+        "random": [],
+    }  # work, ns
     per_model: dict[str, Any] = {}
     for name, factory in policy_benchmark.zoo().items():
         torch.manual_seed(0)
@@ -229,12 +256,21 @@ def calibrate_rates(passes: int) -> dict:
         amount = sum(w for w, _ in classes[key])
         return amount / max(1.0, sum(t - fixed for _, t in classes[key])) * 1e9
 
-    return {"models": per_model, "ops_per_class": {k: len(v) for k, v in classes.items()},
-            "view_op_ns": round(fixed), "flops_per_s": rate("flops"), "bytes_per_s": rate("bytes"),
-            "slow_bytes_per_s": rate("slow_bytes"), "random_bytes_per_s": rate("random"),
-            "costmodel_cpu": {"flops_per_s": costmodel.CPU.flops_per_s, "bytes_per_s": costmodel.CPU.bytes_per_s,
-                              "slow_bytes_per_s": costmodel.CPU.slow_bytes_per_s,
-                              "random_bytes_per_s": costmodel.CPU.random_bytes_per_s}}
+    return {
+        "models": per_model,
+        "ops_per_class": {k: len(v) for k, v in classes.items()},
+        "view_op_ns": round(fixed),
+        "flops_per_s": rate("flops"),
+        "bytes_per_s": rate("bytes"),
+        "slow_bytes_per_s": rate("slow_bytes"),
+        "random_bytes_per_s": rate("random"),
+        "costmodel_cpu": {
+            "flops_per_s": costmodel.CPU.flops_per_s,
+            "bytes_per_s": costmodel.CPU.bytes_per_s,
+            "slow_bytes_per_s": costmodel.CPU.slow_bytes_per_s,
+            "random_bytes_per_s": costmodel.CPU.random_bytes_per_s,
+        },
+    }
 
 
 def one(name: str, rounds: int, steps: int) -> dict:
@@ -267,28 +303,42 @@ def one(name: str, rounds: int, steps: int) -> dict:
         with ckptplan.apply(model, plan):
             return step_time()
 
-    configs = {"plain": step_time, "torch_full": torch_full, "ckptplan_full": lambda: with_plan(full),
-               "ckptplan_save_all": lambda: with_plan(save_all)}
+    configs = {
+        "plain": step_time,
+        "torch_full": torch_full,
+        "ckptplan_full": lambda: with_plan(full),
+        "ckptplan_save_all": lambda: with_plan(save_all),
+    }
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(rounds):
         for key, run in configs.items():
             times[key].append(run())
     med = {k: statistics.median(v) for k, v in times.items()}
     ops = sum(len(r.ops) for r in blocks)
-    return {"model": name, "blocks": len(blocks), "ops_in_blocks": ops,
-            "rerun_ops_full": sum(r.recompute_end - r.first_op for r in blocks),
-            "extra_forward_percent": {"full": round(100 * full.extra_forward_fraction, 1),
-                                      "save_all": round(100 * save_all.extra_forward_fraction, 1)},
-            "median_step_ms": {k: round(1e3 * v, 1) for k, v in med.items()},
-            "rounds_ms": {k: [round(1e3 * x, 1) for x in v] for k, v in times.items()},
-            "dispatch_overhead_ms": round(1e3 * (med["ckptplan_save_all"] - med["plain"]), 1),
-            "overhead_over_torch_full_ms": round(1e3 * (med["ckptplan_full"] - med["torch_full"]), 1),
-            # what the plans add to a step: measured, and the cost model's estimate (simulate.py)
-            "added_ms": {"full": round(1e3 * (med["ckptplan_full"] - med["plain"]), 1),
-                         "save_all": round(1e3 * (med["ckptplan_save_all"] - med["plain"]), 1)},
-            "estimated_ms": {"full": round(full.extra_cost_ns / 1e6, 1),
-                             "save_all": round(save_all.extra_cost_ns / 1e6, 1)},
-            "sac_ns_per_op_visit": round(_sac_per_visit(blocks, full, save_all, med))}
+    return {
+        "model": name,
+        "blocks": len(blocks),
+        "ops_in_blocks": ops,
+        "rerun_ops_full": sum(r.recompute_end - r.first_op for r in blocks),
+        "extra_forward_percent": {
+            "full": round(100 * full.extra_forward_fraction, 1),
+            "save_all": round(100 * save_all.extra_forward_fraction, 1),
+        },
+        "median_step_ms": {k: round(1e3 * v, 1) for k, v in med.items()},
+        "rounds_ms": {k: [round(1e3 * x, 1) for x in v] for k, v in times.items()},
+        "dispatch_overhead_ms": round(1e3 * (med["ckptplan_save_all"] - med["plain"]), 1),
+        "overhead_over_torch_full_ms": round(1e3 * (med["ckptplan_full"] - med["torch_full"]), 1),
+        # what the plans add to a step: measured, and the cost model's estimate (simulate.py)
+        "added_ms": {
+            "full": round(1e3 * (med["ckptplan_full"] - med["plain"]), 1),
+            "save_all": round(1e3 * (med["ckptplan_save_all"] - med["plain"]), 1),
+        },
+        "estimated_ms": {
+            "full": round(full.extra_cost_ns / 1e6, 1),
+            "save_all": round(save_all.extra_cost_ns / 1e6, 1),
+        },
+        "sac_ns_per_op_visit": round(_sac_per_visit(blocks, full, save_all, med)),
+    }
 
 
 def _sac_per_visit(blocks, full: ckptplan.Plan, save_all: ckptplan.Plan, med: dict[str, float]) -> float:
@@ -314,38 +364,58 @@ def main() -> None:
     rows = [one(name, a.rounds, a.steps) for name in MODELS]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python benchmarks/calibration/runtime_overhead.py --out benchmarks/results/runtime_overhead",
-              "machine": describe(),
-              "rates": rates, "calibration": calibration, "rows": rows}
+    result = {
+        "command": "python benchmarks/calibration/runtime_overhead.py --out benchmarks/results/runtime_overhead",
+        "machine": describe(),
+        "rates": rates,
+        "calibration": calibration,
+        "rows": rows,
+    }
     (out / "runtime_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     fitted, used = calibration["fitted_ns"], calibration["costmodel_cpu_ns"]
-    lines = ["# Runtime overhead\n", f"`{result['command']}` on {result['machine']}.\n",
-             "## Rates (the zoo's forward ops, timed one by one)\n", "| rate | fitted here | costmodel.CPU |",
-             "|---|---|---|"]
+    lines = [
+        "# Runtime overhead\n",
+        f"`{result['command']}` on {result['machine']}.\n",
+        "## Rates (the zoo's forward ops, timed one by one)\n",
+        "| rate | fitted here | costmodel.CPU |",
+        "|---|---|---|",
+    ]
     lines += [f"| {key} | {rates[key]:.3g} | {rates['costmodel_cpu'][key]:.3g} |" for key in rates["costmodel_cpu"]]
-    lines += ["", f"(ops per class: {json.dumps(rates['ops_per_class'])}; a view op: {rates['view_op_ns']} ns under "
-              "the timing mode)\n",
-              "## Runtime overheads (chains of tiny ops; ns)\n", "| constant | fitted here | costmodel.CPU |",
-              "|---|---|---|"]
+    lines += [
+        "",
+        f"(ops per class: {json.dumps(rates['ops_per_class'])}; a view op: {rates['view_op_ns']} ns under "
+        "the timing mode)\n",
+        "## Runtime overheads (chains of tiny ops; ns)\n",
+        "| constant | fitted here | costmodel.CPU |",
+        "|---|---|---|",
+    ]
     lines += [f"| {key} | {fitted[key]} | {used[key]} |" for key in used]
     per_visit = ", ".join(f"{r['model']} {r['sac_ns_per_op_visit']}" for r in rows)
-    lines += ["", f"Selective checkpointing per op visited on the real models (last column below): {per_visit} ns; "
-              f"costmodel.CPU charges {used['sac_forward_ns']} in forward and {used['sac_replay_ns']} in the "
-              "recomputation (tanh's one-tensor ops, above, cost it half).\n"]
-    lines += ["", f"(one tiny op, forward: {fitted['tiny_op_ns']} ns; chain medians, forward and backward in us: "
-              f"{json.dumps(calibration['chains'])})\n",
-              f"## Real models: median step time (ms) over {a.rounds} interleaved rounds of {a.steps} steps\n",
-              "| model | ops in blocks | plain | torch full | ckptplan full | ckptplan save-all "
-              "| ckptplan full - torch full "
-              "| added by full: measured / estimated | added by save-all: measured / estimated "
-              "| selective checkpointing per op visit (ns) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Selective checkpointing per op visited on the real models (last column below): {per_visit} ns; "
+        f"costmodel.CPU charges {used['sac_forward_ns']} in forward and {used['sac_replay_ns']} in the "
+        "recomputation (tanh's one-tensor ops, above, cost it half).\n",
+    ]
+    lines += [
+        "",
+        f"(one tiny op, forward: {fitted['tiny_op_ns']} ns; chain medians, forward and backward in us: "
+        f"{json.dumps(calibration['chains'])})\n",
+        f"## Real models: median step time (ms) over {a.rounds} interleaved rounds of {a.steps} steps\n",
+        "| model | ops in blocks | plain | torch full | ckptplan full | ckptplan save-all "
+        "| ckptplan full - torch full "
+        "| added by full: measured / estimated | added by save-all: measured / estimated "
+        "| selective checkpointing per op visit (ns) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         m, added, est = r["median_step_ms"], r["added_ms"], r["estimated_ms"]
-        lines.append(f"| {r['model']} | {r['ops_in_blocks']} | {m['plain']} | {m['torch_full']} "
-                     f"| {m['ckptplan_full']} | {m['ckptplan_save_all']} | {r['overhead_over_torch_full_ms']} "
-                     f"| {added['full']} / {est['full']} | "
-                     f"{added['save_all']} / {est['save_all']} | {r['sac_ns_per_op_visit']} |")
+        lines.append(
+            f"| {r['model']} | {r['ops_in_blocks']} | {m['plain']} | {m['torch_full']} "
+            f"| {m['ckptplan_full']} | {m['ckptplan_save_all']} | {r['overhead_over_torch_full_ms']} "
+            f"| {added['full']} / {est['full']} | "
+            f"{added['save_all']} / {est['save_all']} | {r['sac_ns_per_op_visit']} |"
+        )
     (out / "runtime_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -18,8 +18,17 @@ from .planning import fit_cmd, solve, sweep
 from .run import serve, verify
 
 # the commands in the order --help lists them: plan, inspect, run
-for _name, _command in (("solve", solve), ("sweep", sweep), ("fit", fit_cmd), ("trace", trace_cmd),
-                        ("explain", explain), ("show", show), ("diff", diff), ("verify", verify), ("serve", serve)):
+for _name, _command in (
+    ("solve", solve),
+    ("sweep", sweep),
+    ("fit", fit_cmd),
+    ("trace", trace_cmd),
+    ("explain", explain),
+    ("show", show),
+    ("diff", diff),
+    ("verify", verify),
+    ("serve", serve),
+):
     app.command(_name)(_command)
 
 __all__ = ["app", "main"]

@@ -53,9 +53,15 @@ from .common import (
 
 
 def solve(
-    budget: Annotated[str, typer.Option(
-        "--budget", "-b", help="Peak memory of one training step: 8GB (10^9 B), 8GiB (2^30 B), bytes, "
-                               "or 70% of the no-checkpointing peak.")],
+    budget: Annotated[
+        str,
+        typer.Option(
+            "--budget",
+            "-b",
+            help="Peak memory of one training step: 8GB (10^9 B), 8GiB (2^30 B), bytes, "
+            "or 70% of the no-checkpointing peak.",
+        ),
+    ],
     model: ModelOpt = None,
     arg: ArgOpt = None,
     optimizer: OptimizerOpt = None,
@@ -63,15 +69,22 @@ def solve(
     world_size: WorldOpt = 1,
     seq_len: SeqLenOpt = None,
     objective: ObjectiveOpt = "time",
-    output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Where to write the plan (default: plans/FACTORY-BUDGET.yaml).")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Where to write the plan (default: plans/FACTORY-BUDGET.yaml)."),
+    ] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds.")] = 30.0,
-    reserve: Annotated[Optional[float], typer.Option(
-        help="Fraction of the budget kept free for allocator slack and what tracing cannot see "
-             "(default: 0 for one process traced on CPU; 0.02 on a GPU, meta or fake tensors, DDP or FSDP).",
-        show_default=False)] = None,
-    gap: Annotated[float, typer.Option(
-        help="Stop once the plan is proven within this fraction of the cheapest (0: prove it optimal).")
+    reserve: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Fraction of the budget kept free for allocator slack and what tracing cannot see "
+            "(default: 0 for one process traced on CPU; 0.02 on a GPU, meta or fake tensors, DDP or FSDP).",
+            show_default=False,
+        ),
+    ] = None,
+    gap: Annotated[
+        float,
+        typer.Option(help="Stop once the plan is proven within this fraction of the cheapest (0: prove it optimal)."),
     ] = DEFAULT_GAP,
     remat: RematOpt = True,
     target: TargetOpt = None,
@@ -79,9 +92,13 @@ def solve(
     sdpa: SdpaOpt = None,
     autocast: AutocastOpt = None,
     profile: ProfileOpt = None,
-    server: Annotated[Optional[str], typer.Option(
-        help="Solve on this `ckptplan serve` server (http://HOST:PORT), which answers identical requests from "
-             "its cache; the plan file is the one a local solve writes. Token: CKPTPLAN_TOKEN.")] = None,
+    server: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Solve on this `ckptplan serve` server (http://HOST:PORT), which answers identical requests from "
+            "its cache; the plan file is the one a local solve writes. Token: CKPTPLAN_TOKEN."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -99,9 +116,18 @@ def solve(
             check_output(output, "-o")
         loaded, graph = trace_step(model, arg, optimizer, quiet, parallel, world_size, parse_seq_lens(seq_len), where)
         with err.status("solving...", spinner="dots") if not quiet else null_status() as status:
-            plan = solve_plan(graph, budget, time_limit_s=time_limit, reserve=reserve, objective=objective,
-                              gap=gap, rematerialize=remat, profile=profile, server=server,
-                              progress=progress_line(status) if status is not None else None)
+            plan = solve_plan(
+                graph,
+                budget,
+                time_limit_s=time_limit,
+                reserve=reserve,
+                objective=objective,
+                gap=gap,
+                rematerialize=remat,
+                profile=profile,
+                server=server,
+                progress=progress_line(status) if status is not None else None,
+            )
         path = output or Path("plans") / f"{loaded.name}-{re.sub(r'[^A-Za-z0-9.]+', '', budget_given)}.yaml"
         write_file(path, "-o", lambda: plan.save(path))
     except InfeasibleBudget as e:
@@ -117,8 +143,11 @@ def solve(
             again += ["--no-remat"] if not remat else []
             again += [f"--{k} {v}" for k, v in where.items()] + ([f"--profile {profile}"] if profile else [])
             what = "minimum feasible budget" if e.minimum_proven else "lowest budget known to fit (not proven minimal)"
-            err.print(escape(f"{what}: {format_bytes(e.minimum_bytes)}; try: ckptplan solve {' '.join(again)}"),
-                      highlight=False, soft_wrap=True)
+            err.print(
+                escape(f"{what}: {format_bytes(e.minimum_bytes)}; try: ckptplan solve {' '.join(again)}"),
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(e.exit_code) from None
         fail(e, as_json)
         return
@@ -130,12 +159,20 @@ def solve(
         err.print("interrupted: no plan written")
         raise typer.Exit(130) from None
     if as_json:
-        print(json.dumps({**report.plan_summary(plan), "fits_without_checkpointing": not plan.regions,
-                          "plan_file": str(path)}, indent=2))
+        print(
+            json.dumps(
+                {**report.plan_summary(plan), "fits_without_checkpointing": not plan.regions, "plan_file": str(path)},
+                indent=2,
+            )
+        )
     elif not quiet:
         primary = graph if not isinstance(graph, list) else graph[0]
-        err.print(fits_without(plan, path) if not plan.regions else escape(
-            report.answer(plan, forward_cost_ns=primary.forward_cost_ns)), highlight=False)
+        err.print(
+            fits_without(plan, path)
+            if not plan.regions
+            else escape(report.answer(plan, forward_cost_ns=primary.forward_cost_ns)),
+            highlight=False,
+        )
         err.print(report.summary_table(plan, str(path), forward_cost_ns=primary.forward_cost_ns))
         if plan.device == "cuda":
             err.print(report.cuda_memory_note(primary, plan), highlight=False)
@@ -144,25 +181,38 @@ def solve(
 def fits_without(plan: Any, path: Path) -> str:
     """The answer for a budget at or above the unplanned peak: no checkpointing is needed."""
     kept = f" less the {plan.reserve:.0%} reserve" if plan.reserve else ""
-    return escape(f"fits without checkpointing: the peak without checkpointing, "
-                  f"{format_bytes(plan.baseline_peak_bytes)}, is within the budget {format_bytes(plan.budget_bytes)}"
-                  f"{kept}; the plan {path} checkpoints nothing, so applying it leaves the model as it is")
+    return escape(
+        f"fits without checkpointing: the peak without checkpointing, "
+        f"{format_bytes(plan.baseline_peak_bytes)}, is within the budget {format_bytes(plan.budget_bytes)}"
+        f"{kept}; the plan {path} checkpoints nothing, so applying it leaves the model as it is"
+    )
 
 
 def sweep(
-    budgets: Annotated[str, typer.Option(
-        "--budgets", help="Comma-separated budgets, e.g. 60%,50%,40% or 6GB,5GB (same syntax as --budget).")],
+    budgets: Annotated[
+        str,
+        typer.Option(
+            "--budgets", help="Comma-separated budgets, e.g. 60%,50%,40% or 6GB,5GB (same syntax as --budget)."
+        ),
+    ],
     model: ModelOpt = None,
     arg: ArgOpt = None,
     optimizer: OptimizerOpt = None,
     objective: ObjectiveOpt = "time",
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds, per budget.")] = 30.0,
-    reserve: Annotated[Optional[float], typer.Option(
-        help="Fraction of each budget kept free, applied to every policy alike (default: as solve's).",
-        show_default=False)] = None,
-    plot: Annotated[Optional[Path], typer.Option(
-        help="Also write a plot to this file (.png, .pdf, .svg, ...): estimated step-time overhead and extra "
-             "FLOPs against peak memory, budgets as lines (needs matplotlib: pip install 'ckptplan\\[plot]').")
+    reserve: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Fraction of each budget kept free, applied to every policy alike (default: as solve's).",
+            show_default=False,
+        ),
+    ] = None,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Also write a plot to this file (.png, .pdf, .svg, ...): estimated step-time overhead and extra "
+            "FLOPs against peak memory, budgets as lines (needs matplotlib: pip install 'ckptplan\\[plot]')."
+        ),
     ] = None,
     remat: RematOpt = True,
     target: TargetOpt = None,
@@ -170,8 +220,12 @@ def sweep(
     sdpa: SdpaOpt = None,
     autocast: AutocastOpt = None,
     profile: ProfileOpt = None,
-    server: Annotated[Optional[str], typer.Option(
-        help="Sweep on this `ckptplan serve` server, which caches the rows (and draws the plot on its page).")] = None,
+    server: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Sweep on this `ckptplan serve` server, which caches the rows (and draws the plot on its page)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -190,8 +244,9 @@ def sweep(
         if plot is not None:
             require_extra("plot", "--plot")
             if plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
-                raise InputError(f"--plot {plot}: give a file ending in one of .{', .'.join(PLOT_FORMATS)}, "
-                                 "e.g. pareto.png")
+                raise InputError(
+                    f"--plot {plot}: give a file ending in one of .{', .'.join(PLOT_FORMATS)}, e.g. pareto.png"
+                )
             check_output(plot, "--plot")
         _, graph = trace_step(model, arg, optimizer, quiet, where=where_of(target, gpu, sdpa, autocast))
         if profile is not None:
@@ -200,26 +255,51 @@ def sweep(
             graph = _priced(graph, profile)[0]
         with err.status("solving each budget...", spinner="dots") if not quiet else null_status():
             if server is None:
-                rows = sweep_policies(graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective,
-                                      rematerialize=remat)
+                rows = sweep_policies(
+                    graph, items, time_limit_s=time_limit, reserve=reserve, objective=objective, rematerialize=remat
+                )
             else:
                 from ..serve.client import sweep_remote
 
-                rows = sweep_remote(graph, items, server=server, time_limit_s=time_limit, reserve=reserve,
-                                    objective=objective, rematerialize=remat)
+                rows = sweep_remote(
+                    graph,
+                    items,
+                    server=server,
+                    time_limit_s=time_limit,
+                    reserve=reserve,
+                    objective=objective,
+                    rematerialize=remat,
+                )
         if plot is not None:
-            write_file(plot, "--plot", lambda: pareto_plot(rows, plot, title=f"{graph.model_name}: predicted",
-                                                       forward_flops=graph.forward_flops,
-                                                       forward_cost_ns=graph.forward_cost_ns))
+            write_file(
+                plot,
+                "--plot",
+                lambda: pareto_plot(
+                    rows,
+                    plot,
+                    title=f"{graph.model_name}: predicted",
+                    forward_flops=graph.forward_flops,
+                    forward_cost_ns=graph.forward_cost_ns,
+                ),
+            )
     except CkptplanError as e:
         fail(e, as_json)
         return
     except KeyboardInterrupt:
         interrupted()
     if as_json:
-        print(json.dumps({"model": graph.model_name, "forward_flops": graph.forward_flops,
-                          "no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
-                          "rows": [asdict(r) for r in rows], "plot": str(plot) if plot else None}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": graph.model_name,
+                    "forward_flops": graph.forward_flops,
+                    "no_checkpointing_peak_bytes": graph.baseline_peak_bytes,
+                    "rows": [asdict(r) for r in rows],
+                    "plot": str(plot) if plot else None,
+                },
+                indent=2,
+            )
+        )
     elif not quiet:
         for line in report.sweep_answer(rows, forward_flops=graph.forward_flops):
             err.print(escape(line), highlight=False)
@@ -229,27 +309,42 @@ def sweep(
 
 
 def fit_cmd(
-    budget: Annotated[str, typer.Option(
-        "--budget", "-b", help="Peak memory of one training step: 80GB (10^9 B), 80GiB (2^30 B) or bytes "
-                               "(not a percentage: the unplanned peak changes with the value).")],
-    vary: Annotated[str, typer.Option(
-        help="The factory argument to search over, e.g. batch_size or seq_len.")],
+    budget: Annotated[
+        str,
+        typer.Option(
+            "--budget",
+            "-b",
+            help="Peak memory of one training step: 80GB (10^9 B), 80GiB (2^30 B) or bytes "
+            "(not a percentage: the unplanned peak changes with the value).",
+        ),
+    ],
+    vary: Annotated[str, typer.Option(help="The factory argument to search over, e.g. batch_size or seq_len.")],
     model: ModelOpt = None,
     arg: ArgOpt = None,
     optimizer: OptimizerOpt = None,
     start: Annotated[int, typer.Option(help="The smallest value tried (the search doubles it from here).")] = 1,
-    max_value: Annotated[Optional[int], typer.Option(
-        "--max", help="The largest value tried (default: 2^20).", show_default=False)] = None,
+    max_value: Annotated[
+        Optional[int], typer.Option("--max", help="The largest value tried (default: 2^20).", show_default=False)
+    ] = None,
     multiple_of: Annotated[int, typer.Option(help="Try multiples of this only (e.g. 64 for seq_len).")] = 1,
     objective: ObjectiveOpt = "time",
-    output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Where to write the plan of the largest value that fits "
-                               "(default: plans/FACTORY-ARGVALUE-BUDGET.yaml).")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write the plan of the largest value that fits "
+            "(default: plans/FACTORY-ARGVALUE-BUDGET.yaml).",
+        ),
+    ] = None,
     time_limit: Annotated[float, typer.Option(help="Solver time limit in seconds, per value and search.")] = 30.0,
-    reserve: Annotated[Optional[float], typer.Option(
-        help="Fraction of the budget kept free (default: as solve's).", show_default=False)] = None,
-    gap: Annotated[float, typer.Option(
-        help="Stop once each plan is proven within this fraction of the cheapest.")] = DEFAULT_GAP,
+    reserve: Annotated[
+        Optional[float],
+        typer.Option(help="Fraction of the budget kept free (default: as solve's).", show_default=False),
+    ] = None,
+    gap: Annotated[
+        float, typer.Option(help="Stop once each plan is proven within this fraction of the cheapest.")
+    ] = DEFAULT_GAP,
     remat: RematOpt = True,
     target: TargetOpt = None,
     gpu: GpuOpt = None,
@@ -282,8 +377,10 @@ def fit_cmd(
             check_output(output, "-o")
         factory_kwargs = parse_factory_args(arg or [])
         if vary in factory_kwargs:
-            raise InputError(f"--vary {vary} sets {vary}; drop -a {vary}={factory_kwargs[vary]} (use --start and "
-                             "--max to bound the search)")
+            raise InputError(
+                f"--vary {vary} sets {vary}; drop -a {vary}={factory_kwargs[vary]} (use --start and "
+                "--max to bound the search)"
+            )
         from .. import _compat  # noqa: F401  first: names any torch internal this torch lacks
         from ..trace import trace
 
@@ -295,20 +392,34 @@ def fit_cmd(
                 status.update(f"{vary}={value}: tracing one training step and solving...")
             loaded = call_factory(name, factory, {**factory_kwargs, vary: value})
             with model_code(name):
-                return trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=name, **where,
-                             **loaded.kwargs)
+                return trace(loaded.model, *loaded.args, optimizer=optimizer, model_name=name, **where, **loaded.kwargs)
 
         def tried(trial: Any) -> None:
             if not quiet:
-                cost = ("does not fit" if not trial.fits else "fits without checkpointing" if not trial.plan.regions
-                        else f"fits, +{100 * trial.step_time_fraction:.1f}% estimated step time")
+                cost = (
+                    "does not fit"
+                    if not trial.fits
+                    else "fits without checkpointing"
+                    if not trial.plan.regions
+                    else f"fits, +{100 * trial.step_time_fraction:.1f}% estimated step time"
+                )
                 err.print(f"{vary}={trial.value}: {cost}", highlight=False)
 
         with err.status("searching...", spinner="dots") if not quiet else null_status() as status:
-            result = fit_search(build, budget, argument=vary, start=start,
-                                limit=DEFAULT_LIMIT if max_value is None else max_value, multiple_of=multiple_of,
-                                time_limit_s=time_limit, reserve=reserve, objective=objective, gap=gap,
-                                rematerialize=remat, progress=tried)
+            result = fit_search(
+                build,
+                budget,
+                argument=vary,
+                start=start,
+                limit=DEFAULT_LIMIT if max_value is None else max_value,
+                multiple_of=multiple_of,
+                time_limit_s=time_limit,
+                reserve=reserve,
+                objective=objective,
+                gap=gap,
+                rematerialize=remat,
+                progress=tried,
+            )
         best = result.best
         plan, fraction = best.plan, best.step_time_fraction
         assert plan is not None and fraction is not None  # FitResult's best trial fits
@@ -324,9 +435,14 @@ def fit_cmd(
         print(json.dumps({**report.fit_summary(result), "plan_file": str(path)}, indent=2))
     elif not quiet:
         more = f"; the largest value tried (--max {result.limit}): larger ones may fit" if result.at_limit else ""
-        err.print(escape(f"largest {vary} that fits {format_bytes(result.budget_bytes)}: {best.value} (peak "
-                         f"{format_bytes(plan.predicted_peak_bytes)}, +{100 * fraction:.1f}% "
-                         f"estimated step time, +{100 * plan.extra_forward_fraction:.1f}% forward FLOPs; "
-                         f"checkpoints {report.regions_text(plan) if plan.regions else 'nothing'}){more}; plan "
-                         f"written to {path}"), highlight=False)
+        err.print(
+            escape(
+                f"largest {vary} that fits {format_bytes(result.budget_bytes)}: {best.value} (peak "
+                f"{format_bytes(plan.predicted_peak_bytes)}, +{100 * fraction:.1f}% "
+                f"estimated step time, +{100 * plan.extra_forward_fraction:.1f}% forward FLOPs; "
+                f"checkpoints {report.regions_text(plan) if plan.regions else 'nothing'}){more}; plan "
+                f"written to {path}"
+            ),
+            highlight=False,
+        )
         err.print(report.fit_table(result))

@@ -25,8 +25,9 @@ try:
     import transformers
     from transformers import TrainerCallback
 except ImportError as e:  # an optional dependency: say how to get it
-    raise ImportError("ckptplan.integrations.transformers needs Hugging Face transformers: "
-                      "pip install transformers") from e
+    raise ImportError(
+        "ckptplan.integrations.transformers needs Hugging Face transformers: pip install transformers"
+    ) from e
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -38,12 +39,16 @@ def _token_batch(model: nn.Module, batch_size: Any, seq_len: Any) -> dict[str, t
     """input_ids and labels (B, T) of random token ids, as a causal-LM training batch passes them."""
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InputError(f"{name} must be a positive int, got {v!r}; or pass example_inputs= (a batch as "
-                             "your loop passes it to the model)")
+            raise InputError(
+                f"{name} must be a positive int, got {v!r}; or pass example_inputs= (a batch as "
+                "your loop passes it to the model)"
+            )
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not isinstance(vocab, int) or vocab < 1:
-        raise InputError("the model's config has no vocab_size to draw example token ids from; pass "
-                         "example_inputs= (a batch as your loop passes it to the model)")
+        raise InputError(
+            "the model's config has no vocab_size to draw example token ids from; pass "
+            "example_inputs= (a batch as your loop passes it to the model)"
+        )
     g = torch.Generator().manual_seed(0)  # the global RNG stays as the training script left it
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(_device(model))
     return {"input_ids": ids, "labels": ids}
@@ -51,24 +56,32 @@ def _token_batch(model: nn.Module, batch_size: Any, seq_len: Any) -> dict[str, t
 
 def _check_model(model: Any) -> None:
     if not isinstance(model, transformers.PreTrainedModel):
-        raise InputError(f"expected a transformers PreTrainedModel, got {type(model).__name__}; "
-                         "for another model use ckptplan.auto(model, *example_args, budget=...)")
+        raise InputError(
+            f"expected a transformers PreTrainedModel, got {type(model).__name__}; "
+            "for another model use ckptplan.auto(model, *example_args, budget=...)"
+        )
     # transformers 5 names it is_activation_checkpointing (the older name warns); 4.x only the older one
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     if getattr(model, name, False):
-        raise InputError("the model already runs Hugging Face's gradient checkpointing; call "
-                         "model.gradient_checkpointing_disable() first (activation_checkpointing_disable() in "
-                         "transformers 5; ckptplan replaces it)")
+        raise InputError(
+            "the model already runs Hugging Face's gradient checkpointing; call "
+            "model.gradient_checkpointing_disable() first (activation_checkpointing_disable() in "
+            "transformers 5; ckptplan replaces it)"
+        )
 
 
-def _plan(model: nn.Module, budget: int | str, batch: dict[str, Any], optimizer: Any,
-          time_limit_s: float) -> Handle:
+def _plan(model: nn.Module, budget: int | str, batch: dict[str, Any], optimizer: Any, time_limit_s: float) -> Handle:
     """Trace (in train mode, restored after), solve and apply for the keyword batch ``batch``."""
     _check_model(model)
     if not isinstance(batch, dict):
-        raise InputError(f"example_inputs must be a dict of keyword arguments (a batch as your loop passes it "
-                         f"to model(**batch)), got {type(batch).__name__}")
+        raise InputError(
+            f"example_inputs must be a dict of keyword arguments (a batch as your loop passes it "
+            f"to model(**batch)), got {type(batch).__name__}"
+        )
     device = _device(model)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     was_training = model.training
@@ -79,9 +92,16 @@ def _plan(model: nn.Module, budget: int | str, batch: dict[str, Any], optimizer:
         model.train(was_training)
 
 
-def apply_to_pretrained(model: nn.Module, *, budget: int | str, example_inputs: dict[str, Any] | None = None,
-                        batch_size: int | None = None, seq_len: int | None = None, optimizer: Any = None,
-                        time_limit_s: float = 30.0) -> Handle:
+def apply_to_pretrained(
+    model: nn.Module,
+    *,
+    budget: int | str,
+    example_inputs: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    optimizer: Any = None,
+    time_limit_s: float = 30.0,
+) -> Handle:
     """Plan and apply checkpointing for a ``PreTrainedModel`` under ``budget``, in place of
     ``model.gradient_checkpointing_enable()``; ``handle.remove()`` undoes it.
 
@@ -107,8 +127,15 @@ class CkptplanCallback(TrainerCallback):
     ``gradient_checkpointing=True`` in the TrainingArguments.
     """
 
-    def __init__(self, budget: int | str, *, batch_size: int | None = None, seq_len: int | None = None,
-                 optimizer: Any = None, time_limit_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        budget: int | str,
+        *,
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        optimizer: Any = None,
+        time_limit_s: float = 30.0,
+    ) -> None:
         if (batch_size is None) != (seq_len is None):
             raise InputError("give both batch_size and seq_len, or neither (then the first batch is used)")
         self.budget, self.batch_size, self.seq_len = budget, batch_size, seq_len
@@ -119,8 +146,9 @@ class CkptplanCallback(TrainerCallback):
         if self.batch_size is not None:
             return _token_batch(model, self.batch_size, self.seq_len)
         if dataloader is None:
-            raise InputError("the Trainer gave no train_dataloader to plan from; pass batch_size= and seq_len= "
-                             "to CkptplanCallback")
+            raise InputError(
+                "the Trainer gave no train_dataloader to plan from; pass batch_size= and seq_len= to CkptplanCallback"
+            )
         with torch.random.fork_rng(devices=[]):  # a shuffling sampler draws its seed from the global RNG
             batch = dict(next(iter(dataloader)))
         if _accepts_loss_kwargs(model) and isinstance(batch.get("labels"), torch.Tensor):
@@ -128,13 +156,23 @@ class CkptplanCallback(TrainerCallback):
             batch["num_items_in_batch"] = batch["labels"].ne(-100).sum()
         return batch
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                       train_dataloader: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module | None = None,
+        train_dataloader: Any = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if model is None:
             raise InputError("the Trainer passed no model to CkptplanCallback.on_train_begin")
         if getattr(args, "gradient_checkpointing", False):
-            raise InputError("TrainingArguments(gradient_checkpointing=True) turns on Hugging Face's "
-                             "checkpointing; set it False when using CkptplanCallback (ckptplan replaces it)")
+            raise InputError(
+                "TrainingArguments(gradient_checkpointing=True) turns on Hugging Face's "
+                "checkpointing; set it False when using CkptplanCallback (ckptplan replaces it)"
+            )
         _check_model(model)
         batch = self._first_batch(model, train_dataloader)
         self.handle = _plan(model, self.budget, batch, self.optimizer or optimizer, self.time_limit_s)

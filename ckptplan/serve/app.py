@@ -28,12 +28,12 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, MutableMapping, Optional, Sequence, Union
+from typing import Any, MutableMapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -41,69 +41,17 @@ from ..errors import BudgetError, CkptplanError, InputError
 from ..planner import DEFAULT_GAP, check_options
 from ..units import parse_budget
 from . import pages, wire
+from .metrics import prometheus
 from .pool import Busy, DeadlineExceeded, Job, Kind, Objective, Options, Planner, cache_key
+from .schema import ErrorAnswer, SolveAnswer, SolveBody, SweepAnswer, SweepBody
 from .store import Entry, Store
 
 log = logging.getLogger("ckptplan.serve")
 
 MAX_BODY_BYTES = 64 * 2**20  # a 7B step's document is a few MB gzipped
-MAX_TIME_LIMIT_S = 600.0
-DEFAULT_DEADLINE_S = 300.0
 SYNTAX_REFERENCE = 2**50  # stands in for the no-checkpointing peak when only a budget's syntax is checked
 ALIASES = 4096  # request bodies remembered by hash -> key, so a repeated request skips decoding
 HOT_ANSWERS = 64  # answers to cache hits kept serialized in memory (stored plans never change)
-
-
-class SolveBody(BaseModel):
-    """POST /v1/solve: what to plan and how. Every field but ``deadline_s`` is part of the cache key."""
-
-    model_config = ConfigDict(extra="forbid")
-    graph: dict[str, Any] = Field(description="The traced step(s): ckptplan.serve.wire's document "
-                                              '{"format": "ckptplan-graph", "version": 1, "graphs": [...]}')
-    budget: Union[int, str] = Field(description='Peak memory: bytes, "8GB", "7.5GiB" or "70%"')
-    objective: Literal["time", "flops"] = Field("time", description="time: estimated recompute time; flops: "
-                                                                     "recomputed FLOPs, then time")
-    time_limit_s: float = Field(30.0, gt=0, le=MAX_TIME_LIMIT_S, description="The solver's time limit")
-    reserve: Optional[float] = Field(None, description="Fraction of the budget kept free (null: the device's default)")
-    gap: float = DEFAULT_GAP
-    rematerialize: bool = True
-    deadline_s: float = Field(DEFAULT_DEADLINE_S, gt=0, le=3600,
-                              description="Answer 504 if no plan is ready by then (the solve goes on; retry)")
-
-
-class SweepBody(BaseModel):
-    """POST /v1/sweep: the budgets to compare the policies at (``ckptplan sweep``); cached like a solve."""
-
-    model_config = ConfigDict(extra="forbid")
-    graph: dict[str, Any] = Field(description="One traced step, as for /v1/solve")
-    budgets: list[Union[int, str]] = Field(min_length=1, max_length=32, description='e.g. ["60%", "50%", "40%"]')
-    objective: Literal["time", "flops"] = "time"
-    time_limit_s: float = Field(30.0, gt=0, le=MAX_TIME_LIMIT_S, description="The solver's time limit, per budget")
-    reserve: Optional[float] = None
-    rematerialize: bool = True
-    deadline_s: float = Field(DEFAULT_DEADLINE_S, gt=0, le=3600)
-
-
-class SweepAnswer(BaseModel):
-    key: str
-    cache: Literal["hit", "joined", "solved"]
-    rows: list[dict[str, Any]] = Field(description="compare.SweepRow records, ckptplan first at each budget")
-    forward_flops: int
-    no_checkpointing_peak_bytes: int
-
-
-class SolveAnswer(BaseModel):
-    key: str
-    cache: Literal["hit", "joined", "solved"]
-    status: str
-    plan: str = Field(description="The plan file (YAML), byte for byte as `ckptplan solve` writes it")
-    solve_seconds: float
-
-
-class ErrorAnswer(BaseModel):
-    error: str
-    message: str
-    minimum_bytes: Optional[int] = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,8 +74,9 @@ def is_loopback(host: str) -> bool:
 
 
 class Refusal(Exception):
-    def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+    def __init__(
+        self, status: int, error: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(message)
         self.status, self.error, self.message, self.headers, self.extra = status, error, message, headers, extra
 
@@ -149,22 +98,33 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
 
         nonlocal store
         store = store or Store(config.store)
-        planner = Planner(store, workers=config.workers, queue_limit=config.queue_limit,
-                          torch_version=torch.__version__)
+        planner = Planner(
+            store, workers=config.workers, queue_limit=config.queue_limit, torch_version=torch.__version__
+        )
         if config.warm:
             planner.warm_up()
         state.update(store=store, planner=planner, started=time.time())
-        log.info("ckptplan %s serving plans from %s (%d plans), %d workers, queue %d", __version__, store.path,
-                 store.count(), config.workers, config.queue_limit)
+        log.info(
+            "ckptplan %s serving plans from %s (%d plans), %d workers, queue %d",
+            __version__,
+            store.path,
+            store.count(),
+            config.workers,
+            config.queue_limit,
+        )
         try:
             yield
         finally:
             planner.shutdown()
             store.close()
 
-    app = FastAPI(title="ckptplan", version=__version__, lifespan=lifespan,
-                  description="Activation-checkpointing plans as a service: one solve per distinct request, "
-                              "cached in SQLite, reviewed in the browser.")
+    app = FastAPI(
+        title="ckptplan",
+        version=__version__,
+        lifespan=lifespan,
+        description="Activation-checkpointing plans as a service: one solve per distinct request, "
+        "cached in SQLite, reviewed in the browser.",
+    )
 
     app.add_middleware(_Edge, token=config.token, state=state)
 
@@ -208,20 +168,40 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
         try:
             entry, how = await planner.solve(job, deadline_s=deadline)
         except Busy as e:
-            raise Refusal(503, "Busy", f"{planner.queue_depth} solves are queued, the server's limit; retry "
-                          f"in {e.retry_after_s} s", headers={"Retry-After": str(e.retry_after_s)}) from None
+            raise Refusal(
+                503,
+                "Busy",
+                f"{planner.queue_depth} solves are queued, the server's limit; retry in {e.retry_after_s} s",
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from None
         except DeadlineExceeded:
-            raise Refusal(504, "DeadlineExceeded", f"no answer within the request's deadline of {deadline:g} s; "
-                          "the solve goes on: send the same request again later for its answer",
-                          headers={"Retry-After": "5"}) from None
+            raise Refusal(
+                504,
+                "DeadlineExceeded",
+                f"no answer within the request's deadline of {deadline:g} s; "
+                "the solve goes on: send the same request again later for its answer",
+                headers={"Retry-After": "5"},
+            ) from None
         return key, entry, how
 
     # ---- the API -------------------------------------------------------------------------------------
-    @app.post("/v1/solve", response_model=SolveAnswer, tags=["plans"],
-              responses={413: {"model": ErrorAnswer}, 422: {"model": ErrorAnswer}, 503: {"model": ErrorAnswer},
-                         504: {"model": ErrorAnswer}},
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": SolveBody.model_json_schema()}}}})
+    @app.post(
+        "/v1/solve",
+        response_model=SolveAnswer,
+        tags=["plans"],
+        responses={
+            413: {"model": ErrorAnswer},
+            422: {"model": ErrorAnswer},
+            503: {"model": ErrorAnswer},
+            504: {"model": ErrorAnswer},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SolveBody.model_json_schema()}},
+            }
+        },
+    )
     async def solve(request: Request) -> Response:
         """Plan a traced step: the stored plan when this request was answered before, else one solve
         (shared by every identical request arriving meanwhile). Send ``Accept: application/yaml`` for the
@@ -244,11 +224,23 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
             return Response(entry.body, media_type="application/yaml", headers=headers)
         return Response(_answer(key, how, entry), media_type="application/json", headers=headers)
 
-    @app.post("/v1/sweep", response_model=SweepAnswer, tags=["plans"],
-              responses={413: {"model": ErrorAnswer}, 422: {"model": ErrorAnswer}, 503: {"model": ErrorAnswer},
-                         504: {"model": ErrorAnswer}},
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": SweepBody.model_json_schema()}}}})
+    @app.post(
+        "/v1/sweep",
+        response_model=SweepAnswer,
+        tags=["plans"],
+        responses={
+            413: {"model": ErrorAnswer},
+            422: {"model": ErrorAnswer},
+            503: {"model": ErrorAnswer},
+            504: {"model": ErrorAnswer},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SweepBody.model_json_schema()}},
+            }
+        },
+    )
     async def sweep(request: Request) -> Response:
         """ckptplan against the baseline policies at several budgets (``ckptplan sweep``), predicted; cached
         like a solve. The review page of its key draws the Pareto plot."""
@@ -269,21 +261,36 @@ def create_app(config: Config, store: Store | None = None) -> FastAPI:
             return JSONResponse(entry.error(), status_code=422)
         if entry.kind is Kind.SWEEP:
             return JSONResponse({"key": key, "cache": "hit", **json.loads(entry.body)})
-        return JSONResponse({"key": key, "cache": "hit", "status": entry.status.value, "plan": entry.body,
-                             "solve_seconds": entry.solve_seconds})
+        return JSONResponse(
+            {
+                "key": key,
+                "cache": "hit",
+                "status": entry.status.value,
+                "plan": entry.body,
+                "solve_seconds": entry.solve_seconds,
+            }
+        )
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, Any]:
         store: Store = state["store"]
         planner: Planner = state["planner"]
-        return {"status": "ok", "version": __version__, "store": str(store.path), "plans": store.count(),
-                "recovered_corrupt_store": store.recovered, "workers": planner.workers, "workers_ready": planner.ready,
-                "queue_depth": planner.queue_depth, "queue_limit": planner.queue_limit}
+        return {
+            "status": "ok",
+            "version": __version__,
+            "store": str(store.path),
+            "plans": store.count(),
+            "recovered_corrupt_store": store.recovered,
+            "workers": planner.workers,
+            "workers_ready": planner.ready,
+            "queue_depth": planner.queue_depth,
+            "queue_limit": planner.queue_limit,
+        }
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
     async def metrics() -> PlainTextResponse:
         """Prometheus text format."""
-        return PlainTextResponse(_prometheus(state["planner"]), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus(state["planner"]), media_type="text/plain; version=0.0.4")
 
     # ---- the review pages ----------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -343,8 +350,11 @@ class _Edge:
 
         try:
             if self.token is not None and path != "/healthz" and not _authorized(scope, self.token):
-                refusal = _refusal(401, "Unauthorized", "this server needs 'Authorization: Bearer TOKEN' "
-                                   "(the token it was started with)")
+                refusal = _refusal(
+                    401,
+                    "Unauthorized",
+                    "this server needs 'Authorization: Bearer TOKEN' (the token it was started with)",
+                )
                 refusal.headers["WWW-Authenticate"] = "Bearer"
                 await refusal(scope, receive, watch)
             else:
@@ -353,13 +363,26 @@ class _Edge:
             planner: Planner | None = self.state.get("planner")
             if planner is not None:
                 planner.metrics.count_request(method, _route(path), seen["status"])
-            log.info("%s %s %d %.1fms%s", method, path, seen["status"], 1e3 * (time.monotonic() - started),
-                     f" cache={seen['cache']}" if seen["cache"] else "")
+            log.info(
+                "%s %s %d %.1fms%s",
+                method,
+                path,
+                seen["status"],
+                1e3 * (time.monotonic() - started),
+                f" cache={seen['cache']}" if seen["cache"] else "",
+            )
 
 
 def _answer(key: str, how: str, entry: Any) -> bytes:
-    return json.dumps({"key": key, "cache": how, "status": entry.status.value, "plan": entry.body,
-                       "solve_seconds": entry.solve_seconds}).encode()
+    return json.dumps(
+        {
+            "key": key,
+            "cache": how,
+            "status": entry.status.value,
+            "plan": entry.body,
+            "solve_seconds": entry.solve_seconds,
+        }
+    ).encode()
 
 
 def _route(path: str) -> str:
@@ -380,8 +403,12 @@ def _authorized(scope: dict, token: str) -> bool:
 async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
-        raise Refusal(413, "TooLarge", f"the body is {length} bytes; this server takes at most {limit:,} "
-                      "(send it gzip-compressed, Content-Encoding: gzip)")
+        raise Refusal(
+            413,
+            "TooLarge",
+            f"the body is {length} bytes; this server takes at most {limit:,} "
+            "(send it gzip-compressed, Content-Encoding: gzip)",
+        )
     chunks, n = [], 0
     async for chunk in request.stream():
         n += len(chunk)
@@ -428,14 +455,21 @@ def _parse(body: bytes, torch_version: str, kind: Kind) -> tuple[str, Job, float
     except (ValueError, TypeError) as e:  # e.g. a float where the format wants an int, caught by no check yet
         raise Refusal(422, "InputError", f"graph: {e}") from None
     graph_bytes = wire.dumps(wire.encode(graphs))  # canonical: the key does not depend on the client's JSON
-    options = Options(budget=req.budget if isinstance(req, SolveBody) else tuple(req.budgets), kind=kind,
-                      objective=Objective(req.objective), time_limit_s=req.time_limit_s, reserve=req.reserve,
-                      gap=gap, rematerialize=req.rematerialize)
+    options = Options(
+        budget=req.budget if isinstance(req, SolveBody) else tuple(req.budgets),
+        kind=kind,
+        objective=Objective(req.objective),
+        time_limit_s=req.time_limit_s,
+        reserve=req.reserve,
+        gap=gap,
+        rematerialize=req.rematerialize,
+    )
     fingerprints = [g.fingerprint for g in graphs]
     key = cache_key(graph_bytes, fingerprints, options, torch_version)
     primary = max(graphs, key=lambda g: g.baseline_peak_bytes)
-    job = Job(key=key, graph_bytes=graph_bytes, model=primary.model_name, fingerprint=primary.fingerprint,
-              options=options)
+    job = Job(
+        key=key, graph_bytes=graph_bytes, model=primary.model_name, fingerprint=primary.fingerprint, options=options
+    )
     return key, job, req.deadline_s
 
 
@@ -447,35 +481,15 @@ def _validation_message(errors: Sequence[Any]) -> str:
     return "; ".join(parts) + ("" if len(errors) <= 5 else f" (and {len(errors) - 5} more)")
 
 
-def _prometheus(planner: Planner) -> str:
-    m = planner.metrics
-    lines = ["# HELP ckptplan_requests_total HTTP requests by method, route and status.",
-             "# TYPE ckptplan_requests_total counter"]
-    for (method, route, status), n in sorted(m.requests.items()):
-        lines.append(f'ckptplan_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
-    for name, kind, value, text in (
-            ("cache_hits_total", "counter", m.cache_hits, "Solve requests answered from the store."),
-            ("cache_misses_total", "counter", m.cache_misses, "Solve requests that started a solve."),
-            ("singleflight_joins_total", "counter", m.joined,
-             "Solve requests that waited for a running identical solve."),
-            ("solves_total", "counter", m.solves, "Solves run by the worker pool."),
-            ("solve_seconds_total", "counter", round(m.solve_seconds, 6), "Seconds the solves took, summed."),
-            ("rejected_busy_total", "counter", m.rejected_busy, "Solve requests refused with 503 (queue full)."),
-            ("deadline_exceeded_total", "counter", m.deadline_exceeded, "Solve requests answered 504."),
-            ("queue_depth", "gauge", planner.queue_depth, "Distinct solves waiting or running."),
-            ("queue_limit", "gauge", planner.queue_limit, "Distinct solves allowed at once before 503."),
-            ("workers", "gauge", planner.workers, "Solver worker processes.")):
-        lines += [f"# HELP ckptplan_{name} {text}", f"# TYPE ckptplan_{name} {kind}", f"ckptplan_{name} {value}"]
-    return "\n".join(lines) + "\n"
-
-
 def serve(*, host: str, port: int, config: Config) -> None:
     """Run the server until interrupted. A non-loopback address needs a token."""
     import uvicorn
 
     if not is_loopback(host) and not config.token:
-        raise InputError(f"binding {host} exposes the planner beyond this machine: give a bearer token with "
-                         "--token or CKPTPLAN_TOKEN (clients send it with --token or CKPTPLAN_TOKEN)")
+        raise InputError(
+            f"binding {host} exposes the planner beyond this machine: give a bearer token with "
+            "--token or CKPTPLAN_TOKEN (clients send it with --token or CKPTPLAN_TOKEN)"
+        )
     if config.workers < 1 or config.queue_limit < 1:
         raise InputError("--workers and --queue must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -40,33 +40,71 @@ def request_body(graphs: Graph | Sequence[Graph], budget: int | str, **options: 
     return wire.compress(wire.dumps({"graph": wire.encode(graphs), "budget": budget, **options}))
 
 
-def solve_remote(graphs: Graph | Sequence[Graph], budget: int | str, *, server: str, time_limit_s: float = 30.0,
-                 reserve: float | None = None, objective: str = "time", gap: float = 0.005,
-                 rematerialize: bool = True, token: str | None = None,
-                 deadline_s: float = DEFAULT_DEADLINE_S) -> Plan:
+def solve_remote(
+    graphs: Graph | Sequence[Graph],
+    budget: int | str,
+    *,
+    server: str,
+    time_limit_s: float = 30.0,
+    reserve: float | None = None,
+    objective: str = "time",
+    gap: float = 0.005,
+    rematerialize: bool = True,
+    token: str | None = None,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+) -> Plan:
     """The server's plan for ``graphs`` under ``budget`` (see ``planner.solve`` for the options)."""
-    body = request_body(graphs, budget, time_limit_s=time_limit_s, reserve=reserve, objective=objective,
-                        gap=gap, rematerialize=rematerialize, deadline_s=deadline_s)
+    body = request_body(
+        graphs,
+        budget,
+        time_limit_s=time_limit_s,
+        reserve=reserve,
+        objective=objective,
+        gap=gap,
+        rematerialize=rematerialize,
+        deadline_s=deadline_s,
+    )
     payload = _ask(server, "/v1/solve", body, token=token, deadline_s=deadline_s)
     plan = plan_from_dict(yaml.safe_load(payload["plan"]), source=f"the plan from {server}")
     return replace(plan, solve_time_s=float(payload.get("solve_seconds", 0.0)))
 
 
-def sweep_remote(graph: Graph, budgets: Sequence[int | str], *, server: str, time_limit_s: float = 30.0,
-                 reserve: float | None = None, objective: str = "time", rematerialize: bool = True,
-                 token: str | None = None, deadline_s: float = DEFAULT_DEADLINE_S) -> list:
+def sweep_remote(
+    graph: Graph,
+    budgets: Sequence[int | str],
+    *,
+    server: str,
+    time_limit_s: float = 30.0,
+    reserve: float | None = None,
+    objective: str = "time",
+    rematerialize: bool = True,
+    token: str | None = None,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+) -> list:
     """The server's ``compare.sweep`` rows for ``graph`` at ``budgets`` (cached like a solve)."""
     from ..compare import SweepRow
 
-    body = wire.compress(wire.dumps({"graph": wire.encode(graph), "budgets": list(budgets),
-                                     "time_limit_s": time_limit_s, "reserve": reserve, "objective": objective,
-                                     "rematerialize": rematerialize, "deadline_s": deadline_s}))
+    body = wire.compress(
+        wire.dumps(
+            {
+                "graph": wire.encode(graph),
+                "budgets": list(budgets),
+                "time_limit_s": time_limit_s,
+                "reserve": reserve,
+                "objective": objective,
+                "rematerialize": rematerialize,
+                "deadline_s": deadline_s,
+            }
+        )
+    )
     payload = _ask(server, "/v1/sweep", body, token=token, deadline_s=deadline_s)
     try:
         return [SweepRow(**row) for row in payload["rows"]]
     except (KeyError, TypeError) as e:
-        raise ServerError(f"the server at {server} answered a sweep this client cannot read ({e}); use the "
-                          "same ckptplan version on both") from None
+        raise ServerError(
+            f"the server at {server} answered a sweep this client cannot read ({e}); use the "
+            "same ckptplan version on both"
+        ) from None
 
 
 def _ask(server: str, path: str, body: bytes, *, token: str | None, deadline_s: float) -> dict:
@@ -102,20 +140,28 @@ def _post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> 
         return e.code, payload, float(after) if after and after.isdigit() else None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise ServerError(f"cannot reach the ckptplan server at {url} ({reason}); is `ckptplan serve` running "
-                          "there? Or solve locally without --server") from None
+        raise ServerError(
+            f"cannot reach the ckptplan server at {url} ({reason}); is `ckptplan serve` running "
+            "there? Or solve locally without --server"
+        ) from None
     except ValueError as e:
-        raise ServerError(f"the server at {url} answered something that is not JSON ({e}); is it a ckptplan "
-                          "server?") from None
+        raise ServerError(
+            f"the server at {url} answered something that is not JSON ({e}); is it a ckptplan server?"
+        ) from None
 
 
 def _error(status: int, payload: dict, server: str) -> CkptplanError:
     name, message = payload.get("error", "HTTPError"), payload.get("message", "")
     if name == "InfeasibleBudget":
-        return InfeasibleBudget(message, budget_bytes=int(payload["budget_bytes"]),
-                                minimum_bytes=int(payload["minimum_bytes"]))
-    typed = {"BudgetError": BudgetError, "InputError": InputError, "SolverTimeout": SolverTimeout,
-             "WireError": InputError}.get(name)
+        return InfeasibleBudget(
+            message, budget_bytes=int(payload["budget_bytes"]), minimum_bytes=int(payload["minimum_bytes"])
+        )
+    typed = {
+        "BudgetError": BudgetError,
+        "InputError": InputError,
+        "SolverTimeout": SolverTimeout,
+        "WireError": InputError,
+    }.get(name)
     if typed is not None and 400 <= status < 500:
         return typed(message)
     if status == 401:

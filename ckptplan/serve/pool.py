@@ -48,8 +48,13 @@ class Options:
     rematerialize: bool = True
 
     def solve_kwargs(self) -> dict[str, Any]:
-        out = {"time_limit_s": self.time_limit_s, "reserve": self.reserve, "objective": self.objective.value,
-               "gap": self.gap, "rematerialize": self.rematerialize}
+        out = {
+            "time_limit_s": self.time_limit_s,
+            "reserve": self.reserve,
+            "objective": self.objective.value,
+            "gap": self.gap,
+            "rematerialize": self.rematerialize,
+        }
         if self.kind is Kind.SWEEP:  # compare.sweep solves at the default gap
             del out["gap"]
         return out
@@ -59,9 +64,13 @@ def cache_key(graph_bytes: bytes, fingerprints: list[str], options: Options, tor
     """Content address of a request: the graph document (canonical bytes, so two traces of the same step
     agree; its fingerprints too, for reading), every option, and the ckptplan and torch versions that
     solve it."""
-    d = {"graph": hashlib.sha256(graph_bytes).hexdigest(), "fingerprints": fingerprints,
-         **{k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(options).items()},
-         "ckptplan": __version__, "torch": torch_version}
+    d = {
+        "graph": hashlib.sha256(graph_bytes).hexdigest(),
+        "fingerprints": fingerprints,
+        **{k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(options).items()},
+        "ckptplan": __version__,
+        "torch": torch_version,
+    }
     return hashlib.sha256(wire.dumps(d)).hexdigest()[:32]
 
 
@@ -98,21 +107,37 @@ def run_job(graph_bytes: bytes, options: dict[str, Any]) -> dict[str, Any]:
             if len(graphs) > 1:
                 raise InputError("a sweep takes one traced shape; send one graph")
             rows = sweep(graphs[0], list(budget), **options)
-            return {"sweep": {"rows": [asdict(r) for r in rows], "forward_flops": graphs[0].forward_flops,
-                              "no_checkpointing_peak_bytes": graphs[0].baseline_peak_bytes},
-                    "seconds": time.monotonic() - started}
+            return {
+                "sweep": {
+                    "rows": [asdict(r) for r in rows],
+                    "forward_flops": graphs[0].forward_flops,
+                    "no_checkpointing_peak_bytes": graphs[0].baseline_peak_bytes,
+                },
+                "seconds": time.monotonic() - started,
+            }
         plan = solve(graphs if len(graphs) > 1 else graphs[0], budget, **options)
     except InfeasibleBudget as e:
-        return {"error": "InfeasibleBudget", "message": str(e), "budget_bytes": e.budget_bytes,
-                "minimum_bytes": e.minimum_bytes, "seconds": time.monotonic() - started}
+        return {
+            "error": "InfeasibleBudget",
+            "message": str(e),
+            "budget_bytes": e.budget_bytes,
+            "minimum_bytes": e.minimum_bytes,
+            "seconds": time.monotonic() - started,
+        }
     except (BudgetError, InputError, SolverTimeout) as e:
         return {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - started}
     except Exception as e:  # a planner bug: reported by name and message, the traceback stays in the log
         log.exception("solve failed")
         return {"error": "InternalError", "message": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - started}
-    return {"yaml": plan.to_yaml(), "status": plan.status.value, "budget_bytes": plan.budget_bytes,
-            "predicted_peak_bytes": plan.predicted_peak_bytes, "extra_forward_flops": plan.extra_forward_flops,
-            "extra_cost_ns": plan.extra_cost_ns, "seconds": plan.solve_time_s}
+    return {
+        "yaml": plan.to_yaml(),
+        "status": plan.status.value,
+        "budget_bytes": plan.budget_bytes,
+        "predicted_peak_bytes": plan.predicted_peak_bytes,
+        "extra_forward_flops": plan.extra_forward_flops,
+        "extra_cost_ns": plan.extra_cost_ns,
+        "seconds": plan.solve_time_s,
+    }
 
 
 # ---- the server side ------------------------------------------------------------------------------
@@ -168,8 +193,12 @@ class Planner:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the server process runs threads (uvicorn, SQLite) that a fork would copy mid-state
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(os.getpid(),))
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
 
     def warm_up(self) -> None:
         """Start the worker processes now (each imports torch), not at the first request."""
@@ -225,29 +254,61 @@ class Planner:
             log.error("a solver worker died; starting a fresh pool")
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            out = {"error": "WorkerDied", "message": "the solver process died (out of memory?); retry the request",
-                   "seconds": 0.0}
+            out = {
+                "error": "WorkerDied",
+                "message": "the solver process died (out of memory?); retry the request",
+                "seconds": 0.0,
+            }
         self.metrics.solves += 1
         self.metrics.solve_seconds += out["seconds"]
         o = job.options
         budget = ",".join(map(str, o.budget)) if isinstance(o.budget, tuple) else str(o.budget)
-        common = dict(key=job.key, kind=o.kind, created=now(), model=job.model, fingerprint=job.fingerprint,
-                      budget=budget, objective=o.objective, solve_seconds=round(out["seconds"], 3))
+        common = dict(
+            key=job.key,
+            kind=o.kind,
+            created=now(),
+            model=job.model,
+            fingerprint=job.fingerprint,
+            budget=budget,
+            objective=o.objective,
+            solve_seconds=round(out["seconds"], 3),
+        )
         if "sweep" in out:
-            entry = Entry(**common, budget_bytes=None, status=Status.SWEPT, predicted_peak_bytes=None,
-                          extra_forward_flops=None, extra_cost_ns=None, body=json.dumps(out["sweep"]))
+            entry = Entry(
+                **common,
+                budget_bytes=None,
+                status=Status.SWEPT,
+                predicted_peak_bytes=None,
+                extra_forward_flops=None,
+                extra_cost_ns=None,
+                body=json.dumps(out["sweep"]),
+            )
         elif "error" not in out:
-            entry = Entry(**common, budget_bytes=out["budget_bytes"], status=Status(out["status"]),
-                          predicted_peak_bytes=out["predicted_peak_bytes"],
-                          extra_forward_flops=out["extra_forward_flops"], extra_cost_ns=out["extra_cost_ns"],
-                          body=out["yaml"])
+            entry = Entry(
+                **common,
+                budget_bytes=out["budget_bytes"],
+                status=Status(out["status"]),
+                predicted_peak_bytes=out["predicted_peak_bytes"],
+                extra_forward_flops=out["extra_forward_flops"],
+                extra_cost_ns=out["extra_cost_ns"],
+                body=out["yaml"],
+            )
         else:
-            status = {"InfeasibleBudget": Status.INFEASIBLE, "InputError": Status.REFUSED,
-                      "BudgetError": Status.REFUSED}.get(out["error"])
+            status = {
+                "InfeasibleBudget": Status.INFEASIBLE,
+                "InputError": Status.REFUSED,
+                "BudgetError": Status.REFUSED,
+            }.get(out["error"])
             payload = {k: v for k, v in out.items() if k != "seconds"}
-            entry = Entry(**common, budget_bytes=out.get("budget_bytes"), status=status or Status.REFUSED,
-                          predicted_peak_bytes=None, extra_forward_flops=None, extra_cost_ns=None,
-                          body=json.dumps(payload))
+            entry = Entry(
+                **common,
+                budget_bytes=out.get("budget_bytes"),
+                status=status or Status.REFUSED,
+                predicted_peak_bytes=None,
+                extra_forward_flops=None,
+                extra_cost_ns=None,
+                body=json.dumps(payload),
+            )
             if status is None:  # a time limit or a crash depends on the moment: answered, never stored
                 return entry
         self.store.put(entry)

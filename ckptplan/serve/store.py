@@ -28,8 +28,22 @@ from ..objective import Objective
 log = logging.getLogger("ckptplan.serve")
 
 SCHEMA = 1
-_COLUMNS = ("key", "kind", "created", "model", "fingerprint", "budget", "budget_bytes", "objective", "status",
-            "predicted_peak_bytes", "extra_forward_flops", "extra_cost_ns", "solve_seconds", "body")
+_COLUMNS = (
+    "key",
+    "kind",
+    "created",
+    "model",
+    "fingerprint",
+    "budget",
+    "budget_bytes",
+    "objective",
+    "status",
+    "predicted_peak_bytes",
+    "extra_forward_flops",
+    "extra_cost_ns",
+    "solve_seconds",
+    "body",
+)
 
 
 class Kind(str, Enum):
@@ -84,12 +98,13 @@ class Store:
         try:
             self._db = self._open()
         except sqlite3.OperationalError as e:  # cannot open or lock it: the file is not at fault
-            raise InputError(f"cannot open the plan store {self.path} ({e}); give --store a writable file "
-                             "path that no other server uses") from None
+            raise InputError(
+                f"cannot open the plan store {self.path} ({e}); give --store a writable file "
+                "path that no other server uses"
+            ) from None
         except sqlite3.DatabaseError as e:
             self.recovered = str(self._set_aside())
-            log.error("store %s is corrupt (%s): moved to %s, starting a fresh store", self.path, e,
-                      self.recovered)
+            log.error("store %s is corrupt (%s): moved to %s, starting a fresh store", self.path, e, self.recovered)
             self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -114,8 +129,9 @@ class Store:
                     db.execute("CREATE INDEX plans_created ON plans(created)")
                     db.execute(f"PRAGMA user_version={SCHEMA}")
             elif version != SCHEMA or "plans" not in tables:
-                raise sqlite3.DatabaseError(f"not a ckptplan store of schema {SCHEMA} (user_version {version}, "
-                                            f"tables {sorted(tables)})")
+                raise sqlite3.DatabaseError(
+                    f"not a ckptplan store of schema {SCHEMA} (user_version {version}, tables {sorted(tables)})"
+                )
         except BaseException:
             db.close()
             raise
@@ -145,14 +161,17 @@ class Store:
         values = tuple(_column(getattr(entry, c)) for c in _COLUMNS)
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(f"INSERT OR REPLACE INTO plans ({', '.join(_COLUMNS)}) "
-                             f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+            self._db.execute(
+                f"INSERT OR REPLACE INTO plans ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                values,
+            )
 
     def recent(self, limit: int = 500) -> list[Entry]:
         """Newest first, for the review page."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM plans ORDER BY created DESC, key "
-                                    "LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM plans ORDER BY created DESC, key LIMIT ?", (limit,)
+            ).fetchall()
         return [_entry(r) for r in rows]
 
     def count(self) -> int:

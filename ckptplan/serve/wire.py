@@ -56,25 +56,77 @@ class _Strings:
 
 def graph_to_dict(g: Graph) -> dict[str, Any]:
     s = _Strings()
-    ops = [[s(o.name), s(o.module), [[t.storage, list(t.shape), s(t.dtype), t.nbytes] for t in o.outputs],
-            list(o.inputs), list(o.allocates), list(o.mutates), o.flops, o.bytes_moved, o.cost_ns,
-            int(o.random), int(o.view)] + ([] if o.cost_flops is None else [o.cost_flops]) for o in g.ops]
-    storages = [[st.nbytes, st.kind.value, st.alloc_event, st.free_event, st.producer,
-                 [s(p) for p in st.saved_by], st.python_free_op, st.first_pack_event, st.last_pack_event,
-                 st.first_unpack_event] for st in g.storages]
-    modules = [[s(m.path), s(m.type_name), m.call_index, m.first_op, m.end_op, list(m.input_storages),
-                m.recompute_end_op, m.first_unpack_event, m.last_unpack_event] for m in g.modules]
+    ops = [
+        [
+            s(o.name),
+            s(o.module),
+            [[t.storage, list(t.shape), s(t.dtype), t.nbytes] for t in o.outputs],
+            list(o.inputs),
+            list(o.allocates),
+            list(o.mutates),
+            o.flops,
+            o.bytes_moved,
+            o.cost_ns,
+            int(o.random),
+            int(o.view),
+        ]
+        + ([] if o.cost_flops is None else [o.cost_flops])
+        for o in g.ops
+    ]
+    storages = [
+        [
+            st.nbytes,
+            st.kind.value,
+            st.alloc_event,
+            st.free_event,
+            st.producer,
+            [s(p) for p in st.saved_by],
+            st.python_free_op,
+            st.first_pack_event,
+            st.last_pack_event,
+            st.first_unpack_event,
+        ]
+        for st in g.storages
+    ]
+    modules = [
+        [
+            s(m.path),
+            s(m.type_name),
+            m.call_index,
+            m.first_op,
+            m.end_op,
+            list(m.input_storages),
+            m.recompute_end_op,
+            m.first_unpack_event,
+            m.last_unpack_event,
+        ]
+        for m in g.modules
+    ]
     return {
-        "model_name": g.model_name, "signature": g.signature, "num_parameters": g.num_parameters,
-        "inputs": list(g.inputs), "device": g.device, "num_events": g.num_events,
+        "model_name": g.model_name,
+        "signature": g.signature,
+        "num_parameters": g.num_parameters,
+        "inputs": list(g.inputs),
+        "device": g.device,
+        "num_events": g.num_events,
         "module_tree": [[s(p), s(t)] for p, t in g.module_tree],
         "tensor_names": [[i, n] for i, n in g.tensor_names],
-        "optimizer": g.optimizer, "optimizer_state_bytes": g.optimizer_state_bytes,
-        "extra_fixed_bytes": g.extra_fixed_bytes, "parallel": g.parallel, "torch_version": g.torch_version,
-        "saved_tensors": g.saved_tensors, "fingerprint": g.fingerprint,
-        "strings": s.table, "ops": ops, "storages": storages, "modules": modules,
-        "gpu": g.gpu, "gpu_capability": list(g.gpu_capability) if g.gpu_capability else None,
-        "traced_on": g.traced_on, "sdpa_backends": list(g.sdpa_backends), "eval_modules": list(g.eval_modules),
+        "optimizer": g.optimizer,
+        "optimizer_state_bytes": g.optimizer_state_bytes,
+        "extra_fixed_bytes": g.extra_fixed_bytes,
+        "parallel": g.parallel,
+        "torch_version": g.torch_version,
+        "saved_tensors": g.saved_tensors,
+        "fingerprint": g.fingerprint,
+        "strings": s.table,
+        "ops": ops,
+        "storages": storages,
+        "modules": modules,
+        "gpu": g.gpu,
+        "gpu_capability": list(g.gpu_capability) if g.gpu_capability else None,
+        "traced_on": g.traced_on,
+        "sdpa_backends": list(g.sdpa_backends),
+        "eval_modules": list(g.eval_modules),
         **({"autocast": g.autocast} if g.autocast else {}),
         **({"data_dependent_ops": list(g.data_dependent_ops)} if g.data_dependent_ops else {}),
         "profile": profile_to_dict(g.profile) if g.profile is not None else None,
@@ -160,8 +212,10 @@ def decode(doc: Any) -> list[Graph]:
     if doc.get("format") != FORMAT:
         raise WireError(f"format must be {FORMAT!r}, got {doc.get('format')!r}")
     if doc.get("version") != VERSION:
-        raise WireError(f"graph format version {doc.get('version')!r} is not supported (this ckptplan reads "
-                        f"version {VERSION}); use the same ckptplan version on client and server")
+        raise WireError(
+            f"graph format version {doc.get('version')!r} is not supported (this ckptplan reads "
+            f"version {VERSION}); use the same ckptplan version on client and server"
+        )
     graphs = doc.get("graphs")
     if not isinstance(graphs, list) or not 1 <= len(graphs) <= MAX_GRAPHS:
         raise WireError(f"graphs must be a list of 1 to {MAX_GRAPHS} traced steps")
@@ -169,11 +223,37 @@ def decode(doc: Any) -> list[Graph]:
 
 
 # the target a graph is planned for and the profile it is priced with; absent in older uploads
-OPTIONAL_FIELDS = ("gpu", "gpu_capability", "traced_on", "sdpa_backends", "eval_modules", "autocast", "profile",
-                   "data_dependent_ops")
-GRAPH_FIELDS = ("model_name", "signature", "num_parameters", "inputs", "device", "num_events", "module_tree",
-                "tensor_names", "optimizer", "optimizer_state_bytes", "extra_fixed_bytes", "parallel",
-                "torch_version", "saved_tensors", "fingerprint", "strings", "ops", "storages", "modules")
+OPTIONAL_FIELDS = (
+    "gpu",
+    "gpu_capability",
+    "traced_on",
+    "sdpa_backends",
+    "eval_modules",
+    "autocast",
+    "profile",
+    "data_dependent_ops",
+)
+GRAPH_FIELDS = (
+    "model_name",
+    "signature",
+    "num_parameters",
+    "inputs",
+    "device",
+    "num_events",
+    "module_tree",
+    "tensor_names",
+    "optimizer",
+    "optimizer_state_bytes",
+    "extra_fixed_bytes",
+    "parallel",
+    "torch_version",
+    "saved_tensors",
+    "fingerprint",
+    "strings",
+    "ops",
+    "storages",
+    "modules",
+)
 BIG = 2**62  # bytes, FLOPs and nanoseconds above this are not a real step's
 
 
@@ -232,15 +312,21 @@ def graph_from_dict(d: Any, *, where: str = "graph") -> Graph:
         kind = kinds.get(row[1]) if isinstance(row[1], str) else None
         if kind is None:
             raise r.fail(f"{p}[1]", f"storage kind must be one of {sorted(kinds)}, got {row[1]!r}")
-        storages.append(StorageInfo(
-            id=i, nbytes=r.int(row[0], f"{p}[0]", 0, BIG), kind=kind,
-            alloc_event=r.int(row[2], f"{p}[2]", -1, n_ev), free_event=r.int(row[3], f"{p}[3]", 0, n_ev),
-            producer=r.int(row[4], f"{p}[4]", 0, n_ops - 1, null=True),
-            saved_by=tuple(string(x, f"{p}[5][{j}]") for j, x in enumerate(r.list(row[5], f"{p}[5]"))),
-            python_free_op=r.int(row[6], f"{p}[6]", -1, BIG),
-            first_pack_event=r.int(row[7], f"{p}[7]", -1, BIG, null=True),
-            last_pack_event=r.int(row[8], f"{p}[8]", -1, BIG, null=True),
-            first_unpack_event=r.int(row[9], f"{p}[9]", -1, n_ev, null=True)))
+        storages.append(
+            StorageInfo(
+                id=i,
+                nbytes=r.int(row[0], f"{p}[0]", 0, BIG),
+                kind=kind,
+                alloc_event=r.int(row[2], f"{p}[2]", -1, n_ev),
+                free_event=r.int(row[3], f"{p}[3]", 0, n_ev),
+                producer=r.int(row[4], f"{p}[4]", 0, n_ops - 1, null=True),
+                saved_by=tuple(string(x, f"{p}[5][{j}]") for j, x in enumerate(r.list(row[5], f"{p}[5]"))),
+                python_free_op=r.int(row[6], f"{p}[6]", -1, BIG),
+                first_pack_event=r.int(row[7], f"{p}[7]", -1, BIG, null=True),
+                last_pack_event=r.int(row[8], f"{p}[8]", -1, BIG, null=True),
+                first_unpack_event=r.int(row[9], f"{p}[9]", -1, n_ev, null=True),
+            )
+        )
 
     ops = []
     for i, row in enumerate(raw_ops):
@@ -252,15 +338,31 @@ def graph_from_dict(d: Any, *, where: str = "graph") -> Graph:
         for j, t in enumerate(r.list(row[2], f"{p}[2]")):
             q = f"{p}[2][{j}]"
             t = r.list(t, q, 4)
-            outs.append(TensorInfo(storage=r.int(t[0], f"{q}[0]", 0, sid), shape=r.ints(t[1], f"{q}[1]", 0, BIG),
-                                   dtype=string(t[2], f"{q}[2]"), nbytes=r.int(t[3], f"{q}[3]", 0, BIG)))
-        ops.append(OpNode(
-            index=i, name=string(row[0], f"{p}[0]"), module=string(row[1], f"{p}[1]"), outputs=tuple(outs),
-            inputs=r.ints(row[3], f"{p}[3]", 0, sid), allocates=r.ints(row[4], f"{p}[4]", 0, sid),
-            mutates=r.ints(row[5], f"{p}[5]", 0, sid), flops=r.int(row[6], f"{p}[6]", 0, BIG),
-            bytes_moved=r.int(row[7], f"{p}[7]", 0, BIG), cost_ns=r.int(row[8], f"{p}[8]", 0, BIG),
-            random=bool(r.int(row[9], f"{p}[9]", 0, 1)), view=bool(r.int(row[10], f"{p}[10]", 0, 1)),
-            cost_flops=r.int(row[11], f"{p}[11]", 0, BIG) if len(row) == 12 else None))
+            outs.append(
+                TensorInfo(
+                    storage=r.int(t[0], f"{q}[0]", 0, sid),
+                    shape=r.ints(t[1], f"{q}[1]", 0, BIG),
+                    dtype=string(t[2], f"{q}[2]"),
+                    nbytes=r.int(t[3], f"{q}[3]", 0, BIG),
+                )
+            )
+        ops.append(
+            OpNode(
+                index=i,
+                name=string(row[0], f"{p}[0]"),
+                module=string(row[1], f"{p}[1]"),
+                outputs=tuple(outs),
+                inputs=r.ints(row[3], f"{p}[3]", 0, sid),
+                allocates=r.ints(row[4], f"{p}[4]", 0, sid),
+                mutates=r.ints(row[5], f"{p}[5]", 0, sid),
+                flops=r.int(row[6], f"{p}[6]", 0, BIG),
+                bytes_moved=r.int(row[7], f"{p}[7]", 0, BIG),
+                cost_ns=r.int(row[8], f"{p}[8]", 0, BIG),
+                random=bool(r.int(row[9], f"{p}[9]", 0, 1)),
+                view=bool(r.int(row[10], f"{p}[10]", 0, 1)),
+                cost_flops=r.int(row[11], f"{p}[11]", 0, BIG) if len(row) == 12 else None,
+            )
+        )
 
     modules = []
     for i, row in enumerate(raw_mod):
@@ -268,12 +370,19 @@ def graph_from_dict(d: Any, *, where: str = "graph") -> Graph:
         row = r.list(row, p, 9)
         first = r.int(row[3], f"{p}[3]", 0, n_ops)
         end = r.int(row[4], f"{p}[4]", first, n_ops)
-        modules.append(ModuleCall(
-            path=string(row[0], f"{p}[0]"), type_name=string(row[1], f"{p}[1]"),
-            call_index=r.int(row[2], f"{p}[2]", 0, BIG), first_op=first, end_op=end,
-            input_storages=r.ints(row[5], f"{p}[5]", 0, sid), recompute_end_op=r.int(row[6], f"{p}[6]", first, end),
-            first_unpack_event=r.int(row[7], f"{p}[7]", 0, n_ev, null=True),
-            last_unpack_event=r.int(row[8], f"{p}[8]", 0, n_ev, null=True)))
+        modules.append(
+            ModuleCall(
+                path=string(row[0], f"{p}[0]"),
+                type_name=string(row[1], f"{p}[1]"),
+                call_index=r.int(row[2], f"{p}[2]", 0, BIG),
+                first_op=first,
+                end_op=end,
+                input_storages=r.ints(row[5], f"{p}[5]", 0, sid),
+                recompute_end_op=r.int(row[6], f"{p}[6]", first, end),
+                first_unpack_event=r.int(row[7], f"{p}[7]", 0, n_ev, null=True),
+                last_unpack_event=r.int(row[8], f"{p}[8]", 0, n_ev, null=True),
+            )
+        )
 
     tree = []
     for i, pair in enumerate(r.list(d["module_tree"], ".module_tree")):
@@ -285,22 +394,33 @@ def graph_from_dict(d: Any, *, where: str = "graph") -> Graph:
         names.append((r.int(pair[0], f".tensor_names[{i}][0]", 0, sid), r.str(pair[1], f".tensor_names[{i}][1]")))
     try:
         g = Graph(
-            model_name=r.str(d["model_name"], ".model_name"), signature=r.str(d["signature"], ".signature"),
+            model_name=r.str(d["model_name"], ".model_name"),
+            signature=r.str(d["signature"], ".signature"),
             num_parameters=r.int(d["num_parameters"], ".num_parameters", 0, BIG),
             inputs=tuple(r.str(x, f".inputs[{i}]") for i, x in enumerate(r.list(d["inputs"], ".inputs"))),
-            device=r.str(d["device"], ".device"), ops=tuple(ops), storages=tuple(storages), modules=tuple(modules),
-            num_events=n_ev, module_tree=tuple(tree), tensor_names=tuple(names),
+            device=r.str(d["device"], ".device"),
+            ops=tuple(ops),
+            storages=tuple(storages),
+            modules=tuple(modules),
+            num_events=n_ev,
+            module_tree=tuple(tree),
+            tensor_names=tuple(names),
             optimizer=r.str(d["optimizer"], ".optimizer", null=True),
             optimizer_state_bytes=r.int(d["optimizer_state_bytes"], ".optimizer_state_bytes", 0, BIG),
             extra_fixed_bytes=r.int(d["extra_fixed_bytes"], ".extra_fixed_bytes", 0, BIG),
-            parallel=r.str(d["parallel"], ".parallel"), torch_version=r.str(d["torch_version"], ".torch_version"),
+            parallel=r.str(d["parallel"], ".parallel"),
+            torch_version=r.str(d["torch_version"], ".torch_version"),
             saved_tensors=r.int(d["saved_tensors"], ".saved_tensors", 0, BIG),
             data_dependent_ops=r.ints(d.get("data_dependent_ops") or [], ".data_dependent_ops", 0, n_ops - 1),
-            **_target_fields(r, d))
+            **_target_fields(r, d),
+        )
     except ValueError as e:  # Graph.__post_init__'s own checks
         raise r.fail("", str(e)) from None
     claimed = r.str(d["fingerprint"], ".fingerprint")
     if g.fingerprint != claimed:
-        raise r.fail(".fingerprint", f"the ops hash to {g.fingerprint}, not {claimed}: the graph was altered "
-                                     "or written by another ckptplan version")
+        raise r.fail(
+            ".fingerprint",
+            f"the ops hash to {g.fingerprint}, not {claimed}: the graph was altered "
+            "or written by another ckptplan version",
+        )
     return g

@@ -30,13 +30,18 @@ from .regions import Region, segment
 from .simulate import simulate
 
 # Outputs torchtitan's op-level policy saves (its ``_save_list``, with the CPU attention kernel).
-SAVED_BY_OP_SAC = frozenset({
-    "aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.linear.default",
-    "aten._scaled_dot_product_flash_attention.default",
-    "aten._scaled_dot_product_efficient_attention.default",
-    "aten._scaled_dot_product_cudnn_attention.default",
-    "aten._scaled_dot_product_flash_attention_for_cpu.default",
-})
+SAVED_BY_OP_SAC = frozenset(
+    {
+        "aten.mm.default",
+        "aten.addmm.default",
+        "aten.bmm.default",
+        "aten.linear.default",
+        "aten._scaled_dot_product_flash_attention.default",
+        "aten._scaled_dot_product_efficient_attention.default",
+        "aten._scaled_dot_product_cudnn_attention.default",
+        "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    }
+)
 # Matmuls for the every-second rule: a Linear with a bias runs addmm, without one mm.
 MATMULS = frozenset({"aten.mm.default", "aten.addmm.default", "aten.linear.default"})
 
@@ -73,8 +78,9 @@ def block_paths(module_tree: Sequence[tuple[str, str]]) -> list[str]:
         return path.rsplit(".", 1)[0] if "." in path else ""
 
     has_children = {parent(path) for path, _ in module_tree if path}
-    elements = [path for path, kind in module_tree if path and types.get(parent(path)) in CONTAINERS
-                and kind not in CONTAINERS]
+    elements = [
+        path for path, kind in module_tree if path and types.get(parent(path)) in CONTAINERS and kind not in CONTAINERS
+    ]
     found = [p for p in elements if p in has_children]
     if not found:
         holders = {parent(p) for p in elements} - {""}
@@ -122,7 +128,7 @@ def sqrt_n_segments(graph: Graph, regions: tuple[Region, ...]) -> tuple[tuple[Re
     size = n // count
     out = []
     for start in range(0, size * (count - 1), size):
-        seg = segment(graph, chain[start:start + size])
+        seg = segment(graph, chain[start : start + size])
         if seg is None:
             return (), 0
         out.append(seg)
@@ -167,9 +173,14 @@ def evaluate(graph: Graph, regions: tuple[Region, ...], policy: Policy, k: int =
     if policy is Policy.OP_SAC:  # its dispatch modes run in every block, also where they cache nothing
         by_path = {r.path: r for r in regions}
         cost += sum(by_path[path].selective_ns for path, ops in saved.items() if not ops)
-    return BaselineResult(policy=policy, knob=knob, saved=saved,
-                          peak_bytes=sim.peak_bytes, extra_forward_flops=sim.extra_forward_flops,
-                          extra_cost_ns=cost)
+    return BaselineResult(
+        policy=policy,
+        knob=knob,
+        saved=saved,
+        peak_bytes=sim.peak_bytes,
+        extra_forward_flops=sim.extra_forward_flops,
+        extra_cost_ns=cost,
+    )
 
 
 def all_baselines(graph: Graph, regions: tuple[Region, ...]) -> list[BaselineResult]:

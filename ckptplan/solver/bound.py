@@ -76,8 +76,15 @@ class RowSolution:
     work: int  # table cells computed: a deterministic measure of the time it took
 
 
-def lower_bound(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
-                buckets: int = BUCKETS, deadline: float = math.inf) -> int | None:
+def lower_bound(
+    regions: tuple[Region, ...],
+    row: LinearForm,
+    capacity: int,
+    cost: LinearForm,
+    *,
+    buckets: int = BUCKETS,
+    deadline: float = math.inf,
+) -> int | None:
     """The least ``cost`` of any decisions whose ``row`` stays within ``capacity``, with the row's free range
     in ``buckets`` steps (more: tighter and slower); None when a family has too many modes, no decision
     fits (then the caller has a better source of truth) or ``deadline`` passed first."""
@@ -85,8 +92,16 @@ def lower_bound(regions: tuple[Region, ...], row: LinearForm, capacity: int, cos
     return None if found is None else found.bound
 
 
-def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
-              buckets: int = BUCKETS, plan: bool = False, deadline: float = math.inf) -> RowSolution | None:
+def solve_row(
+    regions: tuple[Region, ...],
+    row: LinearForm,
+    capacity: int,
+    cost: LinearForm,
+    *,
+    buckets: int = BUCKETS,
+    plan: bool = False,
+    deadline: float = math.inf,
+) -> RowSolution | None:
     """``lower_bound``, and with ``plan`` the decisions of one cheapest configuration of the rounded row.
 
     Those decisions are a first plan, not a proven one: bytes rounded down, other rows and cross-family
@@ -108,8 +123,16 @@ def solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost:
         return None
 
 
-def _solve_shared(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
-                  buckets: int, plan: bool, deadline: float) -> RowSolution | None:
+def _solve_shared(
+    regions: tuple[Region, ...],
+    row: LinearForm,
+    capacity: int,
+    cost: LinearForm,
+    *,
+    buckets: int,
+    plan: bool,
+    deadline: float,
+) -> RowSolution | None:
     """``solve_row`` (which catches the deadline)."""
     group = max(((a, members) for a, members in cost.shared if len(members) > 1), key=lambda g: len(g[1]), default=None)
     if group is None:
@@ -118,8 +141,10 @@ def _solve_shared(regions: tuple[Region, ...], row: LinearForm, capacity: int, c
     a, members = group
     off = replace(cost, c={**cost.c, **{j: cost.c.get(j, 0) + OFF for j in members}}, shared=rest)
     paid = replace(cost, constant=cost.constant + a, shared=rest)
-    found = [_solve_row(regions, row, capacity, form.spread(), buckets=buckets, plan=plan, deadline=deadline)
-             for form in (off, paid)]
+    found = [
+        _solve_row(regions, row, capacity, form.spread(), buckets=buckets, plan=plan, deadline=deadline)
+        for form in (off, paid)
+    ]
     solved = [f for f in found if f is not None]
     if len(solved) < len(found):
         return None
@@ -127,8 +152,16 @@ def _solve_shared(regions: tuple[Region, ...], row: LinearForm, capacity: int, c
     return replace(best, work=sum(f.work for f in solved))
 
 
-def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost: LinearForm, *,
-               buckets: int, plan: bool, deadline: float = math.inf) -> RowSolution | None:
+def _solve_row(
+    regions: tuple[Region, ...],
+    row: LinearForm,
+    capacity: int,
+    cost: LinearForm,
+    *,
+    buckets: int,
+    plan: bool,
+    deadline: float = math.inf,
+) -> RowSolution | None:
     """``solve_row`` for a cost without shared terms; raises ``_OutOfTime`` past ``deadline``."""
     grouped = families(regions)
     family_of = {j: root for root, members in grouped for j in members}
@@ -145,8 +178,11 @@ def _solve_row(regions: tuple[Region, ...], row: LinearForm, capacity: int, cost
         if sets is None:
             return None
         memo: dict = {}  # the rematerialization items of each checkpoint set, shared by its variants
-        modes = [build_mode(on, may, paid, regions, row, z_of.get(root, []), cost, leaves, memo)
-                 for on in sets for may, paid in variants(on, regions, cost)]
+        modes = [
+            build_mode(on, may, paid, regions, row, z_of.get(root, []), cost, leaves, memo)
+            for on in sets
+            for may, paid in variants(on, regions, cost)
+        ]
         tables.append((min(m.weight for m in modes), modes))
     low = sum(w for w, _ in tables) + row.constant
     span = capacity - low
@@ -215,8 +251,10 @@ def _family_table(w_min: int, modes: list[Mode], step: int, n: int, deadline: fl
 def _fine(w_min: int, modes: list[Mode]) -> tuple[int, int, int]:
     """The family's own resolution: bytes per fine bucket, the number of fine buckets, and the family's
     range (its heaviest configuration above ``w_min``)."""
-    top = max(m.weight - w_min + sum(w for w, _ in m.items) + sum(max((w for w, _ in g), default=0) for g in m.groups)
-              for m in modes)
+    top = max(
+        m.weight - w_min + sum(w for w, _ in m.items) + sum(max((w for w, _ in g), default=0) for g in m.groups)
+        for m in modes
+    )
     fine = max(1, top // FINE)
     return fine, top // fine + 1, top
 
@@ -240,7 +278,7 @@ def _knapsack(m: Mode, w_min: int, fine: int, size: int) -> list[np.ndarray]:
         new = table.copy()
         for w, c in options:
             b = w // fine
-            np.minimum(new[b:], table[:size - b] + c, out=new[b:])
+            np.minimum(new[b:], table[: size - b] + c, out=new[b:])
         table = new
         out.append(table)
     return out
@@ -250,24 +288,25 @@ def _knapsack_last(m: Mode, w_min: int, fine: int, size: int, shared: dict[tuple
     """``_knapsack``'s last table. The rematerialization items and groups are the same in most of a
     family's modes: their knapsack, from weight and cost 0, is computed once (``shared``), then shifted to
     the mode's own weight and cost and given its op items (the knapsack does not depend on item order)."""
-    key = (m.items[m.own:], m.groups)
+    key = (m.items[m.own :], m.groups)
     if key not in shared:
         shared[key] = _knapsack(Mode(weight=w_min, cost=0, items=key[0], groups=m.groups), w_min, fine, size)[-1]
     start = (m.weight - w_min) // fine
     table = np.full(size, np.inf)
-    table[start:] = shared[key][:size - start] + m.cost
-    for w, c in m.items[:m.own]:
+    table[start:] = shared[key][: size - start] + m.cost
+    for w, c in m.items[: m.own]:
         table = _take(table, w // fine, c, size)
     return table
 
 
 def _take(table: np.ndarray, b: int, c: int, size: int) -> np.ndarray:
     """One 0/1 item of ``b`` fine buckets and cost ``c`` added to a knapsack table."""
-    return table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[:size - b] + c)))
+    return table + c if b == 0 else np.concatenate((table[:b], np.minimum(table[b:], table[: size - b] + c)))
 
 
-def _family_config(w_min: int, modes: list[Mode], step: int, beta: int,
-                   deadline: float = math.inf) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+def _family_config(
+    w_min: int, modes: list[Mode], step: int, beta: int, deadline: float = math.inf
+) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """The mode (its index), the items (their indices) and each group's set (index into ``group_sets``,
     0 for its base) of the cheapest configuration counted in row bucket ``beta`` of ``_family_table``."""
     fine, size, _ = _fine(w_min, modes)
@@ -280,21 +319,24 @@ def _family_config(w_min: int, modes: list[Mode], step: int, beta: int,
     for index, m in enumerate(modes):
         _check(deadline)
         last = _knapsack_last(m, w_min, fine, size, shared)
-        cheapest = float(np.min(last[:end + 1]))
+        cheapest = float(np.min(last[: end + 1]))
         if best is None or cheapest < best[0]:
             best = (cheapest, index)
     assert best is not None
     index = best[1]
     tables = _knapsack(modes[index], w_min, fine, size)
-    f = int(np.argmin(tables[-1][:end + 1]))
+    f = int(np.argmin(tables[-1][: end + 1]))
     mode = modes[index]
     chosen = []
     for g in range(len(mode.groups), 0, -1):  # the groups were added last: walk them back first
         after, before = tables[len(mode.items) + g], tables[len(mode.items) + g - 1]
         pick = 0
         if after[f] < before[f]:
-            pick = next(o + 1 for o, (w, c) in enumerate(mode.groups[g - 1])
-                        if f >= w // fine and before[f - w // fine] + c == after[f])
+            pick = next(
+                o + 1
+                for o, (w, c) in enumerate(mode.groups[g - 1])
+                if f >= w // fine and before[f - w // fine] + c == after[f]
+            )
             f -= mode.groups[g - 1][pick - 1][0] // fine
         chosen.append(pick)
     taken = []
@@ -317,5 +359,5 @@ def _combine(run: np.ndarray, table: np.ndarray, deadline: float = math.inf) -> 
     for i, b in enumerate(steps):
         if i % 256 == 0:
             _check(deadline)
-        np.minimum(out[b:], run[:len(run) - b] + table[b], out=out[b:])
+        np.minimum(out[b:], run[: len(run) - b] + table[b], out=out[b:])
     return out, len(steps)

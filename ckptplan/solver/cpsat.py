@@ -6,7 +6,7 @@ save, under a memory budget.
    that is the answer, with no search (deep chains: the search's root LP alone grows faster than depth).
 2. ``_Model._search_cost``: otherwise the search, from that plan; at improving solutions, bound.py's
    knapsack bound on the rows tightest under them proves the integrality gaps CP-SAT's LP bound leaves
-   open (``_KnapsackCheck``).
+   open (callbacks.py's ``KnapsackCheck``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from ortools.sat.python import cp_model
 from ..graph import Graph
 from ..objective import Objective
 from . import bound, primal
+from .callbacks import KnapsackCheck, Progress
 from .formulation import Formulation
 from .regions import Region
 
-BOUND_ROWS = 3  # the memory rows tightest under a solution that bound.py solves exactly
 # primal.py's table cells charged as one second of CP-SAT's deterministic clock: cells run at ~6e8 a
 # wall second here, CP-SAT's clock at ~0.3 units a wall second (2e9 cells a unit); charged double
 CELLS_PER_DET_S = 10**9
@@ -59,87 +59,34 @@ class Solution:
     @property
     def gap(self) -> float:
         """Proven relative gap of the primary objective."""
-        value, bound = ((self.objective_flops, self.bound_flops) if self.objective is Objective.FLOPS
-                        else (self.objective_ns, self.bound_ns))
+        value, bound = (
+            (self.objective_flops, self.bound_flops)
+            if self.objective is Objective.FLOPS
+            else (self.objective_ns, self.bound_ns)
+        )
         if value <= 0:
             return 0.0
         return max(0.0, (value - bound) / value)
-
-
-class _Progress(cp_model.CpSolverSolutionCallback):
-    """At each improving solution: asks ``check`` (when given) for a bound found outside CP-SAT and whether
-    it proves the solution within the gap, then stops the search; reports (objective, best bound). With
-    the same model and limits the same solutions arrive in the same order, so this stays deterministic."""
-
-    def __init__(self, report: Callable[[float, float], None] | None,
-                 check: Callable[[cp_model.CpSolverSolutionCallback], tuple[int, bool]] | None) -> None:
-        super().__init__()
-        self.report, self.check = report, check
-
-    def on_solution_callback(self) -> None:
-        lower, proven = self.check(self) if self.check is not None else (0, False)
-        if self.report is not None:
-            self.report(self.objective_value, max(self.best_objective_bound, lower))
-        if proven:
-            self.stop_search()
-
-
-class _KnapsackCheck:
-    """bound.py's knapsack bound on the ``BOUND_ROWS`` memory rows tightest under a solution (each row
-    solved once, a solution checked when it improves on the last one checked by half the gap). When they
-    fall short of the gap, the best of them once more at bound.py's finer resolution.
-
-    No row is solved after ``deadline`` (``time.monotonic()``; the search's wall-clock limit): CP-SAT
-    cannot stop while a callback runs, and a row of the 7B model takes 0.5 s (the finer pass 1.2 s, on
-    the 2-core machine, idle), so checks begun near the limit, and the final solution's check after it,
-    added their time to the limit; a row still being solved when it passes stops there and bounds
-    nothing. Rows solved before it still count. A search cut on the deterministic
-    clock ends before the deadline, and its checks are unchanged, so its plan stays byte-identical."""
-
-    def __init__(self, model: "_Model", capacity: int, gap_limit: float, known: int = 0,
-                 deadline: float = math.inf) -> None:
-        self.model, self.capacity, self.gap, self.deadline = model, capacity, gap_limit, deadline
-        self.cost = model.cost_form
-        self.rows: dict[tuple[int, int], int] = {}  # (row, buckets) -> its bound
-        self.known = known  # the best bound so far: valid for every solution
-        self.checked: int | None = None  # cost of the last solution checked
-
-    def __call__(self, solution: cp_model.CpSolverSolutionCallback | cp_model.CpSolver) -> tuple[int, bool]:
-        model = self.model
-        value = int(solution.value(model.cost))
-        if self.checked is None or value < self.checked * (1 - self.gap / 2):
-            self.checked = value
-            slack = sorted((self.capacity - base - (e if isinstance(e, int) else solution.value(e)), i)
-                           for i, (base, e, ub) in enumerate(model.row_exprs) if ub > self.capacity)
-            for _, i in slack[:BOUND_ROWS]:
-                self._bound(i, bound.BUCKETS, value)
-            solved = [i for _, i in slack[:BOUND_ROWS] if (i, bound.BUCKETS) in self.rows]
-            # the finer pass costs ~10x the first: only when the first nearly proves the gap
-            if solved and value - self.known <= max(4 * self.gap, 0.02) * value:
-                self._bound(max(solved, key=lambda i: self.rows[(i, bound.BUCKETS)]), bound.FINE_BUCKETS, value)
-        return self.known, value - self.known <= self.gap * value
-
-    def _bound(self, row: int, buckets: int, value: int) -> None:
-        if value - self.known <= self.gap * value:
-            return  # proven already
-        if (row, buckets) not in self.rows:
-            if time.monotonic() >= self.deadline:
-                return  # the search's time is up: no new row (see the class)
-            found = bound.lower_bound(self.model.regions, self.model.row_form(row), self.capacity, self.cost,
-                                      buckets=buckets, deadline=self.deadline)
-            self.rows[(row, buckets)] = found or 0
-        self.known = max(self.known, min(self.rows[(row, buckets)], value))  # never above a solution
 
 
 class _Model(Formulation):
     """The formulation and its search; solved once per budget."""
 
     # ---- solving -------------------------------------------------------------------------------------
-    def solve(self, *, budget_bytes: int | None, time_limit_s: float, hint: dict[str, frozenset[int]] | None,
-              workers: int = 1, deterministic_limit: float | None = None,
-              on_solution: Callable[[float, float], None] | None = None,
-              objective: Objective = Objective.TIME, gap_limit: float = 0.0, first_plan: bool = True,
-              stop_at: int | None = None) -> Solution:
+    def solve(
+        self,
+        *,
+        budget_bytes: int | None,
+        time_limit_s: float,
+        hint: dict[str, frozenset[int]] | None,
+        workers: int = 1,
+        deterministic_limit: float | None = None,
+        on_solution: Callable[[float, float], None] | None = None,
+        objective: Objective = Objective.TIME,
+        gap_limit: float = 0.0,
+        first_plan: bool = True,
+        stop_at: int | None = None,
+    ) -> Solution:
         """Minimise ``objective`` under ``budget_bytes``; with ``None``, minimise the peak instead.
 
         ``stop_at`` (bytes, minimum-peak search only) ends that search at the first solution whose peak is
@@ -164,11 +111,17 @@ class _Model(Formulation):
             m.minimize(peak)
             target = None if stop_at is None else stop_at // self.unit
             solver, status = self._run(
-                m, hint, time_limit_s, deterministic_limit, workers, on_solution,
+                m,
+                hint,
+                time_limit_s,
+                deterministic_limit,
+                workers,
+                on_solution,
                 check=None if target is None else lambda found: (0, found.objective_value <= target),
                 # no probing: the peak's proof needs 2-5x less work without it, the same minimum (HF Mamba:
                 # 2.57 -> 0.62 deterministic s; ResNet 0.23 -> 0.05; Whisper 0.21 -> 0.11)
-                probing=False)
+                probing=False,
+            )
             sol = self._solution(m, solver, status, time_minimised=False)
             lower = solver.best_objective_bound  # before a search begins: the objective's domain, or none
             bounded = math.isfinite(lower) and status is not Status.INFEASIBLE
@@ -203,8 +156,12 @@ class _Model(Formulation):
                 return self._solution(m, solver, status, time_minimised=False)
             value = int(solver.value(self.flops))
             spent_det = solver.response_proto.deterministic_time
-            first = (value, min(value, int(solver.best_objective_bound)), solver.wall_time + before[0],
-                     spent_det + before[1])
+            first = (
+                value,
+                min(value, int(solver.best_objective_bound)),
+                solver.wall_time + before[0],
+                spent_det + before[1],
+            )
             # [Constraint] no more recomputed FLOPs than the best plan found; now the fastest such plan
             m.add(self.flops <= value)
             hint = self._decisions(solver)
@@ -220,8 +177,9 @@ class _Model(Formulation):
             started = time.monotonic()
             # the wall-clock limit holds here too: past it the first plan stops with the best it has
             cells = None if deterministic_limit is None else int(deterministic_limit * CELLS_PER_DET_S / 2)
-            start = primal.first_plan(self, budget_bytes // self.unit, gap=gap_limit, work_limit=cells,
-                                      deadline=bound.clock() + time_limit_s)
+            start = primal.first_plan(
+                self, budget_bytes // self.unit, gap=gap_limit, work_limit=cells, deadline=bound.clock() + time_limit_s
+            )
             spent, charged = time.monotonic() - started, start.work / CELLS_PER_DET_S
             if deterministic_limit is not None:
                 deterministic_limit = max(0.01, deterministic_limit - charged)
@@ -233,19 +191,42 @@ class _Model(Formulation):
                     return self._first_plan_solution(m, start, spent)
                 hint = self._paths(start.saved)
             time_limit_s = max(0.1, time_limit_s - spent)
-        sol = self._search_branches(m, hint, budget_bytes // self.unit, time_limit_s, deterministic_limit, workers,
-                                    None if first else on_solution, gap_limit, first, known)
+        sol = self._search_branches(
+            m,
+            hint,
+            budget_bytes // self.unit,
+            time_limit_s,
+            deterministic_limit,
+            workers,
+            None if first else on_solution,
+            gap_limit,
+            first,
+            known,
+        )
         if sol.status is Status.UNKNOWN and first is None and start is not None and start.saved is not None:
             # the search's limit came before it found a plan (on a loaded machine, the wall clock): the first
             # plan fits every row, so it is the answer, with the knapsack's bound
-            sol = replace(self._first_plan_solution(m, start, 0.0), wall_s=sol.wall_s,
-                          deterministic_s=sol.deterministic_s, searched=True)
+            sol = replace(
+                self._first_plan_solution(m, start, 0.0),
+                wall_s=sol.wall_s,
+                deterministic_s=sol.deterministic_s,
+                searched=True,
+            )
         return replace(sol, wall_s=sol.wall_s + spent, deterministic_s=sol.deterministic_s + charged)
 
-    def _search_branches(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]] | None, capacity: int,
-                         time_limit_s: float, deterministic_limit: float | None, workers: int,
-                         report: Callable[[float, float], None] | None, gap_limit: float,
-                         first: tuple[int, int, float, float] | None, known: int) -> Solution:
+    def _search_branches(
+        self,
+        m: cp_model.CpModel,
+        hint: dict[str, frozenset[int]] | None,
+        capacity: int,
+        time_limit_s: float,
+        deterministic_limit: float | None,
+        workers: int,
+        report: Callable[[float, float], None] | None,
+        gap_limit: float,
+        first: tuple[int, int, float, float] | None,
+        known: int,
+    ) -> Solution:
         """``_search_cost``, split on the saved-tensor hook when the plan may rematerialize: once with no
         rematerialization (a smaller model), once with the hook paid whatever the plan (a constant: the LP
         prices it exactly); the hint's branch first, on half the limits, the other only below its plan
@@ -253,8 +234,9 @@ class _Model(Formulation):
         its largest fractional rematerialization, and the search cannot prove a plan without one (HF
         Llama at 66%: 10% gap after 30 s). The better plan wins; the lesser bound holds for both."""
         if self.hook is None:
-            return self._search_cost(m, hint, capacity, time_limit_s, deterministic_limit, workers, report,
-                                     gap_limit, first, known)
+            return self._search_cost(
+                m, hint, capacity, time_limit_s, deterministic_limit, workers, report, gap_limit, first, known
+            )
         started = time.monotonic()
         sols: list[Solution] = []
         # the hint's branch first: its plan, found again at once, then cuts the other branch's search
@@ -268,11 +250,26 @@ class _Model(Formulation):
                 branch.add(self.cost <= sols[0].objective_ns - 1)
             left = time_limit_s - (time.monotonic() - started)
             det = None if deterministic_limit is None else deterministic_limit - sum(x.deterministic_s for x in sols)
-            plain = hint if value or hint is None else {
-                path: ops for path, ops in hint.items() if path not in self.remat_paths}
-            sols.append(self._search_cost(branch, plain, capacity, max(0.1, left * share),
-                                          None if det is None else max(0.01, det * share), workers, report,
-                                          gap_limit, first, known, branch=True))
+            plain = (
+                hint
+                if value or hint is None
+                else {path: ops for path, ops in hint.items() if path not in self.remat_paths}
+            )
+            sols.append(
+                self._search_cost(
+                    branch,
+                    plain,
+                    capacity,
+                    max(0.1, left * share),
+                    None if det is None else max(0.01, det * share),
+                    workers,
+                    report,
+                    gap_limit,
+                    first,
+                    known,
+                    branch=True,
+                )
+            )
         found = [x for x in sols if x.status in (Status.OPTIMAL, Status.FEASIBLE)]
         wall, det_s = sum(x.wall_s for x in sols), sum(x.deterministic_s for x in sols)
         if not found:
@@ -281,36 +278,62 @@ class _Model(Formulation):
         best = min(found, key=lambda x: x.objective_ns)
         # a branch bounds its plans at its proven bound; an infeasible one holds none, an unfinished one
         # bounds nothing
-        lower = min(x.bound_ns if x in found else best.objective_ns if x.status is Status.INFEASIBLE else 0
-                    for x in sols)
+        lower = min(
+            x.bound_ns if x in found else best.objective_ns if x.status is Status.INFEASIBLE else 0 for x in sols
+        )
         # proven when neither branch holds a cheaper plan: best's own status then (the FLOPs stage's may
         # be unproven)
         status = best.status if lower >= best.objective_ns else Status.FEASIBLE
-        return replace(best, status=status, bound_ns=min(lower, best.objective_ns), wall_s=wall, deterministic_s=det_s,
-                       num_variables=len(m.proto.variables), num_constraints=len(m.proto.constraints))
+        return replace(
+            best,
+            status=status,
+            bound_ns=min(lower, best.objective_ns),
+            wall_s=wall,
+            deterministic_s=det_s,
+            num_variables=len(m.proto.variables),
+            num_constraints=len(m.proto.constraints),
+        )
 
-    def _search_cost(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]] | None, capacity: int,
-                     time_limit_s: float, deterministic_limit: float | None, workers: int,
-                     report: Callable[[float, float], None] | None, gap_limit: float,
-                     first: tuple[int, int, float, float] | None, known: int = 0, branch: bool = False) -> Solution:
+    def _search_cost(
+        self,
+        m: cp_model.CpModel,
+        hint: dict[str, frozenset[int]] | None,
+        capacity: int,
+        time_limit_s: float,
+        deterministic_limit: float | None,
+        workers: int,
+        report: Callable[[float, float], None] | None,
+        gap_limit: float,
+        first: tuple[int, int, float, float] | None,
+        known: int = 0,
+        branch: bool = False,
+    ) -> Solution:
         """Minimise the cost. CP-SAT's LP bound leaves integrality gaps open on deep models; the knapsack
         check closes them at improving solutions and stops the search once one is proven within the gap.
         ``known``: a lower bound on the cost found before the search. ``branch``: ``m`` is one branch of
         the search, which may hold no plan."""
         deadline = time.monotonic() + time_limit_s  # CP-SAT's own wall-clock limit, as the checks see it
-        check = None if isinstance(self.cost, int) else _KnapsackCheck(self, capacity, gap_limit, known, deadline)
+        check = None if isinstance(self.cost, int) else KnapsackCheck(self, capacity, gap_limit, known, deadline)
         solver, status = self._run(m, hint, time_limit_s, deterministic_limit, workers, report, gap_limit, check)
         lower = 0
         if check is not None and status in (Status.OPTIMAL, Status.FEASIBLE):
             lower = check(solver)[0]  # and the final solution's tight rows, if it was not checked
-        return self._solution(m, solver, status, time_minimised=True, flops_stage=first, known_bound=lower,
-                              branch=branch)
+        return self._solution(
+            m, solver, status, time_minimised=True, flops_stage=first, known_bound=lower, branch=branch
+        )
 
-    def _run(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]] | None, time_limit_s: float,
-             deterministic_limit: float | None, workers: int,
-             on_solution: Callable[[float, float], None] | None, gap_limit: float = 0.0,
-             check: Callable[[cp_model.CpSolverSolutionCallback], tuple[int, bool]] | None = None,
-             probing: bool = True) -> tuple[cp_model.CpSolver, Status]:
+    def _run(
+        self,
+        m: cp_model.CpModel,
+        hint: dict[str, frozenset[int]] | None,
+        time_limit_s: float,
+        deterministic_limit: float | None,
+        workers: int,
+        on_solution: Callable[[float, float], None] | None,
+        gap_limit: float = 0.0,
+        check: Callable[[cp_model.CpSolverSolutionCallback], tuple[int, bool]] | None = None,
+        probing: bool = True,
+    ) -> tuple[cp_model.CpSolver, Status]:
         if hint:
             m.clear_hints()  # the FLOPs stage's plan replaces the first hint
             self._add_hint(m, hint)
@@ -330,11 +353,14 @@ class _Model(Formulation):
         solver.parameters.interleave_search = workers > 1
         main = threading.current_thread() is threading.main_thread()
         handler = signal.getsignal(signal.SIGINT) if main else None
-        code = solver.solve(m, _Progress(on_solution, check) if on_solution or check else None)
+        code = solver.solve(m, Progress(on_solution, check) if on_solution or check else None)
         if handler is not None:  # CP-SAT stops its search on Ctrl-C, then leaves SIGINT killing the process
             signal.signal(signal.SIGINT, handler)
-        status = {cp_model.OPTIMAL: Status.OPTIMAL, cp_model.FEASIBLE: Status.FEASIBLE,
-                  cp_model.INFEASIBLE: Status.INFEASIBLE}.get(code, Status.UNKNOWN)
+        status = {
+            cp_model.OPTIMAL: Status.OPTIMAL,
+            cp_model.FEASIBLE: Status.FEASIBLE,
+            cp_model.INFEASIBLE: Status.INFEASIBLE,
+        }.get(code, Status.UNKNOWN)
         return solver, status
 
     def _paths(self, saved: dict[int, frozenset[int]]) -> dict[str, frozenset[int]]:
@@ -345,19 +371,36 @@ class _Model(Formulation):
         found none): every row was checked in the model's own terms (``evaluate``), and the bound is
         bound.py's."""
         assert start.saved is not None  # both callers check
-        return Solution(status=Status.OPTIMAL if start.bound >= start.cost else Status.FEASIBLE,
-                        saved=self._paths(start.saved), objective_ns=start.cost, bound_ns=start.bound,
-                        wall_s=wall_s, deterministic_s=start.work / CELLS_PER_DET_S,
-                        num_variables=len(m.proto.variables),
-                        num_constraints=len(m.proto.constraints), searched=False)
+        return Solution(
+            status=Status.OPTIMAL if start.bound >= start.cost else Status.FEASIBLE,
+            saved=self._paths(start.saved),
+            objective_ns=start.cost,
+            bound_ns=start.bound,
+            wall_s=wall_s,
+            deterministic_s=start.work / CELLS_PER_DET_S,
+            num_variables=len(m.proto.variables),
+            num_constraints=len(m.proto.constraints),
+            searched=False,
+        )
 
     def _decisions(self, solver: cp_model.CpSolver) -> dict[str, frozenset[int]]:
-        return {r.path: frozenset(p for p in r.choices if solver.boolean_value(self.k[(j, p)]))
-                for j, r in enumerate(self.regions) if solver.boolean_value(self.c[j])}
+        return {
+            r.path: frozenset(p for p in r.choices if solver.boolean_value(self.k[(j, p)]))
+            for j, r in enumerate(self.regions)
+            if solver.boolean_value(self.c[j])
+        }
 
-    def _solution(self, m: cp_model.CpModel, solver: cp_model.CpSolver, status: Status, *, time_minimised: bool,
-                  flops_stage: tuple[int, int, float, float] | None = None, known_bound: int = 0,
-                  branch: bool = False) -> Solution:
+    def _solution(
+        self,
+        m: cp_model.CpModel,
+        solver: cp_model.CpSolver,
+        status: Status,
+        *,
+        time_minimised: bool,
+        flops_stage: tuple[int, int, float, float] | None = None,
+        known_bound: int = 0,
+        branch: bool = False,
+    ) -> Solution:
         """The solution in the solver's hands, with the FLOPs stage's result when there was one.
 
         ``known_bound``: a lower bound on the cost found outside CP-SAT (the knapsack bound).
@@ -378,25 +421,33 @@ class _Model(Formulation):
                 status = Status.UNKNOWN  # cannot be: the FLOPs stage's plan satisfies the time stage
             if status is Status.OPTIMAL and flops_bound < flops:
                 status = Status.FEASIBLE  # the time stage is optimal, the FLOPs stage was not proven
-        return Solution(status=status, saved=saved, objective_ns=value, bound_ns=min(lower, value),
-                        objective_flops=flops, bound_flops=flops_bound,
-                        objective=Objective.FLOPS if flops_stage else Objective.TIME,
-                        wall_s=solver.wall_time + wall,
-                        deterministic_s=solver.response_proto.deterministic_time + det,
-                        num_variables=len(m.proto.variables),
-                        num_constraints=len(m.proto.constraints))
+        return Solution(
+            status=status,
+            saved=saved,
+            objective_ns=value,
+            bound_ns=min(lower, value),
+            objective_flops=flops,
+            bound_flops=flops_bound,
+            objective=Objective.FLOPS if flops_stage else Objective.TIME,
+            wall_s=solver.wall_time + wall,
+            deterministic_s=solver.response_proto.deterministic_time + det,
+            num_variables=len(m.proto.variables),
+            num_constraints=len(m.proto.constraints),
+        )
 
     def _add_hint(self, m: cp_model.CpModel, hint: dict[str, frozenset[int]]) -> None:
         """Every variable's value under the plan ``hint``, not only its decisions: CP-SAT then starts from
         it at once instead of completing it in its search (64 layers: 0.4 s instead of 3.7 s)."""
-        by_index = {j: frozenset(p for p in hint[r.path] if (j, p) in self.k)
-                    for j, r in enumerate(self.regions) if r.path in hint}
+        by_index = {
+            j: frozenset(p for p in hint[r.path] if (j, p) in self.k)
+            for j, r in enumerate(self.regions)
+            if r.path in hint
+        }
         for index, value in sorted(self.evaluate(by_index).values.items()):
             m.add_hint(m.get_int_var_from_proto_index(index), value)
 
 
-def build(graph: Graph | list[Graph], regions: tuple[Region, ...] | list[tuple[Region, ...]],
-          scale_to: int) -> _Model:
+def build(graph: Graph | list[Graph], regions: tuple[Region, ...] | list[tuple[Region, ...]], scale_to: int) -> _Model:
     """The model for one graph, or for the same step at several input shapes (one set of decisions)."""
     if isinstance(graph, Graph):
         return _Model([graph], [regions], scale_to)  # type: ignore[list-item]  # one graph: one tuple of regions

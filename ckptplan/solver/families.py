@@ -81,8 +81,9 @@ def checkpoint_sets(root: int, members: list[int], regions: tuple[Region, ...]) 
     return of(root)
 
 
-def variants(on: frozenset[int], regions: tuple[Region, ...],
-              cost: LinearForm) -> list[tuple[frozenset[int], frozenset[int]]]:
+def variants(
+    on: frozenset[int], regions: tuple[Region, ...], cost: LinearForm
+) -> list[tuple[frozenset[int], frozenset[int]]]:
     """(regions that may cache ops, regions paying selective checkpointing's time) for each variant of
     checkpointing ``on``: a region whose dispatch modes cost time is selective or plain; the others may
     always cache."""
@@ -97,9 +98,17 @@ def variants(on: frozenset[int], regions: tuple[Region, ...],
     return out
 
 
-def build_mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], regions: tuple[Region, ...],
-          row: LinearForm, z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm,
-          remats: Sequence[int] = (), memo: dict | None = None) -> Mode:
+def build_mode(
+    on: frozenset[int],
+    may: frozenset[int],
+    paid: frozenset[int],
+    regions: tuple[Region, ...],
+    row: LinearForm,
+    z_terms: list[tuple[tuple[int, int, int, bool], int]],
+    cost: LinearForm,
+    remats: Sequence[int] = (),
+    memo: dict | None = None,
+) -> Mode:
     """The row weight and cost of checkpointing ``on`` with nothing saved, and the knapsack items: the ops
     of the regions in ``may``; ``paid``: the regions charged selective checkpointing's time.
     ``z_terms``: the row's z terms whose recomputed op belongs to this family.
@@ -133,15 +142,29 @@ def build_mode(on: frozenset[int], may: frozenset[int], paid: frozenset[int], re
         memo[on] = (_remat_items(on, regions, row, z_terms, cost, remats, off), sorted(off))
     (started, groups, group_sets), off = memo[on]
     items += off
-    return Mode(weight=weight + sum(w for w, _ in started.values()), cost=value + sum(c for _, c in started.values()),
-                 items=tuple((w, c) for w, c, _ in items), on=on, ops=tuple(key for _, _, key in items),
-                 free=tuple(free), remats=tuple(sorted(j for j in started if j >= 0)),
-                 groups=groups, group_sets=group_sets, own=own)
+    return Mode(
+        weight=weight + sum(w for w, _ in started.values()),
+        cost=value + sum(c for _, c in started.values()),
+        items=tuple((w, c) for w, c, _ in items),
+        on=on,
+        ops=tuple(key for _, _, key in items),
+        free=tuple(free),
+        remats=tuple(sorted(j for j in started if j >= 0)),
+        groups=groups,
+        group_sets=group_sets,
+        own=own,
+    )
 
 
-def _remat_items(on: frozenset[int], regions: tuple[Region, ...], row: LinearForm,
-                 z_terms: list[tuple[tuple[int, int, int, bool], int]], cost: LinearForm, remats: Sequence[int],
-                 items: list) -> tuple[dict[int, tuple[int, int]], tuple, tuple]:
+def _remat_items(
+    on: frozenset[int],
+    regions: tuple[Region, ...],
+    row: LinearForm,
+    z_terms: list[tuple[tuple[int, int, int, bool], int]],
+    cost: LinearForm,
+    remats: Sequence[int],
+    items: list,
+) -> tuple[dict[int, tuple[int, int]], tuple, tuple]:
     """The rematerializations of a mode: (base weight and cost of each one on at the start, keyed by
     region; -1 - g for group g's base), appending an item that turns off each lone one, and the groups.
 
@@ -181,8 +204,9 @@ def _remat_items(on: frozenset[int], regions: tuple[Region, ...], row: LinearFor
             subsets.append((w, sum(cost.c.get(j, 0) for j in chosen), sorted(chosen), chosen))
         base = min(subsets)
         started[-1 - len(groups)] = (base[0], base[1])
-        options = [(w - base[0], c - base[1], chosen)
-                   for w, c, _, chosen in subsets if chosen != base[3] and c < base[1]]
+        options = [
+            (w - base[0], c - base[1], chosen) for w, c, _, chosen in subsets if chosen != base[3] and c < base[1]
+        ]
         group_sets.append((base[3], *(chosen for _, _, chosen in options)))
         groups.append(tuple((w, c) for w, c, _ in options))
 

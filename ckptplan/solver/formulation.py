@@ -126,8 +126,9 @@ class Formulation:
             g.append(var)
         return gap_terms, g
 
-    def _build_memory_rows(self, gi: int, tl: Timeline, terms: list[Term], gap_terms: list[list[int]],
-                           g: list[cp_model.IntVar]) -> None:
+    def _build_memory_rows(
+        self, gi: int, tl: Timeline, terms: list[Term], gap_terms: list[list[int]], g: list[cp_model.IntVar]
+    ) -> None:
         """One row per distinct set of active terms: base (max over its positions) + terms <= peak.
 
         A region whose steady terms are all active enters a row as its aggregate ``g[j]``. Many regions
@@ -236,14 +237,19 @@ class Formulation:
                 c[j] = sum(own[j].checkpoint_ns for own in self.regions_per_graph)
                 if j in self.sel:
                     s[j] = sum(own[j].selective_ns for own in self.regions_per_graph)
-            for p in (r.recipe if r.remat else range(r.first_op, r.recompute_end)):
+            for p in r.recipe if r.remat else range(r.first_op, r.recompute_end):
                 v = sum(value(graph.ops[p]) for graph in self.graphs)
                 if v:
                     c[j] = c.get(j, 0) + v
                     if (j, p) in self.k:
                         k[(j, p)] = -v
-        return LinearForm(c={j: a for j, a in c.items() if a}, k=k, z={}, s=s,
-                                shared=tuple((a, js) for _, a, js in self.shared) if overheads else ())
+        return LinearForm(
+            c={j: a for j, a in c.items() if a},
+            k=k,
+            z={},
+            s=s,
+            shared=tuple((a, js) for _, a, js in self.shared) if overheads else (),
+        )
 
     def _shared_costs(self) -> list[tuple[str, int, tuple[int, ...]]]:
         """(key, ns summed over the input shapes, regions carrying it) of each cost regions share, by key."""
@@ -256,8 +262,11 @@ class Formulation:
         return [(key, ns[key], tuple(members[key])) for key in sorted(ns) if ns[key]]
 
     def _linear(self, form: LinearForm) -> cp_model.LinearExpr | int:
-        parts = ([a * self.c[j] for j, a in form.c.items()] + [a * self.k[key] for key, a in form.k.items()]
-                 + [a * self.sel[j] for j, a in form.s.items()])
+        parts = (
+            [a * self.c[j] for j, a in form.c.items()]
+            + [a * self.k[key] for key, a in form.k.items()]
+            + [a * self.sel[j] for j, a in form.s.items()]
+        )
         return sum(parts) if parts else 0
 
     # ---- a plan's values, without a solver ----------------------------------------------------------------

@@ -26,10 +26,13 @@ class LinearForm:
     def value(self, saved: dict[int, frozenset[int]]) -> int:
         """The form's value for a plan without z terms (a cost): ``saved`` maps each checkpointed region to
         the ops it caches."""
-        return (self.constant + sum(a for j, a in self.c.items() if j in saved)
-                + sum(a for (j, p), a in self.k.items() if j in saved and p in saved[j])
-                + sum(a for j, a in self.s.items() if saved.get(j))
-                + sum(a for a, members in self.shared if any(j in saved for j in members)))
+        return (
+            self.constant
+            + sum(a for j, a in self.c.items() if j in saved)
+            + sum(a for (j, p), a in self.k.items() if j in saved and p in saved[j])
+            + sum(a for j, a in self.s.items() if saved.get(j))
+            + sum(a for a, members in self.shared if any(j in saved for j in members))
+        )
 
     def spread(self) -> "LinearForm":
         """The form with each shared cost split evenly over its regions' c (rounded down), never above

@@ -50,6 +50,7 @@ class _Model(Protocol):
 
     def evaluate(self, saved: dict[int, frozenset[int]]) -> Evaluation: ...
 
+
 MAX_ROUNDS = 8  # rows solved at the coarse resolution before giving up (~0.3 s each, 64-layer 7B shape)
 FINE_ROUNDS = 3  # the same at the fine resolution (~1 s each there)
 FINE_COST = 5  # a fine round computes about this many times the cells of a coarse one (measured 4-5x)
@@ -66,8 +67,9 @@ class FirstPlan:
     work: int  # table cells computed (bound.RowSolution.work): what the search is charged
 
 
-def first_plan(model: _Model, capacity: int, *, gap: float = 0.0, work_limit: int | None = None,
-               deadline: float = math.inf) -> FirstPlan:
+def first_plan(
+    model: _Model, capacity: int, *, gap: float = 0.0, work_limit: int | None = None, deadline: float = math.inf
+) -> FirstPlan:
     """A plan whose every row fits ``capacity`` (model units); ``saved`` is None when none was found
     (deep nesting, several rows binding together: CP-SAT's search finds one).
 
@@ -86,16 +88,21 @@ def first_plan(model: _Model, capacity: int, *, gap: float = 0.0, work_limit: in
         if not search.proven():
             search.run(row, bound.FINE_BUCKETS, FINE_ROUNDS)
     best = search.best
-    return FirstPlan(saved=best[1] if best else None, cost=best[0] if best else 0,
-                     bound=min(search.lower, best[0]) if best else search.lower, rounds=search.rounds,
-                     work=search.work)
+    return FirstPlan(
+        saved=best[1] if best else None,
+        cost=best[0] if best else 0,
+        bound=min(search.lower, best[0]) if best else search.lower,
+        rounds=search.rounds,
+        work=search.work,
+    )
 
 
 class _Search:
     """Rows solved one after another; the cheapest plan that fits, and the best bound, so far."""
 
-    def __init__(self, model: _Model, capacity: int, gap: float, work_limit: int | None,
-                 deadline: float = math.inf) -> None:
+    def __init__(
+        self, model: _Model, capacity: int, gap: float, work_limit: int | None, deadline: float = math.inf
+    ) -> None:
         self.model, self.capacity, self.gap, self.limit = model, capacity, gap, work_limit
         self.deadline = deadline
         self.classes = _classes(model)
@@ -142,8 +149,9 @@ class _Search:
         over_lo = None  # how much the plan at lo overshoots b
         while hi - lo > 1:
             w = (lo + hi) // 2
-            result = self._solve(_weighted(form_a, MIX_WEIGHT - w, form_b, w), MIX_WEIGHT * self.capacity, buckets,
-                                 bounds=True)
+            result = self._solve(
+                _weighted(form_a, MIX_WEIGHT - w, form_b, w), MIX_WEIGHT * self.capacity, buckets, bounds=True
+            )
             if result is None or result[0]:
                 return result is not None  # fitted, or out of work
             _, worst, over = result
@@ -165,8 +173,7 @@ class _Search:
                 over_lo = result[2]
         return False
 
-    def _solve(self, form: LinearForm, cap: int, buckets: int, *,
-               bounds: bool = False) -> tuple[bool, int, int] | None:
+    def _solve(self, form: LinearForm, cap: int, buckets: int, *, bounds: bool = False) -> tuple[bool, int, int] | None:
         """One knapsack and its plan tried (``_try``'s result); None when the work limit forbids it (its
         cells predicted by the last round at that resolution), the deadline has passed or passes during it,
         or nothing fits the form. ``bounds``: ``cap`` is the form's full capacity, so the knapsack's bound
@@ -176,8 +183,9 @@ class _Search:
             return None
         if self.deadline != math.inf and bound.clock() >= self.deadline:
             return None
-        found = bound.solve_row(self.model.regions, form, cap, self.model.cost_form, buckets=buckets, plan=True,
-                                deadline=self.deadline)
+        found = bound.solve_row(
+            self.model.regions, form, cap, self.model.cost_form, buckets=buckets, plan=True, deadline=self.deadline
+        )
         self.rounds += 1
         if found is None or found.saved is None:
             return None
@@ -212,14 +220,18 @@ class _Search:
 
 def _weighted(a: LinearForm, wa: int, b: LinearForm, wb: int) -> LinearForm:
     """wa * a + wb * b."""
+
     def add(x: dict, y: dict) -> dict:
         return {key: wa * x.get(key, 0) + wb * y.get(key, 0) for key in sorted({*x, *y})}
-    return LinearForm(c=add(a.c, b.c), k=add(a.k, b.k), z=add(a.z, b.z), s=add(a.s, b.s),
-                            constant=wa * a.constant + wb * b.constant)
+
+    return LinearForm(
+        c=add(a.c, b.c), k=add(a.k, b.k), z=add(a.z, b.z), s=add(a.s, b.s), constant=wa * a.constant + wb * b.constant
+    )
 
 
-def _repair(model: _Model, saved: dict[int, frozenset[int]], ev: Evaluation,
-            capacity: int) -> tuple[dict[int, frozenset[int]], Evaluation]:
+def _repair(
+    model: _Model, saved: dict[int, frozenset[int]], ev: Evaluation, capacity: int
+) -> tuple[dict[int, frozenset[int]], Evaluation]:
     """Stop caching ops until the overshooting row fits: the cheaper of the one op that frees enough at the
     least recompute time, and the ops that cost least per unit freed, taken in that order (a few times, as
     the peak may move). Quick, but a cached activation can be far more than the overshoot: solving the
@@ -231,8 +243,12 @@ def _repair(model: _Model, saved: dict[int, frozenset[int]], ev: Evaluation,
             break
         form = model.row_form(worst)
         # (recompute time it adds, units it frees, region, op) for every cached op that weighs on the row
-        items = sorted((-model.cost_form.k.get((j, p), 0), form.k[(j, p)], j, p)
-                       for j, ops in saved.items() for p in sorted(ops) if form.k.get((j, p), 0) > 0)
+        items = sorted(
+            (-model.cost_form.k.get((j, p), 0), form.k[(j, p)], j, p)
+            for j, ops in saved.items()
+            for p in sorted(ops)
+            if form.k.get((j, p), 0) > 0
+        )
         if not items:
             break
         greedy, freed, added = [], 0, 0
@@ -256,17 +272,27 @@ def _classes(model: _Model) -> list[list[tuple[int, list[int]]]]:
     out: dict[tuple, list[tuple[int, list[int]]]] = {}
     for root, members in families(regions):
         r0 = regions[root]
-        key = (tuple((regions[j].path[len(r0.path):], regions[j].first_op - r0.first_op,
-                      regions[j].end_op - r0.first_op, regions[j].recompute_end - r0.first_op,
-                      tuple(p - r0.first_op for p in regions[j].choices),
-                      tuple(p - r0.first_op for p in regions[j].kept)) for j in members),
-               tuple(graph.ops[i].name for i in r0.ops))
+        key = (
+            tuple(
+                (
+                    regions[j].path[len(r0.path) :],
+                    regions[j].first_op - r0.first_op,
+                    regions[j].end_op - r0.first_op,
+                    regions[j].recompute_end - r0.first_op,
+                    tuple(p - r0.first_op for p in regions[j].choices),
+                    tuple(p - r0.first_op for p in regions[j].kept),
+                )
+                for j in members
+            ),
+            tuple(graph.ops[i].name for i in r0.ops),
+        )
         out.setdefault(key, []).append((root, members))
     return [fams for fams in out.values() if len(fams) > 1]
 
 
-def _deal(model: _Model, classes: list[list[tuple[int, list[int]]]], saved: dict[int, frozenset[int]],
-          steady: list[int]) -> dict[int, frozenset[int]]:
+def _deal(
+    model: _Model, classes: list[list[tuple[int, list[int]]]], saved: dict[int, frozenset[int]], steady: list[int]
+) -> dict[int, frozenset[int]]:
     """The same configurations, dealt to each class's layers in forward order by their steady bytes
     (``Evaluation.steady`` of ``saved``: what they hold from their forward to their recomputation), the
     lightest first."""
@@ -276,14 +302,17 @@ def _deal(model: _Model, classes: list[list[tuple[int, list[int]]]], saved: dict
         configs = []
         for root, members in fams:
             base = regions[root].first_op
-            config = tuple((regions[j].path[len(regions[root].path):], tuple(sorted(p - base for p in saved[j])))
-                           for j in members if j in saved)
+            config = tuple(
+                (regions[j].path[len(regions[root].path) :], tuple(sorted(p - base for p in saved[j])))
+                for j in members
+                if j in saved
+            )
             configs.append((sum(steady[j] for j in members), config))
             for j in members:
                 out.pop(j, None)
         configs.sort(key=lambda c: c[0])  # stable: ties keep their forward order
         for (root, members), (_, config) in zip(fams, configs):
-            by_rel = {regions[j].path[len(regions[root].path):]: j for j in members}
+            by_rel = {regions[j].path[len(regions[root].path) :]: j for j in members}
             base = regions[root].first_op
             for rel, ops in config:
                 out[by_rel[rel]] = frozenset(p + base for p in ops)

@@ -155,14 +155,20 @@ def segment(graph: Graph, parts: tuple[Region, ...]) -> Region | None:
     made_inside = {s for i in inside for s in graph.ops[i].allocates}
     inputs = dict.fromkeys(s for r in parts for s in r.input_storages if s not in made_inside)
     return Region(
-        path=f"{first.path}..{last.path}", type_name="segment", first_op=first.first_op, end_op=last.end_op,
+        path=f"{first.path}..{last.path}",
+        type_name="segment",
+        first_op=first.first_op,
+        end_op=last.end_op,
         recompute_end=max(r.recompute_end for r in parts),
         recompute_event=min(r.recompute_event for r in parts),
-        release_event=max(r.release_event for r in parts), input_storages=tuple(inputs),
-        choices=tuple(p for r in parts for p in r.choices), forced=tuple(x for r in parts for x in r.forced),
+        release_event=max(r.release_event for r in parts),
+        input_storages=tuple(inputs),
+        choices=tuple(p for r in parts for p in r.choices),
+        forced=tuple(x for r in parts for x in r.forced),
         mutated_buffers=tuple(sorted({b for r in parts for b in r.mutated_buffers})),
         members=tuple(r.path for r in parts),
-        checkpoint_ns=_overheads(graph, first.first_op, last.end_op, max(r.recompute_end for r in parts))[0])
+        checkpoint_ns=_overheads(graph, first.first_op, last.end_op, max(r.recompute_end for r in parts))[0],
+    )
 
 
 def outermost(regions: tuple[Region, ...]) -> tuple[Region, ...]:
@@ -172,8 +178,12 @@ def outermost(regions: tuple[Region, ...]) -> tuple[Region, ...]:
 
 def nested_pairs(regions: tuple[Region, ...]) -> list[tuple[int, int]]:
     """(outer, inner) index pairs of candidates where one module contains the other."""
-    return [(a, b) for a, ra in enumerate(regions) for b, rb in enumerate(regions)
-            if a != b and rb.path.startswith(ra.path + ".")]
+    return [
+        (a, b)
+        for a, ra in enumerate(regions)
+        for b, rb in enumerate(regions)
+        if a != b and rb.path.startswith(ra.path + ".")
+    ]
 
 
 def _ancestors(path: str) -> list[str]:
@@ -229,11 +239,20 @@ def _make_region(graph: Graph, path: str) -> Region | None:
     checkpoint_ns, selective_ns = _overheads(graph, call.first_op, call.end_op, end)
     assert call.last_unpack_event is not None  # set with first_unpack_event, checked above
     return Region(
-        path=call.path, type_name=call.type_name, first_op=call.first_op, end_op=call.end_op,
-        recompute_end=end, recompute_event=call.first_unpack_event,
-        release_event=call.last_unpack_event, input_storages=call.input_storages,
-        choices=tuple(choices), forced=tuple(forced), mutated_buffers=tuple(sorted(set(mutated_buffers))),
-        checkpoint_ns=checkpoint_ns, selective_ns=selective_ns)
+        path=call.path,
+        type_name=call.type_name,
+        first_op=call.first_op,
+        end_op=call.end_op,
+        recompute_end=end,
+        recompute_event=call.first_unpack_event,
+        release_event=call.last_unpack_event,
+        input_storages=call.input_storages,
+        choices=tuple(choices),
+        forced=tuple(forced),
+        mutated_buffers=tuple(sorted(set(mutated_buffers))),
+        checkpoint_ns=checkpoint_ns,
+        selective_ns=selective_ns,
+    )
 
 
 def _strictly_inside(path: str, owner: str) -> bool:
@@ -241,15 +260,17 @@ def _strictly_inside(path: str, owner: str) -> bool:
     return path != owner and (owner == "" or path.startswith(owner + "."))
 
 
-def _overheads(graph: Graph, first: int, end: int, recompute_end: int,
-               rerun: tuple[int, ...] | None = None, *, remat: bool = False) -> tuple[int, int]:
+def _overheads(
+    graph: Graph, first: int, end: int, recompute_end: int, rerun: tuple[int, ...] | None = None, *, remat: bool = False
+) -> tuple[int, int]:
     """(checkpointing ops [first, end) at all, selective checkpointing on top): costmodel.region_ns.
     ``rerun``: the ops the recomputation runs, when not all of [first, recompute_end); ``remat``: the
     ops are a rematerialization's recipe."""
     profile = profile_of(graph)
     rerun = tuple(range(first, recompute_end)) if rerun is None else rerun
     device = sum(profile.device_ns(graph.ops[i].cost_ns) for i in range(first, end)) + sum(
-        profile.device_ns(graph.ops[i].cost_ns) for i in rerun)
+        profile.device_ns(graph.ops[i].cost_ns) for i in rerun
+    )
     return profile.region_ns(num_ops=end - first, num_rerun=len(rerun), device_ns=device, remat=remat)
 
 

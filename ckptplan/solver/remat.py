@@ -65,10 +65,17 @@ def remat_candidates(graph: Graph, regions: tuple[Region, ...] = ()) -> tuple[Re
     forward_end = root[0].end_op if len(root) == 1 else -1  # the run hooks the model's forward only
     out: list[Region] = []
     for s in storages:
-        if (s.kind is not StorageKind.ACTIVATION or s.producer is None or not s.saved_by or s.nbytes < smallest
-                or s.first_unpack_event is None or s.first_pack_event is None
-                or s.last_pack_event is None or s.last_pack_event > forward_end
-                or s.python_free_op >= s.first_unpack_event):
+        if (
+            s.kind is not StorageKind.ACTIVATION
+            or s.producer is None
+            or not s.saved_by
+            or s.nbytes < smallest
+            or s.first_unpack_event is None
+            or s.first_pack_event is None
+            or s.last_pack_event is None
+            or s.last_pack_event > forward_end
+            or s.python_free_op >= s.first_unpack_event
+        ):
             continue
         producer = graph.ops[s.producer]
         if producer.random or producer.view:
@@ -81,8 +88,9 @@ def remat_candidates(graph: Graph, regions: tuple[Region, ...] = ()) -> tuple[Re
             continue
         region = _candidate(graph, s.id, *found, end, writers, None)
         # a checkpoint around the module is excluded by nesting; any other that drops it by itself wins
-        if region is not None and not any(_drops(graph, r, s.id) for r in regions
-                                          if not region.path.startswith(r.path + ".")):
+        if region is not None and not any(
+            _drops(graph, r, s.id) for r in regions if not region.path.startswith(r.path + ".")
+        ):
             out.append(region)
     chained = _chained(graph, out, writers)
     return tuple(sorted(out + list(chained) + list(_holding(graph, out, chained, writers)), key=forward_order))
@@ -108,8 +116,9 @@ def _chained(graph: Graph, short: list[Region], writers: dict[int, list[int]]) -
     return tuple(out)
 
 
-def _holding(graph: Graph, short: list[Region], chained: tuple[Region, ...],
-             writers: dict[int, list[int]]) -> tuple[Region, ...]:
+def _holding(
+    graph: Graph, short: list[Region], chained: tuple[Region, ...], writers: dict[int, list[int]]
+) -> tuple[Region, ...]:
     """Recipes that hold an input nobody saves instead of rerunning the op that made it, where that op
     costs FLOPs: a U-Net's concatenation of the skip tensor and the transposed convolution's output
     (which nobody saves: the convolution's backward needs its input) drops the concatenation and holds
@@ -130,8 +139,9 @@ def _holding(graph: Graph, short: list[Region], chained: tuple[Region, ...],
     return tuple(out)
 
 
-def _range(graph: Graph, target: int, first: int, end: int, rebuild: frozenset[int],
-           hold: bool = False) -> tuple[int, tuple[int, ...]] | None:
+def _range(
+    graph: Graph, target: int, first: int, end: int, rebuild: frozenset[int], hold: bool = False
+) -> tuple[int, tuple[int, ...]] | None:
     """(first op, kept ops) of the recipe of ``target`` ending at ``end``: from ``first`` back over the
     producers of inputs nobody saves, and of those in ``rebuild``; None past MAX_SPAN or MAX_OPS, or
     where it would rerun a random op. ``hold``: an input nobody saves whose maker costs FLOPs is held
@@ -145,8 +155,13 @@ def _range(graph: Graph, target: int, first: int, end: int, rebuild: frozenset[i
         for i in rerun:
             for x in graph.ops[i].inputs:
                 st = storages[x]
-                if (x in made or st.kind is not StorageKind.ACTIVATION or st.producer is None
-                        or (st.saved_by and x not in rebuild) or (hold and graph.ops[st.producer].flops)):
+                if (
+                    x in made
+                    or st.kind is not StorageKind.ACTIVATION
+                    or st.producer is None
+                    or (st.saved_by and x not in rebuild)
+                    or (hold and graph.ops[st.producer].flops)
+                ):
                     continue  # its own, kept anyway (saved by some op), held, or not an activation
                 earliest = min(earliest, st.producer)
         if earliest == first:
@@ -163,13 +178,26 @@ def _kept(graph: Graph, first: int, end: int, target: int, rebuild: frozenset[in
     """The ops of [first, end) a recipe of ``target`` need not rerun: each makes storages that backward
     keeps anyway (saved by some op), none of them the target or one to rebuild."""
     storages = graph.storages
-    return tuple(i for i in range(first, end) if graph.ops[i].allocates and all(
-        x != target and x not in rebuild and storages[x].kind is StorageKind.ACTIVATION and storages[x].saved_by
-        for x in graph.ops[i].allocates))
+    return tuple(
+        i
+        for i in range(first, end)
+        if graph.ops[i].allocates
+        and all(
+            x != target and x not in rebuild and storages[x].kind is StorageKind.ACTIVATION and storages[x].saved_by
+            for x in graph.ops[i].allocates
+        )
+    )
 
 
-def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end: int,
-               writers: dict[int, list[int]], under: str | None) -> Region | None:
+def _candidate(
+    graph: Graph,
+    target: int,
+    first: int,
+    kept: tuple[int, ...],
+    end: int,
+    writers: dict[int, list[int]],
+    under: str | None,
+) -> Region | None:
     """The rematerialization of ``target`` by ops [first, end) but ``kept``; ``under``: the path of the
     shorter recipe this one extends (its path nests under it)."""
     storages = graph.storages
@@ -197,7 +225,8 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
     profile = profile_of(graph)
     shared = {  # the call's recipe mode, the model's saved-tensor hook: paid once for every recipe using them
         f"{SHARED_MODE}{module}": profile.remat_visit_ns * (call.end_op - call.first_op),
-        SHARED_HOOK: profile.remat_pack_ns * graph.saved_tensors}
+        SHARED_HOOK: profile.remat_pack_ns * graph.saved_tensors,
+    }
     s = storages[target]
     assert s.producer is not None and s.first_unpack_event is not None  # remat_candidates' filter
     # the op's offset in the module call, and which of its outputs when it makes several (max-pool's indices)
@@ -208,12 +237,22 @@ def _candidate(graph: Graph, target: int, first: int, kept: tuple[int, ...], end
     else:
         path = f"{module}.{at}" if module else at
     return Region(
-        path=path, type_name=TYPE_NAME,
-        first_op=first, end_op=end, recompute_end=end, recompute_event=s.first_unpack_event,
-        release_event=s.free_event - 1, input_storages=tuple(inputs), choices=(),
+        path=path,
+        type_name=TYPE_NAME,
+        first_op=first,
+        end_op=end,
+        recompute_end=end,
+        recompute_event=s.first_unpack_event,
+        release_event=s.free_event - 1,
+        input_storages=tuple(inputs),
+        choices=(),
         forced=tuple((i, Forced.KEPT if i in kept else Forced.RECIPE) for i in range(first, end)),
-        mutated_buffers=(), checkpoint_ns=_overheads(graph, first, end, end, rerun, remat=True)[0], target=target,
-        kept=kept, shared=tuple(sorted((k, ns) for k, ns in shared.items() if ns)))
+        mutated_buffers=(),
+        checkpoint_ns=_overheads(graph, first, end, end, rerun, remat=True)[0],
+        target=target,
+        kept=kept,
+        shared=tuple(sorted((k, ns) for k, ns in shared.items() if ns)),
+    )
 
 
 def anchor(graph: Graph, first: int, end: int) -> ModuleCall | None:
@@ -229,8 +268,11 @@ def anchor(graph: Graph, first: int, end: int) -> ModuleCall | None:
 def _drops(graph: Graph, region: Region, storage: int) -> bool:
     """Whether checkpointing ``region`` drops ``storage`` by itself (made and saved only inside it)."""
     s = graph.storages[storage]
-    return (s.producer is not None and region.first_op <= s.producer < region.end_op
-            and all(region.contains(m) for m in s.saved_by))
+    return (
+        s.producer is not None
+        and region.first_op <= s.producer < region.end_op
+        and all(region.contains(m) for m in s.saved_by)
+    )
 
 
 def _common_module(paths: list[str]) -> str:

@@ -113,7 +113,7 @@ def terms(graph: Graph, regions: tuple[Region, ...], tl: Timeline) -> list[Term]
         forced = dict(r.forced)
         if r.remat:
             terms.extend(remat_terms(graph, j, r, regions, tl, input_of))
-        for p in (() if r.remat else r.ops):
+        for p in () if r.remat else r.ops:
             op = graph.ops[p]
             rerun = p < r.recompute_end
             x = TermKind.CHECKPOINTED if p in forced else TermKind.RECOMPUTED
@@ -132,9 +132,11 @@ def terms(graph: Graph, regions: tuple[Region, ...], tl: Timeline) -> list[Term]
                             terms.append(Term(j, s.nbytes, held, p, k, py_end, min(release, again), True))
                 elif not s.saved_by and rerun:
                     at = tl.rerun[(r.path, p)]
-                    inner = (tl.rerun[(r.path, s.python_free_op)]
-                             if s.python_free_op in inside and s.python_free_op < r.recompute_end
-                             else tl.rerun_end[r.path])
+                    inner = (
+                        tl.rerun[(r.path, s.python_free_op)]
+                        if s.python_free_op in inside and s.python_free_op < r.recompute_end
+                        else tl.rerun_end[r.path]
+                    )
                     # alive inside the rerun while Python holds it (cached or not)
                     terms.append(Term(j, s.nbytes, TermKind.CHECKPOINTED, -1, -1, at, max(inner, at + 1), False))
                     if x is TermKind.RECOMPUTED:  # a saved op's output stays in the cache until the rerun takes it
@@ -147,8 +149,9 @@ def terms(graph: Graph, regions: tuple[Region, ...], tl: Timeline) -> list[Term]
     return [t for t in terms if t.hi > t.lo]
 
 
-def remat_terms(graph: Graph, j: int, r: Region, regions: tuple[Region, ...], tl: Timeline,
-                 input_of: dict[int, list[int]]) -> list[Term]:
+def remat_terms(
+    graph: Graph, j: int, r: Region, regions: tuple[Region, ...], tl: Timeline, input_of: dict[int, list[int]]
+) -> list[Term]:
     """A rematerialization's memory effects (remat.py): its target dropped from Python's last use to the
     rerun of its producer, unless another region holds it as an input; the rerun's other outputs alive
     until the rerun ends."""
@@ -166,6 +169,16 @@ def remat_terms(graph: Graph, j: int, r: Region, regions: tuple[Region, ...], tl
         for sid in [x for x in op.allocates if x != s.id] + copies:
             # the rerun's copies of the other outputs (BatchNorm's batch statistics) and of the buffers it
             # writes (the running statistics), alive until the rerun ends
-            terms.append(Term(j, graph.storages[sid].nbytes, TermKind.CHECKPOINTED, -1, -1, tl.rerun[(r.path, p)],
-                               tl.rerun_end[r.path], False))
+            terms.append(
+                Term(
+                    j,
+                    graph.storages[sid].nbytes,
+                    TermKind.CHECKPOINTED,
+                    -1,
+                    -1,
+                    tl.rerun[(r.path, p)],
+                    tl.rerun_end[r.path],
+                    False,
+                )
+            )
     return terms

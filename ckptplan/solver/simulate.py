@@ -62,20 +62,29 @@ def simulate(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, froz
     """Peak memory and recompute cost of checkpointing ``saved``'s regions, caching the ops listed."""
     life = lifetimes(graph, regions, saved)
     peak, peak_pos = _sweep(graph, life)
-    return SimResult(peak_bytes=peak, peak_at=life.labels[peak_pos] if life.labels else "",
-                     extra_forward_flops=life.extra_forward_flops, extra_cost_ns=life.extra_cost_ns,
-                     recomputed_ops=life.recomputed_ops)
+    return SimResult(
+        peak_bytes=peak,
+        peak_at=life.labels[peak_pos] if life.labels else "",
+        extra_forward_flops=life.extra_forward_flops,
+        extra_cost_ns=life.extra_cost_ns,
+        recomputed_ops=life.recomputed_ops,
+    )
 
 
-def alive_at_peak(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, frozenset[int]]
-                  ) -> tuple[SimResult, list[int], int]:
+def alive_at_peak(
+    graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, frozenset[int]]
+) -> tuple[SimResult, list[int], int]:
     """``simulate``'s result, the storages alive at its peak (by id), and the bytes of the buffer copies
     alive there: with the optimizer state and the fixed bytes, they sum to the peak exactly."""
     life = lifetimes(graph, regions, saved)
     peak, pos = _sweep(graph, life)
-    sim = SimResult(peak_bytes=peak, peak_at=life.labels[pos] if life.labels else "",
-                    extra_forward_flops=life.extra_forward_flops, extra_cost_ns=life.extra_cost_ns,
-                    recomputed_ops=life.recomputed_ops)
+    sim = SimResult(
+        peak_bytes=peak,
+        peak_at=life.labels[pos] if life.labels else "",
+        extra_forward_flops=life.extra_forward_flops,
+        extra_cost_ns=life.extra_cost_ns,
+        recomputed_ops=life.recomputed_ops,
+    )
     if not life.labels:
         return sim, [], 0
     alive = [s.id for s in graph.storages if any(lo <= pos < hi for lo, hi in _union(life.intervals[s.id]))]
@@ -138,7 +147,8 @@ def lifetimes(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, fro
         return 0 if alloc < 0 else sample_pos[alloc]
 
     intervals: dict[int, list[tuple[int, int]]] = {
-        s.id: [(start(s.alloc_event), first_pos[s.free_event])] for s in graph.storages}
+        s.id: [(start(s.alloc_event), first_pos[s.free_event])] for s in graph.storages
+    }
 
     extra_flops = extra_cost = recomputed = 0
     copies: list[tuple[int, int, int]] = []  # (from, to, bytes) of buffer copies a recipe's rerun writes
@@ -165,8 +175,10 @@ def lifetimes(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, fro
                 for sid in graph.ops[p].mutates:
                     if graph.storages[sid].kind is StorageKind.BUFFER:  # written to a copy (the statistics)
                         copies.append((rerun_pos[(r.path, p)], rerun_end[r.path], graph.storages[sid].nbytes))
-            intervals[s.id] = [(start(s.alloc_event), first_pos[s.python_free_op]),
-                               (rerun_pos[(r.path, s.producer)], first_pos[s.free_event])]
+            intervals[s.id] = [
+                (start(s.alloc_event), first_pos[s.python_free_op]),
+                (rerun_pos[(r.path, s.producer)], first_pos[s.free_event]),
+            ]
             continue
         keep = saved[r.path]
         extra_cost += r.checkpoint_ns + (r.selective_ns if keep else 0)
@@ -191,9 +203,11 @@ def lifetimes(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, fro
                         again = rerun_pos[(r.path, p)] if rerun else free
                         intervals[sid] = [(alloc, py_end), (again, free)]
                 elif rerun:  # not saved, or saved by an op outside the region too (its output)
-                    inner_end = (rerun_pos[(r.path, s.python_free_op)]
-                                 if s.python_free_op in inside and s.python_free_op < r.recompute_end
-                                 else done)
+                    inner_end = (
+                        rerun_pos[(r.path, s.python_free_op)]
+                        if s.python_free_op in inside and s.python_free_op < r.recompute_end
+                        else done
+                    )
                     if any(r.contains(m) for m in s.saved_by):  # the rerun's copy waits for that unpack
                         inner_end = max(inner_end, free)
                     transient = (rerun_pos[(r.path, p)], max(inner_end, rerun_pos[(r.path, p)] + 1))
@@ -213,8 +227,14 @@ def lifetimes(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, fro
         for sid in r.input_storages:
             intervals[sid].append((start(graph.storages[sid].alloc_event), release))
 
-    return Lifetimes(labels=tuple(labels), intervals=intervals, copies=tuple(copies), extra_forward_flops=extra_flops,
-                     extra_cost_ns=extra_cost, recomputed_ops=recomputed)
+    return Lifetimes(
+        labels=tuple(labels),
+        intervals=intervals,
+        copies=tuple(copies),
+        extra_forward_flops=extra_flops,
+        extra_cost_ns=extra_cost,
+        recomputed_ops=recomputed,
+    )
 
 
 def _event_label(graph: Graph, e: int) -> str:
