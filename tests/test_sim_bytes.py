@@ -55,7 +55,21 @@ def _edited(plan: ckptplan.Plan, save_last: bool) -> ckptplan.Plan:
     return plan.with_regions(tuple(regions))
 
 
-@pytest.mark.parametrize("save_last", [True, False], ids=["region-output-cached", "region-output-rerun"])
+# The simulator's fix for the cached case (a region's output saved outside it, alive through the rerun)
+# left CP-SAT's memory rows (solver/rows.py) behind, so a "proven" minimum was no longer the simulator's
+# (tiny U-Net: 11.24 MB reported, 10.78 MB reachable); it is out until the rows model it too (issue 34).
+ROWS_BEHIND = pytest.mark.xfail(
+    strict=True,
+    reason="issue 34: the simulator misses a cached region output in the rerun; the fix waits "
+    "for solver/rows.py to model it as well",
+)
+
+
+@pytest.mark.parametrize(
+    "save_last",
+    [pytest.param(True, marks=ROWS_BEHIND), False],
+    ids=["region-output-cached", "region-output-rerun"],
+)
 def test_a_region_output_saved_by_the_next_module_is_counted_in_the_rerun(save_last):
     """A region's output that the next module saves for backward (its input) is held by the selective
     cache until the rerun takes it back, or made again by the rerun: either way alive during the rerun,

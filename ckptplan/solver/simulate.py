@@ -10,10 +10,7 @@ Lifetimes under a plan, for a storage allocated by op ``p`` of checkpointed regi
   forward (the trace's lifetime pass), then again from ``p``'s rerun until its baseline release;
 * saved by the plan (cached by selective checkpointing): its baseline lifetime, at least until the
   rerun consumes the cached value;
-* not saved for backward, or saved by an op outside ``r`` too (the region's output, which the next module
-  saves): its baseline lifetime, plus its Python lifetime inside the rerun (until the rerun ends when
-  Python keeps it past the region, until its baseline release when an op of ``r`` saved it too); a value
-  the plan saves is held by the cache until the rerun takes it back, and from then on likewise;
+* not saved for backward: its baseline lifetime, plus its Python lifetime inside the rerun;
 * the region's inputs: held by the checkpoint until the region's last unpack.
 
 A rematerialization (remat.py) drops its target from Python's last use in forward to the rerun of its
@@ -202,14 +199,12 @@ def lifetimes(graph: Graph, regions: tuple[Region, ...], saved: Mapping[str, fro
                         drop(sid, r.path)
                         again = rerun_pos[(r.path, p)] if rerun else free
                         intervals[sid] = [(alloc, py_end), (again, free)]
-                elif rerun:  # not saved, or saved by an op outside the region too (its output)
+                elif not s.saved_by and rerun:
                     inner_end = (
                         rerun_pos[(r.path, s.python_free_op)]
                         if s.python_free_op in inside and s.python_free_op < r.recompute_end
                         else done
                     )
-                    if any(r.contains(m) for m in s.saved_by):  # the rerun's copy waits for that unpack
-                        inner_end = max(inner_end, free)
                     transient = (rerun_pos[(r.path, p)], max(inner_end, rerun_pos[(r.path, p)] + 1))
                     if p in keep:  # the cache holds it until the rerun takes it back
                         intervals[sid] = [(alloc, max(free, transient[1]))]
