@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 import ckptplan
+from ckptplan.compare import sweep
 from ckptplan.decisions import RESERVE_SCALE
 from ckptplan.measure import measure_flops, measure_peak
 from ckptplan.solver import baselines
@@ -154,3 +155,18 @@ def test_sweep_bad_budgets_exit_2(budgets):
     result = run("sweep", "-m", GPT2, *ARGS, "--budgets", budgets)
     assert result.exit_code == 2, result.output
     assert "budget" in result.output.lower()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "resnet"])
+def test_sweep_and_solve_agree_at_the_same_budget(traced, name):
+    """Issue 32: a sweep's ckptplan row is the plan `solve` gives at that budget with the same limits (both
+    end on CP-SAT's deterministic clock), not a cheaper or costlier one."""
+    _, _, graph = traced(name)
+    for budget in ("70%", "55%"):
+        row = next(r for r in sweep(graph, [budget], time_limit_s=5) if r.policy == "ckptplan")
+        plan = ckptplan.solve(graph, budget, time_limit_s=5)
+        assert (row.peak_bytes, row.extra_cost_ns, row.extra_forward_flops) == (
+            plan.predicted_peak_bytes,
+            plan.extra_cost_ns,
+            plan.extra_forward_flops,
+        )
