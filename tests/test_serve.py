@@ -363,6 +363,27 @@ def test_an_infeasible_budget_comes_back_as_the_local_error(server, traced):
     with pytest.raises(ckptplan.InfeasibleBudget) as remote:
         ckptplan.solve(graph, "10%", server=server.url)
     assert remote.value.minimum_bytes == local.value.minimum_bytes and str(remote.value) == str(local.value)
+    assert remote.value.minimum_proven == local.value.minimum_proven
+
+
+def test_an_unproven_minimum_stays_unproven_through_the_server():
+    """Issue 34: the client rebuilt InfeasibleBudget from minimum_bytes alone, so an upper bound found by a
+    search cut short came back from a server as a proven minimum."""
+    from ckptplan.serve.client import _error
+    from ckptplan.serve.pool import error_payload
+
+    e = ckptplan.InfeasibleBudget(
+        "no plan fits",
+        budget_bytes=10,
+        minimum_bytes=300,
+        minimum_proven=False,
+        minimum_source="checkpointing every module at depth 2",
+        minimum_lower_bytes=200,
+    )
+    back = _error(400, json.loads(json.dumps(error_payload(e))), "http://x")
+    assert isinstance(back, ckptplan.InfeasibleBudget)
+    got = (back.minimum_bytes, back.minimum_proven, back.minimum_source, back.minimum_lower_bytes)
+    assert got == (300, False, "checkpointing every module at depth 2", 200)
 
 
 def test_an_unreachable_server_is_a_clear_error(traced):

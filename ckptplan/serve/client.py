@@ -153,8 +153,13 @@ def _post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> 
 def _error(status: int, payload: dict, server: str) -> CkptplanError:
     name, message = payload.get("error", "HTTPError"), payload.get("message", "")
     if name == "InfeasibleBudget":
-        return InfeasibleBudget(
-            message, budget_bytes=int(payload["budget_bytes"]), minimum_bytes=int(payload["minimum_bytes"])
+        return InfeasibleBudget(  # a server before minimum_proven was sent had proven minimums only
+            message,
+            budget_bytes=int(payload["budget_bytes"]),
+            minimum_bytes=int(payload["minimum_bytes"]),
+            minimum_proven=bool(payload.get("minimum_proven", True)),
+            minimum_source=str(payload.get("minimum_source", "minimum-peak search")),
+            minimum_lower_bytes=int(payload.get("minimum_lower_bytes", 0)),
         )
     typed = {
         "BudgetError": BudgetError,

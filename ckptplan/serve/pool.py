@@ -120,8 +120,7 @@ def run_job(graph_bytes: bytes, options: dict[str, Any]) -> dict[str, Any]:
         return {
             "error": "InfeasibleBudget",
             "message": str(e),
-            "budget_bytes": e.budget_bytes,
-            "minimum_bytes": e.minimum_bytes,
+            **_minimum(e),
             "seconds": time.monotonic() - started,
         }
     except (BudgetError, InputError, SolverTimeout) as e:
@@ -318,5 +317,16 @@ class Planner:
 def error_payload(e: CkptplanError) -> dict[str, Any]:
     out: dict[str, Any] = {"error": type(e).__name__, "message": str(e)}
     if isinstance(e, InfeasibleBudget):
-        out.update(budget_bytes=e.budget_bytes, minimum_bytes=e.minimum_bytes)
+        out.update(_minimum(e))
     return out
+
+
+def _minimum(e: InfeasibleBudget) -> dict[str, Any]:
+    """What an InfeasibleBudget says of the minimum, for the client to raise the same error."""
+    return {
+        "budget_bytes": e.budget_bytes,
+        "minimum_bytes": e.minimum_bytes,
+        "minimum_proven": e.minimum_proven,
+        "minimum_source": e.minimum_source,
+        "minimum_lower_bytes": e.minimum_lower_bytes,
+    }

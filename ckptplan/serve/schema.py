@@ -69,3 +69,6 @@ class ErrorAnswer(BaseModel):
     error: str
     message: str
     minimum_bytes: Optional[int] = None
+    minimum_proven: Optional[bool] = None
+    minimum_source: Optional[str] = None
+    minimum_lower_bytes: Optional[int] = None
