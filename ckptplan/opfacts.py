@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 aten = torch.ops.aten
@@ -17,7 +19,7 @@ HIDDEN_WRITES = {
 _INDEXING = frozenset({aten.index.Tensor, aten._unsafe_index.Tensor})
 
 
-def data_dependent(func: torch._ops.OpOverload, args: tuple) -> bool:
+def data_dependent(func: Any, args: tuple) -> bool:  # func: an aten OpOverload
     """Whether the output shape of ``func`` depends on tensor values (``nonzero``, ``masked_select``,
     ``unique``, boolean-mask indexing): torch's ``dynamic_output_shape`` tag, less integer indexing."""
     if torch.Tag.dynamic_output_shape not in func.tags:
