@@ -39,7 +39,7 @@ _LAZY = {
     "Decision": ".plan",
     "Plan": ".plan",
     "load_plan": ".plan",
-    "check_plan": ".planner",
+    "check_plan": ".decisions",
     "solve": ".planner",
     "Handle": ".runtime",
     "StepStats": ".runtime",
