@@ -105,7 +105,9 @@ def _hf_peak(model, step) -> int | None:
 CACHED_OUTPUT = pytest.mark.xfail(
     strict=False, raises=AssertionError, reason="issue 34: a cached region output alive through the rerun"
 )
-KNOWN = {"bert": CACHED_OUTPUT, "roberta": CACHED_OUTPUT, "opt": CACHED_OUTPUT}  # OPT: 2,048 B at 1/3 of the way
+# OPT: 2,048 B over at 1/3 of the way; Mamba: 8,192 B at 2/3 (two rematerializations). Both were exact with the
+# rule in the simulator (the real-models branch), and are over without it.
+KNOWN = {"bert": CACHED_OUTPUT, "roberta": CACHED_OUTPUT, "opt": CACHED_OUTPUT, "mamba": CACHED_OUTPUT}
 
 
 @pytest.mark.parametrize(
